@@ -1,0 +1,47 @@
+"""Generate the Python stubs for protos/ with grpcio-tools.
+
+Usage: python scripts/gen_protos.py [OUT_DIR]   (default: clients/)
+
+The output is committed; tests/unit/test_generated_stubs.py regenerates into a temporary
+directory and fails if anything differs, so stale stubs cannot land.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+
+from grpc_tools import protoc
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOS = ROOT / "protos"
+
+
+def generate(out: Path) -> list[Path]:
+    files = sorted(PROTOS.rglob("*.proto"))
+    well_known = str(resources.files("grpc_tools") / "_proto")
+    args = [
+        "grpc_tools.protoc",
+        f"-I{PROTOS}",
+        f"-I{well_known}",
+        f"--python_out={out}",
+        f"--pyi_out={out}",
+        f"--grpc_python_out={out}",
+        *(str(f.relative_to(PROTOS)) for f in files),
+    ]
+    if protoc.main(args) != 0:
+        raise SystemExit("protoc failed")
+    generated = sorted(p for p in (out / "fairlane").rglob("*_pb2*.py*"))
+    # Every level below fairlane/ must be a regular package for setuptools and mypy.
+    for package in {p.parent for p in generated}:
+        while package != out / "fairlane":
+            (package / "__init__.py").touch()
+            package = package.parent
+    return generated
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "clients"
+    for path in generate(target):
+        print(path.relative_to(target))
