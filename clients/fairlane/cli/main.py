@@ -1,0 +1,52 @@
+"""`fairlane` entry point: server commands (serve, migrate) and client commands."""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="fairlane",
+    help="Per-client FIFO request lanes over gRPC, RabbitMQ and PostgreSQL.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+class ServiceName(enum.StrEnum):
+    auth = "auth"
+    queue = "queue"
+    worker = "worker"
+
+
+@app.command()
+def serve(
+    service: Annotated[ServiceName, typer.Argument(help="Which service to run.")],
+    handlers: Annotated[
+        list[str] | None,
+        typer.Option("--handlers", help="Extra worker handlers as module:attr (repeatable)."),
+    ] = None,
+    json_logs: Annotated[bool, typer.Option("--json-logs/--console-logs")] = True,
+) -> None:
+    """Run one service against RabbitMQ and PostgreSQL (settings: FAIRLANE_* variables)."""
+    from services.cli import serve_one
+
+    serve_one(service.value, handlers or [], json_logs=json_logs)
+
+
+@app.command()
+def migrate() -> None:
+    """Bring the database schema to the newest version (Alembic)."""
+    from services.cli import migrate_database
+
+    migrate_database()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""AuthService: users, argon2id passwords, JWT access tokens, rotating refresh tokens, JWKS."""

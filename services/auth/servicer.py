@@ -1,0 +1,91 @@
+"""gRPC surface of AuthService: maps domain errors to status codes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grpc
+from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
+
+from services.auth.domain import Auth, BadCredentials, InvalidInput
+from services.auth.store import UsernameTaken
+from services.core.tokens import TokenVerifier, authenticate
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
+    def __init__(self, auth: Auth, verifier: TokenVerifier) -> None:
+        self._auth = auth
+        self._verifier = verifier
+
+    async def Register(
+        self, request: auth_pb2.RegisterRequest, context: Context
+    ) -> auth_pb2.RegisterResponse:
+        try:
+            user_id = await self._auth.register(request.username, request.password)
+        except InvalidInput as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except UsernameTaken:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, "username is taken")
+        return auth_pb2.RegisterResponse(user_id=str(user_id))
+
+    async def Login(
+        self, request: auth_pb2.LoginRequest, context: Context
+    ) -> auth_pb2.LoginResponse:
+        try:
+            pair = await self._auth.login(request.username, request.password)
+        except BadCredentials as exc:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        return auth_pb2.LoginResponse(
+            access_token=pair.access_token,
+            refresh_token=pair.refresh_token,
+            expires_in=pair.expires_in,
+        )
+
+    async def Refresh(
+        self, request: auth_pb2.RefreshRequest, context: Context
+    ) -> auth_pb2.RefreshResponse:
+        if not request.refresh_token:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "refresh_token is required")
+        try:
+            pair = await self._auth.refresh(request.refresh_token)
+        except BadCredentials as exc:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        return auth_pb2.RefreshResponse(
+            access_token=pair.access_token,
+            refresh_token=pair.refresh_token,
+            expires_in=pair.expires_in,
+        )
+
+    async def Revoke(
+        self, request: auth_pb2.RevokeRequest, context: Context
+    ) -> auth_pb2.RevokeResponse:
+        if not request.refresh_token:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "refresh_token is required")
+        try:
+            await self._auth.revoke(request.refresh_token)
+        except BadCredentials as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        return auth_pb2.RevokeResponse()
+
+    async def WhoAmI(
+        self, request: auth_pb2.WhoAmIRequest, context: Context
+    ) -> auth_pb2.WhoAmIResponse:
+        principal = await authenticate(self._verifier, context)
+        return auth_pb2.WhoAmIResponse(user_id=principal.user_id, username=principal.username)
+
+    async def GetJwks(
+        self, request: auth_pb2.GetJwksRequest, context: Context
+    ) -> auth_pb2.GetJwksResponse:
+        return auth_pb2.GetJwksResponse(keys_json=json.dumps(self._auth.jwks()))
+
+    async def IssueServiceToken(
+        self, request: auth_pb2.IssueServiceTokenRequest, context: Context
+    ) -> auth_pb2.IssueServiceTokenResponse:
+        try:
+            token, ttl = self._auth.service_token(request.service, request.secret)
+        except BadCredentials as exc:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        return auth_pb2.IssueServiceTokenResponse(access_token=token, expires_in=ttl)

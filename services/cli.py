@@ -1,0 +1,51 @@
+"""Server-side command implementations behind `fairlane serve` and `fairlane migrate`."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from services.core import logging as fl_logging
+from services.core import metrics
+from services.core.db import migrate
+from services.core.runtime import Component, run, run_until_signalled
+from services.core.settings import Settings
+
+
+def _build(service: str, settings: Settings) -> tuple[Component, int]:
+    if service == "auth":
+        from services.auth.service import AuthService
+
+        return AuthService(settings), settings.auth_metrics_port
+    if service == "queue":
+        from services.queue.service import QueueService
+
+        return QueueService(settings), settings.queue_metrics_port
+    from services.worker.service import WorkerService
+
+    return WorkerService(settings), settings.worker_metrics_port
+
+
+def serve_one(service: str, handlers: list[str], *, json_logs: bool) -> None:
+    overrides = {"handlers": [*Settings().handlers, *handlers]} if handlers else {}
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    fl_logging.configure(service, json=json_logs)
+
+    async def main() -> None:
+        # gRPC aio objects bind to the running loop, so build them inside it.
+        component, metrics_port = _build(service, settings)
+        metrics.serve_metrics(settings.metrics_host, metrics_port)
+        await run_until_signalled([component], grace=settings.grace_seconds)
+
+    run(main())
+
+
+def migrate_database() -> None:
+    settings = Settings()
+    fl_logging.configure("migrate")
+    try:
+        asyncio.run(migrate(settings.database_url, schema=settings.database_schema))
+    except OSError as exc:
+        print(f"fairlane migrate: cannot reach the database: {exc}", file=sys.stderr)
+        raise SystemExit(1) from exc
+    print("database is at the newest schema version")

@@ -1,0 +1,1 @@
+"""Infrastructure shared by the Fairlane services: settings, logging, metrics, db, broker, gRPC."""

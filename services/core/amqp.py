@@ -1,0 +1,229 @@
+"""Broker on RabbitMQ through aio-pika (robust connection, publisher confirms)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+from services.core import metrics
+from services.core.broker import (
+    CONTROL_EXCHANGE,
+    DEAD_EXCHANGE,
+    DEAD_QUEUE,
+    REQUESTS_EXCHANGE,
+    RESULTS_EXCHANGE,
+    BrokerError,
+    BytesHandler,
+    DeliveryHandler,
+    LaneFull,
+    lane_queue,
+)
+
+_PUBLISH_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, asyncio.TimeoutError)
+
+
+class AmqpDelivery:
+    __slots__ = ("_message", "body", "headers", "redelivered")
+
+    def __init__(self, message: AbstractIncomingMessage) -> None:
+        self._message = message
+        self.body = message.body
+        self.headers = {k: str(v) for k, v in (message.headers or {}).items()}
+        self.redelivered = bool(message.redelivered)
+
+    async def ack(self) -> None:
+        await self._message.ack()
+
+    async def reject(self, *, requeue: bool) -> None:
+        await self._message.reject(requeue=requeue)
+
+
+class AmqpLaneConsumer:
+    def __init__(self, queue: AbstractQueue, tag: str) -> None:
+        self._queue = queue
+        self._tag = tag
+
+    async def cancel(self) -> None:
+        try:
+            await self._queue.cancel(self._tag)
+        except _PUBLISH_ERRORS:
+            pass  # the channel is gone; the broker already released the lane
+
+
+class AmqpBroker:
+    def __init__(
+        self,
+        url: str,
+        *,
+        lane_max_length: int,
+        queue_type: str = "classic",
+        publish_timeout: float = 10.0,
+    ) -> None:
+        self._url = url
+        self._lane_args: dict[str, Any] = {
+            "x-single-active-consumer": True,
+            "x-max-length": lane_max_length,
+            "x-overflow": "reject-publish",
+            "x-queue-type": queue_type,
+        }
+        self._timeout = publish_timeout
+        self._conn: AbstractRobustConnection | None = None
+        self._pub: AbstractChannel | None = None
+        self._consume: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._declared: set[str] = set()
+
+    @property
+    def is_connected(self) -> bool:
+        return self._conn is not None and not self._conn.is_closed and self._conn.connected.is_set()
+
+    async def connect(self) -> None:
+        try:
+            self._conn = await aio_pika.connect_robust(self._url, timeout=self._timeout)
+            self._pub = await self._conn.channel(publisher_confirms=True)
+            self._consume = await self._conn.channel(publisher_confirms=False)
+            for name, kind in (
+                (REQUESTS_EXCHANGE, aio_pika.ExchangeType.DIRECT),
+                (RESULTS_EXCHANGE, aio_pika.ExchangeType.DIRECT),
+                (CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT),
+                (DEAD_EXCHANGE, aio_pika.ExchangeType.FANOUT),
+            ):
+                self._exchanges[name] = await self._pub.declare_exchange(name, kind, durable=True)
+            dead = await self._pub.declare_queue(DEAD_QUEUE, durable=True)
+            await dead.bind(self._exchanges[DEAD_EXCHANGE])
+        except _PUBLISH_ERRORS as exc:
+            await self.close()
+            raise BrokerError(f"cannot connect to RabbitMQ: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+        self._conn = None
+
+    def _channel(self, consume: bool = False) -> AbstractChannel:
+        channel = self._consume if consume else self._pub
+        if channel is None:
+            raise BrokerError("broker not connected")
+        return channel
+
+    async def declare_lane(self, user_id: str) -> None:
+        name = lane_queue(user_id)
+        if name in self._declared:
+            return
+        try:
+            queue = await self._channel().declare_queue(
+                name, durable=True, arguments=self._lane_args
+            )
+            await queue.bind(self._exchanges[REQUESTS_EXCHANGE], routing_key=user_id)
+        except _PUBLISH_ERRORS as exc:
+            raise BrokerError(f"cannot declare lane {name}: {exc}") from exc
+        self._declared.add(name)
+
+    async def _publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        headers: dict[str, str] | None = None,
+        *,
+        persistent: bool,
+        mandatory: bool,
+    ) -> Any:
+        message = aio_pika.Message(
+            body,
+            headers=headers or None,  # type: ignore[arg-type]
+            delivery_mode=(
+                aio_pika.DeliveryMode.PERSISTENT
+                if persistent
+                else aio_pika.DeliveryMode.NOT_PERSISTENT
+            ),
+        )
+        started = time.perf_counter()
+        try:
+            result = await self._exchanges[exchange].publish(
+                message, routing_key, mandatory=mandatory, timeout=self._timeout
+            )
+        except KeyError as exc:
+            raise BrokerError("broker not connected") from exc
+        finally:
+            metrics.PUBLISH_SECONDS.labels(exchange).observe(time.perf_counter() - started)
+        return result
+
+    async def publish_lane(self, user_id: str, body: bytes, headers: dict[str, str]) -> None:
+        try:
+            result = await self._publish(
+                REQUESTS_EXCHANGE, user_id, body, headers, persistent=True, mandatory=True
+            )
+        except aio_pika.exceptions.DeliveryError as exc:
+            raise LaneFull(f"lane {user_id} is full") from exc
+        except _PUBLISH_ERRORS as exc:
+            raise BrokerError(f"publish to lane failed: {exc}") from exc
+        if not isinstance(result, aiormq.spec.Basic.Ack):
+            # Returned unroutable: the lane queue is gone (deleted while idle). The caller
+            # declares it again and retries; nothing was enqueued.
+            self._declared.discard(lane_queue(user_id))
+            raise BrokerError(f"lane {user_id} does not exist")
+
+    async def consume_lane(
+        self, user_id: str, handler: DeliveryHandler, *, prefetch: int
+    ) -> AmqpLaneConsumer:
+        channel = self._channel(consume=True)
+        try:
+            await channel.set_qos(prefetch_count=prefetch)
+            queue = await channel.declare_queue(
+                lane_queue(user_id), durable=True, arguments=self._lane_args
+            )
+            await queue.bind(self._exchanges[REQUESTS_EXCHANGE], routing_key=user_id)
+
+            async def on_message(message: AbstractIncomingMessage) -> None:
+                await handler(AmqpDelivery(message))
+
+            tag = await queue.consume(on_message)
+        except _PUBLISH_ERRORS as exc:
+            raise BrokerError(f"cannot consume lane {user_id}: {exc}") from exc
+        return AmqpLaneConsumer(queue, tag)
+
+    async def publish_results(self, route: str, body: bytes) -> None:
+        try:
+            await self._publish(RESULTS_EXCHANGE, route, body, persistent=False, mandatory=False)
+        except _PUBLISH_ERRORS as exc:
+            raise BrokerError(f"publish of results failed: {exc}") from exc
+
+    async def _consume_bytes(self, exchange: str, route: str, handler: BytesHandler) -> None:
+        channel = self._channel(consume=True)
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(self._exchanges[exchange], routing_key=route)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            await handler(message.body)
+
+        await queue.consume(on_message, no_ack=True)
+
+    async def consume_results(self, route: str, handler: BytesHandler) -> None:
+        await self._consume_bytes(RESULTS_EXCHANGE, route, handler)
+
+    async def publish_control(self, body: bytes) -> None:
+        try:
+            await self._publish(CONTROL_EXCHANGE, "", body, persistent=False, mandatory=False)
+        except _PUBLISH_ERRORS as exc:
+            raise BrokerError(f"publish of control event failed: {exc}") from exc
+
+    async def consume_control(self, handler: BytesHandler) -> None:
+        await self._consume_bytes(CONTROL_EXCHANGE, "", handler)
+
+    async def publish_dead(self, body: bytes, headers: dict[str, str]) -> None:
+        try:
+            await self._publish(DEAD_EXCHANGE, "", body, headers, persistent=True, mandatory=False)
+        except _PUBLISH_ERRORS as exc:
+            raise BrokerError(f"publish to {DEAD_EXCHANGE} failed: {exc}") from exc

@@ -1,0 +1,52 @@
+"""Inter-service calls to AuthService: JWKS for verification, service tokens for workers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
+
+from services.core.grpc_host import insecure_channel
+
+
+class AuthClient:
+    def __init__(self, target: str, *, timeout: float = 5.0) -> None:
+        self._channel = insecure_channel(target)
+        self._stub = auth_pb2_grpc.AuthServiceStub(self._channel)
+        self._timeout = timeout
+        self._service_token: tuple[str, float] | None = None
+        self._lock = asyncio.Lock()
+
+    async def jwks(self) -> str:
+        response = await self._stub.GetJwks(auth_pb2.GetJwksRequest(), timeout=self._timeout)
+        return response.keys_json
+
+    async def service_token(self, service: str, secret: str) -> str:
+        """A cached service token, renewed a minute before it expires."""
+        async with self._lock:
+            if self._service_token and self._service_token[1] > time.monotonic():
+                return self._service_token[0]
+            response = await self._stub.IssueServiceToken(
+                auth_pb2.IssueServiceTokenRequest(service=service, secret=secret),
+                timeout=self._timeout,
+            )
+            renew_at = time.monotonic() + max(response.expires_in - 60, response.expires_in / 2)
+            self._service_token = (response.access_token, renew_at)
+            return response.access_token
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Waits until the auth service answers, so services can start in any order."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await self.jwks()
+                return
+            except grpc.aio.AioRpcError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    async def close(self) -> None:
+        await self._channel.close()

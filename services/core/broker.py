@@ -1,0 +1,70 @@
+"""The broker contract the services program against; AMQP and in-memory implement it.
+
+Lanes are durable per-user FIFO queues with one active consumer at a time and a bounded
+length that rejects publishes when full. A publish returns only once the broker has
+taken responsibility for the message (publisher confirm).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+REQUESTS_EXCHANGE = "fairlane.requests"
+RESULTS_EXCHANGE = "fairlane.results"
+CONTROL_EXCHANGE = "fairlane.control"
+DEAD_EXCHANGE = "fairlane.dead"
+DEAD_QUEUE = "fairlane.dead"
+
+
+def lane_queue(user_id: str) -> str:
+    return f"fairlane.lane.{user_id}"
+
+
+class BrokerError(Exception):
+    """The broker could not be reached or did not confirm; the caller may retry later."""
+
+
+class LaneFull(BrokerError):  # noqa: N818 - a condition, not a bug
+    """The lane refused the message because it holds lane_max_length messages."""
+
+
+class Delivery(Protocol):
+    body: bytes
+    headers: dict[str, str]
+    redelivered: bool
+
+    async def ack(self) -> None: ...
+    async def reject(self, *, requeue: bool) -> None: ...
+
+
+DeliveryHandler = Callable[[Delivery], Awaitable[None]]
+BytesHandler = Callable[[bytes], Awaitable[None]]
+
+
+class LaneConsumer(Protocol):
+    async def cancel(self) -> None:
+        """Stop consuming; unacked deliveries go back to the lane for another consumer."""
+
+
+class Broker(Protocol):
+    async def connect(self) -> None: ...
+    async def close(self) -> None: ...
+
+    @property
+    def is_connected(self) -> bool: ...
+
+    async def declare_lane(self, user_id: str) -> None: ...
+
+    async def publish_lane(self, user_id: str, body: bytes, headers: dict[str, str]) -> None:
+        """Durable, confirmed publish to a lane; raises LaneFull or BrokerError."""
+
+    async def consume_lane(
+        self, user_id: str, handler: DeliveryHandler, *, prefetch: int
+    ) -> LaneConsumer: ...
+
+    async def publish_results(self, route: str, body: bytes) -> None: ...
+    async def consume_results(self, route: str, handler: BytesHandler) -> None: ...
+    async def publish_control(self, body: bytes) -> None: ...
+    async def consume_control(self, handler: BytesHandler) -> None: ...
+    async def publish_dead(self, body: bytes, headers: dict[str, str]) -> None: ...

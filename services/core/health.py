@@ -1,0 +1,63 @@
+"""Reports NOT_SERVING while a dependency (database, broker) is down."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.core.broker import Broker
+from services.core.grpc_host import GrpcHost
+from services.core.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class DependencyMonitor:
+    def __init__(
+        self,
+        host: GrpcHost,
+        *,
+        engine: AsyncEngine | None = None,
+        broker: Broker | None = None,
+        interval: float = 2.0,
+    ) -> None:
+        self._host = host
+        self._engine = engine
+        self._broker = broker
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+        self.serving: bool | None = None
+
+    async def check(self) -> bool:
+        ok = True
+        if self._broker is not None and not self._broker.is_connected:
+            ok = False
+        if self._engine is not None:
+            try:
+                async with asyncio.timeout(self._interval):
+                    async with self._engine.connect() as conn:
+                        await conn.execute(sa.text("SELECT 1"))
+            except Exception:
+                ok = False
+        if ok != self.serving:
+            log.info("health_changed", serving=ok)
+            self.serving = ok
+            await self._host.set_serving(ok)
+        return ok
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="dependency-monitor")
+
+    async def _run(self) -> None:
+        while True:
+            await self.check()
+            await asyncio.sleep(self._interval)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

@@ -1,0 +1,51 @@
+"""Prometheus metrics of every service (prefix fairlane_) and the /metrics endpoint."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+REQUESTS = Counter(
+    "fairlane_requests", "Requests that reached a final status.", ["handler", "status"]
+)
+ACCEPTED = Counter("fairlane_accepted", "Requests accepted by the queue service.")
+REJECTIONS = Counter("fairlane_rejections", "Enqueues rejected, by reason.", ["reason"])
+IN_FLIGHT = Gauge("fairlane_in_flight", "Requests running on this worker.")
+ACTIVE_LANES = Gauge("fairlane_active_lanes", "Lanes this worker consumes.")
+OPEN_SESSIONS = Gauge("fairlane_open_sessions", "Session streams open on this queue replica.")
+RETRIES = Counter("fairlane_retries", "Handler attempts that failed and were retried.", ["handler"])
+DEAD_LETTERED = Counter("fairlane_dead_lettered", "Requests sent to fairlane.dead.", ["handler"])
+HANDLER_SECONDS = Histogram(
+    "fairlane_handler_duration_seconds",
+    "Time spent in one handler attempt.",
+    ["handler"],
+    buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120),
+)
+QUEUE_WAIT_SECONDS = Histogram(
+    "fairlane_queue_wait_seconds",
+    "Time from acceptance to the first attempt.",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5, 30, 300),
+)
+DB_BATCH_SIZE = Histogram(
+    "fairlane_db_batch_size",
+    "Requests written per request-log transaction.",
+    ["writer"],
+    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000),
+)
+DB_BATCH_SECONDS = Histogram(
+    "fairlane_db_batch_seconds",
+    "Duration of one request-log transaction.",
+    ["writer"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+)
+PUBLISH_SECONDS = Histogram(
+    "fairlane_broker_publish_seconds",
+    "Time from publish to broker confirm.",
+    ["exchange"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+)
+
+
+def serve_metrics(host: str, port: int) -> None:
+    """Expose /metrics; port 0 disables it (embedded runs and tests)."""
+    if port:
+        start_http_server(port, addr=host)

@@ -1,0 +1,107 @@
+"""Tables of the request log and the auth store (SQLAlchemy Core; Alembic migrates them)."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+    }
+)
+
+Timestamp = sa.DateTime(timezone=True)
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("username", sa.String(64), nullable=False, unique=True),
+    sa.Column("password_hash", sa.Text, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+)
+
+refresh_tokens = sa.Table(
+    "refresh_tokens",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("user_id", sa.Uuid, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    # All tokens rotated from one login share a family; reuse of a spent one revokes it.
+    sa.Column("family_id", sa.Uuid, nullable=False, index=True),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("expires_at", Timestamp, nullable=False),
+    sa.Column("used_at", Timestamp),
+    sa.Column("revoked_at", Timestamp),
+)
+
+signing_keys = sa.Table(
+    "signing_keys",
+    metadata,
+    sa.Column("kid", sa.String(64), primary_key=True),
+    sa.Column("algorithm", sa.String(16), nullable=False),
+    sa.Column("private_pem", sa.Text, nullable=False),
+    sa.Column("public_jwk", sa.Text, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("retired_at", Timestamp),
+)
+
+lanes = sa.Table(
+    "lanes",
+    metadata,
+    sa.Column("user_id", sa.Uuid, sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("last_active_at", Timestamp, nullable=False),
+    # Last lane_seq handed to a finished request; results are numbered 1, 2, 3... per lane.
+    sa.Column("last_seq", sa.BigInteger, nullable=False, server_default="0"),
+)
+
+requests = sa.Table(
+    "requests",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("user_id", sa.Uuid, nullable=False),
+    sa.Column("handler", sa.String(128), nullable=False),
+    sa.Column("payload", sa.LargeBinary, nullable=False),
+    sa.Column("idempotency_key", sa.String(200)),
+    sa.Column("client_ref", sa.String(200), nullable=False, server_default=""),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("max_attempts", sa.Integer, nullable=False),
+    sa.Column("output", sa.LargeBinary),
+    sa.Column("error", sa.Text),
+    sa.Column("lane_seq", sa.BigInteger),
+    sa.Column("enqueued_at", Timestamp, nullable=False),
+    sa.Column("started_at", Timestamp),
+    sa.Column("finished_at", Timestamp),
+    sa.Column("deadline", Timestamp),
+    sa.Column("trace_id", sa.String(32), nullable=False, server_default=""),
+    sa.UniqueConstraint("user_id", "idempotency_key"),
+    sa.UniqueConstraint("user_id", "lane_seq"),
+    sa.Index(None, "user_id", "status"),
+)
+
+request_events = sa.Table(
+    "request_events",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("request_id", sa.Uuid, nullable=False, index=True),
+    sa.Column("at", Timestamp, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("detail", sa.Text, nullable=False, server_default=""),
+)
+
+handlers = sa.Table(
+    "handlers",
+    metadata,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("description", sa.Text, nullable=False, server_default=""),
+    sa.Column("max_attempts", sa.Integer, nullable=False),
+    sa.Column("timeout_seconds", sa.Float, nullable=False, server_default="0"),
+    sa.Column("last_seen_at", Timestamp, nullable=False),
+)

@@ -1,0 +1,82 @@
+"""Settings for every service, read from FAIRLANE_* environment variables."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import uuid
+from functools import cached_property
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """One settings object for the suite; each service reads the fields it needs."""
+
+    model_config = SettingsConfigDict(env_prefix="FAIRLANE_", extra="ignore")
+
+    # Backends.
+    database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/fairlane"
+    database_schema: str = Field(
+        default="", description="PostgreSQL schema for every table; empty uses the search path."
+    )
+    database_pool_size: int = 10
+    broker_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+
+    # Listening addresses and the addresses other services are reached at.
+    auth_listen: str = "127.0.0.1:50051"
+    queue_listen: str = "127.0.0.1:50052"
+    worker_listen: str = "127.0.0.1:50053"
+    auth_target: str = "127.0.0.1:50051"
+    queue_target: str = "127.0.0.1:50052"
+    auth_metrics_port: int = 9101
+    queue_metrics_port: int = 9102
+    worker_metrics_port: int = 9103
+    metrics_host: str = "127.0.0.1"
+
+    # Identity of this process among replicas (reply routes, worker ids).
+    instance_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    )
+
+    # Auth.
+    service_secret: str = Field(
+        default_factory=lambda: secrets.token_urlsafe(32),
+        description="Shared by every service; lets workers call ListLanes.",
+    )
+    access_token_ttl_seconds: int = 900
+    refresh_token_ttl_seconds: int = 30 * 24 * 3600
+    jwt_issuer: str = "fairlane"
+    jwt_audience: str = "fairlane"
+    jwks_refresh_seconds: float = 300.0
+    password_min_length: int = 8
+
+    # Queue.
+    max_payload_bytes: int = 1024 * 1024
+    default_max_attempts: int = 3
+    lane_max_length: int = 10_000
+    write_batch_size: int = 500
+    write_linger_ms: float = 2.0
+    handler_cache_seconds: float = 2.0
+    session_window: int = Field(
+        default=1024,
+        description="Unfinished requests one Session may have before it stops reading.",
+    )
+    retry_after_ms: int = 1000
+
+    # Worker.
+    concurrency: int = 64
+    lane_prefetch: int = 4
+    result_batch_size: int = 500
+    result_linger_ms: float = 2.0
+    retry_base_seconds: float = 0.5
+    retry_max_seconds: float = 30.0
+    handlers: list[str] = Field(
+        default_factory=list, description="Extra handlers as module:attr, besides entry points."
+    )
+    grace_seconds: float = 20.0
+
+    @cached_property
+    def reply_route(self) -> str:
+        return f"queue.{self.instance_id}"

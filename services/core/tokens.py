@@ -1,0 +1,125 @@
+"""Access-token verification shared by every service that takes calls: JWKS cache + PyJWT."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import jwt
+
+ALGORITHMS = ["EdDSA", "RS256"]
+ROLE_USER = "user"
+ROLE_SERVICE = "service"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    user_id: str
+    username: str
+    role: str
+
+
+class InvalidToken(Exception):  # noqa: N818 - mapped to UNAUTHENTICATED
+    pass
+
+
+class TokenVerifier:
+    """Verifies JWTs locally with keys from `fetch_jwks`; refetches on an unknown `kid`.
+
+    Refetches are rate-limited so a flood of tokens with made-up kids cannot turn into a
+    flood of calls to the auth service.
+    """
+
+    def __init__(
+        self,
+        fetch_jwks: Callable[[], Awaitable[str]],
+        *,
+        issuer: str,
+        audience: str,
+        refresh_seconds: float = 300.0,
+        min_refetch_seconds: float = 5.0,
+    ) -> None:
+        self._fetch = fetch_jwks
+        self._issuer = issuer
+        self._audience = audience
+        self._refresh = refresh_seconds
+        self._min_refetch = min_refetch_seconds
+        self._keys: dict[str, Any] = {}
+        self._fetched_at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def refresh(self) -> None:
+        async with self._lock:
+            keys_json = await self._fetch()
+            keys: dict[str, Any] = {}
+            for jwk in json.loads(keys_json).get("keys", []):
+                keys[jwk["kid"]] = jwt.PyJWK(jwk).key
+            self._keys = keys
+            self._fetched_at = time.monotonic()
+
+    async def _key(self, kid: str) -> Any:
+        age = time.monotonic() - self._fetched_at
+        if kid not in self._keys and age > self._min_refetch or age > self._refresh:
+            try:
+                await self.refresh()
+            except Exception as exc:
+                if not self._keys:
+                    raise InvalidToken("token keys are unavailable, try again") from exc
+        try:
+            return self._keys[kid]
+        except KeyError:
+            raise InvalidToken("token signed with an unknown key") from None
+
+    async def verify(self, token: str) -> Principal:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise InvalidToken("malformed access token") from exc
+        kid = header.get("kid")
+        if not isinstance(kid, str):
+            raise InvalidToken("access token has no kid")
+        try:
+            claims = jwt.decode(
+                token,
+                await self._key(kid),
+                algorithms=ALGORITHMS,
+                audience=self._audience,
+                issuer=self._issuer,
+                options={"require": ["exp", "sub", "iat"]},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise InvalidToken("access token expired") from exc
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(f"invalid access token: {exc}") from exc
+        return Principal(
+            user_id=str(claims["sub"]),
+            username=str(claims.get("name", "")),
+            role=str(claims.get("role", ROLE_USER)),
+        )
+
+
+def bearer_token(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            text = value.decode() if isinstance(value, bytes) else value
+            scheme, _, token = text.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            break
+    raise InvalidToken("missing 'authorization: Bearer <token>' metadata")
+
+
+async def authenticate(
+    verifier: TokenVerifier, context: grpc.aio.ServicerContext[Any, Any]
+) -> Principal:
+    """The caller's principal, or the call is aborted with UNAUTHENTICATED."""
+    try:
+        return await verifier.verify(bearer_token(context))
+    except InvalidToken as exc:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        raise  # abort raises; this line satisfies the type checker

@@ -1,0 +1,1 @@
+"""QueueService: sessions, lanes, admission, batched durable intake and result fan-out."""

@@ -1,0 +1,468 @@
+"""gRPC surface of QueueService."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import uuid6
+from fairlane.common.v1 import lane_pb2
+from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
+
+from services.core import status
+from services.core.broker import lane_queue
+from services.core.metrics import OPEN_SESSIONS
+from services.core.rich_status import abort_retry
+from services.core.settings import Settings
+from services.core.tokens import ROLE_SERVICE, ROLE_USER, Principal, TokenVerifier, authenticate
+from services.queue.catalog import HandlerCatalog
+from services.queue.convert import request_from_row, result_from_row, timestamp
+from services.queue.hub import Hub
+from services.queue.intake import Admission, Intake, Rejection, Submission
+from services.queue.store import RequestStore
+from services.queue.validation import InvalidEnqueue, build_request
+
+Context = grpc.aio.ServicerContext[Any, Any]
+_DONE = object()
+
+
+def rejection_code(rejection: Rejection) -> grpc.StatusCode:
+    """Client's fault (slow down) vs server's trouble (try later)."""
+    if rejection.reason in ("lane_full", "rate_limited"):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    return grpc.StatusCode.UNAVAILABLE
+
+
+def _page_size(requested: int, default: int, maximum: int) -> int:
+    return min(requested or default, maximum)
+
+
+def _decode_token(token: str) -> uuid.UUID | None:
+    if not token:
+        return None
+    return uuid.UUID(bytes=base64.urlsafe_b64decode(token.encode()))
+
+
+def _encode_token(value: uuid.UUID) -> str:
+    return base64.urlsafe_b64encode(value.bytes).decode()
+
+
+class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        verifier: TokenVerifier,
+        store: RequestStore,
+        intake: Intake,
+        hub: Hub,
+        catalog: HandlerCatalog,
+    ) -> None:
+        self._settings = settings
+        self._verifier = verifier
+        self._store = store
+        self._intake = intake
+        self._hub = hub
+        self._catalog = catalog
+
+    # -- helpers -------------------------------------------------------------------------
+
+    async def _user(self, context: Context) -> Principal:
+        principal = await authenticate(self._verifier, context)
+        if principal.role != ROLE_USER:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "this call needs a user token")
+        return principal
+
+    async def _request_id(self, text: str, context: Context) -> uuid.UUID:
+        try:
+            return uuid.UUID(text)
+        except ValueError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is not a valid id")
+            raise
+
+    async def _admit(
+        self, msg: queue_pb2.EnqueueRequest, principal: Principal
+    ) -> tuple[uuid.UUID, asyncio.Future[Admission]]:
+        request_id = uuid6.uuid7()
+        request = await build_request(
+            msg,
+            user_id=uuid.UUID(principal.user_id),
+            catalog=self._catalog,
+            max_payload_bytes=self._settings.max_payload_bytes,
+            default_max_attempts=self._settings.default_max_attempts,
+            request_id=request_id,
+        )
+        sub = Submission(request=request, reply_route=self._settings.reply_route)
+        return request_id, self._intake.submit(sub)
+
+    # -- enqueue paths ---------------------------------------------------------------------
+
+    async def Enqueue(
+        self, request: queue_pb2.EnqueueRequest, context: Context
+    ) -> queue_pb2.EnqueueResponse:
+        principal = await self._user(context)
+        try:
+            _, future = await self._admit(request, principal)
+        except InvalidEnqueue as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            admission = await future
+        except Rejection as rej:
+            await abort_retry(context, rejection_code(rej), str(rej), rej.retry_after_ms)
+        return queue_pb2.EnqueueResponse(
+            request_id=str(admission.request_id), duplicate=admission.duplicate
+        )
+
+    async def Session(
+        self, request_iterator: AsyncIterator[queue_pb2.SessionRequest], context: Context
+    ) -> AsyncIterator[queue_pb2.SessionResponse]:
+        principal = await self._user(context)
+        session = _Session(self, principal, request_iterator)
+        OPEN_SESSIONS.inc()
+        try:
+            async for response in session.run():
+                yield response
+        finally:
+            OPEN_SESSIONS.dec()
+
+    # -- reading results -------------------------------------------------------------------
+
+    async def WatchResults(
+        self, request: queue_pb2.WatchResultsRequest, context: Context
+    ) -> AsyncIterator[queue_pb2.WatchResultsResponse]:
+        principal = await self._user(context)
+        user = uuid.UUID(principal.user_id)
+        # Subscribe before reading the log: a result committed after the read is then
+        # certain to arrive live, and one seen twice is dropped by its lane_seq.
+        events = self._hub.subscribe(principal.user_id)
+        last = request.after_lane_seq
+        try:
+            last = await self._replay(user, last, None, context)
+            while True:
+                event = await events.get()
+                if event.WhichOneof("kind") != "result":
+                    continue
+                seq = event.result.lane_seq
+                if seq <= last:
+                    continue
+                if seq > last + 1:
+                    last = await self._replay(user, last, seq, context)
+                yield queue_pb2.WatchResultsResponse(result=event.result)
+                last = seq
+        finally:
+            self._hub.unsubscribe(principal.user_id, events)
+
+    async def _replay(self, user: uuid.UUID, after: int, upto: int | None, context: Context) -> int:
+        while True:
+            rows = await self._store.results_after(user, after, upto=upto)
+            for row in rows:
+                await context.write(queue_pb2.WatchResultsResponse(result=result_from_row(row)))
+                after = row.lane_seq
+            if len(rows) < 1000:
+                return after
+
+    async def GetRequest(
+        self, request: queue_pb2.GetRequestRequest, context: Context
+    ) -> queue_pb2.GetRequestResponse:
+        principal = await self._user(context)
+        request_id = await self._request_id(request.request_id, context)
+        row = await self._store.get(uuid.UUID(principal.user_id), request_id)
+        if row is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such request")
+        return queue_pb2.GetRequestResponse(request=request_from_row(row))
+
+    async def ListRequests(
+        self, request: queue_pb2.ListRequestsRequest, context: Context
+    ) -> queue_pb2.ListRequestsResponse:
+        principal = await self._user(context)
+        limit = _page_size(request.page_size, 50, 500)
+        try:
+            before = _decode_token(request.page_token)
+        except ValueError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid page_token")
+        status_name = status.from_proto(request.status)
+        rows = await self._store.list(
+            uuid.UUID(principal.user_id), status_name=status_name, limit=limit, before=before
+        )
+        token = _encode_token(rows[-1].id) if len(rows) == limit else ""
+        return queue_pb2.ListRequestsResponse(
+            requests=[request_from_row(r) for r in rows], next_page_token=token
+        )
+
+    async def CancelRequest(
+        self, request: queue_pb2.CancelRequestRequest, context: Context
+    ) -> queue_pb2.CancelRequestResponse:
+        principal = await self._user(context)
+        request_id = await self._request_id(request.request_id, context)
+        after = await self._store.cancel_queued(uuid.UUID(principal.user_id), request_id)
+        if after is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such request")
+        if after == status.RUNNING:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "the request is running; cancelling running handlers is not available yet",
+            )
+        return queue_pb2.CancelRequestResponse(status=status.to_proto(after))
+
+    # -- lanes -----------------------------------------------------------------------------
+
+    async def GetLane(
+        self, request: queue_pb2.GetLaneRequest, context: Context
+    ) -> queue_pb2.GetLaneResponse:
+        principal = await self._user(context)
+        found = await self._store.lane(uuid.UUID(principal.user_id))
+        if found is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no lane yet: enqueue a request first")
+        row, pending = found
+        return queue_pb2.GetLaneResponse(lane=_lane(row, pending))
+
+    async def ListLanes(
+        self, request: queue_pb2.ListLanesRequest, context: Context
+    ) -> queue_pb2.ListLanesResponse:
+        principal = await authenticate(self._verifier, context)
+        if principal.role != ROLE_SERVICE:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, "ListLanes needs a service token"
+            )
+        limit = _page_size(request.page_size, 1000, 10_000)
+        try:
+            after = _decode_token(request.page_token)
+        except ValueError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid page_token")
+        rows = await self._store.lanes(after=after, limit=limit)
+        token = _encode_token(rows[-1].user_id) if len(rows) == limit else ""
+        return queue_pb2.ListLanesResponse(lanes=[_lane(r, 0) for r in rows], next_page_token=token)
+
+    async def ListDeadRequests(
+        self, request: queue_pb2.ListDeadRequestsRequest, context: Context
+    ) -> queue_pb2.ListDeadRequestsResponse:
+        principal = await self._user(context)
+        limit = _page_size(request.page_size, 50, 500)
+        try:
+            before = _decode_token(request.page_token)
+        except ValueError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid page_token")
+        rows = await self._store.list(
+            uuid.UUID(principal.user_id),
+            status_name=status.DEAD,
+            limit=limit,
+            before=before,
+            with_bodies=True,
+        )
+        token = _encode_token(rows[-1].id) if len(rows) == limit else ""
+        return queue_pb2.ListDeadRequestsResponse(
+            requests=[request_from_row(r) for r in rows], next_page_token=token
+        )
+
+    async def ReplayDeadRequest(
+        self, request: queue_pb2.ReplayDeadRequestRequest, context: Context
+    ) -> queue_pb2.ReplayDeadRequestResponse:
+        principal = await self._user(context)
+        request_id = await self._request_id(request.request_id, context)
+        row = await self._store.get(uuid.UUID(principal.user_id), request_id)
+        if row is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such request")
+        if row.status != status.DEAD:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"request is {row.status}, not DEAD"
+            )
+        replay = queue_pb2.EnqueueRequest(
+            handler=row.handler,
+            payload=row.payload,
+            max_attempts=row.max_attempts,
+            client_ref=row.client_ref,
+        )
+        try:
+            _, future = await self._admit(replay, principal)
+            admission = await future
+        except InvalidEnqueue as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except Rejection as rej:
+            await abort_retry(context, rejection_code(rej), str(rej), rej.retry_after_ms)
+        return queue_pb2.ReplayDeadRequestResponse(request_id=str(admission.request_id))
+
+
+def _lane(row: Any, pending: int) -> queue_pb2.Lane:
+    return queue_pb2.Lane(
+        user_id=str(row.user_id),
+        queue_name=lane_queue(str(row.user_id)),
+        created_at=timestamp(row.created_at),
+        last_active_at=timestamp(row.last_active_at),
+        last_lane_seq=row.last_seq,
+        pending=pending,
+    )
+
+
+class _Session:
+    """One Session stream: reads enqueues, answers them in order, forwards results.
+
+    Answers (accepted/rejected) go out in the order the enqueues came in. A result is
+    never sent before the accepted of its request. The stream stops reading once
+    `session_window` requests are unfinished, which lets HTTP/2 flow control push back
+    on the client.
+    """
+
+    def __init__(
+        self,
+        servicer: QueueServicer,
+        principal: Principal,
+        request_iterator: AsyncIterator[queue_pb2.SessionRequest],
+    ) -> None:
+        self._s = servicer
+        self._principal = principal
+        self._requests = request_iterator
+        self._out: asyncio.Queue[Any] = asyncio.Queue()
+        self._answers: asyncio.Queue[Any] = asyncio.Queue()
+        self._window = asyncio.Semaphore(servicer._settings.session_window)
+        # request id -> True once its accepted was sent; removed when its result is sent.
+        self._mine: dict[str, bool] = {}
+        self._stash: dict[str, list[lane_pb2.LaneEvent]] = {}
+        self._reading = True
+
+    async def run(self) -> AsyncIterator[queue_pb2.SessionResponse]:
+        user = self._principal.user_id
+        events = self._s._hub.subscribe(user)
+        tasks = [
+            asyncio.create_task(self._guard(self._read())),
+            asyncio.create_task(self._guard(self._answer())),
+            asyncio.create_task(self._guard(self._pump(events))),
+        ]
+        try:
+            while True:
+                item = await self._out.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._s._hub.unsubscribe(user, events)
+
+    async def _guard(self, coro: Any) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._out.put_nowait(exc)
+
+    def _reject(self, client_ref: str, code: grpc.StatusCode, message: str, retry: int = 0) -> None:
+        self._out.put_nowait(
+            queue_pb2.SessionResponse(
+                rejected=queue_pb2.Rejected(
+                    client_ref=client_ref,
+                    code=code.value[0],
+                    message=message,
+                    retry_after_ms=retry,
+                )
+            )
+        )
+
+    async def _read(self) -> None:
+        async for msg in self._requests:
+            kind = msg.WhichOneof("kind")
+            if kind == "enqueue":
+                await self._window.acquire()
+                try:
+                    request_id, future = await self._s._admit(msg.enqueue, self._principal)
+                except InvalidEnqueue as exc:
+                    self._answers.put_nowait((msg.enqueue.client_ref, None, str(exc)))
+                    continue
+                self._mine[str(request_id)] = False
+                self._answers.put_nowait((msg.enqueue.client_ref, future, str(request_id)))
+            elif kind == "cancel":
+                await self._cancel(msg.cancel.request_id)
+            else:
+                self._reject("", grpc.StatusCode.INVALID_ARGUMENT, "empty SessionRequest")
+        self._answers.put_nowait(None)
+
+    async def _cancel(self, request_id: str) -> None:
+        try:
+            rid = uuid.UUID(request_id)
+        except ValueError:
+            self._reject(request_id, grpc.StatusCode.INVALID_ARGUMENT, "invalid request_id")
+            return
+        after = await self._s._store.cancel_queued(uuid.UUID(self._principal.user_id), rid)
+        if after is None:
+            self._reject(request_id, grpc.StatusCode.NOT_FOUND, "no such request")
+        elif after == status.RUNNING:
+            self._reject(
+                request_id,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "the request is running; cancelling running handlers is not available yet",
+            )
+
+    async def _answer(self) -> None:
+        while (item := await self._answers.get()) is not None:
+            client_ref, future, detail = item
+            if future is None:
+                self._window.release()
+                self._reject(client_ref, grpc.StatusCode.INVALID_ARGUMENT, detail)
+                continue
+            try:
+                admission: Admission = await future
+            except Rejection as rej:
+                self._mine.pop(detail, None)
+                self._stash.pop(detail, None)
+                self._window.release()
+                self._reject(client_ref, rejection_code(rej), str(rej), rej.retry_after_ms)
+                continue
+            rid = str(admission.request_id)
+            if admission.duplicate:
+                self._mine.pop(detail, None)
+            self._mine[rid] = True
+            self._out.put_nowait(
+                queue_pb2.SessionResponse(
+                    accepted=queue_pb2.Accepted(
+                        client_ref=client_ref, request_id=rid, duplicate=admission.duplicate
+                    )
+                )
+            )
+            for event in self._stash.pop(rid, []):
+                self._deliver(event)
+            if admission.duplicate:
+                await self._send_stored_result(admission.request_id)
+        self._reading = False
+        self._maybe_done()
+
+    async def _send_stored_result(self, request_id: uuid.UUID) -> None:
+        row = await self._s._store.get(uuid.UUID(self._principal.user_id), request_id)
+        rid = str(request_id)
+        if row is not None and row.lane_seq and self._mine.get(rid):
+            self._deliver(lane_pb2.LaneEvent(result=result_from_row(row)))
+
+    async def _pump(self, events: asyncio.Queue[lane_pb2.LaneEvent]) -> None:
+        while True:
+            event = await events.get()
+            kind = event.WhichOneof("kind")
+            rid = event.result.request_id if kind == "result" else event.progress.request_id
+            announced = self._mine.get(rid)
+            if announced is None:
+                continue
+            if announced:
+                self._deliver(event)
+            else:
+                self._stash.setdefault(rid, []).append(event)
+
+    def _deliver(self, event: lane_pb2.LaneEvent) -> None:
+        if event.WhichOneof("kind") == "progress":
+            if event.progress.request_id in self._mine:
+                self._out.put_nowait(queue_pb2.SessionResponse(progress=event.progress))
+            return
+        rid = event.result.request_id
+        if self._mine.pop(rid, None) is None:
+            return  # already delivered (a redelivered result)
+        self._window.release()
+        self._out.put_nowait(queue_pb2.SessionResponse(result=event.result))
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if not self._reading and not self._mine:
+            self._out.put_nowait(_DONE)

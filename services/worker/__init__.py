@@ -1,0 +1,1 @@
+"""WorkerService: lane consumers, handler registry, retries, dead letters, control RPCs."""

@@ -1,0 +1,94 @@
+"""Finds lanes to consume: QueueService.ListLanes at start and periodically (so a missed
+event is caught up), and fairlane.control events as they happen."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+from fairlane.common.v1 import lane_pb2
+from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
+
+from services.core.auth_client import AuthClient
+from services.core.broker import Broker, BrokerError
+from services.core.grpc_host import insecure_channel
+from services.core.logging import get_logger
+from services.worker.runner import Runner
+
+log = get_logger(__name__)
+
+
+class LaneDiscovery:
+    def __init__(
+        self,
+        runner: Runner,
+        broker: Broker,
+        auth: AuthClient,
+        *,
+        queue_target: str,
+        service_secret: str,
+        interval: float = 30.0,
+    ) -> None:
+        self._runner = runner
+        self._broker = broker
+        self._auth = auth
+        self._channel = insecure_channel(queue_target)
+        self._queue = queue_pb2_grpc.QueueServiceStub(self._channel)
+        self._secret = service_secret
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._broker.consume_control(self._on_control)
+        self._task = asyncio.create_task(self._poll(), name="lane-discovery")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._channel.close()
+
+    async def _on_control(self, body: bytes) -> None:
+        try:
+            event = lane_pb2.ControlEvent.FromString(body)
+        except Exception:
+            log.warning("bad_control_event", size=len(body))
+            return
+        kind = event.WhichOneof("kind")
+        try:
+            if kind == "lane_created":
+                await self._runner.add_lane(event.lane_created)
+            elif kind == "lane_deleted":
+                await self._runner.remove_lane(event.lane_deleted)
+        except BrokerError as exc:
+            log.warning("lane_consume_failed", error=str(exc))
+
+    async def sync_once(self) -> int:
+        token = await self._auth.service_token("worker", self._secret)
+        page = ""
+        seen = 0
+        while True:
+            response = await self._queue.ListLanes(
+                queue_pb2.ListLanesRequest(page_size=1000, page_token=page),
+                metadata=(("authorization", f"Bearer {token}"),),
+                timeout=10,
+            )
+            for lane in response.lanes:
+                await self._runner.add_lane(lane.user_id)
+                seen += 1
+            if not response.next_page_token:
+                return seen
+            page = response.next_page_token
+
+    async def _poll(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self.sync_once()
+                delay = self._interval
+            except (grpc.aio.AioRpcError, BrokerError) as exc:
+                log.warning("lane_sync_failed", error=str(exc))
+                delay = min(max(delay * 2, 0.2), self._interval)
+            await asyncio.sleep(delay)

@@ -1,0 +1,399 @@
+"""Runs lanes: one consumer and one sequential task per lane, handlers bounded by a
+shared concurrency limit, retries in place, dead letters, pause/resume/drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import random
+import time
+import uuid
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+from fairlane.common.v1 import common_pb2, lane_pb2
+from fairlane.handlers import PermanentError
+from fairlane.worker.v1 import worker_pb2
+from google.protobuf.message import DecodeError
+from sqlalchemy.exc import SQLAlchemyError
+
+from services.core import metrics, status
+from services.core.broker import Broker, BrokerError, Delivery, LaneConsumer
+from services.core.logging import get_logger
+from services.worker.context import Context
+from services.worker.registry import Handler
+from services.worker.store import Attempt, Outcome, StoredState, WorkerStore
+from services.worker.writer import ResultWriter, WriteFailed
+
+log = get_logger(__name__)
+
+RUNNING_MARK_SECONDS = 0.05  # handlers that take longer show RUNNING in the log
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.succeeded: Counter[str] = Counter()
+        self.failed: Counter[str] = Counter()
+        self.retried: Counter[str] = Counter()
+        self.running: Counter[str] = Counter()
+
+
+class Lane:
+    def __init__(self, runner: Runner, user_id: str) -> None:
+        self.user_id = user_id
+        self._runner = runner
+        self.deliveries: asyncio.Queue[Delivery] = asyncio.Queue()
+        self.resumed = asyncio.Event()
+        self.resumed.set()
+        self.consumer: LaneConsumer | None = None
+        # Set while the lane waits for a message or at a closed gate: nothing of it runs.
+        self.quiet = asyncio.Event()
+        self.task = asyncio.create_task(self._run(), name=f"lane-{user_id}")
+
+    async def on_delivery(self, delivery: Delivery) -> None:
+        self.deliveries.put_nowait(delivery)
+
+    async def _run(self) -> None:
+        while True:
+            self.quiet.set()
+            delivery = await self.deliveries.get()
+            self.quiet.clear()
+            try:
+                await self._runner.process(self, delivery)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(delivery.reject(requeue=True))
+                raise
+
+    async def release(self) -> None:
+        """Stops consuming; whatever was not acked goes back to the lane, in order."""
+        if self.consumer is not None:
+            await self.consumer.cancel()
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        while not self.deliveries.empty():
+            with contextlib.suppress(Exception):
+                await self.deliveries.get_nowait().reject(requeue=True)
+
+
+class Runner:
+    def __init__(
+        self,
+        *,
+        broker: Broker,
+        store: WorkerStore,
+        writer: ResultWriter,
+        handlers: dict[str, Handler],
+        concurrency: int,
+        prefetch: int,
+        retry_base: float,
+        retry_max: float,
+        worker_id: str,
+    ) -> None:
+        self._broker = broker
+        self._store = store
+        self._writer = writer
+        self.handlers = handlers
+        self.concurrency = concurrency
+        self._slots = asyncio.Semaphore(concurrency)
+        self._prefetch = prefetch
+        self._retry_base = retry_base
+        self._retry_max = retry_max
+        self.worker_id = worker_id
+        self.lanes: dict[str, Lane] = {}
+        self.state = worker_pb2.WORKER_STATE_RUNNING
+        self._resumed = asyncio.Event()
+        self._resumed.set()
+        self.in_flight = 0
+        self.stats = Stats()
+        self._lock = asyncio.Lock()
+
+    # -- lanes -----------------------------------------------------------------------------
+
+    async def add_lane(self, user_id: str) -> None:
+        async with self._lock:
+            if user_id in self.lanes or self.state in (
+                worker_pb2.WORKER_STATE_DRAINING,
+                worker_pb2.WORKER_STATE_DRAINED,
+            ):
+                return
+            lane = Lane(self, user_id)
+            try:
+                lane.consumer = await self._broker.consume_lane(
+                    user_id, lane.on_delivery, prefetch=self._prefetch
+                )
+            except BrokerError:
+                await lane.release()
+                raise
+            self.lanes[user_id] = lane
+            metrics.ACTIVE_LANES.set(len(self.lanes))
+
+    async def remove_lane(self, user_id: str) -> None:
+        async with self._lock:
+            lane = self.lanes.pop(user_id, None)
+            metrics.ACTIVE_LANES.set(len(self.lanes))
+        if lane is not None:
+            await lane.release()
+
+    # -- control ---------------------------------------------------------------------------
+
+    def pause(self, lane: str = "") -> None:
+        if lane:
+            if lane in self.lanes:
+                self.lanes[lane].resumed.clear()
+            return
+        if self.state == worker_pb2.WORKER_STATE_RUNNING:
+            self.state = worker_pb2.WORKER_STATE_PAUSED
+            self._resumed.clear()
+
+    def resume(self, lane: str = "") -> None:
+        if lane:
+            if lane in self.lanes:
+                self.lanes[lane].resumed.set()
+            return
+        if self.state == worker_pb2.WORKER_STATE_PAUSED:
+            self.state = worker_pb2.WORKER_STATE_RUNNING
+            self._resumed.set()
+
+    def paused_lanes(self) -> list[str]:
+        return [u for u, lane in self.lanes.items() if not lane.resumed.is_set()]
+
+    async def drain(self, timeout: float) -> int:
+        """Finishes running handlers (up to `timeout`), then hands every lane back."""
+        self.state = worker_pb2.WORKER_STATE_DRAINING
+        self._resumed.clear()
+        abandoned = 0
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(lane.quiet.wait() for lane in list(self.lanes.values()))),
+                timeout,
+            )
+        except TimeoutError:
+            abandoned = self.in_flight
+        for user_id in list(self.lanes):
+            await self.remove_lane(user_id)
+        self.state = worker_pb2.WORKER_STATE_DRAINED
+        return abandoned
+
+    # -- processing ------------------------------------------------------------------------
+
+    async def _states(self, ids: list[uuid.UUID]) -> dict[uuid.UUID, StoredState]:
+        delay = 0.1
+        while True:
+            try:
+                return await self._store.states(ids)
+            except (SQLAlchemyError, OSError) as exc:
+                log.warning("state_read_failed", error=str(exc), retry_in=delay)
+                await asyncio.sleep(random.uniform(0, delay))
+                delay = min(delay * 2, 5.0)
+
+    async def process(self, lane: Lane, delivery: Delivery) -> None:
+        try:
+            batch = lane_pb2.LaneBatch.FromString(delivery.body)
+        except DecodeError:
+            log.error("undecodable_lane_message", lane=lane.user_id, size=len(delivery.body))
+            await self._broker.publish_dead(delivery.body, {"reason": "undecodable"})
+            await delivery.ack()
+            return
+        ids = [uuid.UUID(item.request_id) for item in batch.items]
+        states = await self._states(ids)
+        pending: list[asyncio.Future[None]] = []
+        for item in batch.items:
+            future = await self._run_item(lane, batch, item, states.get(uuid.UUID(item.request_id)))
+            if future is not None:
+                pending.append(future)
+        try:
+            await asyncio.gather(*pending)
+        except WriteFailed:
+            await delivery.reject(requeue=True)
+            return
+        await delivery.ack()
+
+    async def _run_item(
+        self,
+        lane: Lane,
+        batch: lane_pb2.LaneBatch,
+        item: lane_pb2.LaneItem,
+        state: StoredState | None,
+    ) -> asyncio.Future[None] | None:
+        request_id = uuid.UUID(item.request_id)
+        user = uuid.UUID(batch.user_id)
+        if state is None:
+            # Not in the log: its intake was rolled back after a failed publish confirm.
+            log.warning("request_not_in_log", request_id=item.request_id)
+            return None
+        if state.lane_seq is not None:
+            # Finished before (redelivery): send the stored result again, run nothing.
+            self._writer.publish(
+                lane_pb2.LaneEvent(
+                    user_id=batch.user_id,
+                    result=common_pb2.Result(
+                        request_id=item.request_id,
+                        lane_seq=state.lane_seq,
+                        status=status.to_proto(state.status),
+                        output=state.output or b"",
+                        error=state.error or "",
+                        attempts=state.attempts,
+                        client_ref=state.client_ref,
+                        handler=state.handler,
+                    ),
+                ),
+                route=batch.reply_route,
+            )
+            return None
+        if state.status == status.CANCELLED:
+            outcome = Outcome(request_id, user, status.CANCELLED, error="cancelled by the client")
+        elif item.HasField("deadline") and item.deadline.ToDatetime(tzinfo=UTC) <= datetime.now(
+            UTC
+        ):
+            outcome = Outcome(
+                request_id, user, status.EXPIRED, error="deadline passed before start"
+            )
+        elif (spec := self.handlers.get(item.handler)) is None:
+            outcome = Outcome(
+                request_id,
+                user,
+                status.FAILED,
+                error=f"handler {item.handler!r} is not available on worker {self.worker_id}",
+            )
+        else:
+            outcome = await self._execute(lane, batch, item, spec, state.attempts)
+        return self._writer.finish(
+            outcome, route=batch.reply_route, client_ref=item.client_ref, handler=item.handler
+        )
+
+    async def _gate(self, lane: Lane) -> None:
+        if self._resumed.is_set() and lane.resumed.is_set():
+            return
+        lane.quiet.set()
+        try:
+            while not (self._resumed.is_set() and lane.resumed.is_set()):
+                await self._resumed.wait()
+                await lane.resumed.wait()
+        finally:
+            lane.quiet.clear()
+
+    async def _execute(
+        self,
+        lane: Lane,
+        batch: lane_pb2.LaneBatch,
+        item: lane_pb2.LaneItem,
+        spec: Handler,
+        previous_attempts: int,
+    ) -> Outcome:
+        request_id = uuid.UUID(item.request_id)
+        user = uuid.UUID(batch.user_id)
+        max_attempts = item.max_attempts or spec.max_attempts
+        deadline = item.deadline.ToDatetime(tzinfo=UTC) if item.HasField("deadline") else None
+        attempts: list[Attempt] = []
+        number = previous_attempts + 1
+        while True:
+            await self._gate(lane)
+            started = datetime.now(UTC)
+            attempt = Attempt(number, started)
+            attempts.append(attempt)
+            ctx = Context(
+                request_id=item.request_id,
+                user_id=batch.user_id,
+                attempt=number,
+                deadline=deadline,
+                writer=self._writer,
+                route=batch.reply_route,
+            )
+            try:
+                output = await self._call(spec, ctx, item.payload, request_id, number)
+            except PermanentError as exc:
+                attempt.error = str(exc) or exc.__class__.__name__
+                self.stats.failed[spec.name] += 1
+                return Outcome(
+                    request_id, user, status.FAILED, error=attempt.error, attempts=attempts
+                )
+            except Exception as exc:
+                attempt.error = f"{exc.__class__.__name__}: {exc}"
+            else:
+                self.stats.succeeded[spec.name] += 1
+                return Outcome(request_id, user, status.SUCCEEDED, output=output, attempts=attempts)
+            if number >= max_attempts:
+                self.stats.failed[spec.name] += 1
+                await self._dead_letter(batch, item, attempts)
+                return Outcome(
+                    request_id,
+                    user,
+                    status.DEAD,
+                    error=f"gave up after {number} attempts: {attempt.error}",
+                    attempts=attempts,
+                )
+            self.stats.retried[spec.name] += 1
+            metrics.RETRIES.labels(spec.name).inc()
+            # Exponential backoff with full jitter; the lane waits, so order holds.
+            cap = min(self._retry_max, self._retry_base * 2 ** (number - 1))
+            await asyncio.sleep(random.uniform(0, cap))
+            number += 1
+
+    async def _call(
+        self, spec: Handler, ctx: Context, payload: bytes, request_id: uuid.UUID, number: int
+    ) -> bytes:
+        async with self._slots:
+            self.in_flight += 1
+            self.stats.running[spec.name] += 1
+            metrics.IN_FLIGHT.inc()
+            started = time.perf_counter()
+            mark = asyncio.get_running_loop().call_later(
+                RUNNING_MARK_SECONDS, self._mark_running, request_id, number
+            )
+            try:
+                async with asyncio.timeout(spec.timeout):
+                    if spec.is_async:
+                        result = await spec.fn(ctx, payload)
+                    else:
+                        loop = asyncio.get_running_loop()
+                        result = await loop.run_in_executor(
+                            None, functools.partial(spec.fn, ctx, payload)
+                        )
+            finally:
+                mark.cancel()
+                metrics.HANDLER_SECONDS.labels(spec.name).observe(time.perf_counter() - started)
+                metrics.IN_FLIGHT.dec()
+                self.stats.running[spec.name] -= 1
+                self.in_flight -= 1
+        if result is None:
+            return b""
+        if isinstance(result, str):
+            return result.encode()
+        if not isinstance(result, bytes | bytearray | memoryview):
+            raise PermanentError(f"handler returned {type(result).__name__}, not bytes")
+        return bytes(result)
+
+    def _mark_running(self, request_id: uuid.UUID, number: int) -> None:
+        task = asyncio.create_task(self._store.mark_running(request_id, number, datetime.now(UTC)))
+        task.add_done_callback(_log_failure)
+
+    async def _dead_letter(
+        self, batch: lane_pb2.LaneBatch, item: lane_pb2.LaneItem, attempts: list[Attempt]
+    ) -> None:
+        history = [
+            {"attempt": a.number, "started_at": a.started_at.isoformat(), "error": a.error}
+            for a in attempts
+        ]
+        headers = {
+            "user_id": batch.user_id,
+            "request_id": item.request_id,
+            "handler": item.handler,
+            "attempts": str(len(attempts)),
+            "history": json.dumps(history),
+        }
+        metrics.DEAD_LETTERED.labels(item.handler).inc()
+        try:
+            await self._broker.publish_dead(item.SerializeToString(), headers)
+        except BrokerError as exc:
+            # The request log keeps the same history; ListDeadRequests reads it from there.
+            log.warning("dead_letter_publish_failed", request_id=item.request_id, error=str(exc))
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("mark_running_failed", error=str(task.exception()))

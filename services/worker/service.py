@@ -1,0 +1,104 @@
+"""Wires a worker replica: handlers, database, broker, writer, runner, discovery, gRPC."""
+
+from __future__ import annotations
+
+from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.core.amqp import AmqpBroker
+from services.core.auth_client import AuthClient
+from services.core.broker import Broker
+from services.core.db import create_engine
+from services.core.grpc_host import GrpcHost
+from services.core.health import DependencyMonitor
+from services.core.settings import Settings
+from services.worker import registry
+from services.worker.discovery import LaneDiscovery
+from services.worker.runner import Runner
+from services.worker.servicer import WorkerServicer
+from services.worker.store import WorkerStore
+from services.worker.writer import ResultWriter
+
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
+
+
+class WorkerService:
+    name = "worker"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        engine: AsyncEngine | None = None,
+        broker: Broker | None = None,
+    ) -> None:
+        self._settings = settings
+        self._own_engine = engine is None
+        self.engine = engine or create_engine(
+            settings.database_url,
+            schema=settings.database_schema,
+            pool_size=settings.database_pool_size,
+        )
+        self.broker: Broker = broker or AmqpBroker(
+            settings.broker_url, lane_max_length=settings.lane_max_length
+        )
+        self.handlers = registry.load(
+            settings.handlers, default_attempts=settings.default_max_attempts
+        )
+        self.store = WorkerStore(self.engine)
+        self.writer = ResultWriter(
+            self.store,
+            self.broker,
+            batch_size=settings.result_batch_size,
+            linger_ms=settings.result_linger_ms,
+        )
+        self.runner = Runner(
+            broker=self.broker,
+            store=self.store,
+            writer=self.writer,
+            handlers=self.handlers,
+            concurrency=settings.concurrency,
+            prefetch=settings.lane_prefetch,
+            retry_base=settings.retry_base_seconds,
+            retry_max=settings.retry_max_seconds,
+            worker_id=settings.instance_id,
+        )
+        self._auth = AuthClient(settings.auth_target)
+        self.discovery = LaneDiscovery(
+            self.runner,
+            self.broker,
+            self._auth,
+            queue_target=settings.queue_target,
+            service_secret=settings.service_secret,
+        )
+        self.host = GrpcHost(settings.worker_listen, [SERVICE_NAME])
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(
+            WorkerServicer(self.runner, grace_seconds=settings.grace_seconds), self.host.server
+        )
+        self._monitor = DependencyMonitor(self.host, engine=self.engine, broker=self.broker)
+
+    @property
+    def address(self) -> str:
+        return self.host.address
+
+    async def start(self) -> None:
+        await self.store.register_handlers(list(self.handlers.values()))
+        await self.broker.connect()
+        self.writer.start()
+        await self.host.start()
+        await self.discovery.start()
+        await self._monitor.check()
+        self._monitor.start()
+
+    async def stop(self, grace: float) -> None:
+        """Drain: finish running handlers within the grace period, hand lanes back."""
+        await self._monitor.stop()
+        await self.host.health.enter_graceful_shutdown()
+        await self.discovery.stop()
+        await self.runner.drain(grace)
+        await self.writer.stop()
+        await self.host.stop(1.0)
+        await self.broker.close()
+        await self._auth.close()
+        if self._own_engine:
+            await self.engine.dispose()

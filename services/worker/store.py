@@ -1,0 +1,192 @@
+"""The request log as the worker reads and writes it."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.core.db import upsert
+from services.core.models import handlers, lanes, request_events, requests
+from services.worker.registry import Handler
+
+
+@dataclass(slots=True)
+class Attempt:
+    number: int
+    started_at: datetime
+    error: str = ""
+
+
+@dataclass(slots=True)
+class Outcome:
+    """A request's final state, to be written and announced."""
+
+    request_id: uuid.UUID
+    user_id: uuid.UUID
+    status: str
+    output: bytes = b""
+    error: str = ""
+    attempts: list[Attempt] = field(default_factory=list)
+    finished_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    lane_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StoredState:
+    status: str
+    lane_seq: int | None
+    attempts: int
+    output: bytes | None
+    error: str | None
+    client_ref: str
+    handler: str
+
+
+class WorkerStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._dialect = engine.dialect.name
+
+    async def register_handlers(self, specs: Sequence[Handler]) -> None:
+        now = datetime.now(UTC)
+        stmt = upsert(self._dialect, handlers)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[handlers.c.name],
+            set_={
+                "description": stmt.excluded.description,
+                "max_attempts": stmt.excluded.max_attempts,
+                "timeout_seconds": stmt.excluded.timeout_seconds,
+                "last_seen_at": stmt.excluded.last_seen_at,
+            },
+        )
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                stmt,
+                [
+                    {
+                        "name": h.name,
+                        "description": h.description,
+                        "max_attempts": h.max_attempts,
+                        "timeout_seconds": h.timeout or 0.0,
+                        "last_seen_at": now,
+                    }
+                    for h in specs
+                ],
+            )
+
+    async def states(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, StoredState]:
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(
+                    requests.c.id,
+                    requests.c.status,
+                    requests.c.lane_seq,
+                    requests.c.attempts,
+                    requests.c.output,
+                    requests.c.error,
+                    requests.c.client_ref,
+                    requests.c.handler,
+                ).where(requests.c.id.in_(list(ids)))
+            )
+            return {r.id: StoredState(*r[1:]) for r in rows}
+
+    async def mark_running(self, request_id: uuid.UUID, attempt: int, at: datetime) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                requests.update()
+                .where(requests.c.id == request_id, requests.c.lane_seq.is_(None))
+                .values(status="RUNNING", attempts=attempt, started_at=at)
+            )
+
+    async def _assign_seqs(self, conn: Any, counts: dict[uuid.UUID, int]) -> dict[uuid.UUID, int]:
+        """Reserves `n` consecutive lane_seq values per lane; returns each lane's last one."""
+        if self._dialect == "postgresql":
+            v = sa.values(
+                sa.column("user_id", sa.Uuid), sa.column("n", sa.BigInteger), name="v"
+            ).data(list(counts.items()))
+            rows = await conn.execute(
+                lanes.update()
+                .values(last_seq=lanes.c.last_seq + v.c.n)
+                .where(lanes.c.user_id == v.c.user_id)
+                .returning(lanes.c.user_id, lanes.c.last_seq)
+            )
+            return {r.user_id: r.last_seq for r in rows}
+        last: dict[uuid.UUID, int] = {}
+        for user, n in counts.items():
+            row = await conn.execute(
+                lanes.update()
+                .values(last_seq=lanes.c.last_seq + n)
+                .where(lanes.c.user_id == user)
+                .returning(lanes.c.last_seq)
+            )
+            last[user] = row.scalar_one()
+        return last
+
+    async def finish(self, outcomes: Sequence[Outcome]) -> None:
+        """Writes the outcomes and gives each its lane_seq, in one transaction.
+
+        Outcomes of one lane must come in lane order; they are numbered in that order.
+        """
+        counts: dict[uuid.UUID, int] = {}
+        for o in outcomes:
+            counts[o.user_id] = counts.get(o.user_id, 0) + 1
+        async with self._engine.begin() as conn:
+            last = await self._assign_seqs(conn, counts)
+            next_seq = {u: last[u] - n + 1 for u, n in counts.items()}
+            for o in outcomes:
+                o.lane_seq = next_seq[o.user_id]
+                next_seq[o.user_id] += 1
+            await conn.execute(
+                requests.update()
+                .where(requests.c.id == sa.bindparam("b_id"))
+                .values(
+                    status=sa.bindparam("b_status"),
+                    output=sa.bindparam("b_output"),
+                    error=sa.bindparam("b_error"),
+                    attempts=sa.bindparam("b_attempts"),
+                    started_at=sa.bindparam("b_started"),
+                    finished_at=sa.bindparam("b_finished"),
+                    lane_seq=sa.bindparam("b_seq"),
+                ),
+                [
+                    {
+                        "b_id": o.request_id,
+                        "b_status": o.status,
+                        "b_output": o.output or None,
+                        "b_error": o.error or None,
+                        "b_attempts": len(o.attempts),
+                        "b_started": o.attempts[-1].started_at if o.attempts else None,
+                        "b_finished": o.finished_at,
+                        "b_seq": o.lane_seq,
+                    }
+                    for o in outcomes
+                ],
+            )
+            events = [
+                {
+                    "request_id": o.request_id,
+                    "at": a.started_at,
+                    "status": "RUNNING",
+                    "attempt": a.number,
+                    "detail": a.error,
+                }
+                for o in outcomes
+                for a in o.attempts
+            ]
+            events += [
+                {
+                    "request_id": o.request_id,
+                    "at": o.finished_at,
+                    "status": o.status,
+                    "attempt": len(o.attempts),
+                    "detail": o.error,
+                }
+                for o in outcomes
+            ]
+            await conn.execute(request_events.insert(), events)

@@ -1,0 +1,164 @@
+"""Batches finished requests of every lane into one transaction and one publish per
+queue replica, then tells each lane its outcomes are durable."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from fairlane.common.v1 import common_pb2, lane_pb2
+from sqlalchemy.exc import SQLAlchemyError
+
+from services.core import metrics, status
+from services.core.broker import Broker, BrokerError
+from services.core.logging import get_logger
+from services.worker.store import Outcome, WorkerStore
+
+log = get_logger(__name__)
+
+
+@dataclass(slots=True)
+class _Pending:
+    route: str
+    client_ref: str
+    handler: str
+    outcome: Outcome | None = None  # None: an event to publish only
+    event: lane_pb2.LaneEvent | None = None
+    future: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class WriteFailed(Exception):  # noqa: N818 - the lane retries the message later
+    pass
+
+
+class ResultWriter:
+    def __init__(
+        self, store: WorkerStore, broker: Broker, *, batch_size: int, linger_ms: float
+    ) -> None:
+        self._store = store
+        self._broker = broker
+        self._batch_size = batch_size
+        self._linger = linger_ms / 1000
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="result-writer")
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Writes what is queued (up to `timeout`), then stops."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), timeout)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def finish(
+        self, outcome: Outcome, *, route: str, client_ref: str, handler: str
+    ) -> asyncio.Future[None]:
+        """Queues a final outcome; the future resolves once it is in the log."""
+        item = _Pending(route=route, client_ref=client_ref, handler=handler, outcome=outcome)
+        self._queue.put_nowait(item)
+        return item.future
+
+    def publish(self, event: lane_pb2.LaneEvent, *, route: str) -> None:
+        """Queues an event (progress, or a stored result sent again) for publishing only."""
+        item = _Pending(route=route, client_ref="", handler="", event=event)
+        item.future.set_result(None)
+        self._queue.put_nowait(item)
+
+    async def _collect(self) -> list[_Pending]:
+        batch = [await self._queue.get()]
+        deadline = time.monotonic() + self._linger
+        while len(batch) < self._batch_size:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._collect()
+            try:
+                await self._flush(batch)
+            except Exception as exc:
+                log.exception("result_batch_failed", size=len(batch))
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(WriteFailed(str(exc)))
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _write(self, outcomes: list[Outcome]) -> None:
+        """Retries until the batch is in the log. Batches are written strictly in turn, so
+        a lane's results keep their order even across a database outage; meanwhile the
+        lanes wait (their messages stay unacked) and health reports NOT_SERVING."""
+        delay = 0.1
+        while True:
+            try:
+                await self._store.finish(outcomes)
+                return
+            except (SQLAlchemyError, OSError) as exc:
+                log.warning("result_write_failed", error=str(exc), retry_in=delay)
+                await asyncio.sleep(random.uniform(0, delay))
+                delay = min(delay * 2, 5.0)
+
+    async def _flush(self, batch: list[_Pending]) -> None:
+        outcomes = [i.outcome for i in batch if i.outcome is not None]
+        if outcomes:
+            started = time.perf_counter()
+            await self._write(outcomes)
+            metrics.DB_BATCH_SIZE.labels("results").observe(len(outcomes))
+            metrics.DB_BATCH_SECONDS.labels("results").observe(time.perf_counter() - started)
+        by_route: dict[str, list[lane_pb2.LaneEvent]] = defaultdict(list)
+        for item in batch:
+            if item.outcome is not None:
+                o = item.outcome
+                metrics.REQUESTS.labels(item.handler, o.status).inc()
+                item.event = lane_pb2.LaneEvent(
+                    user_id=str(o.user_id),
+                    result=common_pb2.Result(
+                        request_id=str(o.request_id),
+                        lane_seq=o.lane_seq,
+                        status=status.to_proto(o.status),
+                        output=o.output,
+                        error=o.error,
+                        attempts=len(o.attempts),
+                        client_ref=item.client_ref,
+                        handler=item.handler,
+                    ),
+                )
+            if item.route and item.event is not None:
+                by_route[item.route].append(item.event)
+        results = await asyncio.gather(
+            *(
+                self._broker.publish_results(
+                    route, lane_pb2.LaneEventBatch(events=events).SerializeToString()
+                )
+                for route, events in by_route.items()
+            ),
+            return_exceptions=True,
+        )
+        for error in results:
+            if isinstance(error, BrokerError):
+                # The outcomes are in the log; clients catch up with WatchResults.
+                log.warning("result_publish_failed", error=str(error))
+        for item in batch:
+            if not item.future.done():
+                item.future.set_result(None)
