@@ -1,0 +1,50 @@
+# Fairlane developer loop. `make dev` and `make test` work on a fresh machine.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+BUF_VERSION := 1.61.0
+BUF := .tools/node_modules/.bin/buf
+
+.PHONY: install dev test lint fmt gen services pytest bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+$(BUF):
+	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
+
+install: $(STAMP) $(BUF)
+
+gen: install
+	$(BIN)/python scripts/gen_protos.py
+
+fmt: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy services clients/fairlane tests scripts
+	$(BUF) lint
+
+services:
+	scripts/ensure_services.sh
+
+pytest: install services
+	$(BIN)/pytest -q
+
+test: install services lint pytest
+
+dev: install
+	$(BIN)/fairlane dev --demo
+
+bench: install
+	$(BIN)/fairlane bench --help
+
+clean:
+	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,114 @@
+"""Starts the three services as separate processes on free ports, like an operator would."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Suite:
+    database_url: str
+    schema: str
+    broker_url: str
+    log_dir: Path
+    ports: dict[str, int] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("auth", "queue", "worker"):
+            self.ports[name] = free_port()
+
+    def target(self, name: str) -> str:
+        return f"127.0.0.1:{self.ports[name]}"
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            PYTHONPATH=os.pathsep.join([str(ROOT / "clients"), str(ROOT)]),
+            FAIRLANE_DATABASE_URL=self.database_url,
+            FAIRLANE_DATABASE_SCHEMA=self.schema,
+            FAIRLANE_BROKER_URL=self.broker_url,
+            FAIRLANE_SERVICE_SECRET="e2e-service-secret",
+            FAIRLANE_AUTH_LISTEN=self.target("auth"),
+            FAIRLANE_QUEUE_LISTEN=self.target("queue"),
+            FAIRLANE_WORKER_LISTEN=self.target("worker"),
+            FAIRLANE_AUTH_TARGET=self.target("auth"),
+            FAIRLANE_QUEUE_TARGET=self.target("queue"),
+            FAIRLANE_AUTH_METRICS_PORT="0",
+            FAIRLANE_QUEUE_METRICS_PORT="0",
+            FAIRLANE_WORKER_METRICS_PORT="0",
+            FAIRLANE_GRACE_SECONDS="5",
+        )
+        env.update(self.extra_env)
+        env.update(overrides)
+        return env
+
+    def start(self, name: str, service: str | None = None, **env: str) -> None:
+        service = service or name
+        log = (self.log_dir / f"{name}.log").open("wb")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "fairlane.cli.main", "serve", service],
+            env=self.env(**env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+
+    async def wait_serving(self, name: str, target: str | None = None, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        async with grpc.aio.insecure_channel(target or self.target(name)) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                proc = self.procs.get(name)
+                if proc is not None and proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log(name)}")
+                try:
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} not SERVING after {timeout}s:\n{self.log(name)}")
+                await asyncio.sleep(0.1)
+
+    def log(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    def stop_all(self) -> dict[str, int]:
+        codes = {}
+        for name in reversed(list(self.procs)):
+            codes[name] = self.stop(name)
+        return codes
