@@ -16,6 +16,7 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
+BIN = Path(sys.executable).parent
 
 
 def generate(out: Path) -> list[Path]:
@@ -26,8 +27,12 @@ def generate(out: Path) -> list[Path]:
         f"-I{PROTOS}",
         f"-I{well_known}",
         f"--python_out={out}",
-        f"--pyi_out={out}",
         f"--grpc_python_out={out}",
+        # mypy-protobuf types the messages and the (aio) service stubs for mypy --strict.
+        f"--plugin=protoc-gen-mypy={BIN / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={BIN / 'protoc-gen-mypy_grpc'}",
+        f"--mypy_out={out}",
+        f"--mypy_grpc_out={out}",
         *(str(f.relative_to(PROTOS)) for f in files),
     ]
     if protoc.main(args) != 0:
@@ -35,9 +40,10 @@ def generate(out: Path) -> list[Path]:
     generated = sorted(p for p in (out / "fairlane").rglob("*_pb2*.py*"))
     # Every level below fairlane/ must be a regular package for setuptools and mypy.
     for package in {p.parent for p in generated}:
-        while package != out / "fairlane":
-            (package / "__init__.py").touch()
-            package = package.parent
+        level = package
+        while level != out / "fairlane":
+            (level / "__init__.py").touch()
+            level = level.parent
     return generated
 
 

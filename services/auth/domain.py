@@ -23,11 +23,11 @@ USERNAME = re.compile(r"^[A-Za-z0-9._-]{3,64}$")
 MAX_PASSWORD = 1024
 
 
-class InvalidInput(Exception):  # noqa: N818 - mapped to INVALID_ARGUMENT
+class InvalidInput(Exception):
     pass
 
 
-class BadCredentials(Exception):  # noqa: N818 - mapped to UNAUTHENTICATED
+class BadCredentials(Exception):
     pass
 
 

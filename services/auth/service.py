@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.auth import keys
 from services.auth.domain import Auth
 from services.auth.servicer import AuthServicer

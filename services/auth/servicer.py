@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import grpc
-from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 
+from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.auth.domain import Auth, BadCredentials, InvalidInput
 from services.auth.store import UsernameTaken
+from services.core.grpc_host import ServicerContext, abort
 from services.core.tokens import TokenVerifier, authenticate
 
-Context = grpc.aio.ServicerContext[Any, Any]
+Context = ServicerContext
 
 
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
@@ -26,9 +26,9 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         try:
             user_id = await self._auth.register(request.username, request.password)
         except InvalidInput as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except UsernameTaken:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, "username is taken")
+            await abort(context, grpc.StatusCode.ALREADY_EXISTS, "username is taken")
         return auth_pb2.RegisterResponse(user_id=str(user_id))
 
     async def Login(
@@ -37,7 +37,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         try:
             pair = await self._auth.login(request.username, request.password)
         except BadCredentials as exc:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            await abort(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
         return auth_pb2.LoginResponse(
             access_token=pair.access_token,
             refresh_token=pair.refresh_token,
@@ -48,11 +48,11 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         self, request: auth_pb2.RefreshRequest, context: Context
     ) -> auth_pb2.RefreshResponse:
         if not request.refresh_token:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "refresh_token is required")
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "refresh_token is required")
         try:
             pair = await self._auth.refresh(request.refresh_token)
         except BadCredentials as exc:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            await abort(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
         return auth_pb2.RefreshResponse(
             access_token=pair.access_token,
             refresh_token=pair.refresh_token,
@@ -63,11 +63,11 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         self, request: auth_pb2.RevokeRequest, context: Context
     ) -> auth_pb2.RevokeResponse:
         if not request.refresh_token:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "refresh_token is required")
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "refresh_token is required")
         try:
             await self._auth.revoke(request.refresh_token)
         except BadCredentials as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            await abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
         return auth_pb2.RevokeResponse()
 
     async def WhoAmI(
@@ -87,5 +87,5 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         try:
             token, ttl = self._auth.service_token(request.service, request.secret)
         except BadCredentials as exc:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            await abort(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
         return auth_pb2.IssueServiceTokenResponse(access_token=token, expires_in=ttl)

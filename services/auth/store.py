@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.core.models import refresh_tokens, users
 
 
-class UsernameTaken(Exception):  # noqa: N818 - mapped to ALREADY_EXISTS
+class UsernameTaken(Exception):
     pass
 
 

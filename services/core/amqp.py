@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -55,10 +56,9 @@ class AmqpLaneConsumer:
         self._tag = tag
 
     async def cancel(self) -> None:
-        try:
+        # If the channel is gone, the broker already released the lane.
+        with contextlib.suppress(*_PUBLISH_ERRORS):
             await self._queue.cancel(self._tag)
-        except _PUBLISH_ERRORS:
-            pass  # the channel is gone; the broker already released the lane
 
 
 class AmqpBroker:

@@ -6,8 +6,8 @@ import asyncio
 import time
 
 import grpc
-from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 
+from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.core.grpc_host import insecure_channel
 
 
@@ -21,7 +21,8 @@ class AuthClient:
 
     async def jwks(self) -> str:
         response = await self._stub.GetJwks(auth_pb2.GetJwksRequest(), timeout=self._timeout)
-        return response.keys_json
+        keys: str = response.keys_json
+        return keys
 
     async def service_token(self, service: str, secret: str) -> str:
         """A cached service token, renewed a minute before it expires."""
@@ -33,8 +34,9 @@ class AuthClient:
                 timeout=self._timeout,
             )
             renew_at = time.monotonic() + max(response.expires_in - 60, response.expires_in / 2)
-            self._service_token = (response.access_token, renew_at)
-            return response.access_token
+            token: str = response.access_token
+            self._service_token = (token, renew_at)
+            return token
 
     async def wait_ready(self, timeout: float) -> None:
         """Waits until the auth service answers, so services can start in any order."""

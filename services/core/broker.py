@@ -25,7 +25,7 @@ class BrokerError(Exception):
     """The broker could not be reached or did not confirm; the caller may retry later."""
 
 
-class LaneFull(BrokerError):  # noqa: N818 - a condition, not a bug
+class LaneFull(BrokerError):
     """The lane refused the message because it holds lane_max_length messages."""
 
 

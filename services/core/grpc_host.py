@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NoReturn, TypeAlias
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -67,3 +67,13 @@ class GrpcHost:
 
 def insecure_channel(target: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+# grpcio ships no type information; this alias keeps servicer signatures readable.
+ServicerContext: TypeAlias = grpc.aio.ServicerContext
+
+
+async def abort(context: ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    """context.abort, typed as never returning (it raises to end the call)."""
+    await context.abort(code, message)
+    raise AssertionError("context.abort returned")  # pragma: no cover

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import grpc
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+from services.core.grpc_host import ServicerContext
 
 
 def retry_status(code: grpc.StatusCode, message: str, retry_after_ms: int) -> grpc.Status:
@@ -23,7 +25,7 @@ def retry_status(code: grpc.StatusCode, message: str, retry_after_ms: int) -> gr
 
 
 async def abort_retry(
-    context: grpc.aio.ServicerContext[Any, Any],
+    context: ServicerContext,
     code: grpc.StatusCode,
     message: str,
     retry_after_ms: int,
@@ -34,12 +36,13 @@ async def abort_retry(
 
 def retry_delay_ms(error: grpc.aio.AioRpcError) -> int | None:
     """The RetryInfo delay a server attached to an error, if any (client side)."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     if status is None:
         return None
     for detail in status.details:
         if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
             info = error_details_pb2.RetryInfo()
             detail.Unpack(info)
-            return info.retry_delay.seconds * 1000 + info.retry_delay.nanos // 1_000_000
+            delay: int = info.retry_delay.seconds * 1000 + info.retry_delay.nanos // 1_000_000
+            return delay
     return None

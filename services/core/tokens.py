@@ -12,6 +12,8 @@ from typing import Any
 import grpc
 import jwt
 
+from services.core.grpc_host import ServicerContext, abort
+
 ALGORITHMS = ["EdDSA", "RS256"]
 ROLE_USER = "user"
 ROLE_SERVICE = "service"
@@ -24,7 +26,7 @@ class Principal:
     role: str
 
 
-class InvalidToken(Exception):  # noqa: N818 - mapped to UNAUTHENTICATED
+class InvalidToken(Exception):
     pass
 
 
@@ -64,7 +66,7 @@ class TokenVerifier:
 
     async def _key(self, kid: str) -> Any:
         age = time.monotonic() - self._fetched_at
-        if kid not in self._keys and age > self._min_refetch or age > self._refresh:
+        if (kid not in self._keys and age > self._min_refetch) or age > self._refresh:
             try:
                 await self.refresh()
             except Exception as exc:
@@ -103,7 +105,7 @@ class TokenVerifier:
         )
 
 
-def bearer_token(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+def bearer_token(context: ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == "authorization":
             text = value.decode() if isinstance(value, bytes) else value
@@ -114,12 +116,9 @@ def bearer_token(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     raise InvalidToken("missing 'authorization: Bearer <token>' metadata")
 
 
-async def authenticate(
-    verifier: TokenVerifier, context: grpc.aio.ServicerContext[Any, Any]
-) -> Principal:
+async def authenticate(verifier: TokenVerifier, context: ServicerContext) -> Principal:
     """The caller's principal, or the call is aborted with UNAUTHENTICATED."""
     try:
         return await verifier.verify(bearer_token(context))
     except InvalidToken as exc:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-        raise  # abort raises; this line satisfies the type checker
+        await abort(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))

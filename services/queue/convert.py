@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from fairlane.common.v1 import common_pb2
 from google.protobuf import timestamp_pb2
 
+from fairlane.common.v1 import common_pb2
 from services.core import status
 
 

@@ -6,7 +6,6 @@ import asyncio
 from collections import defaultdict
 
 from fairlane.common.v1 import lane_pb2
-
 from services.core.logging import get_logger
 
 log = get_logger(__name__)

@@ -10,10 +10,10 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from fairlane.common.v1 import lane_pb2
 from google.protobuf import timestamp_pb2
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from fairlane.common.v1 import lane_pb2
 from services.core import metrics
 from services.core.broker import Broker, BrokerError, LaneFull
 from services.core.logging import get_logger
@@ -26,7 +26,7 @@ log = get_logger(__name__)
 MAX_ITEMS_PER_MESSAGE = 256
 
 
-class Rejection(Exception):  # noqa: N818 - carried to the caller, mapped to a gRPC status
+class Rejection(Exception):
     def __init__(self, reason: str, message: str, retry_after_ms: int) -> None:
         super().__init__(message)
         self.reason = reason
@@ -186,7 +186,7 @@ class Intake:
         if not keys:
             return batch
         try:
-            existing = await self._store.find_idempotent(list(keys))  # type: ignore[arg-type]
+            existing = await self._store.find_idempotent(list(keys))
         except (SQLAlchemyError, OSError) as exc:
             self._fail(batch, Rejection("database_unavailable", str(exc), self._retry_after_ms))
             return []

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from services.core.amqp import AmqpBroker
 from services.core.auth_client import AuthClient
 from services.core.broker import Broker

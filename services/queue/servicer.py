@@ -10,11 +10,12 @@ from typing import Any
 
 import grpc
 import uuid6
+
 from fairlane.common.v1 import lane_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
-
 from services.core import status
 from services.core.broker import lane_queue
+from services.core.grpc_host import ServicerContext, abort
 from services.core.metrics import OPEN_SESSIONS
 from services.core.rich_status import abort_retry
 from services.core.settings import Settings
@@ -26,7 +27,7 @@ from services.queue.intake import Admission, Intake, Rejection, Submission
 from services.queue.store import RequestStore
 from services.queue.validation import InvalidEnqueue, build_request
 
-Context = grpc.aio.ServicerContext[Any, Any]
+Context = ServicerContext
 _DONE = object()
 
 
@@ -74,15 +75,14 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def _user(self, context: Context) -> Principal:
         principal = await authenticate(self._verifier, context)
         if principal.role != ROLE_USER:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "this call needs a user token")
+            await abort(context, grpc.StatusCode.PERMISSION_DENIED, "this call needs a user token")
         return principal
 
     async def _request_id(self, text: str, context: Context) -> uuid.UUID:
         try:
             return uuid.UUID(text)
         except ValueError:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is not a valid id")
-            raise
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "request_id is not a valid id")
 
     async def _admit(
         self, msg: queue_pb2.EnqueueRequest, principal: Principal
@@ -108,7 +108,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         try:
             _, future = await self._admit(request, principal)
         except InvalidEnqueue as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
             admission = await future
         except Rejection as rej:
@@ -172,7 +172,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         request_id = await self._request_id(request.request_id, context)
         row = await self._store.get(uuid.UUID(principal.user_id), request_id)
         if row is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, "no such request")
+            await abort(context, grpc.StatusCode.NOT_FOUND, "no such request")
         return queue_pb2.GetRequestResponse(request=request_from_row(row))
 
     async def ListRequests(
@@ -183,9 +183,9 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         try:
             before = _decode_token(request.page_token)
         except ValueError:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid page_token")
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid page_token")
         status_name = status.from_proto(request.status)
-        rows = await self._store.list(
+        rows = await self._store.list_requests(
             uuid.UUID(principal.user_id), status_name=status_name, limit=limit, before=before
         )
         token = _encode_token(rows[-1].id) if len(rows) == limit else ""
@@ -200,9 +200,10 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         request_id = await self._request_id(request.request_id, context)
         after = await self._store.cancel_queued(uuid.UUID(principal.user_id), request_id)
         if after is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, "no such request")
+            await abort(context, grpc.StatusCode.NOT_FOUND, "no such request")
         if after == status.RUNNING:
-            await context.abort(
+            await abort(
+                context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "the request is running; cancelling running handlers is not available yet",
             )
@@ -216,7 +217,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         principal = await self._user(context)
         found = await self._store.lane(uuid.UUID(principal.user_id))
         if found is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, "no lane yet: enqueue a request first")
+            await abort(context, grpc.StatusCode.NOT_FOUND, "no lane yet: enqueue a request first")
         row, pending = found
         return queue_pb2.GetLaneResponse(lane=_lane(row, pending))
 
@@ -225,14 +226,14 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     ) -> queue_pb2.ListLanesResponse:
         principal = await authenticate(self._verifier, context)
         if principal.role != ROLE_SERVICE:
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED, "ListLanes needs a service token"
+            await abort(
+                context, grpc.StatusCode.PERMISSION_DENIED, "ListLanes needs a service token"
             )
         limit = _page_size(request.page_size, 1000, 10_000)
         try:
             after = _decode_token(request.page_token)
         except ValueError:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid page_token")
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid page_token")
         rows = await self._store.lanes(after=after, limit=limit)
         token = _encode_token(rows[-1].user_id) if len(rows) == limit else ""
         return queue_pb2.ListLanesResponse(lanes=[_lane(r, 0) for r in rows], next_page_token=token)
@@ -245,8 +246,8 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         try:
             before = _decode_token(request.page_token)
         except ValueError:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid page_token")
-        rows = await self._store.list(
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid page_token")
+        rows = await self._store.list_requests(
             uuid.UUID(principal.user_id),
             status_name=status.DEAD,
             limit=limit,
@@ -265,10 +266,10 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         request_id = await self._request_id(request.request_id, context)
         row = await self._store.get(uuid.UUID(principal.user_id), request_id)
         if row is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, "no such request")
+            await abort(context, grpc.StatusCode.NOT_FOUND, "no such request")
         if row.status != status.DEAD:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, f"request is {row.status}, not DEAD"
+            await abort(
+                context, grpc.StatusCode.FAILED_PRECONDITION, f"request is {row.status}, not DEAD"
             )
         replay = queue_pb2.EnqueueRequest(
             handler=row.handler,
@@ -280,7 +281,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
             _, future = await self._admit(replay, principal)
             admission = await future
         except InvalidEnqueue as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except Rejection as rej:
             await abort_retry(context, rejection_code(rej), str(rej), rej.retry_after_ms)
         return queue_pb2.ReplayDeadRequestResponse(request_id=str(admission.request_id))

@@ -130,7 +130,7 @@ class RequestStore:
                 )
             ).first()
 
-    async def list(
+    async def list_requests(
         self,
         user_id: uuid.UUID,
         *,

@@ -6,7 +6,6 @@ import uuid
 from datetime import UTC, datetime
 
 from fairlane.queue.v1 import queue_pb2
-
 from services.queue.catalog import HandlerCatalog
 from services.queue.store import NewRequest
 
@@ -14,7 +13,7 @@ MAX_ATTEMPTS_LIMIT = 100
 MAX_KEY_LENGTH = 200
 
 
-class InvalidEnqueue(Exception):  # noqa: N818 - mapped to INVALID_ARGUMENT
+class InvalidEnqueue(Exception):
     pass
 
 

@@ -6,7 +6,6 @@ from datetime import datetime
 from typing import Any
 
 from fairlane.common.v1 import common_pb2, lane_pb2
-
 from services.core.logging import get_logger
 from services.worker.writer import ResultWriter
 

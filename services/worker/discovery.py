@@ -7,9 +7,9 @@ import asyncio
 import contextlib
 
 import grpc
+
 from fairlane.common.v1 import lane_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
-
 from services.core.auth_client import AuthClient
 from services.core.broker import Broker, BrokerError
 from services.core.grpc_host import insecure_channel

@@ -14,12 +14,12 @@ from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
-from fairlane.common.v1 import common_pb2, lane_pb2
-from fairlane.handlers import PermanentError
-from fairlane.worker.v1 import worker_pb2
 from google.protobuf.message import DecodeError
 from sqlalchemy.exc import SQLAlchemyError
 
+from fairlane.common.v1 import common_pb2, lane_pb2
+from fairlane.handlers import PermanentError
+from fairlane.worker.v1 import worker_pb2
 from services.core import metrics, status
 from services.core.broker import Broker, BrokerError, Delivery, LaneConsumer
 from services.core.logging import get_logger
@@ -195,7 +195,7 @@ class Runner:
         try:
             batch = lane_pb2.LaneBatch.FromString(delivery.body)
         except DecodeError:
-            log.error("undecodable_lane_message", lane=lane.user_id, size=len(delivery.body))
+            log.exception("undecodable_lane_message", lane=lane.user_id, size=len(delivery.body))
             await self._broker.publish_dead(delivery.body, {"reason": "undecodable"})
             await delivery.ack()
             return

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.core.amqp import AmqpBroker
 from services.core.auth_client import AuthClient
 from services.core.broker import Broker

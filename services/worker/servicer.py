@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import grpc
-from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
 
+from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
+from services.core.grpc_host import ServicerContext, abort
 from services.worker.runner import Runner
 
-Context = grpc.aio.ServicerContext[Any, Any]
+Context = ServicerContext
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
@@ -59,8 +58,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.PauseRequest, context: Context
     ) -> worker_pb2.PauseResponse:
         if request.lane and request.lane not in self._runner.lanes:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, "this replica does not consume that lane"
+            await abort(
+                context, grpc.StatusCode.NOT_FOUND, "this replica does not consume that lane"
             )
         self._runner.pause(request.lane)
         return worker_pb2.PauseResponse(state=self._runner.state)
@@ -69,8 +68,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.ResumeRequest, context: Context
     ) -> worker_pb2.ResumeResponse:
         if request.lane and request.lane not in self._runner.lanes:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, "this replica does not consume that lane"
+            await abort(
+                context, grpc.StatusCode.NOT_FOUND, "this replica does not consume that lane"
             )
         self._runner.resume(request.lane)
         return worker_pb2.ResumeResponse(state=self._runner.state)
@@ -79,6 +78,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.DrainRequest, context: Context
     ) -> worker_pb2.DrainResponse:
         if request.timeout_seconds < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "timeout_seconds must be >= 0")
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "timeout_seconds must be >= 0")
         abandoned = await self._runner.drain(request.timeout_seconds or self._grace)
         return worker_pb2.DrainResponse(state=self._runner.state, abandoned=abandoned)

@@ -10,9 +10,9 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from fairlane.common.v1 import common_pb2, lane_pb2
 from sqlalchemy.exc import SQLAlchemyError
 
+from fairlane.common.v1 import common_pb2, lane_pb2
 from services.core import metrics, status
 from services.core.broker import Broker, BrokerError
 from services.core.logging import get_logger
@@ -33,7 +33,7 @@ class _Pending:
     )
 
 
-class WriteFailed(Exception):  # noqa: N818 - the lane retries the message later
+class WriteFailed(Exception):
     pass
 
 

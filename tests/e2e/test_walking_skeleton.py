@@ -11,14 +11,15 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import jwt
 import pytest
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 
+from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from services.core.db import create_engine
 from services.core.models import request_events, requests, signing_keys
 from tests.e2e.suite import Suite
@@ -27,7 +28,7 @@ from tests.e2e.users import bearer, new_user, run_session
 pytestmark = pytest.mark.e2e
 
 
-async def _rows(suite: Suite, user_id: str) -> list[sa.Row[tuple[str, int | None]]]:
+async def _rows(suite: Suite, user_id: str) -> list[Any]:
     engine = create_engine(suite.database_url, schema=suite.schema, pool_size=1)
     try:
         async with engine.connect() as conn:
@@ -59,7 +60,9 @@ async def test_fifty_requests_come_back_in_order_and_are_logged(suite: Suite) ->
     assert [r.lane_seq for r in results] == list(range(1, 51))
     assert {r.request_id for r in results} == {a.request_id for a in accepted}
     # Every result comes after the accepted of its own request.
-    kinds = [(r.WhichOneof("kind"), r.accepted.request_id or r.result.request_id) for r in responses]
+    kinds = [
+        (r.WhichOneof("kind"), r.accepted.request_id or r.result.request_id) for r in responses
+    ]
     for rid in {a.request_id for a in accepted}:
         assert kinds.index(("accepted", rid)) < kinds.index(("result", rid))
 
@@ -129,8 +132,13 @@ async def test_grpcurl_lists_services_and_enqueues(suite: Suite) -> None:
     _, token = await new_user(suite.target("auth"))
     header = f"authorization: Bearer {token}"
     enq = await asyncio.to_thread(
-        _grpcurl, "-H", header, "-d", '{"handler": "echo", "payload": "aGVsbG8="}',
-        suite.target("queue"), "fairlane.queue.v1.QueueService/Enqueue",
+        _grpcurl,
+        "-H",
+        header,
+        "-d",
+        '{"handler": "echo", "payload": "aGVsbG8="}',
+        suite.target("queue"),
+        "fairlane.queue.v1.QueueService/Enqueue",
     )
     assert enq.returncode == 0, enq.stderr
     answer = json.loads(enq.stdout)
@@ -140,8 +148,13 @@ async def test_grpcurl_lists_services_and_enqueues(suite: Suite) -> None:
     deadline = time.monotonic() + 30
     while True:
         got = await asyncio.to_thread(
-            _grpcurl, "-H", header, "-d", json.dumps({"request_id": request_id}),
-            suite.target("queue"), "fairlane.queue.v1.QueueService/GetRequest",
+            _grpcurl,
+            "-H",
+            header,
+            "-d",
+            json.dumps({"request_id": request_id}),
+            suite.target("queue"),
+            "fairlane.queue.v1.QueueService/GetRequest",
         )
         assert got.returncode == 0, got.stderr
         request = json.loads(got.stdout)["request"]
@@ -152,7 +165,10 @@ async def test_grpcurl_lists_services_and_enqueues(suite: Suite) -> None:
     assert request["output"] == "aGVsbG8="
 
     denied = await asyncio.to_thread(
-        _grpcurl, "-d", '{"handler": "echo"}', suite.target("queue"),
+        _grpcurl,
+        "-d",
+        '{"handler": "echo"}',
+        suite.target("queue"),
         "fairlane.queue.v1.QueueService/Enqueue",
     )
     assert denied.returncode != 0
@@ -181,14 +197,24 @@ async def test_bad_tokens_are_unauthenticated(suite: Suite, token_kind: str) -> 
     user_id, _ = await new_user(suite.target("auth"))
     kid, key = await _signing_key(suite)
     now = datetime.now(UTC)
-    claims = {"sub": user_id, "role": "user", "iss": "fairlane", "aud": "fairlane", "iat": now,
-              "exp": now + timedelta(minutes=5)}
+    claims = {
+        "sub": user_id,
+        "role": "user",
+        "iss": "fairlane",
+        "aud": "fairlane",
+        "iat": now,
+        "exp": now + timedelta(minutes=5),
+    }
     if token_kind == "expired":
         claims.update(iat=now - timedelta(hours=1), exp=now - timedelta(minutes=1))
         token = jwt.encode(claims, key, algorithm="EdDSA", headers={"kid": kid})
     elif token_kind == "unknown-key":
-        token = jwt.encode(claims, Ed25519PrivateKey.generate(), algorithm="EdDSA",
-                           headers={"kid": "not-a-known-kid"})
+        token = jwt.encode(
+            claims,
+            Ed25519PrivateKey.generate(),
+            algorithm="EdDSA",
+            headers={"kid": "not-a-known-kid"},
+        )
     elif token_kind == "wrong-audience":
         claims["aud"] = "someone-else"
         token = jwt.encode(claims, key, algorithm="EdDSA", headers={"kid": kid})
@@ -204,12 +230,9 @@ async def test_bad_tokens_are_unauthenticated(suite: Suite, token_kind: str) -> 
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert err.value.details()
 
-        async def one() -> queue_pb2.SessionRequest:
-            return queue_pb2.SessionRequest(enqueue=queue_pb2.EnqueueRequest(handler="echo"))
-
+        call = stub.Session(metadata=metadata)
+        await call.write(queue_pb2.SessionRequest(enqueue=queue_pb2.EnqueueRequest(handler="echo")))
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            call = stub.Session(metadata=metadata)
-            await call.write(await one())
             await call.read()
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert await _rows(suite, user_id) == []
@@ -222,15 +245,27 @@ async def test_bad_input_is_rejected_and_nothing_is_half_written(suite: Suite) -
     ) as channel:
         stub = queue_pb2_grpc.QueueServiceStub(channel)
         cases = [
-            (queue_pb2.EnqueueRequest(handler="no-such-handler"), grpc.StatusCode.INVALID_ARGUMENT,
-             "unknown handler"),
+            (
+                queue_pb2.EnqueueRequest(handler="no-such-handler"),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "unknown handler",
+            ),
             (queue_pb2.EnqueueRequest(handler=""), grpc.StatusCode.INVALID_ARGUMENT, "handler"),
-            (queue_pb2.EnqueueRequest(handler="echo", payload=b"x" * (2 * 1024 * 1024)),
-             grpc.StatusCode.INVALID_ARGUMENT, "payload"),
-            (queue_pb2.EnqueueRequest(handler="echo", payload=b"x" * (9 * 1024 * 1024)),
-             grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
-            (queue_pb2.EnqueueRequest(handler="echo", max_attempts=1000),
-             grpc.StatusCode.INVALID_ARGUMENT, "max_attempts"),
+            (
+                queue_pb2.EnqueueRequest(handler="echo", payload=b"x" * (2 * 1024 * 1024)),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "payload",
+            ),
+            (
+                queue_pb2.EnqueueRequest(handler="echo", payload=b"x" * (9 * 1024 * 1024)),
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "",
+            ),
+            (
+                queue_pb2.EnqueueRequest(handler="echo", max_attempts=1000),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "max_attempts",
+            ),
         ]
         for request, code, words in cases:
             with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -254,8 +289,11 @@ async def test_bad_input_is_rejected_and_nothing_is_half_written(suite: Suite) -
             queue_pb2.EnqueueRequest(handler="echo", payload=b"2", client_ref="good-2"),
         ],
     )
-    answers = [(r.WhichOneof("kind"), r.accepted.client_ref or r.rejected.client_ref)
-               for r in responses if r.WhichOneof("kind") in ("accepted", "rejected")]
+    answers = [
+        (r.WhichOneof("kind"), r.accepted.client_ref or r.rejected.client_ref)
+        for r in responses
+        if r.WhichOneof("kind") in ("accepted", "rejected")
+    ]
     assert answers == [("accepted", "good-1"), ("rejected", "bad"), ("accepted", "good-2")]
     rejected = next(r.rejected for r in responses if r.WhichOneof("kind") == "rejected")
     assert rejected.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
@@ -266,7 +304,7 @@ async def test_bad_input_is_rejected_and_nothing_is_half_written(suite: Suite) -
     engine = create_engine(suite.database_url, schema=suite.schema, pool_size=1)
     try:
         async with engine.connect() as conn:
-            events = (await conn.execute(sa.select(sa.func.count()).select_from(request_events)))
+            events = await conn.execute(sa.select(sa.func.count()).select_from(request_events))
             # Two accepted requests: QUEUED, RUNNING (attempt 1) and SUCCEEDED each.
             assert events.scalar_one() == 6
     finally:

@@ -6,6 +6,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
+
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 
