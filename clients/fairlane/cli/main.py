@@ -44,6 +44,32 @@ def migrate() -> None:
     migrate_database()
 
 
+@app.command()
+def dev(
+    broker: Annotated[
+        str, typer.Option(help="'memory' (embedded) or an amqp:// URL for real RabbitMQ.")
+    ] = "memory",
+    database: Annotated[
+        str,
+        typer.Option(help="SQLAlchemy URL; default: SQLite in --data-dir (postgresql+asyncpg://...)."),
+    ] = "",
+    data_dir: Annotated[
+        str, typer.Option(help="Where the embedded SQLite database lives.")
+    ] = ".fairlane-dev",
+    demo: Annotated[
+        bool, typer.Option("--demo/--no-demo", help="Run a short client round trip once up.")
+    ] = False,
+    trace_console: Annotated[bool, typer.Option(help="Print spans to the console.")] = False,
+) -> None:
+    """Run auth, queue and worker in one process on embedded backends (nothing to install)."""
+    from services.dev import run_dev
+
+    run_dev(
+        broker=broker, database=database, data_dir=data_dir, demo=demo,
+        trace_console=trace_console,
+    )
+
+
 def main() -> None:
     app()
 
