@@ -34,6 +34,7 @@ class QueueService:
     ) -> None:
         self._settings = settings
         self._own_engine = engine is None
+        self._own_broker = broker is None
         self.engine = engine or create_engine(
             settings.database_url,
             schema=settings.database_schema,
@@ -77,7 +78,8 @@ class QueueService:
     async def start(self) -> None:
         await self._auth.wait_ready(timeout=60)
         await self._verifier.refresh()
-        await self.broker.connect()
+        if self._own_broker:
+            await self.broker.connect()
         await self.broker.consume_results(self._settings.reply_route, self.hub.on_message)
         self.intake.start()
         await self.host.start()
@@ -88,7 +90,8 @@ class QueueService:
         await self._monitor.stop()
         await self.host.stop(grace)
         await self.intake.stop()
-        await self.broker.close()
+        if self._own_broker:
+            await self.broker.close()
         await self._auth.close()
         if self._own_engine:
             await self.engine.dispose()

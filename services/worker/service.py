@@ -34,6 +34,7 @@ class WorkerService:
     ) -> None:
         self._settings = settings
         self._own_engine = engine is None
+        self._own_broker = broker is None
         self.engine = engine or create_engine(
             settings.database_url,
             schema=settings.database_schema,
@@ -83,7 +84,8 @@ class WorkerService:
 
     async def start(self) -> None:
         await self.store.register_handlers(list(self.handlers.values()))
-        await self.broker.connect()
+        if self._own_broker:
+            await self.broker.connect()
         self.writer.start()
         await self.host.start()
         await self.discovery.start()
@@ -98,7 +100,8 @@ class WorkerService:
         await self.runner.drain(grace)
         await self.writer.stop()
         await self.host.stop(1.0)
-        await self.broker.close()
+        if self._own_broker:
+            await self.broker.close()
         await self._auth.close()
         if self._own_engine:
             await self.engine.dispose()

@@ -1,0 +1,88 @@
+"""`fairlane dev`: auth, queue and worker in one process on embedded backends."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rich.console import Console
+
+from services.auth.service import AuthService
+from services.core import logging as fl_logging
+from services.core import metrics, telemetry
+from services.core.amqp import AmqpBroker
+from services.core.broker import Broker
+from services.core.db import create_engine, migrate
+from services.core.memory_broker import MemoryBroker
+from services.core.runtime import run, run_until_signalled
+from services.core.settings import Settings
+from services.dev_demo import demo_round_trip
+from services.queue.service import QueueService
+from services.worker.service import WorkerService
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+def _banner(settings: Settings, broker: str, database: str) -> str:
+    auth, queue, worker = settings.auth_listen, settings.queue_listen, settings.worker_listen
+    return f"""[bold green]Fairlane dev is up[/] (broker: {broker}, database: {database})
+  auth    grpc://{auth}
+  queue   grpc://{queue}
+  worker  grpc://{worker}
+  metrics http://{settings.metrics_host}:{settings.queue_metrics_port}/metrics
+
+Try it (grpcurl; the Python CLI has `fairlane register/login/enqueue` too):
+  grpcurl -plaintext -d '{{"username":"alice","password":"correct horse"}}' \\
+      {auth} fairlane.auth.v1.AuthService/Register
+  TOKEN=$(grpcurl -plaintext -d '{{"username":"alice","password":"correct horse"}}' \\
+      {auth} fairlane.auth.v1.AuthService/Login | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d.get("access_token") or d["accessToken"])')
+  grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{{"handler":"echo","payload":"aGk="}}' \\
+      {queue} fairlane.queue.v1.QueueService/Enqueue
+Ctrl-C stops it."""
+
+
+def run_dev(*, broker: str, database: str, data_dir: str, demo: bool, trace_console: bool) -> None:
+    if not database:
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        database = f"sqlite+aiosqlite:///{os.path.abspath(data_dir)}/fairlane.db"
+    settings = Settings(database_url=database)
+    fl_logging.configure("dev", json=False, level="WARNING")
+    telemetry.configure("fairlane-dev", console=trace_console)
+
+    async def main() -> None:
+        await migrate(settings.database_url, schema=settings.database_schema)
+        engine = create_engine(
+            settings.database_url,
+            schema=settings.database_schema,
+            pool_size=settings.database_pool_size,
+        )
+        shared: Broker
+        if broker == "memory":
+            shared = MemoryBroker(lane_max_length=settings.lane_max_length)
+        else:
+            shared = AmqpBroker(broker, lane_max_length=settings.lane_max_length)
+        await shared.connect()
+        # One Prometheus registry per process: serve it once.
+        metrics.serve_metrics(settings.metrics_host, settings.queue_metrics_port)
+        components = [
+            AuthService(settings, engine=engine),
+            WorkerService(settings, engine=engine, broker=shared),
+            QueueService(settings, engine=engine, broker=shared),
+        ]
+
+        async def started() -> None:
+            console.print(_banner(settings, broker, database))
+            if demo:
+                await demo_round_trip(settings, console)
+
+        try:
+            await run_until_signalled(components, grace=settings.grace_seconds, on_started=started)
+        finally:
+            await shared.close()
+            await engine.dispose()
+
+    try:
+        run(main())
+    except OSError as exc:
+        console.print(f"[red]fairlane dev: {exc}[/]")
+        raise SystemExit(1) from exc
