@@ -1,0 +1,236 @@
+"""deploy/helm/fairlane: linted and rendered by Helm's own engine (PyPI helm-python-sdk),
+every rendered document validated by kubernetes-validate --strict."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import pytest
+import yaml
+
+from tests.deploy.support import (
+    AWAITED_SETTINGS,
+    DEPLOY,
+    load_yaml,
+    run,
+    settings_defaults,
+    tool,
+)
+
+CHART = DEPLOY / "helm" / "fairlane"
+# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest the
+# pinned kubernetes-validate knows.
+KUBE_VERSIONS = ("1.30.0", "1.37.0")
+VALUES_FILES = sorted(p.name for p in CHART.glob("values-*.yaml"))
+SERVICES = {
+    "auth": (50051, 9101, "fairlane.auth.v1.AuthService"),
+    "queue": (50052, 9102, "fairlane.queue.v1.QueueService"),
+    "worker": (50053, 9103, "fairlane.worker.v1.WorkerService"),
+}
+CRD_KINDS = {"ServiceMonitor"}  # not in the Kubernetes schemas; checked by content below
+
+
+def values_of(name: str | None) -> dict[str, Any] | None:
+    return None if name is None else dict(load_yaml(CHART / name))
+
+
+def render(values: dict[str, Any] | None, *, upgrade: bool = False) -> list[dict[str, Any]]:
+    with helm.Chart.load(CHART) as chart:
+        manifests = chart.render(
+            values,
+            name="fl",
+            namespace="fairlane",
+            is_install=not upgrade,
+            is_upgrade=upgrade,
+        )
+    docs = []
+    for path, text in sorted(manifests.items()):
+        if not path.endswith(".yaml"):
+            continue
+        docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def containers(deploy: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield from deploy["spec"]["template"]["spec"]["containers"]
+
+
+@pytest.mark.parametrize("values_file", [None, *VALUES_FILES])
+def test_helm_lint_strict(values_file: str | None) -> None:
+    report = helm.lint(CHART, values_of(values_file), strict=True, namespace="fairlane")
+    assert report["errors"] == []
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert problems == []
+
+
+@pytest.mark.parametrize("upgrade", [False, True])
+@pytest.mark.parametrize("values_file", [None, *VALUES_FILES])
+def test_rendered_manifests_validate_strict(
+    values_file: str | None, upgrade: bool, tmp_path: Path
+) -> None:
+    docs = render(values_of(values_file), upgrade=upgrade)
+    files = []
+    for i, doc in enumerate(docs):
+        if doc["kind"] in CRD_KINDS:
+            continue
+        path = tmp_path / f"{i:02d}-{doc['kind']}-{doc['metadata']['name']}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        files.append(str(path))
+    assert len(files) >= 10
+    for version in KUBE_VERSIONS:
+        out = run([tool("kubernetes-validate"), "--strict", "-k", version, "--quiet", *files])
+        assert out.stdout.strip() == "", out.stdout
+
+
+def test_kubernetes_validate_rejects_a_broken_manifest(tmp_path: Path) -> None:
+    """The validator really is strict: an unknown probe field fails."""
+    deploy = by_kind(render(None), "Deployment")["fl-fairlane-queue"]
+    next(containers(deploy))["readinessProbe"]["grpc"]["serviceName"] = "typo"
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(deploy))
+    out = run([tool("kubernetes-validate"), "--strict", "-k", "1.30.0", str(path)], check=False)
+    assert out.returncode != 0
+    assert "serviceName" in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("values_file", [None, *VALUES_FILES])
+def test_deployments_probes_ports_limits(values_file: str | None) -> None:
+    docs = render(values_of(values_file))
+    deployments = by_kind(docs, "Deployment")
+    services = by_kind(docs, "Service")
+    assert set(deployments) == {f"fl-fairlane-{n}" for n in SERVICES}
+    for name, (grpc_port, metrics_port, grpc_service) in SERVICES.items():
+        deploy = deployments[f"fl-fairlane-{name}"]
+        pod = deploy["spec"]["template"]
+        assert pod["metadata"]["labels"].items() >= deploy["spec"]["selector"]["matchLabels"].items()
+        (c,) = containers(deploy)
+        assert c["args"] == ["serve", name]
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports == {"grpc": grpc_port, "metrics": metrics_port}
+        assert c["readinessProbe"]["grpc"] == {"port": grpc_port, "service": grpc_service}
+        assert c["livenessProbe"]["grpc"]["port"] == grpc_port
+        assert c["startupProbe"]["grpc"]["port"] == grpc_port
+        # A pod stuck NOT_SERVING (dependency down) is not restarted at once.
+        liveness = c["livenessProbe"]
+        assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 60
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(c["resources"][kind]), f"{name} {kind}"
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["allowPrivilegeEscalation"] is False
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        grace = int(pod["spec"]["terminationGracePeriodSeconds"])
+        assert grace > 20 + 5, "longer than FAIRLANE_GRACE_SECONDS plus the preStop sleep"
+        svc = services[f"fl-fairlane-{name}"]
+        assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+        svc_ports = {p["name"]: (p["port"], p["targetPort"]) for p in svc["spec"]["ports"]}
+        assert svc_ports == {"grpc": (grpc_port, "grpc"), "metrics": (metrics_port, "metrics")}
+
+
+def test_settings_configmap_and_secret() -> None:
+    docs = render({"secret": {"serviceSecret": "fixed"}})
+    (cm,) = by_kind(docs, "ConfigMap").values()
+    secret = by_kind(docs, "Secret")["fl-fairlane"]
+    known = set(settings_defaults()) | set(AWAITED_SETTINGS)
+    for key in cm["data"]:
+        assert key in known or key.startswith("OTEL_"), key
+    assert set(secret["data"]) == {
+        "FAIRLANE_DATABASE_URL",
+        "FAIRLANE_BROKER_URL",
+        "FAIRLANE_SERVICE_SECRET",
+    }
+    assert not set(secret["data"]) & set(cm["data"]), "secrets never go in the ConfigMap"
+    assert cm["data"]["FAIRLANE_AUTH_TARGET"] == "fl-fairlane-auth:50051"
+    assert cm["data"]["FAIRLANE_QUEUE_TARGET"] == "dns:///fl-fairlane-queue-headless:50052"
+    assert cm["data"]["FAIRLANE_LANE_QUEUE_TYPE"] == "classic"
+    headless = by_kind(docs, "Service")["fl-fairlane-queue-headless"]
+    assert headless["spec"]["clusterIP"] == "None"
+    for deploy in by_kind(docs, "Deployment").values():
+        (c,) = containers(deploy)
+        refs = {next(iter(e)): next(iter(e.values()))["name"] for e in c["envFrom"]}
+        assert refs == {"configMapRef": cm["metadata"]["name"], "secretRef": "fl-fairlane"}
+
+
+def test_migration_job_runs_before_install_and_upgrade() -> None:
+    docs = render(None)
+    (job,) = by_kind(docs, "Job").values()
+    hook_secret = by_kind(docs, "Secret")["fl-fairlane-migrate"]
+    ann = job["metadata"]["annotations"]
+    assert ann["helm.sh/hook"] == "pre-install,pre-upgrade"
+    secret_ann = hook_secret["metadata"]["annotations"]
+    assert secret_ann["helm.sh/hook"] == ann["helm.sh/hook"]
+    assert int(secret_ann["helm.sh/hook-weight"]) < int(ann["helm.sh/hook-weight"])
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    assert c["args"] == ["migrate"]
+    env = {e["name"]: e for e in c["env"]}
+    ref = env["FAIRLANE_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == "fl-fairlane-migrate"
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+
+
+def test_autoscaling_and_disruption_budgets() -> None:
+    docs = render(None)
+    hpas = by_kind(docs, "HorizontalPodAutoscaler")
+    assert set(hpas) == {"fl-fairlane-queue", "fl-fairlane-worker"}
+    deployments = by_kind(docs, "Deployment")
+    for name, hpa in hpas.items():
+        assert hpa["spec"]["scaleTargetRef"]["name"] in deployments
+        assert "replicas" not in deployments[name]["spec"], "the HPA owns the replica count"
+    assert deployments["fl-fairlane-auth"]["spec"]["replicas"] == 2
+    pdbs = by_kind(docs, "PodDisruptionBudget")
+    assert set(pdbs) == set(deployments)
+    for name, pdb in pdbs.items():
+        pod_labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
+        assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_minimal_values() -> None:
+    docs = render(values_of("values-minimal.yaml"))
+    assert by_kind(docs, "HorizontalPodAutoscaler") == {}
+    assert by_kind(docs, "PodDisruptionBudget") == {}
+    for deploy in by_kind(docs, "Deployment").values():
+        assert deploy["spec"]["replicas"] == 1
+
+
+def test_production_values_quorum_lanes_and_service_monitor() -> None:
+    docs = render(values_of("values-production.yaml"))
+    (cm,) = by_kind(docs, "ConfigMap").values()
+    assert cm["data"]["FAIRLANE_LANE_QUEUE_TYPE"] == "quorum"
+    assert cm["data"]["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://")
+    # An existing Secret: the chart creates none, and everything reads that one.
+    assert by_kind(docs, "Secret") == {}
+    (job,) = by_kind(docs, "Job").values()
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["FAIRLANE_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "fairlane-credentials"
+    for deploy in by_kind(docs, "Deployment").values():
+        (c,) = containers(deploy)
+        assert {"secretRef": {"name": "fairlane-credentials"}} in c["envFrom"]
+        assert c["image"] == "registry.example.com/fairlane:0.1.0"
+    (sm,) = by_kind(docs, "ServiceMonitor").values()
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    (endpoint,) = sm["spec"]["endpoints"]
+    assert endpoint["port"] == "metrics"
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["relabelings"][0]["replacement"] == "fairlane-$1"  # job names of alerts.yml
+    selector = sm["spec"]["selector"]["matchLabels"]
+    for svc in by_kind(docs, "Service").values():
+        if svc["metadata"]["name"].endswith("-headless"):
+            continue
+        assert selector.items() <= svc["metadata"]["labels"].items()
+    hpas = by_kind(docs, "HorizontalPodAutoscaler")
+    assert hpas["fl-fairlane-worker"]["spec"]["minReplicas"] == 4
+
+
+def test_service_secret_is_generated_once() -> None:
+    """Without a value the chart generates a service secret (lookup keeps it on upgrade)."""
+    secret = by_kind(render(None), "Secret")["fl-fairlane"]
+    assert len(secret["data"]["FAIRLANE_SERVICE_SECRET"]) > 40
