@@ -1,0 +1,188 @@
+"""systemd units (systemd-analyze verify) and the supervisord configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.deploy.support import (
+    AWAITED_SETTINGS,
+    DEPLOY,
+    run,
+    settings_defaults,
+    tool,
+)
+
+SYSTEMD = DEPLOY / "systemd"
+SUPERVISOR = DEPLOY / "supervisor" / "supervisord.conf"
+EXEC = "/opt/fairlane/venv/bin/fairlane"
+# unit file -> the name to verify it under (templates as an instance)
+UNITS = {
+    "fairlane-migrate.service": "fairlane-migrate.service",
+    "fairlane-auth.service": "fairlane-auth.service",
+    "fairlane-queue@.service": "fairlane-queue@1.service",
+    "fairlane-worker@.service": "fairlane-worker@1.service",
+    "fairlane.target": "fairlane.target",
+}
+HARDENING = {
+    "NoNewPrivileges": "yes",
+    "ProtectSystem": "strict",
+    "ProtectHome": "yes",
+    "PrivateTmp": "yes",
+    "PrivateDevices": "yes",
+    "DynamicUser": "yes",
+    "CapabilityBoundingSet": "",
+    "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+}
+
+
+def unit(name: str) -> dict[str, dict[str, list[str]]]:
+    """section -> key -> every value given (systemd keys may repeat)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for raw in (SYSTEMD / name).read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        key, value = line.split("=", 1)
+        current.setdefault(key, []).append(value)
+    return sections
+
+
+def verify_root(tmp_path: Path) -> Path:
+    """A file-system root holding the units, the system's own units (for sysinit.target
+    and friends) and a stand-in for the installed `fairlane` executable."""
+    root = tmp_path / "root"
+    (root / "etc/systemd/system").mkdir(parents=True)
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    exe = root / EXEC.lstrip("/")
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\nexit 0\n")
+    exe.chmod(0o755)
+    for name in UNITS:
+        shutil.copy(SYSTEMD / name, root / "etc/systemd/system" / name)
+    return root
+
+
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    assert sorted(p.name for p in SYSTEMD.glob("fairlane*.*") if p.suffix != ".env") == sorted(
+        UNITS
+    )
+    root = verify_root(tmp_path)
+    out = run(
+        [tool("systemd-analyze"), "verify", "--man=no", f"--root={root}", *UNITS.values()],
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == "", "systemd-analyze verify printed warnings"
+
+
+def test_systemd_analyze_catches_mistakes(tmp_path: Path) -> None:
+    root = verify_root(tmp_path)
+    broken = root / "etc/systemd/system/fairlane-auth.service"
+    broken.write_text(broken.read_text().replace("ProtectSystem=", "ProtectSytem="))
+    out = run(
+        [tool("systemd-analyze"), "verify", "--man=no", f"--root={root}", "fairlane-auth.service"],
+        check=False,
+    )
+    assert "ProtectSytem" in out.stderr
+
+
+@pytest.mark.parametrize("name", [n for n in UNITS if n.endswith(".service")])
+def test_units_are_hardened(name: str) -> None:
+    sections = unit(name)
+    service = {key: values[-1] for key, values in sections["Service"].items()}
+    for key, value in HARDENING.items():
+        assert service.get(key) == value, f"{name}: {key}"
+    assert sections["Service"]["EnvironmentFile"][0] == "/etc/fairlane/fairlane.env"
+    assert sections["Install"]["WantedBy"] == ["fairlane.target"]
+    if name == "fairlane-migrate.service":
+        assert service["Type"] == "oneshot"
+        assert service["ExecStart"] == f"{EXEC} migrate"
+    else:
+        role = name.split("-", 1)[1].split("@")[0].split(".")[0]
+        assert service["ExecStart"] == f"{EXEC} serve {role}"
+        assert service["Restart"] == "on-failure"
+        assert service["KillSignal"] == "SIGTERM"
+        assert int(service["TimeoutStopSec"].rstrip("s")) > 20, "beyond FAIRLANE_GRACE_SECONDS"
+        assert sections["Unit"]["Requires"] == ["fairlane-migrate.service"]
+        assert "fairlane-migrate.service" in sections["Unit"]["After"][0].split()
+    if "@" in name:
+        # Each replica has its own identity and may override ports in its own env file.
+        role = name.split("-", 1)[1].split("@")[0]
+        assert f"FAIRLANE_INSTANCE_ID=%H-{role}-%i" in sections["Service"]["Environment"]
+        assert sections["Service"]["EnvironmentFile"][1] == f"-/etc/fairlane/{role}-%i.env"
+
+
+def env_file(name: str) -> dict[str, str]:
+    out = {}
+    for line in (SYSTEMD / name).read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, value = line.split("=", 1)
+            out[key] = value
+    return out
+
+
+def test_env_files_use_real_settings() -> None:
+    known = set(settings_defaults()) | set(AWAITED_SETTINGS)
+    for path in SYSTEMD.glob("*.env"):
+        for key in env_file(path.name):
+            assert key in known or key.startswith("OTEL_"), f"{path.name}: {key}"
+    # The second queue replica is where deploy/nginx/nginx.conf expects it.
+    queue2 = env_file("queue-2.env")["FAIRLANE_QUEUE_LISTEN"]
+    nginx = (DEPLOY / "nginx" / "nginx.conf").read_text()
+    assert f"server {queue2} " in nginx
+    assert f"server {env_file('fairlane.env')['FAIRLANE_QUEUE_LISTEN']} " in nginx
+
+
+# --- supervisord ---------------------------------------------------------------------
+
+
+def test_supervisord_config_parses(tmp_path: Path) -> None:
+    """supervisord's own option parser reads the file (with FAIRLANE_RUN_DIR set)."""
+    code = """if True:
+        import json, sys
+        from supervisor.options import ServerOptions
+        o = ServerOptions()
+        o.realize(args=["-c", sys.argv[1]])
+        print(json.dumps({
+            "socket": o.server_configs[0]["file"],
+            "logfile": o.logfile,
+            "groups": {g.name: sorted(p.name for p in g.process_configs)
+                       for g in o.process_group_configs},
+            "programs": {p.name: {
+                "command": p.command, "stopsignal": int(p.stopsignal),
+                "stopwaitsecs": p.stopwaitsecs, "stopasgroup": p.stopasgroup,
+                "killasgroup": p.killasgroup, "autorestart": bool(p.autorestart),
+                "stdout": p.stdout_logfile,
+            } for g in o.process_group_configs for p in g.process_configs},
+        }))
+    """
+    env = dict(os.environ, FAIRLANE_RUN_DIR=str(tmp_path))
+    out = run([sys.executable, "-c", code, str(SUPERVISOR)], env=env)
+    cfg = json.loads(out.stdout)
+    assert cfg["socket"] == f"{tmp_path}/supervisor.sock"
+    assert cfg["logfile"] == f"{tmp_path}/supervisord.log"
+    assert cfg["groups"] == {"fairlane": ["auth", "queue", "worker"]}
+    for name, prog in cfg["programs"].items():
+        assert prog["command"] == f"fairlane serve {name}"
+        assert prog["stopsignal"] == signal.SIGTERM  # graceful stop
+        assert prog["stopwaitsecs"] > 20, "beyond FAIRLANE_GRACE_SECONDS"
+        assert prog["stopasgroup"] and prog["killasgroup"] and prog["autorestart"]
+        assert prog["stdout"] == f"{tmp_path}/{name}.log"
+
+
+def test_supervisord_config_needs_run_dir() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "FAIRLANE_RUN_DIR"}
+    out = run([tool("supervisord"), "-c", str(SUPERVISOR), "-n"], env=env, check=False, timeout=30)
+    assert out.returncode != 0
+    assert "FAIRLANE_RUN_DIR" in out.stdout + out.stderr
