@@ -14,7 +14,7 @@ from services.core.amqp import AmqpBroker
 from services.core.broker import Broker
 from services.core.db import create_engine, migrate
 from services.core.memory_broker import MemoryBroker
-from services.core.runtime import run, run_until_signalled
+from services.core.runtime import Component, run, run_until_signalled
 from services.core.settings import Settings
 from services.dev_demo import demo_round_trip
 from services.queue.service import QueueService
@@ -35,7 +35,8 @@ Try it (grpcurl; the Python CLI has `fairlane register/login/enqueue` too):
   grpcurl -plaintext -d '{{"username":"alice","password":"correct horse"}}' \\
       {auth} fairlane.auth.v1.AuthService/Register
   TOKEN=$(grpcurl -plaintext -d '{{"username":"alice","password":"correct horse"}}' \\
-      {auth} fairlane.auth.v1.AuthService/Login | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d.get("access_token") or d["accessToken"])')
+      {auth} fairlane.auth.v1.AuthService/Login | python3 -c \\
+      'import json,sys; d=json.load(sys.stdin); print(d.get("access_token") or d["accessToken"])')
   grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{{"handler":"echo","payload":"aGk="}}' \\
       {queue} fairlane.queue.v1.QueueService/Enqueue
 Ctrl-C stops it."""
@@ -64,7 +65,7 @@ def run_dev(*, broker: str, database: str, data_dir: str, demo: bool, trace_cons
         await shared.connect()
         # One Prometheus registry per process: serve it once.
         metrics.serve_metrics(settings.metrics_host, settings.queue_metrics_port)
-        components = [
+        components: list[Component] = [
             AuthService(settings, engine=engine),
             WorkerService(settings, engine=engine, broker=shared),
             QueueService(settings, engine=engine, broker=shared),

@@ -13,7 +13,6 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
-    AbstractQueue,
     AbstractRobustConnection,
 )
 
@@ -51,14 +50,21 @@ class AmqpDelivery:
 
 
 class AmqpLaneConsumer:
-    def __init__(self, queue: AbstractQueue, tag: str) -> None:
-        self._queue = queue
-        self._tag = tag
+    """A lane consumer on its own channel.
+
+    Closing the channel is what hands a lane back safely: RabbitMQ requeues the channel's
+    unacked messages in their original positions before it activates the next single
+    active consumer. A basic.cancel alone would let the next consumer start on later
+    messages while ours are still unacked, breaking the lane's order.
+    """
+
+    def __init__(self, channel: AbstractChannel) -> None:
+        self._channel = channel
 
     async def cancel(self) -> None:
-        # If the channel is gone, the broker already released the lane.
+        # If the connection is gone, the broker already released the lane.
         with contextlib.suppress(*_PUBLISH_ERRORS):
-            await self._queue.cancel(self._tag)
+            await self._channel.close()
 
 
 class AmqpBroker:
@@ -178,8 +184,10 @@ class AmqpBroker:
     async def consume_lane(
         self, user_id: str, handler: DeliveryHandler, *, prefetch: int
     ) -> AmqpLaneConsumer:
-        channel = self._channel(consume=True)
+        if self._conn is None:
+            raise BrokerError("broker not connected")
         try:
+            channel = await self._conn.channel(publisher_confirms=False)
             await channel.set_qos(prefetch_count=prefetch)
             queue = await channel.declare_queue(
                 lane_queue(user_id), durable=True, arguments=self._lane_args
@@ -189,10 +197,10 @@ class AmqpBroker:
             async def on_message(message: AbstractIncomingMessage) -> None:
                 await handler(AmqpDelivery(message))
 
-            tag = await queue.consume(on_message)
+            await queue.consume(on_message)
         except _PUBLISH_ERRORS as exc:
             raise BrokerError(f"cannot consume lane {user_id}: {exc}") from exc
-        return AmqpLaneConsumer(queue, tag)
+        return AmqpLaneConsumer(channel)
 
     async def publish_results(self, route: str, body: bytes) -> None:
         try:

@@ -44,7 +44,8 @@ BytesHandler = Callable[[bytes], Awaitable[None]]
 
 class LaneConsumer(Protocol):
     async def cancel(self) -> None:
-        """Stop consuming; unacked deliveries go back to the lane for another consumer."""
+        """Stop consuming. Unacked deliveries go back to the lane in their original
+        positions before any other consumer is served; they can no longer be acked."""
 
 
 class Broker(Protocol):

@@ -61,23 +61,16 @@ class Lane:
             self.quiet.set()
             delivery = await self.deliveries.get()
             self.quiet.clear()
-            try:
-                await self._runner.process(self, delivery)
-            except asyncio.CancelledError:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(delivery.reject(requeue=True))
-                raise
+            await self._runner.process(self, delivery)
 
     async def release(self) -> None:
-        """Stops consuming; whatever was not acked goes back to the lane, in order."""
-        if self.consumer is not None:
-            await self.consumer.cancel()
+        """Stops processing, then consuming: whatever was not acked (the message being
+        worked on and those buffered) goes back to the lane in order."""
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
-        while not self.deliveries.empty():
-            with contextlib.suppress(Exception):
-                await self.deliveries.get_nowait().reject(requeue=True)
+        if self.consumer is not None:
+            await self.consumer.cancel()
 
 
 class Runner:

@@ -1,0 +1,131 @@
+"""The lane contract, held against both brokers: RabbitMQ (real, own vhost) and in-memory."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from services.core.amqp import AmqpBroker
+from services.core.broker import Broker, BrokerError, Delivery, LaneFull
+from services.core.memory_broker import MemoryBroker
+from tests.conftest import broker_url, unique
+
+pytestmark = pytest.mark.integration
+MAX_LENGTH = 5
+
+
+@pytest.fixture(params=["amqp", "memory"])
+async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
+    b: Broker
+    if request.param == "amqp":
+        vhost = request.getfixturevalue("vhost")
+        b = AmqpBroker(broker_url(vhost), lane_max_length=MAX_LENGTH)
+    else:
+        b = MemoryBroker(lane_max_length=MAX_LENGTH)
+    await b.connect()
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.deliveries: list[Delivery] = []
+        self.arrived = asyncio.Condition()
+
+    async def __call__(self, delivery: Delivery) -> None:
+        async with self.arrived:
+            self.deliveries.append(delivery)
+            self.arrived.notify_all()
+
+    async def wait_for(self, count: int, timeout: float = 10) -> list[bytes]:
+        async with asyncio.timeout(timeout), self.arrived:
+            await self.arrived.wait_for(lambda: len(self.deliveries) >= count)
+        return [d.body for d in self.deliveries]
+
+
+async def test_lane_is_fifo_and_acks_release_the_next(broker: Broker) -> None:
+    lane = unique("lane")
+    await broker.declare_lane(lane)
+    for i in range(4):
+        await broker.publish_lane(lane, f"m{i}".encode(), {"k": str(i)})
+    rec = Recorder()
+    consumer = await broker.consume_lane(lane, rec, prefetch=2)
+    # prefetch bounds what is handed out before an ack
+    assert await rec.wait_for(2) == [b"m0", b"m1"]
+    await asyncio.sleep(0.2)
+    assert len(rec.deliveries) == 2
+    assert rec.deliveries[0].headers == {"k": "0"}
+    await rec.deliveries[0].ack()
+    await rec.deliveries[1].ack()
+    assert await rec.wait_for(4) == [b"m0", b"m1", b"m2", b"m3"]
+    for d in rec.deliveries[2:]:
+        await d.ack()
+    await consumer.cancel()
+
+
+async def test_full_lane_refuses_publish(broker: Broker) -> None:
+    lane = unique("lane")
+    await broker.declare_lane(lane)
+    for i in range(MAX_LENGTH):
+        await broker.publish_lane(lane, f"m{i}".encode(), {})
+    with pytest.raises(LaneFull):
+        await broker.publish_lane(lane, b"one too many", {})
+
+
+async def test_publish_to_missing_lane_fails_without_enqueueing(broker: Broker) -> None:
+    with pytest.raises(BrokerError):
+        await broker.publish_lane(unique("never-declared"), b"x", {})
+
+
+async def test_single_active_consumer_and_requeue_in_order(broker: Broker) -> None:
+    lane = unique("lane")
+    await broker.declare_lane(lane)
+    first, second = Recorder(), Recorder()
+    c1 = await broker.consume_lane(lane, first, prefetch=3)
+    c2 = await broker.consume_lane(lane, second, prefetch=3)
+    for i in range(3):
+        await broker.publish_lane(lane, f"m{i}".encode(), {})
+    assert await first.wait_for(3) == [b"m0", b"m1", b"m2"]
+    await asyncio.sleep(0.2)
+    assert second.deliveries == []  # the standby consumer gets nothing while c1 is active
+    await first.deliveries[0].ack()
+    await broker.publish_lane(lane, b"m3", {})
+    # A released consumer hands its unacked messages back before c2 gets anything.
+    await c1.cancel()
+    assert await second.wait_for(3) == [b"m1", b"m2", b"m3"]
+    assert [d.redelivered for d in second.deliveries[:2]] == [True, True]
+    for d in second.deliveries:
+        await d.ack()
+    await c2.cancel()
+
+
+async def test_results_and_control_fan_out(broker: Broker) -> None:
+    got_results: list[bytes] = []
+    got_control: list[bytes] = []
+    results_in, control_in = asyncio.Event(), asyncio.Event()
+
+    async def on_result(body: bytes) -> None:
+        got_results.append(body)
+        if len(got_results) == 2:
+            results_in.set()
+
+    async def on_control(body: bytes) -> None:
+        got_control.append(body)
+        control_in.set()
+
+    route = unique("route")
+    await broker.consume_results(route, on_result)
+    await broker.consume_control(on_control)
+    await broker.publish_results(route, b"r1")
+    await broker.publish_results(unique("other-route"), b"not mine")
+    await broker.publish_results(route, b"r2")
+    await broker.publish_control(b"c1")
+    async with asyncio.timeout(10):
+        await control_in.wait()
+        await results_in.wait()
+    assert got_results == [b"r1", b"r2"]
+    assert got_control == [b"c1"]
