@@ -49,10 +49,11 @@ _METRIC_RE = re.compile(r"\bfairlane_[a-z0-9_]+")
 def metric_families(text: str) -> set[str]:
     """Metric family names (suffixes stripped) mentioned in PromQL or exposition text."""
     names = set()
-    for name in _METRIC_RE.findall(text):
+    for found in _METRIC_RE.findall(text):
+        name = found
         for suffix in _METRIC_SUFFIXES:
-            if name.endswith(suffix) and name[: -len(suffix)] in KNOWN_METRICS:
-                name = name[: -len(suffix)]
+            if found.endswith(suffix) and found[: -len(suffix)] in KNOWN_METRICS:
+                name = found[: -len(suffix)]
                 break
         names.add(name)
     return names
@@ -136,5 +137,5 @@ def settings_defaults() -> dict[str, object]:
 # ignores unknown FAIRLANE_* variables). Each must become a real setting; the e2e check
 # test_awaited_settings_exist fails until it is.
 AWAITED_SETTINGS = {
-    "FAIRLANE_LANE_QUEUE_TYPE": "DESIGN.md: lane x-queue-type, classic by default, quorum by setting",
+    "FAIRLANE_LANE_QUEUE_TYPE": "DESIGN.md: lanes' x-queue-type, classic unless set to quorum",
 }

@@ -210,4 +210,5 @@ def test_mounted_files_exist_and_match(config: dict[str, Any]) -> None:
 def test_images_are_pinned(config: dict[str, Any]) -> None:
     for name, svc in config["services"].items():
         image = svc["image"]
-        assert ":" in image and not image.endswith(":latest"), f"{name}: {image}"
+        assert ":" in image, f"{name}: {image}"
+        assert not image.endswith(":latest"), f"{name}: {image}"

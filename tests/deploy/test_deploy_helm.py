@@ -46,7 +46,7 @@ def render(values: dict[str, Any] | None, *, upgrade: bool = False) -> list[dict
             is_install=not upgrade,
             is_upgrade=upgrade,
         )
-    docs = []
+    docs: list[dict[str, Any]] = []
     for path, text in sorted(manifests.items()):
         if not path.endswith(".yaml"):
             continue
@@ -109,7 +109,9 @@ def test_deployments_probes_ports_limits(values_file: str | None) -> None:
     for name, (grpc_port, metrics_port, grpc_service) in SERVICES.items():
         deploy = deployments[f"fl-fairlane-{name}"]
         pod = deploy["spec"]["template"]
-        assert pod["metadata"]["labels"].items() >= deploy["spec"]["selector"]["matchLabels"].items()
+        assert (
+            pod["metadata"]["labels"].items() >= deploy["spec"]["selector"]["matchLabels"].items()
+        )
         (c,) = containers(deploy)
         assert c["args"] == ["serve", name]
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
@@ -209,7 +211,9 @@ def test_production_values_quorum_lanes_and_service_monitor() -> None:
     (job,) = by_kind(docs, "Job").values()
     (c,) = job["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e for e in c["env"]}
-    assert env["FAIRLANE_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "fairlane-credentials"
+    assert (
+        env["FAIRLANE_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "fairlane-credentials"
+    )
     for deploy in by_kind(docs, "Deployment").values():
         (c,) = containers(deploy)
         assert {"secretRef": {"name": "fairlane-credentials"}} in c["envFrom"]

@@ -55,7 +55,8 @@ def test_multi_stage_slim_non_root() -> None:
     assert re.fullmatch(r"python:3\.11[\w.-]*-slim[\w.-]*", base), base
     (user,) = instructions(final, "USER")
     uid = user.value[0].split(":")[0]
-    assert uid.isdigit() and int(uid) >= 1000, "numeric non-root user"
+    assert uid.isdigit(), "numeric user, so runAsNonRoot can check it"
+    assert int(uid) >= 1000, "non-root user"
     # Nothing is compiled or installed with a package manager in the final stage.
     for run_cmd in instructions(final, "RUN"):
         text = " ".join(run_cmd.value)
@@ -117,8 +118,8 @@ def build_context() -> set[str]:
     """The files `docker build .` sends, by Docker's .dockerignore rules (last match wins,
     a rule matching a parent directory matches everything under it)."""
     rules = []
-    for line in (REPO / ".dockerignore").read_text().splitlines():
-        line = line.strip()
+    for raw in (REPO / ".dockerignore").read_text().splitlines():
+        line = raw.strip()
         if not line or line.startswith("#"):
             continue
         negate = line.startswith("!")
@@ -137,7 +138,7 @@ def build_context() -> set[str]:
                 out = not negate
         return out
 
-    files = set()
+    files: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(REPO):
         base = Path(dirpath).relative_to(REPO).as_posix()
         base = "" if base == "." else base + "/"
@@ -161,7 +162,8 @@ def test_build_context_is_small_and_complete() -> None:
     for f in files:
         top = f.split("/")[0]
         assert top in {"pyproject.toml", "README.md", "LICENSE", "clients", "services", "deploy"}, f
-        assert "__pycache__" not in f and not f.endswith((".pyc", ".db")), f
+        assert "__pycache__" not in f, f
+        assert not f.endswith((".pyc", ".db")), f
         assert not f.startswith(("deploy/helm", "deploy/compose")), f
 
 

@@ -57,7 +57,8 @@ def test_alerts_are_labelled_and_documented() -> None:
     for rule in alert_rules():
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}, rule["alert"]
         ann = rule["annotations"]
-        assert ann["summary"] and ann["description"], rule["alert"]
+        assert ann["summary"], rule["alert"]
+        assert ann["description"], rule["alert"]
         anchor = ann["runbook_url"].split("#", 1)[1]
         assert ann["runbook_url"].startswith("docs/deploy.md#"), rule["alert"]
         assert anchor == rule["alert"].lower(), rule["alert"]

@@ -109,7 +109,7 @@ def test_units_are_hardened(name: str) -> None:
         assert service["Type"] == "oneshot"
         assert service["ExecStart"] == f"{EXEC} migrate"
     else:
-        role = name.split("-", 1)[1].split("@")[0].split(".")[0]
+        role = name.split("-", 1)[1].split("@", maxsplit=1)[0].split(".", maxsplit=1)[0]
         assert service["ExecStart"] == f"{EXEC} serve {role}"
         assert service["Restart"] == "on-failure"
         assert service["KillSignal"] == "SIGTERM"
@@ -118,7 +118,7 @@ def test_units_are_hardened(name: str) -> None:
         assert "fairlane-migrate.service" in sections["Unit"]["After"][0].split()
     if "@" in name:
         # Each replica has its own identity and may override ports in its own env file.
-        role = name.split("-", 1)[1].split("@")[0]
+        role = name.split("-", 1)[1].split("@", maxsplit=1)[0]
         assert f"FAIRLANE_INSTANCE_ID=%H-{role}-%i" in sections["Service"]["Environment"]
         assert sections["Service"]["EnvironmentFile"][1] == f"-/etc/fairlane/{role}-%i.env"
 
@@ -177,7 +177,9 @@ def test_supervisord_config_parses(tmp_path: Path) -> None:
         assert prog["command"] == f"fairlane serve {name}"
         assert prog["stopsignal"] == signal.SIGTERM  # graceful stop
         assert prog["stopwaitsecs"] > 20, "beyond FAIRLANE_GRACE_SECONDS"
-        assert prog["stopasgroup"] and prog["killasgroup"] and prog["autorestart"]
+        assert prog["stopasgroup"], "SIGTERM reaches the whole process group"
+        assert prog["killasgroup"]
+        assert prog["autorestart"]
         assert prog["stdout"] == f"{tmp_path}/{name}.log"
 
 
