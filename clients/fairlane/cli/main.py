@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from fairlane.bench import bench_command
+
 app = typer.Typer(
     name="fairlane",
     help="Per-client FIFO request lanes over gRPC, RabbitMQ and PostgreSQL.",
@@ -68,6 +70,9 @@ def dev(
         broker=broker, database=database, data_dir=data_dir, demo=demo,
         trace_console=trace_console,
     )
+
+
+app.command(name="bench")(bench_command)
 
 
 def main() -> None:

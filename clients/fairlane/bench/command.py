@@ -1,0 +1,223 @@
+"""The `fairlane bench` command: load generator and correctness check for a running suite."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Coroutine
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from fairlane.bench.report import render
+from fairlane.bench.runner import BenchConfig, BenchRun, BenchSetupError
+from fairlane.bench.runner import Progress as RunProgress
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(p) for p in text.replace(" ", "").split(",") if p]
+    except ValueError:
+        raise typer.BadParameter("expected PID,PID,...") from None
+
+
+def _run(coro: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+class _Display:
+    """A rich progress bar fed by the run's ticks (time-based for --duration)."""
+
+    def __init__(self, console: Console, enabled: bool) -> None:
+        self.enabled = enabled
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]{task.fields[phase]:<9}"),
+            BarColumn(),
+            TextColumn("{task.fields[line]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+            refresh_per_second=4,
+            disable=not enabled,
+        )
+        self.task: TaskID | None = None
+        self._last = (0.0, 0)
+        self._rate = 0.0
+
+    def tick(self, p: RunProgress) -> None:
+        if not self.enabled:
+            return
+        if self.task is None:
+            self.task = self.progress.add_task("bench", total=None, phase=p.phase, line="")
+        now = time.perf_counter()
+        last_t, last_n = self._last
+        if now - last_t >= 1.0:
+            if last_t:
+                self._rate = (p.results - last_n) / (now - last_t)
+            self._last = (now, p.results)
+        if p.phase == "login":
+            completed, total = 0.0, None
+        elif isinstance(p.total, float):  # --duration: warm-up + duration seconds
+            completed, total = min(now - p.started, p.total), p.total
+        else:
+            completed, total = float(p.sent), float(p.total) if p.total else None
+        line = (
+            f"sent {p.sent:,}  results {p.results:,}  in flight {p.in_flight:,}  "
+            f"rejected {p.rejected:,}  {self._rate:,.0f} results/s"
+        )
+        self.progress.update(self.task, completed=completed, total=total, phase=p.phase, line=line)
+
+
+def bench_command(  # every option is keyword-only; typer passes them by name
+    *,
+    target: Annotated[
+        str, typer.Option(help="QueueService address HOST:PORT.")
+    ] = "127.0.0.1:50052",
+    auth_target: Annotated[
+        str, typer.Option(help="AuthService address HOST:PORT.")
+    ] = "127.0.0.1:50051",
+    lanes: Annotated[
+        int, typer.Option(min=1, help="Concurrent lanes: one user and one Session each.")
+    ] = 10,
+    requests: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Requests to send after the warm-up, in total over all lanes "
+            "(lanes draw from one budget). Exclusive with --duration.",
+        ),
+    ] = None,
+    duration: Annotated[
+        float | None,
+        typer.Option(
+            min=0.1,
+            help="Seconds to send for after the warm-up. Default when neither is given: 10.",
+        ),
+    ] = None,
+    window: Annotated[
+        int, typer.Option(min=1, help="Requests in flight per lane (sent, no result yet).")
+    ] = 32,
+    handler: Annotated[
+        str, typer.Option(help="Worker handler: noop, echo or sleep (any registered name works).")
+    ] = "noop",
+    payload_bytes: Annotated[
+        int, typer.Option(min=0, help="Payload size for noop/echo (echo outputs are checked).")
+    ] = 0,
+    sleep: Annotated[
+        float, typer.Option(min=0, help="Seconds each request sleeps with --handler sleep.")
+    ] = 0.01,
+    warmup: Annotated[
+        float, typer.Option(min=0, help="Seconds of load before measuring (left out of figures).")
+    ] = 2.0,
+    json_out: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print the full report as JSON on stdout (tables go to stderr)."
+        ),
+    ] = False,
+    pids: Annotated[
+        str,
+        typer.Option(
+            help="PID,PID,... of processes to watch (CPU, RSS) besides those found by port."
+        ),
+    ] = "",
+    worker_target: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Worker HOST:PORT to watch by port (repeatable; workers connected "
+            "to a local queue are found anyway)."
+        ),
+    ] = None,
+    backends: Annotated[
+        bool,
+        typer.Option(help="Also watch local RabbitMQ (beam.smp) and PostgreSQL processes."),
+    ] = True,
+    user_prefix: Annotated[
+        str, typer.Option(help="Bench users are PREFIX-0 .. PREFIX-(L-1), registered if missing.")
+    ] = "bench",
+    password: Annotated[
+        str, typer.Option(envvar="FAIRLANE_BENCH_PASSWORD", help="Password of the bench users.")
+    ] = "fairlane-bench-password",
+    channels: Annotated[
+        int, typer.Option(min=0, help="HTTP/2 connections to the queue; 0: one per 100 lanes.")
+    ] = 0,
+    drain_timeout: Annotated[
+        float,
+        typer.Option(min=1, help="Give up (invalid run) when nothing arrives for this long."),
+    ] = 30.0,
+    database_url: Annotated[
+        str,
+        typer.Option(
+            envvar="FAIRLANE_DATABASE_URL",
+            help="Check the request log too (postgresql+asyncpg://...); empty: no check.",
+        ),
+    ] = "",
+    database_schema: Annotated[
+        str, typer.Option(envvar="FAIRLANE_DATABASE_SCHEMA", help="Schema of the request log.")
+    ] = "",
+    progress: Annotated[
+        bool, typer.Option(help="Show a progress bar (default: when stderr is a terminal).")
+    ] = sys.stderr.isatty(),
+) -> None:
+    """Drive a running suite with L lanes and report throughput, latency and correctness.
+
+    Exits 1 when the run is invalid (anything lost, duplicated, out of order, or not
+    matching the request log), 2 when it cannot start.
+    """
+    if requests is not None and duration is not None:
+        raise typer.BadParameter("give --requests or --duration, not both")
+    if requests is None and duration is None:
+        duration = 10.0
+    config = BenchConfig(
+        target=target,
+        auth_target=auth_target,
+        lanes=lanes,
+        requests=requests,
+        duration=duration,
+        window=window,
+        handler=handler,
+        payload_bytes=payload_bytes,
+        sleep_seconds=sleep,
+        warmup=warmup,
+        user_prefix=user_prefix,
+        password=password,
+        channels=channels,
+        drain_timeout=drain_timeout,
+        pids=_ints(pids),
+        worker_targets=[t for item in worker_target or [] for t in item.split(",") if t],
+        backends=backends,
+        database_url=database_url,
+        database_schema=database_schema,
+    )
+    err = Console(stderr=True)
+    out = err if json_out else Console()
+    display = _Display(err, progress)
+    run = BenchRun(config, on_tick=display.tick)
+    try:
+        with display.progress:
+            report = _run(run.run())
+    except BenchSetupError as exc:
+        err.print(f"[red]bench could not start:[/] {exc}")
+        raise typer.Exit(2) from None
+    render(report, out)
+    if json_out:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        sys.stdout.flush()
+    if not report["valid"]:
+        raise typer.Exit(1)

@@ -1,0 +1,494 @@
+"""Drives the suite: L users, one Session each, up to W requests in flight per lane."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import grpc
+
+from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
+from fairlane.bench.procs import ProcessWatch
+from fairlane.bench.stats import LaneStats, summarize
+from fairlane.common.v1 import common_pb2
+from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
+
+CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+STATUS_PREFIX = "REQUEST_STATUS_"
+
+
+class BenchSetupError(Exception):
+    """The run could not start (unreachable target, bad credentials, ...)."""
+
+
+@dataclass
+class BenchConfig:
+    target: str = "127.0.0.1:50052"
+    auth_target: str = "127.0.0.1:50051"
+    lanes: int = 10
+    requests: int | None = None  # total over all lanes, after the warm-up
+    duration: float | None = None  # seconds after the warm-up
+    window: int = 32
+    handler: str = "noop"
+    payload_bytes: int = 0
+    sleep_seconds: float = 0.01
+    warmup: float = 2.0
+    user_prefix: str = "bench"
+    password: str = "fairlane-bench-password"
+    channels: int = 0  # 0: one per 100 lanes
+    drain_timeout: float = 30.0
+    login_concurrency: int = 8
+    pids: list[int] = field(default_factory=list)
+    worker_targets: list[str] = field(default_factory=list)
+    backends: bool = True
+    database_url: str = ""
+    database_schema: str = ""
+
+    def payload(self) -> bytes:
+        if self.handler == "sleep":
+            return f"{self.sleep_seconds:g}".encode()
+        return b"x" * self.payload_bytes
+
+    def channel_count(self) -> int:
+        return self.channels or max(1, math.ceil(self.lanes / 100))
+
+
+@dataclass
+class Progress:
+    """Live figures for the progress display."""
+
+    phase: str = "login"
+    started: float = 0.0
+    sent: int = 0
+    results: int = 0
+    rejected: int = 0
+    in_flight: int = 0
+    total: float | None = None  # requests to send in the measured phase, or seconds
+
+
+def _bearer(token: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def _channel(target: str, index: int) -> grpc.aio.Channel:
+    # A local subchannel pool gives every channel its own HTTP/2 connection.
+    return grpc.aio.insecure_channel(
+        target,
+        options=[
+            ("grpc.use_local_subchannel_pool", 1),
+            ("grpc.bench_channel_index", index),
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.max_send_message_length", 16 * 1024 * 1024),
+        ],
+    )
+
+
+async def login_users(config: BenchConfig) -> list[tuple[str, str, str]]:
+    """(username, user_id, access token) for bench users 0..L-1, registering missing ones."""
+    gate = asyncio.Semaphore(config.login_concurrency)
+    async with grpc.aio.insecure_channel(config.auth_target) as channel:
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+
+        async def one(i: int) -> tuple[str, str, str]:
+            name = f"{config.user_prefix}-{i}"
+            async with gate:
+                try:
+                    login = await stub.Login(
+                        auth_pb2.LoginRequest(username=name, password=config.password),
+                        timeout=30,
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
+                        raise
+                    try:
+                        await stub.Register(
+                            auth_pb2.RegisterRequest(username=name, password=config.password),
+                            timeout=30,
+                        )
+                    except grpc.aio.AioRpcError as reg:
+                        if reg.code() == grpc.StatusCode.ALREADY_EXISTS:
+                            raise BenchSetupError(
+                                f"user {name} exists with another password "
+                                "(use --password or --user-prefix)"
+                            ) from None
+                        raise
+                    login = await stub.Login(
+                        auth_pb2.LoginRequest(username=name, password=config.password),
+                        timeout=30,
+                    )
+                who = await stub.WhoAmI(
+                    auth_pb2.WhoAmIRequest(), metadata=_bearer(login.access_token), timeout=30
+                )
+            return name, who.user_id, login.access_token
+
+        try:
+            return list(await asyncio.gather(*(one(i) for i in range(config.lanes))))
+        except grpc.aio.AioRpcError as exc:
+            raise BenchSetupError(
+                f"auth at {config.auth_target}: {exc.code().name}: {exc.details()}"
+            ) from None
+
+
+class BenchRun:
+    """One run. `await run()` returns the report as a plain dict (see `report`)."""
+
+    def __init__(
+        self, config: BenchConfig, on_tick: Callable[[Progress], None] | None = None
+    ) -> None:
+        self.config = config
+        self.on_tick = on_tick
+        self.run_tag = f"b{secrets.token_hex(5)}"
+        self.progress = Progress()
+        self.lanes: list[LaneStats] = []
+        self.accept_latency: list[float] = []
+        self.result_latency: list[float] = []
+        self.queue_latency: list[float] = []
+        self.output_mismatches = 0
+        self.watch = ProcessWatch()
+        self.budget: int | None = config.requests
+        self.t_start = 0.0
+        self.t_warm_end = 0.0
+        self.t_send_end = math.inf
+        self.t_measure_end = 0.0
+        self.t_done = 0.0
+        self.measured_results = 0
+        self.last_result_at = 0.0
+        self.last_activity = 0.0
+        self.stalled = False
+        self.payload = config.payload()
+        self.check_echo = config.handler == "echo"
+
+    # -- the run ------------------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        config = self.config
+        if (config.requests is None) == (config.duration is None):
+            raise BenchSetupError("give exactly one of --requests and --duration")
+        self.watch.discover(
+            {"auth": config.auth_target, "queue": config.target}
+            | {f"worker{i or ''}": t for i, t in enumerate(config.worker_targets)},
+            config.pids,
+            follow_clients_of=config.target,
+        )
+        if config.backends:
+            self.watch.add_backends()
+        self._tick()
+        users = await login_users(config)
+        for i, (name, user_id, _) in enumerate(users):
+            self.lanes.append(
+                LaneStats(index=i, username=name, user_id=user_id, prefix=f"{self.run_tag}.{i}.")
+            )
+        channels = [_channel(config.target, i) for i in range(config.channel_count())]
+        try:
+            await self._drive(channels, [token for _, _, token in users])
+        finally:
+            await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+        report = self.report()
+        if config.database_url:
+            from fairlane.bench.dbcheck import compare, request_log_counts
+
+            try:
+                counts = await request_log_counts(
+                    config.database_url, config.database_schema, self.run_tag
+                )
+            except Exception as exc:
+                report["database"] = {"checked": False, "error": repr(exc), "ok": False}
+            else:
+                report["database"] = compare(counts, report["lanes"])
+            if not report["database"]["ok"]:
+                report["valid"] = False
+                report["invalid_reasons"].append("request log does not match results")
+        return report
+
+    async def _drive(self, channels: list[grpc.aio.Channel], tokens: list[str]) -> None:
+        config = self.config
+        self.t_start = time.perf_counter()
+        self.progress.started = self.t_start
+        self.t_warm_end = self.t_start + config.warmup
+        if config.duration is not None:
+            self.t_send_end = self.t_warm_end + config.duration
+            self.progress.total = config.warmup + config.duration
+        else:
+            self.progress.total = config.requests
+        self.last_activity = self.t_start
+        self.progress.phase = "warm-up" if config.warmup > 0 else "measuring"
+        if config.warmup <= 0:
+            self.watch.start()
+        tasks = [
+            asyncio.create_task(self._lane(lane, channels[lane.index % len(channels)], token))
+            for lane, token in zip(self.lanes, tokens, strict=True)
+        ]
+        ticker = asyncio.create_task(self._ticker(tasks))
+        try:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            ticker.cancel()
+            await asyncio.gather(ticker, return_exceptions=True)
+        self.t_done = time.perf_counter()
+        if config.duration is None or self.t_measure_end == 0.0:
+            # --requests (or a run that ended early): measured up to the last result.
+            self.t_measure_end = max(self.last_result_at, self.t_warm_end)
+            self.watch.stop()
+        self.progress.phase = "done"
+        self._tick()
+
+    async def _ticker(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Phase changes, RSS samples, progress updates and the stall guard."""
+        next_rss = 0.0
+        while True:
+            await asyncio.sleep(0.2)
+            now = time.perf_counter()
+            if self.progress.phase == "warm-up" and now >= self.t_warm_end:
+                self.progress.phase = "measuring"
+                self.watch.start()
+            if self.progress.phase == "measuring" and now >= self.t_send_end:
+                self.progress.phase = "draining"
+                self.t_measure_end = self.t_send_end
+                self.watch.stop()
+            if self.progress.phase == "measuring" and self.budget is not None and self.budget <= 0:
+                self.progress.phase = "draining"
+            if now >= next_rss:
+                self.watch.sample_rss()
+                next_rss = now + 1.0
+            self.progress.in_flight = sum(lane.in_flight for lane in self.lanes)
+            self._tick()
+            if self.progress.in_flight and now - self.last_activity > self.config.drain_timeout:
+                self.stalled = True
+                for task in tasks:
+                    task.cancel()
+                return
+
+    def _tick(self) -> None:
+        if self.on_tick is not None:
+            self.on_tick(self.progress)
+
+    async def _lane(self, lane: LaneStats, channel: grpc.aio.Channel, token: str) -> None:
+        stub = queue_pb2_grpc.QueueServiceStub(channel)
+        call = stub.Session(metadata=_bearer(token))
+        window = asyncio.Semaphore(self.config.window)
+        pause = [0.0]  # send nothing before this instant (after a rejection with retry_after)
+        sender = asyncio.create_task(self._send(lane, call, window, pause))
+        try:
+            await self._read(lane, call, window, pause)
+            failed = sender.exception() if sender.done() and not sender.cancelled() else None
+            if failed is not None:
+                raise failed
+        except grpc.aio.AioRpcError as exc:
+            lane.stream_error = f"{exc.code().name}: {exc.details()}"
+        except asyncio.CancelledError:
+            lane.stream_error = lane.stream_error or "stalled: cancelled by the drain timeout"
+            call.cancel()
+        finally:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+
+    async def _send(
+        self,
+        lane: LaneStats,
+        call: Any,
+        window: asyncio.Semaphore,
+        pause: list[float],
+    ) -> None:
+        handler, payload = self.config.handler, self.payload
+        progress = self.progress
+        while True:
+            await window.acquire()
+            now = time.perf_counter()
+            if pause[0] > now:
+                await asyncio.sleep(pause[0] - now)
+                now = time.perf_counter()
+            measured = now >= self.t_warm_end
+            if now >= self.t_send_end:
+                break
+            if measured and self.budget is not None:
+                if self.budget <= 0:
+                    break
+                self.budget -= 1
+            i = len(lane.sent_at)
+            lane.sent_at.append(now)
+            lane.measured.append(measured)
+            lane.in_flight += 1
+            progress.sent += 1
+            await call.write(
+                queue_pb2.SessionRequest(
+                    enqueue=queue_pb2.EnqueueRequest(
+                        handler=handler, payload=payload, client_ref=lane.ref(i)
+                    )
+                )
+            )
+        window.release()
+        await call.done_writing()
+
+    async def _read(
+        self,
+        lane: LaneStats,
+        call: Any,
+        window: asyncio.Semaphore,
+        pause: list[float],
+    ) -> None:
+        progress = self.progress
+        eof = grpc.aio.EOF
+        while True:
+            response = await call.read()
+            if response is eof:
+                return
+            now = time.perf_counter()
+            self.last_activity = now
+            kind = response.WhichOneof("kind")
+            if kind == "result":
+                result = response.result
+                i = lane.parse_ref(result.client_ref)
+                if i is None:
+                    lane.unknown += 1
+                    continue
+                if not lane.on_result(i, result.lane_seq):
+                    continue
+                lane.in_flight -= 1
+                window.release()
+                progress.results += 1
+                status_name = common_pb2.RequestStatus.Name(result.status)
+                status_name = status_name.removeprefix(STATUS_PREFIX)
+                lane.results_by_status[status_name] += 1
+                if result.status == common_pb2.REQUEST_STATUS_SUCCEEDED:
+                    lane.results_succeeded += 1
+                    if self.check_echo and result.output != self.payload:
+                        self.output_mismatches += 1
+                self.last_result_at = now
+                if self.t_warm_end <= now <= self.t_send_end:
+                    self.measured_results += 1
+                if lane.measured[i]:
+                    sent = lane.sent_at[i]
+                    self.result_latency.append(now - sent)
+                    accepted = lane.accepted_at.get(i)
+                    if accepted is not None:
+                        self.queue_latency.append(now - accepted)
+            elif kind == "accepted":
+                i = lane.parse_ref(response.accepted.client_ref)
+                if i is None:
+                    lane.unknown += 1
+                    continue
+                lane.on_answer(i)
+                lane.accepted_at[i] = now
+                if lane.measured[i]:
+                    self.accept_latency.append(now - lane.sent_at[i])
+            elif kind == "rejected":
+                rejected = response.rejected
+                i = lane.parse_ref(rejected.client_ref)
+                if i is None:
+                    lane.unknown += 1
+                    continue
+                lane.on_answer(i)
+                lane.rejected[CODE_NAMES.get(rejected.code, str(rejected.code))] += 1
+                lane.done.add(i)
+                lane.in_flight -= 1
+                progress.rejected += 1
+                if rejected.retry_after_ms:
+                    pause[0] = max(pause[0], now + rejected.retry_after_ms / 1000)
+                window.release()
+            elif kind == "progress":
+                lane.progress += 1
+
+    # -- the report -----------------------------------------------------------------------------
+
+    def report(self) -> dict[str, Any]:
+        config = self.config
+        lanes = self.lanes
+        measured_s = max(self.t_measure_end - self.t_warm_end, 1e-9)
+        results_in_window = self.measured_results
+        rejections: Counter[str] = Counter()
+        by_status: Counter[str] = Counter()
+        for lane in lanes:
+            rejections.update(lane.rejected)
+            by_status.update(lane.results_by_status)
+        counts = {
+            "sent": sum(len(lane.sent_at) for lane in lanes),
+            "sent_measured": sum(sum(lane.measured) for lane in lanes),
+            "accepted": sum(lane.accepted for lane in lanes),
+            "rejected": sum(rejections.values()),
+            "results": sum(lane.results for lane in lanes),
+            "results_in_window": results_in_window,
+            "unanswered": sum(lane.unanswered for lane in lanes),
+            "lost": sum(lane.lost for lane in lanes),
+            "duplicates": sum(lane.duplicates for lane in lanes),
+            "unknown": sum(lane.unknown for lane in lanes),
+            "fifo_violations": sum(lane.fifo_violations for lane in lanes),
+            "answer_order_violations": sum(lane.answer_order_violations for lane in lanes),
+            "results_before_accepted": sum(lane.early_results for lane in lanes),
+            "lane_seq_gaps": sum(lane.lane_seq_gaps for lane in lanes),
+            "output_mismatches": self.output_mismatches,
+            "progress_messages": sum(lane.progress for lane in lanes),
+            "stream_errors": sum(1 for lane in lanes if lane.stream_error),
+        }
+        reasons = [
+            f"{counts[key]} {key.replace('_', ' ')}"
+            for key in (
+                "unanswered",
+                "lost",
+                "duplicates",
+                "unknown",
+                "fifo_violations",
+                "answer_order_violations",
+                "results_before_accepted",
+                "output_mismatches",
+                "stream_errors",
+            )
+            if counts[key]
+        ]
+        if self.stalled:
+            reasons.append(f"stalled: nothing received for {config.drain_timeout:g} s")
+        if counts["accepted"] == 0:
+            reasons.append("nothing was accepted")
+        lane_rows = [
+            {
+                "lane": lane.index,
+                "user": lane.username,
+                "user_id": lane.user_id,
+                "sent": len(lane.sent_at),
+                "accepted": lane.accepted,
+                "rejected": dict(lane.rejected),
+                "results": lane.results,
+                "results_succeeded": lane.results_succeeded,
+                "unanswered": lane.unanswered,
+                "lost": lane.lost,
+                "duplicates": lane.duplicates,
+                "fifo_violations": lane.fifo_violations,
+                "answer_order_violations": lane.answer_order_violations,
+                "lane_seq_gaps": lane.lane_seq_gaps,
+                "last_lane_seq": lane.last_lane_seq,
+                "stream_error": lane.stream_error,
+            }
+            for lane in lanes
+        ]
+        config_out = asdict(config)
+        config_out.pop("password", None)
+        return {
+            "valid": not reasons,
+            "invalid_reasons": reasons,
+            "run_tag": self.run_tag,
+            "config": config_out,
+            "seconds": {
+                "warmup": round(min(self.t_warm_end, self.t_done) - self.t_start, 3),
+                "measured": round(measured_s, 3),
+                "total": round(self.t_done - self.t_start, 3),
+            },
+            "throughput": {
+                "results_per_s": round(results_in_window / measured_s, 1),
+                "sent_per_s": round(sum(sum(lane.measured) for lane in lanes) / measured_s, 1),
+            },
+            "latency_ms": {
+                "send_to_result": summarize(self.result_latency),
+                "send_to_accepted": summarize(self.accept_latency),
+                "accepted_to_result": summarize(self.queue_latency),
+            },
+            "counts": counts,
+            "rejections": dict(rejections),
+            "results_by_status": dict(by_status),
+            "lanes": lane_rows,
+            **self.watch.report(),
+        }

@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# A throw-away suite for `fairlane bench`: one replica each of auth, queue and worker
+# against the local PostgreSQL and RabbitMQ, in a schema and a vhost of its own.
+#
+#   scripts/bench_suite.sh up              start it (state in $BENCH_STATE, default /tmp/fairlane-bench-suite)
+#   scripts/bench_suite.sh bench ARGS...   run `fairlane bench ARGS` against it (targets,
+#                                          request-log check and --pids filled in)
+#   scripts/bench_suite.sh pids            print "auth=PID queue=PID worker=PID"
+#   scripts/bench_suite.sh down            stop it, drop the schema, delete the vhost
+#   scripts/bench_suite.sh run ARGS...     up, bench ARGS, down
+#
+# FAIRLANE_SRC picks the source tree the services run from (default: this repository), so
+# a baseline can be measured from a `git worktree` of another commit with the same bench.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+SRC="${FAIRLANE_SRC:-$ROOT}"
+PY="${BENCH_PYTHON:-$ROOT/.venv/bin/python}"
+STATE="${BENCH_STATE:-${TMPDIR:-/tmp}/fairlane-bench-suite}"
+BASE_PORT="${BENCH_BASE_PORT:-56051}"
+DB_ROOT="${FAIRLANE_TEST_DATABASE_URL:-postgresql+asyncpg://postgres@127.0.0.1:5432/test}"
+BROKER_ROOT="${FAIRLANE_TEST_BROKER_ROOT:-amqp://guest:guest@127.0.0.1:5672/}"
+
+service_env() {  # the environment every service (and migrate) runs with
+  # shellcheck disable=SC1091
+  source "$STATE/suite.env"
+  export PYTHONPATH="$SRC/clients:$SRC"
+  export FAIRLANE_DATABASE_URL="$DB_ROOT" FAIRLANE_DATABASE_SCHEMA="$SCHEMA"
+  export FAIRLANE_BROKER_URL="$BROKER_ROOT$VHOST" FAIRLANE_SERVICE_SECRET="bench-service-secret"
+  export FAIRLANE_AUTH_LISTEN="127.0.0.1:$AUTH_PORT" FAIRLANE_AUTH_TARGET="127.0.0.1:$AUTH_PORT"
+  export FAIRLANE_QUEUE_LISTEN="127.0.0.1:$QUEUE_PORT" FAIRLANE_QUEUE_TARGET="127.0.0.1:$QUEUE_PORT"
+  export FAIRLANE_WORKER_LISTEN="127.0.0.1:$WORKER_PORT"
+  export FAIRLANE_AUTH_METRICS_PORT=0 FAIRLANE_QUEUE_METRICS_PORT=0 FAIRLANE_WORKER_METRICS_PORT=0
+  export FAIRLANE_GRACE_SECONDS=5
+}
+
+wait_serving() {  # port name
+  "$PY" - "$1" "$2" <<'EOF'
+import sys, time
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+port, name = sys.argv[1], sys.argv[2]
+deadline = time.monotonic() + 60
+with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    stub = health_pb2_grpc.HealthStub(channel)
+    while time.monotonic() < deadline:
+        try:
+            if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                sys.exit(0)
+        except grpc.RpcError:
+            pass
+        time.sleep(0.2)
+sys.exit(f"{name} not SERVING on {port} after 60 s")
+EOF
+}
+
+up() {
+  if [ -f "$STATE/suite.env" ]; then
+    echo "a bench suite is already up ($STATE); run '$0 down' first" >&2
+    exit 1
+  fi
+  "$ROOT/scripts/ensure_services.sh" >/dev/null
+  mkdir -p "$STATE"
+  local tag
+  tag="bench_$(head -c 6 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+  cat >"$STATE/suite.env" <<EOF
+SCHEMA=$tag
+VHOST=$tag
+AUTH_PORT=$BASE_PORT
+QUEUE_PORT=$((BASE_PORT + 1))
+WORKER_PORT=$((BASE_PORT + 2))
+EOF
+  service_env
+  rabbitmqctl -q add_vhost "$VHOST"
+  rabbitmqctl -q set_permissions -p "$VHOST" guest ".*" ".*" ".*"
+  (cd "$SRC" && "$PY" -m fairlane.cli.main migrate)
+  for name in auth queue worker; do
+    (cd "$SRC" && exec "$PY" -m fairlane.cli.main serve "$name") >"$STATE/$name.log" 2>&1 &
+    echo $! >"$STATE/$name.pid"
+    case $name in
+      auth) wait_serving "$AUTH_PORT" auth ;;
+      worker) wait_serving "$QUEUE_PORT" queue && wait_serving "$WORKER_PORT" worker ;;
+    esac
+  done
+  echo "bench suite up: schema/vhost $SCHEMA, auth :$AUTH_PORT queue :$QUEUE_PORT worker :$WORKER_PORT"
+  pids
+}
+
+pids() {
+  local out=""
+  for name in auth queue worker; do out+="$name=$(cat "$STATE/$name.pid") "; done
+  echo "${out% }"
+}
+
+bench() {
+  service_env
+  local pid_list
+  pid_list="$(cat "$STATE"/{auth,queue,worker}.pid | paste -sd,)"
+  PYTHONPATH="$ROOT/clients:$ROOT" "$PY" -m fairlane.cli.main bench \
+    --target "127.0.0.1:$QUEUE_PORT" --auth-target "127.0.0.1:$AUTH_PORT" \
+    --pids "$pid_list" --database-url "$DB_ROOT" --database-schema "$SCHEMA" "$@"
+}
+
+down() {
+  [ -f "$STATE/suite.env" ] || { echo "no bench suite is up ($STATE)"; return 0; }
+  service_env
+  local code=0
+  for name in worker queue auth; do
+    local pid
+    pid="$(cat "$STATE/$name.pid" 2>/dev/null || true)"
+    [ -n "$pid" ] || continue
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    if kill -0 "$pid" 2>/dev/null; then
+      echo "$name ($pid) did not stop in 20 s; killing it" >&2
+      kill -KILL "$pid" 2>/dev/null || true
+      code=1
+    fi
+  done
+  "$PY" -c 'import asyncio, sys; from services.core.db import drop_schema
+asyncio.run(drop_schema(sys.argv[1], sys.argv[2]))' "$DB_ROOT" "$SCHEMA"
+  rabbitmqctl -q delete_vhost "$VHOST" || true
+  rm -f "$STATE/suite.env" "$STATE"/*.pid
+  echo "bench suite down (logs kept in $STATE)"
+  return $code
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  pids) pids ;;
+  bench) shift; bench "$@" ;;
+  run)
+    shift
+    up
+    trap down EXIT
+    bench "$@"
+    ;;
+  *) sed -n '2,13p' "$0" >&2; exit 2 ;;
+esac

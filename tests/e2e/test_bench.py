@@ -1,0 +1,164 @@
+"""`fairlane bench` against the real suite: its correctness checks, never its timings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from fairlane.bench.stats import LaneStats, summarize
+from services.core.db import create_engine
+from services.core.models import requests
+from tests.e2e.suite import ROOT, Suite
+
+pytestmark = pytest.mark.e2e
+
+
+async def _bench(suite: Suite, *args: str) -> tuple[int, dict[str, Any], str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "fairlane.cli.main",
+        "bench",
+        "--target",
+        suite.target("queue"),
+        "--auth-target",
+        suite.target("auth"),
+        "--json",
+        "--no-progress",
+        *args,
+        env=suite.env(),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 180)
+    assert proc.returncode is not None
+    report = json.loads(out) if out.strip() else {}
+    return proc.returncode, report, err.decode(errors="replace")
+
+
+async def _succeeded_per_user(suite: Suite) -> dict[str, int]:
+    engine = create_engine(suite.database_url, schema=suite.schema, pool_size=1)
+    try:
+        async with engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(requests.c.user_id, sa.func.count())
+                .where(requests.c.status == "SUCCEEDED")
+                .group_by(requests.c.user_id)
+            )
+            return {str(user_id): int(n) for user_id, n in rows.all()}
+    finally:
+        await engine.dispose()
+
+
+async def test_short_run_loses_nothing_and_matches_the_request_log(suite: Suite) -> None:
+    code, report, err = await _bench(
+        suite,
+        "--lanes",
+        "4",
+        "--requests",
+        "300",
+        "--window",
+        "8",
+        "--warmup",
+        "0.3",
+        "--handler",
+        "echo",
+        "--payload-bytes",
+        "16",
+        "--database-url",
+        suite.database_url,
+        "--database-schema",
+        suite.schema,
+    )
+    assert code == 0, err
+    assert report["valid"], report["invalid_reasons"]
+    counts = report["counts"]
+    assert counts["sent_measured"] == 300
+    assert counts["accepted"] == counts["sent"] == counts["results"]
+    for key in (
+        "lost",
+        "duplicates",
+        "unanswered",
+        "unknown",
+        "fifo_violations",
+        "answer_order_violations",
+        "results_before_accepted",
+        "output_mismatches",
+        "stream_errors",
+    ):
+        assert counts[key] == 0, (key, report)
+    assert report["results_by_status"] == {"SUCCEEDED": counts["results"]}
+    assert report["database"]["ok"], report["database"]
+    assert report["database"]["rows_by_status"] == {"SUCCEEDED": counts["results"]}
+
+    # Independently of the tool's own check: the suite's request log holds exactly the
+    # results each bench lane received (the schema is fresh, so nothing else is in it).
+    lanes = report["lanes"]
+    assert len(lanes) == 4
+    assert all(lane["results"] > 0 for lane in lanes)
+    assert await _succeeded_per_user(suite) == {
+        lane["user_id"]: lane["results_succeeded"] for lane in lanes
+    }
+    # The services under test were found as local processes.
+    assert {"auth", "queue", "worker"} <= {p["label"] for p in report["processes"]}
+    assert report["latency_ms"]["send_to_result"]["count"] == 300
+
+    # A second run reuses the bench users and is told apart in the log by its run tag.
+    code, again, err = await _bench(
+        suite,
+        "--lanes",
+        "2",
+        "--duration",
+        "0.5",
+        "--warmup",
+        "0",
+        "--window",
+        "4",
+        "--database-url",
+        suite.database_url,
+        "--database-schema",
+        suite.schema,
+    )
+    assert code == 0, err
+    assert again["valid"], again["invalid_reasons"]
+    assert [lane["user_id"] for lane in again["lanes"]] == [lane["user_id"] for lane in lanes[:2]]
+    assert again["database"]["ok"], again["database"]
+
+    # A queue that cannot be reached makes an invalid run and a non-zero exit.
+    code, broken, _ = await _bench(
+        suite, "--lanes", "1", "--requests", "5", "--warmup", "0", "--target", "127.0.0.1:1"
+    )
+    assert code == 1
+    assert not broken["valid"]
+    assert broken["counts"]["stream_errors"] == 1
+
+
+def test_the_checks_see_what_they_should() -> None:
+    """The zeros above mean something: the same bookkeeping flags each kind of fault."""
+    lane = LaneStats(index=0, username="bench-0", prefix="t.0.")
+    for _ in range(5):
+        lane.sent_at.append(0.0)
+        lane.measured.append(True)
+    for i in (0, 1, 2, 4, 3):  # answers out of send order once
+        lane.on_answer(i)
+        lane.accepted_at[i] = 0.0
+    assert lane.answer_order_violations == 1
+    assert lane.parse_ref("t.0.3") == 3
+    assert lane.parse_ref("t.0.9") is None  # never sent
+    assert lane.parse_ref("t.1.3") is None  # another lane's
+    assert lane.on_result(0, 10)
+    assert lane.on_result(2, 11)  # 1 skipped: fine so far
+    assert lane.on_result(1, 12)  # older request after a newer one: FIFO violation
+    assert not lane.on_result(1, 13)  # duplicate
+    assert lane.on_result(4, 15)  # lane_seq gap (14 went elsewhere): noted, not a violation
+    assert (lane.fifo_violations, lane.duplicates, lane.lane_seq_gaps) == (1, 1, 1)
+    assert lane.lost == 1  # 3 was accepted, never finished
+    assert lane.unanswered == 0
+    assert summarize([0.001 * n for n in range(1, 101)])["p99"] == pytest.approx(99.0)
+    assert summarize([])["count"] == 0
