@@ -26,9 +26,11 @@ def _build(service: str, settings: Settings) -> tuple[Component, int]:
     return WorkerService(settings), settings.worker_metrics_port
 
 
-def serve_one(service: str, handlers: list[str], *, json_logs: bool) -> None:
-    overrides = {"handlers": [*Settings().handlers, *handlers]} if handlers else {}
-    settings = Settings(**overrides)  # type: ignore[arg-type]
+def serve_one(service: str, handlers: list[str], hooks: list[str], *, json_logs: bool) -> None:
+    base = Settings()
+    settings = base.model_copy(
+        update={"handlers": [*base.handlers, *handlers], "hooks": [*base.hooks, *hooks]}
+    )
     fl_logging.configure(service, json=json_logs)
 
     async def main() -> None:

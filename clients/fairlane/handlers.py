@@ -8,8 +8,9 @@ entry-point group or `fairlane serve worker --handlers module:attr`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 
 class PermanentError(Exception):
@@ -34,20 +35,60 @@ class HandlerContext(Protocol):
         """Sends a Progress event to the client's Session; never blocks on the client."""
 
 
+@dataclass(frozen=True, slots=True)
+class PlainContext:
+    """What a handler run in a separate process gets: the same facts, no progress
+    reporting (another process cannot reach the worker's event loop)."""
+
+    request_id: str
+    user_id: str
+    attempt: int
+    deadline: datetime | None
+
+
+class Hooks:
+    """Lifecycle hooks of a worker. Subclass, override what you need, and register an
+    instance (or the class) with `fairlane serve worker --hooks module:attr` or the
+    `fairlane.hooks` entry-point group. A hook that raises is logged and does not change
+    the request's outcome."""
+
+    async def on_startup(self) -> None:
+        """Called once before the worker takes its first request."""
+
+    async def on_shutdown(self) -> None:
+        """Called once after the worker has drained."""
+
+    async def before_request(self, ctx: HandlerContext, handler: str) -> None:
+        """Called before every attempt."""
+
+    async def after_request(
+        self, ctx: HandlerContext, handler: str, status: str, error: str
+    ) -> None:
+        """Called after every attempt; status is SUCCEEDED, FAILED, RETRY, DEAD or CANCELLED."""
+
+
 F = TypeVar("F", bound=Callable[..., Any])
+Executor = Literal["auto", "thread", "process"]
 
 
 def handler(
-    *, name: str | None = None, max_attempts: int | None = None, timeout: float | None = None
+    *,
+    name: str | None = None,
+    max_attempts: int | None = None,
+    timeout: float | None = None,
+    executor: Executor = "auto",
 ) -> Callable[[F], F]:
-    """Declares a handler's defaults: its name, attempts before dead-lettering, and a
-    per-attempt time limit in seconds."""
+    """Declares a handler's defaults: its name, attempts before dead-lettering, a
+    per-attempt time limit in seconds, and where a plain (sync) function runs: "auto" and
+    "thread" use a thread, "process" a process pool for CPU-bound work (the function must
+    be importable at module level, and receives a PlainContext)."""
 
     def mark(fn: F) -> F:
         fn.__fairlane__ = {  # type: ignore[attr-defined]
             "name": name,
             "max_attempts": max_attempts,
             "timeout": timeout,
+            "executor": executor,
         }
         return fn
 

@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     handlers: list[str] = Field(
         default_factory=list, description="Extra handlers as module:attr, besides entry points."
     )
+    hooks: list[str] = Field(
+        default_factory=list, description="Worker lifecycle hooks as module:attr."
+    )
     grace_seconds: float = 20.0
 
     @cached_property

@@ -68,6 +68,7 @@ class QueueService:
             intake=self.intake,
             hub=self.hub,
             catalog=HandlerCatalog(store, max_age_seconds=settings.handler_cache_seconds),
+            broker=self.broker,
         )
         queue_pb2_grpc.add_QueueServiceServicer_to_server(self._servicer, self.host.server)
 

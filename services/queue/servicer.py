@@ -14,7 +14,7 @@ import uuid6
 from fairlane.common.v1 import lane_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from services.core import status
-from services.core.broker import lane_queue
+from services.core.broker import Broker, BrokerError, lane_queue
 from services.core.grpc_host import ServicerContext, abort
 from services.core.metrics import OPEN_SESSIONS
 from services.core.rich_status import abort_retry
@@ -62,6 +62,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         intake: Intake,
         hub: Hub,
         catalog: HandlerCatalog,
+        broker: Broker,
     ) -> None:
         self._settings = settings
         self._verifier = verifier
@@ -69,6 +70,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         self._intake = intake
         self._hub = hub
         self._catalog = catalog
+        self._broker = broker
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -198,16 +200,30 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     ) -> queue_pb2.CancelRequestResponse:
         principal = await self._user(context)
         request_id = await self._request_id(request.request_id, context)
-        after = await self._store.cancel_queued(uuid.UUID(principal.user_id), request_id)
+        try:
+            after = await self.cancel(uuid.UUID(principal.user_id), request_id)
+        except BrokerError as exc:
+            await abort_retry(
+                context, grpc.StatusCode.UNAVAILABLE, f"cannot reach workers: {exc}", 1000
+            )
         if after is None:
             await abort(context, grpc.StatusCode.NOT_FOUND, "no such request")
-        if after == status.RUNNING:
-            await abort(
-                context,
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "the request is running; cancelling running handlers is not available yet",
-            )
         return queue_pb2.CancelRequestResponse(status=status.to_proto(after))
+
+    async def cancel(self, user: uuid.UUID, request_id: uuid.UUID) -> str | None:
+        """Cancels a queued request in the log and asks workers to stop it if it runs."""
+        after = await self._store.cancel_queued(user, request_id)
+        if after in (status.CANCELLED, status.RUNNING):
+            # The log may still say QUEUED for a handler that just started; the worker
+            # running it (if any) stops it and records CANCELLED itself.
+            try:
+                await self._broker.publish_control(
+                    lane_pb2.ControlEvent(cancel_request=str(request_id)).SerializeToString()
+                )
+            except BrokerError:
+                if after == status.RUNNING:
+                    raise
+        return after
 
     # -- lanes -----------------------------------------------------------------------------
 
@@ -274,7 +290,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         replay = queue_pb2.EnqueueRequest(
             handler=row.handler,
             payload=row.payload,
-            max_attempts=row.max_attempts,
+            max_attempts=request.max_attempts or row.max_attempts,
             client_ref=row.client_ref,
         )
         try:
@@ -390,15 +406,13 @@ class _Session:
         except ValueError:
             self._reject(request_id, grpc.StatusCode.INVALID_ARGUMENT, "invalid request_id")
             return
-        after = await self._s._store.cancel_queued(uuid.UUID(self._principal.user_id), rid)
+        try:
+            after = await self._s.cancel(uuid.UUID(self._principal.user_id), rid)
+        except BrokerError as exc:
+            self._reject(request_id, grpc.StatusCode.UNAVAILABLE, f"cannot cancel now: {exc}", 1000)
+            return
         if after is None:
             self._reject(request_id, grpc.StatusCode.NOT_FOUND, "no such request")
-        elif after == status.RUNNING:
-            self._reject(
-                request_id,
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "the request is running; cancelling running handlers is not available yet",
-            )
 
     async def _answer(self) -> None:
         while (item := await self._answers.get()) is not None:

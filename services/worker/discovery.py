@@ -62,6 +62,8 @@ class LaneDiscovery:
                 await self._runner.add_lane(event.lane_created)
             elif kind == "lane_deleted":
                 await self._runner.remove_lane(event.lane_deleted)
+            elif kind == "cancel_request":
+                self._runner.cancel(event.cancel_request)
         except BrokerError as exc:
             log.warning("lane_consume_failed", error=str(exc))
 

@@ -11,6 +11,8 @@ import random
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable
+from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,7 +20,7 @@ from google.protobuf.message import DecodeError
 from sqlalchemy.exc import SQLAlchemyError
 
 from fairlane.common.v1 import common_pb2, lane_pb2
-from fairlane.handlers import PermanentError
+from fairlane.handlers import Hooks, PermanentError, PlainContext
 from fairlane.worker.v1 import worker_pb2
 from services.core import metrics, status
 from services.core.broker import Broker, BrokerError, Delivery, LaneConsumer
@@ -31,6 +33,11 @@ from services.worker.writer import ResultWriter, WriteFailed
 log = get_logger(__name__)
 
 RUNNING_MARK_SECONDS = 0.05  # handlers that take longer show RUNNING in the log
+CANCELLED_MEMORY = 10_000  # recent cancel requests remembered for requests not yet started
+
+
+class RequestCancelled(Exception):
+    pass
 
 
 class Stats:
@@ -86,6 +93,7 @@ class Runner:
         retry_base: float,
         retry_max: float,
         worker_id: str,
+        hooks: list[Hooks] | None = None,
     ) -> None:
         self._broker = broker
         self._store = store
@@ -103,6 +111,10 @@ class Runner:
         self._resumed.set()
         self.in_flight = 0
         self.stats = Stats()
+        self._hooks = hooks or []
+        self._running: dict[str, asyncio.Future[Any]] = {}
+        self._cancelled: dict[str, None] = {}  # insertion-ordered, bounded
+        self._processes: ProcessPoolExecutor | None = None
         self._lock = asyncio.Lock()
 
     # -- lanes -----------------------------------------------------------------------------
@@ -238,7 +250,7 @@ class Runner:
                 route=batch.reply_route,
             )
             return None
-        if state.status == status.CANCELLED:
+        if state.status == status.CANCELLED or item.request_id in self._cancelled:
             outcome = Outcome(request_id, user, status.CANCELLED, error="cancelled by the client")
         elif item.HasField("deadline") and item.deadline.ToDatetime(tzinfo=UTC) <= datetime.now(
             UTC
@@ -286,8 +298,15 @@ class Runner:
         number = previous_attempts + 1
         while True:
             await self._gate(lane)
-            started = datetime.now(UTC)
-            attempt = Attempt(number, started)
+            if item.request_id in self._cancelled:
+                return Outcome(
+                    request_id,
+                    user,
+                    status.CANCELLED,
+                    error="cancelled by the client",
+                    attempts=attempts,
+                )
+            attempt = Attempt(number, datetime.now(UTC))
             attempts.append(attempt)
             ctx = Context(
                 request_id=item.request_id,
@@ -297,35 +316,84 @@ class Runner:
                 writer=self._writer,
                 route=batch.reply_route,
             )
+            await self._hooks_before(ctx, spec.name)
+            outcome: Outcome | None = None
             try:
                 output = await self._call(spec, ctx, item.payload, request_id, number)
+            except RequestCancelled:
+                attempt.error = "cancelled by the client"
+                outcome = Outcome(
+                    request_id, user, status.CANCELLED, error=attempt.error, attempts=attempts
+                )
             except PermanentError as exc:
                 attempt.error = str(exc) or exc.__class__.__name__
                 self.stats.failed[spec.name] += 1
-                return Outcome(
+                outcome = Outcome(
                     request_id, user, status.FAILED, error=attempt.error, attempts=attempts
                 )
             except Exception as exc:
                 attempt.error = f"{exc.__class__.__name__}: {exc}"
             else:
                 self.stats.succeeded[spec.name] += 1
-                return Outcome(request_id, user, status.SUCCEEDED, output=output, attempts=attempts)
-            if number >= max_attempts:
+                outcome = Outcome(
+                    request_id, user, status.SUCCEEDED, output=output, attempts=attempts
+                )
+            if outcome is None and number >= max_attempts:
                 self.stats.failed[spec.name] += 1
                 await self._dead_letter(batch, item, attempts)
-                return Outcome(
+                outcome = Outcome(
                     request_id,
                     user,
                     status.DEAD,
                     error=f"gave up after {number} attempts: {attempt.error}",
                     attempts=attempts,
                 )
+            await self._hooks_after(
+                ctx, spec.name, outcome.status if outcome else "RETRY", attempt.error
+            )
+            if outcome is not None:
+                return outcome
             self.stats.retried[spec.name] += 1
             metrics.RETRIES.labels(spec.name).inc()
             # Exponential backoff with full jitter; the lane waits, so order holds.
             cap = min(self._retry_max, self._retry_base * 2 ** (number - 1))
             await asyncio.sleep(random.uniform(0, cap))
             number += 1
+
+    async def _hooks_before(self, ctx: Context, handler: str) -> None:
+        for hooks in self._hooks:
+            try:
+                await hooks.before_request(ctx, handler)
+            except Exception:
+                log.exception("before_request_hook_failed", handler=handler)
+
+    async def _hooks_after(self, ctx: Context, handler: str, outcome: str, error: str) -> None:
+        for hooks in self._hooks:
+            try:
+                await hooks.after_request(ctx, handler, outcome, error)
+            except Exception:
+                log.exception("after_request_hook_failed", handler=handler)
+
+    def cancel(self, request_id: str) -> None:
+        """Stops the handler running `request_id` here, or skips it when its turn comes."""
+        self._cancelled[request_id] = None
+        while len(self._cancelled) > CANCELLED_MEMORY:
+            self._cancelled.pop(next(iter(self._cancelled)))
+        task = self._running.get(request_id)
+        if task is not None:
+            task.cancel()
+
+    def _start(self, spec: Handler, ctx: Context, payload: bytes) -> Awaitable[Any]:
+        if spec.is_async:
+            coro: Awaitable[Any] = spec.fn(ctx, payload)
+            return asyncio.ensure_future(coro)
+        loop = asyncio.get_running_loop()
+        if spec.executor == "process":
+            if self._processes is None:
+                self._processes = ProcessPoolExecutor()
+            plain = PlainContext(ctx.request_id, ctx.user_id, ctx.attempt, ctx.deadline)
+            return loop.run_in_executor(self._processes, spec.fn, plain, payload)
+        return loop.run_in_executor(None, functools.partial(spec.fn, ctx, payload))
 
     async def _call(
         self, spec: Handler, ctx: Context, payload: bytes, request_id: uuid.UUID, number: int
@@ -338,16 +406,20 @@ class Runner:
             mark = asyncio.get_running_loop().call_later(
                 RUNNING_MARK_SECONDS, self._mark_running, request_id, number
             )
+            running = asyncio.ensure_future(self._start(spec, ctx, payload))
+            self._running[ctx.request_id] = running
             try:
                 async with asyncio.timeout(spec.timeout):
-                    if spec.is_async:
-                        result = await spec.fn(ctx, payload)
-                    else:
-                        loop = asyncio.get_running_loop()
-                        result = await loop.run_in_executor(
-                            None, functools.partial(spec.fn, ctx, payload)
-                        )
+                    result = await running
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # the worker itself is stopping
+                # Only the handler was cancelled: the client asked for it. A thread or
+                # process keeps running to its end; its result is discarded.
+                raise RequestCancelled from None
             finally:
+                del self._running[ctx.request_id]
                 mark.cancel()
                 metrics.HANDLER_SECONDS.labels(spec.name).observe(time.perf_counter() - started)
                 metrics.IN_FLIGHT.dec()
@@ -360,6 +432,19 @@ class Runner:
         if not isinstance(result, bytes | bytearray | memoryview):
             raise PermanentError(f"handler returned {type(result).__name__}, not bytes")
         return bytes(result)
+
+    async def start(self) -> None:
+        for hooks in self._hooks:
+            await hooks.on_startup()
+
+    async def shutdown(self) -> None:
+        for hooks in self._hooks:
+            try:
+                await hooks.on_shutdown()
+            except Exception:
+                log.exception("on_shutdown_hook_failed")
+        if self._processes is not None:
+            self._processes.shutdown(wait=False, cancel_futures=True)
 
     def _mark_running(self, request_id: uuid.UUID, number: int) -> None:
         task = asyncio.create_task(self._store.mark_running(request_id, number, datetime.now(UTC)))

@@ -63,6 +63,7 @@ class WorkerService:
             retry_base=settings.retry_base_seconds,
             retry_max=settings.retry_max_seconds,
             worker_id=settings.instance_id,
+            hooks=registry.load_hooks(settings.hooks),
         )
         self._auth = AuthClient(settings.auth_target)
         self.discovery = LaneDiscovery(
@@ -83,6 +84,7 @@ class WorkerService:
         return self.host.address
 
     async def start(self) -> None:
+        await self.runner.start()
         await self.store.register_handlers(list(self.handlers.values()))
         if self._own_broker:
             await self.broker.connect()
@@ -99,6 +101,7 @@ class WorkerService:
         await self.discovery.stop()
         await self.runner.drain(grace)
         await self.writer.stop()
+        await self.runner.shutdown()
         await self.host.stop(1.0)
         if self._own_broker:
             await self.broker.close()

@@ -30,12 +30,16 @@ def serve(
         list[str] | None,
         typer.Option("--handlers", help="Extra worker handlers as module:attr (repeatable)."),
     ] = None,
+    hooks: Annotated[
+        list[str] | None,
+        typer.Option("--hooks", help="Worker lifecycle hooks as module:attr (repeatable)."),
+    ] = None,
     json_logs: Annotated[bool, typer.Option("--json-logs/--console-logs")] = True,
 ) -> None:
     """Run one service against RabbitMQ and PostgreSQL (settings: FAIRLANE_* variables)."""
     from services.cli import serve_one
 
-    serve_one(service.value, handlers or [], json_logs=json_logs)
+    serve_one(service.value, handlers or [], hooks or [], json_logs=json_logs)
 
 
 @app.command()
@@ -53,7 +57,9 @@ def dev(
     ] = "memory",
     database: Annotated[
         str,
-        typer.Option(help="SQLAlchemy URL; default: SQLite in --data-dir (postgresql+asyncpg://...)."),
+        typer.Option(
+            help="SQLAlchemy URL; default: SQLite in --data-dir (postgresql+asyncpg://...)."
+        ),
     ] = "",
     data_dir: Annotated[
         str, typer.Option(help="Where the embedded SQLite database lives.")
@@ -67,7 +73,10 @@ def dev(
     from services.dev import run_dev
 
     run_dev(
-        broker=broker, database=database, data_dir=data_dir, demo=demo,
+        broker=broker,
+        database=database,
+        data_dir=data_dir,
+        demo=demo,
         trace_console=trace_console,
     )
 

@@ -173,21 +173,25 @@ class ControlEvent(_message.Message):
 
     LANE_CREATED_FIELD_NUMBER: _builtins.int
     LANE_DELETED_FIELD_NUMBER: _builtins.int
+    CANCEL_REQUEST_FIELD_NUMBER: _builtins.int
     lane_created: _builtins.str
     """A lane queue was declared for this user id."""
     lane_deleted: _builtins.str
     """A lane queue was deleted for this user id."""
+    cancel_request: _builtins.str
+    """Stop the handler running this request id, if any (it ends CANCELLED)."""
     def __init__(
         self,
         *,
         lane_created: _builtins.str = ...,
         lane_deleted: _builtins.str = ...,
+        cancel_request: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "lane_created", b"lane_created", "lane_deleted", b"lane_deleted"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_request", b"cancel_request", "kind", b"kind", "lane_created", b"lane_created", "lane_deleted", b"lane_deleted"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "lane_created", b"lane_created", "lane_deleted", b"lane_deleted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_request", b"cancel_request", "kind", b"kind", "lane_created", b"lane_created", "lane_deleted", b"lane_deleted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["lane_created", "lane_deleted"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["lane_created", "lane_deleted", "cancel_request"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

@@ -34,7 +34,9 @@ class SessionRequest(_message.Message):
 
     @_builtins.property
     def cancel(self) -> Global___CancelRequestRequest:
-        """Cancel one of the caller's requests; answered by its CANCELLED result if it had not finished."""
+        """Cancel one of the caller's requests (queued or running); its CANCELLED result follows
+        if it had not finished. Errors come back as rejected with client_ref = request_id.
+        """
 
     def __init__(
         self,
@@ -410,7 +412,9 @@ class CancelRequestResponse(_message.Message):
 
     STATUS_FIELD_NUMBER: _builtins.int
     status: _common_pb2.RequestStatus.ValueType
-    """Status after the call: CANCELLED, or the final status it had already reached."""
+    """Status after the call: CANCELLED, the final status it had already reached, or RUNNING
+    when a running handler was asked to stop (its CANCELLED result follows on the stream).
+    """
     def __init__(
         self,
         *,
@@ -626,16 +630,20 @@ class ReplayDeadRequestRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Id of a DEAD request of the caller's."""
+    max_attempts: _builtins.int
+    """Attempts for the replay; 0 keeps the original request's max_attempts."""
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
+        max_attempts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_attempts", b"max_attempts", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
