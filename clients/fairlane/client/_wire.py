@@ -1,0 +1,73 @@
+"""Channel options and request building shared by the client modules."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+
+from fairlane.queue.v1 import queue_pb2
+
+# The same values the servers use (services/core/grpc_host.py); copied on purpose so the
+# client does not depend on server code.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Ping long-lived streams (Session, WatchResults) so a half-open connection is noticed.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+Metadata = tuple[tuple[str, str], ...]
+
+Deadline = datetime | timedelta | float | int | None
+"""An absolute time (timezone-aware, or naive meaning UTC), a timedelta from now, or
+seconds from now."""
+
+Payload = bytes | bytearray | memoryview | str
+"""Handler input; a str is sent UTF-8 encoded."""
+
+
+def bearer(token: str) -> Metadata:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def deadline_timestamp(deadline: Deadline) -> timestamp_pb2.Timestamp | None:
+    if deadline is None:
+        return None
+    if isinstance(deadline, datetime):
+        when = deadline if deadline.tzinfo is not None else deadline.replace(tzinfo=UTC)
+    elif isinstance(deadline, timedelta):
+        when = datetime.now(UTC) + deadline
+    else:
+        when = datetime.now(UTC) + timedelta(seconds=float(deadline))
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(when.astimezone(UTC))
+    return ts
+
+
+def payload_bytes(payload: Payload) -> bytes:
+    return payload.encode() if isinstance(payload, str) else bytes(payload)
+
+
+def enqueue_request(
+    handler: str,
+    payload: Payload,
+    *,
+    idempotency_key: str | None,
+    deadline: Deadline,
+    max_attempts: int,
+    client_ref: str,
+) -> queue_pb2.EnqueueRequest:
+    return queue_pb2.EnqueueRequest(
+        handler=handler,
+        payload=payload_bytes(payload),
+        idempotency_key=idempotency_key or "",
+        deadline=deadline_timestamp(deadline),
+        max_attempts=max_attempts,
+        client_ref=client_ref,
+    )

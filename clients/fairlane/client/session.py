@@ -1,0 +1,363 @@
+"""Session: the bidirectional fast path, with a future per submitted request."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final
+
+import grpc
+
+from fairlane.client._wire import Deadline, Payload, bearer, enqueue_request
+from fairlane.client.errors import FairlaneError, Rejected, SessionClosed, error_from_rpc
+from fairlane.client.types import Accepted, Event, Progress, Result
+from fairlane.client.types import Rejected as RejectedEvent
+from fairlane.queue.v1 import queue_pb2
+
+if TYPE_CHECKING:
+    from fairlane.client.async_client import Client
+
+__all__ = ["Session", "SubmitFuture"]
+
+
+class SubmitFuture(asyncio.Future[Result]):
+    """Resolves to the request's Result (whatever its status), or raises Rejected when
+    the server did not accept it, or SessionClosed/another FairlaneError when the stream
+    ended first. `request_id` is set once the request is accepted."""
+
+    client_ref: str
+    request_id: str | None
+    duplicate: bool
+
+
+@dataclass(slots=True)
+class _Unanswered:
+    message: queue_pb2.SessionRequest
+    future: SubmitFuture
+
+
+_END: Final = object()
+
+
+class Session:
+    """One QueueService.Session stream (create it with Client.session()).
+
+    Answers come in the order requests were submitted; a request's result comes after
+    its acceptance; results come in lane order. `close()` (or leaving the `async with`
+    block) half-closes the stream: the server still sends the results of everything it
+    accepted, then ends it. Leaving the block waits for that; leaving it with an
+    exception cancels the stream instead.
+
+    Rejections are not retried here: resubmitting would reorder the lane. A Rejected
+    error carries `retry_after_ms` for callers that want to send it again.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        max_in_flight: int = 512,
+        record_events: bool = True,
+        timeout: float | None = None,
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self._client = client
+        self._max_in_flight = max_in_flight
+        self._timeout = timeout
+        self._events: asyncio.Queue[Any] | None = asyncio.Queue() if record_events else None
+        self._call: Any = None
+        self._token = ""
+        self._write_lock = asyncio.Lock()
+        self._unanswered: collections.deque[_Unanswered] = collections.deque()
+        self._by_request: dict[str, list[SubmitFuture]] = {}
+        # Cancels may be answered by a rejection carrying the request id as client_ref.
+        self._cancels: collections.Counter[str] = collections.Counter()
+        self._early_cancels: list[queue_pb2.SessionRequest] = []
+        self._answered_any = False
+        self._in_flight = 0
+        self._room = asyncio.Event()
+        self._room.set()
+        self._half_closed = False
+        self._finished = False
+        self._error: FairlaneError | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self.last_lane_seq = 0
+        """lane_seq of the newest result received on this session (for WatchResults)."""
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> Session:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            await self.abort()
+            return
+        await self.close()
+        await self.wait_closed()
+        if self._error is not None:
+            raise self._error
+
+    async def open(self) -> None:
+        """Opens the stream (done by `async with`)."""
+        if self._call is not None:
+            raise FairlaneError("the session is already open")
+        self._call = await self._new_call()
+        self._reader = asyncio.create_task(self._read_loop(), name="fairlane-session-reader")
+
+    async def _new_call(self) -> Any:
+        self._token = await self._client.access_token()
+        stub = self._client._queue_stub()
+        return stub.Session(metadata=bearer(self._token), timeout=self._timeout)
+
+    async def close(self) -> None:
+        """Half-closes the stream: no more submits; results of accepted requests still
+        arrive, then the stream ends."""
+        async with self._write_lock:
+            if self._half_closed or self._call is None:
+                return
+            self._half_closed = True
+            if not self._finished:
+                with contextlib.suppress(Exception):
+                    await self._call.done_writing()
+
+    async def wait_closed(self) -> None:
+        """Waits until the server has ended the stream."""
+        if self._reader is not None:
+            await asyncio.shield(self._reader)
+
+    async def abort(self) -> None:
+        """Cancels the stream; unfinished futures fail with SessionClosed."""
+        self._half_closed = True
+        if self._call is not None:
+            self._call.cancel()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        self._finish(SessionClosed("the session was cancelled"), report=False)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not finished yet."""
+        return self._in_flight
+
+    # -- sending -----------------------------------------------------------------------
+
+    async def submit(
+        self,
+        handler: str,
+        payload: Payload = b"",
+        *,
+        idempotency_key: str | None = None,
+        deadline: Deadline = None,
+        max_attempts: int = 0,
+        client_ref: str = "",
+    ) -> SubmitFuture:
+        """Sends one enqueue; returns a future of its Result.
+
+        Waits while `max_in_flight` requests are unfinished (and while HTTP/2 flow
+        control holds the write). Raises if the session is closed or has failed."""
+        message = queue_pb2.SessionRequest(
+            enqueue=enqueue_request(
+                handler,
+                payload,
+                idempotency_key=idempotency_key,
+                deadline=deadline,
+                max_attempts=max_attempts,
+                client_ref=client_ref,
+            )
+        )
+        while self._in_flight >= self._max_in_flight and not self._finished:
+            self._room.clear()
+            await self._room.wait()
+        future = SubmitFuture(loop=asyncio.get_running_loop())
+        future.client_ref = client_ref
+        future.request_id = None
+        future.duplicate = False
+        async with self._write_lock:
+            self._check_writable()
+            self._in_flight += 1
+            self._unanswered.append(_Unanswered(message, future))
+            await self._write(message)
+        return future
+
+    async def cancel(self, request_id: str) -> None:
+        """Asks the server to cancel a queued request. If it was submitted on this
+        session its future resolves to a CANCELLED result; a refusal (unknown id,
+        already running) arrives only as a Rejected event with client_ref=request_id.
+        Use Client.cancel for a definite answer."""
+        message = queue_pb2.SessionRequest(
+            cancel=queue_pb2.CancelRequestRequest(request_id=request_id)
+        )
+        async with self._write_lock:
+            self._check_writable()
+            self._cancels[request_id] += 1
+            if not self._answered_any:
+                self._early_cancels.append(message)
+            await self._write(message)
+
+    def _check_writable(self) -> None:
+        if self._call is None:
+            raise FairlaneError("the session is not open (use `async with client.session()`)")
+        if self._error is not None:
+            raise self._error
+        if self._half_closed or self._finished:
+            raise SessionClosed("the session is closed")
+
+    async def _write(self, message: queue_pb2.SessionRequest) -> None:
+        # If the stream has ended, the reader reports why and fails the future.
+        with contextlib.suppress(
+            grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError
+        ):
+            await self._call.write(message)
+
+    # -- receiving ---------------------------------------------------------------------
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Every Accepted, Rejected, Progress and Result, in the order received, from
+        the start of the session. Ends when the stream ends (after close()); raises the
+        stream's error, if it failed, after the events received before it."""
+        if self._events is None:
+            raise FairlaneError("events are not recorded (session(record_events=False))")
+        while True:
+            item = await self._events.get()
+            if item is _END:
+                self._events.put_nowait(_END)  # a later events() call ends too
+                if self._error is not None:
+                    raise self._error
+                return
+            yield item
+
+    async def _read_loop(self) -> None:
+        reauthenticated = False
+        while True:
+            try:
+                while True:
+                    response = await self._call.read()
+                    if response is grpc.aio.EOF:
+                        self._finish(None)
+                        return
+                    self._handle(response)
+            except grpc.aio.AioRpcError as err:
+                if (
+                    err.code() == grpc.StatusCode.UNAUTHENTICATED
+                    and not self._answered_any
+                    and not reauthenticated
+                ):
+                    # Refused before reading anything: refresh and send it all again.
+                    reauthenticated = True
+                    try:
+                        if await self._reopen():
+                            continue
+                    except FairlaneError as exc:
+                        self._finish(exc)
+                        return
+                self._finish(error_from_rpc(err))
+                return
+            except asyncio.CancelledError:
+                self._finish(SessionClosed("the session was cancelled"), report=False)
+                raise
+            except Exception as exc:  # a bug here must not leave futures hanging
+                self._finish(FairlaneError(f"session reader failed: {exc!r}"))
+                raise
+
+    async def _reopen(self) -> bool:
+        async with self._write_lock:
+            if not await self._client._refresh(self._token):
+                return False
+            self._call = await self._new_call()
+            for item in self._unanswered:
+                await self._write(item.message)
+            for message in self._early_cancels:
+                await self._write(message)
+            if self._half_closed:
+                with contextlib.suppress(Exception):
+                    await self._call.done_writing()
+            return True
+
+    def _emit(self, event: Event) -> None:
+        if self._events is not None:
+            self._events.put_nowait(event)
+
+    def _done_one(self) -> None:
+        self._in_flight -= 1
+        self._room.set()
+
+    def _handle(self, response: queue_pb2.SessionResponse) -> None:
+        kind = response.WhichOneof("kind")
+        if kind == "accepted":
+            accepted = Accepted.from_proto(response.accepted)
+            self._answered_any = True
+            self._early_cancels.clear()
+            if self._unanswered:
+                future = self._unanswered.popleft().future
+                future.request_id = accepted.request_id
+                future.duplicate = accepted.duplicate
+                self._by_request.setdefault(accepted.request_id, []).append(future)
+            self._emit(accepted)
+        elif kind == "rejected":
+            rejected = RejectedEvent.from_proto(response.rejected)
+            head = self._unanswered[0].future.client_ref if self._unanswered else None
+            if self._cancels[rejected.client_ref] > 0 and head != rejected.client_ref:
+                self._cancels[rejected.client_ref] -= 1  # a refused cancel
+            elif self._unanswered:
+                self._answered_any = True
+                self._early_cancels.clear()
+                future = self._unanswered.popleft().future
+                if not future.done():
+                    future.set_exception(
+                        Rejected(
+                            rejected.code,
+                            rejected.message,
+                            rejected.retry_after_ms,
+                            rejected.client_ref,
+                        )
+                    )
+                    future.exception()  # also reported as an event: no "never retrieved"
+                self._done_one()
+            self._emit(rejected)
+        elif kind == "progress":
+            self._emit(Progress.from_proto(response.progress))
+        elif kind == "result":
+            result = Result.from_proto(response.result)
+            self.last_lane_seq = max(self.last_lane_seq, result.lane_seq)
+            for future in self._by_request.pop(result.request_id, []):
+                if not future.done():
+                    future.set_result(result)
+                self._done_one()
+            self._emit(result)
+
+    def _finish(self, error: FairlaneError | None, *, report: bool = True) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if error is not None and report:
+            self._error = error
+        for item in self._unanswered:
+            _fail(item.future, error or SessionClosed("the stream ended before an answer"))
+        self._unanswered.clear()
+        for futures in self._by_request.values():
+            for future in futures:
+                _fail(future, error or SessionClosed("the stream ended before the result"))
+        self._by_request.clear()
+        self._in_flight = 0
+        self._room.set()
+        if self._events is not None:
+            self._events.put_nowait(_END)
+
+
+def _fail(future: SubmitFuture, error: FairlaneError) -> None:
+    if not future.done():
+        future.set_exception(error)
+        future.exception()

@@ -1,0 +1,332 @@
+"""The Python client (fairlane.client) against the three service processes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from fairlane.client import (
+    Accepted,
+    AlreadyExists,
+    Client,
+    InvalidArgument,
+    NotFound,
+    NotLoggedIn,
+    Progress,
+    Rejected,
+    RejectedEvent,
+    Request,
+    Result,
+    Status,
+    SyncClient,
+    Tokens,
+    Unauthenticated,
+    WorkerState,
+)
+from tests.conftest import DATABASE_URL, broker_url
+from tests.e2e.suite import Suite
+
+pytestmark = pytest.mark.e2e
+
+PASSWORD = "correct horse battery"
+TOKEN_TTL = 2
+
+
+def _client(suite: Suite, **kwargs: object) -> Client:
+    return Client(
+        suite.target("auth"),
+        suite.target("queue"),
+        suite.target("worker"),
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _name() -> str:
+    return f"user-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def short_token_suite(pg_schema: str, vhost: str, tmp_path: Path) -> AsyncIterator[Suite]:
+    """The suite with access tokens that live TOKEN_TTL seconds."""
+    s = Suite(DATABASE_URL, pg_schema, broker_url(vhost), tmp_path)
+    s.extra_env["FAIRLANE_ACCESS_TOKEN_TTL_SECONDS"] = str(TOKEN_TTL)
+    try:
+        s.start("auth")
+        await s.wait_serving("auth")
+        s.start("queue")
+        s.start("worker")
+        await s.wait_serving("queue")
+        await s.wait_serving("worker")
+        yield s
+    finally:
+        codes = s.stop_all()
+    assert codes == {"worker": 0, "queue": 0, "auth": 0}, {n: s.log(n) for n in codes}
+
+
+async def test_session_futures_events_and_watch(suite: Suite) -> None:
+    async with _client(suite) as client:
+        name = _name()
+        user_id = await client.register(name, PASSWORD)
+        tokens = await client.login(name, PASSWORD)
+        assert tokens.username == name
+        assert tokens.refresh_token
+        assert tokens.expires_at > time.time()
+        me = await client.whoami()
+        assert (me.user_id, me.username) == (user_id, name)
+
+        async with client.session() as session:
+            futures = []
+            for i in range(30):
+                if i == 10:
+                    bad = await session.submit("no-such-handler", b"x", client_ref="bad")
+                if i == 20:
+                    slow = await session.submit("sleep", b"0.2", client_ref="slow")
+                futures.append(await session.submit("echo", f"p{i}", client_ref=f"r{i}"))
+        # Leaving the block half-closed the stream and waited for every result.
+        results = [f.result() for f in futures]
+        assert [r.output for r in results] == [f"p{i}".encode() for i in range(30)]
+        assert all(r.status is Status.SUCCEEDED and r.ok for r in results)
+        assert [f.request_id for f in futures] == [r.request_id for r in results]
+        assert [r.client_ref for r in results] == [f"r{i}" for i in range(30)]
+        slow_result = slow.result()
+        assert slow_result.output == b"0.2"
+        # FIFO: lane_seq 1..31 in submit order (the slow one sits between r19 and r20).
+        seqs = [r.lane_seq for r in results[:20]] + [slow_result.lane_seq]
+        seqs += [r.lane_seq for r in results[20:]]
+        assert seqs == list(range(1, 32))
+        with pytest.raises(Rejected) as rejected:
+            bad.result()
+        assert rejected.value.code == "INVALID_ARGUMENT"
+        assert "unknown handler" in rejected.value.message
+        assert rejected.value.client_ref == "bad"
+        assert bad.request_id is None
+        assert session.last_lane_seq == 31
+
+        events = [e async for e in session.events()]
+        answers = [e.client_ref for e in events if isinstance(e, Accepted | RejectedEvent)]
+        expected = [f"r{i}" for i in range(30)]
+        expected[20:20] = ["slow"]
+        expected[10:10] = ["bad"]
+        assert answers == expected
+        assert isinstance(events[answers.index("bad")], RejectedEvent)
+        position = {
+            (type(e).__name__, e.request_id): n
+            for n, e in enumerate(events)
+            if isinstance(e, Accepted | Result)
+        }
+        for r in [*results, slow_result]:
+            assert position[("Accepted", r.request_id)] < position[("Result", r.request_id)]
+        in_order = [e.lane_seq for e in events if isinstance(e, Result)]
+        assert in_order == sorted(in_order) == list(range(1, 32))
+        progress = [e for e in events if isinstance(e, Progress)]
+        assert [(p.done, p.total) for p in progress] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+        assert {p.request_id for p in progress} == {slow_result.request_id}
+        assert position[("Accepted", slow_result.request_id)] < events.index(progress[0])
+        assert events.index(progress[-1]) < position[("Result", slow_result.request_id)]
+
+        # Resume after a lane_seq: stored results first, then live ones.
+        watched: list[Result] = []
+
+        async def watch() -> None:
+            async for r in client.watch(after_lane_seq=28):
+                watched.append(r)
+                if len(watched) == 5:
+                    return
+
+        watcher = asyncio.create_task(watch())
+        async with client.session() as session:
+            live = [await session.submit("echo", f"live{i}") for i in range(2)]
+        await asyncio.wait_for(watcher, 30)
+        assert [r.lane_seq for r in watched] == [29, 30, 31, 32, 33]
+        # seq 29 is r27: the slow request took seq 21.
+        assert [r.output for r in watched] == [b"p27", b"p28", b"p29", b"live0", b"live1"]
+        assert [r.request_id for r in watched[-2:]] == [f.request_id for f in live]
+
+        # A repeated idempotency key on one stream: the same request, one run.
+        async with client.session() as session:
+            first = await session.submit("echo", b"once", idempotency_key="k1")
+            again = await session.submit("echo", b"twice", idempotency_key="k1")
+        assert again.duplicate
+        assert not first.duplicate
+        assert first.request_id == again.request_id
+        assert first.result() == again.result()
+        assert first.result().output == b"once"
+
+        # Without recorded events the futures still work; events() says why it cannot.
+        async with client.session(record_events=False, max_in_flight=2) as session:
+            small = [await session.submit("echo", str(i)) for i in range(6)]
+            with pytest.raises(Exception, match="not recorded"):
+                async for _ in session.events():
+                    pass
+        assert [f.result().output for f in small] == [str(i).encode() for i in range(6)]
+
+
+async def test_unary_calls_worker_control_and_sync_client(suite: Suite) -> None:
+    async with _client(suite) as client:
+        with pytest.raises(NotLoggedIn):
+            await client.enqueue("echo", b"x")
+        name = _name()
+        await client.register(name, PASSWORD)
+        with pytest.raises(AlreadyExists):
+            await client.register(name, PASSWORD)
+        with pytest.raises(Unauthenticated):
+            await client.login(name, "wrong password!")
+        await client.login(name, PASSWORD)
+        with pytest.raises(NotFound, match="no lane yet"):
+            await client.lane()
+
+        handlers = {h.name: h for h in await client.list_handlers()}
+        assert {"echo", "sleep", "fail"} <= set(handlers)
+        assert handlers["echo"].description
+
+        enqueued = await client.enqueue("echo", b"hello", client_ref="u1")
+        request = await _wait_final(client, enqueued.request_id)
+        assert (request.status, request.output, request.client_ref) == (
+            Status.SUCCEEDED,
+            b"hello",
+            "u1",
+        )
+        assert request.finished_at is not None
+        assert request.lane_seq == 1
+
+        again = await client.enqueue("echo", b"other", idempotency_key="same")
+        dup = await client.enqueue("echo", b"other", idempotency_key="same")
+        assert dup.duplicate
+        assert dup.request_id == again.request_id
+
+        with pytest.raises(InvalidArgument, match="unknown handler"):
+            await client.enqueue("no-such-handler", b"x")
+        with pytest.raises(InvalidArgument):
+            await client.get("not-a-uuid")
+        with pytest.raises(NotFound):
+            await client.get(str(uuid.uuid4()))
+
+        # Pause the worker: a new request waits QUEUED and can be cancelled.
+        assert await client.pause() == WorkerState.PAUSED
+        assert (await client.worker_status()).state == WorkerState.PAUSED
+        waiting = await client.enqueue("echo", b"never")
+        await asyncio.sleep(0.3)
+        assert (await client.get(waiting.request_id)).status == Status.QUEUED
+        assert await client.cancel(waiting.request_id) == Status.CANCELLED
+        assert await client.resume() == WorkerState.RUNNING
+        status = await client.worker_status()
+        assert status.state == WorkerState.RUNNING
+        assert status.concurrency > 0
+        assert "echo" in {h.name for h in status.handlers}
+        await _wait_final(client, again.request_id)
+
+        lane = await client.lane()
+        assert lane.queue_name.endswith(lane.user_id)
+        assert lane.last_lane_seq >= 2
+
+        pages = [page async for page in client.requests(page_size=2)]
+        assert [len(p) for p in pages] == [2, 1]
+        listed = [r.request_id for page in pages for r in page]
+        assert listed == [waiting.request_id, again.request_id, enqueued.request_id]
+        cancelled = [r async for page in client.requests("cancelled") for r in page]
+        assert [r.request_id for r in cancelled] == [waiting.request_id]
+
+        with pytest.raises(ValueError, match="unknown status"):
+            async for _ in client.requests("bogus"):
+                pass
+
+        await client.logout()
+        assert client.tokens is None
+
+    def use_sync() -> tuple[Result, list[str], str]:
+        with SyncClient(suite.target("auth"), suite.target("queue"), suite.target("worker")) as sc:
+            sc.login(name, PASSWORD)
+            result = sc.submit_and_wait("echo", "from sync")
+            ids = [r.request_id for page in sc.requests() for r in page]
+            who = sc.whoami().username
+            with pytest.raises(Rejected):
+                sc.submit_and_wait("no-such-handler")
+            return result, ids, who
+
+    result, ids, who = await asyncio.to_thread(use_sync)
+    assert result.output == b"from sync"
+    assert result.ok
+    assert ids[0] == result.request_id
+    assert len(ids) == 4
+    assert who == name
+
+
+async def _wait_final(client: Client, request_id: str) -> Request:
+    deadline = time.monotonic() + 30
+    while True:
+        request = await client.get(request_id)
+        if request.status.final:
+            return request
+        assert time.monotonic() < deadline, request
+        await asyncio.sleep(0.05)
+
+
+async def test_tokens_are_refreshed_before_and_after_expiry(short_token_suite: Suite) -> None:
+    suite = short_token_suite
+    seen: list[Tokens | None] = []
+    async with _client(suite, on_tokens=seen.append) as client:
+        name = _name()
+        await client.register(name, PASSWORD)
+        first = await client.login(name, PASSWORD)
+        assert first.lifetime == TOKEN_TTL
+        await asyncio.sleep(TOKEN_TTL + 0.5)
+        # Expired by now: refreshed before the call, not after a failure.
+        assert (await client.whoami()).username == name
+        assert len(seen) == 2
+        assert seen[-1] is client.tokens
+        assert client.tokens is not None
+        assert client.tokens.access_token != first.access_token
+        assert client.tokens.refresh_token != first.refresh_token
+        assert client.tokens.username == name
+
+    def stale(tokens: Tokens) -> Tokens:
+        """Tokens whose access token expired but that claim it is valid for an hour,
+        so the client only learns of the expiry from the server."""
+        return Tokens(
+            access_token=tokens.access_token,
+            refresh_token=tokens.refresh_token,
+            expires_at=time.time() + 3600,
+            lifetime=3600,
+            username=tokens.username,
+        )
+
+    # Three logins (refresh tokens rotate, so each case needs its own), left to expire.
+    async with _client(suite) as other:
+        logins = [await other.login(name, PASSWORD) for _ in range(3)]
+    await asyncio.sleep(TOKEN_TTL + 0.5)
+
+    # Unary call: UNAUTHENTICATED → refresh once → the same call again.
+    old = logins[0]
+    async with _client(suite, tokens=stale(old)) as client:
+        enqueued = await client.enqueue("echo", b"after refresh")
+        assert client.tokens is not None
+        assert client.tokens.access_token != old.access_token
+    # The refresh token rotated: the spent one now revokes its whole family.
+    async with _client(suite, tokens=stale(old)) as client:
+        with pytest.raises(Unauthenticated, match="log in again"):
+            await client.whoami()
+
+    # Session: refused at the start → refresh → the stream is reopened and resent.
+    old = logins[1]
+    async with _client(suite, tokens=stale(old)) as client:
+        async with client.session() as session:
+            futures = [await session.submit("echo", f"s{i}") for i in range(3)]
+        assert [f.result().output for f in futures] == [b"s0", b"s1", b"s2"]
+        assert client.tokens is not None
+        assert client.tokens.access_token != old.access_token
+
+    # WatchResults the same way.
+    old = logins[2]
+    async with _client(suite, tokens=stale(old)) as client:
+        got = []
+        async for r in client.watch():
+            got.append(r)
+            if len(got) == 4:
+                break
+        assert [r.output for r in got] == [b"after refresh", b"s0", b"s1", b"s2"]
+        assert got[0].request_id == enqueued.request_id
