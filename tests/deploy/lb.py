@@ -221,9 +221,11 @@ async def wait_grpc(target: str, proc: subprocess.Popen[bytes], timeout: float =
                 await asyncio.sleep(0.2)
 
 
-def stop(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+def stop(proc: subprocess.Popen[bytes], timeout: float = 20, *, signalled: bool = False) -> None:
+    """SIGTERM (unless already sent), then SIGKILL after `timeout` seconds."""
     if proc.poll() is None:
-        proc.terminate()
+        if not signalled:
+            proc.terminate()
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:

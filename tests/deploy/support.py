@@ -8,7 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +139,94 @@ def settings_defaults() -> dict[str, object]:
 AWAITED_SETTINGS = {
     "FAIRLANE_LANE_QUEUE_TYPE": "DESIGN.md: lanes' x-queue-type, classic unless set to quorum",
 }
+
+
+# --- running the real services (e2e) ----------------------------------------------------
+
+DATABASE_URL = os.environ.get(
+    "FAIRLANE_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
+BROKER_ROOT = os.environ.get("FAIRLANE_TEST_BROKER_ROOT", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+def fairlane_bin() -> str:
+    """The installed `fairlane` console script (pip install -e . puts it in the venv)."""
+    path = VENV_BIN / "fairlane"
+    if not path.exists():
+        pytest.fail("the fairlane console script is not installed (pip install -e .)")
+    return str(path)
+
+
+def service_env(**settings: str) -> dict[str, str]:
+    """This environment without any FAIRLANE_*/OTEL_* of the caller, the venv first on
+    PATH (supervisord finds `fairlane` there), plus `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FAIRLANE_", "OTEL_"))}
+    env["PATH"] = os.pathsep.join([str(VENV_BIN), env.get("PATH", "")])
+    env.update(settings)
+    return env
+
+
+def rabbitmqctl(*args: str) -> None:
+    run([tool("rabbitmqctl"), "-q", *args], timeout=60)
+
+
+async def drop_pg_schema(schema: str) -> None:
+    import sqlalchemy as sa
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    assert re.fullmatch(r"t_[0-9a-f]+", schema), schema
+    engine = create_async_engine(DATABASE_URL)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    finally:
+        await engine.dispose()
+
+
+class Backends:
+    """A PostgreSQL schema and a RabbitMQ vhost of one test's own, removed by close()."""
+
+    def __init__(self) -> None:
+        import uuid
+
+        self.schema = f"t_{uuid.uuid4().hex[:12]}"
+        self.vhost = f"t_{uuid.uuid4().hex[:12]}"
+        rabbitmqctl("add_vhost", self.vhost)
+        rabbitmqctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
+
+    @property
+    def settings(self) -> dict[str, str]:
+        return {
+            "FAIRLANE_DATABASE_URL": DATABASE_URL,
+            "FAIRLANE_DATABASE_SCHEMA": self.schema,
+            "FAIRLANE_BROKER_URL": f"{BROKER_ROOT}{self.vhost}",
+        }
+
+    def migrate(self, env: Mapping[str, str]) -> None:
+        """`fairlane migrate` against this schema, as an operator runs it."""
+        run([fairlane_bin(), "migrate"], env=env, timeout=180)
+
+    async def aclose(self) -> None:
+        try:
+            await drop_pg_schema(self.schema)
+        finally:
+            rabbitmqctl("delete_vhost", self.vhost)
+
+    def close(self) -> None:
+        import asyncio
+
+        asyncio.run(self.aclose())
+
+
+def wait_serving(
+    target: str, service: str = "", timeout: float = 90, logs: Callable[[], str] = str
+) -> None:
+    """deploy/docker/healthcheck.py --wait: the image's own health check, run here."""
+    script = str(DEPLOY / "docker" / "healthcheck.py")
+    out = run(
+        [sys.executable, script, "--wait", str(timeout), target, service],
+        timeout=timeout + 30,
+        check=False,
+    )
+    if out.returncode != 0:
+        pytest.fail(f"{out.stdout.strip()} after {timeout}s\n{logs()}", pytrace=False)
