@@ -234,6 +234,15 @@ def test_production_values_quorum_lanes_and_service_monitor() -> None:
     assert hpas["fl-fairlane-worker"]["spec"]["minReplicas"] == 4
 
 
+def test_notes_name_the_endpoints() -> None:
+    with helm.Chart.load(CHART) as chart:
+        notes = chart.render(None, name="fl", namespace="fairlane", is_install=True)
+    text = notes["fairlane/templates/NOTES.txt"]
+    for name, (port, _, _) in SERVICES.items():
+        assert f"fl-fairlane-{name}:{port}" in text
+    assert "dns:///fl-fairlane-queue-headless:50052" in text
+
+
 def test_service_secret_is_generated_once() -> None:
     """Without a value the chart generates a service secret (lookup keeps it on upgrade)."""
     secret = by_kind(render(None), "Secret")["fl-fairlane"]
