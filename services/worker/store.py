@@ -11,6 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.core import status
 from services.core.db import upsert
 from services.core.models import handlers, lanes, request_events, requests
 from services.worker.registry import Handler
@@ -35,6 +36,11 @@ class Outcome:
     attempts: list[Attempt] = field(default_factory=list)
     finished_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     lane_seq: int = 0
+
+    @property
+    def attempt_count(self) -> int:
+        """Handler starts in total, counting those of a replica that died mid-request."""
+        return self.attempts[-1].number if self.attempts else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +106,11 @@ class WorkerStore:
         async with self._engine.begin() as conn:
             await conn.execute(
                 requests.update()
-                .where(requests.c.id == request_id, requests.c.lane_seq.is_(None))
-                .values(status="RUNNING", attempts=attempt, started_at=at)
+                .where(
+                    requests.c.id == request_id,
+                    requests.c.status.in_([status.QUEUED, status.RUNNING]),
+                )
+                .values(status=status.RUNNING, attempts=attempt, started_at=at)
             )
 
     async def _assign_seqs(self, conn: Any, counts: dict[uuid.UUID, int]) -> dict[uuid.UUID, int]:
@@ -137,6 +146,20 @@ class WorkerStore:
         for o in outcomes:
             counts[o.user_id] = counts.get(o.user_id, 0) + 1
         async with self._engine.begin() as conn:
+            # Lock the rows: a client's cancel that landed while the handler ran wins, and
+            # one that comes later finds the request finished.
+            cancelled = {
+                r.id
+                for r in await conn.execute(
+                    sa.select(requests.c.id, requests.c.status)
+                    .where(requests.c.id.in_([o.request_id for o in outcomes]))
+                    .with_for_update()
+                )
+                if r.status == status.CANCELLED
+            }
+            for o in outcomes:
+                if o.request_id in cancelled and o.status != status.CANCELLED:
+                    o.status, o.output, o.error = status.CANCELLED, b"", "cancelled by the client"
             last = await self._assign_seqs(conn, counts)
             next_seq = {u: last[u] - n + 1 for u, n in counts.items()}
             for o in outcomes:
@@ -160,7 +183,7 @@ class WorkerStore:
                         "b_status": o.status,
                         "b_output": o.output or None,
                         "b_error": o.error or None,
-                        "b_attempts": len(o.attempts),
+                        "b_attempts": o.attempt_count,
                         "b_started": o.attempts[-1].started_at if o.attempts else None,
                         "b_finished": o.finished_at,
                         "b_seq": o.lane_seq,
@@ -184,7 +207,7 @@ class WorkerStore:
                     "request_id": o.request_id,
                     "at": o.finished_at,
                     "status": o.status,
-                    "attempt": len(o.attempts),
+                    "attempt": o.attempt_count,
                     "detail": o.error,
                 }
                 for o in outcomes

@@ -139,7 +139,7 @@ class ResultWriter:
                         status=status.to_proto(o.status),
                         output=o.output,
                         error=o.error,
-                        attempts=len(o.attempts),
+                        attempts=o.attempt_count,
                         client_ref=item.client_ref,
                         handler=item.handler,
                     ),

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,15 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float = 30) -> None:
+    """Polls external state (a database row, an RPC) until `check` holds or time runs out."""
+    async with asyncio.timeout(timeout):
+        while True:
+            if await check():
+                return
+            await asyncio.sleep(0.05)
 
 
 def free_port() -> int:
@@ -91,6 +101,12 @@ class Suite:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{name} not SERVING after {timeout}s:\n{self.log(name)}")
                 await asyncio.sleep(0.1)
+
+    def start_worker(self, name: str, **env: str) -> str:
+        """Another worker replica on its own port; returns its target."""
+        self.ports[name] = free_port()
+        self.start(name, "worker", FAIRLANE_WORKER_LISTEN=self.target(name), **env)
+        return self.target(name)
 
     def log(self, name: str) -> str:
         path = self.log_dir / f"{name}.log"

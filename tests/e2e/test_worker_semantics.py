@@ -1,0 +1,416 @@
+"""Worker semantics with several worker processes: strict lanes, no head-of-line blocking,
+crash takeover, retries and dead letters, cancel and deadlines, control RPCs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import grpc
+import pytest
+import sqlalchemy as sa
+from google.protobuf import timestamp_pb2
+
+from fairlane.common.v1 import common_pb2
+from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
+from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
+from services.core.db import create_engine
+from services.core.models import request_events, requests
+from tests.conftest import DATABASE_URL, broker_url
+from tests.e2e.suite import Suite, wait_until
+from tests.e2e.users import bearer, new_user, run_session
+
+pytestmark = pytest.mark.e2e
+SUCCEEDED = common_pb2.REQUEST_STATUS_SUCCEEDED
+
+
+@pytest.fixture
+async def cluster(pg_schema: str, vhost: str, tmp_path: Path) -> AsyncIterator[Suite]:
+    """auth + queue, and no worker yet: each test starts the replicas it needs."""
+    s = Suite(DATABASE_URL, pg_schema, broker_url(vhost), tmp_path)
+    s.extra_env.update(FAIRLANE_RETRY_BASE_SECONDS="0.05", FAIRLANE_RETRY_MAX_SECONDS="0.4")
+    try:
+        s.start("auth")
+        await s.wait_serving("auth")
+        s.start("queue")
+        await s.wait_serving("queue")
+        yield s
+    finally:
+        codes = s.stop_all()
+    killed = {n for n, c in codes.items() if c == -signal.SIGKILL}
+    assert all(c == 0 for n, c in codes.items() if n not in killed), {n: s.log(n) for n in codes}
+
+
+async def workers(suite: Suite, count: int) -> list[str]:
+    targets = [suite.start_worker(f"worker{i}") for i in range(count)]
+    await asyncio.gather(*(suite.wait_serving(f"worker{i}") for i in range(count)))
+    # Handlers are registered in the log before SERVING, so the queue accepts them now.
+    return targets
+
+
+async def _query(suite: Suite, query: Any) -> list[Any]:
+    engine = create_engine(suite.database_url, schema=suite.schema, pool_size=1)
+    try:
+        async with engine.connect() as conn:
+            return list((await conn.execute(query)).all())
+    finally:
+        await engine.dispose()
+
+
+def _results(responses: list[queue_pb2.SessionResponse]) -> list[common_pb2.Result]:
+    return [r.result for r in responses if r.WhichOneof("kind") == "result"]
+
+
+async def _status(target: str) -> worker_pb2.GetStatusResponse:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        status: worker_pb2.GetStatusResponse = await stub.GetStatus(
+            worker_pb2.GetStatusRequest(), timeout=10
+        )
+        return status
+
+
+async def test_strict_fifo_per_lane_across_three_workers(cluster: Suite) -> None:
+    targets = await workers(cluster, 3)
+    users = await asyncio.gather(*(new_user(cluster.target("auth")) for _ in range(20)))
+    rng = random.Random(7)
+
+    def lane_requests(tag: int) -> list[queue_pb2.EnqueueRequest]:
+        return [
+            queue_pb2.EnqueueRequest(
+                handler="sleep",
+                payload=f"{rng.uniform(0.0005, 0.004):.4f}".encode(),
+                client_ref=f"{tag}-{i}",
+            )
+            for i in range(100)
+        ]
+
+    started = time.perf_counter()
+    got = await asyncio.gather(
+        *(
+            run_session(cluster.target("queue"), token, lane_requests(n))
+            for n, (_, token) in enumerate(users)
+        )
+    )
+    elapsed = time.perf_counter() - started
+    violations = 0
+    for n, responses in enumerate(got):
+        results = _results(responses)
+        assert len(results) == 100
+        violations += sum(
+            1 for i, r in enumerate(results) if r.client_ref != f"{n}-{i}" or r.lane_seq != i + 1
+        )
+        assert all(r.status == SUCCEEDED for r in results)
+    assert violations == 0
+
+    user_ids = [uuid.UUID(u) for u, _ in users]
+    rows = await _query(
+        cluster,
+        sa.select(requests.c.status, sa.func.count())
+        .where(requests.c.user_id.in_(user_ids))
+        .group_by(requests.c.status),
+    )
+    assert dict(rows) == {"SUCCEEDED": 2000}
+    # Exactly one SUCCEEDED event per request: nothing ran twice to completion.
+    per_request = await _query(
+        cluster,
+        sa.select(request_events.c.request_id, sa.func.count())
+        .where(request_events.c.status == "SUCCEEDED")
+        .group_by(request_events.c.request_id),
+    )
+    assert len(per_request) == 2000
+    assert {count for _, count in per_request} == {1}
+    spread = [len((await _status(t)).lanes) for t in targets]
+    print(f"\n20 lanes x 100 requests, 3 workers: {elapsed:.2f}s, lanes active per worker {spread}")
+
+
+async def test_a_slow_lane_does_not_delay_the_others(cluster: Suite) -> None:
+    await workers(cluster, 1)
+    (_, slow_token), *fast = await asyncio.gather(
+        *(new_user(cluster.target("auth")) for _ in range(9))
+    )
+    slow_done: list[float] = []
+
+    async def slow_lane() -> None:
+        responses = await run_session(
+            cluster.target("queue"),
+            slow_token,
+            [queue_pb2.EnqueueRequest(handler="sleep", payload=b"2") for _ in range(2)],
+        )
+        assert [r.status for r in _results(responses)] == [SUCCEEDED, SUCCEEDED]
+        slow_done.append(time.perf_counter())
+
+    async def fast_lane(token: str) -> float:
+        responses = await run_session(
+            cluster.target("queue"),
+            token,
+            [queue_pb2.EnqueueRequest(handler="echo", payload=b"x") for _ in range(25)],
+        )
+        assert len(_results(responses)) == 25
+        return time.perf_counter()
+
+    started = time.perf_counter()
+    slow = asyncio.create_task(slow_lane())
+    await asyncio.sleep(0.3)  # the slow handler is running before the fast lanes start
+    fast_done = await asyncio.gather(*(fast_lane(token) for _, token in fast))
+    await slow
+    fast_seconds = max(fast_done) - started
+    print(f"\n8 fast lanes x 25 done in {fast_seconds:.2f}s beside a 2 x 2 s lane")
+    # Generous: every fast lane finishes before the slow lane's first 2 s request does.
+    assert fast_seconds < 2.0
+    assert slow_done[0] - started >= 4.0
+
+
+async def test_kill_9_of_the_running_worker_hands_the_lane_over(cluster: Suite) -> None:
+    targets = await workers(cluster, 2)
+    user_id, token = await new_user(cluster.target("auth"))
+    sent = [queue_pb2.EnqueueRequest(handler="sleep", payload=b"1.5", client_ref="slow")] + [
+        queue_pb2.EnqueueRequest(handler="echo", payload=f"{i}".encode(), client_ref=f"e{i}")
+        for i in range(10)
+    ]
+    session = asyncio.create_task(run_session(cluster.target("queue"), token, sent))
+
+    # Once the log shows the slow request RUNNING, find its replica and kill it unwarned.
+    running = sa.select(requests.c.id).where(
+        requests.c.user_id == uuid.UUID(user_id), requests.c.status == "RUNNING"
+    )
+
+    async def is_running() -> bool:
+        return bool(await _query(cluster, running))
+
+    await wait_until(is_running, 20)
+    victim = None
+    deadline = time.monotonic() + 20
+    while victim is None:
+        assert time.monotonic() < deadline, "nobody started the request"
+        for i, target in enumerate(targets):
+            if (await _status(target)).in_flight:
+                victim = i
+        await asyncio.sleep(0.05)
+    cluster.stop(f"worker{victim}", signal.SIGKILL)
+
+    results = _results(await asyncio.wait_for(session, 60))
+    assert [r.client_ref for r in results] == ["slow"] + [f"e{i}" for i in range(10)]
+    assert [r.lane_seq for r in results] == list(range(1, 12))
+    assert all(r.status == SUCCEEDED for r in results)
+    assert results[0].attempts == 2  # started on the dead replica, finished on the other
+    survivor = targets[1 - victim]
+    assert user_id in (await _status(survivor)).lanes
+    rows = await _query(
+        cluster, sa.select(requests.c.status).where(requests.c.user_id == uuid.UUID(user_id))
+    )
+    assert [r.status for r in rows] == ["SUCCEEDED"] * 11
+
+
+async def test_fail_is_retried_then_dead_lettered_and_replayed(cluster: Suite) -> None:
+    await workers(cluster, 1)
+    user_id, token = await new_user(cluster.target("auth"))
+    responses = await run_session(
+        cluster.target("queue"),
+        token,
+        [
+            queue_pb2.EnqueueRequest(
+                handler="fail",
+                payload=json.dumps({"times": 4}).encode(),
+                max_attempts=3,
+                client_ref="doomed",
+            ),
+            queue_pb2.EnqueueRequest(handler="echo", payload=b"next", client_ref="next"),
+        ],
+    )
+    doomed, following = _results(responses)
+    assert doomed.status == common_pb2.REQUEST_STATUS_DEAD
+    assert doomed.attempts == 3
+    assert "failing attempt 3 of 4" in doomed.error
+    assert (following.client_ref, following.status) == ("next", SUCCEEDED)
+
+    events = await _query(
+        cluster,
+        sa.select(request_events.c.status, request_events.c.attempt, request_events.c.at)
+        .where(request_events.c.request_id == uuid.UUID(doomed.request_id))
+        .order_by(request_events.c.id),
+    )
+    assert [(e.status, e.attempt) for e in events] == [
+        ("QUEUED", 0),
+        ("RUNNING", 1),
+        ("RUNNING", 2),
+        ("RUNNING", 3),
+        ("DEAD", 3),
+    ]
+
+    # The dead letter carries the request and its history.
+    connection = await aio_pika.connect(cluster.broker_url)
+    async with connection:
+        channel = await connection.channel()
+        dead = await channel.declare_queue("fairlane.dead", durable=True)
+        message = await dead.get(timeout=10, fail=True)
+        assert message is not None
+        await message.ack()
+    headers = message.headers
+    assert headers["request_id"] == doomed.request_id
+    history = json.loads(str(headers["history"]))
+    assert [h["attempt"] for h in history] == [1, 2, 3]
+
+    async with grpc.aio.insecure_channel(cluster.target("queue")) as channel:
+        queue = queue_pb2_grpc.QueueServiceStub(channel)
+        listed = await queue.ListDeadRequests(
+            queue_pb2.ListDeadRequestsRequest(), metadata=bearer(token)
+        )
+        assert [r.request_id for r in listed.requests] == [doomed.request_id]
+        replay = await queue.ReplayDeadRequest(
+            queue_pb2.ReplayDeadRequestRequest(request_id=doomed.request_id, max_attempts=6),
+            metadata=bearer(token),
+        )
+        watch = queue.WatchResults(
+            queue_pb2.WatchResultsRequest(after_lane_seq=following.lane_seq),
+            metadata=bearer(token),
+            timeout=30,
+        )
+        replayed = (await watch.read()).result
+        watch.cancel()
+        assert (replayed.request_id, replayed.status) == (replay.request_id, SUCCEEDED)
+        assert replayed.output == b"succeeded on attempt 5"
+        not_dead = queue.ReplayDeadRequest(
+            queue_pb2.ReplayDeadRequestRequest(request_id=following.request_id),
+            metadata=bearer(token),
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await not_dead
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    _ = user_id
+
+
+async def test_progress_deadline_and_cancel(cluster: Suite) -> None:
+    await workers(cluster, 1)
+    _, token = await new_user(cluster.target("auth"))
+    soon = timestamp_pb2.Timestamp()
+    soon.FromDatetime(datetime.now(UTC) + timedelta(seconds=1))
+
+    async with grpc.aio.insecure_channel(cluster.target("queue")) as channel:
+        queue = queue_pb2_grpc.QueueServiceStub(channel)
+        call = queue.Session(metadata=bearer(token), timeout=60)
+        for req in [
+            queue_pb2.EnqueueRequest(handler="sleep", payload=b"0.4", client_ref="progress"),
+            queue_pb2.EnqueueRequest(handler="sleep", payload=b"30", client_ref="long"),
+            queue_pb2.EnqueueRequest(
+                handler="echo", payload=b"late", deadline=soon, client_ref="expires"
+            ),
+            queue_pb2.EnqueueRequest(handler="echo", payload=b"q", client_ref="queued"),
+            queue_pb2.EnqueueRequest(handler="echo", payload=b"after", client_ref="after"),
+        ]:
+            await call.write(queue_pb2.SessionRequest(enqueue=req))
+        ids: dict[str, str] = {}
+        events: list[queue_pb2.SessionResponse] = []
+        cancelled_long = cancelled_queued = False
+        while True:
+            response = await call.read()
+            assert response is not grpc.aio.EOF
+            events.append(response)
+            kind = response.WhichOneof("kind")
+            if kind == "accepted":
+                ids[response.accepted.client_ref] = response.accepted.request_id
+            if (
+                kind == "progress"
+                and response.progress.request_id == ids.get("long")
+                and not cancelled_long
+            ):
+                # The 30 s handler is running: cancel a queued one behind it, then it.
+                await call.write(
+                    queue_pb2.SessionRequest(
+                        cancel=queue_pb2.CancelRequestRequest(request_id=ids["queued"])
+                    )
+                )
+                await call.write(
+                    queue_pb2.SessionRequest(
+                        cancel=queue_pb2.CancelRequestRequest(request_id=ids["long"])
+                    )
+                )
+                cancelled_long = cancelled_queued = True
+            if kind == "result" and response.result.client_ref == "after":
+                break
+        await call.done_writing()
+
+    results = {r.client_ref: r for r in _results(events)}
+    progress = [
+        e.progress
+        for e in events
+        if e.WhichOneof("kind") == "progress" and e.progress.request_id == ids["progress"]
+    ]
+    assert [(p.done, p.total) for p in progress] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    kinds = [(e.WhichOneof("kind"), e.progress.request_id or e.result.request_id) for e in events]
+    assert kinds.index(("result", ids["progress"])) > kinds.index(("progress", ids["progress"]))
+    assert cancelled_long
+    assert cancelled_queued
+    assert results["long"].status == common_pb2.REQUEST_STATUS_CANCELLED
+    assert results["expires"].status == common_pb2.REQUEST_STATUS_EXPIRED
+    assert results["queued"].status == common_pb2.REQUEST_STATUS_CANCELLED
+    assert results["queued"].attempts == 0
+    assert results["after"].status == SUCCEEDED
+    assert [r.lane_seq for r in _results(events)] == [1, 2, 3, 4, 5]
+
+
+async def test_pause_resume_and_drain(cluster: Suite) -> None:
+    (first,) = await workers(cluster, 1)
+    _, token = await new_user(cluster.target("auth"))
+    async with (
+        grpc.aio.insecure_channel(first) as wch,
+        grpc.aio.insecure_channel(cluster.target("queue")) as qch,
+    ):
+        worker = worker_pb2_grpc.WorkerServiceStub(wch)
+        queue = queue_pb2_grpc.QueueServiceStub(qch)
+        paused = await worker.Pause(worker_pb2.PauseRequest())
+        assert paused.state == worker_pb2.WORKER_STATE_PAUSED
+        assert (await _status(first)).state == worker_pb2.WORKER_STATE_PAUSED
+
+        enq = await queue.Enqueue(
+            queue_pb2.EnqueueRequest(handler="echo", payload=b"p"), metadata=bearer(token)
+        )
+
+        async def request_status(request_id: str) -> int:
+            got = await queue.GetRequest(
+                queue_pb2.GetRequestRequest(request_id=request_id), metadata=bearer(token)
+            )
+            return int(got.request.status)
+
+        # While paused nothing runs: the request stays QUEUED for a full second.
+        for _ in range(10):
+            assert await request_status(enq.request_id) == common_pb2.REQUEST_STATUS_QUEUED
+            await asyncio.sleep(0.1)
+
+        resumed = await worker.Resume(worker_pb2.ResumeRequest())
+        assert resumed.state == worker_pb2.WORKER_STATE_RUNNING
+
+        async def first_done() -> bool:
+            return await request_status(enq.request_id) == SUCCEEDED
+
+        await wait_until(first_done, 20)
+
+        drained = await worker.Drain(worker_pb2.DrainRequest(timeout_seconds=10))
+        assert drained.state == worker_pb2.WORKER_STATE_DRAINED
+        assert drained.abandoned == 0
+        status = await _status(first)
+        assert status.state == worker_pb2.WORKER_STATE_DRAINED
+        assert list(status.lanes) == []
+
+        # A drained replica takes nothing; a new replica picks the lane up.
+        later = await queue.Enqueue(
+            queue_pb2.EnqueueRequest(handler="echo", payload=b"l"), metadata=bearer(token)
+        )
+        await asyncio.sleep(0.5)
+        assert await request_status(later.request_id) == common_pb2.REQUEST_STATUS_QUEUED
+        cluster.start_worker("second")
+        await cluster.wait_serving("second")
+
+        async def later_done() -> bool:
+            return await request_status(later.request_id) == SUCCEEDED
+
+        await wait_until(later_done, 30)
