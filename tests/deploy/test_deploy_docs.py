@@ -49,6 +49,13 @@ def test_every_setting_documented_with_its_default() -> None:
             assert value == (default or '""'), f"{env}: docs {value}, code {default!r}"
 
 
+def test_no_setting_documented_that_does_not_exist() -> None:
+    table = table_rows(section("## Settings"))
+    documented = {name.strip("`") for name in table if name.startswith("`FAIRLANE_")}
+    assert documented - set(settings_defaults()) == set()
+    assert not documented & set(AWAITED_SETTINGS), "awaited settings are explained elsewhere"
+
+
 def test_awaited_settings_are_called_out() -> None:
     for env in AWAITED_SETTINGS:
         assert env in doc()
