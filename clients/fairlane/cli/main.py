@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from fairlane.bench import bench_command
+from fairlane.cli.commands import register_commands as register_client_commands
 
 app = typer.Typer(
     name="fairlane",
@@ -82,6 +83,9 @@ def dev(
 
 
 app.command(name="bench")(bench_command)
+
+
+register_client_commands(app)
 
 
 def main() -> None:

@@ -1,0 +1,250 @@
+"""Session bookkeeping of fairlane.client with a scripted fake stream (no network)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import grpc
+import pytest
+
+from fairlane.client import (
+    Accepted,
+    Client,
+    Event,
+    Rejected,
+    RejectedEvent,
+    Result,
+    SessionClosed,
+    Status,
+    Tokens,
+    Unavailable,
+)
+from fairlane.common.v1 import common_pb2
+from fairlane.queue.v1 import queue_pb2
+from tests.unit.test_client_retry import FakeAuthStub, rpc_error
+
+
+class FakeCall:
+    """One Session call: records writes; reads come from what the test feeds."""
+
+    def __init__(self) -> None:
+        self.written: list[queue_pb2.SessionRequest] = []
+        self.half_closed = False
+        self.cancelled = False
+        self._responses: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def write(self, message: queue_pb2.SessionRequest) -> None:
+        self.written.append(message)
+
+    async def done_writing(self) -> None:
+        self.half_closed = True
+
+    async def read(self) -> Any:
+        item = await self._responses.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        self._responses.put_nowait(asyncio.CancelledError())
+        return True
+
+    def feed(self, **kind: Any) -> None:
+        self._responses.put_nowait(queue_pb2.SessionResponse(**kind))
+
+    def end(self, error: BaseException | None = None) -> None:
+        self._responses.put_nowait(error if error is not None else grpc.aio.EOF)
+
+
+class FakeQueueStub:
+    def __init__(self) -> None:
+        self.calls: list[FakeCall] = []
+        self.metadata: list[Any] = []
+
+    def Session(self, *, metadata: Any, timeout: Any) -> FakeCall:
+        self.metadata.append(metadata)
+        self.calls.append(FakeCall())
+        return self.calls[-1]
+
+
+def _client() -> tuple[Client, FakeQueueStub, FakeAuthStub]:
+    tokens = Tokens("access-0", "refresh-0", time.time() + 3600, 3600, "alice")
+    client = Client("auth:1", "queue:1", tokens=tokens)
+    queue, auth = FakeQueueStub(), FakeAuthStub()
+    client._queue_stub = lambda: queue  # type: ignore[method-assign,assignment,return-value]
+    client._auth_stub = lambda: auth  # type: ignore[method-assign,assignment,return-value]
+    return client, queue, auth
+
+
+def accepted(ref: str, rid: str) -> queue_pb2.Accepted:
+    return queue_pb2.Accepted(client_ref=ref, request_id=rid)
+
+
+def result(rid: str, seq: int, output: bytes = b"") -> common_pb2.Result:
+    return common_pb2.Result(
+        request_id=rid, lane_seq=seq, status=common_pb2.REQUEST_STATUS_SUCCEEDED, output=output
+    )
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_answers_match_submits_in_order_and_cancel_refusals_are_told_apart() -> None:
+    client, queue, _ = _client()
+    async with client.session() as session:
+        call = queue.calls[0]
+        first = await session.submit("echo", b"1", client_ref="a")
+        await session.cancel("rid-unknown")
+        second = await session.submit("echo", b"2", client_ref="b")
+        bad = await session.submit("nope", client_ref="c")
+        assert [m.WhichOneof("kind") for m in call.written] == [
+            "enqueue",
+            "cancel",
+            "enqueue",
+            "enqueue",
+        ]
+        # The refused cancel comes first, out of the answer order: no submit is consumed.
+        call.feed(rejected=queue_pb2.Rejected(client_ref="rid-unknown", code=5, message="no such"))
+        call.feed(accepted=accepted("a", "r1"))
+        call.feed(accepted=accepted("b", "r2"))
+        call.feed(
+            rejected=queue_pb2.Rejected(
+                client_ref="c", code=8, message="lane full", retry_after_ms=250
+            )
+        )
+        await settle()
+        assert (first.request_id, second.request_id) == ("r1", "r2")
+        assert session.in_flight == 2
+        with pytest.raises(Rejected) as err:
+            await bad
+        assert (err.value.code, err.value.retry_after_ms) == ("RESOURCE_EXHAUSTED", 250)
+        call.feed(result=result("r1", 7, b"one"))
+        call.feed(result=result("r2", 8, b"two"))
+        await session.close()
+        assert call.half_closed
+        call.end()
+    assert (await first).output == b"one"
+    assert (await second).lane_seq == 8
+    assert session.last_lane_seq == 8
+    events = [e async for e in session.events()]
+    assert [type(e).__name__ for e in events] == [
+        "Rejected",
+        "Accepted",
+        "Accepted",
+        "Rejected",
+        "Result",
+        "Result",
+    ]
+    assert isinstance(events[0], RejectedEvent)
+    assert events[0].code == "NOT_FOUND"
+    assert isinstance(events[1], Accepted)
+    assert isinstance(events[5], Result)
+    assert events[5].status is Status.SUCCEEDED
+    with pytest.raises(SessionClosed):
+        await session.submit("echo")
+
+
+async def test_refused_token_refreshes_and_resends_everything() -> None:
+    client, queue, auth = _client()
+    async with client.session() as session:
+        one = await session.submit("echo", b"1", client_ref="a")
+        await session.cancel("r0")
+        two = await session.submit("echo", b"2", client_ref="b")
+        queue.calls[0].end(rpc_error(grpc.StatusCode.UNAUTHENTICATED, "access token expired"))
+        await settle()
+        assert auth.refreshes == ["refresh-0"]
+        assert queue.metadata == [
+            (("authorization", "Bearer access-0"),),
+            (("authorization", "Bearer access-1"),),
+        ]
+        second = queue.calls[1]
+        assert [m.enqueue.client_ref or m.cancel.request_id for m in second.written] == [
+            "a",
+            "b",
+            "r0",
+        ]
+        second.feed(accepted=accepted("a", "r1"))
+        second.feed(accepted=accepted("b", "r2"))
+        second.feed(result=result("r1", 1))
+        second.feed(result=result("r2", 2))
+        await session.close()
+        second.end()
+    assert [(await one).lane_seq, (await two).lane_seq] == [1, 2]
+
+
+async def test_a_broken_stream_fails_what_is_pending_and_is_raised() -> None:
+    client, queue, _ = _client()
+    session = client.session()
+    await session.open()
+    call = queue.calls[0]
+    done = await session.submit("echo", client_ref="a")
+    running = await session.submit("echo", client_ref="b")
+    unanswered = await session.submit("echo", client_ref="c")
+    call.feed(accepted=accepted("a", "r1"))
+    call.feed(accepted=accepted("b", "r2"))
+    call.feed(result=result("r1", 1))
+    call.end(rpc_error(grpc.StatusCode.UNAVAILABLE, "connection reset"))
+    await settle()
+    assert (await done).lane_seq == 1
+    for future in (running, unanswered):
+        with pytest.raises(Unavailable):
+            await future
+    assert running.request_id == "r2"
+    assert unanswered.request_id is None
+    assert len(queue.calls) == 1  # not reopened: only a refused token is resent
+    # Leaving the block normally raises the stream's error rather than hiding it.
+    with pytest.raises(Unavailable, match="connection reset"):
+        await session.__aexit__(None, None, None)
+
+    received: list[Event] = []
+
+    async def collect() -> None:
+        async for event in session.events():
+            received.append(event)
+
+    with pytest.raises(Unavailable):
+        await collect()
+    assert len(received) == 3
+
+
+async def test_submit_waits_for_room_in_the_window() -> None:
+    client, queue, _ = _client()
+    async with client.session(max_in_flight=2, record_events=False) as session:
+        call = queue.calls[0]
+        await session.submit("echo", client_ref="a")
+        await session.submit("echo", client_ref="b")
+        third = asyncio.create_task(session.submit("echo", client_ref="c"))
+        await settle()
+        assert not third.done()
+        assert len(call.written) == 2
+        call.feed(accepted=accepted("a", "r1"))
+        call.feed(result=result("r1", 1))
+        await settle()
+        assert third.done()
+        assert len(call.written) == 3
+        call.feed(accepted=accepted("b", "r2"))
+        call.feed(accepted=accepted("c", "r3"))
+        call.feed(result=result("r2", 2))
+        call.feed(result=result("r3", 3))
+        await session.close()
+        call.end()
+    assert (await third.result()).lane_seq == 3
+
+
+async def test_leaving_with_an_exception_cancels_the_stream() -> None:
+    client, queue, _ = _client()
+    pending = None
+    with contextlib.suppress(RuntimeError):
+        async with client.session() as session:
+            pending = await session.submit("echo")
+            raise RuntimeError("caller gave up")
+    assert queue.calls[0].cancelled
+    assert pending is not None
+    with pytest.raises(SessionClosed):
+        await pending
