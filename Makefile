@@ -18,6 +18,7 @@ $(BUF):
 	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
 
 install: $(STAMP) $(BUF)
+	scripts/install_deploy_tools.sh
 
 gen: install
 	$(BIN)/python scripts/gen_protos.py

@@ -12,7 +12,7 @@ from services.core import logging as fl_logging
 from services.core import metrics, telemetry
 from services.core.amqp import AmqpBroker
 from services.core.broker import Broker
-from services.core.db import create_engine, migrate
+from services.core.db import engine_for, migrate
 from services.core.memory_broker import MemoryBroker
 from services.core.runtime import Component, run, run_until_signalled
 from services.core.settings import Settings
@@ -52,16 +52,16 @@ def run_dev(*, broker: str, database: str, data_dir: str, demo: bool, trace_cons
 
     async def main() -> None:
         await migrate(settings.database_url, schema=settings.database_schema)
-        engine = create_engine(
-            settings.database_url,
-            schema=settings.database_schema,
-            pool_size=settings.database_pool_size,
-        )
+        engine = engine_for(settings)
         shared: Broker
         if broker == "memory":
             shared = MemoryBroker(lane_max_length=settings.lane_max_length)
         else:
-            shared = AmqpBroker(broker, lane_max_length=settings.lane_max_length)
+            shared = AmqpBroker(
+                broker,
+                lane_max_length=settings.lane_max_length,
+                queue_type=settings.lane_queue_type,
+            )
         await shared.connect()
         # One Prometheus registry per process: serve it once.
         metrics.serve_metrics(settings.metrics_host, settings.queue_metrics_port)

@@ -11,7 +11,7 @@ from services.auth import keys
 from services.auth.domain import Auth
 from services.auth.servicer import AuthServicer
 from services.auth.store import AuthStore
-from services.core.db import create_engine
+from services.core.db import engine_for
 from services.core.grpc_host import GrpcHost
 from services.core.settings import Settings
 from services.core.tokens import TokenVerifier
@@ -25,11 +25,7 @@ class AuthService:
     def __init__(self, settings: Settings, engine: AsyncEngine | None = None) -> None:
         self._settings = settings
         self._own_engine = engine is None
-        self.engine = engine or create_engine(
-            settings.database_url,
-            schema=settings.database_schema,
-            pool_size=settings.database_pool_size,
-        )
+        self.engine = engine or engine_for(settings)
         self.host = GrpcHost(settings.auth_listen, [SERVICE_NAME])
 
     @property

@@ -27,6 +27,7 @@ from services.core.broker import (
     BytesHandler,
     DeliveryHandler,
     LaneFull,
+    LaneMissing,
     lane_queue,
 )
 
@@ -179,7 +180,7 @@ class AmqpBroker:
             # Returned unroutable: the lane queue is gone (deleted while idle). The caller
             # declares it again and retries; nothing was enqueued.
             self._declared.discard(lane_queue(user_id))
-            raise BrokerError(f"lane {user_id} does not exist")
+            raise LaneMissing(f"lane {user_id} does not exist")
 
     async def consume_lane(
         self, user_id: str, handler: DeliveryHandler, *, prefetch: int
@@ -201,6 +202,25 @@ class AmqpBroker:
         except _PUBLISH_ERRORS as exc:
             raise BrokerError(f"cannot consume lane {user_id}: {exc}") from exc
         return AmqpLaneConsumer(channel)
+
+    async def delete_lane(self, user_id: str) -> bool:
+        """Deletes the lane only if it holds no message; False if it was not empty."""
+        if self._conn is None:
+            raise BrokerError("broker not connected")
+        name = lane_queue(user_id)
+        # A refused delete closes its channel, so use a throwaway one.
+        channel = await self._conn.channel(publisher_confirms=False)
+        try:
+            await channel.queue_delete(name, if_empty=True)
+        except aiormq.exceptions.ChannelPreconditionFailed:
+            return False
+        except _PUBLISH_ERRORS as exc:
+            raise BrokerError(f"cannot delete lane {name}: {exc}") from exc
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+        self._declared.discard(name)
+        return True
 
     async def publish_results(self, route: str, body: bytes) -> None:
         try:

@@ -25,6 +25,10 @@ class BrokerError(Exception):
     """The broker could not be reached or did not confirm; the caller may retry later."""
 
 
+class LaneMissing(BrokerError):
+    """The lane queue does not exist (deleted while idle); declare it and publish again."""
+
+
 class LaneFull(BrokerError):
     """The lane refused the message because it holds lane_max_length messages."""
 
@@ -63,6 +67,9 @@ class Broker(Protocol):
     async def consume_lane(
         self, user_id: str, handler: DeliveryHandler, *, prefetch: int
     ) -> LaneConsumer: ...
+
+    async def delete_lane(self, user_id: str) -> bool:
+        """Deletes the lane if it holds no ready message (RabbitMQ's if-empty)."""
 
     async def publish_results(self, route: str, body: bytes) -> None: ...
     async def consume_results(self, route: str, handler: BytesHandler) -> None: ...

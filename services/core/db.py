@@ -22,7 +22,9 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-def create_engine(url: str, *, schema: str = "", pool_size: int = 10) -> AsyncEngine:
+def create_engine(
+    url: str, *, schema: str = "", pool_size: int = 10, timeout: float = 10.0
+) -> AsyncEngine:
     """An engine whose connections all use `schema` (PostgreSQL) so tests can be isolated."""
     if is_sqlite(url):
         engine = create_async_engine(url, connect_args={"timeout": 30})
@@ -37,7 +39,9 @@ def create_engine(url: str, *, schema: str = "", pool_size: int = 10) -> AsyncEn
             cur.close()
 
         return engine
-    connect_args: dict[str, Any] = {}
+    # Every statement and every connection attempt is bounded, so a dead database turns
+    # into errors the services can answer with, not calls that hang.
+    connect_args: dict[str, Any] = {"command_timeout": timeout, "timeout": timeout}
     if schema:
         if not _SCHEMA_NAME.match(schema):
             raise ValueError(f"invalid schema name {schema!r}")
@@ -48,6 +52,7 @@ def create_engine(url: str, *, schema: str = "", pool_size: int = 10) -> AsyncEn
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_recycle=1800,
+        pool_timeout=timeout,
         connect_args=connect_args,
     )
 
@@ -94,3 +99,13 @@ def upsert(dialect: str, table: sa.Table) -> Any:
     from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
     return sqlite_insert(table)
+
+
+def engine_for(settings: Any) -> AsyncEngine:
+    """The engine a service gets from its settings (services.core.settings.Settings)."""
+    return create_engine(
+        settings.database_url,
+        schema=settings.database_schema,
+        pool_size=settings.database_pool_size,
+        timeout=settings.database_timeout_seconds,
+    )

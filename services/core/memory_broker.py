@@ -16,7 +16,13 @@ import itertools
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from services.core.broker import BrokerError, BytesHandler, DeliveryHandler, LaneFull
+from services.core.broker import (
+    BrokerError,
+    BytesHandler,
+    DeliveryHandler,
+    LaneFull,
+    LaneMissing,
+)
 
 
 @dataclass(order=True, slots=True)
@@ -159,7 +165,7 @@ class MemoryBroker:
         lane = self._lanes.get(user_id)
         if lane is None:
             return True
-        if lane.ready or any(c.unacked for c in lane.consumers):
+        if lane.ready:
             return False
         await lane.close()
         del self._lanes[user_id]
@@ -169,7 +175,7 @@ class MemoryBroker:
         self._check()
         lane = self._lanes.get(user_id)
         if lane is None:
-            raise BrokerError(f"lane {user_id} does not exist")
+            raise LaneMissing(f"lane {user_id} does not exist")
         # Like RabbitMQ's x-max-length, only ready messages count.
         if len(lane.ready) >= lane.max_length:
             raise LaneFull(f"lane {user_id} is full")

@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     )
     database_pool_size: int = 10
     broker_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    lane_queue_type: str = Field(
+        default="classic",
+        description="x-queue-type of lane queues: classic, or quorum on a cluster.",
+    )
 
     # Listening addresses and the addresses other services are reached at.
     auth_listen: str = "127.0.0.1:50051"
@@ -64,6 +68,19 @@ class Settings(BaseSettings):
         description="Unfinished requests one Session may have before it stops reading.",
     )
     retry_after_ms: int = 1000
+    user_rate_per_second: float = Field(
+        default=5000.0, description="Sustained enqueues per second per user (token bucket)."
+    )
+    user_burst: int = Field(default=10_000, description="Token bucket size per user.")
+    max_pending_writes: int = Field(
+        default=20_000, description="Requests waiting for the durable write before UNAVAILABLE."
+    )
+    lane_idle_ttl_seconds: float = Field(
+        default=600.0, description="Delete a lane queue idle and empty for this long."
+    )
+    database_timeout_seconds: float = 10.0
+    breaker_threshold: int = 5
+    breaker_reset_seconds: float = 2.0
 
     # Worker.
     concurrency: int = 64

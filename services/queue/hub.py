@@ -29,6 +29,9 @@ class Hub:
             if not subs:
                 del self._subscribers[user_id]
 
+    def users(self) -> list[str]:
+        return list(self._subscribers)
+
     def has_subscribers(self, user_id: str) -> bool:
         return user_id in self._subscribers
 

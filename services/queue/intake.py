@@ -8,14 +8,17 @@ import asyncio
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from google.protobuf import timestamp_pb2
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from fairlane.common.v1 import lane_pb2
 from services.core import metrics
-from services.core.broker import Broker, BrokerError, LaneFull
+from services.core.breaker import CircuitBreaker, CircuitOpen
+from services.core.broker import Broker, BrokerError, LaneFull, LaneMissing
 from services.core.logging import get_logger
 from services.queue.store import NewRequest, RequestStore
 
@@ -24,6 +27,8 @@ log = get_logger(__name__)
 # One lane message carries at most this many requests, so a redelivery after a worker
 # crash repeats a bounded amount of bookkeeping.
 MAX_ITEMS_PER_MESSAGE = 256
+_DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
+T = TypeVar("T")
 
 
 class Rejection(Exception):
@@ -79,6 +84,7 @@ class Intake:
         batch_size: int,
         linger_ms: float,
         retry_after_ms: int = 1000,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self._store = store
         self._broker = broker
@@ -88,6 +94,8 @@ class Intake:
         self._pending: asyncio.Queue[Submission] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._announced: set[uuid.UUID] = set()
+        self._in_batch = 0
+        self._breaker = breaker or CircuitBreaker("database")
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="intake")
@@ -127,11 +135,14 @@ class Intake:
     async def _run(self) -> None:
         while True:
             batch = await self._collect()
+            self._in_batch = len(batch)
             try:
                 await self._process(batch)
             except Exception as exc:  # never let one bad batch stop intake
                 log.exception("intake_batch_failed", size=len(batch))
                 self._fail(batch, Rejection("internal", f"internal error: {exc}", 1000))
+            finally:
+                self._in_batch = 0
 
     def _fail(self, subs: list[Submission], rejection: Rejection) -> None:
         for sub in subs:
@@ -139,27 +150,50 @@ class Intake:
                 sub.future.set_exception(rejection)
             metrics.REJECTIONS.labels(rejection.reason).inc()
 
+    @property
+    def pending(self) -> int:
+        """Requests waiting for their durable write on this replica."""
+        return self._pending.qsize() + self._in_batch
+
+    async def _db(self, call: Callable[[], Awaitable[T]]) -> T:
+        """A request-log call through the database's circuit breaker."""
+        self._breaker.before_call()
+        try:
+            result = await call()
+        except IntegrityError:
+            self._breaker.success()  # the database answered
+            raise
+        except _DB_ERRORS:
+            self._breaker.failure()
+            raise
+        self._breaker.success()
+        return result
+
+    def _db_rejection(self, exc: BaseException) -> Rejection:
+        if isinstance(exc, CircuitOpen):
+            delay = int(exc.retry_after * 1000)
+        else:
+            delay = self._retry_after_ms
+        return Rejection(
+            "database_unavailable",
+            f"the request log is unavailable ({exc.__class__.__name__}); nothing was stored",
+            max(delay, 100),
+        )
+
     async def _process(self, batch: list[Submission]) -> None:
         fresh = await self._dedupe(batch)
         if not fresh:
             return
         started = time.perf_counter()
         try:
-            await self._store.insert([s.request for s in fresh])
+            await self._db(lambda: self._store.insert([s.request for s in fresh]))
         except IntegrityError:
             # A concurrent replica inserted one of the idempotency keys; settle one by one.
             for sub in fresh:
                 await self._process_one(sub)
             return
-        except (SQLAlchemyError, OSError) as exc:
-            self._fail(
-                fresh,
-                Rejection(
-                    "database_unavailable",
-                    f"request log unavailable: {exc.__class__.__name__}",
-                    self._retry_after_ms,
-                ),
-            )
+        except (*_DB_ERRORS, CircuitOpen) as exc:
+            self._fail(fresh, self._db_rejection(exc))
             return
         metrics.DB_BATCH_SIZE.labels("intake").observe(len(fresh))
         metrics.DB_BATCH_SECONDS.labels("intake").observe(time.perf_counter() - started)
@@ -170,9 +204,9 @@ class Intake:
         if not again:
             return
         try:
-            await self._store.insert([sub.request])
-        except (SQLAlchemyError, OSError) as exc:
-            self._fail([sub], Rejection("database_unavailable", str(exc), self._retry_after_ms))
+            await self._db(lambda: self._store.insert([sub.request]))
+        except (*_DB_ERRORS, CircuitOpen) as exc:
+            self._fail([sub], self._db_rejection(exc))
             return
         await self._publish([sub])
 
@@ -181,14 +215,14 @@ class Intake:
         keys = {
             (s.request.user_id, s.request.idempotency_key)
             for s in batch
-            if s.request.idempotency_key
+            if s.request.idempotency_key is not None
         }
         if not keys:
             return batch
         try:
-            existing = await self._store.find_idempotent(list(keys))
-        except (SQLAlchemyError, OSError) as exc:
-            self._fail(batch, Rejection("database_unavailable", str(exc), self._retry_after_ms))
+            existing = await self._db(lambda: self._store.find_idempotent(list(keys)))
+        except (*_DB_ERRORS, CircuitOpen) as exc:
+            self._fail(batch, self._db_rejection(exc))
             return []
         fresh: list[Submission] = []
         first: dict[tuple[uuid.UUID, str], Submission] = {}
@@ -245,7 +279,14 @@ class Intake:
                     reply_route=chunk[0].reply_route,
                     items=[_lane_item(s) for s in chunk],
                 ).SerializeToString()
-                await self._broker.publish_lane(user_id, body, {})
+                try:
+                    await self._broker.publish_lane(user_id, body, {})
+                except LaneMissing:
+                    # Deleted while idle since we declared it: declare again, announce it
+                    # to the workers, publish again (nothing was enqueued the first time).
+                    self._announced.discard(user)
+                    new_lane = await self._ensure_lane(user_id)
+                    await self._broker.publish_lane(user_id, body, {})
             if new_lane:
                 await self._announce(user_id)
         except LaneFull:

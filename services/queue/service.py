@@ -7,15 +7,18 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from services.core.amqp import AmqpBroker
 from services.core.auth_client import AuthClient
+from services.core.breaker import CircuitBreaker
 from services.core.broker import Broker
-from services.core.db import create_engine
+from services.core.db import engine_for
 from services.core.grpc_host import GrpcHost
 from services.core.health import DependencyMonitor
 from services.core.settings import Settings
 from services.core.tokens import TokenVerifier
+from services.queue.admission import Admission
 from services.queue.catalog import HandlerCatalog
 from services.queue.hub import Hub
 from services.queue.intake import Intake
+from services.queue.janitor import LaneJanitor
 from services.queue.servicer import QueueServicer
 from services.queue.store import RequestStore
 
@@ -32,43 +35,51 @@ class QueueService:
         engine: AsyncEngine | None = None,
         broker: Broker | None = None,
     ) -> None:
+        s = settings
         self._settings = settings
         self._own_engine = engine is None
         self._own_broker = broker is None
-        self.engine = engine or create_engine(
-            settings.database_url,
-            schema=settings.database_schema,
-            pool_size=settings.database_pool_size,
-        )
+        self.engine = engine or engine_for(s)
         self.broker: Broker = broker or AmqpBroker(
-            settings.broker_url, lane_max_length=settings.lane_max_length
+            s.broker_url,
+            lane_max_length=s.lane_max_length,
+            queue_type=s.lane_queue_type,
         )
-        self.host = GrpcHost(settings.queue_listen, [SERVICE_NAME])
-        self._auth = AuthClient(settings.auth_target)
+        self.host = GrpcHost(s.queue_listen, [SERVICE_NAME])
+        self._auth = AuthClient(s.auth_target)
         self._monitor = DependencyMonitor(self.host, engine=self.engine, broker=self.broker)
         self.hub = Hub()
         store = RequestStore(self.engine)
         self.intake = Intake(
             store,
             self.broker,
-            batch_size=settings.write_batch_size,
-            linger_ms=settings.write_linger_ms,
-            retry_after_ms=settings.retry_after_ms,
+            batch_size=s.write_batch_size,
+            linger_ms=s.write_linger_ms,
+            retry_after_ms=s.retry_after_ms,
+            breaker=CircuitBreaker(
+                "database", threshold=s.breaker_threshold, reset_seconds=s.breaker_reset_seconds
+            ),
+        )
+        self.janitor = LaneJanitor(
+            store, self.broker, self.hub, idle_seconds=s.lane_idle_ttl_seconds
         )
         self._verifier = TokenVerifier(
             self._auth.jwks,
-            issuer=settings.jwt_issuer,
-            audience=settings.jwt_audience,
-            refresh_seconds=settings.jwks_refresh_seconds,
+            issuer=s.jwt_issuer,
+            audience=s.jwt_audience,
+            refresh_seconds=s.jwks_refresh_seconds,
         )
         self._servicer = QueueServicer(
-            settings=settings,
+            settings=s,
             verifier=self._verifier,
             store=store,
             intake=self.intake,
             hub=self.hub,
-            catalog=HandlerCatalog(store, max_age_seconds=settings.handler_cache_seconds),
+            catalog=HandlerCatalog(store, max_age_seconds=s.handler_cache_seconds),
             broker=self.broker,
+            admission=Admission(
+                rate=s.user_rate_per_second, burst=s.user_burst, max_pending=s.max_pending_writes
+            ),
         )
         queue_pb2_grpc.add_QueueServiceServicer_to_server(self._servicer, self.host.server)
 
@@ -83,6 +94,7 @@ class QueueService:
             await self.broker.connect()
         await self.broker.consume_results(self._settings.reply_route, self.hub.on_message)
         self.intake.start()
+        self.janitor.start()
         await self.host.start()
         await self._monitor.check()
         self._monitor.start()
@@ -90,6 +102,7 @@ class QueueService:
     async def stop(self, grace: float) -> None:
         await self._monitor.stop()
         await self.host.stop(grace)
+        await self.janitor.stop()
         await self.intake.stop()
         if self._own_broker:
             await self.broker.close()

@@ -20,10 +20,12 @@ from services.core.metrics import OPEN_SESSIONS
 from services.core.rich_status import abort_retry
 from services.core.settings import Settings
 from services.core.tokens import ROLE_SERVICE, ROLE_USER, Principal, TokenVerifier, authenticate
+from services.queue.admission import Admission
 from services.queue.catalog import HandlerCatalog
 from services.queue.convert import request_from_row, result_from_row, timestamp
 from services.queue.hub import Hub
-from services.queue.intake import Admission, Intake, Rejection, Submission
+from services.queue.intake import Admission as Admitted
+from services.queue.intake import Intake, Rejection, Submission
 from services.queue.store import RequestStore
 from services.queue.validation import InvalidEnqueue, build_request
 
@@ -63,6 +65,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         hub: Hub,
         catalog: HandlerCatalog,
         broker: Broker,
+        admission: Admission,
     ) -> None:
         self._settings = settings
         self._verifier = verifier
@@ -71,6 +74,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         self._hub = hub
         self._catalog = catalog
         self._broker = broker
+        self._admission = admission
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -88,7 +92,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
 
     async def _admit(
         self, msg: queue_pb2.EnqueueRequest, principal: Principal
-    ) -> tuple[uuid.UUID, asyncio.Future[Admission]]:
+    ) -> tuple[uuid.UUID, asyncio.Future[Admitted]]:
         request_id = uuid6.uuid7()
         request = await build_request(
             msg,
@@ -99,6 +103,11 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
             request_id=request_id,
         )
         sub = Submission(request=request, reply_route=self._settings.reply_route)
+        try:
+            self._admission.check(principal.user_id, self._intake.pending)
+        except Rejection as rejection:
+            sub.future.set_exception(rejection)
+            return request_id, sub.future
         return request_id, self._intake.submit(sub)
 
     # -- enqueue paths ---------------------------------------------------------------------
@@ -250,7 +259,9 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
             after = _decode_token(request.page_token)
         except ValueError:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid page_token")
-        rows = await self._store.lanes(after=after, limit=limit)
+        rows = await self._store.lanes(
+            after=after, limit=limit, idle_seconds=self._settings.lane_idle_ttl_seconds
+        )
         token = _encode_token(rows[-1].user_id) if len(rows) == limit else ""
         return queue_pb2.ListLanesResponse(lanes=[_lane(r, 0) for r in rows], next_page_token=token)
 
@@ -422,7 +433,7 @@ class _Session:
                 self._reject(client_ref, grpc.StatusCode.INVALID_ARGUMENT, detail)
                 continue
             try:
-                admission: Admission = await future
+                admission: Admitted = await future
             except Rejection as rej:
                 self._mine.pop(detail, None)
                 self._stash.pop(detail, None)

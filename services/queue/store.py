@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -203,9 +203,60 @@ class RequestStore:
             ).scalar_one()
             return row, int(pending)
 
-    async def lanes(self, *, after: uuid.UUID | None, limit: int) -> list[Any]:
-        query = sa.select(lanes).order_by(lanes.c.user_id).limit(limit)
+    def _pending_exists(self) -> Any:
+        return (
+            sa.select(requests.c.id)
+            .where(
+                requests.c.user_id == lanes.c.user_id,
+                requests.c.status.in_([status.QUEUED, status.RUNNING]),
+            )
+            .exists()
+        )
+
+    async def lanes(self, *, after: uuid.UUID | None, limit: int, idle_seconds: float) -> list[Any]:
+        """Live lanes: active within `idle_seconds` or with requests still pending."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=idle_seconds)
+        query = (
+            sa.select(lanes)
+            .where(sa.or_(lanes.c.last_active_at > cutoff, self._pending_exists()))
+            .order_by(lanes.c.user_id)
+            .limit(limit)
+        )
         if after is not None:
             query = query.where(lanes.c.user_id > after)
         async with self._engine.connect() as conn:
             return list((await conn.execute(query)).all())
+
+    async def idle_lanes(self, idle_seconds: float, limit: int = 100) -> list[uuid.UUID]:
+        cutoff = datetime.now(UTC) - timedelta(seconds=idle_seconds)
+        query = (
+            sa.select(lanes.c.user_id)
+            .where(lanes.c.last_active_at <= cutoff, ~self._pending_exists())
+            .limit(limit)
+        )
+        async with self._engine.connect() as conn:
+            return list((await conn.execute(query)).scalars())
+
+    async def queued_depth(self) -> tuple[int, int]:
+        """(deepest lane, all lanes) in QUEUED requests."""
+        per_lane = (
+            sa.select(sa.func.count().label("n"))
+            .where(requests.c.status == status.QUEUED)
+            .group_by(requests.c.user_id)
+            .subquery()
+        )
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(sa.select(sa.func.max(per_lane.c.n), sa.func.sum(per_lane.c.n)))
+            ).one()
+        return int(row[0] or 0), int(row[1] or 0)
+
+    async def touch_lanes(self, users: list[uuid.UUID]) -> None:
+        if not users:
+            return
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                lanes.update()
+                .where(lanes.c.user_id.in_(users))
+                .values(last_active_at=datetime.now(UTC))
+            )

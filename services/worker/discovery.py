@@ -28,7 +28,7 @@ class LaneDiscovery:
         *,
         queue_target: str,
         service_secret: str,
-        interval: float = 30.0,
+        interval: float = 10.0,
     ) -> None:
         self._runner = runner
         self._broker = broker

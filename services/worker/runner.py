@@ -202,7 +202,7 @@ class Runner:
         except DecodeError:
             log.exception("undecodable_lane_message", lane=lane.user_id, size=len(delivery.body))
             await self._broker.publish_dead(delivery.body, {"reason": "undecodable"})
-            await delivery.ack()
+            await _settle(delivery, requeue=None)
             return
         ids = [uuid.UUID(item.request_id) for item in batch.items]
         states = await self._states(ids)
@@ -214,9 +214,9 @@ class Runner:
         try:
             await asyncio.gather(*pending)
         except WriteFailed:
-            await delivery.reject(requeue=True)
+            await _settle(delivery, requeue=True)
             return
-        await delivery.ack()
+        await _settle(delivery, requeue=None)
 
     async def _run_item(
         self,
@@ -475,3 +475,16 @@ class Runner:
 def _log_failure(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.warning("mark_running_failed", error=str(task.exception()))
+
+
+async def _settle(delivery: Delivery, *, requeue: bool | None) -> None:
+    """Acks (requeue=None) or rejects. If the channel died meanwhile (broker connection cut)
+    the broker has already put the message back; the redelivery finds the finished
+    requests in the log and only re-sends their results."""
+    try:
+        if requeue is None:
+            await delivery.ack()
+        else:
+            await delivery.reject(requeue=requeue)
+    except Exception as exc:
+        log.warning("settle_failed", error=str(exc))

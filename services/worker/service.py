@@ -8,7 +8,7 @@ from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.core.amqp import AmqpBroker
 from services.core.auth_client import AuthClient
 from services.core.broker import Broker
-from services.core.db import create_engine
+from services.core.db import engine_for
 from services.core.grpc_host import GrpcHost
 from services.core.health import DependencyMonitor
 from services.core.settings import Settings
@@ -35,13 +35,11 @@ class WorkerService:
         self._settings = settings
         self._own_engine = engine is None
         self._own_broker = broker is None
-        self.engine = engine or create_engine(
-            settings.database_url,
-            schema=settings.database_schema,
-            pool_size=settings.database_pool_size,
-        )
+        self.engine = engine or engine_for(settings)
         self.broker: Broker = broker or AmqpBroker(
-            settings.broker_url, lane_max_length=settings.lane_max_length
+            settings.broker_url,
+            lane_max_length=settings.lane_max_length,
+            queue_type=settings.lane_queue_type,
         )
         self.handlers = registry.load(
             settings.handlers, default_attempts=settings.default_max_attempts

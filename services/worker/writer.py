@@ -39,12 +39,19 @@ class WriteFailed(Exception):
 
 class ResultWriter:
     def __init__(
-        self, store: WorkerStore, broker: Broker, *, batch_size: int, linger_ms: float
+        self,
+        store: WorkerStore,
+        broker: Broker,
+        *,
+        batch_size: int,
+        linger_ms: float,
+        publish_patience: float = 15.0,
     ) -> None:
         self._store = store
         self._broker = broker
         self._batch_size = batch_size
         self._linger = linger_ms / 1000
+        self._publish_patience = publish_patience
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -119,6 +126,25 @@ class ResultWriter:
                 await asyncio.sleep(random.uniform(0, delay))
                 delay = min(delay * 2, 5.0)
 
+    async def _publish_events(self, route: str, events: list[lane_pb2.LaneEvent]) -> None:
+        """Publishes one replica's events, retrying through a broker reconnect for a while;
+        past that they are dropped (they are in the log; clients catch up with WatchResults)."""
+        body = lane_pb2.LaneEventBatch(events=events).SerializeToString()
+        delay = 0.05
+        deadline = time.monotonic() + self._publish_patience
+        while True:
+            try:
+                await self._broker.publish_results(route, body)
+                return
+            except BrokerError as exc:
+                if time.monotonic() + delay > deadline:
+                    log.warning(
+                        "result_publish_dropped", route=route, events=len(events), error=str(exc)
+                    )
+                    return
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, 2.0)
+
     async def _flush(self, batch: list[_Pending]) -> None:
         outcomes = [i.outcome for i in batch if i.outcome is not None]
         if outcomes:
@@ -146,19 +172,9 @@ class ResultWriter:
                 )
             if item.route and item.event is not None:
                 by_route[item.route].append(item.event)
-        results = await asyncio.gather(
-            *(
-                self._broker.publish_results(
-                    route, lane_pb2.LaneEventBatch(events=events).SerializeToString()
-                )
-                for route, events in by_route.items()
-            ),
-            return_exceptions=True,
+        await asyncio.gather(
+            *(self._publish_events(route, events) for route, events in by_route.items())
         )
-        for error in results:
-            if isinstance(error, BrokerError):
-                # The outcomes are in the log; clients catch up with WatchResults.
-                log.warning("result_publish_failed", error=str(error))
         for item in batch:
             if not item.future.done():
                 item.future.set_result(None)

@@ -133,14 +133,6 @@ def settings_defaults() -> dict[str, object]:
     return out
 
 
-# Settings the deploy files already set but the services do not read yet (pydantic-settings
-# ignores unknown FAIRLANE_* variables). Each must become a real setting; the e2e check
-# test_awaited_settings_exist fails until it is.
-AWAITED_SETTINGS = {
-    "FAIRLANE_LANE_QUEUE_TYPE": "DESIGN.md: lanes' x-queue-type, classic unless set to quorum",
-}
-
-
 # --- running the real services (e2e) ----------------------------------------------------
 
 DATABASE_URL = os.environ.get(

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 
 from tests.deploy.support import (
-    AWAITED_SETTINGS,
     DEPLOY,
     REPO,
     run,
@@ -131,7 +130,7 @@ def test_health_checks_probe_grpc_health(config: dict[str, Any]) -> None:
 
 def test_environment_as_documented(config: dict[str, Any]) -> None:
     services = config["services"]
-    known = set(settings_defaults()) | set(AWAITED_SETTINGS)
+    known = set(settings_defaults())
     secrets = set()
     for name in FAIRLANE:
         env = services[name]["environment"]

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.deploy.support import AWAITED_SETTINGS, DEPLOY, REPO, load_yaml, settings_defaults
+from tests.deploy.support import DEPLOY, REPO, load_yaml, settings_defaults
 
 DOC = REPO / "docs" / "deploy.md"
 
@@ -53,13 +53,6 @@ def test_no_setting_documented_that_does_not_exist() -> None:
     table = table_rows(section("## Settings"))
     documented = {name.strip("`") for name in table if name.startswith("`FAIRLANE_")}
     assert documented - set(settings_defaults()) == set()
-    assert not documented & set(AWAITED_SETTINGS), "awaited settings are explained elsewhere"
-
-
-def test_awaited_settings_are_called_out() -> None:
-    for env in AWAITED_SETTINGS:
-        assert env in doc()
-        assert "test_awaited_settings_exist" in doc()
 
 
 def test_every_deploy_file_is_mentioned() -> None:

@@ -12,7 +12,6 @@ import pytest
 import yaml
 
 from tests.deploy.support import (
-    AWAITED_SETTINGS,
     DEPLOY,
     load_yaml,
     run,
@@ -140,7 +139,7 @@ def test_settings_configmap_and_secret() -> None:
     docs = render({"secret": {"serviceSecret": "fixed"}})
     (cm,) = by_kind(docs, "ConfigMap").values()
     secret = by_kind(docs, "Secret")["fl-fairlane"]
-    known = set(settings_defaults()) | set(AWAITED_SETTINGS)
+    known = set(settings_defaults())
     for key in cm["data"]:
         assert key in known or key.startswith("OTEL_"), key
     assert set(secret["data"]) == {

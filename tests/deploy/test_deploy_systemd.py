@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from tests.deploy.support import (
-    AWAITED_SETTINGS,
     DEPLOY,
     run,
     settings_defaults,
@@ -133,7 +132,7 @@ def env_file(name: str) -> dict[str, str]:
 
 
 def test_env_files_use_real_settings() -> None:
-    known = set(settings_defaults()) | set(AWAITED_SETTINGS)
+    known = set(settings_defaults())
     for path in SYSTEMD.glob("*.env"):
         for key in env_file(path.name):
             assert key in known or key.startswith("OTEL_"), f"{path.name}: {key}"

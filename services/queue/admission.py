@@ -1,0 +1,63 @@
+"""Admission control before anything is stored: a token bucket per user and a bound on
+requests waiting for the durable write on this replica."""
+
+from __future__ import annotations
+
+import time
+
+from services.core import metrics
+from services.queue.intake import Rejection
+
+
+class TokenBuckets:
+    """Per-user token buckets (rate per second, burst). Idle buckets are forgotten, so
+    memory follows the number of active users."""
+
+    def __init__(self, rate: float, burst: int, *, forget_after: float = 300.0) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._forget_after = forget_after
+        self._buckets: dict[str, tuple[float, float]] = {}  # user -> (tokens, updated)
+        self._last_sweep = time.monotonic()
+
+    def take(self, user: str, now: float | None = None) -> float:
+        """Takes one token; returns 0 if granted, else seconds until one is available."""
+        now = time.monotonic() if now is None else now
+        tokens, updated = self._buckets.get(user, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - updated) * self._rate)
+        if tokens >= 1:
+            self._buckets[user] = (tokens - 1, now)
+            granted = 0.0
+        else:
+            self._buckets[user] = (tokens, now)
+            granted = (1 - tokens) / self._rate
+        if now - self._last_sweep > self._forget_after:
+            self._sweep(now)
+        return granted
+
+    def _sweep(self, now: float) -> None:
+        self._last_sweep = now
+        full_after = self._burst / self._rate
+        stale = [u for u, (_, at) in self._buckets.items() if now - at > full_after]
+        for user in stale:
+            del self._buckets[user]
+
+
+class Admission:
+    def __init__(self, *, rate: float, burst: int, max_pending: int) -> None:
+        self._buckets = TokenBuckets(rate, burst)
+        self._max_pending = max_pending
+
+    def check(self, user: str, pending: int) -> None:
+        """Raises Rejection when the request must not be admitted now."""
+        if pending >= self._max_pending:
+            metrics.REJECTIONS.labels("overloaded").inc()
+            raise Rejection("overloaded", "the server is overloaded; retry shortly", 500)
+        wait = self._buckets.take(user)
+        if wait > 0:
+            metrics.REJECTIONS.labels("rate_limited").inc()
+            raise Rejection(
+                "rate_limited",
+                "you are sending faster than your rate limit; slow down",
+                max(1, int(wait * 1000)),
+            )
