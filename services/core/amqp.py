@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aio_pika
@@ -31,7 +32,12 @@ from services.core.broker import (
     lane_queue,
 )
 
-_PUBLISH_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, asyncio.TimeoutError)
+_PUBLISH_ERRORS = (
+    aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,  # a RuntimeError: the channel died
+    ConnectionError,
+    asyncio.TimeoutError,
+)
 
 
 class AmqpDelivery:
@@ -42,6 +48,14 @@ class AmqpDelivery:
         self.body = message.body
         self.headers = {k: str(v) for k, v in (message.headers or {}).items()}
         self.redelivered = bool(message.redelivered)
+
+    @property
+    def stale(self) -> bool:
+        """The channel it came on is gone: the broker has requeued it for redelivery."""
+        try:
+            return bool(self._message.channel.is_closed)
+        except aiormq.exceptions.ChannelInvalidStateError:
+            return True
 
     async def ack(self) -> None:
         await self._message.ack()
@@ -61,6 +75,10 @@ class AmqpLaneConsumer:
 
     def __init__(self, channel: AbstractChannel) -> None:
         self._channel = channel
+
+    @property
+    def alive(self) -> bool:
+        return not self._channel.is_closed
 
     async def cancel(self) -> None:
         # If the connection is gone, the broker already released the lane.
@@ -90,6 +108,7 @@ class AmqpBroker:
         self._consume: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
         self._declared: set[str] = set()
+        self._reconnect_listeners: list[Callable[[], None]] = []
 
     @property
     def is_connected(self) -> bool:
@@ -98,6 +117,7 @@ class AmqpBroker:
     async def connect(self) -> None:
         try:
             self._conn = await aio_pika.connect_robust(self._url, timeout=self._timeout)
+            self._conn.reconnect_callbacks.add(self._reconnected)
             self._pub = await self._conn.channel(publisher_confirms=True)
             self._consume = await self._conn.channel(publisher_confirms=False)
             for name, kind in (
@@ -112,6 +132,14 @@ class AmqpBroker:
         except _PUBLISH_ERRORS as exc:
             await self.close()
             raise BrokerError(f"cannot connect to RabbitMQ: {exc}") from exc
+
+    def on_reconnect(self, listener: Callable[[], None]) -> None:
+        self._reconnect_listeners.append(listener)
+
+    def _reconnected(self, *_: Any) -> None:
+        self._declared.clear()
+        for listener in self._reconnect_listeners:
+            listener()
 
     async def close(self) -> None:
         if self._conn is not None:

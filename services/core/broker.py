@@ -38,6 +38,10 @@ class Delivery(Protocol):
     headers: dict[str, str]
     redelivered: bool
 
+    @property
+    def stale(self) -> bool:
+        """True once it can no longer be acked (its channel died; it will be redelivered)."""
+
     async def ack(self) -> None: ...
     async def reject(self, *, requeue: bool) -> None: ...
 
@@ -47,6 +51,10 @@ BytesHandler = Callable[[bytes], Awaitable[None]]
 
 
 class LaneConsumer(Protocol):
+    @property
+    def alive(self) -> bool:
+        """False once the consumer stopped receiving (cancelled, or its channel died)."""
+
     async def cancel(self) -> None:
         """Stop consuming. Unacked deliveries go back to the lane in their original
         positions before any other consumer is served; they can no longer be acked."""
@@ -58,6 +66,9 @@ class Broker(Protocol):
 
     @property
     def is_connected(self) -> bool: ...
+
+    def on_reconnect(self, listener: Callable[[], None]) -> None:
+        """Calls `listener` after the broker connection was re-established."""
 
     async def declare_lane(self, user_id: str) -> None: ...
 

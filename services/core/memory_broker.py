@@ -14,6 +14,7 @@ import bisect
 import contextlib
 import itertools
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.core.broker import (
@@ -43,6 +44,10 @@ class MemoryDelivery:
         self.body = message.body
         self.headers = message.headers
         self.redelivered = message.redelivered
+
+    @property
+    def stale(self) -> bool:
+        return not self._consumer.active
 
     async def ack(self) -> None:
         if not self._done:
@@ -124,6 +129,10 @@ class MemoryLaneConsumer:
     def __init__(self, consumer: _Consumer) -> None:
         self._consumer = consumer
 
+    @property
+    def alive(self) -> bool:
+        return self._consumer.active
+
     async def cancel(self) -> None:
         await self._consumer.cancel()
 
@@ -154,6 +163,9 @@ class MemoryBroker:
     def _check(self) -> None:
         if not self._connected:
             raise BrokerError("broker not connected")
+
+    def on_reconnect(self, listener: Callable[[], None]) -> None:
+        """An in-process broker never disconnects."""
 
     async def declare_lane(self, user_id: str) -> None:
         self._check()

@@ -31,6 +31,7 @@ from services.queue.validation import InvalidEnqueue, build_request
 
 Context = ServicerContext
 _DONE = object()
+WATCH_POLL_SECONDS = 0.25
 
 
 def rejection_code(rejection: Rejection) -> grpc.StatusCode:
@@ -152,29 +153,44 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         events = self._hub.subscribe(principal.user_id)
         last = request.after_lane_seq
         try:
-            last = await self._replay(user, last, None, context)
+            async for missed in self._missed(user, last, None):
+                yield missed
+                last = missed.result.lane_seq
             while True:
-                event = await events.get()
+                try:
+                    event = await asyncio.wait_for(events.get(), WATCH_POLL_SECONDS)
+                except TimeoutError:
+                    # Results of requests accepted on another replica are pushed to that
+                    # replica; the log has them too, so a quiet watcher reads it.
+                    async for missed in self._missed(user, last, None):
+                        yield missed
+                        last = missed.result.lane_seq
+                    continue
                 if event.WhichOneof("kind") != "result":
                     continue
                 seq = event.result.lane_seq
                 if seq <= last:
                     continue
                 if seq > last + 1:
-                    last = await self._replay(user, last, seq, context)
+                    async for missed in self._missed(user, last, seq):
+                        yield missed
+                        last = missed.result.lane_seq
                 yield queue_pb2.WatchResultsResponse(result=event.result)
                 last = seq
         finally:
             self._hub.unsubscribe(principal.user_id, events)
 
-    async def _replay(self, user: uuid.UUID, after: int, upto: int | None, context: Context) -> int:
+    async def _missed(
+        self, user: uuid.UUID, after: int, upto: int | None
+    ) -> AsyncIterator[queue_pb2.WatchResultsResponse]:
+        """Stored results with after < lane_seq (< upto), in order, in pages."""
         while True:
             rows = await self._store.results_after(user, after, upto=upto)
             for row in rows:
-                await context.write(queue_pb2.WatchResultsResponse(result=result_from_row(row)))
+                yield queue_pb2.WatchResultsResponse(result=result_from_row(row))
                 after = row.lane_seq
             if len(rows) < 1000:
-                return after
+                return
 
     async def GetRequest(
         self, request: queue_pb2.GetRequestRequest, context: Context

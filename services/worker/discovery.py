@@ -38,8 +38,10 @@ class LaneDiscovery:
         self._secret = service_secret
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
 
     async def start(self) -> None:
+        self._broker.on_reconnect(self._wake.set)
         await self._broker.consume_control(self._on_control)
         self._task = asyncio.create_task(self._poll(), name="lane-discovery")
 
@@ -88,9 +90,15 @@ class LaneDiscovery:
         delay = 0.2
         while True:
             try:
+                repaired = await self._runner.repair()
+                if repaired:
+                    log.info("lanes_repaired", count=repaired)
                 await self.sync_once()
                 delay = self._interval
             except (grpc.aio.AioRpcError, BrokerError) as exc:
                 log.warning("lane_sync_failed", error=str(exc))
                 delay = min(max(delay * 2, 0.2), self._interval)
-            await asyncio.sleep(delay)
+            # After a broker reconnect, sync at once: lanes whose consumer died come back.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+            self._wake.clear()

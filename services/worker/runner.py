@@ -68,7 +68,13 @@ class Lane:
             self.quiet.set()
             delivery = await self.deliveries.get()
             self.quiet.clear()
+            if delivery.stale:
+                continue  # its channel died; the broker redelivers it on the new one
             await self._runner.process(self, delivery)
+
+    @property
+    def alive(self) -> bool:
+        return self.consumer is not None and self.consumer.alive
 
     async def release(self) -> None:
         """Stops processing, then consuming: whatever was not acked (the message being
@@ -120,12 +126,17 @@ class Runner:
     # -- lanes -----------------------------------------------------------------------------
 
     async def add_lane(self, user_id: str) -> None:
+        """Consumes the lane; a lane whose consumer died (broker connection lost) is
+        consumed again from scratch."""
         async with self._lock:
-            if user_id in self.lanes or self.state in (
-                worker_pb2.WORKER_STATE_DRAINING,
-                worker_pb2.WORKER_STATE_DRAINED,
-            ):
+            if self.state in (worker_pb2.WORKER_STATE_DRAINING, worker_pb2.WORKER_STATE_DRAINED):
                 return
+            existing = self.lanes.get(user_id)
+            if existing is not None:
+                if existing.alive:
+                    return
+                del self.lanes[user_id]
+                await existing.release()
             lane = Lane(self, user_id)
             try:
                 lane.consumer = await self._broker.consume_lane(
@@ -136,6 +147,13 @@ class Runner:
                 raise
             self.lanes[user_id] = lane
             metrics.ACTIVE_LANES.set(len(self.lanes))
+
+    async def repair(self) -> int:
+        """Consumes again every lane whose consumer died; returns how many."""
+        dead = [u for u, lane in list(self.lanes.items()) if not lane.alive]
+        for user_id in dead:
+            await self.add_lane(user_id)
+        return len(dead)
 
     async def remove_lane(self, user_id: str) -> None:
         async with self._lock:
