@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -75,6 +76,28 @@ class Cli:
         assert stderr.count("\n") == 1, stderr
         assert "Traceback" not in stderr
         return stderr.removeprefix("error: ").strip()
+
+
+def _interrupted_watch(cli: Cli) -> tuple[int, bytes]:
+    # `python -m fairlane.cli.main watch`, with Ctrl-C handled as in a terminal even if
+    # this test runs where SIGINT is ignored (a background job).
+    start = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler);"
+        " sys.argv = ['fairlane', 'watch'];"
+        " runpy.run_module('fairlane.cli.main', run_name='__main__')"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", start],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli.env,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline()  # it is streaming results
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=20)
+    return proc.returncode, stderr
 
 
 def _mode(path: Path) -> int:
@@ -177,6 +200,9 @@ async def test_cli_commands_against_the_suite(suite: Suite, tmp_path: Path) -> N
     text = await cli.ok("watch", "--after", str(seqs[0]), "-n", "1")
     assert "SUCCEEDED" in text
     assert "line 1" in text
+
+    # Ctrl-C ends watch quietly with exit code 0.
+    assert await asyncio.to_thread(_interrupted_watch, cli) == (0, b"")
 
     listed = await cli.json("requests", "--status", "succeeded", "--limit", "5")
     assert len(listed) == 5
