@@ -113,6 +113,14 @@ def bench_command(  # every option is keyword-only; typer passes them by name
     window: Annotated[
         int, typer.Option(min=1, help="Requests in flight per lane (sent, no result yet).")
     ] = 32,
+    rate: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Send at most this many requests per second over all lanes (open loop, "
+            "still capped by --window); 0: as fast as the window allows.",
+        ),
+    ] = 0.0,
     handler: Annotated[
         str, typer.Option(help="Worker handler: noop, echo or sleep (any registered name works).")
     ] = "noop",
@@ -191,6 +199,7 @@ def bench_command(  # every option is keyword-only; typer passes them by name
         requests=requests,
         duration=duration,
         window=window,
+        rate=rate,
         handler=handler,
         payload_bytes=payload_bytes,
         sleep_seconds=sleep,
@@ -205,8 +214,9 @@ def bench_command(  # every option is keyword-only; typer passes them by name
         database_url=database_url,
         database_schema=database_schema,
     )
-    err = Console(stderr=True)
-    out = err if json_out else Console()
+    # Tables written to a file or pipe get room enough not to wrap.
+    err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+    out = err if json_out else Console(width=None if sys.stdout.isatty() else 120)
     display = _Display(err, progress)
     run = BenchRun(config, on_tick=display.tick)
     try:

@@ -29,6 +29,7 @@ def render(report: dict[str, Any], console: Console) -> None:
     title = (
         f"fairlane bench: {config['lanes']} lanes x window {config['window']}, "
         f"handler {config['handler']}, {mode} after {config['warmup']:g} s warm-up"
+        + (f", rate cap {config['rate']:g}/s" if config["rate"] else "")
     )
 
     summary = Table(title="counts", show_header=False, title_justify="left")

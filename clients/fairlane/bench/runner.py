@@ -35,6 +35,7 @@ class BenchConfig:
     requests: int | None = None  # total over all lanes, after the warm-up
     duration: float | None = None  # seconds after the warm-up
     window: int = 32
+    rate: float = 0.0  # cap on requests sent per second over all lanes; 0: no cap
     handler: str = "noop"
     payload_bytes: int = 0
     sleep_seconds: float = 0.01
@@ -163,6 +164,7 @@ class BenchRun:
         self.stalled = False
         self.payload = config.payload()
         self.check_echo = config.handler == "echo"
+        self.next_slot = 0.0  # --rate: when the next request may be sent
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -303,6 +305,12 @@ class BenchRun:
             if pause[0] > now:
                 await asyncio.sleep(pause[0] - now)
                 now = time.perf_counter()
+            if self.config.rate > 0:
+                slot = max(self.next_slot, now)
+                self.next_slot = slot + 1 / self.config.rate
+                if slot > now:
+                    await asyncio.sleep(slot - now)
+                    now = time.perf_counter()
             measured = now >= self.t_warm_end
             if now >= self.t_send_end:
                 break
