@@ -8,6 +8,11 @@
 #   scripts/bench_suite.sh pids            print "auth=PID queue=PID worker=PID"
 #   scripts/bench_suite.sh down            stop it, drop the schema, delete the vhost
 #   scripts/bench_suite.sh run ARGS...     up, bench ARGS, down
+#   scripts/bench_suite.sh profile SECONDS [DIR]
+#                                          py-spy record (raw, 50 Hz) of queue and worker at
+#                                          once, while a bench runs in another shell; prints
+#                                          the top entries (self and inclusive) of each
+#   scripts/bench_suite.sh top FILE.raw [N] the same summary for any py-spy raw profile
 #
 # FAIRLANE_SRC picks the source tree the services run from (default: this repository), so
 # a baseline can be measured from a `git worktree` of another commit with the same bench.
@@ -102,6 +107,54 @@ bench() {
     --pids "$pid_list" --database-url "$DB_ROOT" --database-schema "$SCHEMA" "$@"
 }
 
+top() {  # file.raw [entries]: summary of a py-spy --format raw (collapsed stacks) profile
+  "$PY" - "$1" "${2:-15}" <<'PYTHON'
+import re
+import sys
+from collections import Counter
+
+path, top = sys.argv[1], int(sys.argv[2])
+RUNNER = ("runpy", "typer", "fairlane/cli", "services/cli.py", "services/core/runtime.py",
+          "uvloop/__init__", "asyncio/runners", "click", "threading.py")
+
+
+def name(frame: str) -> str:  # "fn (file:line)" -> "fn (file)"
+    return re.sub(r":\d+\)$", ")", frame)
+
+
+leaf, incl, total = Counter(), Counter(), 0
+for line in open(path):
+    if not line.strip():
+        continue
+    stack, n = line.rstrip("\n").rsplit(" ", 1)
+    frames = [name(f) for f in stack.split(";")]
+    total += int(n)
+    leaf[frames[-1]] += int(n)
+    for f in set(frames):
+        incl[f] += int(n)
+print(f"{path}: {total} samples")
+print("  (leaf 'Runner.run (asyncio/runners.py)': native code under the event loop, i.e.")
+print("   uvloop and grpc core; 'Thread.run': native threads such as grpc's poller)")
+print("  self (leaf):")
+for f, n in leaf.most_common(top):
+    print(f"    {100 * n / total:5.1f}%  {f}")
+print("  inclusive:")
+for f, n in [(f, n) for f, n in incl.most_common() if not any(r in f for r in RUNNER)][:top]:
+    print(f"    {100 * n / total:5.1f}%  {f}")
+PYTHON
+}
+
+profile() {  # seconds [dir]: py-spy record queue and worker at once, then summarise
+  local seconds="${1:-15}" dir="${2:-$STATE/profile}"
+  mkdir -p "$dir"
+  for name in queue worker; do
+    "$ROOT/.venv/bin/py-spy" record --pid "$(cat "$STATE/$name.pid")" --rate 50 \
+      --duration "$seconds" --format raw -o "$dir/$name.raw" >"$dir/$name.py-spy.log" 2>&1 &
+  done
+  wait
+  for name in queue worker; do top "$dir/$name.raw"; done
+}
+
 down() {
   [ -f "$STATE/suite.env" ] || { echo "no bench suite is up ($STATE)"; return 0; }
   service_env
@@ -131,11 +184,13 @@ case "${1:-}" in
   down) down ;;
   pids) pids ;;
   bench) shift; bench "$@" ;;
+  profile) shift; profile "$@" ;;
+  top) shift; top "$@" ;;
   run)
     shift
     up
     trap down EXIT
     bench "$@"
     ;;
-  *) sed -n '2,13p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,18p' "$0" >&2; exit 2 ;;
 esac
