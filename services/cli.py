@@ -6,7 +6,7 @@ import asyncio
 import sys
 
 from services.core import logging as fl_logging
-from services.core import metrics
+from services.core import metrics, telemetry
 from services.core.db import migrate
 from services.core.runtime import Component, run, run_until_signalled
 from services.core.settings import Settings
@@ -32,6 +32,7 @@ def serve_one(service: str, handlers: list[str], hooks: list[str], *, json_logs:
         update={"handlers": [*base.handlers, *handlers], "hooks": [*base.hooks, *hooks]}
     )
     fl_logging.configure(service, json=json_logs)
+    telemetry.configure(f"fairlane-{service}")
 
     async def main() -> None:
         # gRPC aio objects bind to the running loop, so build them inside it.
@@ -39,7 +40,10 @@ def serve_one(service: str, handlers: list[str], hooks: list[str], *, json_logs:
         metrics.serve_metrics(settings.metrics_host, metrics_port)
         await run_until_signalled([component], grace=settings.grace_seconds)
 
-    run(main())
+    try:
+        run(main())
+    finally:
+        telemetry.shutdown()
 
 
 def migrate_database() -> None:

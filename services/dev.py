@@ -87,3 +87,5 @@ def run_dev(*, broker: str, database: str, data_dir: str, demo: bool, trace_cons
     except OSError as exc:
         console.print(f"[red]fairlane dev: {exc}[/]")
         raise SystemExit(1) from exc
+    finally:
+        telemetry.shutdown()

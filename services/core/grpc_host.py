@@ -9,6 +9,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.core import tracing
+
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 SERVER_OPTIONS: list[tuple[str, Any]] = [
@@ -40,7 +42,9 @@ class GrpcHost:
 
     def __init__(self, listen: str, service_names: Iterable[str]) -> None:
         self.service_names = list(service_names)
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.server = grpc.aio.server(
+            options=SERVER_OPTIONS, interceptors=tracing.server_interceptors()
+        )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -66,7 +70,9 @@ class GrpcHost:
 
 
 def insecure_channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    return grpc.aio.insecure_channel(
+        target, options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors()
+    )
 
 
 # grpcio ships no type information; this alias keeps servicer signatures readable.

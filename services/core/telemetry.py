@@ -9,6 +9,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
+from services.core import tracing
+
 
 def configure(service: str, *, console: bool = False) -> bool:
     """Installs a tracer provider when spans have somewhere to go; returns whether it did.
@@ -31,4 +33,12 @@ def configure(service: str, *, console: bool = False) -> bool:
     if console:
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     trace.set_tracer_provider(provider)
+    tracing.enable()
     return True
+
+
+def shutdown() -> None:
+    """Flushes spans still buffered (called on the way out)."""
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.shutdown()

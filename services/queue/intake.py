@@ -10,15 +10,16 @@ import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf import timestamp_pb2
+from opentelemetry.trace import Span, SpanKind
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from fairlane.common.v1 import lane_pb2
-from services.core import metrics
+from services.core import metrics, tracing
 from services.core.breaker import CircuitBreaker, CircuitOpen
-from services.core.broker import Broker, BrokerError, LaneFull, LaneMissing
+from services.core.broker import Broker, BrokerError, LaneFull, LaneMissing, lane_queue
 from services.core.logging import get_logger
 from services.queue.store import NewRequest, RequestStore
 
@@ -49,6 +50,7 @@ class Submission:
     request: NewRequest
     reply_route: str
     traceparent: str = ""
+    span: Span | None = None
     future: asyncio.Future[Admission] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -185,16 +187,30 @@ class Intake:
         if not fresh:
             return
         started = time.perf_counter()
+        db_span = _batch_span(
+            "INSERT requests",
+            fresh,
+            {
+                "db.system": self._store.dialect,
+                "db.operation.name": "INSERT",
+                "db.collection.name": "requests",
+                "fairlane.batch_size": len(fresh),
+            },
+        )
         try:
-            await self._db(lambda: self._store.insert([s.request for s in fresh]))
-        except IntegrityError:
+            with tracing.current(db_span):
+                await self._db(lambda: self._store.insert([s.request for s in fresh]))
+        except IntegrityError as exc:
+            tracing.end(db_span, exc)
             # A concurrent replica inserted one of the idempotency keys; settle one by one.
             for sub in fresh:
                 await self._process_one(sub)
             return
         except (*_DB_ERRORS, CircuitOpen) as exc:
+            tracing.end(db_span, exc)
             self._fail(fresh, self._db_rejection(exc))
             return
+        tracing.end(db_span)
         metrics.DB_BATCH_SIZE.labels("intake").observe(len(fresh))
         metrics.DB_BATCH_SECONDS.labels("intake").observe(time.perf_counter() - started)
         await self._publish(fresh)
@@ -270,6 +286,24 @@ class Intake:
 
     async def _publish_lane(self, user: uuid.UUID, subs: list[Submission]) -> Rejection | None:
         user_id = str(user)
+        span = _batch_span(
+            f"publish {lane_queue(user_id)}",
+            subs,
+            {
+                "messaging.system": "rabbitmq",
+                "messaging.operation.type": "publish",
+                "messaging.destination.name": lane_queue(user_id),
+                "messaging.batch.message_count": len(subs),
+            },
+        )
+        with tracing.current(span):
+            rejection = await self._publish_lane_messages(user, user_id, subs)
+        tracing.end(span, rejection)
+        return rejection
+
+    async def _publish_lane_messages(
+        self, user: uuid.UUID, user_id: str, subs: list[Submission]
+    ) -> Rejection | None:
         try:
             new_lane = await self._ensure_lane(user_id)
             for start in range(0, len(subs), MAX_ITEMS_PER_MESSAGE):
@@ -322,3 +356,14 @@ def _chain(source: asyncio.Future[Admission], target: asyncio.Future[Admission])
             target.set_result(Admission(r.request_id, duplicate=True))
 
     source.add_done_callback(copy)
+
+
+def _batch_span(name: str, subs: list[Submission], attributes: dict[str, Any]) -> Span | None:
+    """A span for work done once for many requests: a child of the first request's span,
+    linked to the others'."""
+    spans = [s.span for s in subs if s.span is not None]
+    if not spans:
+        return None
+    return tracing.start(
+        name, parent_span=spans[0], kind=SpanKind.CLIENT, attributes=attributes, links=spans[1:]
+    )

@@ -10,10 +10,11 @@ from typing import Any
 
 import grpc
 import uuid6
+from opentelemetry.trace import SpanKind
 
 from fairlane.common.v1 import lane_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
-from services.core import status
+from services.core import status, tracing
 from services.core.broker import Broker, BrokerError, lane_queue
 from services.core.grpc_host import ServicerContext, abort
 from services.core.metrics import OPEN_SESSIONS
@@ -95,15 +96,39 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         self, msg: queue_pb2.EnqueueRequest, principal: Principal
     ) -> tuple[uuid.UUID, asyncio.Future[Admitted]]:
         request_id = uuid6.uuid7()
-        request = await build_request(
-            msg,
-            user_id=uuid.UUID(principal.user_id),
-            catalog=self._catalog,
-            max_payload_bytes=self._settings.max_payload_bytes,
-            default_max_attempts=self._settings.default_max_attempts,
-            request_id=request_id,
+        # The request's own span: a child of the RPC's, ended once the request is durable.
+        span = tracing.start(
+            f"enqueue {msg.handler}",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "fairlane.request_id": str(request_id),
+                "fairlane.lane": principal.user_id,
+                "messaging.system": "rabbitmq",
+                "messaging.operation.type": "publish",
+                "messaging.destination.name": lane_queue(principal.user_id),
+            },
         )
-        sub = Submission(request=request, reply_route=self._settings.reply_route)
+        try:
+            request = await build_request(
+                msg,
+                user_id=uuid.UUID(principal.user_id),
+                catalog=self._catalog,
+                max_payload_bytes=self._settings.max_payload_bytes,
+                default_max_attempts=self._settings.default_max_attempts,
+                request_id=request_id,
+                trace_id=tracing.trace_id(span),
+            )
+        except InvalidEnqueue as exc:
+            tracing.end(span, exc)
+            raise
+        sub = Submission(
+            request=request,
+            reply_route=self._settings.reply_route,
+            traceparent=tracing.traceparent(span) if span else "",
+            span=span,
+        )
+        if span is not None:
+            sub.future.add_done_callback(lambda f: tracing.end(span, f.exception()))
         try:
             self._admission.check(principal.user_id, self._intake.pending)
         except Rejection as rejection:
@@ -501,6 +526,13 @@ class _Session:
         rid = event.result.request_id
         if self._mine.pop(rid, None) is None:
             return  # already delivered (a redelivered result)
+        tracing.end(
+            tracing.start(
+                "deliver result",
+                parent_traceparent=event.traceparent,
+                attributes={"fairlane.request_id": rid},
+            )
+        )
         self._window.release()
         self._out.put_nowait(queue_pb2.SessionResponse(result=event.result))
         self._maybe_done()

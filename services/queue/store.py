@@ -53,6 +53,10 @@ class RequestStore:
         self._engine = engine
         self._dialect = engine.dialect.name
 
+    @property
+    def dialect(self) -> str:
+        return self._dialect
+
     async def find_idempotent(
         self, keys: Sequence[tuple[uuid.UUID, str]]
     ) -> dict[tuple[uuid.UUID, str], uuid.UUID]:

@@ -17,13 +17,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf.message import DecodeError
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind
 from sqlalchemy.exc import SQLAlchemyError
 
 from fairlane.common.v1 import common_pb2, lane_pb2
 from fairlane.handlers import Hooks, PermanentError, PlainContext
 from fairlane.worker.v1 import worker_pb2
-from services.core import metrics, status
-from services.core.broker import Broker, BrokerError, Delivery, LaneConsumer
+from services.core import metrics, status, tracing
+from services.core.broker import Broker, BrokerError, Delivery, LaneConsumer, lane_queue
 from services.core.logging import get_logger
 from services.worker.context import Context
 from services.worker.registry import Handler
@@ -284,7 +286,28 @@ class Runner:
                 error=f"handler {item.handler!r} is not available on worker {self.worker_id}",
             )
         else:
-            outcome = await self._execute(lane, batch, item, spec, state.attempts)
+            span = tracing.start(
+                f"process {item.handler}",
+                parent_traceparent=item.traceparent,
+                kind=SpanKind.CONSUMER,
+                attributes={
+                    "fairlane.request_id": item.request_id,
+                    "fairlane.lane": batch.user_id,
+                    "messaging.system": "rabbitmq",
+                    "messaging.operation.type": "process",
+                    "messaging.destination.name": lane_queue(batch.user_id),
+                },
+            )
+            outcome = await self._execute(lane, batch, item, spec, state.attempts, span=span)
+            if span is not None:
+                outcome.traceparent = tracing.traceparent(span)
+                span.set_attribute("fairlane.status", outcome.status)
+            future = self._writer.finish(
+                outcome, route=batch.reply_route, client_ref=item.client_ref, handler=item.handler
+            )
+            if span is not None:
+                future.add_done_callback(lambda _: tracing.end(span))
+            return future
         return self._writer.finish(
             outcome, route=batch.reply_route, client_ref=item.client_ref, handler=item.handler
         )
@@ -307,6 +330,8 @@ class Runner:
         item: lane_pb2.LaneItem,
         spec: Handler,
         previous_attempts: int,
+        *,
+        span: Span | None = None,
     ) -> Outcome:
         request_id = uuid.UUID(item.request_id)
         user = uuid.UUID(batch.user_id)
@@ -336,8 +361,14 @@ class Runner:
             )
             await self._hooks_before(ctx, spec.name)
             outcome: Outcome | None = None
+            attempt_span = tracing.start(
+                f"attempt {number}",
+                parent_span=span,
+                attributes={"fairlane.request_id": item.request_id, "fairlane.attempt": number},
+            )
             try:
-                output = await self._call(spec, ctx, item.payload, request_id, number)
+                with tracing.current(attempt_span):
+                    output = await self._call(spec, ctx, item.payload, request_id, number)
             except RequestCancelled:
                 attempt.error = "cancelled by the client"
                 outcome = Outcome(
@@ -351,6 +382,15 @@ class Runner:
                 )
             except Exception as exc:
                 attempt.error = f"{exc.__class__.__name__}: {exc}"
+                with tracing.current(attempt_span):
+                    log.warning(
+                        "attempt_failed",
+                        request_id=item.request_id,
+                        handler=spec.name,
+                        attempt=number,
+                        max_attempts=max_attempts,
+                        error=attempt.error,
+                    )
             else:
                 self.stats.succeeded[spec.name] += 1
                 outcome = Outcome(
@@ -366,6 +406,13 @@ class Runner:
                     error=f"gave up after {number} attempts: {attempt.error}",
                     attempts=attempts,
                 )
+            if attempt_span is not None:
+                attempt_span.set_attribute(
+                    "fairlane.outcome", outcome.status if outcome else "RETRY"
+                )
+                if attempt.error:
+                    attempt_span.set_status(trace.Status(trace.StatusCode.ERROR, attempt.error))
+                attempt_span.end()
             await self._hooks_after(
                 ctx, spec.name, outcome.status if outcome else "RETRY", attempt.error
             )

@@ -36,6 +36,7 @@ class Outcome:
     attempts: list[Attempt] = field(default_factory=list)
     finished_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     lane_seq: int = 0
+    traceparent: str = ""
 
     @property
     def attempt_count(self) -> int:

@@ -10,10 +10,11 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from opentelemetry.trace import SpanKind
 from sqlalchemy.exc import SQLAlchemyError
 
 from fairlane.common.v1 import common_pb2, lane_pb2
-from services.core import metrics, status
+from services.core import metrics, status, tracing
 from services.core.broker import Broker, BrokerError
 from services.core.logging import get_logger
 from services.worker.store import Outcome, WorkerStore
@@ -149,7 +150,24 @@ class ResultWriter:
         outcomes = [i.outcome for i in batch if i.outcome is not None]
         if outcomes:
             started = time.perf_counter()
-            await self._write(outcomes)
+            first = next((o.traceparent for o in outcomes if o.traceparent), "")
+            span = (
+                tracing.start(
+                    "UPDATE requests",
+                    parent_traceparent=first,
+                    kind=SpanKind.CLIENT,
+                    attributes={
+                        "db.operation.name": "UPDATE",
+                        "db.collection.name": "requests",
+                        "fairlane.batch_size": len(outcomes),
+                    },
+                )
+                if first
+                else None
+            )
+            with tracing.current(span):
+                await self._write(outcomes)
+            tracing.end(span)
             metrics.DB_BATCH_SIZE.labels("results").observe(len(outcomes))
             metrics.DB_BATCH_SECONDS.labels("results").observe(time.perf_counter() - started)
         by_route: dict[str, list[lane_pb2.LaneEvent]] = defaultdict(list)
@@ -159,6 +177,7 @@ class ResultWriter:
                 metrics.REQUESTS.labels(item.handler, o.status).inc()
                 item.event = lane_pb2.LaneEvent(
                     user_id=str(o.user_id),
+                    traceparent=o.traceparent,
                     result=common_pb2.Result(
                         request_id=str(o.request_id),
                         lane_seq=o.lane_seq,

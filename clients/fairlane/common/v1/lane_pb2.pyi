@@ -114,8 +114,11 @@ class LaneEvent(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """Owner of the request."""
+    traceparent: _builtins.str
+    """W3C traceparent of the span that produced the event, so delivery joins the trace."""
     @_builtins.property
     def result(self) -> _common_pb2.Result:
         """A final outcome."""
@@ -130,10 +133,11 @@ class LaneEvent(_message.Message):
         user_id: _builtins.str = ...,
         result: _common_pb2.Result | None = ...,
         progress: _common_pb2.Progress | None = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "progress", b"progress", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "progress", b"progress", "result", b"result", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "progress", b"progress", "result", b"result", "traceparent", b"traceparent", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["result", "progress"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
