@@ -185,8 +185,8 @@ def bench_command(  # every option is keyword-only; typer passes them by name
 ) -> None:
     """Drive a running suite with L lanes and report throughput, latency and correctness.
 
-    Exits 1 when the run is invalid (anything lost, duplicated, out of order, or not
-    matching the request log), 2 when it cannot start.
+    Exit code 1: invalid run (lost, duplicated, out of order, or not as in the request log).
+    Exit code 2: the run could not start.
     """
     if requests is not None and duration is not None:
         raise typer.BadParameter("give --requests or --duration, not both")
