@@ -52,6 +52,12 @@ class RequestStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._dialect = engine.dialect.name
+        # Built once: a statement built per call costs compile time on the hot path.
+        lane_upsert = upsert(self._dialect, lanes)
+        self._touch_lane = lane_upsert.on_conflict_do_update(
+            index_elements=[lanes.c.user_id],
+            set_={"last_active_at": lane_upsert.excluded.last_active_at},
+        )
 
     @property
     def dialect(self) -> str:
@@ -74,7 +80,6 @@ class RequestStore:
         """One transaction for the whole batch: rows, QUEUED events, lane bookkeeping."""
         now = datetime.now(UTC)
         users = {r.user_id for r in batch}
-        lane_upsert = upsert(self._dialect, lanes)
         async with self._engine.begin() as conn:
             await conn.execute(
                 requests.insert(),
@@ -101,10 +106,7 @@ class RequestStore:
                 [{"request_id": r.id, "at": r.enqueued_at, "status": status.QUEUED} for r in batch],
             )
             await conn.execute(
-                lane_upsert.on_conflict_do_update(
-                    index_elements=[lanes.c.user_id],
-                    set_={"last_active_at": lane_upsert.excluded.last_active_at},
-                ),
+                self._touch_lane,
                 [
                     {"user_id": u, "created_at": now, "last_active_at": now, "last_seq": 0}
                     for u in users

@@ -38,6 +38,18 @@ RUNNING_MARK_SECONDS = 0.05  # handlers that take longer show RUNNING in the log
 CANCELLED_MEMORY = 10_000  # recent cancel requests remembered for requests not yet started
 
 
+# The state of a request on its first delivery: queued, never started.
+FRESH = StoredState(
+    status=status.QUEUED,
+    lane_seq=None,
+    attempts=0,
+    output=None,
+    error=None,
+    client_ref="",
+    handler="",
+)
+
+
 class RequestCancelled(Exception):
     pass
 
@@ -60,6 +72,7 @@ class Lane:
         self.consumer: LaneConsumer | None = None
         # Set while the lane waits for a message or at a closed gate: nothing of it runs.
         self.quiet = asyncio.Event()
+        self.acks: set[asyncio.Task[None]] = set()
         self.task = asyncio.create_task(self._run(), name=f"lane-{user_id}")
 
     async def on_delivery(self, delivery: Delivery) -> None:
@@ -192,10 +205,14 @@ class Runner:
         self.state = worker_pb2.WORKER_STATE_DRAINING
         self._resumed.clear()
         abandoned = 0
+
+        async def settled(lane: Lane) -> None:
+            await lane.quiet.wait()
+            await asyncio.gather(*list(lane.acks), return_exceptions=True)
+
         try:
             await asyncio.wait_for(
-                asyncio.gather(*(lane.quiet.wait() for lane in list(self.lanes.values()))),
-                timeout,
+                asyncio.gather(*(settled(lane) for lane in list(self.lanes.values()))), timeout
             )
         except TimeoutError:
             abandoned = self.in_flight
@@ -224,13 +241,27 @@ class Runner:
             await self._broker.publish_dead(delivery.body, {"reason": "undecodable"})
             await _settle(delivery, requeue=None)
             return
-        ids = [uuid.UUID(item.request_id) for item in batch.items]
-        states = await self._states(ids)
+        # A first delivery cannot have finished before; only a redelivery needs the log
+        # (finished requests are re-sent, not re-run). A cancel that lands meanwhile is
+        # caught by the cancel events and by the final write, which lets CANCELLED win.
+        states: dict[uuid.UUID, StoredState] | None = None
+        if delivery.redelivered:
+            states = await self._states([uuid.UUID(item.request_id) for item in batch.items])
         pending: list[asyncio.Future[None]] = []
         for item in batch.items:
-            future = await self._run_item(lane, batch, item, states.get(uuid.UUID(item.request_id)))
+            state = FRESH if states is None else states.get(uuid.UUID(item.request_id))
+            future = await self._run_item(lane, batch, item, state)
             if future is not None:
                 pending.append(future)
+        # The lane goes on with its next message while this one's outcomes are written
+        # (the writer keeps them in order); the message is acked once they are durable.
+        task = asyncio.create_task(self._ack_when_written(delivery, pending))
+        lane.acks.add(task)
+        task.add_done_callback(lane.acks.discard)
+
+    async def _ack_when_written(
+        self, delivery: Delivery, pending: list[asyncio.Future[None]]
+    ) -> None:
         try:
             await asyncio.gather(*pending)
         except WriteFailed:
@@ -512,8 +543,7 @@ class Runner:
             self._processes.shutdown(wait=False, cancel_futures=True)
 
     def _mark_running(self, request_id: uuid.UUID, number: int) -> None:
-        task = asyncio.create_task(self._store.mark_running(request_id, number, datetime.now(UTC)))
-        task.add_done_callback(_log_failure)
+        self._writer.running(request_id, number, datetime.now(UTC))
 
     async def _dead_letter(
         self, batch: lane_pb2.LaneBatch, item: lane_pb2.LaneItem, attempts: list[Attempt]
@@ -535,11 +565,6 @@ class Runner:
         except BrokerError as exc:
             # The request log keeps the same history; ListDeadRequests reads it from there.
             log.warning("dead_letter_publish_failed", request_id=item.request_id, error=str(exc))
-
-
-def _log_failure(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("mark_running_failed", error=str(task.exception()))
 
 
 async def _settle(delivery: Delivery, *, requeue: bool | None) -> None:

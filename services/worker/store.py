@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.core import status
@@ -103,17 +104,6 @@ class WorkerStore:
             )
             return {r.id: StoredState(*r[1:]) for r in rows}
 
-    async def mark_running(self, request_id: uuid.UUID, attempt: int, at: datetime) -> None:
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                requests.update()
-                .where(
-                    requests.c.id == request_id,
-                    requests.c.status.in_([status.QUEUED, status.RUNNING]),
-                )
-                .values(status=status.RUNNING, attempts=attempt, started_at=at)
-            )
-
     async def _assign_seqs(self, conn: Any, counts: dict[uuid.UUID, int]) -> dict[uuid.UUID, int]:
         """Reserves `n` consecutive lane_seq values per lane; returns each lane's last one."""
         if self._dialect == "postgresql":
@@ -138,29 +128,64 @@ class WorkerStore:
             last[user] = row.scalar_one()
         return last
 
-    async def finish(self, outcomes: Sequence[Outcome]) -> None:
-        """Writes the outcomes and gives each its lane_seq, in one transaction.
+    def _ids_clause(self, ids: list[uuid.UUID]) -> Any:
+        # = ANY(array) keeps one SQL text (and one prepared statement) for every batch size.
+        if self._dialect == "postgresql":
+            return requests.c.id == sa.any_(sa.cast(sa.literal(ids), ARRAY(sa.Uuid)))
+        return requests.c.id.in_(ids)
+
+    async def finish(
+        self,
+        outcomes: Sequence[Outcome],
+        running: Sequence[tuple[uuid.UUID, int, datetime]] = (),
+    ) -> list[Outcome]:
+        """Marks `running` requests RUNNING, then writes the outcomes and gives each its
+        lane_seq, in one transaction. Returns the outcomes written: one whose request is
+        not in the log (its intake was rolled back) or already finished is left out.
 
         Outcomes of one lane must come in lane order; they are numbered in that order.
         """
-        counts: dict[uuid.UUID, int] = {}
-        for o in outcomes:
-            counts[o.user_id] = counts.get(o.user_id, 0) + 1
         async with self._engine.begin() as conn:
+            if running:
+                await conn.execute(
+                    requests.update()
+                    .where(
+                        requests.c.id == sa.bindparam("b_id"),
+                        requests.c.status.in_([status.QUEUED, status.RUNNING]),
+                    )
+                    .values(
+                        status=status.RUNNING,
+                        attempts=sa.bindparam("b_attempt"),
+                        started_at=sa.bindparam("b_at"),
+                    ),
+                    [{"b_id": i, "b_attempt": n, "b_at": at} for i, n, at in running],
+                )
+            if not outcomes:
+                return []
             # Lock the rows: a client's cancel that landed while the handler ran wins, and
             # one that comes later finds the request finished.
-            cancelled = {
-                r.id
+            found = {
+                r.id: (r.status, r.lane_seq)
                 for r in await conn.execute(
-                    sa.select(requests.c.id, requests.c.status)
-                    .where(requests.c.id.in_([o.request_id for o in outcomes]))
+                    sa.select(requests.c.id, requests.c.status, requests.c.lane_seq)
+                    .where(self._ids_clause([o.request_id for o in outcomes]))
                     .with_for_update()
                 )
-                if r.status == status.CANCELLED
             }
+            kept: list[Outcome] = []
             for o in outcomes:
-                if o.request_id in cancelled and o.status != status.CANCELLED:
+                current = found.get(o.request_id)
+                if current is None or current[1] is not None:
+                    continue
+                if current[0] == status.CANCELLED and o.status != status.CANCELLED:
                     o.status, o.output, o.error = status.CANCELLED, b"", "cancelled by the client"
+                kept.append(o)
+            if not kept:
+                return []
+            outcomes = kept
+            counts: dict[uuid.UUID, int] = {}
+            for o in outcomes:
+                counts[o.user_id] = counts.get(o.user_id, 0) + 1
             last = await self._assign_seqs(conn, counts)
             next_seq = {u: last[u] - n + 1 for u, n in counts.items()}
             for o in outcomes:
@@ -214,3 +239,4 @@ class WorkerStore:
                 for o in outcomes
             ]
             await conn.execute(request_events.insert(), events)
+        return outcomes

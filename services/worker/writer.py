@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import random
 import time
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from opentelemetry.trace import SpanKind
 from sqlalchemy.exc import SQLAlchemyError
@@ -29,6 +31,7 @@ class _Pending:
     handler: str
     outcome: Outcome | None = None  # None: an event to publish only
     event: lane_pb2.LaneEvent | None = None
+    running: tuple[uuid.UUID, int, datetime] | None = None
     future: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -75,6 +78,13 @@ class ResultWriter:
         self._queue.put_nowait(item)
         return item.future
 
+    def running(self, request_id: uuid.UUID, attempt: int, at: datetime) -> None:
+        """Queues a RUNNING mark, written with the next batch (skipped if the outcome of
+        the same request is in that batch)."""
+        item = _Pending(route="", client_ref="", handler="", running=(request_id, attempt, at))
+        item.future.set_result(None)
+        self._queue.put_nowait(item)
+
     def publish(self, event: lane_pb2.LaneEvent, *, route: str) -> None:
         """Queues an event (progress, or a stored result sent again) for publishing only."""
         item = _Pending(route=route, client_ref="", handler="", event=event)
@@ -113,15 +123,16 @@ class ResultWriter:
                 for _ in batch:
                     self._queue.task_done()
 
-    async def _write(self, outcomes: list[Outcome]) -> None:
+    async def _write(
+        self, outcomes: list[Outcome], running: list[tuple[uuid.UUID, int, datetime]]
+    ) -> list[Outcome]:
         """Retries until the batch is in the log. Batches are written strictly in turn, so
         a lane's results keep their order even across a database outage; meanwhile the
         lanes wait (their messages stay unacked) and health reports NOT_SERVING."""
         delay = 0.1
         while True:
             try:
-                await self._store.finish(outcomes)
-                return
+                return await self._store.finish(outcomes, running)
             except (SQLAlchemyError, OSError) as exc:
                 log.warning("result_write_failed", error=str(exc), retry_in=delay)
                 await asyncio.sleep(random.uniform(0, delay))
@@ -148,7 +159,10 @@ class ResultWriter:
 
     async def _flush(self, batch: list[_Pending]) -> None:
         outcomes = [i.outcome for i in batch if i.outcome is not None]
-        if outcomes:
+        finishing = {o.request_id for o in outcomes}
+        running = [i.running for i in batch if i.running and i.running[0] not in finishing]
+        written: set[int] = set()
+        if outcomes or running:
             started = time.perf_counter()
             first = next((o.traceparent for o in outcomes if o.traceparent), "")
             span = (
@@ -166,14 +180,20 @@ class ResultWriter:
                 else None
             )
             with tracing.current(span):
-                await self._write(outcomes)
+                written = {id(o) for o in await self._write(outcomes, running)}
             tracing.end(span)
-            metrics.DB_BATCH_SIZE.labels("results").observe(len(outcomes))
-            metrics.DB_BATCH_SECONDS.labels("results").observe(time.perf_counter() - started)
+            if outcomes:
+                metrics.DB_BATCH_SIZE.labels("results").observe(len(outcomes))
+                metrics.DB_BATCH_SECONDS.labels("results").observe(time.perf_counter() - started)
         by_route: dict[str, list[lane_pb2.LaneEvent]] = defaultdict(list)
         for item in batch:
-            if item.outcome is not None:
-                o = item.outcome
+            o = item.outcome
+            if o is not None:
+                if id(o) not in written:
+                    # Already finished (a replica that lost its lane raced us) or rolled
+                    # back at intake: the log keeps the first outcome; nothing to send.
+                    log.warning("outcome_not_written", request_id=str(o.request_id))
+                    continue
                 metrics.REQUESTS.labels(item.handler, o.status).inc()
                 item.event = lane_pb2.LaneEvent(
                     user_id=str(o.user_id),
