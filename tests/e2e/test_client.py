@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from fairlane.client import (
     RejectedEvent,
     Request,
     Result,
+    SessionClosed,
     Status,
     SyncClient,
     Tokens,
@@ -254,6 +256,31 @@ async def test_unary_calls_worker_control_and_sync_client(suite: Suite) -> None:
     assert ids[0] == result.request_id
     assert len(ids) == 4
     assert who == name
+
+
+async def test_session_results_survive_a_queue_restart(suite: Suite) -> None:
+    async with _client(suite) as client:
+        name = _name()
+        await client.register(name, PASSWORD)
+        await client.login(name, PASSWORD)
+        async with client.session() as session:
+            futures = [await session.submit("sleep", b"0.2", client_ref=f"s{i}") for i in range(10)]
+            await asyncio.wait_for(asyncio.shield(futures[0]), 30)
+            deadline = time.monotonic() + 30
+            while not all(f.request_id for f in futures):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            # The replica owning the stream dies mid-session; another one comes up.
+            assert not futures[-1].done()
+            suite.stop("queue", signal.SIGKILL)
+            suite.start("queue")
+        # Every accepted request still resolved, from WatchResults on the new replica.
+        results = [f.result() for f in futures]
+        assert [r.client_ref for r in results] == [f"s{i}" for i in range(10)]
+        assert [r.lane_seq for r in results] == list(range(1, 11))
+        assert all(r.status is Status.SUCCEEDED for r in results)
+        with pytest.raises(SessionClosed):
+            await session.submit("echo")
 
 
 async def _wait_final(client: Client, request_id: str) -> Request:

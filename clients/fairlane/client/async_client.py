@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
@@ -59,6 +59,9 @@ TokenListener = Callable[[Tokens | None], None]
 
 _UNSET: Any = object()
 
+STREAM_RECONNECT = RetryPolicy(max_attempts=10, base_backoff=0.25, max_backoff=5.0)
+"""Reopening WatchResults: 10 attempts, at most about 28 s of jittered waits in all."""
+
 
 class Client:
     """Async client for a Fairlane suite.
@@ -72,7 +75,9 @@ class Client:
     ```
 
     - Every unary call has a deadline (`timeout` seconds, overridable per call) and is
-      retried on RESOURCE_EXHAUSTED/UNAVAILABLE per `retry` (see RetryPolicy).
+      retried on RESOURCE_EXHAUSTED/UNAVAILABLE per `retry` (see RetryPolicy). Broken
+      result streams are reopened per `reconnect` (more patient: a replica restart takes
+      seconds).
     - After `login`, the access token is refreshed shortly before it expires
       (`refresh_margin` seconds before, by default a fifth of its lifetime, at most 60 s);
       a call answered UNAUTHENTICATED refreshes once and is tried once more.
@@ -94,6 +99,7 @@ class Client:
         tokens: Tokens | None = None,
         on_tokens: TokenListener | None = None,
         retry: RetryPolicy | None = None,
+        reconnect: RetryPolicy | None = None,
         refresh_margin: float | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
@@ -106,6 +112,7 @@ class Client:
         self._root_certificates = root_certificates
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
+        self.reconnect = reconnect or STREAM_RECONNECT
         self._tokens = tokens
         self._on_tokens = on_tokens
         self._refresh_margin = refresh_margin
@@ -375,7 +382,7 @@ class Client:
         page_size: int = 50,
         *,
         timeout: float | None = _UNSET,
-    ) -> AsyncIterator[list[Request]]:
+    ) -> AsyncGenerator[list[Request], None]:
         """The caller's requests, newest first, one page (a list) at a time; payloads
         and outputs are left out (use get)."""
         wanted = Status.parse(status) if status is not None else Status.UNSPECIFIED
@@ -418,11 +425,11 @@ class Client:
 
     async def watch(
         self, after_lane_seq: int = 0, *, reconnect: bool = True
-    ) -> AsyncIterator[Result]:
+    ) -> AsyncGenerator[Result, None]:
         """The caller's results with lane_seq > after_lane_seq, stored ones first, then
         live ones, without end. If the stream breaks (UNAVAILABLE), it is reopened after
-        the last result seen, with jittered backoff, up to `retry.max_attempts` times in
-        a row; an expired token is refreshed once."""
+        the last result seen, with jittered backoff, up to `reconnect.max_attempts` times
+        in a row; an expired token is refreshed once."""
         last = after_lane_seq
         failures = 0
         reauthenticated = False
@@ -457,7 +464,7 @@ class Client:
                 call.cancel()
             failures += 1
             wait = (
-                self.retry.delay(failures, code, server_delay, idempotent=True, rng=self._rng)
+                self.reconnect.delay(failures, code, server_delay, idempotent=True, rng=self._rng)
                 if reconnect
                 else None
             )
@@ -471,14 +478,20 @@ class Client:
         max_in_flight: int = 512,
         record_events: bool = True,
         timeout: float | None = None,
+        resume: bool = True,
     ) -> Session:
         """A Session stream: `async with client.session() as s: fut = await s.submit(...)`.
 
         `max_in_flight` bounds the requests submitted and not yet finished (submit waits
         for room); `record_events` keeps every event for `s.events()`; `timeout` is a
-        deadline for the whole stream (None: no deadline)."""
+        deadline for the whole stream (None: no deadline); `resume` collects the results
+        of accepted requests from WatchResults if the stream breaks."""
         return Session(
-            self, max_in_flight=max_in_flight, record_events=record_events, timeout=timeout
+            self,
+            max_in_flight=max_in_flight,
+            record_events=record_events,
+            timeout=timeout,
+            resume=resume,
         )
 
     # -- worker ------------------------------------------------------------------------

@@ -41,6 +41,7 @@ class _Unanswered:
 
 
 _END: Final = object()
+_RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 
 class Session:
@@ -54,6 +55,12 @@ class Session:
 
     Rejections are not retried here: resubmitting would reorder the lane. A Rejected
     error carries `retry_after_ms` for callers that want to send it again.
+
+    If the stream breaks (UNAVAILABLE, e.g. the queue replica died) while accepted
+    requests are unfinished, their futures still resolve: with `resume` (the default) the
+    session collects their results from WatchResults, reconnecting with jittered backoff.
+    Submits not answered before the break fail with the stream's error, and so do new
+    submits.
     """
 
     def __init__(
@@ -63,12 +70,14 @@ class Session:
         max_in_flight: int = 512,
         record_events: bool = True,
         timeout: float | None = None,
+        resume: bool = True,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self._client = client
         self._max_in_flight = max_in_flight
         self._timeout = timeout
+        self._resume = resume
         self._events: asyncio.Queue[Any] | None = asyncio.Queue() if record_events else None
         self._call: Any = None
         self._token = ""
@@ -263,7 +272,11 @@ class Session:
                     except FairlaneError as exc:
                         self._finish(exc)
                         return
-                self._finish(error_from_rpc(err))
+                error = error_from_rpc(err)
+                if self._resume and err.code() in _RESUMABLE and self._by_request:
+                    await self._resume_with_watch(error)
+                else:
+                    self._finish(error)
                 return
             except asyncio.CancelledError:
                 self._finish(SessionClosed("the session was cancelled"), report=False)
@@ -271,6 +284,33 @@ class Session:
             except Exception as exc:  # a bug here must not leave futures hanging
                 self._finish(FairlaneError(f"session reader failed: {exc!r}"))
                 raise
+
+    async def _resume_with_watch(self, error: FairlaneError) -> None:
+        """The stream broke with accepted requests unfinished: their results are durable,
+        so collect them from WatchResults after the newest lane_seq seen here (results come
+        in lane order, so every missing one is newer). Enqueues not answered yet fail with
+        the error: whether they were accepted is unknown (idempotency keys make sending
+        them again safe)."""
+        self._error = error  # from now on, submits raise it
+        lost = list(self._unanswered)
+        self._unanswered.clear()
+        for item in lost:
+            _fail(item.future, error)
+            self._done_one()
+        try:
+            async with contextlib.aclosing(
+                self._client.watch(after_lane_seq=self.last_lane_seq)
+            ) as results:
+                async for result in results:
+                    self._on_result(result)
+                    if not self._by_request:
+                        break
+        except FairlaneError as exc:
+            self._finish(exc)
+            return
+        if not lost:
+            self._error = None  # every request of the session got its result
+        self._finish(None)
 
     async def _reopen(self) -> bool:
         async with self._write_lock:
@@ -330,13 +370,18 @@ class Session:
         elif kind == "progress":
             self._emit(Progress.from_proto(response.progress))
         elif kind == "result":
-            result = Result.from_proto(response.result)
-            self.last_lane_seq = max(self.last_lane_seq, result.lane_seq)
-            for future in self._by_request.pop(result.request_id, []):
-                if not future.done():
-                    future.set_result(result)
-                self._done_one()
-            self._emit(result)
+            self._on_result(Result.from_proto(response.result))
+
+    def _on_result(self, result: Result) -> None:
+        self.last_lane_seq = max(self.last_lane_seq, result.lane_seq)
+        futures = self._by_request.pop(result.request_id, None)
+        if futures is None:
+            return  # not of this session (WatchResults sees the whole lane)
+        for future in futures:
+            if not future.done():
+                future.set_result(result)
+            self._done_one()
+        self._emit(result)
 
     def _finish(self, error: FairlaneError | None, *, report: bool = True) -> None:
         if self._finished:

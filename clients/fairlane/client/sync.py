@@ -50,6 +50,7 @@ class SyncClient:
         tokens: Tokens | None = None,
         on_tokens: TokenListener | None = None,
         retry: RetryPolicy | None = None,
+        reconnect: RetryPolicy | None = None,
         refresh_margin: float | None = None,
     ) -> None:
         self._loop = asyncio.new_event_loop()
@@ -69,6 +70,7 @@ class SyncClient:
                 tokens=tokens,
                 on_tokens=on_tokens,
                 retry=retry,
+                reconnect=reconnect,
                 refresh_margin=refresh_margin,
             )
 
