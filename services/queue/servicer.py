@@ -33,6 +33,7 @@ from services.queue.validation import InvalidEnqueue, build_request
 Context = ServicerContext
 _DONE = object()
 WATCH_POLL_SECONDS = 0.25
+MAX_BATCH = 512  # responses coalesced into one Session message
 
 
 def rejection_code(rejection: Rejection) -> grpc.StatusCode:
@@ -391,6 +392,7 @@ class _Session:
         self._mine: dict[str, bool] = {}
         self._stash: dict[str, list[lane_pb2.LaneEvent]] = {}
         self._reading = True
+        self._batching = False  # set once the client sends an enqueue_batch
 
     async def run(self) -> AsyncIterator[queue_pb2.SessionResponse]:
         user = self._principal.user_id
@@ -407,7 +409,25 @@ class _Session:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                if not self._batching or self._out.empty():
+                    yield item
+                    continue
+                # Coalesce what is ready into one message: one gRPC write instead of many.
+                batch = [item]
+                ended: Any = None
+                while len(batch) < MAX_BATCH and not self._out.empty():
+                    nxt = self._out.get_nowait()
+                    if nxt is _DONE or isinstance(nxt, BaseException):
+                        ended = nxt
+                        break
+                    batch.append(nxt)
+                yield queue_pb2.SessionResponse(
+                    batch=queue_pb2.SessionResponseBatch(responses=batch)
+                )
+                if ended is _DONE:
+                    return
+                if ended is not None:
+                    raise ended
         finally:
             for task in tasks:
                 task.cancel()
@@ -434,18 +454,25 @@ class _Session:
             )
         )
 
+    async def _enqueue(self, enqueue: queue_pb2.EnqueueRequest) -> None:
+        await self._window.acquire()
+        try:
+            request_id, future = await self._s._admit(enqueue, self._principal)
+        except InvalidEnqueue as exc:
+            self._answers.put_nowait((enqueue.client_ref, None, str(exc)))
+            return
+        self._mine[str(request_id)] = False
+        self._answers.put_nowait((enqueue.client_ref, future, str(request_id)))
+
     async def _read(self) -> None:
         async for msg in self._requests:
             kind = msg.WhichOneof("kind")
             if kind == "enqueue":
-                await self._window.acquire()
-                try:
-                    request_id, future = await self._s._admit(msg.enqueue, self._principal)
-                except InvalidEnqueue as exc:
-                    self._answers.put_nowait((msg.enqueue.client_ref, None, str(exc)))
-                    continue
-                self._mine[str(request_id)] = False
-                self._answers.put_nowait((msg.enqueue.client_ref, future, str(request_id)))
+                await self._enqueue(msg.enqueue)
+            elif kind == "enqueue_batch":
+                self._batching = True
+                for enqueue in msg.enqueue_batch.requests:
+                    await self._enqueue(enqueue)
             elif kind == "cancel":
                 await self._cancel(msg.cancel.request_id)
             else:

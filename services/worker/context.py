@@ -11,7 +11,7 @@ from services.worker.writer import ResultWriter
 
 
 class Context:
-    __slots__ = ("_route", "_writer", "attempt", "deadline", "logger", "request_id", "user_id")
+    __slots__ = ("_logger", "_route", "_writer", "attempt", "deadline", "request_id", "user_id")
 
     def __init__(
         self,
@@ -29,9 +29,16 @@ class Context:
         self.deadline = deadline
         self._writer = writer
         self._route = route
-        self.logger: Any = get_logger("fairlane.handler").bind(
-            request_id=request_id, attempt=attempt
-        )
+        self._logger: Any = None
+
+    @property
+    def logger(self) -> Any:
+        # Bound on first use: most handlers never log, and binding costs on the hot path.
+        if self._logger is None:
+            self._logger = get_logger("fairlane.handler").bind(
+                request_id=self.request_id, attempt=self.attempt
+            )
+        return self._logger
 
     async def progress(self, done: int, total: int = 0, message: str = "") -> None:
         self._writer.publish(

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from opentelemetry.trace import SpanKind
 from sqlalchemy.exc import SQLAlchemyError
@@ -194,7 +196,7 @@ class ResultWriter:
                     # back at intake: the log keeps the first outcome; nothing to send.
                     log.warning("outcome_not_written", request_id=str(o.request_id))
                     continue
-                metrics.REQUESTS.labels(item.handler, o.status).inc()
+                _requests_counter(item.handler, o.status).inc()
                 item.event = lane_pb2.LaneEvent(
                     user_id=str(o.user_id),
                     traceparent=o.traceparent,
@@ -217,3 +219,8 @@ class ResultWriter:
         for item in batch:
             if not item.future.done():
                 item.future.set_result(None)
+
+
+@functools.cache
+def _requests_counter(handler: str, status_name: str) -> Any:
+    return metrics.REQUESTS.labels(handler, status_name)

@@ -121,6 +121,14 @@ def bench_command(  # every option is keyword-only; typer passes them by name
             "still capped by --window); 0: as fast as the window allows.",
         ),
     ] = 0.0,
+    batch: Annotated[
+        bool,
+        typer.Option(
+            "--batch/--no-batch",
+            help="Send the requests that are ready together as enqueue_batch messages (and "
+            "so receive batched responses); --no-batch sends one message per request.",
+        ),
+    ] = True,
     handler: Annotated[
         str, typer.Option(help="Worker handler: noop, echo or sleep (any registered name works).")
     ] = "noop",
@@ -199,6 +207,7 @@ def bench_command(  # every option is keyword-only; typer passes them by name
         requests=requests,
         duration=duration,
         window=window,
+        batch=batch,
         rate=rate,
         handler=handler,
         payload_bytes=payload_bytes,

@@ -21,6 +21,7 @@ from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 
 CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 STATUS_PREFIX = "REQUEST_STATUS_"
+MAX_SEND_BATCH = 256  # enqueues per enqueue_batch message
 
 
 class BenchSetupError(Exception):
@@ -36,6 +37,7 @@ class BenchConfig:
     duration: float | None = None  # seconds after the warm-up
     window: int = 32
     rate: float = 0.0  # cap on requests sent per second over all lanes; 0: no cap
+    batch: bool = True  # ready requests go out together as one enqueue_batch message
     handler: str = "noop"
     payload_bytes: int = 0
     sleep_seconds: float = 0.01
@@ -299,38 +301,54 @@ class BenchRun:
     ) -> None:
         handler, payload = self.config.handler, self.payload
         progress = self.progress
-        while True:
+        done = False
+        while not done:
             await window.acquire()
+            # Whatever else the window allows right now goes in the same message.
+            slots = 1
+            while self.config.batch and slots < MAX_SEND_BATCH and not window.locked():
+                await window.acquire()
+                slots += 1
             now = time.perf_counter()
             if pause[0] > now:
                 await asyncio.sleep(pause[0] - now)
                 now = time.perf_counter()
             if self.config.rate > 0:
                 slot = max(self.next_slot, now)
-                self.next_slot = slot + 1 / self.config.rate
+                self.next_slot = slot + slots / self.config.rate
                 if slot > now:
                     await asyncio.sleep(slot - now)
                     now = time.perf_counter()
             measured = now >= self.t_warm_end
-            if now >= self.t_send_end:
-                break
-            if measured and self.budget is not None:
-                if self.budget <= 0:
-                    break
-                self.budget -= 1
-            i = len(lane.sent_at)
-            lane.sent_at.append(now)
-            lane.measured.append(measured)
-            lane.in_flight += 1
-            progress.sent += 1
-            await call.write(
-                queue_pb2.SessionRequest(
-                    enqueue=queue_pb2.EnqueueRequest(
+            batch: list[queue_pb2.EnqueueRequest] = []
+            for _ in range(slots):
+                if now >= self.t_send_end or (
+                    measured and self.budget is not None and self.budget <= 0
+                ):
+                    done = True
+                    window.release()
+                    continue
+                if measured and self.budget is not None:
+                    self.budget -= 1
+                i = len(lane.sent_at)
+                lane.sent_at.append(now)
+                lane.measured.append(measured)
+                lane.in_flight += 1
+                progress.sent += 1
+                batch.append(
+                    queue_pb2.EnqueueRequest(
                         handler=handler, payload=payload, client_ref=lane.ref(i)
                     )
                 )
-            )
-        window.release()
+            if not batch:
+                continue
+            if self.config.batch:
+                message = queue_pb2.SessionRequest(
+                    enqueue_batch=queue_pb2.EnqueueBatch(requests=batch)
+                )
+                await call.write(message)
+            else:
+                await call.write(queue_pb2.SessionRequest(enqueue=batch[0]))
         await call.done_writing()
 
     async def _read(
@@ -340,67 +358,81 @@ class BenchRun:
         window: asyncio.Semaphore,
         pause: list[float],
     ) -> None:
-        progress = self.progress
         eof = grpc.aio.EOF
         while True:
-            response = await call.read()
-            if response is eof:
+            message = await call.read()
+            if message is eof:
                 return
             now = time.perf_counter()
             self.last_activity = now
-            kind = response.WhichOneof("kind")
-            if kind == "result":
-                result = response.result
-                i = lane.parse_ref(result.client_ref)
-                if i is None:
-                    lane.unknown += 1
-                    continue
-                if not lane.on_result(i, result.lane_seq):
-                    continue
-                lane.in_flight -= 1
-                window.release()
-                progress.results += 1
-                status_name = common_pb2.RequestStatus.Name(result.status)
-                status_name = status_name.removeprefix(STATUS_PREFIX)
-                lane.results_by_status[status_name] += 1
-                if result.status == common_pb2.REQUEST_STATUS_SUCCEEDED:
-                    lane.results_succeeded += 1
-                    if self.check_echo and result.output != self.payload:
-                        self.output_mismatches += 1
-                self.last_result_at = now
-                if self.t_warm_end <= now <= self.t_send_end:
-                    self.measured_results += 1
-                if lane.measured[i]:
-                    sent = lane.sent_at[i]
-                    self.result_latency.append(now - sent)
-                    accepted = lane.accepted_at.get(i)
-                    if accepted is not None:
-                        self.queue_latency.append(now - accepted)
-            elif kind == "accepted":
-                i = lane.parse_ref(response.accepted.client_ref)
-                if i is None:
-                    lane.unknown += 1
-                    continue
-                lane.on_answer(i)
-                lane.accepted_at[i] = now
-                if lane.measured[i]:
-                    self.accept_latency.append(now - lane.sent_at[i])
-            elif kind == "rejected":
-                rejected = response.rejected
-                i = lane.parse_ref(rejected.client_ref)
-                if i is None:
-                    lane.unknown += 1
-                    continue
-                lane.on_answer(i)
-                lane.rejected[CODE_NAMES.get(rejected.code, str(rejected.code))] += 1
-                lane.done.add(i)
-                lane.in_flight -= 1
-                progress.rejected += 1
-                if rejected.retry_after_ms:
-                    pause[0] = max(pause[0], now + rejected.retry_after_ms / 1000)
-                window.release()
-            elif kind == "progress":
-                lane.progress += 1
+            if message.WhichOneof("kind") == "batch":
+                for response in message.batch.responses:
+                    self._on_response(lane, response, now, window, pause)
+            else:
+                self._on_response(lane, message, now, window, pause)
+
+    def _on_response(
+        self,
+        lane: LaneStats,
+        response: queue_pb2.SessionResponse,
+        now: float,
+        window: asyncio.Semaphore,
+        pause: list[float],
+    ) -> None:
+        progress = self.progress
+        kind = response.WhichOneof("kind")
+        if kind == "result":
+            result = response.result
+            i = lane.parse_ref(result.client_ref)
+            if i is None:
+                lane.unknown += 1
+                return
+            if not lane.on_result(i, result.lane_seq):
+                return
+            lane.in_flight -= 1
+            window.release()
+            progress.results += 1
+            status_name = common_pb2.RequestStatus.Name(result.status)
+            status_name = status_name.removeprefix(STATUS_PREFIX)
+            lane.results_by_status[status_name] += 1
+            if result.status == common_pb2.REQUEST_STATUS_SUCCEEDED:
+                lane.results_succeeded += 1
+                if self.check_echo and result.output != self.payload:
+                    self.output_mismatches += 1
+            self.last_result_at = now
+            if self.t_warm_end <= now <= self.t_send_end:
+                self.measured_results += 1
+            if lane.measured[i]:
+                sent = lane.sent_at[i]
+                self.result_latency.append(now - sent)
+                accepted = lane.accepted_at.get(i)
+                if accepted is not None:
+                    self.queue_latency.append(now - accepted)
+        elif kind == "accepted":
+            i = lane.parse_ref(response.accepted.client_ref)
+            if i is None:
+                lane.unknown += 1
+                return
+            lane.on_answer(i)
+            lane.accepted_at[i] = now
+            if lane.measured[i]:
+                self.accept_latency.append(now - lane.sent_at[i])
+        elif kind == "rejected":
+            rejected = response.rejected
+            i = lane.parse_ref(rejected.client_ref)
+            if i is None:
+                lane.unknown += 1
+                return
+            lane.on_answer(i)
+            lane.rejected[CODE_NAMES.get(rejected.code, str(rejected.code))] += 1
+            lane.done.add(i)
+            lane.in_flight -= 1
+            progress.rejected += 1
+            if rejected.retry_after_ms:
+                pause[0] = max(pause[0], now + rejected.retry_after_ms / 1000)
+            window.release()
+        elif kind == "progress":
+            lane.progress += 1
 
     # -- the report -----------------------------------------------------------------------------
 

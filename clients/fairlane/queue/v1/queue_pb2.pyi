@@ -28,6 +28,7 @@ class SessionRequest(_message.Message):
 
     ENQUEUE_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
+    ENQUEUE_BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def enqueue(self) -> Global___EnqueueRequest:
         """Enqueue a request; answered by accepted or rejected with the same client_ref."""
@@ -38,21 +39,79 @@ class SessionRequest(_message.Message):
         if it had not finished. Errors come back as rejected with client_ref = request_id.
         """
 
+    @_builtins.property
+    def enqueue_batch(self) -> Global___EnqueueBatch:
+        """Several enqueues in one message, handled exactly as if sent one by one in this order.
+        A client that sends one also gets its answers and results in `batch` messages, which
+        saves most of gRPC's per-message cost at high rates.
+        """
+
     def __init__(
         self,
         *,
         enqueue: Global___EnqueueRequest | None = ...,
         cancel: Global___CancelRequestRequest | None = ...,
+        enqueue_batch: Global___EnqueueBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "enqueue", b"enqueue", "kind", b"kind"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "enqueue", b"enqueue", "enqueue_batch", b"enqueue_batch", "kind", b"kind"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "enqueue", b"enqueue", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "enqueue", b"enqueue", "enqueue_batch", b"enqueue_batch", "kind", b"kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["enqueue", "cancel"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["enqueue", "cancel", "enqueue_batch"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___SessionRequest: _TypeAlias = SessionRequest  # noqa: Y015
+
+@_typing.final
+class EnqueueBatch(_message.Message):
+    """Consecutive enqueues carried in one Session message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnqueueRequest]:
+        """The enqueues, in order."""
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___EnqueueRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnqueueBatch: _TypeAlias = EnqueueBatch  # noqa: Y015
+
+@_typing.final
+class SessionResponseBatch(_message.Message):
+    """Consecutive Session responses carried in one message (only to clients that sent an
+    enqueue_batch on the stream).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def responses(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionResponse]:
+        """The responses, in the order they would have been sent one by one."""
+
+    def __init__(
+        self,
+        *,
+        responses: _abc.Iterable[Global___SessionResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["responses", b"responses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionResponseBatch: _TypeAlias = SessionResponseBatch  # noqa: Y015
 
 @_typing.final
 class SessionResponse(_message.Message):
@@ -64,6 +123,7 @@ class SessionResponse(_message.Message):
     REJECTED_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def accepted(self) -> Global___Accepted:
         """The request is durable and queued."""
@@ -80,6 +140,10 @@ class SessionResponse(_message.Message):
     def result(self) -> _common_pb2.Result:
         """A request finished."""
 
+    @_builtins.property
+    def batch(self) -> Global___SessionResponseBatch:
+        """Several of the above, in order (see SessionRequest.enqueue_batch)."""
+
     def __init__(
         self,
         *,
@@ -87,12 +151,13 @@ class SessionResponse(_message.Message):
         rejected: Global___Rejected | None = ...,
         progress: _common_pb2.Progress | None = ...,
         result: _common_pb2.Result | None = ...,
+        batch: Global___SessionResponseBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "kind", b"kind", "progress", b"progress", "rejected", b"rejected", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batch", b"batch", "kind", b"kind", "progress", b"progress", "rejected", b"rejected", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "kind", b"kind", "progress", b"progress", "rejected", b"rejected", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batch", b"batch", "kind", b"kind", "progress", b"progress", "rejected", b"rejected", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["accepted", "rejected", "progress", "result"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["accepted", "rejected", "progress", "result", "batch"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
