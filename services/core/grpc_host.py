@@ -10,6 +10,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.core import tracing
+from services.core.grpc_metrics import MetricsInterceptor
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
@@ -43,7 +44,8 @@ class GrpcHost:
     def __init__(self, listen: str, service_names: Iterable[str]) -> None:
         self.service_names = list(service_names)
         self.server = grpc.aio.server(
-            options=SERVER_OPTIONS, interceptors=tracing.server_interceptors()
+            options=SERVER_OPTIONS,
+            interceptors=[*tracing.server_interceptors(), MetricsInterceptor()],
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 import jwt
 import pytest
+from prometheus_client import REGISTRY
 
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.auth.service import AuthService
@@ -129,3 +130,38 @@ async def test_service_token_needs_the_secret(auth: auth_pb2_grpc.AuthServiceStu
     assert jwt.decode(good.access_token, options={"verify_signature": False})["role"] == "service"
     bad = auth.IssueServiceToken(auth_pb2.IssueServiceTokenRequest(service="worker", secret="x"))
     assert await _code(bad) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def _handled(method: str, code: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "fairlane_grpc_server_handled_total",
+        {"grpc_service": "fairlane.auth.v1.AuthService", "grpc_method": method, "grpc_code": code},
+    )
+    return value or 0.0
+
+
+async def test_grpc_server_metrics_count_calls_by_method_and_code(
+    auth: auth_pb2_grpc.AuthServiceStub,
+) -> None:
+    ok_before = _handled("GetJwks", "OK")
+    denied_before = _handled("Login", "UNAUTHENTICATED")
+    latency_before = (
+        REGISTRY.get_sample_value(
+            "fairlane_grpc_server_handling_seconds_count",
+            {"grpc_service": "fairlane.auth.v1.AuthService", "grpc_method": "GetJwks"},
+        )
+        or 0.0
+    )
+    await auth.GetJwks(auth_pb2.GetJwksRequest())
+    await auth.GetJwks(auth_pb2.GetJwksRequest())
+    assert (
+        await _code(auth.Login(auth_pb2.LoginRequest(username="nobody", password="x" * 10)))
+        == grpc.StatusCode.UNAUTHENTICATED
+    )
+    assert _handled("GetJwks", "OK") == ok_before + 2
+    assert _handled("Login", "UNAUTHENTICATED") == denied_before + 1
+    latency_after = REGISTRY.get_sample_value(
+        "fairlane_grpc_server_handling_seconds_count",
+        {"grpc_service": "fairlane.auth.v1.AuthService", "grpc_method": "GetJwks"},
+    )
+    assert latency_after == latency_before + 2
