@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import random
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from types import TracebackType
@@ -151,13 +152,14 @@ class Client:
             raise FairlaneError("the client is closed")
         channel = self._channels.get(target)
         if channel is None:
+            address = grpc_target(target)
             if self.tls:
                 credentials = grpc.ssl_channel_credentials(
                     root_certificates=self._root_certificates
                 )
-                channel = grpc.aio.secure_channel(target, credentials, options=self._options)
+                channel = grpc.aio.secure_channel(address, credentials, options=self._options)
             else:
-                channel = grpc.aio.insecure_channel(target, options=self._options)
+                channel = grpc.aio.insecure_channel(address, options=self._options)
             self._channels[target] = channel
         return channel
 
@@ -571,3 +573,23 @@ def _merge_options(
     merged = dict(base)
     merged.update(extra)
     return list(merged.items())
+
+
+def grpc_target(target: str) -> str:
+    """A gRPC target for `target`: one address, a gRPC URI (e.g. `dns:///queue:50052`, whose
+    every address is used), or a comma-separated list of IP:port addresses, spread
+    round-robin by the channel (see ROUND_ROBIN in the channel options)."""
+    if "," not in target:
+        return target
+    addresses = [a.strip() for a in target.split(",") if a.strip()]
+    for address in addresses:
+        host = address.rsplit(":", 1)[0].strip("[]")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise FairlaneError(
+                f"{address!r}: a list of targets must be IP:port addresses; for host names "
+                "use one dns:///name:port target"
+            ) from None
+    scheme = "ipv6" if any(a.startswith("[") for a in addresses) else "ipv4"
+    return f"{scheme}:{','.join(addresses)}"
