@@ -107,9 +107,9 @@ class Intake:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         while not self._pending.empty():
-            sub = self._pending.get_nowait()
-            sub.future.set_exception(
-                Rejection("shutdown", "server is shutting down", self._retry_after_ms)
+            self._fail(
+                [self._pending.get_nowait()],
+                Rejection("shutdown", "server is shutting down", self._retry_after_ms),
             )
 
     def submit(self, sub: Submission) -> asyncio.Future[Admission]:

@@ -159,6 +159,10 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         self, request_iterator: AsyncIterator[queue_pb2.SessionRequest], context: Context
     ) -> AsyncIterator[queue_pb2.SessionResponse]:
         principal = await self._user(context)
+        # Tell the client at once that the stream is accepted: a client that waits for this
+        # before writing never writes into a stream the server already refused (grpc would
+        # then report INTERNAL instead of the refusal's status).
+        await context.send_initial_metadata(())
         session = _Session(self, principal, request_iterator)
         OPEN_SESSIONS.inc()
         try:
@@ -173,6 +177,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         self, request: queue_pb2.WatchResultsRequest, context: Context
     ) -> AsyncIterator[queue_pb2.WatchResultsResponse]:
         principal = await self._user(context)
+        await context.send_initial_metadata(())
         user = uuid.UUID(principal.user_id)
         # Subscribe before reading the log: a result committed after the read is then
         # certain to arrive live, and one seen twice is dropped by its lane_seq.

@@ -370,6 +370,10 @@ class Runner:
         deadline = item.deadline.ToDatetime(tzinfo=UTC) if item.HasField("deadline") else None
         attempts: list[Attempt] = []
         number = previous_attempts + 1
+        if number == 1:
+            # UUIDv7 ids carry their acceptance time (ms since the epoch, top 48 bits).
+            accepted_ms = request_id.int >> 80
+            metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, time.time() - accepted_ms / 1000))
         while True:
             await self._gate(lane)
             if item.request_id in self._cancelled:

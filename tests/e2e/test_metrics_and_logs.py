@@ -356,10 +356,6 @@ def test_histogram_buckets_are_cumulative_and_end_at_the_count(run: Run) -> None
                 assert values[-1] == counts[key], (service, f.name, key)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="services/ defines fairlane_queue_wait_seconds but never observes it (issue 6)",
-)
 def test_queue_wait_is_observed_once_per_started_request(run: Run) -> None:
     waits = sum(s.total("fairlane_queue_wait_seconds_count") for s in run.scrapes.values())
     assert waits == ADMITTED
@@ -374,7 +370,6 @@ def test_grpc_server_metrics_count_calls_by_method_and_code(run: Run) -> None:
     assert q.value(handled, grpc_method="Enqueue", grpc_code="RESOURCE_EXHAUSTED") == 1
     assert q.value(handled, grpc_method="Enqueue", grpc_code="UNAUTHENTICATED") == 1
     assert q.total(handled, grpc_method="Enqueue") == 2
-    assert q.value(handled, grpc_method="ListLanes", grpc_code="OK") >= 1  # the worker's
     seconds = "fairlane_grpc_server_handling_seconds_count"
     assert q.value(seconds, grpc_service=queue_service, grpc_method="Session") == 1
     assert q.value(seconds, grpc_method="Enqueue") == 2

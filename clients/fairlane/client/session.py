@@ -128,7 +128,13 @@ class Session:
     async def _new_call(self) -> Any:
         self._token = await self._client.access_token()
         stub = self._client._queue_stub()
-        return stub.Session(metadata=bearer(self._token), timeout=self._timeout)
+        call = stub.Session(metadata=bearer(self._token), timeout=self._timeout)
+        # The server sends its initial metadata once it has accepted the stream (or ends
+        # the call if it refuses it). Writing before then can race a refusal, and grpc
+        # reports a write into a refused call as INTERNAL, hiding UNAUTHENTICATED.
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await call.initial_metadata()
+        return call
 
     async def close(self) -> None:
         """Half-closes the stream: no more submits; results of accepted requests still
@@ -226,6 +232,8 @@ class Session:
 
     async def _write(self, message: queue_pb2.SessionRequest) -> None:
         # If the stream has ended, the reader reports why and fails the future.
+        if self._call.done():
+            return
         with contextlib.suppress(
             grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError
         ):
