@@ -17,7 +17,7 @@ from opentelemetry.trace import Span, SpanKind
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from fairlane.common.v1 import lane_pb2
-from services.core import metrics, tracing
+from services.core import batching, metrics, tracing
 from services.core.breaker import CircuitBreaker, CircuitOpen
 from services.core.broker import Broker, BrokerError, LaneFull, LaneMissing, lane_queue
 from services.core.logging import get_logger
@@ -116,27 +116,11 @@ class Intake:
         self._pending.put_nowait(sub)
         return sub.future
 
-    async def _collect(self) -> list[Submission]:
-        batch = [await self._pending.get()]
-        deadline = time.monotonic() + self._linger
-        while len(batch) < self._batch_size:
-            try:
-                batch.append(self._pending.get_nowait())
-                continue
-            except asyncio.QueueEmpty:
-                pass
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self._pending.get(), remaining))
-            except TimeoutError:
-                break
-        return batch
-
     async def _run(self) -> None:
         while True:
-            batch = await self._collect()
+            batch = await batching.collect(
+                self._pending, max_size=self._batch_size, linger=self._linger
+            )
             self._in_batch = len(batch)
             try:
                 await self._process(batch)

@@ -18,7 +18,7 @@ from opentelemetry.trace import SpanKind
 from sqlalchemy.exc import SQLAlchemyError
 
 from fairlane.common.v1 import common_pb2, lane_pb2
-from services.core import metrics, status, tracing
+from services.core import batching, metrics, status, tracing
 from services.core.broker import Broker, BrokerError
 from services.core.logging import get_logger
 from services.worker.store import Outcome, WorkerStore
@@ -93,27 +93,11 @@ class ResultWriter:
         item.future.set_result(None)
         self._queue.put_nowait(item)
 
-    async def _collect(self) -> list[_Pending]:
-        batch = [await self._queue.get()]
-        deadline = time.monotonic() + self._linger
-        while len(batch) < self._batch_size:
-            try:
-                batch.append(self._queue.get_nowait())
-                continue
-            except asyncio.QueueEmpty:
-                pass
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except TimeoutError:
-                break
-        return batch
-
     async def _run(self) -> None:
         while True:
-            batch = await self._collect()
+            batch = await batching.collect(
+                self._queue, max_size=self._batch_size, linger=self._linger
+            )
             try:
                 await self._flush(batch)
             except Exception as exc:
