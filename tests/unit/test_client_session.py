@@ -36,6 +36,13 @@ class FakeCall:
         self.cancelled = False
         self._responses: asyncio.Queue[Any] = asyncio.Queue()
 
+    async def initial_metadata(self) -> tuple[()]:
+        # The server accepted the stream (the client waits for this before writing).
+        return ()
+
+    def done(self) -> bool:
+        return self.cancelled
+
     async def write(self, message: queue_pb2.SessionRequest) -> None:
         self.written.append(message)
 
