@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 BUF_VERSION := 1.61.0
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: install dev test lint fmt gen services pytest bench clean
+.PHONY: install tools dev test lint fmt gen services pytest clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,6 +18,9 @@ $(BUF):
 	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
 
 install: $(STAMP) $(BUF)
+
+# The real tools the deploy/ tests run (promtool, nginx, envoy, helm, ...): test-only.
+tools: install
 	scripts/install_deploy_tools.sh
 
 gen: install
@@ -27,7 +30,7 @@ fmt: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-lint: install
+lint: tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy services clients/fairlane tests scripts
@@ -36,16 +39,14 @@ lint: install
 services:
 	scripts/ensure_services.sh
 
-pytest: install services
+pytest: tools services
 	$(BIN)/pytest -q
 
-test: install services lint pytest
+test: tools services lint pytest
 
-dev: install
+# Only Python is needed: embedded broker and SQLite, nothing else installed or started.
+dev: $(STAMP)
 	$(BIN)/fairlane dev --demo
-
-bench: install
-	$(BIN)/fairlane bench --help
 
 clean:
 	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache
