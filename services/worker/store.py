@@ -173,10 +173,14 @@ class WorkerStore:
                 )
             }
             kept: list[Outcome] = []
+            taken: set[uuid.UUID] = set()
             for o in outcomes:
                 current = found.get(o.request_id)
-                if current is None or current[1] is not None:
+                # Not in the log, finished before, or finished earlier in this very batch
+                # (a redelivery ran it again before the first outcome was written).
+                if current is None or current[1] is not None or o.request_id in taken:
                     continue
+                taken.add(o.request_id)
                 if current[0] == status.CANCELLED and o.status != status.CANCELLED:
                     o.status, o.output, o.error = status.CANCELLED, b"", "cancelled by the client"
                 kept.append(o)

@@ -112,3 +112,23 @@ async def test_cancel_only_while_queued(engine: AsyncEngine) -> None:
     assert await store.cancel_queued(user, queued.id) == "CANCELLED"
     assert await store.cancel_queued(user, done.id) == "SUCCEEDED"
     assert await store.cancel_queued(user, uuid.uuid4()) is None
+
+
+async def test_an_outcome_written_twice_keeps_the_first_and_no_seq_is_lost(
+    engine: AsyncEngine,
+) -> None:
+    # A redelivery can run a request again before its first outcome was written; both
+    # outcomes may then reach the writer, even in one batch.
+    store, worker = RequestStore(engine), WorkerStore(engine)
+    user = await _user(engine)
+    a, b = _request(user), _request(user)
+    await store.insert([a, b])
+    first = Outcome(a.id, user, "SUCCEEDED", output=b"first")
+    again = Outcome(a.id, user, "SUCCEEDED", output=b"again")
+    later = Outcome(b.id, user, "SUCCEEDED", output=b"b")
+    written = await worker.finish([first, again, later])
+    assert written == [first, later]
+    assert [o.lane_seq for o in written] == [1, 2]
+    assert await worker.finish([Outcome(a.id, user, "FAILED")]) == []
+    replay = await store.results_after(user, 0)
+    assert [(r.id, r.lane_seq, r.output) for r in replay] == [(a.id, 1, b"first"), (b.id, 2, b"b")]
