@@ -32,6 +32,7 @@ from services.core.broker import (
     lane_queue,
 )
 
+QUORUM_RETRY_DELAY = 0.05  # seconds before a nacked quorum publish is tried on a new channel
 _PUBLISH_ERRORS = (
     aiormq.exceptions.AMQPError,
     aiormq.exceptions.ChannelInvalidStateError,  # a RuntimeError: the channel died
@@ -201,7 +202,12 @@ class AmqpBroker:
                 REQUESTS_EXCHANGE, user_id, body, headers, persistent=True, mandatory=True
             )
         except aio_pika.exceptions.DeliveryError as exc:
-            raise LaneFull(f"lane {user_id} is full") from exc
+            if self._lane_args["x-queue-type"] != "quorum":
+                raise LaneFull(f"lane {user_id} is full") from exc
+            # On a quorum lane a nack can also mean a leader change, and RabbitMQ 3.10 keeps
+            # nacking a channel opened before the new leader was known (DESIGN.md): try once
+            # more on a fresh channel before calling the lane full.
+            result = await self._publish_on_fresh_channel(user_id, body, headers)
         except _PUBLISH_ERRORS as exc:
             raise BrokerError(f"publish to lane failed: {exc}") from exc
         if not isinstance(result, aiormq.spec.Basic.Ack):
@@ -209,6 +215,26 @@ class AmqpBroker:
             # declares it again and retries; nothing was enqueued.
             self._declared.discard(lane_queue(user_id))
             raise LaneMissing(f"lane {user_id} does not exist")
+
+    async def _publish_on_fresh_channel(
+        self, user_id: str, body: bytes, headers: dict[str, str]
+    ) -> Any:
+        if self._conn is None:
+            raise BrokerError("broker not connected")
+        await asyncio.sleep(QUORUM_RETRY_DELAY)
+        channel = await self._conn.channel(publisher_confirms=True)
+        try:
+            exchange = await channel.get_exchange(REQUESTS_EXCHANGE, ensure=False)
+            message = aio_pika.Message(
+                body,
+                headers=headers or None,  # type: ignore[arg-type]
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            )
+            return await exchange.publish(message, user_id, mandatory=True, timeout=self._timeout)
+        except aio_pika.exceptions.DeliveryError as exc:
+            raise LaneFull(f"lane {user_id} is full") from exc
+        finally:
+            await channel.close()
 
     async def consume_lane(
         self, user_id: str, handler: DeliveryHandler, *, prefetch: int

@@ -16,12 +16,13 @@ pytestmark = pytest.mark.integration
 MAX_LENGTH = 5
 
 
-@pytest.fixture(params=["amqp", "memory"])
+@pytest.fixture(params=["amqp", "amqp-quorum", "memory"])
 async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
     b: Broker
-    if request.param == "amqp":
+    if request.param.startswith("amqp"):
         vhost = request.getfixturevalue("vhost")
-        b = AmqpBroker(broker_url(vhost), lane_max_length=MAX_LENGTH)
+        queue_type = "quorum" if request.param == "amqp-quorum" else "classic"
+        b = AmqpBroker(broker_url(vhost), lane_max_length=MAX_LENGTH, queue_type=queue_type)
     else:
         b = MemoryBroker(lane_max_length=MAX_LENGTH)
     await b.connect()
@@ -67,13 +68,21 @@ async def test_lane_is_fifo_and_acks_release_the_next(broker: Broker) -> None:
     await consumer.cancel()
 
 
-async def test_full_lane_refuses_publish(broker: Broker) -> None:
+async def test_full_lane_refuses_publish(broker: Broker, request: pytest.FixtureRequest) -> None:
     lane = unique("lane")
     await broker.declare_lane(lane)
-    for i in range(MAX_LENGTH):
-        await broker.publish_lane(lane, f"m{i}".encode(), {})
-    with pytest.raises(LaneFull):
-        await broker.publish_lane(lane, b"one too many", {})
+    accepted = 0
+    for i in range(MAX_LENGTH + 2):
+        try:
+            await broker.publish_lane(lane, f"m{i}".encode(), {})
+        except LaneFull:
+            break
+        accepted += 1
+    else:
+        pytest.fail("the lane never refused a publish")
+    # Quorum queues enforce x-max-length approximately: one message over.
+    quorum = request.node.callspec.params["broker"] == "amqp-quorum"
+    assert accepted in ((MAX_LENGTH, MAX_LENGTH + 1) if quorum else (MAX_LENGTH,))
 
 
 async def test_publish_to_missing_lane_fails_without_enqueueing(broker: Broker) -> None:
