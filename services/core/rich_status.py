@@ -32,17 +32,3 @@ async def abort_retry(
 ) -> NoReturn:
     await context.abort_with_status(retry_status(code, message, retry_after_ms))
     raise AssertionError("abort_with_status returned")  # pragma: no cover
-
-
-def retry_delay_ms(error: grpc.aio.AioRpcError) -> int | None:
-    """The RetryInfo delay a server attached to an error, if any (client side)."""
-    status = rpc_status.from_call(error)
-    if status is None:
-        return None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            delay: int = info.retry_delay.seconds * 1000 + info.retry_delay.nanos // 1_000_000
-            return delay
-    return None

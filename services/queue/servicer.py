@@ -53,6 +53,14 @@ def _decode_token(token: str) -> uuid.UUID | None:
     return uuid.UUID(bytes=base64.urlsafe_b64decode(token.encode()))
 
 
+async def _page_token(token: str, context: Context) -> uuid.UUID | None:
+    """The position a page token stands for; INVALID_ARGUMENT for a malformed one."""
+    try:
+        return _decode_token(token)
+    except ValueError:
+        await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid page_token")
+
+
 def _encode_token(value: uuid.UUID) -> str:
     return base64.urlsafe_b64encode(value.bytes).decode()
 
@@ -98,17 +106,20 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     ) -> tuple[uuid.UUID, asyncio.Future[Admitted]]:
         request_id = uuid6.uuid7()
         # The request's own span: a child of the RPC's, ended once the request is durable.
-        span = tracing.start(
-            f"enqueue {msg.handler}",
-            kind=SpanKind.PRODUCER,
-            attributes={
-                "fairlane.request_id": str(request_id),
-                "fairlane.lane": principal.user_id,
-                "messaging.system": "rabbitmq",
-                "messaging.operation.type": "publish",
-                "messaging.destination.name": lane_queue(principal.user_id),
-            },
-        )
+        # Attributes are only built when tracing is on: this runs once per request.
+        span = None
+        if tracing.enabled():
+            span = tracing.start(
+                f"enqueue {msg.handler}",
+                kind=SpanKind.PRODUCER,
+                attributes={
+                    "fairlane.request_id": str(request_id),
+                    "fairlane.lane": principal.user_id,
+                    "messaging.system": "rabbitmq",
+                    "messaging.operation.type": "publish",
+                    "messaging.destination.name": lane_queue(principal.user_id),
+                },
+            )
         try:
             request = await build_request(
                 msg,
@@ -238,10 +249,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     ) -> queue_pb2.ListRequestsResponse:
         principal = await self._user(context)
         limit = _page_size(request.page_size, 50, 500)
-        try:
-            before = _decode_token(request.page_token)
-        except ValueError:
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid page_token")
+        before = await _page_token(request.page_token, context)
         status_name = status.from_proto(request.status)
         rows = await self._store.list_requests(
             uuid.UUID(principal.user_id), status_name=status_name, limit=limit, before=before
@@ -302,10 +310,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
                 context, grpc.StatusCode.PERMISSION_DENIED, "ListLanes needs a service token"
             )
         limit = _page_size(request.page_size, 1000, 10_000)
-        try:
-            after = _decode_token(request.page_token)
-        except ValueError:
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid page_token")
+        after = await _page_token(request.page_token, context)
         rows = await self._store.lanes(
             after=after, limit=limit, idle_seconds=self._settings.lane_idle_ttl_seconds
         )
@@ -317,10 +322,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     ) -> queue_pb2.ListDeadRequestsResponse:
         principal = await self._user(context)
         limit = _page_size(request.page_size, 50, 500)
-        try:
-            before = _decode_token(request.page_token)
-        except ValueError:
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid page_token")
+        before = await _page_token(request.page_token, context)
         rows = await self._store.list_requests(
             uuid.UUID(principal.user_id),
             status_name=status.DEAD,
@@ -558,13 +560,14 @@ class _Session:
         rid = event.result.request_id
         if self._mine.pop(rid, None) is None:
             return  # already delivered (a redelivered result)
-        tracing.end(
-            tracing.start(
-                "deliver result",
-                parent_traceparent=event.traceparent,
-                attributes={"fairlane.request_id": rid},
+        if event.traceparent:
+            tracing.end(
+                tracing.start(
+                    "deliver result",
+                    parent_traceparent=event.traceparent,
+                    attributes={"fairlane.request_id": rid},
+                )
             )
-        )
         self._window.release()
         self._out.put_nowait(queue_pb2.SessionResponse(result=event.result))
         self._maybe_done()

@@ -317,17 +317,21 @@ class Runner:
                 error=f"handler {item.handler!r} is not available on worker {self.worker_id}",
             )
         else:
-            span = tracing.start(
-                f"process {item.handler}",
-                parent_traceparent=item.traceparent,
-                kind=SpanKind.CONSUMER,
-                attributes={
-                    "fairlane.request_id": item.request_id,
-                    "fairlane.lane": batch.user_id,
-                    "messaging.system": "rabbitmq",
-                    "messaging.operation.type": "process",
-                    "messaging.destination.name": lane_queue(batch.user_id),
-                },
+            span = (
+                None
+                if not tracing.enabled()
+                else tracing.start(
+                    f"process {item.handler}",
+                    parent_traceparent=item.traceparent,
+                    kind=SpanKind.CONSUMER,
+                    attributes={
+                        "fairlane.request_id": item.request_id,
+                        "fairlane.lane": batch.user_id,
+                        "messaging.system": "rabbitmq",
+                        "messaging.operation.type": "process",
+                        "messaging.destination.name": lane_queue(batch.user_id),
+                    },
+                )
             )
             outcome = await self._execute(lane, batch, item, spec, state.attempts, span=span)
             if span is not None:
@@ -396,10 +400,14 @@ class Runner:
             )
             await self._hooks_before(ctx, spec.name)
             outcome: Outcome | None = None
-            attempt_span = tracing.start(
-                f"attempt {number}",
-                parent_span=span,
-                attributes={"fairlane.request_id": item.request_id, "fairlane.attempt": number},
+            attempt_span = (
+                None
+                if span is None
+                else tracing.start(
+                    f"attempt {number}",
+                    parent_span=span,
+                    attributes={"fairlane.request_id": item.request_id, "fairlane.attempt": number},
+                )
             )
             try:
                 with tracing.current(attempt_span):

@@ -17,12 +17,12 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
+from fairlane.client.errors import retry_delay_ms
 from fairlane.common.v1 import common_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.core.db import create_engine
 from services.core.models import request_events, requests
-from services.core.rich_status import retry_delay_ms
 from tests.conftest import DATABASE_URL, broker_url
 from tests.e2e.suite import Suite, free_port, wait_until
 from tests.e2e.users import bearer, new_user
