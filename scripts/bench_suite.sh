@@ -39,6 +39,8 @@ service_env() {  # the environment every service (and migrate) runs with
   export FAIRLANE_GRACE_SECONDS=5
   # The bench registers up to thousands of users from this one address.
   export FAIRLANE_REGISTER_PEER_FREE=1000000
+  # scripts/auth_bench.py plays callers at many addresses through x-forwarded-for.
+  export FAIRLANE_TRUSTED_PROXIES='["127.0.0.1/32"]'
 }
 
 wait_serving() {  # port name
