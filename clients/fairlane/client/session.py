@@ -19,7 +19,9 @@ from fairlane.client.types import Rejected as RejectedEvent
 from fairlane.queue.v1 import queue_pb2
 
 if TYPE_CHECKING:
-    from fairlane.client.async_client import Client
+    from fairlane.client.channels import Channels
+    from fairlane.client.results import ResultWatcher
+    from fairlane.client.tokens import TokenManager
 
 __all__ = ["Session", "SubmitFuture"]
 
@@ -65,7 +67,9 @@ class Session:
 
     def __init__(
         self,
-        client: Client,
+        channels: Channels,
+        tokens: TokenManager,
+        results: ResultWatcher,
         *,
         max_in_flight: int = 512,
         record_events: bool = True,
@@ -74,7 +78,9 @@ class Session:
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
-        self._client = client
+        self._channels = channels
+        self._tokens = tokens
+        self._results = results
         self._max_in_flight = max_in_flight
         self._timeout = timeout
         self._resume = resume
@@ -126,9 +132,8 @@ class Session:
         self._reader = asyncio.create_task(self._read_loop(), name="fairlane-session-reader")
 
     async def _new_call(self) -> Any:
-        self._token = await self._client.access_token()
-        stub = self._client._queue_stub()
-        call = stub.Session(metadata=bearer(self._token), timeout=self._timeout)
+        self._token = await self._tokens.access_token()
+        call = self._channels.queue().Session(metadata=bearer(self._token), timeout=self._timeout)
         # The server sends its initial metadata once it has accepted the stream (or ends
         # the call if it refuses it). Writing before then can race a refusal, and grpc
         # reports a write into a refused call as INTERNAL, hiding UNAUTHENTICATED.
@@ -306,9 +311,7 @@ class Session:
             _fail(item.future, error)
             self._done_one()
         try:
-            async with contextlib.aclosing(
-                self._client.watch(after_lane_seq=self.last_lane_seq)
-            ) as results:
+            async with contextlib.aclosing(self._results.watch(self.last_lane_seq)) as results:
                 async for result in results:
                     self._on_result(result)
                     if not self._by_request:
@@ -322,7 +325,7 @@ class Session:
 
     async def _reopen(self) -> bool:
         async with self._write_lock:
-            if not await self._client._refresh(self._token):
+            if not await self._tokens.refresh_if_current(self._token):
                 return False
             self._call = await self._new_call()
             for item in self._unanswered:
