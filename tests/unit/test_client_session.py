@@ -115,7 +115,7 @@ async def test_answers_match_submits_in_order_and_cancel_refusals_are_told_apart
     async with client.session() as session:
         call = queue.calls[0]
         first = await session.submit("echo", b"1", client_ref="a")
-        await session.cancel("rid-unknown")
+        await session.cancel("c")
         second = await session.submit("echo", b"2", client_ref="b")
         bad = await session.submit("nope", client_ref="c")
         assert [m.WhichOneof("kind") for m in call.written] == [
@@ -124,8 +124,9 @@ async def test_answers_match_submits_in_order_and_cancel_refusals_are_told_apart
             "enqueue",
             "enqueue",
         ]
-        # The refused cancel comes first, out of the answer order: no submit is consumed.
-        call.feed(rejected=queue_pb2.Rejected(client_ref="rid-unknown", code=5, message="no such"))
+        # The refused cancel comes first, out of the answer order: no submit is consumed,
+        # not even the one whose client_ref equals the id the cancel named.
+        call.feed(rejected=queue_pb2.Rejected(cancel_request_id="c", code=5, message="no such"))
         call.feed(accepted=accepted("a", "r1"))
         call.feed(accepted=accepted("b", "r2"))
         call.feed(
@@ -158,6 +159,7 @@ async def test_answers_match_submits_in_order_and_cancel_refusals_are_told_apart
     ]
     assert isinstance(events[0], RejectedEvent)
     assert events[0].code == "NOT_FOUND"
+    assert (events[0].cancel_request_id, events[0].client_ref) == ("c", "")
     assert isinstance(events[1], Accepted)
     assert isinstance(events[5], Result)
     assert events[5].status is Status.SUCCEEDED

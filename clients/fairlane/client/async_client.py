@@ -31,6 +31,7 @@ from fairlane.client.types import (
     WorkerState,
     WorkerStatus,
 )
+from fairlane.common.v1 import common_pb2
 from fairlane.queue.v1 import queue_pb2
 from fairlane.worker.v1 import worker_pb2
 
@@ -309,18 +310,14 @@ class Client:
     ) -> AsyncGenerator[list[Request], None]:
         """The caller's requests, newest first, one page (a list) at a time; payloads
         and outputs are left out (use get)."""
-        wanted = Status.parse(status) if status is not None else Status.UNSPECIFIED
+        wanted = Status.parse(status) if status is not None else None
         token = ""
         while True:
+            request = queue_pb2.ListRequestsRequest(page_size=page_size, page_token=token)
+            if wanted is not None:  # unset (not UNSPECIFIED) means every status
+                request.status = common_pb2.RequestStatus.ValueType(wanted)
             reply: queue_pb2.ListRequestsResponse = await self._unary(
-                "queue",
-                self._channels.queue().ListRequests,
-                queue_pb2.ListRequestsRequest(
-                    status=int(wanted),  # type: ignore[arg-type]
-                    page_size=page_size,
-                    page_token=token,
-                ),
-                timeout=timeout,
+                "queue", self._channels.queue().ListRequests, request, timeout=timeout
             )
             page = [Request.from_proto(r) for r in reply.requests]
             if page:

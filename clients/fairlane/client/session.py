@@ -90,8 +90,6 @@ class Session:
         self._write_lock = asyncio.Lock()
         self._unanswered: collections.deque[_Unanswered] = collections.deque()
         self._by_request: dict[str, list[SubmitFuture]] = {}
-        # Cancels may be answered by a rejection carrying the request id as client_ref.
-        self._cancels: collections.Counter[str] = collections.Counter()
         self._early_cancels: list[queue_pb2.SessionRequest] = []
         self._answered_any = False
         self._in_flight = 0
@@ -215,14 +213,14 @@ class Session:
     async def cancel(self, request_id: str) -> None:
         """Asks the server to cancel a queued request. If it was submitted on this
         session its future resolves to a CANCELLED result; a refusal (unknown id,
-        already running) arrives only as a Rejected event with client_ref=request_id.
+        already running) arrives only as a Rejected event whose cancel_request_id is
+        request_id.
         Use Client.cancel for a definite answer."""
         message = queue_pb2.SessionRequest(
             cancel=queue_pb2.CancelRequestRequest(request_id=request_id)
         )
         async with self._write_lock:
             self._check_writable()
-            self._cancels[request_id] += 1
             if not self._answered_any:
                 self._early_cancels.append(message)
             await self._write(message)
@@ -359,10 +357,9 @@ class Session:
             self._emit(accepted)
         elif kind == "rejected":
             rejected = RejectedEvent.from_proto(response.rejected)
-            head = self._unanswered[0].future.client_ref if self._unanswered else None
-            if self._cancels[rejected.client_ref] > 0 and head != rejected.client_ref:
-                self._cancels[rejected.client_ref] -= 1  # a refused cancel
-            elif self._unanswered:
+            # Only an enqueue's rejection answers the oldest unanswered submit; a refused
+            # cancel (or a message of no kind) is reported as an event alone.
+            if response.rejected.WhichOneof("subject") == "client_ref" and self._unanswered:
                 self._answered_any = True
                 self._early_cancels.clear()
                 future = self._unanswered.popleft().future
