@@ -19,7 +19,6 @@ from services.core.health import DependencyMonitor
 from services.core.logging import get_logger
 from services.core.notify import ResultListener, results_channel
 from services.core.settings import Settings
-from services.core.tokens import TokenVerifier
 from services.queue.admission import Admission
 from services.queue.catalog import HandlerCatalog
 from services.queue.domain import QueueDomain, StreamLimits
@@ -98,12 +97,7 @@ class QueueService:
             if self.engine.dialect.name == "postgresql"
             else None
         )
-        self._verifier = TokenVerifier(
-            self._auth.jwks,
-            issuer=s.jwt_issuer,
-            audience=s.jwt_audience,
-            refresh_seconds=s.jwks_refresh_seconds,
-        )
+        self._verifier = self._auth.token_verifier(s)
         self.domain = QueueDomain(
             store=store,
             intake=self.intake,

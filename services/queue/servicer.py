@@ -158,7 +158,17 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         principal = await self._user(context)
         limit = _page_size(request.page_size, 50, 500)
         before = await _page_token(request.page_token, context)
-        status_name = status.from_proto(request.status)
+        status_name = None
+        if request.HasField("status"):
+            # Explicit presence: a set but unknown or UNSPECIFIED status (a misspelt enum
+            # name encodes as 0 in many clients) must not silently list every status.
+            status_name = status.from_proto(request.status)
+            if status_name is None:
+                await abort(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"status {request.status} is not a request status; leave it unset for all",
+                )
         rows = await self._store.list_requests(
             uuid.UUID(principal.user_id), status_name=status_name, limit=limit, before=before
         )

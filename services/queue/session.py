@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.rpc import code_pb2
 
 from fairlane.common.v1 import lane_pb2
 from fairlane.queue.v1 import queue_pb2
@@ -57,7 +58,7 @@ def rejection_code(rejection: Rejection) -> grpc.StatusCode:
 
 @dataclass(slots=True)
 class _Enqueued:
-    client_ref: str
+    client_ref: str | None  # None: a message of no kind
     request_id: str
     future: asyncio.Future[Admitted] | None  # None: refused by validation
     error: str = ""
@@ -163,24 +164,24 @@ class SessionStream:
 
     def _reject(
         self,
-        client_ref: str,
+        client_ref: str | None,
         code: grpc.StatusCode,
         message: str,
         retry_ms: int = 0,
         *,
+        cancel_request_id: str | None = None,
         releases: int = 1,
     ) -> None:
-        self._send(
-            queue_pb2.SessionResponse(
-                rejected=queue_pb2.Rejected(
-                    client_ref=client_ref,
-                    code=code.value[0],
-                    message=message,
-                    retry_after_ms=retry_ms,
-                )
-            ),
-            releases,
+        """An enqueue's rejection names its client_ref, a cancel's its request id (the
+        `subject` oneof); a message of no kind gets neither."""
+        rejected = queue_pb2.Rejected(
+            code=code_pb2.Code.ValueType(code.value[0]), message=message, retry_after_ms=retry_ms
         )
+        if client_ref is not None:
+            rejected.client_ref = client_ref
+        elif cancel_request_id is not None:
+            rejected.cancel_request_id = cancel_request_id
+        self._send(queue_pb2.SessionResponse(rejected=rejected), releases)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -205,7 +206,7 @@ class SessionStream:
                 self._answers.put_nowait(_Cancel(msg.cancel.request_id))
             else:
                 await self._window.acquire()
-                self._answers.put_nowait(_Enqueued("", "", None, "empty SessionRequest"))
+                self._answers.put_nowait(_Enqueued(None, "", None, "empty SessionRequest"))
         self._answers.put_nowait(None)
 
     async def _enqueue(self, enqueue: queue_pb2.EnqueueRequest) -> None:
@@ -246,7 +247,9 @@ class SessionStream:
             self._send(
                 queue_pb2.SessionResponse(
                     accepted=queue_pb2.Accepted(
-                        client_ref=item.client_ref, request_id=rid, duplicate=admitted.duplicate
+                        client_ref=item.client_ref or "",
+                        request_id=rid,
+                        duplicate=admitted.duplicate,
                     )
                 )
             )
@@ -263,17 +266,28 @@ class SessionStream:
         try:
             rid = uuid.UUID(request_id)
         except ValueError:
-            self._reject(request_id, grpc.StatusCode.INVALID_ARGUMENT, "invalid request_id")
+            self._reject(
+                None,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "invalid request_id",
+                cancel_request_id=request_id[:64],
+            )
             return
         try:
             after = await self._d.cancel(self._user, rid)
         except BrokerError:
             self._reject(
-                request_id, grpc.StatusCode.UNAVAILABLE, "cannot reach the workers now", 1000
+                None,
+                grpc.StatusCode.UNAVAILABLE,
+                "cannot reach the workers now",
+                1000,
+                cancel_request_id=request_id,
             )
             return
         if after is None:
-            self._reject(request_id, grpc.StatusCode.NOT_FOUND, "no such request")
+            self._reject(
+                None, grpc.StatusCode.NOT_FOUND, "no such request", cancel_request_id=request_id
+            )
             return
         self._release(1)  # nothing to answer: the request's CANCELLED result follows
 
