@@ -271,9 +271,10 @@ class Client:
         client_ref: str = "",
         timeout: float | None = _UNSET,
     ) -> Enqueued:
-        """Enqueues one request; returns once it is durable. Retried on overload only
-        when it cannot create a duplicate (an idempotency key, or the server's RetryInfo
-        saying it refused before storing anything)."""
+        """Enqueues one request; returns once it is durable. It always carries an
+        idempotency key (a new one if none is given), so it is retried per `retry` even
+        after a connection lost mid-call: a request stored by a lost attempt comes back
+        as the answer (`duplicate=True`) instead of being stored twice."""
         request = enqueue_request(
             handler,
             payload,
@@ -286,10 +287,14 @@ class Client:
             "queue",
             self._channels.queue().Enqueue,
             request,
-            idempotent=bool(idempotency_key),
+            idempotent=True,
             timeout=timeout,
         )
-        return Enqueued(request_id=reply.request_id, duplicate=reply.duplicate)
+        return Enqueued(
+            request_id=reply.request_id,
+            duplicate=reply.duplicate,
+            idempotency_key=request.idempotency_key,
+        )
 
     async def get(self, request_id: str, *, timeout: float | None = _UNSET) -> Request:
         """One of the caller's requests; NotFound for an unknown id or another user's."""

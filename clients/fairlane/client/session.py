@@ -29,9 +29,12 @@ __all__ = ["Session", "SubmitFuture"]
 class SubmitFuture(asyncio.Future[Result]):
     """Resolves to the request's Result (whatever its status), or raises Rejected when
     the server did not accept it, or SessionClosed/another FairlaneError when the stream
-    ended first. `request_id` is set once the request is accepted."""
+    ended first. `request_id` is set once the request is accepted. `idempotency_key` is
+    the key the request was sent with (generated when the caller gave none): submit
+    again with it to be sure a request whose answer was lost does not run twice."""
 
     client_ref: str
+    idempotency_key: str
     request_id: str | None
     duplicate: bool
 
@@ -201,6 +204,7 @@ class Session:
             await self._room.wait()
         future = SubmitFuture(loop=asyncio.get_running_loop())
         future.client_ref = client_ref
+        future.idempotency_key = message.enqueue.idempotency_key
         future.request_id = None
         future.duplicate = False
         async with self._write_lock:
