@@ -86,6 +86,9 @@ lanes = sa.Table(
     # one lane_seq, so `accepted - last_seq` is what the lane holds unfinished (its bound is
     # counted from here), and the n-th accepted request has lane position n (outbox order).
     sa.Column("accepted", sa.BigInteger, nullable=False, server_default="0"),
+    # When the janitor deleted the lane's queue for idleness; NULL while the queue exists.
+    # A lane active again after it (last_active_at > queue_deleted_at) has a queue again.
+    sa.Column("queue_deleted_at", Timestamp),
 )
 
 requests = sa.Table(

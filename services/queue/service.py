@@ -25,6 +25,7 @@ from services.queue.domain import QueueDomain, StreamLimits
 from services.queue.hub import Hub
 from services.queue.intake import Intake
 from services.queue.janitor import LaneJanitor
+from services.queue.lane_store import LaneHousekeepingStore
 from services.queue.outbox_store import OutboxStore
 from services.queue.relay import LaneRelay
 from services.queue.servicer import QueueServicer
@@ -85,7 +86,11 @@ class QueueService:
             stall_seconds=s.stall_seconds,
         )
         self.janitor = LaneJanitor(
-            store, self.broker, self.hub, idle_seconds=s.lane_idle_ttl_seconds
+            store,
+            LaneHousekeepingStore(self.engine),
+            self.broker,
+            self.hub,
+            idle_seconds=s.lane_idle_ttl_seconds,
         )
         self._listener = (
             ResultListener(
