@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 BUF_VERSION := 1.61.0
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: install tools dev test lint fmt gen services pytest clean
+.PHONY: install tools dev test lint fmt gen services pytest soak clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,17 @@ pytest: tools services
 	$(BIN)/pytest -q
 
 test: tools services lint pytest
+
+# Long runs, not part of `make test`: the e2e workload matrix with SOAK_SCALE times the
+# requests and a worker replica killed with SIGKILL halfway through each case, and the
+# stateful lane test with SOAK_EXAMPLES examples. Add further long runs to SOAK_TESTS.
+SOAK_SCALE ?= 10
+SOAK_EXAMPLES ?= 200
+SOAK_TESTS ?= tests/e2e/test_workload_matrix.py tests/integration/test_lane_stateful.py
+
+soak: install services
+	FAIRLANE_SOAK_SCALE=$(SOAK_SCALE) FAIRLANE_STATEFUL_EXAMPLES=$(SOAK_EXAMPLES) \
+		$(BIN)/pytest $(SOAK_TESTS) -v -s --timeout=7200 -p no:cacheprovider
 
 # Only Python is needed: embedded broker and SQLite, nothing else installed or started.
 dev: $(STAMP)
