@@ -105,7 +105,7 @@ class Auth:
         )
 
     async def register(self, username: str, password: str) -> uuid.UUID:
-        if not USERNAME.match(username):
+        if not USERNAME.fullmatch(username):
             raise InvalidInput(
                 "username must be 3-64 characters of letters, digits, '.', '_' or '-'"
             )
@@ -155,9 +155,10 @@ class Auth:
             raise BadCredentials("unknown refresh token")
         await self._store.revoke_family(family, datetime.now(UTC))
 
-    def service_token(self, service: str, secret: str) -> tuple[str, int]:
+    def service_token(self, service: str, secret: str, role: str = ROLE_SERVICE) -> tuple[str, int]:
+        """A token for a service, or for an operator (role admin, subject admin:<name>)."""
         if not service or not secrets.compare_digest(
             secret.encode(), self._service_secret.encode()
         ):
             raise BadCredentials("wrong service secret")
-        return self._access_token(f"service:{service}", service, ROLE_SERVICE), self._access_ttl
+        return self._access_token(f"{role}:{service}", service, role), self._access_ttl

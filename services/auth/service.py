@@ -52,9 +52,8 @@ class AuthService:
 
         verifier = TokenVerifier(local_jwks, issuer=s.jwt_issuer, audience=s.jwt_audience)
         await verifier.refresh()
-        auth_pb2_grpc.add_AuthServiceServicer_to_server(
-            AuthServicer(auth, verifier), self.host.server
-        )
+        self.host.authz.use(verifier)
+        auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(auth), self.host.server)
         await self.host.start()
         await self.host.set_serving(True)
 

@@ -9,16 +9,16 @@ import grpc
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.auth.domain import Auth, BadCredentials, InvalidInput
 from services.auth.store import UsernameTaken
+from services.core import authz
 from services.core.grpc_host import ServicerContext, abort
-from services.core.tokens import TokenVerifier, authenticate
+from services.core.tokens import ROLE_ADMIN, ROLE_SERVICE
 
 Context = ServicerContext
 
 
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
-    def __init__(self, auth: Auth, verifier: TokenVerifier) -> None:
+    def __init__(self, auth: Auth) -> None:
         self._auth = auth
-        self._verifier = verifier
 
     async def Register(
         self, request: auth_pb2.RegisterRequest, context: Context
@@ -73,7 +73,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def WhoAmI(
         self, request: auth_pb2.WhoAmIRequest, context: Context
     ) -> auth_pb2.WhoAmIResponse:
-        principal = await authenticate(self._verifier, context)
+        principal = authz.principal()
         return auth_pb2.WhoAmIResponse(user_id=principal.user_id, username=principal.username)
 
     async def GetJwks(
@@ -85,7 +85,11 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         self, request: auth_pb2.IssueServiceTokenRequest, context: Context
     ) -> auth_pb2.IssueServiceTokenResponse:
         try:
-            token, ttl = self._auth.service_token(request.service, request.secret)
+            token, ttl = self._auth.service_token(
+                request.service,
+                request.secret,
+                ROLE_ADMIN if request.role == auth_pb2.SERVICE_TOKEN_ROLE_ADMIN else ROLE_SERVICE,
+            )
         except BadCredentials as exc:
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
         return auth_pb2.IssueServiceTokenResponse(access_token=token, expires_in=ttl)

@@ -69,6 +69,7 @@ class QueueService:
             audience=s.jwt_audience,
             refresh_seconds=s.jwks_refresh_seconds,
         )
+        self.host.authz.use(self._verifier)
         self._servicer = QueueServicer(
             settings=s,
             verifier=self._verifier,

@@ -124,7 +124,8 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def IssueServiceToken(self, request, context):
-        """Issues an access token for another Fairlane service, given the shared service secret.
+        """Issues an access token for another Fairlane service, or for an operator (role
+        admin: WorkerService control, every worker's lanes), given the shared service secret.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -54,7 +54,9 @@ class AuthServiceStub:
     GetJwks: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]
     """Publishes the public keys that verify access tokens, as a JWK Set."""
     IssueServiceToken: _grpc.UnaryUnaryMultiCallable[_auth_pb2.IssueServiceTokenRequest, _auth_pb2.IssueServiceTokenResponse]
-    """Issues an access token for another Fairlane service, given the shared service secret."""
+    """Issues an access token for another Fairlane service, or for an operator (role
+    admin: WorkerService control, every worker's lanes), given the shared service secret.
+    """
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -82,7 +84,9 @@ class AuthServiceAsyncStub(AuthServiceStub):
     GetJwks: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]  # type: ignore[assignment]
     """Publishes the public keys that verify access tokens, as a JWK Set."""
     IssueServiceToken: _aio.UnaryUnaryMultiCallable[_auth_pb2.IssueServiceTokenRequest, _auth_pb2.IssueServiceTokenResponse]  # type: ignore[assignment]
-    """Issues an access token for another Fairlane service, given the shared service secret."""
+    """Issues an access token for another Fairlane service, or for an operator (role
+    admin: WorkerService control, every worker's lanes), given the shared service secret.
+    """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     """Users, passwords and tokens. Access tokens are short-lived JWTs signed with a
@@ -149,6 +153,8 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.IssueServiceTokenRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.IssueServiceTokenResponse, _abc.Awaitable[_auth_pb2.IssueServiceTokenResponse]]:
-        """Issues an access token for another Fairlane service, given the shared service secret."""
+        """Issues an access token for another Fairlane service, or for an operator (role
+        admin: WorkerService control, every worker's lanes), given the shared service secret.
+        """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
