@@ -62,13 +62,14 @@ _WORKER = "/fairlane.worker.v1.WorkerService/"
 
 POLICY: Mapping[str, Access] = {
     # Auth: the credential of the open calls is in the request (password, refresh token,
-    # service secret), or there is none to give (public keys).
+    # service secret), or there is none to give (public keys, random revoked family ids).
     _AUTH + "Register": Access.OPEN,
     _AUTH + "Login": Access.OPEN,
     _AUTH + "Refresh": Access.OPEN,
     _AUTH + "Revoke": Access.OPEN,
     _AUTH + "WhoAmI": Access.AUTHENTICATED,
     _AUTH + "GetJwks": Access.OPEN,
+    _AUTH + "GetRevokedFamilies": Access.OPEN,
     _AUTH + "IssueServiceToken": Access.OPEN,
     # Queue: a user works on its own lane; only services list every lane.
     _QUEUE + "Session": Access.USER,
@@ -197,7 +198,7 @@ class AuthzInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         allowed, held_back = self._denials.allow(f"{peer_host(address)} {method} {outcome}")
         if allowed:
             audit(
-                "authz_denied",
+                "authz.denied",
                 found,
                 peer=address,
                 method=method,

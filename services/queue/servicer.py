@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 import uuid6
+from google.rpc import code_pb2
 from opentelemetry.trace import SpanKind
 
 from fairlane.common.v1 import lane_pb2
@@ -244,7 +245,17 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         principal = authz.principal()
         limit = _page_size(request.page_size, 50, 500)
         before = await _page_token(request.page_token, context)
-        status_name = status.from_proto(request.status)
+        status_name = None
+        if request.HasField("status"):
+            # Explicit presence: a set but unknown or UNSPECIFIED status (a misspelt enum
+            # name encodes as 0 in many clients) must not silently list every status.
+            status_name = status.from_proto(request.status)
+            if status_name is None:
+                await abort(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"status {request.status} is not a request status; leave it unset for all",
+                )
         rows = await self._store.list_requests(
             uuid.UUID(principal.user_id), status_name=status_name, limit=limit, before=before
         )
@@ -438,17 +449,25 @@ class _Session:
         except Exception as exc:
             self._out.put_nowait(exc)
 
-    def _reject(self, client_ref: str, code: grpc.StatusCode, message: str, retry: int = 0) -> None:
-        self._out.put_nowait(
-            queue_pb2.SessionResponse(
-                rejected=queue_pb2.Rejected(
-                    client_ref=client_ref,
-                    code=code.value[0],
-                    message=message,
-                    retry_after_ms=retry,
-                )
-            )
+    def _reject(
+        self,
+        client_ref: str | None,
+        code: grpc.StatusCode,
+        message: str,
+        retry: int = 0,
+        *,
+        cancel_request_id: str | None = None,
+    ) -> None:
+        """An enqueue's rejection names its client_ref, a cancel's its request id (the
+        `subject` oneof); a message of no kind gets neither."""
+        rejected = queue_pb2.Rejected(
+            code=code_pb2.Code.ValueType(code.value[0]), message=message, retry_after_ms=retry
         )
+        if client_ref is not None:
+            rejected.client_ref = client_ref
+        elif cancel_request_id is not None:
+            rejected.cancel_request_id = cancel_request_id
+        self._out.put_nowait(queue_pb2.SessionResponse(rejected=rejected))
 
     async def _enqueue(self, enqueue: queue_pb2.EnqueueRequest) -> None:
         await self._window.acquire()
@@ -472,22 +491,35 @@ class _Session:
             elif kind == "cancel":
                 await self._cancel(msg.cancel.request_id)
             else:
-                self._reject("", grpc.StatusCode.INVALID_ARGUMENT, "empty SessionRequest")
+                self._reject(None, grpc.StatusCode.INVALID_ARGUMENT, "empty SessionRequest")
         self._answers.put_nowait(None)
 
     async def _cancel(self, request_id: str) -> None:
         try:
             rid = uuid.UUID(request_id)
         except ValueError:
-            self._reject(request_id, grpc.StatusCode.INVALID_ARGUMENT, "invalid request_id")
+            self._reject(
+                None,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "invalid request_id",
+                cancel_request_id=request_id,
+            )
             return
         try:
             after = await self._s.cancel(uuid.UUID(self._principal.user_id), rid)
         except BrokerError as exc:
-            self._reject(request_id, grpc.StatusCode.UNAVAILABLE, f"cannot cancel now: {exc}", 1000)
+            self._reject(
+                None,
+                grpc.StatusCode.UNAVAILABLE,
+                f"cannot cancel now: {exc}",
+                1000,
+                cancel_request_id=request_id,
+            )
             return
         if after is None:
-            self._reject(request_id, grpc.StatusCode.NOT_FOUND, "no such request")
+            self._reject(
+                None, grpc.StatusCode.NOT_FOUND, "no such request", cancel_request_id=request_id
+            )
 
     async def _answer(self) -> None:
         while (item := await self._answers.get()) is not None:

@@ -107,17 +107,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def Pause(
         self, request: worker_pb2.PauseRequest, context: Context
     ) -> worker_pb2.PauseResponse:
-        await self._check_lane("worker_pause", request.lane, context)
+        await self._check_lane("worker.pause", request.lane, context)
         self._runner.pause(request.lane)
-        self._audit("worker_pause", context, outcome="OK", lane=request.lane)
+        self._audit("worker.pause", context, outcome="OK", lane=request.lane)
         return worker_pb2.PauseResponse(state=self._runner.state)
 
     async def Resume(
         self, request: worker_pb2.ResumeRequest, context: Context
     ) -> worker_pb2.ResumeResponse:
-        await self._check_lane("worker_resume", request.lane, context)
+        await self._check_lane("worker.resume", request.lane, context)
         self._runner.resume(request.lane)
-        self._audit("worker_resume", context, outcome="OK", lane=request.lane)
+        self._audit("worker.resume", context, outcome="OK", lane=request.lane)
         return worker_pb2.ResumeResponse(state=self._runner.state)
 
     async def Drain(
@@ -125,13 +125,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     ) -> worker_pb2.DrainResponse:
         if not 0 <= request.timeout_seconds <= MAX_DRAIN_SECONDS:
             await self._refuse(
-                "worker_drain",
+                "worker.drain",
                 context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"timeout_seconds must be between 0 and {MAX_DRAIN_SECONDS}",
                 timeout_seconds=request.timeout_seconds,
             )
-        self._audit("worker_drain", context, outcome="STARTED")
+        self._audit("worker.drain", context, outcome="STARTED")
         abandoned = await self._runner.drain(request.timeout_seconds or self._grace)
-        self._audit("worker_drain", context, outcome="OK", abandoned=abandoned)
+        self._audit("worker.drain", context, outcome="OK", abandoned=abandoned)
         return worker_pb2.DrainResponse(state=self._runner.state, abandoned=abandoned)

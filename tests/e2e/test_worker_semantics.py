@@ -453,14 +453,14 @@ async def test_pause_resume_and_drain(cluster: Suite) -> None:
     audited = {(e["event"], e["outcome"], e["principal"]) for e in lines if e.get("audit")}
     operator = "admin:e2e-operator"
     assert {
-        ("worker_pause", "OK", operator),
-        ("worker_resume", "OK", operator),
-        ("worker_drain", "OK", operator),
-        ("worker_resume", "FAILED_PRECONDITION", operator),
-        ("worker_pause", "FAILED_PRECONDITION", operator),
-        ("authz_denied", "unauthenticated", None),
-        ("authz_denied", "permission_denied", other_id),
+        ("worker.pause", "OK", operator),
+        ("worker.resume", "OK", operator),
+        ("worker.drain", "OK", operator),
+        ("worker.resume", "FAILED_PRECONDITION", operator),
+        ("worker.pause", "FAILED_PRECONDITION", operator),
+        ("authz.denied", "unauthenticated", None),
+        ("authz.denied", "permission_denied", other_id),
     } <= audited, audited
-    denied = [e for e in lines if e.get("event") == "authz_denied"]
+    denied = [e for e in lines if e.get("event") == "authz.denied"]
     # Pause was refused twice per caller (own lane, whole replica): audited once.
     assert len(denied) == 6, denied

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.core import status
 from services.core.db import create_engine, drop_schema, migrate
-from services.core.models import users
+from services.core.models import lanes, request_events, requests, users
 from services.queue.store import NewRequest, RequestStore
 from services.worker.store import Attempt, Outcome, WorkerStore
 from tests.conftest import DATABASE_URL, unique
@@ -132,3 +136,146 @@ async def test_an_outcome_written_twice_keeps_the_first_and_no_seq_is_lost(
     assert await worker.finish([Outcome(a.id, user, "FAILED")]) == []
     replay = await store.results_after(user, 0)
     assert [(r.id, r.lane_seq, r.output) for r in replay] == [(a.id, 1, b"first"), (b.id, 2, b"b")]
+
+
+# ------------------------------------------------------------------------------------------
+# Multi-item batches (issue 12): every shape of batch the services write. One batch is one
+# call; whatever one item does, the others keep their own fate.
+#
+# The adapters just below are the only code here that knows how the stores take a batch
+# and report the failure of a single item. When that API changes, only they change.
+# ------------------------------------------------------------------------------------------
+
+Mark = tuple[uuid.UUID, int, datetime]  # (request id, attempt number, started at)
+
+
+async def write_results(
+    worker: WorkerStore, outcomes: Sequence[Outcome], marks: Sequence[Mark] = ()
+) -> dict[uuid.UUID, BaseException | None]:
+    """One result-writer batch. Maps the request of every outcome and mark to the error
+    that kept it (alone) out of the log, or to None when it was written or deliberately
+    left out (already finished, or not in the log)."""
+    ids = [o.request_id for o in outcomes] + [m[0] for m in marks]
+    try:
+        await worker.finish(list(outcomes), list(marks))
+    except Exception as exc:  # today a batch shares one fate: every item gets the error
+        return dict.fromkeys(ids, exc)
+    return dict.fromkeys(ids)
+
+
+async def _rows(engine: AsyncEngine, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Any]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(sa.select(requests).where(requests.c.id.in_(list(ids))))
+        return {r.id: r for r in rows}
+
+
+async def _final_events(
+    engine: AsyncEngine, ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, list[str]]:
+    """The final-status events of each request, oldest first."""
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            sa.select(request_events.c.request_id, request_events.c.status)
+            .where(
+                request_events.c.request_id.in_(list(ids)),
+                request_events.c.status.in_(sorted(status.FINAL)),
+            )
+            .order_by(request_events.c.id)
+        )
+        found: dict[uuid.UUID, list[str]] = {}
+        for request_id, name in rows.all():
+            found.setdefault(request_id, []).append(name)
+        return found
+
+
+async def _assert_lane_consistent(engine: AsyncEngine, user: uuid.UUID) -> list[Any]:
+    """The lane's finished requests hold lane_seq 1..n without gaps, lanes.last_seq is n,
+    and each one's history ends as its row does. Returns the finished rows."""
+    async with engine.connect() as conn:
+        finished = list(
+            (
+                await conn.execute(
+                    sa.select(requests)
+                    .where(requests.c.user_id == user, requests.c.lane_seq.is_not(None))
+                    .order_by(requests.c.lane_seq)
+                )
+            ).all()
+        )
+        last_seq = (
+            await conn.execute(sa.select(lanes.c.last_seq).where(lanes.c.user_id == user))
+        ).scalar_one()
+    assert [r.lane_seq for r in finished] == list(range(1, len(finished) + 1))
+    assert last_seq == len(finished)
+    assert all(r.status in status.FINAL for r in finished)
+    # The history agrees with the row: it ran to an end once (a cancel may be recorded
+    # both when asked and when the worker let go of the request).
+    events = await _final_events(engine, [r.id for r in finished])
+    assert {r.id: set(events.get(r.id, [])) for r in finished} == {
+        r.id: {r.status} for r in finished
+    }
+    assert all(len(events[r.id]) == 1 for r in finished if r.status != "CANCELLED")
+    return finished
+
+
+def _ok(outcome_of: dict[uuid.UUID, BaseException | None]) -> None:
+    failed = {k: v for k, v in outcome_of.items() if v is not None}
+    assert not failed, failed
+
+
+async def test_cancels_racing_outcomes(engine: AsyncEngine) -> None:
+    """A cancel and the batch holding the outcome of the same request, in either order
+    and at once: the cancel's answer is the truth, and the lane keeps its numbering."""
+    store, worker = RequestStore(engine), WorkerStore(engine)
+    user = await _user(engine)
+    at = datetime.now(UTC)
+
+    # Cancelled first: the outcome that follows becomes CANCELLED and keeps its place.
+    a, b = _request(user), _request(user)
+    await store.insert([a, b])
+    assert await store.cancel_queued(user, a.id) == "CANCELLED"
+    _ok(
+        await write_results(
+            worker,
+            [
+                Outcome(a.id, user, "SUCCEEDED", output=b"a", attempts=[Attempt(1, at)]),
+                Outcome(b.id, user, "SUCCEEDED", output=b"b", attempts=[Attempt(1, at)]),
+            ],
+        )
+    )
+    rows = await _rows(engine, [a.id, b.id])
+    assert (rows[a.id].status, rows[a.id].lane_seq, rows[a.id].output) == ("CANCELLED", 1, None)
+    assert (rows[b.id].status, rows[b.id].lane_seq) == ("SUCCEEDED", 2)
+
+    # Written first: the cancel finds it finished.
+    c = _request(user)
+    await store.insert([c])
+    _ok(await write_results(worker, [Outcome(c.id, user, "SUCCEEDED", output=b"c")]))
+    assert await store.cancel_queued(user, c.id) == "SUCCEEDED"
+
+    # At once, many times over: cancels of some of a batch's requests race its write,
+    # and a mark of a cancelled request does not make it RUNNING again.
+    for _ in range(10):
+        batch = [_request(user) for _ in range(4)]
+        await store.insert(batch)
+        outcomes = [
+            Outcome(r.id, user, "SUCCEEDED", output=b"o", attempts=[Attempt(1, at)])
+            for r in batch[:3]
+        ]
+        written, *answers = await asyncio.gather(
+            write_results(worker, outcomes, [(batch[3].id, 1, at)]),
+            store.cancel_queued(user, batch[1].id),
+            store.cancel_queued(user, batch[3].id),
+        )
+        _ok(written)
+        rows = await _rows(engine, [r.id for r in batch])
+        assert answers[0] == rows[batch[1].id].status
+        assert answers[0] in ("CANCELLED", "SUCCEEDED")
+        # Marked RUNNING first (the cancel then goes to the worker) or cancelled first
+        # (and the mark leaves it CANCELLED).
+        assert answers[1] == rows[batch[3].id].status
+        assert answers[1] in ("CANCELLED", "RUNNING")
+        for r in batch[:3]:
+            row = rows[r.id]
+            assert row.lane_seq is not None
+            assert row.output == (None if row.status == "CANCELLED" else b"o")
+    await _assert_lane_consistent(engine, user)

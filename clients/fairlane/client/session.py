@@ -19,7 +19,9 @@ from fairlane.client.types import Rejected as RejectedEvent
 from fairlane.queue.v1 import queue_pb2
 
 if TYPE_CHECKING:
-    from fairlane.client.async_client import Client
+    from fairlane.client.channels import Channels
+    from fairlane.client.results import ResultWatcher
+    from fairlane.client.tokens import TokenManager
 
 __all__ = ["Session", "SubmitFuture"]
 
@@ -27,9 +29,12 @@ __all__ = ["Session", "SubmitFuture"]
 class SubmitFuture(asyncio.Future[Result]):
     """Resolves to the request's Result (whatever its status), or raises Rejected when
     the server did not accept it, or SessionClosed/another FairlaneError when the stream
-    ended first. `request_id` is set once the request is accepted."""
+    ended first. `request_id` is set once the request is accepted. `idempotency_key` is
+    the key the request was sent with (generated when the caller gave none): submit
+    again with it to be sure a request whose answer was lost does not run twice."""
 
     client_ref: str
+    idempotency_key: str
     request_id: str | None
     duplicate: bool
 
@@ -65,7 +70,9 @@ class Session:
 
     def __init__(
         self,
-        client: Client,
+        channels: Channels,
+        tokens: TokenManager,
+        results: ResultWatcher,
         *,
         max_in_flight: int = 512,
         record_events: bool = True,
@@ -74,7 +81,9 @@ class Session:
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
-        self._client = client
+        self._channels = channels
+        self._tokens = tokens
+        self._results = results
         self._max_in_flight = max_in_flight
         self._timeout = timeout
         self._resume = resume
@@ -84,8 +93,6 @@ class Session:
         self._write_lock = asyncio.Lock()
         self._unanswered: collections.deque[_Unanswered] = collections.deque()
         self._by_request: dict[str, list[SubmitFuture]] = {}
-        # Cancels may be answered by a rejection carrying the request id as client_ref.
-        self._cancels: collections.Counter[str] = collections.Counter()
         self._early_cancels: list[queue_pb2.SessionRequest] = []
         self._answered_any = False
         self._in_flight = 0
@@ -126,9 +133,8 @@ class Session:
         self._reader = asyncio.create_task(self._read_loop(), name="fairlane-session-reader")
 
     async def _new_call(self) -> Any:
-        self._token = await self._client.access_token()
-        stub = self._client._queue_stub()
-        call = stub.Session(metadata=bearer(self._token), timeout=self._timeout)
+        self._token = await self._tokens.access_token()
+        call = self._channels.queue().Session(metadata=bearer(self._token), timeout=self._timeout)
         # The server sends its initial metadata once it has accepted the stream (or ends
         # the call if it refuses it). Writing before then can race a refusal, and grpc
         # reports a write into a refused call as INTERNAL, hiding UNAUTHENTICATED.
@@ -198,6 +204,7 @@ class Session:
             await self._room.wait()
         future = SubmitFuture(loop=asyncio.get_running_loop())
         future.client_ref = client_ref
+        future.idempotency_key = message.enqueue.idempotency_key
         future.request_id = None
         future.duplicate = False
         async with self._write_lock:
@@ -210,14 +217,14 @@ class Session:
     async def cancel(self, request_id: str) -> None:
         """Asks the server to cancel a queued request. If it was submitted on this
         session its future resolves to a CANCELLED result; a refusal (unknown id,
-        already running) arrives only as a Rejected event with client_ref=request_id.
+        already running) arrives only as a Rejected event whose cancel_request_id is
+        request_id.
         Use Client.cancel for a definite answer."""
         message = queue_pb2.SessionRequest(
             cancel=queue_pb2.CancelRequestRequest(request_id=request_id)
         )
         async with self._write_lock:
             self._check_writable()
-            self._cancels[request_id] += 1
             if not self._answered_any:
                 self._early_cancels.append(message)
             await self._write(message)
@@ -306,9 +313,7 @@ class Session:
             _fail(item.future, error)
             self._done_one()
         try:
-            async with contextlib.aclosing(
-                self._client.watch(after_lane_seq=self.last_lane_seq)
-            ) as results:
+            async with contextlib.aclosing(self._results.watch(self.last_lane_seq)) as results:
                 async for result in results:
                     self._on_result(result)
                     if not self._by_request:
@@ -322,7 +327,7 @@ class Session:
 
     async def _reopen(self) -> bool:
         async with self._write_lock:
-            if not await self._client._refresh(self._token):
+            if not await self._tokens.refresh_if_current(self._token):
                 return False
             self._call = await self._new_call()
             for item in self._unanswered:
@@ -356,10 +361,9 @@ class Session:
             self._emit(accepted)
         elif kind == "rejected":
             rejected = RejectedEvent.from_proto(response.rejected)
-            head = self._unanswered[0].future.client_ref if self._unanswered else None
-            if self._cancels[rejected.client_ref] > 0 and head != rejected.client_ref:
-                self._cancels[rejected.client_ref] -= 1  # a refused cancel
-            elif self._unanswered:
+            # Only an enqueue's rejection answers the oldest unanswered submit; a refused
+            # cancel (or a message of no kind) is reported as an event alone.
+            if response.rejected.WhichOneof("subject") == "client_ref" and self._unanswered:
                 self._answered_any = True
                 self._early_cancels.clear()
                 future = self._unanswered.popleft().future
