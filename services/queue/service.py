@@ -13,7 +13,6 @@ from services.core.db import engine_for
 from services.core.grpc_host import GrpcHost
 from services.core.health import DependencyMonitor
 from services.core.settings import Settings
-from services.core.tokens import TokenVerifier
 from services.queue.admission import Admission
 from services.queue.catalog import HandlerCatalog
 from services.queue.hub import Hub
@@ -63,12 +62,7 @@ class QueueService:
         self.janitor = LaneJanitor(
             store, self.broker, self.hub, idle_seconds=s.lane_idle_ttl_seconds
         )
-        self._verifier = TokenVerifier(
-            self._auth.jwks,
-            issuer=s.jwt_issuer,
-            audience=s.jwt_audience,
-            refresh_seconds=s.jwks_refresh_seconds,
-        )
+        self._verifier = self._auth.token_verifier(s)
         self._servicer = QueueServicer(
             settings=s,
             verifier=self._verifier,

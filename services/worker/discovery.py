@@ -11,7 +11,7 @@ import grpc
 from fairlane.common.v1 import lane_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from services.core.auth_client import AuthClient
-from services.core.broker import Broker, BrokerError
+from services.core.broker import Broker, BrokerError, LaneMissing
 from services.core.grpc_host import insecure_channel
 from services.core.logging import get_logger
 from services.worker.runner import Runner
@@ -80,7 +80,12 @@ class LaneDiscovery:
                 timeout=10,
             )
             for lane in response.lanes:
-                await self._runner.add_lane(lane.user_id)
+                try:
+                    await self._runner.add_lane(lane.user_id)
+                except LaneMissing:
+                    # Listed but not declared yet (or deleted since): its lane_created
+                    # announcement, or the next sync, brings it.
+                    continue
                 seen += 1
             if not response.next_page_token:
                 return seen
