@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 
-from services.core.amqp import AmqpBroker
 from services.core.broker import (
     Broker,
     BrokerError,
@@ -17,28 +16,11 @@ from services.core.broker import (
     LaneStats,
     ResultsUnroutable,
 )
-from services.core.memory_broker import MemoryBroker
-from tests.conftest import broker_url, unique
+from tests.conftest import unique
 from tests.e2e.suite import wait_until
+from tests.integration.conftest import MAX_LENGTH
 
 pytestmark = pytest.mark.integration
-MAX_LENGTH = 5
-
-
-@pytest.fixture(params=["amqp", "amqp-quorum", "memory"])
-async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
-    b: Broker
-    if request.param.startswith("amqp"):
-        vhost = request.getfixturevalue("vhost")
-        queue_type = "quorum" if request.param == "amqp-quorum" else "classic"
-        b = AmqpBroker(broker_url(vhost), lane_max_length=MAX_LENGTH, queue_type=queue_type)
-    else:
-        b = MemoryBroker(lane_max_length=MAX_LENGTH)
-    await b.connect()
-    try:
-        yield b
-    finally:
-        await b.close()
 
 
 class Recorder:
