@@ -82,6 +82,9 @@ lanes = sa.Table(
     sa.Column("last_active_at", Timestamp, nullable=False),
     # Last lane_seq handed to a finished request; results are numbered 1, 2, 3... per lane.
     sa.Column("last_seq", sa.BigInteger, nullable=False, server_default="0"),
+    # When the janitor deleted the lane's queue for idleness; NULL while the queue exists.
+    # A lane active again after it (last_active_at > queue_deleted_at) has a queue again.
+    sa.Column("queue_deleted_at", Timestamp),
 )
 
 requests = sa.Table(

@@ -18,6 +18,7 @@ from services.queue.catalog import HandlerCatalog
 from services.queue.hub import Hub
 from services.queue.intake import Intake
 from services.queue.janitor import LaneJanitor
+from services.queue.lane_store import LaneHousekeepingStore
 from services.queue.servicer import QueueServicer
 from services.queue.store import RequestStore
 
@@ -60,7 +61,11 @@ class QueueService:
             ),
         )
         self.janitor = LaneJanitor(
-            store, self.broker, self.hub, idle_seconds=s.lane_idle_ttl_seconds
+            store,
+            LaneHousekeepingStore(self.engine),
+            self.broker,
+            self.hub,
+            idle_seconds=s.lane_idle_ttl_seconds,
         )
         self._verifier = self._auth.token_verifier(s)
         self.host.authz.use(self._verifier)
