@@ -5,8 +5,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 BUF_VERSION := 1.61.0
 BUF := .tools/node_modules/.bin/buf
+# The contract as last released: `buf breaking` compares protos/ against it, so a break is
+# a decision (`make proto-release` records it), never an accident.
+PROTO_RELEASE := protos/release-image.json
 
-.PHONY: install tools dev test lint fmt gen services pytest soak clean
+.PHONY: install tools dev test lint fmt gen proto-release services pytest soak clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,6 +29,11 @@ tools: install
 gen: install
 	$(BIN)/python scripts/gen_protos.py
 
+# Makes the current protos the released contract (the baseline of `buf breaking`).
+proto-release: install
+	$(BUF) build --exclude-source-info -o '-#format=json' \
+		| $(BIN)/python -m json.tool --indent 1 > $(PROTO_RELEASE)
+
 fmt: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
@@ -35,6 +43,7 @@ lint: tools
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy services clients/fairlane tests scripts
 	$(BUF) lint
+	$(BUF) breaking --against $(PROTO_RELEASE)
 
 services:
 	scripts/ensure_services.sh
