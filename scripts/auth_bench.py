@@ -8,8 +8,9 @@ Measures, each phase a few seconds:
   1. logins/s with 8 clients logging in, auth CPU per login and auth's peak RSS;
   2. a login storm: 16 guessers with wrong passwords, each guess from a new address and
      username (a botnet: no throttle rule ever trips, so every guess costs a hash), while
-     one normal user logs in and GetJwks, Refresh and WhoAmI run in loops: their
-     latencies beside the same loops without the storm;
+     a user logs in (from an address it logged in from before, and from new ones) and
+     GetJwks, Refresh and WhoAmI run in loops: their latencies beside the same loops
+     without the storm;
   3. the storm from one address (the throttle's case): how soon it is cut off;
   4. the revocation bound: Revoke, then how long until the queue refuses the login's
      access token (ListRequests polled every 20 ms);
@@ -160,10 +161,23 @@ async def storm(stub: auth_pb2_grpc.AuthServiceStub, seconds: float, guessers: i
 
         return one
 
+    fresh = 0
+
+    async def login_from_new_address() -> None:
+        nonlocal fresh
+        fresh += 1
+        address = f"10.5.{fresh // 250}.{fresh % 250}"
+        await stub.Login(
+            auth_pb2.LoginRequest(username=normal, password=PASSWORD), metadata=_from(address)
+        )
+
     def probes() -> dict[str, Loop]:
         login = auth_pb2.LoginRequest(username=normal, password=PASSWORD)
         return {
-            "Login (normal user)": Loop(lambda: stub.Login(login, metadata=_from("10.3.0.1"))),
+            "Login (user, known address)": Loop(
+                lambda: stub.Login(login, metadata=_from("10.3.0.1"))
+            ),
+            "Login (user, new address)": Loop(login_from_new_address),
             "GetJwks": Loop(lambda: stub.GetJwks(auth_pb2.GetJwksRequest())),
             "Refresh": Loop(refresh),
             "WhoAmI": Loop(lambda: stub.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=_bearer(access))),
@@ -178,8 +192,8 @@ async def storm(stub: auth_pb2_grpc.AuthServiceStub, seconds: float, guessers: i
     refused = {code: n for a in attackers for code, n in a.errors.items()}
     print(f"storm: {guessers} guessers made {guesses / seconds:.1f} guesses/s (refused: {refused})")
     for name in quiet:
-        print(f"  {name:20} quiet: {_ms(quiet[name].latencies)}")
-        print(f"  {'':20} storm: {_ms(stormy[name].latencies)} errors={stormy[name].errors}")
+        print(f"  {name:28} quiet: {_ms(quiet[name].latencies)}")
+        print(f"  {'':28} storm: {_ms(stormy[name].latencies)} errors={stormy[name].errors}")
 
 
 async def storm_from_one_address(stub: auth_pb2_grpc.AuthServiceStub, guessers: int) -> None:
@@ -241,15 +255,16 @@ async def revocation_bound(
     )
 
 
-async def user_creation(auth_target: str, users: int) -> None:
+async def user_creation(auth_target: str, auth: psutil.Process, users: int) -> None:
     config = BenchConfig(
         auth_target=auth_target, lanes=users, user_prefix=f"ab{uuid.uuid4().hex[:6]}"
     )
+    cpu0 = sum(auth.cpu_times()[:2])
     start = time.perf_counter()
     await login_users(config)
     print(
         f"bench user creation: {users} new users registered and logged in in "
-        f"{time.perf_counter() - start:.1f} s"
+        f"{time.perf_counter() - start:.1f} s, auth CPU {sum(auth.cpu_times()[:2]) - cpu0:.1f} s"
     )
 
 
@@ -268,10 +283,14 @@ async def main() -> None:
     parser.add_argument("--guessers", type=int, default=16)
     parser.add_argument("--revocations", type=int, default=6)
     parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--only-users", action="store_true", help="run phase 5 alone")
     args = parser.parse_args()
     auth_target, queue_target, pid = _suite()
     auth_process = psutil.Process(pid)
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
+    if args.only_users:
+        await user_creation(auth_target, auth_process, args.users)
+        return
     async with (
         grpc.aio.insecure_channel(auth_target) as auth_channel,
         grpc.aio.insecure_channel(queue_target) as queue_channel,
@@ -282,7 +301,7 @@ async def main() -> None:
         await storm(auth, args.seconds, args.guessers)
         await storm_from_one_address(auth, args.guessers)
         await revocation_bound(auth, queue, args.revocations)
-    await user_creation(auth_target, args.users)
+    await user_creation(auth_target, auth_process, args.users)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 

@@ -166,7 +166,10 @@ class Auth:
         if USERNAME.fullmatch(username) and password and len(password) <= MAX_PASSWORD:
             user = await self._store.user_by_name(username)
             stored = user.password_hash if user else self._dummy_hash
-            verified = await self._hashing.verify(stored, password)
+            # Returning addresses go first when checks queue up. It depends on the address
+            # alone, so it tells nothing about whether the username exists.
+            priority = await self._throttle.trusted(peer)
+            verified = await self._hashing.verify(stored, password, priority=priority)
         if user is None or not verified:
             audit.event(
                 audit.LOGIN_FAILED,
@@ -182,6 +185,7 @@ class Auth:
                 )
             raise BadCredentials("wrong username or password")
         await self._throttle.clear(self._p.login_user, username)
+        await self._throttle.trust(peer)
         if self._hashing.needs_rehash(user.password_hash):
             await self._store.set_password_hash(user.id, await self._hashing.hash(password))
         now = datetime.now(UTC)
@@ -265,7 +269,10 @@ class Auth:
 
     # -- services ------------------------------------------------------------------------
 
-    async def service_token(self, service: str, secret: str, peer: str) -> tuple[str, int]:
+    async def service_token(
+        self, service: str, secret: str, peer: str, role: str = ROLE_SERVICE
+    ) -> tuple[str, int]:
+        """A token for a service, or for an operator (role admin, subject admin:<name>)."""
         if not USERNAME.fullmatch(service):
             raise InvalidInput(
                 "service must be 3-64 characters of letters, digits, '.', '_' or '-'"
@@ -276,8 +283,8 @@ class Auth:
             audit.event(audit.SERVICE_TOKEN_REFUSED, service=service, peer=peer)
             _tripped(await self._throttle.hit(rule, peer), peer=peer)
             raise BadCredentials("wrong service secret")
-        audit.event(audit.SERVICE_TOKEN_ISSUED, service=service, peer=peer)
-        token = self._access_token(f"service:{service}", service, ROLE_SERVICE)
+        audit.event(audit.SERVICE_TOKEN_ISSUED, service=service, peer=peer, role=role)
+        token = self._access_token(f"{role}:{service}", service, role)
         return token, self._p.access_ttl
 
 

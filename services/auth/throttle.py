@@ -6,6 +6,9 @@ a delay that doubles from `base_delay` up to `max_delay`. While blocked, calls a
 before any password is hashed. A count starts again after `window` seconds without an
 event. The counters live in the database (services/auth/throttle_store.py), so they hold
 across auth replicas.
+
+The same table remembers, for `TRUST_DAYS`, which addresses logged in successfully: their
+logins go first when password checks queue up (services/auth/hashing.py).
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ class Trip:
     rule: str
     events: int
     delay: float
+
+
+TRUST_DAYS = 30
+# Never blocks: it only records that an address logged in successfully.
+TRUSTED_PEER = Rule("login-ok", free=2**62)
 
 
 def _key(rule: Rule, subject: str) -> str:
@@ -82,6 +90,21 @@ class Throttle:
     async def clear(self, rule: Rule, subject: str) -> None:
         await self._store.clear(_key(rule, subject))
 
+    async def trust(self, peer: str) -> None:
+        """Records a successful login from `peer`."""
+        now = datetime.now(UTC)
+        await self._store.count(_key(TRUSTED_PEER, peer), now, now - self._window)
+
+    async def trusted(self, peer: str) -> bool:
+        """Whether `peer` logged in successfully within the last TRUST_DAYS."""
+        since = datetime.now(UTC) - timedelta(days=TRUST_DAYS)
+        return await self._store.seen_since(_key(TRUSTED_PEER, peer), since)
+
     async def prune(self) -> int:
         now = datetime.now(UTC)
-        return await self._store.prune(now - self._window, now)
+        return await self._store.prune(
+            now - self._window,
+            now,
+            kept=f"{TRUSTED_PEER.name}:",
+            kept_since=now - timedelta(days=TRUST_DAYS),
+        )

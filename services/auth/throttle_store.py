@@ -60,13 +60,30 @@ class ThrottleStore:
         async with self._engine.begin() as conn:
             await conn.execute(auth_throttle.delete().where(t.key == key))
 
-    async def prune(self, quiet_since: datetime, now: datetime) -> int:
-        """Deletes counters that have restarted anyway and block nothing."""
+    async def seen_since(self, key: str, since: datetime) -> bool:
+        async with self._engine.connect() as conn:
+            found = (
+                await conn.execute(sa.select(t.key).where(t.key == key, t.last_event_at >= since))
+            ).first()
+        return found is not None
+
+    async def prune(
+        self, quiet_since: datetime, now: datetime, *, kept: str, kept_since: datetime
+    ) -> int:
+        """Deletes counters that have restarted anyway and block nothing, and records with
+        the `kept` prefix older than `kept_since`."""
+        long_lived = t.key.startswith(kept, autoescape=True)
         async with self._engine.begin() as conn:
             result = await conn.execute(
                 auth_throttle.delete().where(
-                    t.last_event_at < quiet_since,
-                    sa.or_(t.blocked_until.is_(None), t.blocked_until <= now),
+                    sa.or_(
+                        sa.and_(
+                            ~long_lived,
+                            t.last_event_at < quiet_since,
+                            sa.or_(t.blocked_until.is_(None), t.blocked_until <= now),
+                        ),
+                        sa.and_(long_lived, t.last_event_at < kept_since),
+                    )
                 )
             )
         return int(result.rowcount)

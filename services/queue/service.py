@@ -103,6 +103,7 @@ class QueueService:
             else None
         )
         self._verifier = self._auth.token_verifier(s)
+        self.host.authz.use(self._verifier)
         self.domain = QueueDomain(
             store=store,
             intake=self.intake,

@@ -11,13 +11,13 @@ from typing import Any
 import grpc
 
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
-from services.core import status
+from services.core import authz, status
 from services.core.broker import BrokerError, lane_queue
 from services.core.grpc_host import ServicerContext, abort
 from services.core.metrics import OPEN_SESSIONS
 from services.core.rich_status import abort_retry
 from services.core.settings import Settings
-from services.core.tokens import ROLE_SERVICE, ROLE_USER, Principal, TokenVerifier, authenticate
+from services.core.tokens import Principal, TokenVerifier
 from services.queue.convert import request_from_row, timestamp
 from services.queue.domain import QueueDomain, StreamSlot, TooManyStreams
 from services.queue.intake import Rejection
@@ -66,12 +66,6 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
 
     # -- helpers -------------------------------------------------------------------------
 
-    async def _user(self, context: Context) -> Principal:
-        principal = await authenticate(self._verifier, context)
-        if principal.role != ROLE_USER:
-            await abort(context, grpc.StatusCode.PERMISSION_DENIED, "this call needs a user token")
-        return principal
-
     async def _request_id(self, text: str, context: Context) -> uuid.UUID:
         try:
             return uuid.UUID(text)
@@ -83,7 +77,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def Enqueue(
         self, request: queue_pb2.EnqueueRequest, context: Context
     ) -> queue_pb2.EnqueueResponse:
-        principal = await self._user(context)
+        principal = authz.principal()
         try:
             _, future = await self._d.admit(request, principal)
         except InvalidEnqueue as exc:
@@ -100,7 +94,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def Session(
         self, request_iterator: AsyncIterator[queue_pb2.SessionRequest], context: Context
     ) -> AsyncIterator[queue_pb2.SessionResponse]:
-        principal = await self._user(context)
+        principal = authz.principal()
         slot = await self._stream_slot(principal, context)
         with slot:
             # Tell the client at once that the stream is accepted: a client that waits for
@@ -129,7 +123,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def WatchResults(
         self, request: queue_pb2.WatchResultsRequest, context: Context
     ) -> AsyncIterator[queue_pb2.WatchResultsResponse]:
-        principal = await self._user(context)
+        principal = authz.principal()
         if request.after_lane_seq > MAX_LANE_SEQ:
             await abort(
                 context,
@@ -145,7 +139,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def GetRequest(
         self, request: queue_pb2.GetRequestRequest, context: Context
     ) -> queue_pb2.GetRequestResponse:
-        principal = await self._user(context)
+        principal = authz.principal()
         request_id = await self._request_id(request.request_id, context)
         row = await self._store.get(uuid.UUID(principal.user_id), request_id)
         if row is None:
@@ -155,7 +149,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def ListRequests(
         self, request: queue_pb2.ListRequestsRequest, context: Context
     ) -> queue_pb2.ListRequestsResponse:
-        principal = await self._user(context)
+        principal = authz.principal()
         limit = _page_size(request.page_size, 50, 500)
         before = await _page_token(request.page_token, context)
         status_name = None
@@ -180,7 +174,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def CancelRequest(
         self, request: queue_pb2.CancelRequestRequest, context: Context
     ) -> queue_pb2.CancelRequestResponse:
-        principal = await self._user(context)
+        principal = authz.principal()
         request_id = await self._request_id(request.request_id, context)
         try:
             after = await self._d.cancel(uuid.UUID(principal.user_id), request_id)
@@ -197,7 +191,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def GetLane(
         self, request: queue_pb2.GetLaneRequest, context: Context
     ) -> queue_pb2.GetLaneResponse:
-        principal = await self._user(context)
+        principal = authz.principal()
         found = await self._store.lane(uuid.UUID(principal.user_id))
         if found is None:
             await abort(context, grpc.StatusCode.NOT_FOUND, "no lane yet: enqueue a request first")
@@ -207,11 +201,6 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def ListLanes(
         self, request: queue_pb2.ListLanesRequest, context: Context
     ) -> queue_pb2.ListLanesResponse:
-        principal = await authenticate(self._verifier, context)
-        if principal.role != ROLE_SERVICE:
-            await abort(
-                context, grpc.StatusCode.PERMISSION_DENIED, "ListLanes needs a service token"
-            )
         limit = _page_size(request.page_size, 1000, 10_000)
         after = await _page_token(request.page_token, context)
         rows = await self._store.lanes(
@@ -223,7 +212,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def ListDeadRequests(
         self, request: queue_pb2.ListDeadRequestsRequest, context: Context
     ) -> queue_pb2.ListDeadRequestsResponse:
-        principal = await self._user(context)
+        principal = authz.principal()
         limit = _page_size(request.page_size, 50, 500)
         before = await _page_token(request.page_token, context)
         rows = await self._store.list_requests(
@@ -241,7 +230,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def ReplayDeadRequest(
         self, request: queue_pb2.ReplayDeadRequestRequest, context: Context
     ) -> queue_pb2.ReplayDeadRequestResponse:
-        principal = await self._user(context)
+        principal = authz.principal()
         request_id = await self._request_id(request.request_id, context)
         row = await self._store.get(uuid.UUID(principal.user_id), request_id)
         if row is None:

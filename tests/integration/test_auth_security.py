@@ -146,6 +146,17 @@ async def test_a_successful_login_restarts_the_username_count(start_auth: Start)
         assert [e["event"] for e in logs] == ["auth.login.succeeded"]
 
 
+async def test_addresses_that_logged_in_before_are_trusted(start_auth: Start) -> None:
+    auth = await start_auth()
+    name = await _register(auth.stub, "returning")
+    assert not await auth.service.throttle.trusted("198.51.100.77")
+    await _outcome(_login(auth.stub, name, "wrong password!", "198.51.100.77"))
+    assert not await auth.service.throttle.trusted("198.51.100.77")
+    await _login(auth.stub, name, PASSWORD, "198.51.100.77")
+    assert await auth.service.throttle.trusted("198.51.100.77")
+    assert not await auth.service.throttle.trusted("198.51.100.78")
+
+
 async def test_failures_from_one_address_block_that_address_only(start_auth: Start) -> None:
     auth = await start_auth(login_peer_free_failures=3, throttle_base_delay_seconds=120)
     name = await _register(auth.stub, "bystander")

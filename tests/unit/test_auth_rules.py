@@ -3,11 +3,13 @@ password blocklist and the revoked-families cache."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from services.auth.hashing import HashGate, HashingBusy
 from services.auth.passwords import WeakPassword, check_new_password
 from services.auth.sealing import seal, unseal
 from services.auth.throttle import Rule, Throttle
@@ -126,3 +128,31 @@ async def test_revoked_families_are_refetched_when_stale_and_kept_when_auth_fail
     now += 6
     assert await revoked.contains("b")  # the fetch failed: the last list stays in force
     assert calls == 3
+
+
+async def test_the_gate_serves_the_priority_lane_first_and_bounds_waiters() -> None:
+    gate = HashGate(concurrency=1, max_waiting=2)
+    order: list[str] = []
+
+    async def hold(name: str, priority: bool) -> None:
+        await gate.acquire(priority)
+        order.append(name)
+
+    await hold("first", False)  # holds the only slot
+    waiters = [
+        asyncio.ensure_future(hold(name, priority))
+        for name, priority in [("guess-1", False), ("guess-2", False), ("returning", True)]
+    ]
+    await asyncio.sleep(0)
+    assert gate.pending == 4
+    with pytest.raises(HashingBusy):  # the normal lane's allowance (2) is used up
+        await gate.acquire(False)
+    late = asyncio.ensure_future(hold("late", True))  # priority callers may queue twice as many
+    await asyncio.sleep(0)
+    late.cancel()  # a caller that gives up leaves its lane
+    for _ in range(3):
+        gate.release()
+        await asyncio.sleep(0)
+    await asyncio.gather(*waiters)
+    assert order == ["first", "returning", "guess-1", "guess-2"]
+    assert gate.pending == 1
