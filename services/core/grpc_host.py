@@ -12,7 +12,9 @@ from grpc_reflection.v1alpha import reflection
 
 from fairlane.client.channels import grpc_target
 from services.core import tracing
+from services.core.authz import AuthzInterceptor
 from services.core.grpc_metrics import MetricsInterceptor
+from services.core.tokens import TokenVerifier
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
@@ -50,13 +52,21 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class GrpcHost:
-    """One grpc.aio server with health and reflection for the given services."""
+    """One grpc.aio server with health and reflection for the given services; every call
+    goes through the authorization policy (services.core.authz)."""
 
-    def __init__(self, listen: str, service_names: Iterable[str]) -> None:
+    def __init__(
+        self,
+        listen: str,
+        service_names: Iterable[str],
+        *,
+        verifier: TokenVerifier | None = None,
+    ) -> None:
         self.service_names = list(service_names)
+        self.authz = AuthzInterceptor(verifier=verifier)
         self.server = grpc.aio.server(
             options=SERVER_OPTIONS,
-            interceptors=[*tracing.server_interceptors(), MetricsInterceptor()],
+            interceptors=[*tracing.server_interceptors(), MetricsInterceptor(), self.authz],
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
