@@ -13,10 +13,13 @@ import grpc
 import jwt
 
 from services.core.grpc_host import ServicerContext, abort
+from services.core.revocation import RevokedFamilies
 
 ALGORITHMS = ["EdDSA", "RS256"]
 ROLE_USER = "user"
 ROLE_SERVICE = "service"
+# The refresh-token family (one login) a user's access token belongs to.
+FAMILY_CLAIM = "fam"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +37,8 @@ class TokenVerifier:
     """Verifies JWTs locally with keys from `fetch_jwks`; refetches on an unknown `kid`.
 
     Refetches are rate-limited so a flood of tokens with made-up kids cannot turn into a
-    flood of calls to the auth service.
+    flood of calls to the auth service. With `revoked`, tokens of a revoked login (their
+    `fam` claim) are refused too (services/core/revocation.py).
     """
 
     def __init__(
@@ -45,8 +49,10 @@ class TokenVerifier:
         audience: str,
         refresh_seconds: float = 300.0,
         min_refetch_seconds: float = 5.0,
+        revoked: RevokedFamilies | None = None,
     ) -> None:
         self._fetch = fetch_jwks
+        self._revoked = revoked
         self._issuer = issuer
         self._audience = audience
         self._refresh = refresh_seconds
@@ -98,6 +104,13 @@ class TokenVerifier:
             raise InvalidToken("access token expired") from exc
         except jwt.PyJWTError as exc:
             raise InvalidToken(f"invalid access token: {exc}") from exc
+        family = claims.get(FAMILY_CLAIM)
+        if (
+            self._revoked is not None
+            and isinstance(family, str)
+            and await self._revoked.contains(family)
+        ):
+            raise InvalidToken("access token revoked: log in again")
         return Principal(
             user_id=str(claims["sub"]),
             username=str(claims.get("name", "")),

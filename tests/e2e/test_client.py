@@ -57,6 +57,8 @@ async def short_token_suite(pg_schema: str, vhost: str, tmp_path: Path) -> Async
     """The suite with access tokens that live TOKEN_TTL seconds."""
     s = Suite(DATABASE_URL, pg_schema, broker_url(vhost), tmp_path)
     s.extra_env["FAIRLANE_ACCESS_TOKEN_TTL_SECONDS"] = str(TOKEN_TTL)
+    # Strict rotation: a spent refresh token presented again revokes its login at once.
+    s.extra_env["FAIRLANE_REFRESH_REUSE_INTERVAL_SECONDS"] = "0"
     try:
         s.start("auth")
         await s.wait_serving("auth")

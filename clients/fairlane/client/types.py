@@ -153,10 +153,12 @@ class Identity:
 
 @dataclass(frozen=True, slots=True)
 class Enqueued:
-    """Answer to a unary enqueue: the request is durable and queued."""
+    """Answer to a unary enqueue: the request is durable and queued. `idempotency_key`
+    is the key it was sent with (generated when the caller gave none)."""
 
     request_id: str
     duplicate: bool = False
+    idempotency_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)

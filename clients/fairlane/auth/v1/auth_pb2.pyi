@@ -3,8 +3,10 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -27,7 +29,9 @@ class RegisterRequest(_message.Message):
     username: _builtins.str
     """3-64 characters: letters, digits, '.', '_' or '-'; case-sensitive."""
     password: _builtins.str
-    """At least 8 characters, at most 1024."""
+    """At least 8 characters, at most 1024, and not a common or breached password nor a
+    small variation of one (NIST SP 800-63B).
+    """
     def __init__(
         self,
         *,
@@ -100,7 +104,7 @@ class LoginResponse(_message.Message):
     REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
     EXPIRES_IN_FIELD_NUMBER: _builtins.int
     access_token: _builtins.str
-    """JWT for the authorization header."""
+    """JWT for the authorization header; its `fam` claim names this login's token family."""
     refresh_token: _builtins.str
     """Opaque token for Refresh; keep it secret."""
     expires_in: _builtins.int
@@ -294,6 +298,47 @@ class GetJwksResponse(_message.Message):
 Global___GetJwksResponse: _TypeAlias = GetJwksResponse  # noqa: Y015
 
 @_typing.final
+class GetRevokedFamiliesRequest(_message.Message):
+    """GetRevokedFamilies input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRevokedFamiliesRequest: _TypeAlias = GetRevokedFamiliesRequest  # noqa: Y015
+
+@_typing.final
+class GetRevokedFamiliesResponse(_message.Message):
+    """GetRevokedFamilies output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FAMILY_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def family_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ids (UUID text) of the revoked families, as in the `fam` claim of access tokens."""
+
+    def __init__(
+        self,
+        *,
+        family_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["family_ids", b"family_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRevokedFamiliesResponse: _TypeAlias = GetRevokedFamiliesResponse  # noqa: Y015
+
+@_typing.final
 class IssueServiceTokenRequest(_message.Message):
     """IssueServiceToken input."""
 
@@ -302,7 +347,9 @@ class IssueServiceTokenRequest(_message.Message):
     SERVICE_FIELD_NUMBER: _builtins.int
     SECRET_FIELD_NUMBER: _builtins.int
     service: _builtins.str
-    """Name of the calling service, recorded in the token subject (e.g. "worker")."""
+    """Name of the calling service, recorded in the token subject (e.g. "worker"): 3-64
+    letters, digits, '.', '_' or '-'.
+    """
     secret: _builtins.str
     """The shared secret configured as FAIRLANE_SERVICE_SECRET on every service."""
     def __init__(
