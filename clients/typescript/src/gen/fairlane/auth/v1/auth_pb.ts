@@ -10,7 +10,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file fairlane/auth/v1/auth.proto.
  */
 export const file_fairlane_auth_v1_auth: GenFile = /*@__PURE__*/
-  fileDesc("ChtmYWlybGFuZS9hdXRoL3YxL2F1dGgucHJvdG8SEGZhaXJsYW5lLmF1dGgudjEiNQoPUmVnaXN0ZXJSZXF1ZXN0EhAKCHVzZXJuYW1lGAEgASgJEhAKCHBhc3N3b3JkGAIgASgJIiMKEFJlZ2lzdGVyUmVzcG9uc2USDwoHdXNlcl9pZBgBIAEoCSIyCgxMb2dpblJlcXVlc3QSEAoIdXNlcm5hbWUYASABKAkSEAoIcGFzc3dvcmQYAiABKAkiUAoNTG9naW5SZXNwb25zZRIUCgxhY2Nlc3NfdG9rZW4YASABKAkSFQoNcmVmcmVzaF90b2tlbhgCIAEoCRISCgpleHBpcmVzX2luGAMgASgNIicKDlJlZnJlc2hSZXF1ZXN0EhUKDXJlZnJlc2hfdG9rZW4YASABKAkiUgoPUmVmcmVzaFJlc3BvbnNlEhQKDGFjY2Vzc190b2tlbhgBIAEoCRIVCg1yZWZyZXNoX3Rva2VuGAIgASgJEhIKCmV4cGlyZXNfaW4YAyABKA0iJgoNUmV2b2tlUmVxdWVzdBIVCg1yZWZyZXNoX3Rva2VuGAEgASgJIhAKDlJldm9rZVJlc3BvbnNlIg8KDVdob0FtSVJlcXVlc3QiMwoOV2hvQW1JUmVzcG9uc2USDwoHdXNlcl9pZBgBIAEoCRIQCgh1c2VybmFtZRgCIAEoCSIQCg5HZXRKd2tzUmVxdWVzdCIkCg9HZXRKd2tzUmVzcG9uc2USEQoJa2V5c19qc29uGAEgASgJIjsKGElzc3VlU2VydmljZVRva2VuUmVxdWVzdBIPCgdzZXJ2aWNlGAEgASgJEg4KBnNlY3JldBgCIAEoCSJFChlJc3N1ZVNlcnZpY2VUb2tlblJlc3BvbnNlEhQKDGFjY2Vzc190b2tlbhgBIAEoCRISCgpleHBpcmVzX2luGAIgASgNMtIECgtBdXRoU2VydmljZRJRCghSZWdpc3RlchIhLmZhaXJsYW5lLmF1dGgudjEuUmVnaXN0ZXJSZXF1ZXN0GiIuZmFpcmxhbmUuYXV0aC52MS5SZWdpc3RlclJlc3BvbnNlEkgKBUxvZ2luEh4uZmFpcmxhbmUuYXV0aC52MS5Mb2dpblJlcXVlc3QaHy5mYWlybGFuZS5hdXRoLnYxLkxvZ2luUmVzcG9uc2USTgoHUmVmcmVzaBIgLmZhaXJsYW5lLmF1dGgudjEuUmVmcmVzaFJlcXVlc3QaIS5mYWlybGFuZS5hdXRoLnYxLlJlZnJlc2hSZXNwb25zZRJLCgZSZXZva2USHy5mYWlybGFuZS5hdXRoLnYxLlJldm9rZVJlcXVlc3QaIC5mYWlybGFuZS5hdXRoLnYxLlJldm9rZVJlc3BvbnNlEksKBldob0FtSRIfLmZhaXJsYW5lLmF1dGgudjEuV2hvQW1JUmVxdWVzdBogLmZhaXJsYW5lLmF1dGgudjEuV2hvQW1JUmVzcG9uc2USTgoHR2V0SndrcxIgLmZhaXJsYW5lLmF1dGgudjEuR2V0Sndrc1JlcXVlc3QaIS5mYWlybGFuZS5hdXRoLnYxLkdldEp3a3NSZXNwb25zZRJsChFJc3N1ZVNlcnZpY2VUb2tlbhIqLmZhaXJsYW5lLmF1dGgudjEuSXNzdWVTZXJ2aWNlVG9rZW5SZXF1ZXN0GisuZmFpcmxhbmUuYXV0aC52MS5Jc3N1ZVNlcnZpY2VUb2tlblJlc3BvbnNlYgZwcm90bzM");
+  fileDesc("ChtmYWlybGFuZS9hdXRoL3YxL2F1dGgucHJvdG8SEGZhaXJsYW5lLmF1dGgudjEiNQoPUmVnaXN0ZXJSZXF1ZXN0EhAKCHVzZXJuYW1lGAEgASgJEhAKCHBhc3N3b3JkGAIgASgJIiMKEFJlZ2lzdGVyUmVzcG9uc2USDwoHdXNlcl9pZBgBIAEoCSIyCgxMb2dpblJlcXVlc3QSEAoIdXNlcm5hbWUYASABKAkSEAoIcGFzc3dvcmQYAiABKAkiUAoNTG9naW5SZXNwb25zZRIUCgxhY2Nlc3NfdG9rZW4YASABKAkSFQoNcmVmcmVzaF90b2tlbhgCIAEoCRISCgpleHBpcmVzX2luGAMgASgNIicKDlJlZnJlc2hSZXF1ZXN0EhUKDXJlZnJlc2hfdG9rZW4YASABKAkiUgoPUmVmcmVzaFJlc3BvbnNlEhQKDGFjY2Vzc190b2tlbhgBIAEoCRIVCg1yZWZyZXNoX3Rva2VuGAIgASgJEhIKCmV4cGlyZXNfaW4YAyABKA0iJgoNUmV2b2tlUmVxdWVzdBIVCg1yZWZyZXNoX3Rva2VuGAEgASgJIhAKDlJldm9rZVJlc3BvbnNlIg8KDVdob0FtSVJlcXVlc3QiMwoOV2hvQW1JUmVzcG9uc2USDwoHdXNlcl9pZBgBIAEoCRIQCgh1c2VybmFtZRgCIAEoCSIQCg5HZXRKd2tzUmVxdWVzdCIkCg9HZXRKd2tzUmVzcG9uc2USEQoJa2V5c19qc29uGAEgASgJIhsKGUdldFJldm9rZWRGYW1pbGllc1JlcXVlc3QiMAoaR2V0UmV2b2tlZEZhbWlsaWVzUmVzcG9uc2USEgoKZmFtaWx5X2lkcxgBIAMoCSI7ChhJc3N1ZVNlcnZpY2VUb2tlblJlcXVlc3QSDwoHc2VydmljZRgBIAEoCRIOCgZzZWNyZXQYAiABKAkiRQoZSXNzdWVTZXJ2aWNlVG9rZW5SZXNwb25zZRIUCgxhY2Nlc3NfdG9rZW4YASABKAkSEgoKZXhwaXJlc19pbhgCIAEoDTLDBQoLQXV0aFNlcnZpY2USUQoIUmVnaXN0ZXISIS5mYWlybGFuZS5hdXRoLnYxLlJlZ2lzdGVyUmVxdWVzdBoiLmZhaXJsYW5lLmF1dGgudjEuUmVnaXN0ZXJSZXNwb25zZRJICgVMb2dpbhIeLmZhaXJsYW5lLmF1dGgudjEuTG9naW5SZXF1ZXN0Gh8uZmFpcmxhbmUuYXV0aC52MS5Mb2dpblJlc3BvbnNlEk4KB1JlZnJlc2gSIC5mYWlybGFuZS5hdXRoLnYxLlJlZnJlc2hSZXF1ZXN0GiEuZmFpcmxhbmUuYXV0aC52MS5SZWZyZXNoUmVzcG9uc2USSwoGUmV2b2tlEh8uZmFpcmxhbmUuYXV0aC52MS5SZXZva2VSZXF1ZXN0GiAuZmFpcmxhbmUuYXV0aC52MS5SZXZva2VSZXNwb25zZRJLCgZXaG9BbUkSHy5mYWlybGFuZS5hdXRoLnYxLldob0FtSVJlcXVlc3QaIC5mYWlybGFuZS5hdXRoLnYxLldob0FtSVJlc3BvbnNlEk4KB0dldEp3a3MSIC5mYWlybGFuZS5hdXRoLnYxLkdldEp3a3NSZXF1ZXN0GiEuZmFpcmxhbmUuYXV0aC52MS5HZXRKd2tzUmVzcG9uc2USbAoRSXNzdWVTZXJ2aWNlVG9rZW4SKi5mYWlybGFuZS5hdXRoLnYxLklzc3VlU2VydmljZVRva2VuUmVxdWVzdBorLmZhaXJsYW5lLmF1dGgudjEuSXNzdWVTZXJ2aWNlVG9rZW5SZXNwb25zZRJvChJHZXRSZXZva2VkRmFtaWxpZXMSKy5mYWlybGFuZS5hdXRoLnYxLkdldFJldm9rZWRGYW1pbGllc1JlcXVlc3QaLC5mYWlybGFuZS5hdXRoLnYxLkdldFJldm9rZWRGYW1pbGllc1Jlc3BvbnNlYgZwcm90bzM");
 
 /**
  * Register input.
@@ -26,7 +26,8 @@ export type RegisterRequest = Message<"fairlane.auth.v1.RegisterRequest"> & {
   username: string;
 
   /**
-   * At least 8 characters, at most 1024.
+   * At least 8 characters, at most 1024, and not a common or breached password nor a
+   * small variation of one (NIST SP 800-63B).
    *
    * @generated from field: string password = 2;
    */
@@ -96,7 +97,7 @@ export const LoginRequestSchema: GenMessage<LoginRequest> = /*@__PURE__*/
  */
 export type LoginResponse = Message<"fairlane.auth.v1.LoginResponse"> & {
   /**
-   * JWT for the authorization header.
+   * JWT for the authorization header; its `fam` claim names this login's token family.
    *
    * @generated from field: string access_token = 1;
    */
@@ -296,13 +297,50 @@ export const GetJwksResponseSchema: GenMessage<GetJwksResponse> = /*@__PURE__*/
   messageDesc(file_fairlane_auth_v1_auth, 11);
 
 /**
+ * GetRevokedFamilies input.
+ *
+ * @generated from message fairlane.auth.v1.GetRevokedFamiliesRequest
+ */
+export type GetRevokedFamiliesRequest = Message<"fairlane.auth.v1.GetRevokedFamiliesRequest"> & {
+};
+
+/**
+ * Describes the message fairlane.auth.v1.GetRevokedFamiliesRequest.
+ * Use `create(GetRevokedFamiliesRequestSchema)` to create a new message.
+ */
+export const GetRevokedFamiliesRequestSchema: GenMessage<GetRevokedFamiliesRequest> = /*@__PURE__*/
+  messageDesc(file_fairlane_auth_v1_auth, 12);
+
+/**
+ * GetRevokedFamilies output.
+ *
+ * @generated from message fairlane.auth.v1.GetRevokedFamiliesResponse
+ */
+export type GetRevokedFamiliesResponse = Message<"fairlane.auth.v1.GetRevokedFamiliesResponse"> & {
+  /**
+   * Ids (UUID text) of the revoked families, as in the `fam` claim of access tokens.
+   *
+   * @generated from field: repeated string family_ids = 1;
+   */
+  familyIds: string[];
+};
+
+/**
+ * Describes the message fairlane.auth.v1.GetRevokedFamiliesResponse.
+ * Use `create(GetRevokedFamiliesResponseSchema)` to create a new message.
+ */
+export const GetRevokedFamiliesResponseSchema: GenMessage<GetRevokedFamiliesResponse> = /*@__PURE__*/
+  messageDesc(file_fairlane_auth_v1_auth, 13);
+
+/**
  * IssueServiceToken input.
  *
  * @generated from message fairlane.auth.v1.IssueServiceTokenRequest
  */
 export type IssueServiceTokenRequest = Message<"fairlane.auth.v1.IssueServiceTokenRequest"> & {
   /**
-   * Name of the calling service, recorded in the token subject (e.g. "worker").
+   * Name of the calling service, recorded in the token subject (e.g. "worker"): 3-64
+   * letters, digits, '.', '_' or '-'.
    *
    * @generated from field: string service = 1;
    */
@@ -321,7 +359,7 @@ export type IssueServiceTokenRequest = Message<"fairlane.auth.v1.IssueServiceTok
  * Use `create(IssueServiceTokenRequestSchema)` to create a new message.
  */
 export const IssueServiceTokenRequestSchema: GenMessage<IssueServiceTokenRequest> = /*@__PURE__*/
-  messageDesc(file_fairlane_auth_v1_auth, 12);
+  messageDesc(file_fairlane_auth_v1_auth, 14);
 
 /**
  * IssueServiceToken output.
@@ -349,18 +387,25 @@ export type IssueServiceTokenResponse = Message<"fairlane.auth.v1.IssueServiceTo
  * Use `create(IssueServiceTokenResponseSchema)` to create a new message.
  */
 export const IssueServiceTokenResponseSchema: GenMessage<IssueServiceTokenResponse> = /*@__PURE__*/
-  messageDesc(file_fairlane_auth_v1_auth, 13);
+  messageDesc(file_fairlane_auth_v1_auth, 15);
 
 /**
  * Users, passwords and tokens. Access tokens are short-lived JWTs signed with a
  * key published by GetJwks; send them as `authorization: Bearer <jwt>` metadata.
+ *
+ * Login, Register and IssueServiceToken are throttled per username and per client
+ * address: past a few failures (registrations for Register) each further one blocks the
+ * username or address for a doubling delay, during which calls are answered
+ * RESOURCE_EXHAUSTED with a google.rpc.RetryInfo detail saying when to come back. The
+ * same code and detail answer when too many password checks are already waiting.
  *
  * @generated from service fairlane.auth.v1.AuthService
  */
 export const AuthService: GenService<{
   /**
    * Creates a user. ALREADY_EXISTS if the name is taken, INVALID_ARGUMENT for a
-   * malformed name or a weak password.
+   * malformed name or a weak password (too short, or common or breached),
+   * RESOURCE_EXHAUSTED (RetryInfo) when throttled.
    *
    * @generated from rpc fairlane.auth.v1.AuthService.Register
    */
@@ -371,7 +416,8 @@ export const AuthService: GenService<{
   },
   /**
    * Exchanges a username and password for an access token and a refresh token.
-   * UNAUTHENTICATED for an unknown user or a wrong password (the two are not told apart).
+   * UNAUTHENTICATED for an unknown user or a wrong password (the two are not told apart),
+   * RESOURCE_EXHAUSTED (RetryInfo) when throttled.
    *
    * @generated from rpc fairlane.auth.v1.AuthService.Login
    */
@@ -381,8 +427,10 @@ export const AuthService: GenService<{
     output: typeof LoginResponseSchema;
   },
   /**
-   * Exchanges a refresh token for a new pair. Refresh tokens rotate: each can be
-   * used once, and reusing a spent one revokes its whole family.
+   * Exchanges a refresh token for a new pair. Refresh tokens rotate: each can be used
+   * once. The same spent token presented again within a few seconds (the reuse
+   * interval) returns the same pair, so that two processes of one login refreshing at
+   * once both succeed; presented later, it revokes its whole family.
    *
    * @generated from rpc fairlane.auth.v1.AuthService.Refresh
    */
@@ -392,7 +440,8 @@ export const AuthService: GenService<{
     output: typeof RefreshResponseSchema;
   },
   /**
-   * Revokes a refresh token and every token rotated from the same login.
+   * Revokes a refresh token and every token rotated from the same login. Access tokens
+   * of that login are refused by every service within seconds (GetRevokedFamilies).
    *
    * @generated from rpc fairlane.auth.v1.AuthService.Revoke
    */
@@ -423,6 +472,7 @@ export const AuthService: GenService<{
   },
   /**
    * Issues an access token for another Fairlane service, given the shared service secret.
+   * UNAUTHENTICATED for a wrong secret, RESOURCE_EXHAUSTED (RetryInfo) when throttled.
    *
    * @generated from rpc fairlane.auth.v1.AuthService.IssueServiceToken
    */
@@ -430,6 +480,18 @@ export const AuthService: GenService<{
     methodKind: "unary";
     input: typeof IssueServiceTokenRequestSchema;
     output: typeof IssueServiceTokenResponseSchema;
+  },
+  /**
+   * Lists the token families revoked recently enough that some of their access tokens
+   * may not have expired. Services refetch it every few seconds and refuse access tokens
+   * whose `fam` claim is listed.
+   *
+   * @generated from rpc fairlane.auth.v1.AuthService.GetRevokedFamilies
+   */
+  getRevokedFamilies: {
+    methodKind: "unary";
+    input: typeof GetRevokedFamiliesRequestSchema;
+    output: typeof GetRevokedFamiliesResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_fairlane_auth_v1_auth, 0);
