@@ -37,12 +37,15 @@ def _require_packages() -> None:
 
 @pytest.fixture
 async def ts_suite(pg_schema: str, vhost: str, tmp_path: Path) -> AsyncIterator[Suite]:
-    """The suite with short-lived access tokens and a small per-user token bucket."""
+    """The suite with short-lived access tokens, strict refresh rotation and a small
+    per-user token bucket."""
     s = Suite(DATABASE_URL, pg_schema, broker_url(vhost), tmp_path)
     s.extra_env.update(
         FAIRLANE_ACCESS_TOKEN_TTL_SECONDS=str(TOKEN_TTL),
         FAIRLANE_USER_RATE_PER_SECOND=str(USER_RATE),
         FAIRLANE_USER_BURST=str(USER_BURST),
+        # Strict rotation: a spent refresh token presented again revokes its login at once.
+        FAIRLANE_REFRESH_REUSE_INTERVAL_SECONDS="0",
     )
     try:
         s.start("auth")

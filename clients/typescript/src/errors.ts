@@ -130,13 +130,48 @@ export function retryDelayMs(error: ConnectError): number | undefined {
   return undefined;
 }
 
+// Node's codes for a connection that failed or went away under a call.
+const CONNECTION_LOST = new Set([
+  "ECONNRESET",
+  "ECONNREFUSED",
+  "EPIPE",
+  "ETIMEDOUT",
+  "ENOTFOUND",
+  "EAI_AGAIN",
+  "ERR_HTTP2_GOAWAY_SESSION",
+  "ERR_HTTP2_INVALID_SESSION",
+  "ERR_HTTP2_SESSION_ERROR",
+  "ERR_HTTP2_STREAM_CANCEL",
+  "ERR_STREAM_DESTROYED",
+]);
+
+function lostConnection(error: unknown): boolean {
+  for (let e = error, depth = 0; e instanceof Error && depth < 10; e = e.cause, depth++) {
+    const code = (e as { code?: unknown }).code;
+    if (typeof code === "string" && CONNECTION_LOST.has(code)) {
+      return true;
+    }
+  }
+  return false;
+}
+
 /** Any thrown value as a FairlaneError, keeping the server's message and RetryInfo. */
 export function toFairlaneError(error: unknown): FairlaneError {
   if (error instanceof FairlaneError) {
     return error;
   }
   const connect = ConnectError.from(error);
-  return errorForCode(connect.code, connect.rawMessage || Code[connect.code], {
+  let code = connect.code;
+  // connect-node reports a reset connection as ABORTED (a server's reading: the client
+  // hung up). To a client it means the server or the path to it went away, which gRPC
+  // calls UNAVAILABLE, and which retries and Session resume rightly treat as transient.
+  if (
+    (code === Code.Aborted || code === Code.Unknown || code === Code.Internal) &&
+    lostConnection(error)
+  ) {
+    code = Code.Unavailable;
+  }
+  return errorForCode(code, connect.rawMessage || Code[code], {
     retryAfterMs: retryDelayMs(connect),
     cause: error,
   });

@@ -48,3 +48,14 @@ test("each status code has its class; others stay FairlaneError", () => {
   assert.equal(other.constructor, FairlaneError);
   assert.equal(other.code, Code.DataLoss);
 });
+
+test("a connection reset under a call is UNAVAILABLE, not connect-node's ABORTED", () => {
+  const reset = Object.assign(new Error("read ECONNRESET"), { code: "ECONNRESET" });
+  const error = toFairlaneError(
+    new ConnectError("read ECONNRESET", Code.Aborted, undefined, undefined, reset),
+  );
+  assert.ok(error instanceof UnavailableError);
+  assert.equal(error.code, Code.Unavailable);
+  const aborted = toFairlaneError(new ConnectError("gone", Code.Aborted));
+  assert.equal(aborted.code, Code.Aborted);
+});
