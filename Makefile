@@ -12,7 +12,7 @@ PROTO_RELEASE := protos/release-image.json
 TS := clients/typescript
 TS_STAMP := $(TS)/node_modules/.installed-$(shell sha1sum < $(TS)/package-lock.json | cut -c1-12)
 
-.PHONY: install tools dev test lint fmt gen proto-release services pytest tstest clean
+.PHONY: install tools dev test lint fmt gen proto-release services pytest tstest soak clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -66,6 +66,17 @@ tstest: install
 	cd $(TS) && npm test
 
 test: tools services lint tstest pytest
+
+# Long runs, not part of `make test`: the e2e workload matrix with SOAK_SCALE times the
+# requests and a worker replica killed with SIGKILL halfway through each case. Tests that
+# read FAIRLANE_STATEFUL_EXAMPLES run SOAK_EXAMPLES examples. Add long runs to SOAK_TESTS.
+SOAK_SCALE ?= 10
+SOAK_EXAMPLES ?= 200
+SOAK_TESTS ?= tests/e2e/test_workload_matrix.py
+
+soak: install services
+	FAIRLANE_SOAK_SCALE=$(SOAK_SCALE) FAIRLANE_STATEFUL_EXAMPLES=$(SOAK_EXAMPLES) \
+		$(BIN)/pytest $(SOAK_TESTS) -v -s --timeout=7200 -p no:cacheprovider
 
 # Only Python is needed: embedded broker and SQLite, nothing else installed or started.
 dev: $(STAMP)
