@@ -2,15 +2,15 @@
 // @generated from file fairlane/auth/v1/auth.proto (package fairlane.auth.v1, syntax proto3)
 /* eslint-disable */
 
-import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
-import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
+import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file fairlane/auth/v1/auth.proto.
  */
 export const file_fairlane_auth_v1_auth: GenFile = /*@__PURE__*/
-  fileDesc("ChtmYWlybGFuZS9hdXRoL3YxL2F1dGgucHJvdG8SEGZhaXJsYW5lLmF1dGgudjEiNQoPUmVnaXN0ZXJSZXF1ZXN0EhAKCHVzZXJuYW1lGAEgASgJEhAKCHBhc3N3b3JkGAIgASgJIiMKEFJlZ2lzdGVyUmVzcG9uc2USDwoHdXNlcl9pZBgBIAEoCSIyCgxMb2dpblJlcXVlc3QSEAoIdXNlcm5hbWUYASABKAkSEAoIcGFzc3dvcmQYAiABKAkiUAoNTG9naW5SZXNwb25zZRIUCgxhY2Nlc3NfdG9rZW4YASABKAkSFQoNcmVmcmVzaF90b2tlbhgCIAEoCRISCgpleHBpcmVzX2luGAMgASgNIicKDlJlZnJlc2hSZXF1ZXN0EhUKDXJlZnJlc2hfdG9rZW4YASABKAkiUgoPUmVmcmVzaFJlc3BvbnNlEhQKDGFjY2Vzc190b2tlbhgBIAEoCRIVCg1yZWZyZXNoX3Rva2VuGAIgASgJEhIKCmV4cGlyZXNfaW4YAyABKA0iJgoNUmV2b2tlUmVxdWVzdBIVCg1yZWZyZXNoX3Rva2VuGAEgASgJIhAKDlJldm9rZVJlc3BvbnNlIg8KDVdob0FtSVJlcXVlc3QiMwoOV2hvQW1JUmVzcG9uc2USDwoHdXNlcl9pZBgBIAEoCRIQCgh1c2VybmFtZRgCIAEoCSIQCg5HZXRKd2tzUmVxdWVzdCIkCg9HZXRKd2tzUmVzcG9uc2USEQoJa2V5c19qc29uGAEgASgJIhsKGUdldFJldm9rZWRGYW1pbGllc1JlcXVlc3QiMAoaR2V0UmV2b2tlZEZhbWlsaWVzUmVzcG9uc2USEgoKZmFtaWx5X2lkcxgBIAMoCSI7ChhJc3N1ZVNlcnZpY2VUb2tlblJlcXVlc3QSDwoHc2VydmljZRgBIAEoCRIOCgZzZWNyZXQYAiABKAkiRQoZSXNzdWVTZXJ2aWNlVG9rZW5SZXNwb25zZRIUCgxhY2Nlc3NfdG9rZW4YASABKAkSEgoKZXhwaXJlc19pbhgCIAEoDTLDBQoLQXV0aFNlcnZpY2USUQoIUmVnaXN0ZXISIS5mYWlybGFuZS5hdXRoLnYxLlJlZ2lzdGVyUmVxdWVzdBoiLmZhaXJsYW5lLmF1dGgudjEuUmVnaXN0ZXJSZXNwb25zZRJICgVMb2dpbhIeLmZhaXJsYW5lLmF1dGgudjEuTG9naW5SZXF1ZXN0Gh8uZmFpcmxhbmUuYXV0aC52MS5Mb2dpblJlc3BvbnNlEk4KB1JlZnJlc2gSIC5mYWlybGFuZS5hdXRoLnYxLlJlZnJlc2hSZXF1ZXN0GiEuZmFpcmxhbmUuYXV0aC52MS5SZWZyZXNoUmVzcG9uc2USSwoGUmV2b2tlEh8uZmFpcmxhbmUuYXV0aC52MS5SZXZva2VSZXF1ZXN0GiAuZmFpcmxhbmUuYXV0aC52MS5SZXZva2VSZXNwb25zZRJLCgZXaG9BbUkSHy5mYWlybGFuZS5hdXRoLnYxLldob0FtSVJlcXVlc3QaIC5mYWlybGFuZS5hdXRoLnYxLldob0FtSVJlc3BvbnNlEk4KB0dldEp3a3MSIC5mYWlybGFuZS5hdXRoLnYxLkdldEp3a3NSZXF1ZXN0GiEuZmFpcmxhbmUuYXV0aC52MS5HZXRKd2tzUmVzcG9uc2USbAoRSXNzdWVTZXJ2aWNlVG9rZW4SKi5mYWlybGFuZS5hdXRoLnYxLklzc3VlU2VydmljZVRva2VuUmVxdWVzdBorLmZhaXJsYW5lLmF1dGgudjEuSXNzdWVTZXJ2aWNlVG9rZW5SZXNwb25zZRJvChJHZXRSZXZva2VkRmFtaWxpZXMSKy5mYWlybGFuZS5hdXRoLnYxLkdldFJldm9rZWRGYW1pbGllc1JlcXVlc3QaLC5mYWlybGFuZS5hdXRoLnYxLkdldFJldm9rZWRGYW1pbGllc1Jlc3BvbnNlYgZwcm90bzM");
+  fileDesc("ChtmYWlybGFuZS9hdXRoL3YxL2F1dGgucHJvdG8SEGZhaXJsYW5lLmF1dGgudjEiNQoPUmVnaXN0ZXJSZXF1ZXN0EhAKCHVzZXJuYW1lGAEgASgJEhAKCHBhc3N3b3JkGAIgASgJIiMKEFJlZ2lzdGVyUmVzcG9uc2USDwoHdXNlcl9pZBgBIAEoCSIyCgxMb2dpblJlcXVlc3QSEAoIdXNlcm5hbWUYASABKAkSEAoIcGFzc3dvcmQYAiABKAkiUAoNTG9naW5SZXNwb25zZRIUCgxhY2Nlc3NfdG9rZW4YASABKAkSFQoNcmVmcmVzaF90b2tlbhgCIAEoCRISCgpleHBpcmVzX2luGAMgASgNIicKDlJlZnJlc2hSZXF1ZXN0EhUKDXJlZnJlc2hfdG9rZW4YASABKAkiUgoPUmVmcmVzaFJlc3BvbnNlEhQKDGFjY2Vzc190b2tlbhgBIAEoCRIVCg1yZWZyZXNoX3Rva2VuGAIgASgJEhIKCmV4cGlyZXNfaW4YAyABKA0iJgoNUmV2b2tlUmVxdWVzdBIVCg1yZWZyZXNoX3Rva2VuGAEgASgJIhAKDlJldm9rZVJlc3BvbnNlIg8KDVdob0FtSVJlcXVlc3QiMwoOV2hvQW1JUmVzcG9uc2USDwoHdXNlcl9pZBgBIAEoCRIQCgh1c2VybmFtZRgCIAEoCSIQCg5HZXRKd2tzUmVxdWVzdCIkCg9HZXRKd2tzUmVzcG9uc2USEQoJa2V5c19qc29uGAEgASgJIhsKGUdldFJldm9rZWRGYW1pbGllc1JlcXVlc3QiMAoaR2V0UmV2b2tlZEZhbWlsaWVzUmVzcG9uc2USEgoKZmFtaWx5X2lkcxgBIAMoCSJtChhJc3N1ZVNlcnZpY2VUb2tlblJlcXVlc3QSDwoHc2VydmljZRgBIAEoCRIOCgZzZWNyZXQYAiABKAkSMAoEcm9sZRgDIAEoDjIiLmZhaXJsYW5lLmF1dGgudjEuU2VydmljZVRva2VuUm9sZSJFChlJc3N1ZVNlcnZpY2VUb2tlblJlc3BvbnNlEhQKDGFjY2Vzc190b2tlbhgBIAEoCRISCgpleHBpcmVzX2luGAIgASgNKnQKEFNlcnZpY2VUb2tlblJvbGUSIgoeU0VSVklDRV9UT0tFTl9ST0xFX1VOU1BFQ0lGSUVEEAASHgoaU0VSVklDRV9UT0tFTl9ST0xFX1NFUlZJQ0UQARIcChhTRVJWSUNFX1RPS0VOX1JPTEVfQURNSU4QAjLDBQoLQXV0aFNlcnZpY2USUQoIUmVnaXN0ZXISIS5mYWlybGFuZS5hdXRoLnYxLlJlZ2lzdGVyUmVxdWVzdBoiLmZhaXJsYW5lLmF1dGgudjEuUmVnaXN0ZXJSZXNwb25zZRJICgVMb2dpbhIeLmZhaXJsYW5lLmF1dGgudjEuTG9naW5SZXF1ZXN0Gh8uZmFpcmxhbmUuYXV0aC52MS5Mb2dpblJlc3BvbnNlEk4KB1JlZnJlc2gSIC5mYWlybGFuZS5hdXRoLnYxLlJlZnJlc2hSZXF1ZXN0GiEuZmFpcmxhbmUuYXV0aC52MS5SZWZyZXNoUmVzcG9uc2USSwoGUmV2b2tlEh8uZmFpcmxhbmUuYXV0aC52MS5SZXZva2VSZXF1ZXN0GiAuZmFpcmxhbmUuYXV0aC52MS5SZXZva2VSZXNwb25zZRJLCgZXaG9BbUkSHy5mYWlybGFuZS5hdXRoLnYxLldob0FtSVJlcXVlc3QaIC5mYWlybGFuZS5hdXRoLnYxLldob0FtSVJlc3BvbnNlEk4KB0dldEp3a3MSIC5mYWlybGFuZS5hdXRoLnYxLkdldEp3a3NSZXF1ZXN0GiEuZmFpcmxhbmUuYXV0aC52MS5HZXRKd2tzUmVzcG9uc2USbAoRSXNzdWVTZXJ2aWNlVG9rZW4SKi5mYWlybGFuZS5hdXRoLnYxLklzc3VlU2VydmljZVRva2VuUmVxdWVzdBorLmZhaXJsYW5lLmF1dGgudjEuSXNzdWVTZXJ2aWNlVG9rZW5SZXNwb25zZRJvChJHZXRSZXZva2VkRmFtaWxpZXMSKy5mYWlybGFuZS5hdXRoLnYxLkdldFJldm9rZWRGYW1pbGllc1JlcXVlc3QaLC5mYWlybGFuZS5hdXRoLnYxLkdldFJldm9rZWRGYW1pbGllc1Jlc3BvbnNlYgZwcm90bzM");
 
 /**
  * Register input.
@@ -352,6 +352,13 @@ export type IssueServiceTokenRequest = Message<"fairlane.auth.v1.IssueServiceTok
    * @generated from field: string secret = 2;
    */
   secret: string;
+
+  /**
+   * Role of the token; unspecified means SERVICE_TOKEN_ROLE_SERVICE.
+   *
+   * @generated from field: fairlane.auth.v1.ServiceTokenRole role = 3;
+   */
+  role: ServiceTokenRole;
 };
 
 /**
@@ -368,7 +375,7 @@ export const IssueServiceTokenRequestSchema: GenMessage<IssueServiceTokenRequest
  */
 export type IssueServiceTokenResponse = Message<"fairlane.auth.v1.IssueServiceTokenResponse"> & {
   /**
-   * JWT with the service role.
+   * JWT with the service or admin role.
    *
    * @generated from field: string access_token = 1;
    */
@@ -388,6 +395,40 @@ export type IssueServiceTokenResponse = Message<"fairlane.auth.v1.IssueServiceTo
  */
 export const IssueServiceTokenResponseSchema: GenMessage<IssueServiceTokenResponse> = /*@__PURE__*/
   messageDesc(file_fairlane_auth_v1_auth, 15);
+
+/**
+ * Role of a token from IssueServiceToken.
+ *
+ * @generated from enum fairlane.auth.v1.ServiceTokenRole
+ */
+export enum ServiceTokenRole {
+  /**
+   * The default: SERVICE_TOKEN_ROLE_SERVICE.
+   *
+   * @generated from enum value: SERVICE_TOKEN_ROLE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * A Fairlane service (e.g. a worker listing lanes).
+   *
+   * @generated from enum value: SERVICE_TOKEN_ROLE_SERVICE = 1;
+   */
+  SERVICE = 1,
+
+  /**
+   * An operator: may also see every lane a worker consumes, and control workers.
+   *
+   * @generated from enum value: SERVICE_TOKEN_ROLE_ADMIN = 2;
+   */
+  ADMIN = 2,
+}
+
+/**
+ * Describes the enum fairlane.auth.v1.ServiceTokenRole.
+ */
+export const ServiceTokenRoleSchema: GenEnum<ServiceTokenRole> = /*@__PURE__*/
+  enumDesc(file_fairlane_auth_v1_auth, 0);
 
 /**
  * Users, passwords and tokens. Access tokens are short-lived JWTs signed with a
@@ -471,7 +512,8 @@ export const AuthService: GenService<{
     output: typeof GetJwksResponseSchema;
   },
   /**
-   * Issues an access token for another Fairlane service, given the shared service secret.
+   * Issues an access token for another Fairlane service, or for an operator (role
+   * admin: WorkerService control, every worker's lanes), given the shared service secret.
    * UNAUTHENTICATED for a wrong secret, RESOURCE_EXHAUSTED (RetryInfo) when throttled.
    *
    * @generated from rpc fairlane.auth.v1.AuthService.IssueServiceToken
