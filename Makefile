@@ -9,7 +9,7 @@ BUF := .tools/node_modules/.bin/buf
 # a decision (`make proto-release` records it), never an accident.
 PROTO_RELEASE := protos/release-image.json
 
-.PHONY: install tools dev test lint fmt gen proto-release services pytest clean
+.PHONY: install tools dev test lint fmt gen proto-release services pytest soak clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -52,6 +52,17 @@ pytest: tools services
 	$(BIN)/pytest -q
 
 test: tools services lint pytest
+
+# Long runs, not part of `make test`: the e2e workload matrix with SOAK_SCALE times the
+# requests and a worker replica killed with SIGKILL halfway through each case. Tests that
+# read FAIRLANE_STATEFUL_EXAMPLES run SOAK_EXAMPLES examples. Add long runs to SOAK_TESTS.
+SOAK_SCALE ?= 10
+SOAK_EXAMPLES ?= 200
+SOAK_TESTS ?= tests/e2e/test_workload_matrix.py
+
+soak: install services
+	FAIRLANE_SOAK_SCALE=$(SOAK_SCALE) FAIRLANE_STATEFUL_EXAMPLES=$(SOAK_EXAMPLES) \
+		$(BIN)/pytest $(SOAK_TESTS) -v -s --timeout=7200 -p no:cacheprovider
 
 # Only Python is needed: embedded broker and SQLite, nothing else installed or started.
 dev: $(STAMP)

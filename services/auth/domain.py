@@ -267,7 +267,10 @@ class Auth:
 
     # -- services ------------------------------------------------------------------------
 
-    async def service_token(self, service: str, secret: str, peer: str) -> tuple[str, int]:
+    async def service_token(
+        self, service: str, secret: str, peer: str, role: str = ROLE_SERVICE
+    ) -> tuple[str, int]:
+        """A token for a service, or for an operator (role admin, subject admin:<name>)."""
         if not USERNAME.fullmatch(service):
             raise InvalidInput(
                 "service must be 3-64 characters of letters, digits, '.', '_' or '-'"
@@ -278,8 +281,8 @@ class Auth:
             audit.event(audit.SERVICE_TOKEN_REFUSED, service=service, peer=peer)
             _tripped(await self._throttle.hit(rule, peer), peer=peer)
             raise BadCredentials("wrong service secret")
-        audit.event(audit.SERVICE_TOKEN_ISSUED, service=service, peer=peer)
-        token = self._access_token(f"service:{service}", service, ROLE_SERVICE)
+        audit.event(audit.SERVICE_TOKEN_ISSUED, service=service, peer=peer, role=role)
+        token = self._access_token(f"{role}:{service}", service, role)
         return token, self._p.access_ttl
 
 

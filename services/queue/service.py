@@ -68,6 +68,7 @@ class QueueService:
             idle_seconds=s.lane_idle_ttl_seconds,
         )
         self._verifier = self._auth.token_verifier(s)
+        self.host.authz.use(self._verifier)
         self._servicer = QueueServicer(
             settings=s,
             verifier=self._verifier,

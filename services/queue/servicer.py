@@ -15,13 +15,13 @@ from opentelemetry.trace import SpanKind
 
 from fairlane.common.v1 import lane_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
-from services.core import status, tracing
+from services.core import authz, status, tracing
 from services.core.broker import Broker, BrokerError, lane_queue
 from services.core.grpc_host import ServicerContext, abort
 from services.core.metrics import OPEN_SESSIONS
 from services.core.rich_status import abort_retry
 from services.core.settings import Settings
-from services.core.tokens import ROLE_SERVICE, ROLE_USER, Principal, TokenVerifier, authenticate
+from services.core.tokens import Principal, TokenVerifier
 from services.queue.admission import Admission
 from services.queue.catalog import HandlerCatalog
 from services.queue.convert import request_from_row, result_from_row, timestamp
@@ -90,12 +90,6 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
 
     # -- helpers -------------------------------------------------------------------------
 
-    async def _user(self, context: Context) -> Principal:
-        principal = await authenticate(self._verifier, context)
-        if principal.role != ROLE_USER:
-            await abort(context, grpc.StatusCode.PERMISSION_DENIED, "this call needs a user token")
-        return principal
-
     async def _request_id(self, text: str, context: Context) -> uuid.UUID:
         try:
             return uuid.UUID(text)
@@ -154,7 +148,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def Enqueue(
         self, request: queue_pb2.EnqueueRequest, context: Context
     ) -> queue_pb2.EnqueueResponse:
-        principal = await self._user(context)
+        principal = authz.principal()
         try:
             _, future = await self._admit(request, principal)
         except InvalidEnqueue as exc:
@@ -170,7 +164,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def Session(
         self, request_iterator: AsyncIterator[queue_pb2.SessionRequest], context: Context
     ) -> AsyncIterator[queue_pb2.SessionResponse]:
-        principal = await self._user(context)
+        principal = authz.principal()
         # Tell the client at once that the stream is accepted: a client that waits for this
         # before writing never writes into a stream the server already refused (grpc would
         # then report INTERNAL instead of the refusal's status).
@@ -188,7 +182,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def WatchResults(
         self, request: queue_pb2.WatchResultsRequest, context: Context
     ) -> AsyncIterator[queue_pb2.WatchResultsResponse]:
-        principal = await self._user(context)
+        principal = authz.principal()
         await context.send_initial_metadata(())
         user = uuid.UUID(principal.user_id)
         # Subscribe before reading the log: a result committed after the read is then
@@ -238,7 +232,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def GetRequest(
         self, request: queue_pb2.GetRequestRequest, context: Context
     ) -> queue_pb2.GetRequestResponse:
-        principal = await self._user(context)
+        principal = authz.principal()
         request_id = await self._request_id(request.request_id, context)
         row = await self._store.get(uuid.UUID(principal.user_id), request_id)
         if row is None:
@@ -248,7 +242,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def ListRequests(
         self, request: queue_pb2.ListRequestsRequest, context: Context
     ) -> queue_pb2.ListRequestsResponse:
-        principal = await self._user(context)
+        principal = authz.principal()
         limit = _page_size(request.page_size, 50, 500)
         before = await _page_token(request.page_token, context)
         status_name = None
@@ -273,7 +267,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def CancelRequest(
         self, request: queue_pb2.CancelRequestRequest, context: Context
     ) -> queue_pb2.CancelRequestResponse:
-        principal = await self._user(context)
+        principal = authz.principal()
         request_id = await self._request_id(request.request_id, context)
         try:
             after = await self.cancel(uuid.UUID(principal.user_id), request_id)
@@ -305,7 +299,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def GetLane(
         self, request: queue_pb2.GetLaneRequest, context: Context
     ) -> queue_pb2.GetLaneResponse:
-        principal = await self._user(context)
+        principal = authz.principal()
         found = await self._store.lane(uuid.UUID(principal.user_id))
         if found is None:
             await abort(context, grpc.StatusCode.NOT_FOUND, "no lane yet: enqueue a request first")
@@ -315,11 +309,6 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def ListLanes(
         self, request: queue_pb2.ListLanesRequest, context: Context
     ) -> queue_pb2.ListLanesResponse:
-        principal = await authenticate(self._verifier, context)
-        if principal.role != ROLE_SERVICE:
-            await abort(
-                context, grpc.StatusCode.PERMISSION_DENIED, "ListLanes needs a service token"
-            )
         limit = _page_size(request.page_size, 1000, 10_000)
         after = await _page_token(request.page_token, context)
         rows = await self._store.lanes(
@@ -331,7 +320,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def ListDeadRequests(
         self, request: queue_pb2.ListDeadRequestsRequest, context: Context
     ) -> queue_pb2.ListDeadRequestsResponse:
-        principal = await self._user(context)
+        principal = authz.principal()
         limit = _page_size(request.page_size, 50, 500)
         before = await _page_token(request.page_token, context)
         rows = await self._store.list_requests(
@@ -349,7 +338,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def ReplayDeadRequest(
         self, request: queue_pb2.ReplayDeadRequestRequest, context: Context
     ) -> queue_pb2.ReplayDeadRequestResponse:
-        principal = await self._user(context)
+        principal = authz.principal()
         request_id = await self._request_id(request.request_id, context)
         row = await self._store.get(uuid.UUID(principal.user_id), request_id)
         if row is None:

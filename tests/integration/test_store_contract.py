@@ -142,8 +142,9 @@ async def test_an_outcome_written_twice_keeps_the_first_and_no_seq_is_lost(
 # Multi-item batches (issue 12): every shape of batch the services write. One batch is one
 # call; whatever one item does, the others keep their own fate.
 #
-# The adapters just below are the only code here that knows how the stores take a batch
-# and report the failure of a single item. When that API changes, only they change.
+# The adapters just below are the only code here that knows how a batch is handed to the
+# stores and how the failure of a single item is reported. When that API changes, only
+# they change.
 # ------------------------------------------------------------------------------------------
 
 Mark = tuple[uuid.UUID, int, datetime]  # (request id, attempt number, started at)
@@ -161,6 +162,11 @@ async def write_results(
     except Exception as exc:  # today a batch shares one fate: every item gets the error
         return dict.fromkeys(ids, exc)
     return dict.fromkeys(ids)
+
+
+async def store_requests(store: RequestStore, batch: Sequence[NewRequest]) -> None:
+    """Stores a batch that is accepted whole (today: RequestStore.insert)."""
+    await store.insert(list(batch))
 
 
 async def _rows(engine: AsyncEngine, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Any]:
@@ -231,7 +237,7 @@ async def test_cancels_racing_outcomes(engine: AsyncEngine) -> None:
 
     # Cancelled first: the outcome that follows becomes CANCELLED and keeps its place.
     a, b = _request(user), _request(user)
-    await store.insert([a, b])
+    await store_requests(store, [a, b])
     assert await store.cancel_queued(user, a.id) == "CANCELLED"
     _ok(
         await write_results(
@@ -248,7 +254,7 @@ async def test_cancels_racing_outcomes(engine: AsyncEngine) -> None:
 
     # Written first: the cancel finds it finished.
     c = _request(user)
-    await store.insert([c])
+    await store_requests(store, [c])
     _ok(await write_results(worker, [Outcome(c.id, user, "SUCCEEDED", output=b"c")]))
     assert await store.cancel_queued(user, c.id) == "SUCCEEDED"
 
@@ -256,7 +262,7 @@ async def test_cancels_racing_outcomes(engine: AsyncEngine) -> None:
     # and a mark of a cancelled request does not make it RUNNING again.
     for _ in range(10):
         batch = [_request(user) for _ in range(4)]
-        await store.insert(batch)
+        await store_requests(store, batch)
         outcomes = [
             Outcome(r.id, user, "SUCCEEDED", output=b"o", attempts=[Attempt(1, at)])
             for r in batch[:3]
