@@ -281,7 +281,7 @@ class Auth:
             audit.event(audit.SERVICE_TOKEN_REFUSED, service=service, peer=peer)
             _tripped(await self._throttle.hit(rule, peer), peer=peer)
             raise BadCredentials("wrong service secret")
-        audit.event(audit.SERVICE_TOKEN_ISSUED, service=service, peer=peer, role=role)
+        audit.event(audit.SERVICE_TOKEN_ISSUED, service=service, peer=peer, token_role=role)
         token = self._access_token(f"{role}:{service}", service, role)
         return token, self._p.access_ttl
 

@@ -353,3 +353,26 @@ async def test_prune_keeps_blocks_and_recent_trust(start_auth: Start) -> None:
         ]
     )
     assert sorted(left) == ["login-ok:recent-trust", "login-user:blocked", "login-user:recent"]
+
+
+async def test_service_tokens_are_audited(start_auth: Start) -> None:
+    auth = await start_auth()
+    with capture_logs() as logs:
+        await auth.stub.IssueServiceToken(
+            auth_pb2.IssueServiceTokenRequest(
+                service="operator", secret="the-secret", role=auth_pb2.SERVICE_TOKEN_ROLE_ADMIN
+            ),
+            metadata=_from("198.51.100.30"),
+        )
+        await _outcome(
+            auth.stub.IssueServiceToken(
+                auth_pb2.IssueServiceTokenRequest(service="worker", secret="nope"),
+                metadata=_from("198.51.100.31"),
+            )
+        )
+    assert [
+        (e["event"], e["service"], e.get("token_role"), e["peer"], e["principal"]) for e in logs
+    ] == [
+        ("auth.service_token.issued", "operator", "admin", "198.51.100.30", None),
+        ("auth.service_token.refused", "worker", None, "198.51.100.31", None),
+    ]
