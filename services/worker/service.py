@@ -13,7 +13,6 @@ from services.core.grpc_host import GrpcHost
 from services.core.health import DependencyMonitor
 from services.core.notify import results_channel
 from services.core.settings import Settings
-from services.core.tokens import TokenVerifier
 from services.worker import registry
 from services.worker.discovery import LaneDiscovery
 from services.worker.runner import Runner
@@ -78,12 +77,7 @@ class WorkerService:
         self.host = GrpcHost(
             settings.worker_listen,
             [SERVICE_NAME],
-            verifier=TokenVerifier(
-                self._auth.jwks,
-                issuer=settings.jwt_issuer,
-                audience=settings.jwt_audience,
-                refresh_seconds=settings.jwks_refresh_seconds,
-            ),
+            verifier=self._auth.token_verifier(settings),
         )
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(
             WorkerServicer(self.runner, grace_seconds=settings.grace_seconds), self.host.server
