@@ -66,6 +66,7 @@ class QueueService:
             self.broker,
             hold_seconds=s.relay_hold_seconds,
             stale_after=s.outbox_stale_seconds,
+            sweep_seconds=min(5.0, max(0.2, s.outbox_stale_seconds / 2)),
         )
         self.intake = Intake(
             store,

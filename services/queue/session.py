@@ -17,7 +17,7 @@ import asyncio
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,7 +105,7 @@ class SessionStream:
         self._reading = True
         self._batching = False  # set once the client sends an enqueue_batch
 
-    async def run(self) -> AsyncIterator[queue_pb2.SessionResponse]:
+    async def run(self) -> AsyncGenerator[queue_pb2.SessionResponse, None]:
         events = self._d.hub.subscribe(self._principal.user_id)
         tasks = [
             asyncio.create_task(self._guard(self._read())),
