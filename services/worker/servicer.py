@@ -98,7 +98,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 event,
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"the worker is {self._runner.state.value}: restart it to take lanes again",
+                f"the worker is {self._runner.state.name}: restart it to take lanes again",
                 lane=lane,
             )
         if lane and lane not in self._runner.lanes:
