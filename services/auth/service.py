@@ -104,8 +104,9 @@ class AuthService:
             revoked=RevokedFamilies(auth.revoked_families, max_age=s.revocation_refresh_seconds),
         )
         await verifier.refresh()
+        self.host.authz.use(verifier)
         auth_pb2_grpc.add_AuthServiceServicer_to_server(
-            AuthServicer(auth, verifier, parse_networks(s.trusted_proxies)), self.host.server
+            AuthServicer(auth, parse_networks(s.trusted_proxies)), self.host.server
         )
         await self.host.start()
         await self.host.set_serving(True)

@@ -14,10 +14,11 @@ from services.auth.domain import Auth, BadCredentials, InvalidInput
 from services.auth.hashing import HashingBusy
 from services.auth.store import UsernameTaken
 from services.auth.throttle import Throttled
+from services.core import authz
 from services.core.grpc_host import ServicerContext, abort
 from services.core.peer import Network, client_address
 from services.core.rich_status import abort_retry
-from services.core.tokens import TokenVerifier, authenticate
+from services.core.tokens import ROLE_ADMIN, ROLE_SERVICE
 
 Context = ServicerContext
 # What a caller refused for a full password-check queue is told to wait.
@@ -37,11 +38,8 @@ async def _refuse(context: Context, exc: Throttled | HashingBusy) -> NoReturn:
 
 
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
-    def __init__(
-        self, auth: Auth, verifier: TokenVerifier, trusted_proxies: Sequence[Network] = ()
-    ) -> None:
+    def __init__(self, auth: Auth, trusted_proxies: Sequence[Network] = ()) -> None:
         self._auth = auth
-        self._verifier = verifier
         self._proxies = list(trusted_proxies)
 
     def _peer(self, context: Context) -> str:
@@ -106,7 +104,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def WhoAmI(
         self, request: auth_pb2.WhoAmIRequest, context: Context
     ) -> auth_pb2.WhoAmIResponse:
-        principal = await authenticate(self._verifier, context)
+        principal = authz.principal()
         return auth_pb2.WhoAmIResponse(user_id=principal.user_id, username=principal.username)
 
     async def GetJwks(
@@ -124,7 +122,10 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     ) -> auth_pb2.IssueServiceTokenResponse:
         try:
             token, ttl = await self._auth.service_token(
-                request.service, request.secret, self._peer(context)
+                request.service,
+                request.secret,
+                self._peer(context),
+                ROLE_ADMIN if request.role == auth_pb2.SERVICE_TOKEN_ROLE_ADMIN else ROLE_SERVICE,
             )
         except InvalidInput as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))

@@ -18,6 +18,7 @@ from fairlane.client import (
     InvalidArgument,
     NotFound,
     NotLoggedIn,
+    PermissionDenied,
     Progress,
     Rejected,
     RejectedEvent,
@@ -32,6 +33,7 @@ from fairlane.client import (
 )
 from tests.conftest import DATABASE_URL, broker_url
 from tests.e2e.suite import Suite
+from tests.e2e.users import admin_token
 
 pytestmark = pytest.mark.e2e
 
@@ -210,14 +212,21 @@ async def test_unary_calls_worker_control_and_sync_client(suite: Suite) -> None:
         with pytest.raises(NotFound):
             await client.get(str(uuid.uuid4()))
 
-        # Pause the worker: a new request waits QUEUED and can be cancelled.
-        assert await client.pause() == WorkerState.PAUSED
+        # A user may not pause the worker; an operator may, and then a new request waits
+        # QUEUED and can be cancelled.
+        with pytest.raises(PermissionDenied):
+            await client.pause()
+        operator = _client(
+            suite, tokens=Tokens.issued(await admin_token(suite.target("auth")), "", 900)
+        )
+        assert await operator.pause() == WorkerState.PAUSED
         assert (await client.worker_status()).state == WorkerState.PAUSED
         waiting = await client.enqueue("echo", b"never")
         await asyncio.sleep(0.3)
         assert (await client.get(waiting.request_id)).status == Status.QUEUED
         assert await client.cancel(waiting.request_id) == Status.CANCELLED
-        assert await client.resume() == WorkerState.RUNNING
+        assert await operator.resume() == WorkerState.RUNNING
+        await operator.close()
         status = await client.worker_status()
         assert status.state == WorkerState.RUNNING
         assert status.concurrency > 0

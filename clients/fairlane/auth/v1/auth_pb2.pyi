@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -17,6 +18,30 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ServiceTokenRole:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ServiceTokenRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ServiceTokenRole.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SERVICE_TOKEN_ROLE_UNSPECIFIED: _ServiceTokenRole.ValueType  # 0
+    """The default: SERVICE_TOKEN_ROLE_SERVICE."""
+    SERVICE_TOKEN_ROLE_SERVICE: _ServiceTokenRole.ValueType  # 1
+    """A Fairlane service (e.g. a worker listing lanes)."""
+    SERVICE_TOKEN_ROLE_ADMIN: _ServiceTokenRole.ValueType  # 2
+    """An operator: may also see every lane a worker consumes, and control workers."""
+
+class ServiceTokenRole(_ServiceTokenRole, metaclass=_ServiceTokenRoleEnumTypeWrapper):
+    """Role of a token from IssueServiceToken."""
+
+SERVICE_TOKEN_ROLE_UNSPECIFIED: ServiceTokenRole.ValueType  # 0
+"""The default: SERVICE_TOKEN_ROLE_SERVICE."""
+SERVICE_TOKEN_ROLE_SERVICE: ServiceTokenRole.ValueType  # 1
+"""A Fairlane service (e.g. a worker listing lanes)."""
+SERVICE_TOKEN_ROLE_ADMIN: ServiceTokenRole.ValueType  # 2
+"""An operator: may also see every lane a worker consumes, and control workers."""
+Global___ServiceTokenRole: _TypeAlias = ServiceTokenRole  # noqa: Y015
 
 @_typing.final
 class RegisterRequest(_message.Message):
@@ -346,21 +371,25 @@ class IssueServiceTokenRequest(_message.Message):
 
     SERVICE_FIELD_NUMBER: _builtins.int
     SECRET_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     """Name of the calling service, recorded in the token subject (e.g. "worker"): 3-64
     letters, digits, '.', '_' or '-'.
     """
     secret: _builtins.str
     """The shared secret configured as FAIRLANE_SERVICE_SECRET on every service."""
+    role: Global___ServiceTokenRole.ValueType
+    """Role of the token; unspecified means SERVICE_TOKEN_ROLE_SERVICE."""
     def __init__(
         self,
         *,
         service: _builtins.str = ...,
         secret: _builtins.str = ...,
+        role: Global___ServiceTokenRole.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["secret", b"secret", "service", b"service"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["role", b"role", "secret", b"secret", "service", b"service"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -375,7 +404,7 @@ class IssueServiceTokenResponse(_message.Message):
     ACCESS_TOKEN_FIELD_NUMBER: _builtins.int
     EXPIRES_IN_FIELD_NUMBER: _builtins.int
     access_token: _builtins.str
-    """JWT with the service role."""
+    """JWT with the service or admin role."""
     expires_in: _builtins.int
     """Lifetime of the access token in seconds."""
     def __init__(

@@ -146,7 +146,8 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def IssueServiceToken(self, request, context):
-        """Issues an access token for another Fairlane service, given the shared service secret.
+        """Issues an access token for another Fairlane service, or for an operator (role
+        admin: WorkerService control, every worker's lanes), given the shared service secret.
         UNAUTHENTICATED for a wrong secret, RESOURCE_EXHAUSTED (RetryInfo) when throttled.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -66,7 +66,8 @@ class AuthServiceStub:
     GetJwks: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]
     """Publishes the public keys that verify access tokens, as a JWK Set."""
     IssueServiceToken: _grpc.UnaryUnaryMultiCallable[_auth_pb2.IssueServiceTokenRequest, _auth_pb2.IssueServiceTokenResponse]
-    """Issues an access token for another Fairlane service, given the shared service secret.
+    """Issues an access token for another Fairlane service, or for an operator (role
+    admin: WorkerService control, every worker's lanes), given the shared service secret.
     UNAUTHENTICATED for a wrong secret, RESOURCE_EXHAUSTED (RetryInfo) when throttled.
     """
     GetRevokedFamilies: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetRevokedFamiliesRequest, _auth_pb2.GetRevokedFamiliesResponse]
@@ -113,7 +114,8 @@ class AuthServiceAsyncStub(AuthServiceStub):
     GetJwks: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]  # type: ignore[assignment]
     """Publishes the public keys that verify access tokens, as a JWK Set."""
     IssueServiceToken: _aio.UnaryUnaryMultiCallable[_auth_pb2.IssueServiceTokenRequest, _auth_pb2.IssueServiceTokenResponse]  # type: ignore[assignment]
-    """Issues an access token for another Fairlane service, given the shared service secret.
+    """Issues an access token for another Fairlane service, or for an operator (role
+    admin: WorkerService control, every worker's lanes), given the shared service secret.
     UNAUTHENTICATED for a wrong secret, RESOURCE_EXHAUSTED (RetryInfo) when throttled.
     """
     GetRevokedFamilies: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetRevokedFamiliesRequest, _auth_pb2.GetRevokedFamiliesResponse]  # type: ignore[assignment]
@@ -199,7 +201,8 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.IssueServiceTokenRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.IssueServiceTokenResponse, _abc.Awaitable[_auth_pb2.IssueServiceTokenResponse]]:
-        """Issues an access token for another Fairlane service, given the shared service secret.
+        """Issues an access token for another Fairlane service, or for an operator (role
+        admin: WorkerService control, every worker's lanes), given the shared service secret.
         UNAUTHENTICATED for a wrong secret, RESOURCE_EXHAUSTED (RetryInfo) when throttled.
         """
 
