@@ -97,6 +97,10 @@ class Intake:
         self._task: asyncio.Task[None] | None = None
         self._in_batch = 0
         self._last_progress = time.monotonic()
+        # Exported at 0 from the start, so dashboards and alerts see the series before
+        # the first event.
+        metrics.BATCH_SPLITS.labels("intake")
+        metrics.ITEM_FAILURES.labels("intake")
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="intake")

@@ -90,6 +90,8 @@ class LaneRelay:
         self._next_sweep = time.monotonic() + sweep_seconds
         self._last_progress = time.monotonic()
         self._store_failures = 0
+        for error in ("BrokerError", "LaneFull", "LaneMissing"):
+            metrics.RELAY_PUBLISH_FAILURES.labels(error)  # exported at 0 from the start
 
     # -- feeding -----------------------------------------------------------------------------
 

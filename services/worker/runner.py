@@ -91,6 +91,7 @@ class Runner:
         # Requests run here whose outcome is not yet written: a copy of one (republished
         # from the outbox) arriving meanwhile is skipped rather than run twice.
         self._inflight: set[uuid.UUID] = set()
+        metrics.ITEM_FAILURES.labels("worker")  # exported at 0 from the start
 
     # -- what the servicer and discovery read ------------------------------------------------
 

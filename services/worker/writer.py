@@ -61,6 +61,8 @@ class ResultWriter:
         self._task: asyncio.Task[None] | None = None
         self._busy = False
         self._last_progress = time.monotonic()
+        metrics.BATCH_SPLITS.labels("results")  # exported at 0 from the start
+        metrics.ITEM_FAILURES.labels("results")
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="result-writer")
