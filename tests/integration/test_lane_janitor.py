@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
+import uuid6
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.core import status
@@ -65,7 +66,7 @@ async def add_queued_request(engine: AsyncEngine, user_id: str) -> None:
     async with engine.begin() as conn:
         await conn.execute(
             requests.insert().values(
-                id=uuid.uuid4(),
+                id=uuid6.uuid7(),
                 user_id=uuid.UUID(user_id),
                 handler="noop",
                 payload=b"",
@@ -231,7 +232,7 @@ async def test_an_enqueue_after_the_claim_waits_and_finds_the_lane_gone(
 async def add_queued_request_in(conn: AsyncConnection, user_id: str) -> None:
     await conn.execute(
         requests.insert().values(
-            id=uuid.uuid4(),
+            id=uuid6.uuid7(),
             user_id=uuid.UUID(user_id),
             handler="noop",
             payload=b"",

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import uuid6
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -55,7 +56,8 @@ async def _user(engine: AsyncEngine) -> uuid.UUID:
 
 def _request(user: uuid.UUID, key: str | None = None) -> NewRequest:
     return NewRequest(
-        id=uuid.uuid4(),
+        # Request ids are UUIDv7, as the queue makes them: the log is partitioned by their time.
+        id=uuid6.uuid7(),
         user_id=user,
         handler="echo",
         payload=b"p",
