@@ -86,14 +86,15 @@ class Intake:
     ) -> None:
         self._store = store
         self._relay = relay
-        self._batch_size = batch_size
-        self._linger = linger_ms / 1000
         self._lane_limit = lane_limit
         self._retry_after_ms = retry_after_ms
         self._breaker = breaker or CircuitBreaker("database")
         self._patience = transient_patience
         self._verify_patience = verify_patience
         self._pending: asyncio.Queue[Submission] = asyncio.Queue()
+        self._batcher = batching.Batcher(
+            self._pending, max_size=batch_size, linger=linger_ms / 1000
+        )
         self._task: asyncio.Task[None] | None = None
         self._in_batch = 0
         self._last_progress = time.monotonic()
@@ -130,9 +131,7 @@ class Intake:
 
     async def _run(self) -> None:
         while True:
-            batch = await batching.collect(
-                self._pending, max_size=self._batch_size, linger=self._linger
-            )
+            batch = await self._batcher.next()
             self._in_batch = len(batch)
             try:
                 await self._process(batch)

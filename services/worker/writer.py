@@ -54,10 +54,9 @@ class ResultWriter:
     ) -> None:
         self._store = store
         self._broker = broker
-        self._batch_size = batch_size
-        self._linger = linger_ms / 1000
         self._publish_patience = publish_patience
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._batcher = batching.Batcher(self._queue, max_size=batch_size, linger=linger_ms / 1000)
         self._task: asyncio.Task[None] | None = None
         self._busy = False
         self._last_progress = time.monotonic()
@@ -98,9 +97,7 @@ class ResultWriter:
 
     async def _run(self) -> None:
         while True:
-            batch = await batching.collect(
-                self._queue, max_size=self._batch_size, linger=self._linger
-            )
+            batch = await self._batcher.next()
             self._busy = True
             try:
                 await self._flush(batch)
