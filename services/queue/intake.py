@@ -50,6 +50,7 @@ class Submission:
     reply_route: str
     traceparent: str = ""
     span: Span | None = None
+    submitted_at: float = field(default_factory=time.perf_counter)
     # Resolved only by the intake. Callers await it through asyncio.shield, so a caller
     # that goes away (deadline, cancel, reset stream) cannot cancel it under the intake.
     future: asyncio.Future[Admitted] = field(
@@ -254,8 +255,11 @@ class Intake:
     def _accepted(self, subs: list[Submission], kept: list[OutboxItem], refused: list[Any]) -> None:
         self._relay.hand(kept)
         by_id = {s.request.id: s for s in subs}
+        now = time.perf_counter()
         for item in kept:
-            _resolve(by_id[item.request_id], Admitted(item.request_id, duplicate=False))
+            sub = by_id[item.request_id]
+            _INTAKE_SECONDS.observe(now - sub.submitted_at)
+            _resolve(sub, Admitted(item.request_id, duplicate=False))
         metrics.ACCEPTED.inc(len(kept))
         full = Rejection(
             "lane_full",
@@ -358,6 +362,9 @@ class Intake:
             "the request log is unavailable; nothing was stored",
             max(delay, 100),
         )
+
+
+_INTAKE_SECONDS = metrics.STAGE_SECONDS.labels("intake")
 
 
 def _follow(source: asyncio.Future[Admitted], sub: Submission) -> None:
