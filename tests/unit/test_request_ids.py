@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 
 from uuid_utils.compat import uuid7
@@ -13,5 +14,5 @@ def test_ids_keep_the_clock_and_their_order_under_load() -> None:
     after = time.time_ns() // 1_000_000
     stamps = [i.int >> 80 for i in ids]
     assert all(before <= s <= after for s in stamps)
-    assert all(a < b for a, b in zip(ids, ids[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(ids))
     assert {i.version for i in ids[:10]} == {7}
