@@ -97,7 +97,9 @@ class LaneRelay:
 
     def hand(self, items: list[OutboxItem]) -> None:
         """Takes over committed requests (each lane's in position order) for publishing."""
+        now = time.perf_counter()
         for item in items:
+            item.handed_at = now
             lane = self._lanes.get(item.user_id)
             if lane is None:
                 lane = self._lanes[item.user_id] = _Lane(item.user_id)
@@ -292,9 +294,12 @@ class LaneRelay:
             for start in range(0, len(run), MAX_ITEMS_PER_MESSAGE):
                 chunk = run[start : start + MAX_ITEMS_PER_MESSAGE]
                 await self._publish_chunk(lane.user_id, chunk)
+                now = time.perf_counter()
                 for item in chunk:
                     del lane.items[item.request_id]
                     published.append(item.request_id)
+                    if item.handed_at:
+                        _RELAY_SECONDS.observe(now - item.handed_at)
                 lane.next_pos = chunk[-1].lane_pos + 1
         except BrokerError as exc:
             lane.failures += 1
@@ -366,6 +371,9 @@ class LaneRelay:
             log.warning("lane_announce_failed", lane=str(user), error=str(exc)[:200])
             return
         self._announced.add(user)
+
+
+_RELAY_SECONDS = metrics.STAGE_SECONDS.labels("relay")
 
 
 def _backoff(failures: int) -> float:

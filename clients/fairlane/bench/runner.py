@@ -16,6 +16,7 @@ import grpc
 
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 from fairlane.bench.procs import ProcessWatch, addresses
+from fairlane.bench.stages import StageWatch
 from fairlane.bench.stats import LaneStats, summarize
 from fairlane.client.channels import grpc_target
 from fairlane.common.v1 import common_pb2
@@ -64,6 +65,7 @@ class BenchConfig:
     backends: bool = True
     database_url: str = ""
     database_schema: str = ""
+    metrics: list[str] = field(default_factory=list)  # /metrics URLs of the services
 
     def payload(self) -> bytes:
         if self.handler == "sleep":
@@ -203,6 +205,7 @@ class BenchRun:
         self.queue_latency: list[float] = []
         self.output_mismatches = 0
         self.watch = ProcessWatch()
+        self.stages = StageWatch(config.metrics)
         self.budget: int | None = config.requests
         self.t_start = 0.0
         self.t_warm_end = 0.0
@@ -275,6 +278,7 @@ class BenchRun:
         self.progress.phase = "warm-up" if config.warmup > 0 else "measuring"
         if config.warmup <= 0:
             self.watch.start()
+            await self.stages.start()
         tasks = [
             asyncio.create_task(self._lane(lane, channels[lane.index % len(channels)], token))
             for lane, token in zip(self.lanes, tokens, strict=True)
@@ -290,6 +294,7 @@ class BenchRun:
             # --requests (or a run that ended early): measured up to the last result.
             self.t_measure_end = max(self.last_result_at, self.t_warm_end)
             self.watch.stop()
+            await self.stages.stop()
         self.progress.phase = "done"
         self._tick()
 
@@ -302,10 +307,12 @@ class BenchRun:
             if self.progress.phase == "warm-up" and now >= self.t_warm_end:
                 self.progress.phase = "measuring"
                 self.watch.start()
+                await self.stages.start()
             if self.progress.phase == "measuring" and now >= self.t_send_end:
                 self.progress.phase = "draining"
                 self.t_measure_end = self.t_send_end
                 self.watch.stop()
+                await self.stages.stop()
             if self.progress.phase == "measuring" and self.budget is not None and self.budget <= 0:
                 self.progress.phase = "draining"
             if now >= next_rss:
@@ -727,4 +734,5 @@ class BenchRun:
             "results_by_status": dict(by_status),
             "lanes": lane_rows,
             **self.watch.report(),
+            **self.stages.report(),
         }
