@@ -21,8 +21,7 @@ from rich.progress import (
 )
 
 from fairlane.bench.report import render
-from fairlane.bench.runner import BenchConfig, BenchRun, BenchSetupError
-from fairlane.bench.runner import Progress as RunProgress
+from fairlane.bench.runner import BenchConfig, BenchRun, BenchSetupError, RunProgress
 
 
 def _ints(text: str) -> list[int]:

@@ -17,7 +17,7 @@ import grpc
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 from fairlane.bench.procs import ProcessWatch, addresses
 from fairlane.bench.stages import StageWatch
-from fairlane.bench.stats import LaneStats, summarize
+from fairlane.bench.stats import LaneRecord, summarize
 from fairlane.client.channels import grpc_target
 from fairlane.common.v1 import common_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
@@ -77,7 +77,7 @@ class BenchConfig:
 
 
 @dataclass
-class Progress:
+class RunProgress:
     """Live figures for the progress display."""
 
     phase: str = "login"
@@ -193,13 +193,13 @@ class BenchRun:
     """One run. `await run()` returns the report as a plain dict (see `report`)."""
 
     def __init__(
-        self, config: BenchConfig, on_tick: Callable[[Progress], None] | None = None
+        self, config: BenchConfig, on_tick: Callable[[RunProgress], None] | None = None
     ) -> None:
         self.config = config
         self.on_tick = on_tick
         self.run_tag = f"b{secrets.token_hex(5)}"
-        self.progress = Progress()
-        self.lanes: list[LaneStats] = []
+        self.progress = RunProgress()
+        self.lanes: list[LaneRecord] = []
         self.accept_latency: list[float] = []
         self.result_latency: list[float] = []
         self.queue_latency: list[float] = []
@@ -240,7 +240,7 @@ class BenchRun:
         users = await login_users(config)
         for i, (name, user_id, _) in enumerate(users):
             self.lanes.append(
-                LaneStats(index=i, username=name, user_id=user_id, prefix=f"{self.run_tag}.{i}.")
+                LaneRecord(index=i, username=name, user_id=user_id, prefix=f"{self.run_tag}.{i}.")
             )
         channels = [_channel(config.target, i) for i in range(config.channel_count())]
         try:
@@ -330,7 +330,7 @@ class BenchRun:
         if self.on_tick is not None:
             self.on_tick(self.progress)
 
-    async def _lane(self, lane: LaneStats, channel: grpc.aio.Channel, token: str) -> None:
+    async def _lane(self, lane: LaneRecord, channel: grpc.aio.Channel, token: str) -> None:
         stub = queue_pb2_grpc.QueueServiceStub(channel)
         try:
             lane.last_lane_seq = await self._lane_seq_now(stub, token)
@@ -379,7 +379,9 @@ class BenchRun:
             raise
         return int(reply.lane.last_lane_seq)
 
-    async def _session(self, lane: LaneStats, stub: Any, token: str) -> grpc.aio.AioRpcError | None:
+    async def _session(
+        self, lane: LaneRecord, stub: Any, token: str
+    ) -> grpc.aio.AioRpcError | None:
         """One Session until it ends; returns the error if it broke in a resumable way."""
         call = stub.Session(metadata=_bearer(token))
         window = asyncio.Semaphore(self.config.window)
@@ -402,7 +404,7 @@ class BenchRun:
             await asyncio.gather(sender, return_exceptions=True)
         return None
 
-    async def _resume(self, lane: LaneStats, stub: Any, token: str) -> None:
+    async def _resume(self, lane: LaneRecord, stub: Any, token: str) -> None:
         """The Session broke. Requests it accepted are in the log, so their results are
         collected from WatchResults (on whichever replica the channel reaches now).
         Requests it sent but never answered may or may not have been accepted: the log
@@ -443,7 +445,7 @@ class BenchRun:
             delay = min(delay * 2, 2.0)
 
     async def _accepted_in_log(
-        self, lane: LaneStats, stub: Any, token: str, refs: set[int]
+        self, lane: LaneRecord, stub: Any, token: str, refs: set[int]
     ) -> set[int]:
         """Which of `refs` the request log holds, newest first (they are the newest)."""
         found: set[int] = set()
@@ -467,7 +469,7 @@ class BenchRun:
                 return found
             page = reply.next_page_token
 
-    async def _watch(self, lane: LaneStats, stub: Any, token: str) -> None:
+    async def _watch(self, lane: LaneRecord, stub: Any, token: str) -> None:
         call = stub.WatchResults(
             queue_pb2.WatchResultsRequest(after_lane_seq=lane.last_lane_seq),
             metadata=_bearer(token),
@@ -484,7 +486,7 @@ class BenchRun:
 
     async def _send(
         self,
-        lane: LaneStats,
+        lane: LaneRecord,
         call: Any,
         window: asyncio.Semaphore,
         pause: list[float],
@@ -543,7 +545,7 @@ class BenchRun:
 
     async def _read(
         self,
-        lane: LaneStats,
+        lane: LaneRecord,
         call: Any,
         window: asyncio.Semaphore,
         pause: list[float],
@@ -563,7 +565,7 @@ class BenchRun:
 
     def _on_result(
         self,
-        lane: LaneStats,
+        lane: LaneRecord,
         result: common_pb2.Result,
         now: float,
         window: asyncio.Semaphore | None,
@@ -597,7 +599,7 @@ class BenchRun:
 
     def _on_response(
         self,
-        lane: LaneStats,
+        lane: LaneRecord,
         response: queue_pb2.SessionResponse,
         now: float,
         window: asyncio.Semaphore,
