@@ -26,7 +26,7 @@ from services.core.broker import Broker, Delivery, lane_queue
 from services.core.logging import get_logger
 from services.worker.attempts import Attempts, Stats
 from services.worker.dead_letters import DeadLetters
-from services.worker.lanes import Lane, LaneSet
+from services.worker.lanes import ConsumedLane, LaneSet
 from services.worker.registry import Handler
 from services.worker.store import Outcome, StoredState, WorkerStore
 from services.worker.writer import ResultWriter, WriteFailed
@@ -96,7 +96,7 @@ class Runner:
     # -- what the servicer and discovery read ------------------------------------------------
 
     @property
-    def lanes(self) -> dict[str, Lane]:
+    def lanes(self) -> dict[str, ConsumedLane]:
         return self._lanes.lanes
 
     @property
@@ -165,7 +165,7 @@ class Runner:
         self.state = RunnerState.DRAINED
         return abandoned
 
-    async def _gate(self, lane: Lane) -> None:
+    async def _gate(self, lane: ConsumedLane) -> None:
         if self._resumed.is_set() and lane.resumed.is_set():
             return
         lane.quiet.set()
@@ -196,7 +196,7 @@ class Runner:
                 await asyncio.sleep(random.uniform(0, delay))
                 delay = min(delay * 2, 5.0)
 
-    async def process(self, lane: Lane, delivery: Delivery) -> None:
+    async def process(self, lane: ConsumedLane, delivery: Delivery) -> None:
         try:
             batch = lane_pb2.LaneBatch.FromString(delivery.body)
             user = uuid.UUID(batch.user_id)
@@ -264,7 +264,7 @@ class Runner:
 
     async def _run_item(
         self,
-        lane: Lane,
+        lane: ConsumedLane,
         batch: lane_pb2.LaneBatch,
         *,
         user: uuid.UUID,

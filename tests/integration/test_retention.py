@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
+from uuid_utils.compat import uuid7
 
 from services.core.db import create_engine, drop_schema, migrate
 from services.core.models import idempotency_keys, request_events, requests, users
@@ -119,10 +120,8 @@ async def pg(pg_schema: str) -> AsyncIterator[AsyncEngine]:
 
 
 def test_day_bounds_hold_the_uuid7_of_their_day() -> None:
-    import uuid6
-
     now = datetime.now(UTC)
-    made = uuid6.uuid7()
+    made = uuid7()
     day = day_of(now)
     assert id_day(uuid.UUID(int=made.int)) in (day, day + 1)  # made just after `now`
     assert day_bound(id_day(made)) <= uuid.UUID(int=made.int) < day_bound(id_day(made) + 1)
