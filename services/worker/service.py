@@ -69,6 +69,7 @@ class WorkerService:
             self._auth,
             queue_target=settings.queue_target,
             service_secret=settings.service_secret,
+            interval=settings.lane_discovery_seconds,
         )
         self.host = GrpcHost(
             settings.worker_listen,
