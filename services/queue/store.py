@@ -207,6 +207,9 @@ class RequestStore:
         now = datetime.now(UTC)
         by_lane: dict[uuid.UUID, list[Pending]] = {}
         for p in batch:
+            if p.request.id.version != 7:
+                # The log is partitioned by the time in the id (see migration 0005).
+                raise ValueError(f"request id {p.request.id} is not a UUIDv7")
             by_lane.setdefault(p.request.user_id, []).append(p)
         users = sorted(by_lane)
         async with self._engine.connect() as conn:
