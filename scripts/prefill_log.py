@@ -30,8 +30,9 @@ INSERT INTO requests (id, user_id, handler, payload, idempotency_key, client_ref
                       attempts, max_attempts, output, error, lane_seq, enqueued_at,
                       started_at, finished_at, deadline, trace_id)
 SELECT (lpad(to_hex(t.ms), 12, '0') || '7' || substr(h, 1, 3) || '8' || substr(h, 4, 15))::uuid,
-       (md5('prefill-user-' || (g % CAST(:users AS bigint))))::uuid, 'noop', '\\x00000000'::bytea, NULL,
-       'prefill.' || g, 'SUCCEEDED', 1, 3, '\\x00000000'::bytea, NULL, g / CAST(:users AS bigint) + 1,
+       (md5('prefill-user-' || (g % CAST(:users AS bigint))))::uuid, 'noop',
+       '\\x00000000'::bytea, NULL, 'prefill.' || g, 'SUCCEEDED', 1, 3, '\\x00000000'::bytea,
+       NULL, g / CAST(:users AS bigint) + 1,
        t.at, t.at, t.at + interval '2 milliseconds', NULL, h
 FROM generate_series(CAST(0 AS bigint), CAST(:n AS bigint) - 1) AS g,
      LATERAL (SELECT CAST(:start AS bigint) + g * CAST(:step AS bigint) AS ms) AS m,
