@@ -180,6 +180,10 @@ class Settings(BaseSettings):
         default_factory=list, description="Worker lifecycle hooks as module:attr."
     )
     grace_seconds: float = 20.0
+    rebalance_interval_seconds: float = Field(
+        default=2.0,
+        description="How often a worker compares its busy lanes with its fair share; 0: never.",
+    )
 
     @cached_property
     def reply_route(self) -> str:
