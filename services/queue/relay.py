@@ -90,6 +90,7 @@ class LaneRelay:
         self._next_sweep = time.monotonic() + sweep_seconds
         self._last_progress = time.monotonic()
         self._store_failures = 0
+        self._backlog = 0
         for error in ("BrokerError", "LaneFull", "LaneMissing"):
             metrics.RELAY_PUBLISH_FAILURES.labels(error)  # exported at 0 from the start
 
@@ -105,8 +106,10 @@ class LaneRelay:
                 lane = self._lanes[item.user_id] = _Lane(item.user_id)
             if lane.next_pos is not None and item.lane_pos < lane.next_pos:
                 continue  # published already, by a holder that found it in the outbox
-            lane.items.setdefault(item.request_id, item)
-        metrics.OUTBOX_BACKLOG.set(self.backlog)
+            if item.request_id not in lane.items:
+                lane.items[item.request_id] = item
+                self._backlog += 1
+        metrics.OUTBOX_BACKLOG.set(self._backlog)
         self._wake.set()
 
     def forget_lane(self, user_id: uuid.UUID) -> None:
@@ -115,8 +118,14 @@ class LaneRelay:
 
     @property
     def backlog(self) -> int:
-        """Accepted requests of this replica not yet confirmed by the broker."""
-        return sum(len(lane.items) for lane in self._lanes.values())
+        """Accepted requests of this replica not yet confirmed by the broker. Counted up
+        as requests are handed over and recounted after every round: admission reads it
+        for every enqueue, so it must not cost a walk over the lanes."""
+        return self._backlog
+
+    def _recount(self) -> None:
+        self._backlog = sum(len(lane.items) for lane in self._lanes.values())
+        metrics.OUTBOX_BACKLOG.set(self._backlog)
 
     def stalled_for(self) -> float:
         """Seconds the relay has had work without publishing anything (0 when fine)."""
@@ -216,7 +225,7 @@ class LaneRelay:
         if published:
             self._last_progress = time.monotonic()
         await self._store.release(published, self._releasable())
-        metrics.OUTBOX_BACKLOG.set(self.backlog)
+        self._recount()
 
     def _releasable(self) -> list[uuid.UUID]:
         """Held lanes with nothing left to publish, idle for the hold time (or at once when
@@ -257,6 +266,7 @@ class LaneRelay:
             log.info("outbox_recovered", count=len(recovered))
             for item in recovered:
                 self._lanes[item.user_id].items.setdefault(item.request_id, item)
+        self._recount()
 
     async def _sweep(self) -> None:
         """Finds lanes whose outbox rows nobody is publishing."""

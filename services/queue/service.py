@@ -108,7 +108,10 @@ class QueueService:
             catalog=HandlerCatalog(store, max_age_seconds=s.handler_cache_seconds),
             broker=self.broker,
             admission=Admission(
-                rate=s.user_rate_per_second, burst=s.user_burst, max_pending=s.max_pending_writes
+                rate=s.user_rate_per_second,
+                burst=s.user_burst,
+                max_pending=s.max_pending_writes,
+                overload_retry_after_ms=s.overload_retry_after_ms,
             ),
             limits=Limits(
                 max_payload_bytes=s.max_payload_bytes,

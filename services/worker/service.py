@@ -72,6 +72,7 @@ class WorkerService:
             self._auth,
             queue_target=settings.queue_target,
             service_secret=settings.service_secret,
+            interval=settings.lane_discovery_seconds,
         )
         self.rebalancer = (
             Rebalancer(
