@@ -13,6 +13,7 @@ from services.core.db import engine_for
 from services.core.grpc_host import GrpcHost
 from services.core.health import DependencyMonitor
 from services.core.settings import Settings
+from services.core.transport import Transport
 from services.queue.admission import Admission
 from services.queue.catalog import HandlerCatalog
 from services.queue.hub import Hub
@@ -45,8 +46,11 @@ class QueueService:
             lane_max_length=s.lane_max_length,
             queue_type=s.lane_queue_type,
         )
-        self.host = GrpcHost(s.queue_listen, [SERVICE_NAME])
-        self._auth = AuthClient(s.auth_target)
+        transport = Transport.from_settings(s)
+        self.host = GrpcHost(
+            s.queue_listen, [SERVICE_NAME], transport=transport, reflection_enabled=s.reflection
+        )
+        self._auth = AuthClient(s.auth_target, transport=transport)
         self._monitor = DependencyMonitor(self.host, engine=self.engine, broker=self.broker)
         self.hub = Hub()
         store = RequestStore(self.engine)

@@ -12,7 +12,7 @@ from services.core.db import engine_for
 from services.core.grpc_host import GrpcHost
 from services.core.health import DependencyMonitor
 from services.core.settings import Settings
-from services.core.tokens import TokenVerifier
+from services.core.transport import Transport
 from services.worker import registry
 from services.worker.discovery import LaneDiscovery
 from services.worker.runner import Runner
@@ -64,23 +64,22 @@ class WorkerService:
             worker_id=settings.instance_id,
             hooks=registry.load_hooks(settings.hooks),
         )
-        self._auth = AuthClient(settings.auth_target)
+        transport = Transport.from_settings(settings)
+        self._auth = AuthClient(settings.auth_target, transport=transport)
         self.discovery = LaneDiscovery(
             self.runner,
             self.broker,
             self._auth,
             queue_target=settings.queue_target,
             service_secret=settings.service_secret,
+            transport=transport,
         )
         self.host = GrpcHost(
             settings.worker_listen,
             [SERVICE_NAME],
-            verifier=TokenVerifier(
-                self._auth.jwks,
-                issuer=settings.jwt_issuer,
-                audience=settings.jwt_audience,
-                refresh_seconds=settings.jwks_refresh_seconds,
-            ),
+            verifier=self._auth.token_verifier(settings),
+            transport=transport,
+            reflection_enabled=settings.reflection,
         )
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(
             WorkerServicer(self.runner, grace_seconds=settings.grace_seconds), self.host.server
