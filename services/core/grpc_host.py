@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 from fairlane.client.channels import grpc_target
 from services.core import tracing
 from services.core.authz import AuthzInterceptor
+from services.core.errors import ErrorInterceptor
 from services.core.grpc_metrics import MetricsInterceptor
 from services.core.logging import get_logger
 from services.core.tokens import TokenVerifier
@@ -75,7 +76,14 @@ class GrpcHost:
         self.authz = AuthzInterceptor(verifier=verifier)
         self.server = grpc.aio.server(
             options=SERVER_OPTIONS,
-            interceptors=[*tracing.server_interceptors(), MetricsInterceptor(), self.authz],
+            # Outermost first: metrics see the final status; errors map what escapes the
+            # authorization and the servicer.
+            interceptors=[
+                *tracing.server_interceptors(),
+                MetricsInterceptor(),
+                ErrorInterceptor(),
+                self.authz,
+            ],
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
