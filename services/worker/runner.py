@@ -19,12 +19,11 @@ from typing import Any
 from google.protobuf.message import DecodeError
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
-from sqlalchemy.exc import SQLAlchemyError
 
 from fairlane.common.v1 import common_pb2, lane_pb2
 from fairlane.handlers import Hooks, PermanentError, PlainContext
 from fairlane.worker.v1 import worker_pb2
-from services.core import metrics, status, tracing
+from services.core import dberrors, metrics, status, tracing
 from services.core.broker import Broker, BrokerError, Delivery, LaneConsumer, lane_queue
 from services.core.logging import get_logger
 from services.worker.context import Context
@@ -74,6 +73,19 @@ class Lane:
         self.quiet = asyncio.Event()
         self.acks: set[asyncio.Task[None]] = set()
         self.task = asyncio.create_task(self._run(), name=f"lane-{user_id}")
+        self.task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return  # released on purpose
+        error = task.exception()
+        log.error(
+            "lane_task_failed",
+            lane=self.user_id,
+            error=f"{type(error).__name__}: {error}"[:300],
+        )
+        metrics.LANE_FAILURES.inc()
+        self._runner.rebuild_later(self.user_id)
 
     async def on_delivery(self, delivery: Delivery) -> None:
         self.deliveries.put_nowait(delivery)
@@ -89,7 +101,9 @@ class Lane:
 
     @property
     def alive(self) -> bool:
-        return self.consumer is not None and self.consumer.alive
+        """Consuming and processing. A lane whose task ended (a bug in processing) is not:
+        the runner rebuilds it, and its unacked messages go back to the lane in order."""
+        return self.consumer is not None and self.consumer.alive and not self.task.done()
 
     async def release(self) -> None:
         """Stops processing, then consuming: whatever was not acked (the message being
@@ -137,6 +151,11 @@ class Runner:
         self._cancelled: dict[str, None] = {}  # insertion-ordered, bounded
         self._processes: ProcessPoolExecutor | None = None
         self._lock = asyncio.Lock()
+        # Requests run here whose outcome is not yet written: a copy of one (republished
+        # from the outbox) arriving meanwhile is skipped rather than run twice.
+        self._inflight: set[uuid.UUID] = set()
+        self._lane_failures: dict[str, int] = {}
+        self._rebuilds: set[asyncio.Task[None]] = set()
 
     # -- lanes -----------------------------------------------------------------------------
 
@@ -162,6 +181,24 @@ class Runner:
                 raise
             self.lanes[user_id] = lane
             metrics.ACTIVE_LANES.set(len(self.lanes))
+
+    def rebuild_later(self, user_id: str) -> None:
+        """Consumes a lane again whose task ended unexpectedly, after a growing delay (a
+        message that breaks processing every time must not spin the worker)."""
+        failures = self._lane_failures.get(user_id, 0) + 1
+        self._lane_failures[user_id] = failures
+        delay = min(30.0, 0.25 * 2 ** (failures - 1))
+
+        async def rebuild() -> None:
+            await asyncio.sleep(delay)
+            try:
+                await self.add_lane(user_id)
+            except BrokerError as exc:
+                log.warning("lane_rebuild_failed", lane=user_id, error=str(exc)[:200])
+
+        task = asyncio.create_task(rebuild(), name=f"rebuild-{user_id}")
+        self._rebuilds.add(task)
+        task.add_done_callback(self._rebuilds.discard)
 
     async def repair(self) -> int:
         """Consumes again every lane whose consumer died; returns how many."""
@@ -228,36 +265,74 @@ class Runner:
         while True:
             try:
                 return await self._store.states(ids)
-            except (SQLAlchemyError, OSError) as exc:
-                log.warning("state_read_failed", error=str(exc), retry_in=delay)
+            except Exception as exc:
+                if not dberrors.is_transient(exc):
+                    raise
+                log.warning("state_read_failed", error=str(exc)[:200], retry_in=delay)
                 await asyncio.sleep(random.uniform(0, delay))
                 delay = min(delay * 2, 5.0)
 
     async def process(self, lane: Lane, delivery: Delivery) -> None:
         try:
             batch = lane_pb2.LaneBatch.FromString(delivery.body)
-        except DecodeError:
-            log.exception("undecodable_lane_message", lane=lane.user_id, size=len(delivery.body))
-            await self._broker.publish_dead(delivery.body, {"reason": "undecodable"})
+            user = uuid.UUID(batch.user_id)
+        except (DecodeError, ValueError):
+            log.warning("undecodable_lane_message", lane=lane.user_id, size=len(delivery.body))
+            await self._publish_dead(delivery.body, {"reason": "undecodable"})
             await _settle(delivery, requeue=None)
             return
-        # A first delivery cannot have finished before; only a redelivery needs the log
-        # (finished requests are re-sent, not re-run). A cancel that lands meanwhile is
-        # caught by the cancel events and by the final write, which lets CANCELLED win.
-        states: dict[uuid.UUID, StoredState] | None = None
-        if delivery.redelivered:
-            states = await self._states([uuid.UUID(item.request_id) for item in batch.items])
-        pending: list[asyncio.Future[None]] = []
+        items: list[tuple[uuid.UUID, lane_pb2.LaneItem]] = []
         for item in batch.items:
-            state = FRESH if states is None else states.get(uuid.UUID(item.request_id))
-            future = await self._run_item(lane, batch, item, state)
+            try:
+                items.append((uuid.UUID(item.request_id), item))
+            except ValueError:
+                log.warning(
+                    "malformed_lane_item", lane=lane.user_id, request_id=item.request_id[:64]
+                )
+                await self._publish_dead(item.SerializeToString(), {"reason": "malformed id"})
+        # A first delivery cannot have finished before; only a redelivery, or a request
+        # published from the outbox by another replica, needs the log (finished requests
+        # are re-sent, not re-run). A cancel that lands meanwhile is caught by the cancel
+        # events and by the final write, which lets CANCELLED win.
+        check = [rid for rid, item in items if delivery.redelivered or item.recovered]
+        states = await self._states(check) if check else {}
+        pending: list[asyncio.Future[None]] = []
+        for rid, item in items:
+            if rid in self._inflight:
+                continue  # a copy of a request this worker runs now; its result follows
+            state = states.get(rid) if rid in check else FRESH
+            try:
+                future = await self._run_item(
+                    lane, batch, user=user, request_id=rid, item=item, state=state
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug while handling one request must not stop its lane: the request
+                # fails with a generic error and the lane moves on to the next one.
+                log.exception("request_processing_failed", request_id=str(rid))
+                metrics.ITEM_FAILURES.labels("worker").inc()
+                future = self._writer.finish(
+                    Outcome(rid, user, status.FAILED, error="internal error in the worker"),
+                    route=batch.reply_route,
+                    client_ref=item.client_ref,
+                    handler=item.handler,
+                )
             if future is not None:
+                self._inflight.add(rid)
+                future.add_done_callback(functools.partial(_forget, self._inflight, rid))
                 pending.append(future)
         # The lane goes on with its next message while this one's outcomes are written
         # (the writer keeps them in order); the message is acked once they are durable.
         task = asyncio.create_task(self._ack_when_written(delivery, pending))
         lane.acks.add(task)
         task.add_done_callback(lane.acks.discard)
+
+    async def _publish_dead(self, body: bytes, headers: dict[str, str]) -> None:
+        try:
+            await self._broker.publish_dead(body, headers)
+        except BrokerError as exc:
+            log.warning("dead_letter_publish_failed", error=str(exc)[:200])
 
     async def _ack_when_written(
         self, delivery: Delivery, pending: list[asyncio.Future[None]]
@@ -273,13 +348,15 @@ class Runner:
         self,
         lane: Lane,
         batch: lane_pb2.LaneBatch,
+        *,
+        user: uuid.UUID,
+        request_id: uuid.UUID,
         item: lane_pb2.LaneItem,
         state: StoredState | None,
     ) -> asyncio.Future[None] | None:
-        request_id = uuid.UUID(item.request_id)
-        user = uuid.UUID(batch.user_id)
         if state is None:
-            # Not in the log: its intake was rolled back after a failed publish confirm.
+            # Requests are published only once committed, so this is a message that did
+            # not come from a queue replica of this deployment.
             log.warning("request_not_in_log", request_id=item.request_id)
             return None
         if state.lane_seq is not None:
@@ -596,3 +673,7 @@ async def _settle(delivery: Delivery, *, requeue: bool | None) -> None:
 def _handler_seconds(handler: str) -> Any:
     """The histogram child of one handler, looked up once rather than per request."""
     return metrics.HANDLER_SECONDS.labels(handler)
+
+
+def _forget(inflight: set[uuid.UUID], request_id: uuid.UUID, _: object) -> None:
+    inflight.discard(request_id)
