@@ -278,10 +278,10 @@ class Auth:
         rule = self._p.service_peer
         await self._throttle.check((rule, peer))
         if not secrets.compare_digest(secret.encode(), self._p.service_secret.encode()):
-            audit.event(audit.SERVICE_TOKEN_REFUSED, service=service, peer=peer)
+            audit.event(audit.SERVICE_TOKEN_REFUSED, token_service=service, peer=peer)
             _tripped(await self._throttle.hit(rule, peer), peer=peer)
             raise BadCredentials("wrong service secret")
-        audit.event(audit.SERVICE_TOKEN_ISSUED, service=service, peer=peer, token_role=role)
+        audit.event(audit.SERVICE_TOKEN_ISSUED, token_service=service, peer=peer, token_role=role)
         token = self._access_token(f"{role}:{service}", service, role)
         return token, self._p.access_ttl
 

@@ -41,9 +41,9 @@ export type SessionRequest = Message<"fairlane.queue.v1.SessionRequest"> & {
   } | {
     /**
      * Cancel one of the caller's requests (queued or running); its CANCELLED result follows
-     * if it had not finished. Success has no answer of its own. A refusal (unknown id,
-     * broker unreachable) comes back as a Rejected with `cancel_request_id` set to this
-     * request_id; it is not ordered with the answers to enqueues.
+     * if it had not finished. Success has no answer of its own. A refusal (malformed or
+     * unknown id, broker unreachable) comes back as a Rejected with `cancel_request_id` set
+     * to this request_id: match it by that field, never by position among the answers.
      *
      * @generated from field: fairlane.queue.v1.CancelRequestRequest cancel = 2;
      */
@@ -52,6 +52,8 @@ export type SessionRequest = Message<"fairlane.queue.v1.SessionRequest"> & {
   } | {
     /**
      * Several enqueues in one message, handled exactly as if sent one by one in this order.
+     * At most the server's max_batch_items (default 1000) per message; a larger one ends
+     * the stream with INVALID_ARGUMENT.
      *
      * The batch rule: once a client has sent an enqueue_batch, any later SessionResponse
      * on the stream (answers, progress, results) may come inside a SessionResponse.batch:
@@ -239,7 +241,8 @@ export type Rejected = Message<"fairlane.queue.v1.Rejected"> & {
     case: "clientRef";
   } | {
     /**
-     * Set when this answers a cancel: the request_id the cancel named, as sent.
+     * Set when this answers a cancel: the request_id the cancel named, as sent (its first
+     * 64 characters when it is not a valid id).
      *
      * @generated from field: string cancel_request_id = 5;
      */
