@@ -17,12 +17,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
+from fairlane.client import Client
 from fairlane.common.v1 import common_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
 from tests.certs import Authority
 from tests.conftest import DATABASE_URL, broker_url
 from tests.e2e.suite import ROOT, SERVICE_SECRET, Suite, Tls
+from tests.e2e.test_bench import _bench
+from tests.e2e.test_cli import Cli
 from tests.e2e.users import PASSWORD, bearer
 
 pytestmark = pytest.mark.e2e
@@ -186,3 +189,65 @@ async def test_unsafe_configurations_refuse_to_start(env: dict[str, str], reason
     """Each is refused before any port is bound or backend reached."""
     proc = await asyncio.to_thread(_serve, env)
     assert reason in _refusal(proc)
+
+
+async def test_client_cli_and_bench_over_mutual_tls(tls_suite: Suite, tmp_path: Path) -> None:
+    s = tls_suite
+    tls = s.tls
+    assert tls is not None
+    chain, key = tls.client.read()
+    async with Client(
+        s.target("auth"),
+        s.target("queue"),
+        s.target("worker"),
+        root_certificates=tls.ca.cert.read_bytes(),
+        client_cert=chain,
+        client_key=key,
+    ) as client:
+        await client.register("tls-client", PASSWORD)
+        await client.login("tls-client", PASSWORD)
+        async with client.session() as session:
+            future = await session.submit("echo", b"over mTLS")
+            result = await future
+        assert result.output == b"over mTLS"
+        operator = await client.admin_token("tls-operator", SERVICE_SECRET)
+    async with Client(
+        s.target("auth"),
+        s.target("queue"),
+        s.target("worker"),
+        root_certificates=tls.ca.cert.read_bytes(),
+        client_cert=chain,
+        client_key=key,
+        tokens=operator,
+    ) as admin:
+        assert len((await admin.worker_status()).lanes) == 1
+
+    cli = Cli(
+        tmp_path / "cli",
+        FAIRLANE_CA_FILE=str(tls.ca.cert),
+        FAIRLANE_CLIENT_CERT_FILE=str(tls.client.cert),
+        FAIRLANE_CLIENT_KEY_FILE=str(tls.client.key),
+        FAIRLANE_AUTH_TARGET=s.target("auth"),
+        FAIRLANE_QUEUE_TARGET=s.target("queue"),
+        FAIRLANE_WORKER_TARGET=s.target("worker"),
+    )
+    await cli.ok("register", "tls-cli", "--password-stdin", stdin=f"{PASSWORD}\n".encode())
+    assert (await cli.json("whoami"))["username"] == "tls-cli"
+
+    code, report, err = await _bench(
+        s,
+        "--lanes",
+        "2",
+        "--requests",
+        "40",
+        "--warmup",
+        "0",
+        "--ca-file",
+        str(tls.ca.cert),
+        "--client-cert",
+        str(tls.client.cert),
+        "--client-key",
+        str(tls.client.key),
+    )
+    assert code == 0, err
+    assert report["valid"], report
