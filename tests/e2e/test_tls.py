@@ -38,8 +38,9 @@ async def tls_suite(pg_schema: str, vhost: str, tmp_path: Path) -> AsyncIterator
         s.start("auth")
         await s.wait_serving("auth")
         s.start("queue")
-        s.start("worker")
         await s.wait_serving("queue")
+        # After the queue, so the worker's first lane sync (ListLanes over mTLS) must work.
+        s.start("worker")
         await s.wait_serving("worker")
         yield s
     finally:
