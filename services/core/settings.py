@@ -181,7 +181,16 @@ class Settings(BaseSettings):
         default=30.0,
         description="A batch stage with work but no progress this long turns health NOT_SERVING.",
     )
-    retry_after_ms: int = 1000
+    retry_after_ms: int = Field(
+        default=1000,
+        description="RetryInfo delay of a rejection for our trouble: the request log or the "
+        "workers unreachable, shutting down, too many streams.",
+    )
+    overload_retry_after_ms: int = Field(
+        default=500,
+        description="RetryInfo delay when FAIRLANE_MAX_PENDING_WRITES requests wait (it clears "
+        "as soon as a batch commits, so sooner than FAIRLANE_RETRY_AFTER_MS).",
+    )
     user_rate_per_second: float = Field(
         default=5000.0, description="Sustained enqueues per second per user (token bucket)."
     )
@@ -208,6 +217,10 @@ class Settings(BaseSettings):
     )
     hooks: list[str] = Field(
         default_factory=list, description="Worker lifecycle hooks as module:attr."
+    )
+    lane_discovery_seconds: float = Field(
+        default=10.0,
+        description="How often a worker lists the lanes (ListLanes) besides the lane events.",
     )
     grace_seconds: float = 20.0
 

@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fairlane.common.v1 import lane_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
-from services.core.amqp import AmqpBroker
+from services.core.amqp import broker_for
 from services.core.auth_client import AuthClient
 from services.core.breaker import CircuitBreaker
 from services.core.broker import Broker
@@ -53,11 +53,7 @@ class QueueService:
         self._own_engine = engine is None
         self._own_broker = broker is None
         self.engine = engine or engine_for(s)
-        self.broker: Broker = broker or AmqpBroker(
-            s.broker_url,
-            lane_max_length=s.lane_max_length,
-            queue_type=s.lane_queue_type,
-        )
+        self.broker: Broker = broker or broker_for(s)
         transport = Transport.from_settings(s)
         self.host = GrpcHost(
             s.queue_listen, [SERVICE_NAME], transport=transport, reflection_enabled=s.reflection
@@ -116,7 +112,10 @@ class QueueService:
             catalog=HandlerCatalog(store, max_age_seconds=s.handler_cache_seconds),
             broker=self.broker,
             admission=Admission(
-                rate=s.user_rate_per_second, burst=s.user_burst, max_pending=s.max_pending_writes
+                rate=s.user_rate_per_second,
+                burst=s.user_burst,
+                max_pending=s.max_pending_writes,
+                overload_retry_after_ms=s.overload_retry_after_ms,
             ),
             limits=Limits(
                 max_payload_bytes=s.max_payload_bytes,

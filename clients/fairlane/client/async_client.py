@@ -374,8 +374,9 @@ class Client:
                 return
 
     async def cancel(self, request_id: str, *, timeout: float | None = _UNSET) -> Status:
-        """Cancels a queued request; returns CANCELLED or the final status it already
-        had. FailedPrecondition if it is running."""
+        """Cancels a queued or running request. Returns CANCELLED (it was queued), RUNNING
+        (its handler was asked to stop; its CANCELLED result follows), or the final status
+        it had already reached."""
         reply: queue_pb2.CancelRequestResponse = await self._unary(
             "queue",
             self._channels.queue().CancelRequest,
