@@ -24,17 +24,17 @@ class Backends:
     ) -> None:
         self.engine = engine or engine_for(settings)
         self.broker: Broker = broker or broker_for(settings)
-        self._own_engine = engine is None
-        self._own_broker = broker is None
+        self.owns_engine = engine is None
+        self.owns_broker = broker is None
 
     async def connect(self) -> None:
         """Connects its own broker (a shared one is connected by whoever made it)."""
-        if self._own_broker:
+        if self.owns_broker:
             await self.broker.connect()
 
     async def close(self) -> None:
         """Closes what it made; shared backends stay open for the other services."""
-        if self._own_broker:
+        if self.owns_broker:
             await self.broker.close()
-        if self._own_engine:
+        if self.owns_engine:
             await self.engine.dispose()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pytest
+from uuid_utils.compat import uuid7
 
 from services.core.db import create_engine
 from services.core.models import users
@@ -54,7 +55,7 @@ async def test_finishing_notifies_the_users_with_new_results(pg_schema: str) -> 
                     )
                 )
         requests = [
-            NewRequest(uuid.uuid4(), u, "echo", b"", None, "", 3, None, "", datetime.now(UTC))
+            NewRequest(uuid7(), u, "echo", b"", None, "", 3, None, "", datetime.now(UTC))
             for u in (a, a, b)
         ]
         await RequestStore(engine).accept([_Pending(r) for r in requests], lane_limit=10)
