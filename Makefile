@@ -76,7 +76,8 @@ test: tools services lint tstest pytest
 SOAK_SCALE ?= 10
 SOAK_EXAMPLES ?= 200
 SOAK_FUZZ_PER_RPC ?= 5000
-SOAK_TESTS ?= tests/e2e/test_workload_matrix.py tests/e2e/test_cluster_drills.py tests/e2e/test_fuzz.py
+SOAK_TESTS ?= tests/e2e/test_workload_matrix.py tests/e2e/test_cluster_drills.py \
+	tests/e2e/test_rebalance.py tests/e2e/test_fuzz.py
 
 soak: install services
 	FAIRLANE_SOAK_SCALE=$(SOAK_SCALE) FAIRLANE_STATEFUL_EXAMPLES=$(SOAK_EXAMPLES) \

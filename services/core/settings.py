@@ -201,6 +201,14 @@ class Settings(BaseSettings):
     lane_idle_ttl_seconds: float = Field(
         default=600.0, description="Delete a lane queue idle and empty for this long."
     )
+    retention_days: float = Field(
+        default=30.0,
+        ge=0,
+        description="Finished requests are removed this long after their result; 0 keeps all.",
+    )
+    maintenance_interval_seconds: float = Field(
+        default=3600.0, gt=0, description="How often a queue replica runs log maintenance."
+    )
     database_timeout_seconds: float = 10.0
     breaker_threshold: int = 5
     breaker_reset_seconds: float = 2.0
@@ -223,6 +231,10 @@ class Settings(BaseSettings):
         description="How often a worker lists the lanes (ListLanes) besides the lane events.",
     )
     grace_seconds: float = 20.0
+    rebalance_interval_seconds: float = Field(
+        default=2.0,
+        description="How often a worker compares its busy lanes with its fair share; 0: never.",
+    )
 
     @cached_property
     def reply_route(self) -> str:
