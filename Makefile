@@ -74,7 +74,8 @@ test: tools services lint tstest pytest
 # SOAK_TESTS.
 SOAK_SCALE ?= 10
 SOAK_EXAMPLES ?= 200
-SOAK_TESTS ?= tests/e2e/test_workload_matrix.py tests/e2e/test_cluster_drills.py
+SOAK_TESTS ?= tests/e2e/test_workload_matrix.py tests/e2e/test_cluster_drills.py \
+	tests/e2e/test_rebalance.py
 
 soak: install services
 	FAIRLANE_SOAK_SCALE=$(SOAK_SCALE) FAIRLANE_STATEFUL_EXAMPLES=$(SOAK_EXAMPLES) \

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -28,8 +29,20 @@ from services.queue.watch import watch_results
 MAX_LANE_SEQ = 2**63 - 1  # lane_seq is a BIGINT in the log
 
 
-def _page_size(requested: int, default: int, maximum: int) -> int:
-    return min(requested or default, maximum)
+@dataclass(frozen=True, slots=True)
+class PageSize:
+    """A list RPC's page size: `default` for a page_size of 0, larger ones cut to `maximum`.
+    Constants, not settings: queue.proto promises these numbers to every client."""
+
+    default: int
+    maximum: int
+
+    def of(self, requested: int) -> int:
+        return min(requested or self.default, self.maximum)
+
+
+REQUESTS_PAGE = PageSize(default=50, maximum=500)  # ListRequests, ListDeadRequests
+LANES_PAGE = PageSize(default=1000, maximum=10_000)  # ListLanes
 
 
 def _decode_token(token: str) -> uuid.UUID | None:
@@ -115,7 +128,12 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         try:
             return self._d.stream_slot(principal.user_id)
         except TooManyStreams as exc:
-            await abort_retry(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), 1000)
+            await abort_retry(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                str(exc),
+                self._settings.retry_after_ms,
+            )
 
     # -- reading results -------------------------------------------------------------------
 
@@ -149,7 +167,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         self, request: queue_pb2.ListRequestsRequest, context: ServicerContext
     ) -> queue_pb2.ListRequestsResponse:
         principal = authz.principal()
-        limit = _page_size(request.page_size, 50, 500)
+        limit = REQUESTS_PAGE.of(request.page_size)
         before = await _page_token(request.page_token, context)
         status_name = None
         if request.HasField("status"):
@@ -179,7 +197,10 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
             after = await self._d.cancel(uuid.UUID(principal.user_id), request_id)
         except BrokerError:
             await abort_retry(
-                context, grpc.StatusCode.UNAVAILABLE, "cannot reach the workers now", 1000
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                "cannot reach the workers now",
+                self._settings.retry_after_ms,
             )
         if after is None:
             await abort(context, grpc.StatusCode.NOT_FOUND, "no such request")
@@ -200,7 +221,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def ListLanes(
         self, request: queue_pb2.ListLanesRequest, context: ServicerContext
     ) -> queue_pb2.ListLanesResponse:
-        limit = _page_size(request.page_size, 1000, 10_000)
+        limit = LANES_PAGE.of(request.page_size)
         after = await _page_token(request.page_token, context)
         rows = await self._store.lanes(
             after=after, limit=limit, idle_seconds=self._settings.lane_idle_ttl_seconds
@@ -212,7 +233,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         self, request: queue_pb2.ListDeadRequestsRequest, context: ServicerContext
     ) -> queue_pb2.ListDeadRequestsResponse:
         principal = authz.principal()
-        limit = _page_size(request.page_size, 50, 500)
+        limit = REQUESTS_PAGE.of(request.page_size)
         before = await _page_token(request.page_token, context)
         rows = await self._store.list_requests(
             uuid.UUID(principal.user_id),

@@ -28,7 +28,7 @@ class LaneDiscovery:
         *,
         queue_target: str,
         service_secret: str,
-        interval: float = 10.0,
+        interval: float,
     ) -> None:
         self._runner = runner
         self._broker = broker
@@ -75,7 +75,8 @@ class LaneDiscovery:
         seen = 0
         while True:
             response = await self._queue.ListLanes(
-                queue_pb2.ListLanesRequest(page_size=1000, page_token=page),
+                # No page_size: the queue's own default page.
+                queue_pb2.ListLanesRequest(page_token=page),
                 metadata=(("authorization", f"Bearer {token}"),),
                 timeout=10,
             )

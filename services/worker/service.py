@@ -1,4 +1,5 @@
-"""Wires a worker replica: handlers, database, broker, writer, runner, discovery, gRPC."""
+"""Wires a worker replica: handlers, database, broker, writer, runner, discovery,
+rebalancing, gRPC."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from services.core.notify import results_channel
 from services.core.settings import Settings
 from services.worker import registry
 from services.worker.discovery import LaneDiscovery
+from services.worker.presence import PresenceStore
+from services.worker.rebalance import Rebalancer
 from services.worker.runner import Runner
 from services.worker.servicer import WorkerServicer
 from services.worker.store import WorkerStore
@@ -69,6 +72,17 @@ class WorkerService:
             self._auth,
             queue_target=settings.queue_target,
             service_secret=settings.service_secret,
+            interval=settings.lane_discovery_seconds,
+        )
+        self.rebalancer = (
+            Rebalancer(
+                self.runner,
+                PresenceStore(self.engine),
+                worker_id=settings.instance_id,
+                interval=settings.rebalance_interval_seconds,
+            )
+            if settings.rebalance_interval_seconds > 0
+            else None
         )
         self.host = GrpcHost(
             settings.worker_listen,
@@ -98,6 +112,8 @@ class WorkerService:
         self.writer.start()
         await self.host.start()
         await self.discovery.start()
+        if self.rebalancer is not None:
+            self.rebalancer.start()
         await self._monitor.check()
         self._monitor.start()
 
@@ -105,6 +121,8 @@ class WorkerService:
         """Drain: finish running handlers within the grace period, hand lanes back."""
         await self._monitor.stop()
         await self.host.health.enter_graceful_shutdown()
+        if self.rebalancer is not None:
+            await self.rebalancer.stop()  # the others take over its share at once
         await self.discovery.stop()
         await self.runner.drain(grace)
         await self.writer.stop()
