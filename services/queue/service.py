@@ -9,11 +9,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fairlane.common.v1 import lane_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
-from services.core.amqp import broker_for
 from services.core.auth_client import AuthClient
+from services.core.backends import Backends
 from services.core.breaker import CircuitBreaker
 from services.core.broker import Broker
-from services.core.db import create_engine, engine_for
+from services.core.db import create_engine
 from services.core.grpc_host import GrpcHost
 from services.core.health import DependencyMonitor
 from services.core.logging import get_logger
@@ -51,11 +51,9 @@ class QueueService:
     ) -> None:
         s = settings
         self._settings = settings
-        self._own_engine = engine is None
-        self._own_broker = broker is None
-        self.engine = engine or engine_for(s)
+        self._backends = Backends(s, engine=engine, broker=broker)
+        self.engine, self.broker = self._backends.engine, self._backends.broker
         self._maintenance: AsyncEngine | None = None
-        self.broker: Broker = broker or broker_for(s)
         self.host = GrpcHost(s.queue_listen, [SERVICE_NAME])
         self._auth = AuthClient(s.auth_target)
         self.hub = Hub()
@@ -143,7 +141,7 @@ class QueueService:
         may wait on partition locks, which the request path's pool must never do. On
         SQLite (one file, one process), or with an engine handed in, it shares that."""
         s = self._settings
-        if self.engine.dialect.name != "postgresql" or not self._own_engine:
+        if self.engine.dialect.name != "postgresql" or not self._backends.owns_engine:
             return self.engine
         self._maintenance = create_engine(
             s.database_url, schema=s.database_schema, pool_size=1, timeout=300.0
@@ -169,8 +167,7 @@ class QueueService:
     async def start(self) -> None:
         await self._auth.wait_ready(timeout=60)
         await self._verifier.refresh()
-        if self._own_broker:
-            await self.broker.connect()
+        await self._backends.connect()
         await self.broker.consume_results(self._settings.reply_route, self.hub.on_message)
         await self.broker.consume_control(self._on_control)
         if self._listener is not None:
@@ -192,10 +189,7 @@ class QueueService:
         await self.relay.stop(timeout=min(grace, 5.0))
         if self._listener is not None:
             await self._listener.stop()
-        if self._own_broker:
-            await self.broker.close()
         await self._auth.close()
         if self._maintenance is not None:
             await self._maintenance.dispose()
-        if self._own_engine:
-            await self.engine.dispose()
+        await self._backends.close()

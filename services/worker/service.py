@@ -6,10 +6,9 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
-from services.core.amqp import broker_for
 from services.core.auth_client import AuthClient
+from services.core.backends import Backends
 from services.core.broker import Broker
-from services.core.db import engine_for
 from services.core.grpc_host import GrpcHost
 from services.core.health import DependencyMonitor
 from services.core.notify import results_channel
@@ -37,10 +36,8 @@ class WorkerService:
         broker: Broker | None = None,
     ) -> None:
         self._settings = settings
-        self._own_engine = engine is None
-        self._own_broker = broker is None
-        self.engine = engine or engine_for(settings)
-        self.broker: Broker = broker or broker_for(settings)
+        self._backends = Backends(settings, engine=engine, broker=broker)
+        self.engine, self.broker = self._backends.engine, self._backends.broker
         self.handlers = registry.load(
             settings.handlers, default_attempts=settings.default_max_attempts
         )
@@ -107,8 +104,7 @@ class WorkerService:
     async def start(self) -> None:
         await self.runner.start()
         await self.store.register_handlers(list(self.handlers.values()))
-        if self._own_broker:
-            await self.broker.connect()
+        await self._backends.connect()
         self.writer.start()
         await self.host.start()
         await self.discovery.start()
@@ -128,8 +124,5 @@ class WorkerService:
         await self.writer.stop()
         await self.runner.shutdown()
         await self.host.stop(1.0)
-        if self._own_broker:
-            await self.broker.close()
         await self._auth.close()
-        if self._own_engine:
-            await self.engine.dispose()
+        await self._backends.close()
