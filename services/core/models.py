@@ -169,3 +169,14 @@ handlers = sa.Table(
     sa.Column("timeout_seconds", sa.Float, nullable=False, server_default="0"),
     sa.Column("last_seen_at", Timestamp, nullable=False),
 )
+
+# Worker replicas alive, by heartbeat: each counts the lanes it is the active consumer of,
+# so every replica can compute its fair share (services/worker/rebalance.py).
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("worker_id", sa.String(200), primary_key=True),
+    sa.Column("started_at", Timestamp, nullable=False),
+    sa.Column("heartbeat_at", Timestamp, nullable=False),
+    sa.Column("busy_lanes", sa.Integer, nullable=False, server_default="0"),
+)
