@@ -163,6 +163,17 @@ async def write_results(
     return dict.fromkeys(ids)
 
 
+async def insert_requests(
+    store: RequestStore, batch: Sequence[NewRequest]
+) -> dict[uuid.UUID, BaseException | None]:
+    """One intake batch. Maps every request to the error that refused it alone, or None."""
+    try:
+        await store.insert(list(batch))
+    except Exception as exc:  # today a batch shares one fate: every item gets the error
+        return {r.id: exc for r in batch}
+    return {r.id: None for r in batch}
+
+
 async def _rows(engine: AsyncEngine, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Any]:
     async with engine.connect() as conn:
         rows = await conn.execute(sa.select(requests).where(requests.c.id.in_(list(ids))))
@@ -222,6 +233,110 @@ def _ok(outcome_of: dict[uuid.UUID, BaseException | None]) -> None:
     assert not failed, failed
 
 
+async def test_several_running_marks_in_one_batch(engine: AsyncEngine) -> None:
+    store, worker = RequestStore(engine), WorkerStore(engine)
+    user = await _user(engine)
+    batch = [_request(user) for _ in range(4)]
+    await store.insert(batch)
+    at = datetime.now(UTC)
+    marks = [(r.id, 1, at) for r in batch[:3]]
+    _ok(await write_results(worker, [], marks))
+    rows = await _rows(engine, [r.id for r in batch])
+    assert [rows[r.id].status for r in batch] == ["RUNNING"] * 3 + ["QUEUED"]
+    assert [rows[r.id].attempts for r in batch] == [1, 1, 1, 0]
+    assert all(rows[r.id].started_at is not None for r in batch[:3])
+    assert all(rows[r.id].lane_seq is None for r in batch)
+
+    # A later attempt of the same requests (a retry) is marked in the next batch.
+    _ok(await write_results(worker, [], [(r.id, 2, at) for r in batch[:2]]))
+    rows = await _rows(engine, [r.id for r in batch])
+    assert [rows[r.id].attempts for r in batch] == [2, 2, 1, 0]
+
+
+async def test_marks_together_with_outcomes_in_one_batch(engine: AsyncEngine) -> None:
+    store, worker = RequestStore(engine), WorkerStore(engine)
+    a, b = await _user(engine), await _user(engine)
+    # Two lanes, four requests each: lane a's first two finish while its others start.
+    ra = [_request(a) for _ in range(4)]
+    rb = [_request(b) for _ in range(4)]
+    await store.insert(ra + rb)
+    at = datetime.now(UTC)
+    outcomes = [
+        Outcome(ra[0].id, a, "SUCCEEDED", output=b"a0", attempts=[Attempt(1, at)]),
+        Outcome(rb[0].id, b, "FAILED", error="no", attempts=[Attempt(1, at, "no")]),
+        Outcome(ra[1].id, a, "SUCCEEDED", output=b"a1", attempts=[Attempt(1, at)]),
+    ]
+    marks = [(ra[2].id, 1, at), (rb[1].id, 1, at), (rb[2].id, 1, at), (ra[3].id, 1, at)]
+    _ok(await write_results(worker, outcomes, marks))
+    rows = await _rows(engine, [r.id for r in ra + rb])
+    assert [(rows[r.id].status, rows[r.id].lane_seq) for r in ra] == [
+        ("SUCCEEDED", 1),
+        ("SUCCEEDED", 2),
+        ("RUNNING", None),
+        ("RUNNING", None),
+    ]
+    assert [(rows[r.id].status, rows[r.id].lane_seq) for r in rb] == [
+        ("FAILED", 1),
+        ("RUNNING", None),
+        ("RUNNING", None),
+        ("QUEUED", None),
+    ]
+    assert rows[ra[1].id].output == b"a1"
+
+    # The marked ones finish in the next batch, beside new marks; a late mark of a
+    # finished request (its mark timer fired as it finished) never makes it RUNNING again.
+    outcomes = [
+        Outcome(ra[2].id, a, "SUCCEEDED", attempts=[Attempt(1, at)]),
+        Outcome(rb[1].id, b, "SUCCEEDED", attempts=[Attempt(1, at)]),
+    ]
+    marks = [(rb[3].id, 1, at), (ra[0].id, 1, at), (rb[0].id, 2, at)]
+    _ok(await write_results(worker, outcomes, marks))
+    rows = await _rows(engine, [r.id for r in ra + rb])
+    assert [(rows[r.id].status, rows[r.id].lane_seq) for r in ra] == [
+        ("SUCCEEDED", 1),
+        ("SUCCEEDED", 2),
+        ("SUCCEEDED", 3),
+        ("RUNNING", None),
+    ]
+    assert [(rows[r.id].status, rows[r.id].lane_seq) for r in rb] == [
+        ("FAILED", 1),
+        ("SUCCEEDED", 2),
+        ("RUNNING", None),
+        ("RUNNING", None),
+    ]
+    assert rows[rb[0].id].attempts == 1
+    await _assert_lane_consistent(engine, a)
+    await _assert_lane_consistent(engine, b)
+
+
+async def test_the_same_request_twice_in_one_batch(engine: AsyncEngine) -> None:
+    store, worker = RequestStore(engine), WorkerStore(engine)
+    user = await _user(engine)
+    a, b, c = _request(user), _request(user), _request(user)
+    await store.insert([a, b, c])
+    at = datetime.now(UTC)
+    # Two marks of one request (attempt 1, then its retry), and a mark beside the outcome
+    # of the same request: the outcome wins whatever the order in the batch.
+    marks = [(a.id, 1, at), (a.id, 2, at), (b.id, 1, at)]
+    outcome_b = Outcome(b.id, user, "SUCCEEDED", output=b"b", attempts=[Attempt(1, at)])
+    _ok(await write_results(worker, [outcome_b], marks))
+    rows = await _rows(engine, [a.id, b.id, c.id])
+    assert (rows[a.id].status, rows[a.id].attempts) == ("RUNNING", 2)
+    assert (rows[b.id].status, rows[b.id].lane_seq, rows[b.id].output) == ("SUCCEEDED", 1, b"b")
+
+    # Two outcomes of one request (a redelivery ran it again) with its mark in between.
+    first = Outcome(a.id, user, "SUCCEEDED", output=b"first", attempts=[Attempt(2, at)])
+    again = Outcome(a.id, user, "FAILED", error="again", attempts=[Attempt(3, at, "again")])
+    last = Outcome(c.id, user, "SUCCEEDED", output=b"c", attempts=[Attempt(1, at)])
+    _ok(await write_results(worker, [first, again, last], [(a.id, 3, at)]))
+    finished = await _assert_lane_consistent(engine, user)
+    assert [(r.id, r.status, r.output) for r in finished] == [
+        (b.id, "SUCCEEDED", b"b"),
+        (a.id, "SUCCEEDED", b"first"),
+        (c.id, "SUCCEEDED", b"c"),
+    ]
+
+
 async def test_cancels_racing_outcomes(engine: AsyncEngine) -> None:
     """A cancel and the batch holding the outcome of the same request, in either order
     and at once: the cancel's answer is the truth, and the lane keeps its numbering."""
@@ -279,3 +394,103 @@ async def test_cancels_racing_outcomes(engine: AsyncEngine) -> None:
             assert row.lane_seq is not None
             assert row.output == (None if row.status == "CANCELLED" else b"o")
     await _assert_lane_consistent(engine, user)
+
+
+# One item that makes a statement fail. Which input a database refuses depends on it:
+# PostgreSQL refuses NUL in text, SQLite stores it. (kind, dialects it must fail on)
+INSERT_POISONS = [
+    ("idempotency_key_taken", {"postgresql", "sqlite"}),
+    ("nul_in_client_ref", {"postgresql"}),
+    ("nul_in_idempotency_key", {"postgresql"}),
+]
+
+
+@pytest.mark.parametrize(("kind", "refused_by"), INSERT_POISONS, ids=[k for k, _ in INSERT_POISONS])
+async def test_one_bad_request_fails_alone_in_an_intake_batch(
+    engine: AsyncEngine, kind: str, refused_by: set[str]
+) -> None:
+    store = RequestStore(engine)
+    a, b = await _user(engine), await _user(engine)
+    await store.insert([_request(a, key="taken")])
+    poison = _request(a)
+    if kind == "idempotency_key_taken":
+        poison.idempotency_key = "taken"
+    elif kind == "nul_in_client_ref":
+        poison.client_ref = "ref\x00nul"
+    else:
+        poison.idempotency_key = "key\x00nul"
+    batch = [_request(a), _request(b, key="k1"), poison, _request(a, key="k2"), _request(b)]
+
+    errors = await insert_requests(store, batch)
+
+    good = [r for r in batch if r is not poison]
+    assert {r.id: errors[r.id] for r in good} == {r.id: None for r in good}
+    rows = await _rows(engine, [r.id for r in batch])
+    assert set(rows) >= {r.id for r in good}
+    assert all(rows[r.id].status == "QUEUED" for r in good)
+    if store.dialect in refused_by:
+        assert errors[poison.id] is not None
+    if errors[poison.id] is not None:
+        # Refused means nothing of it was stored: no row, no event.
+        assert poison.id not in rows
+        async with engine.connect() as conn:
+            events = await conn.execute(
+                sa.select(sa.func.count()).where(request_events.c.request_id == poison.id)
+            )
+            assert events.scalar_one() == 0
+    else:
+        stored = rows[poison.id]
+        assert (stored.client_ref, stored.idempotency_key) == (
+            poison.client_ref,
+            poison.idempotency_key,
+        )
+    assert {(r.user_id, r.idempotency_key) for r in good if r.idempotency_key} <= set(
+        await store.find_idempotent([(a, "k2"), (b, "k1")])
+    )
+
+
+async def test_one_bad_outcome_fails_alone_in_a_result_batch(engine: AsyncEngine) -> None:
+    """PostgreSQL refuses a handler's error text with a NUL in it; on either database an
+    outcome whose lane row is gone (its user was deleted) cannot be numbered. Neither may
+    keep the other lanes' outcomes, or the marks beside them, out of the log."""
+    store, worker = RequestStore(engine), WorkerStore(engine)
+    a, b, gone = await _user(engine), await _user(engine), await _user(engine)
+    ra = [_request(a) for _ in range(3)]
+    rb = [_request(b) for _ in range(2)]
+    rg = _request(gone)
+    await store.insert([*ra, *rb, rg])
+    async with engine.begin() as conn:
+        await conn.execute(users.delete().where(users.c.id == gone))
+    at = datetime.now(UTC)
+    outcomes = [
+        Outcome(ra[0].id, a, "SUCCEEDED", output=b"a0", attempts=[Attempt(1, at)]),
+        Outcome(rb[0].id, b, "SUCCEEDED", output=b"b0", attempts=[Attempt(1, at)]),
+        Outcome(rg.id, gone, "SUCCEEDED", output=b"g", attempts=[Attempt(1, at)]),
+        Outcome(ra[1].id, a, "SUCCEEDED", output=b"a1", attempts=[Attempt(1, at)]),
+    ]
+    nul = Outcome(rb[1].id, b, "FAILED", error="bad\x00text", attempts=[Attempt(1, at, "x\x00")])
+    if store.dialect == "postgresql":
+        outcomes.insert(2, nul)
+    errors = await write_results(worker, outcomes, [(ra[2].id, 1, at)])
+
+    good = [o for o in outcomes if o.request_id not in (rg.id, nul.request_id)]
+    assert {o.request_id: errors[o.request_id] for o in good} == {o.request_id: None for o in good}
+    rows = await _rows(engine, [r.id for r in [*ra, *rb, rg]])
+    assert [(rows[r.id].status, rows[r.id].lane_seq) for r in ra] == [
+        ("SUCCEEDED", 1),
+        ("SUCCEEDED", 2),
+        ("RUNNING", None),
+    ]
+    assert (rows[rb[0].id].status, rows[rb[0].id].lane_seq) == ("SUCCEEDED", 1)
+    await _assert_lane_consistent(engine, a)
+    await _assert_lane_consistent(engine, b)
+    # The outcome without a lane row cannot be numbered, whatever else happens to it.
+    assert rows[rg.id].lane_seq is None
+    if store.dialect == "postgresql":
+        # The NUL outcome is refused alone (its request stays unfinished, holding no
+        # lane_seq) or written with text the database takes.
+        bad = rows[nul.request_id]
+        if errors[nul.request_id] is None:
+            assert (bad.status, bad.lane_seq) == ("FAILED", 2)
+        else:
+            assert bad.lane_seq is None
