@@ -16,9 +16,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.core import status
 from services.core.db import create_engine, drop_schema, migrate
+from services.core.memory_broker import MemoryBroker
 from services.core.models import lanes, request_events, requests, users
+from services.queue.intake import Intake, Submission
 from services.queue.store import NewRequest, RequestStore
 from services.worker.store import Attempt, Outcome, WorkerStore
+from services.worker.writer import ResultWriter
 from tests.conftest import DATABASE_URL, unique
 
 pytestmark = pytest.mark.integration
@@ -142,8 +145,9 @@ async def test_an_outcome_written_twice_keeps_the_first_and_no_seq_is_lost(
 # Multi-item batches (issue 12): every shape of batch the services write. One batch is one
 # call; whatever one item does, the others keep their own fate.
 #
-# The adapters just below are the only code here that knows how the stores take a batch
-# and report the failure of a single item. When that API changes, only they change.
+# The adapters just below are the only code here that knows how a batch is handed to the
+# stores and how the failure of a single item is reported. When that API changes, only
+# they change.
 # ------------------------------------------------------------------------------------------
 
 Mark = tuple[uuid.UUID, int, datetime]  # (request id, attempt number, started at)
@@ -163,15 +167,61 @@ async def write_results(
     return dict.fromkeys(ids)
 
 
-async def insert_requests(
+# A batch that holds an item the database refuses goes through the stage that writes it
+# (intake, result writer): whichever layer isolates the item, only that item may fail.
+STAGE_PATIENCE = 15.0  # a batch of a few items settles far sooner; past this it is stuck
+
+
+async def through_intake(
     store: RequestStore, batch: Sequence[NewRequest]
 ) -> dict[uuid.UUID, BaseException | None]:
-    """One intake batch. Maps every request to the error that refused it alone, or None."""
+    """One intake batch. Maps every request to the error it was answered with (None:
+    accepted), or to TimeoutError when the stage never answered it."""
+    broker = MemoryBroker(lane_max_length=1000)
+    await broker.connect()
+    intake = Intake(store, broker, batch_size=len(batch), linger_ms=0)
+    futures = [intake.submit(Submission(request=r, reply_route="queue.test")) for r in batch]
+    intake.start()
     try:
-        await store.insert(list(batch))
-    except Exception as exc:  # today a batch shares one fate: every item gets the error
-        return {r.id: exc for r in batch}
-    return {r.id: None for r in batch}
+        await asyncio.wait(futures, timeout=STAGE_PATIENCE)
+        return {r.id: _answer(f) for r, f in zip(batch, futures, strict=True)}
+    finally:
+        await intake.stop()
+        await broker.close()
+
+
+async def through_writer(
+    worker: WorkerStore, outcomes: Sequence[Outcome], marks: Sequence[Mark] = ()
+) -> dict[uuid.UUID, BaseException | None]:
+    """One result-writer batch. Maps every outcome's request to the error its write ended
+    with (None: written, or deliberately left out), or to TimeoutError when it never
+    ended."""
+    broker = MemoryBroker(lane_max_length=1000)
+    await broker.connect()
+    writer = ResultWriter(worker, broker, batch_size=1000, linger_ms=0)
+    for mark in marks:
+        writer.running(*mark)
+    futures = [
+        writer.finish(o, route="queue.test", client_ref="", handler="echo") for o in outcomes
+    ]
+    writer.start()
+    try:
+        await asyncio.wait(futures, timeout=STAGE_PATIENCE)
+        return {o.request_id: _answer(f) for o, f in zip(outcomes, futures, strict=True)}
+    finally:
+        await writer.stop(timeout=0)
+        await broker.close()
+
+
+def _answer(future: asyncio.Future[Any]) -> BaseException | None:
+    if not future.done():
+        return TimeoutError("the stage never answered")
+    return future.exception()
+
+
+async def store_requests(store: RequestStore, batch: Sequence[NewRequest]) -> None:
+    """Stores a batch that is accepted whole (today: RequestStore.insert)."""
+    await store.insert(list(batch))
 
 
 async def _rows(engine: AsyncEngine, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Any]:
@@ -233,11 +283,70 @@ def _ok(outcome_of: dict[uuid.UUID, BaseException | None]) -> None:
     assert not failed, failed
 
 
+async def test_cancels_racing_outcomes(engine: AsyncEngine) -> None:
+    """A cancel and the batch holding the outcome of the same request, in either order
+    and at once: the cancel's answer is the truth, and the lane keeps its numbering."""
+    store, worker = RequestStore(engine), WorkerStore(engine)
+    user = await _user(engine)
+    at = datetime.now(UTC)
+
+    # Cancelled first: the outcome that follows becomes CANCELLED and keeps its place.
+    a, b = _request(user), _request(user)
+    await store_requests(store, [a, b])
+    assert await store.cancel_queued(user, a.id) == "CANCELLED"
+    _ok(
+        await write_results(
+            worker,
+            [
+                Outcome(a.id, user, "SUCCEEDED", output=b"a", attempts=[Attempt(1, at)]),
+                Outcome(b.id, user, "SUCCEEDED", output=b"b", attempts=[Attempt(1, at)]),
+            ],
+        )
+    )
+    rows = await _rows(engine, [a.id, b.id])
+    assert (rows[a.id].status, rows[a.id].lane_seq, rows[a.id].output) == ("CANCELLED", 1, None)
+    assert (rows[b.id].status, rows[b.id].lane_seq) == ("SUCCEEDED", 2)
+
+    # Written first: the cancel finds it finished.
+    c = _request(user)
+    await store_requests(store, [c])
+    _ok(await write_results(worker, [Outcome(c.id, user, "SUCCEEDED", output=b"c")]))
+    assert await store.cancel_queued(user, c.id) == "SUCCEEDED"
+
+    # At once, many times over: cancels of some of a batch's requests race its write,
+    # and a mark of a cancelled request does not make it RUNNING again.
+    for _ in range(10):
+        batch = [_request(user) for _ in range(4)]
+        await store_requests(store, batch)
+        outcomes = [
+            Outcome(r.id, user, "SUCCEEDED", output=b"o", attempts=[Attempt(1, at)])
+            for r in batch[:3]
+        ]
+        written, *answers = await asyncio.gather(
+            write_results(worker, outcomes, [(batch[3].id, 1, at)]),
+            store.cancel_queued(user, batch[1].id),
+            store.cancel_queued(user, batch[3].id),
+        )
+        _ok(written)
+        rows = await _rows(engine, [r.id for r in batch])
+        assert answers[0] == rows[batch[1].id].status
+        assert answers[0] in ("CANCELLED", "SUCCEEDED")
+        # Marked RUNNING first (the cancel then goes to the worker) or cancelled first
+        # (and the mark leaves it CANCELLED).
+        assert answers[1] == rows[batch[3].id].status
+        assert answers[1] in ("CANCELLED", "RUNNING")
+        for r in batch[:3]:
+            row = rows[r.id]
+            assert row.lane_seq is not None
+            assert row.output == (None if row.status == "CANCELLED" else b"o")
+    await _assert_lane_consistent(engine, user)
+
+
 async def test_several_running_marks_in_one_batch(engine: AsyncEngine) -> None:
     store, worker = RequestStore(engine), WorkerStore(engine)
     user = await _user(engine)
     batch = [_request(user) for _ in range(4)]
-    await store.insert(batch)
+    await store_requests(store, batch)
     at = datetime.now(UTC)
     marks = [(r.id, 1, at) for r in batch[:3]]
     _ok(await write_results(worker, [], marks))
@@ -259,7 +368,7 @@ async def test_marks_together_with_outcomes_in_one_batch(engine: AsyncEngine) ->
     # Two lanes, four requests each: lane a's first two finish while its others start.
     ra = [_request(a) for _ in range(4)]
     rb = [_request(b) for _ in range(4)]
-    await store.insert(ra + rb)
+    await store_requests(store, ra + rb)
     at = datetime.now(UTC)
     outcomes = [
         Outcome(ra[0].id, a, "SUCCEEDED", output=b"a0", attempts=[Attempt(1, at)]),
@@ -313,7 +422,7 @@ async def test_the_same_request_twice_in_one_batch(engine: AsyncEngine) -> None:
     store, worker = RequestStore(engine), WorkerStore(engine)
     user = await _user(engine)
     a, b, c = _request(user), _request(user), _request(user)
-    await store.insert([a, b, c])
+    await store_requests(store, [a, b, c])
     at = datetime.now(UTC)
     # Two marks of one request (attempt 1, then its retry), and a mark beside the outcome
     # of the same request: the outcome wins whatever the order in the batch.
@@ -337,101 +446,35 @@ async def test_the_same_request_twice_in_one_batch(engine: AsyncEngine) -> None:
     ]
 
 
-async def test_cancels_racing_outcomes(engine: AsyncEngine) -> None:
-    """A cancel and the batch holding the outcome of the same request, in either order
-    and at once: the cancel's answer is the truth, and the lane keeps its numbering."""
-    store, worker = RequestStore(engine), WorkerStore(engine)
-    user = await _user(engine)
-    at = datetime.now(UTC)
-
-    # Cancelled first: the outcome that follows becomes CANCELLED and keeps its place.
-    a, b = _request(user), _request(user)
-    await store.insert([a, b])
-    assert await store.cancel_queued(user, a.id) == "CANCELLED"
-    _ok(
-        await write_results(
-            worker,
-            [
-                Outcome(a.id, user, "SUCCEEDED", output=b"a", attempts=[Attempt(1, at)]),
-                Outcome(b.id, user, "SUCCEEDED", output=b"b", attempts=[Attempt(1, at)]),
-            ],
-        )
-    )
-    rows = await _rows(engine, [a.id, b.id])
-    assert (rows[a.id].status, rows[a.id].lane_seq, rows[a.id].output) == ("CANCELLED", 1, None)
-    assert (rows[b.id].status, rows[b.id].lane_seq) == ("SUCCEEDED", 2)
-
-    # Written first: the cancel finds it finished.
-    c = _request(user)
-    await store.insert([c])
-    _ok(await write_results(worker, [Outcome(c.id, user, "SUCCEEDED", output=b"c")]))
-    assert await store.cancel_queued(user, c.id) == "SUCCEEDED"
-
-    # At once, many times over: cancels of some of a batch's requests race its write,
-    # and a mark of a cancelled request does not make it RUNNING again.
-    for _ in range(10):
-        batch = [_request(user) for _ in range(4)]
-        await store.insert(batch)
-        outcomes = [
-            Outcome(r.id, user, "SUCCEEDED", output=b"o", attempts=[Attempt(1, at)])
-            for r in batch[:3]
-        ]
-        written, *answers = await asyncio.gather(
-            write_results(worker, outcomes, [(batch[3].id, 1, at)]),
-            store.cancel_queued(user, batch[1].id),
-            store.cancel_queued(user, batch[3].id),
-        )
-        _ok(written)
-        rows = await _rows(engine, [r.id for r in batch])
-        assert answers[0] == rows[batch[1].id].status
-        assert answers[0] in ("CANCELLED", "SUCCEEDED")
-        # Marked RUNNING first (the cancel then goes to the worker) or cancelled first
-        # (and the mark leaves it CANCELLED).
-        assert answers[1] == rows[batch[3].id].status
-        assert answers[1] in ("CANCELLED", "RUNNING")
-        for r in batch[:3]:
-            row = rows[r.id]
-            assert row.lane_seq is not None
-            assert row.output == (None if row.status == "CANCELLED" else b"o")
-    await _assert_lane_consistent(engine, user)
+# One request the database refuses in an intake batch: PostgreSQL refuses NUL in text
+# (SQLite stores it); a deadline at the very end of 9999 is stored by both, but must then
+# travel in the lane message too.
+INTAKE_POISONS = ["nul_in_client_ref", "nul_in_idempotency_key", "deadline_at_the_end_of_9999"]
 
 
-# One item that makes a statement fail. Which input a database refuses depends on it:
-# PostgreSQL refuses NUL in text, SQLite stores it. (kind, dialects it must fail on)
-INSERT_POISONS = [
-    ("idempotency_key_taken", {"postgresql", "sqlite"}),
-    ("nul_in_client_ref", {"postgresql"}),
-    ("nul_in_idempotency_key", {"postgresql"}),
-]
-
-
-@pytest.mark.parametrize(("kind", "refused_by"), INSERT_POISONS, ids=[k for k, _ in INSERT_POISONS])
+@pytest.mark.parametrize("kind", INTAKE_POISONS)
 async def test_one_bad_request_fails_alone_in_an_intake_batch(
-    engine: AsyncEngine, kind: str, refused_by: set[str]
+    engine: AsyncEngine, kind: str
 ) -> None:
     store = RequestStore(engine)
     a, b = await _user(engine), await _user(engine)
-    await store.insert([_request(a, key="taken")])
     poison = _request(a)
-    if kind == "idempotency_key_taken":
-        poison.idempotency_key = "taken"
-    elif kind == "nul_in_client_ref":
+    if kind == "nul_in_client_ref":
         poison.client_ref = "ref\x00nul"
-    else:
+    elif kind == "nul_in_idempotency_key":
         poison.idempotency_key = "key\x00nul"
+    else:
+        poison.deadline = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
     batch = [_request(a), _request(b, key="k1"), poison, _request(a, key="k2"), _request(b)]
 
-    errors = await insert_requests(store, batch)
+    errors = await through_intake(store, batch)
 
     good = [r for r in batch if r is not poison]
     assert {r.id: errors[r.id] for r in good} == {r.id: None for r in good}
     rows = await _rows(engine, [r.id for r in batch])
-    assert set(rows) >= {r.id for r in good}
     assert all(rows[r.id].status == "QUEUED" for r in good)
-    if store.dialect in refused_by:
-        assert errors[poison.id] is not None
     if errors[poison.id] is not None:
-        # Refused means nothing of it was stored: no row, no event.
+        # Refused alone, and nothing of it was stored: no row, no event.
         assert poison.id not in rows
         async with engine.connect() as conn:
             events = await conn.execute(
@@ -444,9 +487,7 @@ async def test_one_bad_request_fails_alone_in_an_intake_batch(
             poison.client_ref,
             poison.idempotency_key,
         )
-    assert {(r.user_id, r.idempotency_key) for r in good if r.idempotency_key} <= set(
-        await store.find_idempotent([(a, "k2"), (b, "k1")])
-    )
+        assert (stored.deadline is None) == (poison.deadline is None)
 
 
 async def test_one_bad_outcome_fails_alone_in_a_result_batch(engine: AsyncEngine) -> None:
@@ -458,7 +499,7 @@ async def test_one_bad_outcome_fails_alone_in_a_result_batch(engine: AsyncEngine
     ra = [_request(a) for _ in range(3)]
     rb = [_request(b) for _ in range(2)]
     rg = _request(gone)
-    await store.insert([*ra, *rb, rg])
+    await store_requests(store, [*ra, *rb, rg])
     async with engine.begin() as conn:
         await conn.execute(users.delete().where(users.c.id == gone))
     at = datetime.now(UTC)
@@ -471,7 +512,7 @@ async def test_one_bad_outcome_fails_alone_in_a_result_batch(engine: AsyncEngine
     nul = Outcome(rb[1].id, b, "FAILED", error="bad\x00text", attempts=[Attempt(1, at, "x\x00")])
     if store.dialect == "postgresql":
         outcomes.insert(2, nul)
-    errors = await write_results(worker, outcomes, [(ra[2].id, 1, at)])
+    errors = await through_writer(worker, outcomes, [(ra[2].id, 1, at)])
 
     good = [o for o in outcomes if o.request_id not in (rg.id, nul.request_id)]
     assert {o.request_id: errors[o.request_id] for o in good} == {o.request_id: None for o in good}

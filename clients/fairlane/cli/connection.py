@@ -1,0 +1,224 @@
+"""Where the client commands connect: the shared options, the cache, and `@connected`.
+
+Every client command is an `async def` whose first parameter is a `Connection`;
+`@connected` adds the connection options to its command line, resolves them (option or
+environment, else what `login` cached, else the defaults), runs the coroutine and turns
+failures into one `error: ...` line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import inspect
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any, Concatenate, overload
+
+import typer
+
+from fairlane.cli import config
+from fairlane.cli.rendering import cli_errors
+from fairlane.client import Client, FairlaneError, NotLoggedIn, Tokens
+
+DEFAULT_AUTH_TARGET = "127.0.0.1:50051"
+DEFAULT_QUEUE_TARGET = "127.0.0.1:50052"
+DEFAULT_WORKER_TARGET = "127.0.0.1:50053"
+
+AuthTarget = Annotated[
+    str | None,
+    typer.Option(
+        "--auth-target",
+        envvar="FAIRLANE_AUTH_TARGET",
+        help=f"AuthService host:port (default: cached by login, else {DEFAULT_AUTH_TARGET})",
+        show_default=False,
+    ),
+]
+QueueTarget = Annotated[
+    str | None,
+    typer.Option(
+        "--queue-target",
+        envvar="FAIRLANE_QUEUE_TARGET",
+        help=f"QueueService host:port (default: cached by login, else {DEFAULT_QUEUE_TARGET})",
+        show_default=False,
+    ),
+]
+WorkerTarget = Annotated[
+    str | None,
+    typer.Option(
+        "--worker-target",
+        envvar="FAIRLANE_WORKER_TARGET",
+        help=f"WorkerService host:port (default: cached by login, else {DEFAULT_WORKER_TARGET})",
+        show_default=False,
+    ),
+]
+Tls = Annotated[
+    bool | None,
+    typer.Option(
+        "--tls/--no-tls",
+        envvar="FAIRLANE_TLS",
+        help="Use TLS (default: as at login, else no).",
+        show_default=False,
+    ),
+]
+CaFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca-file",
+        envvar="FAIRLANE_CA_FILE",
+        help="PEM root certificates for TLS (implies --tls; default: system roots).",
+        show_default=False,
+    ),
+]
+Timeout = Annotated[
+    float,
+    typer.Option("--timeout", envvar="FAIRLANE_TIMEOUT", help="Deadline of each call, seconds."),
+]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Connection:
+    """Where to connect, from options/environment, else the cache, else defaults."""
+
+    auth_target: str
+    queue_target: str
+    worker_target: str
+    tls: bool
+    ca_file: str
+    timeout: float
+    credentials: config.Credentials | None
+    root_certificates: bytes | None = None
+
+    @classmethod
+    def resolve(
+        cls,
+        *,
+        auth_target: str | None,
+        queue_target: str | None,
+        worker_target: str | None,
+        tls: bool | None,
+        ca_file: Path | None,
+        timeout: float,
+    ) -> Connection:
+        cached = config.load()
+        ca = str(ca_file) if ca_file else (cached.ca_file if cached else "")
+        root = None
+        if ca:
+            try:
+                root = Path(ca).read_bytes()
+            except OSError as exc:
+                raise FairlaneError(f"cannot read the CA file {ca}: {exc.strerror}") from exc
+        return cls(
+            auth_target=auth_target or (cached.auth_target if cached else DEFAULT_AUTH_TARGET),
+            queue_target=queue_target or (cached.queue_target if cached else DEFAULT_QUEUE_TARGET),
+            worker_target=worker_target
+            or (cached.worker_target if cached else DEFAULT_WORKER_TARGET),
+            tls=bool(ca) or (tls if tls is not None else bool(cached and cached.tls)),
+            ca_file=ca,
+            timeout=timeout,
+            credentials=cached,
+            root_certificates=root,
+        )
+
+    def credentials_for(self, tokens: Tokens) -> config.Credentials:
+        return config.Credentials(
+            username=tokens.username,
+            access_token=tokens.access_token,
+            refresh_token=tokens.refresh_token,
+            expires_at=tokens.expires_at,
+            lifetime=tokens.lifetime,
+            auth_target=self.auth_target,
+            queue_target=self.queue_target,
+            worker_target=self.worker_target,
+            tls=self.tls,
+            ca_file=self.ca_file,
+        )
+
+    @asynccontextmanager
+    async def client(
+        self, *, use_login: bool = True, require_login: bool = True
+    ) -> AsyncIterator[Client]:
+        """A Client using (and keeping up to date in the cache) the cached tokens."""
+        tokens = self.credentials.tokens if self.credentials and use_login else None
+        if require_login and use_login and tokens is None:
+            raise NotLoggedIn("not logged in: run `fairlane login` first")
+
+        def persist(new: Tokens | None) -> None:
+            if new is None:
+                config.clear()
+            elif self.credentials is not None:
+                config.save(self.credentials.with_tokens(new))
+
+        async with Client(
+            self.auth_target,
+            self.queue_target,
+            self.worker_target,
+            tls=self.tls,
+            root_certificates=self.root_certificates,
+            timeout=self.timeout,
+            tokens=tokens,
+            on_tokens=persist if tokens is not None else None,
+        ) as client:
+            yield client
+
+
+# -- the decorator ---------------------------------------------------------------------------
+
+AsyncCommand = Callable[Concatenate[Connection, ...], Coroutine[Any, Any, None]]
+Command = Callable[..., None]
+
+# The options every client command takes, as parameters of the command's signature (typer
+# builds the command line from the signature).
+_OPTIONS = tuple(
+    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+    for name, annotation, default in (
+        ("auth_target", AuthTarget, None),
+        ("queue_target", QueueTarget, None),
+        ("worker_target", WorkerTarget, None),
+        ("tls", Tls, None),
+        ("ca_file", CaFile, None),
+        ("timeout", Timeout, 10.0),
+    )
+)
+
+
+@overload
+def connected(command: AsyncCommand, /) -> Command: ...
+
+
+@overload
+def connected(*, quiet_interrupt: bool = False) -> Callable[[AsyncCommand], Command]: ...
+
+
+def connected(
+    command: AsyncCommand | None = None, /, *, quiet_interrupt: bool = False
+) -> Command | Callable[[AsyncCommand], Command]:
+    """Makes `async def cmd(conn: Connection, *, ...)` a typer command with the shared
+    connection options. Ctrl-C exits 130 with `error: interrupted`, or with
+    `quiet_interrupt` 0 and nothing printed (for commands that run until stopped)."""
+
+    def apply(command: AsyncCommand) -> Command:
+        signature = inspect.signature(command, eval_str=True)
+        own = list(signature.parameters.values())[1:]  # all but the Connection
+        clash = {p.name for p in own} & {p.name for p in _OPTIONS}
+        if clash:
+            raise TypeError(f"{command.__name__} redefines connection options {clash}")
+
+        @functools.wraps(command)
+        def run(**kwargs: Any) -> None:
+            options = {p.name: kwargs.pop(p.name) for p in _OPTIONS}
+            conn = Connection.resolve(**options)
+            try:
+                asyncio.run(command(conn, **kwargs))
+            except KeyboardInterrupt:
+                if not quiet_interrupt:
+                    raise
+
+        params = [*own, *_OPTIONS]
+        run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+        return cli_errors(run)
+
+    return apply if command is None else apply(command)

@@ -1,0 +1,105 @@
+"""WorkerService commands: `fairlane worker status|handlers|pause|resume|drain`."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from fairlane.cli.connection import Connection, connected
+from fairlane.cli.rendering import JsonOutput, out, print_json
+from fairlane.client import Client, WorkerState
+
+app = typer.Typer(
+    name="worker", help="Control one worker replica (--worker-target).", no_args_is_help=True
+)
+
+LaneOption = Annotated[
+    str, typer.Option("--lane", help="Only this lane (a user id); default: the whole worker.")
+]
+
+
+@app.command("status")
+@connected
+async def status(conn: Connection, *, json_output: JsonOutput = False) -> None:
+    """Show state, lanes, in-flight requests and per-handler counters."""
+    async with conn.client(require_login=False) as client:
+        worker = await client.worker_status()
+    if json_output:
+        print_json(worker)
+        return
+    out.print(
+        f"worker [bold]{worker.worker_id}[/] at {conn.worker_target}: {worker.state.name}, "
+        f"{worker.in_flight}/{worker.concurrency} running, {len(worker.lanes)} lanes"
+        + (f", paused lanes: {', '.join(worker.paused_lanes)}" if worker.paused_lanes else "")
+    )
+    table = Table(title_justify="left")
+    for column in ("handler", "succeeded", "failed", "retried", "running"):
+        table.add_column(column, justify="left" if column == "handler" else "right")
+    for h in worker.handlers:
+        table.add_row(h.name, str(h.succeeded), str(h.failed), str(h.retried), str(h.running))
+    out.print(table)
+
+
+@app.command("handlers")
+@connected
+async def handlers(conn: Connection, *, json_output: JsonOutput = False) -> None:
+    """List the handlers the worker can run."""
+    async with conn.client(require_login=False) as client:
+        found = await client.list_handlers()
+    if json_output:
+        print_json(found)
+        return
+    table = Table()
+    for column in ("handler", "max attempts", "timeout", "description"):
+        table.add_column(column)
+    for h in found:
+        limit = f"{h.timeout_seconds:g} s" if h.timeout_seconds else "-"
+        table.add_row(h.name, str(h.max_attempts), limit, h.description)
+    out.print(table)
+
+
+def _lane_switch(
+    name: str, call: Callable[[Client, str], Awaitable[WorkerState]], done: str, summary: str
+) -> None:
+    """`worker pause` and `worker resume`: the same command around a different call."""
+
+    async def command(conn: Connection, *, lane: LaneOption = "") -> None:
+        async with conn.client(require_login=False) as client:
+            state = await call(client, lane)
+        out.print(f"{'lane ' + lane if lane else 'worker'} {done}; worker is {state.name}")
+
+    command.__doc__ = summary
+    app.command(name)(connected(command))
+
+
+_lane_switch(
+    "pause",
+    Client.pause,
+    "paused",
+    "Stop taking new requests (of one lane, or all); running ones finish.",
+)
+_lane_switch("resume", Client.resume, "resumed", "Undo pause.")
+
+
+@app.command("drain")
+@connected
+async def drain(
+    conn: Connection,
+    *,
+    grace: Annotated[
+        float,
+        typer.Option("--grace", min=0, help="Wait this long for running requests (0: server's)."),
+    ] = 0.0,
+) -> None:
+    """Finish running requests, then release every lane to other replicas."""
+    async with conn.client(require_login=False) as client:
+        state, abandoned = await client.drain(grace)
+    note = f"; {abandoned} requests handed back unfinished" if abandoned else ""
+    out.print(f"worker is {state.name}{note}")
+
+
+def register_commands(parent: typer.Typer) -> None:
+    parent.add_typer(app)
