@@ -37,6 +37,10 @@ service_env() {  # the environment every service (and migrate) runs with
   export FAIRLANE_WORKER_LISTEN="127.0.0.1:$WORKER_PORT"
   export FAIRLANE_AUTH_METRICS_PORT=0 FAIRLANE_QUEUE_METRICS_PORT=0 FAIRLANE_WORKER_METRICS_PORT=0
   export FAIRLANE_GRACE_SECONDS=5
+  # The bench registers up to thousands of users from this one address.
+  export FAIRLANE_REGISTER_PEER_FREE=1000000
+  # scripts/auth_bench.py plays callers at many addresses through x-forwarded-for.
+  export FAIRLANE_TRUSTED_PROXIES='["127.0.0.1/32"]'
 }
 
 wait_serving() {  # port name

@@ -20,7 +20,9 @@ BIN = Path(sys.executable).parent
 
 
 def generate(out: Path) -> list[Path]:
-    files = sorted(PROTOS.rglob("*.proto"))
+    # Only our own protos: the copies of google/rpc and grpc/health under protos/ are
+    # already generated in googleapis-common-protos and grpcio-health-checking.
+    files = sorted((PROTOS / "fairlane").rglob("*.proto"))
     well_known = str(resources.files("grpc_tools") / "_proto")
     args = [
         "grpc_tools.protoc",

@@ -66,7 +66,7 @@ def run_dev(*, broker: str, database: str, data_dir: str, demo: bool, trace_cons
         # One Prometheus registry per process: serve it once.
         metrics.serve_metrics(settings.metrics_host, settings.queue_metrics_port)
         components: list[Component] = [
-            AuthService(settings, engine=engine),
+            AuthService(settings, engine=engine, dev=True),
             WorkerService(settings, engine=engine, broker=shared),
             QueueService(settings, engine=engine, broker=shared),
         ]

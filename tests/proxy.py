@@ -13,6 +13,7 @@ class TcpProxy:
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.blocked = False
+        self.replies_held = False
         self.port = 0
 
     async def start(self) -> int:
@@ -31,8 +32,8 @@ class TcpProxy:
             return
         pair = (writer, up_writer)
         self._pairs.add(pair)
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(src, dst, pair))
+        for src, dst, replies in ((reader, up_writer, False), (up_reader, writer, True)):
+            task = asyncio.create_task(self._pipe(src, dst, pair, replies))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -41,9 +42,12 @@ class TcpProxy:
         src: asyncio.StreamReader,
         dst: asyncio.StreamWriter,
         pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
+        replies: bool,
     ) -> None:
         try:
             while data := await src.read(65536):
+                if replies and self.replies_held:
+                    continue  # lost on the way back
                 dst.write(data)
                 await dst.drain()
         except (ConnectionError, OSError):
@@ -61,8 +65,14 @@ class TcpProxy:
     def connections(self) -> int:
         return len(self._pairs)
 
+    def hold_replies(self) -> None:
+        """Drops what the server sends on the open connections from now on, until cut():
+        requests still arrive, their answers are lost."""
+        self.replies_held = True
+
     def cut(self) -> int:
         """Drops every open connection at once (both directions); returns how many."""
+        self.replies_held = False
         pairs = list(self._pairs)
         for pair in pairs:
             self._close(pair)

@@ -1,8 +1,7 @@
-"""Registration, login and token rotation rules, independent of gRPC."""
+"""Registration, login, token rotation and revocation rules, independent of gRPC."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import re
 import secrets
@@ -12,15 +11,20 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
 
+from services.auth import audit
+from services.auth.hashing import PasswordHashing
 from services.auth.keys import SigningKey
-from services.auth.store import AuthStore
-from services.core.tokens import ROLE_SERVICE, ROLE_USER
+from services.auth.passwords import MAX_PASSWORD, WeakPassword, check_new_password
+from services.auth.sealing import seal, unseal
+from services.auth.store import AuthStore, NewRefresh, RefreshRecord, UsernameTaken
+from services.auth.throttle import Rule, Throttle, Trip
+from services.core.tokens import FAMILY_CLAIM, ROLE_SERVICE, ROLE_USER
 
-USERNAME = re.compile(r"^[A-Za-z0-9._-]{3,64}$")
-MAX_PASSWORD = 1024
+USERNAME = re.compile(r"[A-Za-z0-9._-]{3,64}")
+# Access tokens issued just before a revocation may carry an `iat` a little after it on a
+# replica whose clock runs ahead; keep revoked families listed this much longer.
+CLOCK_SKEW = timedelta(seconds=60)
 
 
 class InvalidInput(Exception):
@@ -38,126 +42,255 @@ class TokenPair:
     expires_in: int
 
 
+@dataclass(frozen=True, slots=True)
+class Policy:
+    issuer: str
+    audience: str
+    access_ttl: int
+    refresh_ttl: int
+    refresh_reuse_interval: float
+    password_min_length: int
+    service_secret: str
+    login_user: Rule
+    login_peer: Rule
+    register_peer: Rule
+    service_peer: Rule
+
+
 def _hash_refresh(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _tripped(trip: Trip | None, **fields: Any) -> None:
+    if trip is not None:
+        audit.event(
+            audit.THROTTLE_TRIPPED,
+            rule=trip.rule,
+            events=trip.events,
+            blocked_for_s=trip.delay,
+            **fields,
+        )
 
 
 class Auth:
     def __init__(
         self,
+        *,
         store: AuthStore,
+        throttle: Throttle,
+        hashing: PasswordHashing,
         key: SigningKey,
         public_jwks: list[dict[str, Any]],
-        *,
-        issuer: str,
-        audience: str,
-        access_ttl: int,
-        refresh_ttl: int,
-        password_min_length: int,
-        service_secret: str,
+        policy: Policy,
     ) -> None:
         self._store = store
+        self._throttle = throttle
+        self._hashing = hashing
         self._key = key
         self._jwks = public_jwks
-        self._issuer = issuer
-        self._audience = audience
-        self._access_ttl = access_ttl
-        self._refresh_ttl = refresh_ttl
-        self._min_password = password_min_length
-        self._service_secret = service_secret
-        self._hasher = PasswordHasher()  # argon2id with the library's current recommended cost
-        # A real hash to verify against for unknown users, so timing does not tell
-        # whether a username exists.
-        self._dummy_hash = self._hasher.hash(secrets.token_hex(16))
+        self._p = policy
+        # A real hash to verify against for unknown users, so that an unknown user costs
+        # the same as a wrong password and the two cannot be told apart.
+        self._dummy_hash = hashing.hash_now(secrets.token_hex(16))
 
     def jwks(self) -> dict[str, Any]:
         return {"keys": self._jwks}
 
-    def _access_token(self, subject: str, name: str, role: str) -> str:
+    def _access_token(
+        self, subject: str, name: str, role: str, family: uuid.UUID | None = None
+    ) -> str:
         now = datetime.now(UTC)
         claims = {
             "sub": subject,
             "name": name,
             "role": role,
-            "iss": self._issuer,
-            "aud": self._audience,
+            "iss": self._p.issuer,
+            "aud": self._p.audience,
             "iat": now,
             "nbf": now,
-            "exp": now + timedelta(seconds=self._access_ttl),
+            "exp": now + timedelta(seconds=self._p.access_ttl),
             "jti": uuid.uuid4().hex,
         }
+        if family is not None:
+            claims[FAMILY_CLAIM] = str(family)
         return jwt.encode(
             claims, self._key.private_key, algorithm="EdDSA", headers={"kid": self._key.kid}
         )
 
-    async def _issue(self, user_id: uuid.UUID, username: str, family: uuid.UUID) -> TokenPair:
+    def _new_pair(
+        self, user_id: uuid.UUID, username: str, family: uuid.UUID, now: datetime
+    ) -> tuple[TokenPair, NewRefresh]:
         refresh = secrets.token_urlsafe(32)
-        now = datetime.now(UTC)
-        await self._store.add_refresh(
-            user_id=user_id,
-            family_id=family,
-            token_hash=_hash_refresh(refresh),
-            now=now,
-            expires_at=now + timedelta(seconds=self._refresh_ttl),
+        pair = TokenPair(
+            self._access_token(str(user_id), username, ROLE_USER, family),
+            refresh,
+            self._p.access_ttl,
         )
-        return TokenPair(
-            self._access_token(str(user_id), username, ROLE_USER), refresh, self._access_ttl
+        record = NewRefresh(
+            user_id, family, _hash_refresh(refresh), now + timedelta(seconds=self._p.refresh_ttl)
         )
+        return pair, record
 
-    async def register(self, username: str, password: str) -> uuid.UUID:
-        if not USERNAME.match(username):
+    # -- users ---------------------------------------------------------------------------
+
+    async def register(self, username: str, password: str, peer: str) -> uuid.UUID:
+        if not USERNAME.fullmatch(username):
             raise InvalidInput(
                 "username must be 3-64 characters of letters, digits, '.', '_' or '-'"
             )
-        if len(password) < self._min_password:
-            raise InvalidInput(f"password must be at least {self._min_password} characters")
-        if len(password) > MAX_PASSWORD:
-            raise InvalidInput(f"password must be at most {MAX_PASSWORD} characters")
-        if password.strip() == "" or len(set(password)) < 3:
-            raise InvalidInput("password is too weak: use more distinct characters")
-        password_hash = await asyncio.to_thread(self._hasher.hash, password)
-        return await self._store.create_user(username, password_hash, datetime.now(UTC))
-
-    async def login(self, username: str, password: str) -> TokenPair:
-        if not username or not password or len(password) > MAX_PASSWORD:
-            raise BadCredentials("wrong username or password")
-        user = await self._store.user_by_name(username)
-        stored = user.password_hash if user else self._dummy_hash
         try:
-            await asyncio.to_thread(self._hasher.verify, stored, password)
-        except (VerificationError, InvalidHashError):
-            raise BadCredentials("wrong username or password") from None
-        if user is None:
-            raise BadCredentials("wrong username or password")
-        if self._hasher.check_needs_rehash(stored):
-            new_hash = await asyncio.to_thread(self._hasher.hash, password)
-            await self._store.set_password_hash(user.id, new_hash)
-        return await self._issue(user.id, user.username, uuid.uuid4())
+            check_new_password(password, username=username, min_length=self._p.password_min_length)
+        except WeakPassword as exc:
+            raise InvalidInput(str(exc)) from None
+        rule = self._p.register_peer
+        await self._throttle.check((rule, peer))
+        _tripped(await self._throttle.hit(rule, peer), peer=peer)
+        # Checked before hashing, so that a taken name costs no hash.
+        if await self._store.username_taken(username):
+            raise UsernameTaken(username)
+        password_hash = await self._hashing.hash(password)
+        user_id = await self._store.create_user(username, password_hash, datetime.now(UTC))
+        audit.event(audit.REGISTERED, user_id=str(user_id), username=username, peer=peer)
+        return user_id
 
-    async def refresh(self, refresh_token: str) -> TokenPair:
+    async def login(self, username: str, password: str, peer: str) -> TokenPair:
+        subjects = ((self._p.login_user, username), (self._p.login_peer, peer))
+        await self._throttle.check(*subjects)
+        user = None
+        verified = False
+        # A name that cannot exist is not looked up; it fails like a wrong password.
+        if USERNAME.fullmatch(username) and password and len(password) <= MAX_PASSWORD:
+            user = await self._store.user_by_name(username)
+            stored = user.password_hash if user else self._dummy_hash
+            # Returning addresses go first when checks queue up. It depends on the address
+            # alone, so it tells nothing about whether the username exists.
+            priority = await self._throttle.trusted(peer)
+            verified = await self._hashing.verify(stored, password, priority=priority)
+        if user is None or not verified:
+            audit.event(
+                audit.LOGIN_FAILED,
+                username=audit.username_field(username),
+                peer=peer,
+                user_known=user is not None,
+            )
+            for rule, subject in subjects:
+                _tripped(
+                    await self._throttle.hit(rule, subject),
+                    username=audit.username_field(username),
+                    peer=peer,
+                )
+            raise BadCredentials("wrong username or password")
+        await self._throttle.clear(self._p.login_user, username)
+        await self._throttle.trust(peer)
+        if self._hashing.needs_rehash(user.password_hash):
+            await self._store.set_password_hash(user.id, await self._hashing.hash(password))
         now = datetime.now(UTC)
-        record = await self._store.spend_refresh(_hash_refresh(refresh_token), now)
+        family = uuid.uuid4()
+        pair, record = self._new_pair(user.id, user.username, family, now)
+        await self._store.add_refresh(record, now)
+        audit.event(
+            audit.LOGIN_SUCCEEDED,
+            user_id=str(user.id),
+            username=user.username,
+            peer=peer,
+            family_id=str(family),
+        )
+        return pair
+
+    # -- refresh tokens ------------------------------------------------------------------
+
+    async def refresh(self, refresh_token: str, peer: str) -> TokenPair:
+        now = datetime.now(UTC)
+        token_hash = _hash_refresh(refresh_token)
+        record = await self._store.refresh_record(token_hash)
         if record is None:
             raise BadCredentials("unknown refresh token")
-        if record.revoked_at is not None:
+        if record.revoked:
             raise BadCredentials("refresh token revoked")
-        if record.used_at is not None:
-            # A spent token came back: it was stolen or replayed. Kill the whole family.
-            await self._store.revoke_family(record.family_id, now)
-            raise BadCredentials("refresh token already used; every token of this login is revoked")
-        if record.expires_at.replace(tzinfo=record.expires_at.tzinfo or UTC) <= now:
+        if _aware(record.expires_at) <= now:
             raise BadCredentials("refresh token expired")
-        return await self._issue(record.user_id, record.username, record.family_id)
+        if record.used_at is None:
+            pair, successor = self._new_pair(record.user_id, record.username, record.family_id, now)
+            sealed = seal(refresh_token, _pair_dict(pair))
+            if await self._store.rotate(record.id, successor, sealed, now):
+                return pair
+            # Another call spent it first (or revoked the family): decide on what it wrote.
+            record = await self._store.refresh_record(token_hash)
+            if record is None or record.revoked:
+                raise BadCredentials("refresh token revoked")
+        return await self._spent_again(refresh_token, record, now, peer)
 
-    async def revoke(self, refresh_token: str) -> None:
-        family = await self._store.family_of(_hash_refresh(refresh_token))
-        if family is None:
+    async def _spent_again(
+        self, refresh_token: str, record: RefreshRecord, now: datetime, peer: str
+    ) -> TokenPair:
+        assert record.used_at is not None
+        since = (now - _aware(record.used_at)).total_seconds()
+        if since <= self._p.refresh_reuse_interval and record.successor_sealed is not None:
+            # Two processes of one login refreshing at once: both get the same pair.
+            pair = unseal(refresh_token, record.successor_sealed)
+            if pair is not None:
+                audit.event(
+                    audit.REUSE_TOLERATED,
+                    user_id=str(record.user_id),
+                    family_id=str(record.family_id),
+                    peer=peer,
+                    spent_for_s=round(since, 3),
+                )
+                return TokenPair(
+                    str(pair["access_token"]), str(pair["refresh_token"]), int(pair["expires_in"])
+                )
+        # A spent token came back later: it was stolen or replayed. Kill the whole family.
+        if await self._store.revoke_family(record.family_id, record.user_id, now, "reuse"):
+            audit.event(
+                audit.FAMILY_REVOKED_ON_REUSE,
+                user_id=str(record.user_id),
+                family_id=str(record.family_id),
+                peer=peer,
+                spent_for_s=round(since, 3),
+            )
+        raise BadCredentials("refresh token already used; every token of this login is revoked")
+
+    async def revoke(self, refresh_token: str, peer: str) -> None:
+        found = await self._store.family_of(_hash_refresh(refresh_token))
+        if found is None:
             raise BadCredentials("unknown refresh token")
-        await self._store.revoke_family(family, datetime.now(UTC))
+        family, user_id = found
+        if await self._store.revoke_family(family, user_id, datetime.now(UTC), "revoke"):
+            audit.event(audit.TOKEN_REVOKED, user_id=str(user_id), family_id=str(family), peer=peer)
 
-    def service_token(self, service: str, secret: str) -> tuple[str, int]:
-        if not service or not secrets.compare_digest(
-            secret.encode(), self._service_secret.encode()
-        ):
+    async def revoked_families(self) -> list[str]:
+        """Families whose access tokens may still be unexpired: the deny list."""
+        since = datetime.now(UTC) - timedelta(seconds=self._p.access_ttl) - CLOCK_SKEW
+        return [str(f) for f in await self._store.revoked_since(since)]
+
+    # -- services ------------------------------------------------------------------------
+
+    async def service_token(
+        self, service: str, secret: str, peer: str, role: str = ROLE_SERVICE
+    ) -> tuple[str, int]:
+        """A token for a service, or for an operator (role admin, subject admin:<name>)."""
+        if not USERNAME.fullmatch(service):
+            raise InvalidInput(
+                "service must be 3-64 characters of letters, digits, '.', '_' or '-'"
+            )
+        rule = self._p.service_peer
+        await self._throttle.check((rule, peer))
+        if not secrets.compare_digest(secret.encode(), self._p.service_secret.encode()):
+            audit.event(audit.SERVICE_TOKEN_REFUSED, service=service, peer=peer)
+            _tripped(await self._throttle.hit(rule, peer), peer=peer)
             raise BadCredentials("wrong service secret")
-        return self._access_token(f"service:{service}", service, ROLE_SERVICE), self._access_ttl
+        audit.event(audit.SERVICE_TOKEN_ISSUED, service=service, peer=peer, role=role)
+        token = self._access_token(f"{role}:{service}", service, role)
+        return token, self._p.access_ttl
+
+
+def _pair_dict(pair: TokenPair) -> dict[str, str | int]:
+    return {
+        "access_token": pair.access_token,
+        "refresh_token": pair.refresh_token,
+        "expires_in": pair.expires_in,
+    }

@@ -1,32 +1,76 @@
-"""Wires the auth service together: database, keys, domain, gRPC host, metrics."""
+"""Wires the auth service together: database, keys, throttles, hashing, domain, gRPC host."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.auth import keys
-from services.auth.domain import Auth
+from services.auth.domain import Auth, Policy
+from services.auth.hashing import PasswordHashing
 from services.auth.servicer import AuthServicer
 from services.auth.store import AuthStore
+from services.auth.throttle import Rule, Throttle
+from services.auth.throttle_store import ThrottleStore
 from services.core.db import engine_for
 from services.core.grpc_host import GrpcHost
+from services.core.logging import get_logger
+from services.core.peer import parse_networks
+from services.core.revocation import RevokedFamilies
 from services.core.settings import Settings
 from services.core.tokens import TokenVerifier
 
 SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
+PRUNE_EVERY_SECONDS = 300.0
+
+log = get_logger(__name__)
+
+
+def policy(s: Settings) -> Policy:
+    return Policy(
+        issuer=s.jwt_issuer,
+        audience=s.jwt_audience,
+        access_ttl=s.access_token_ttl_seconds,
+        refresh_ttl=s.refresh_token_ttl_seconds,
+        refresh_reuse_interval=s.refresh_reuse_interval_seconds,
+        password_min_length=s.password_min_length,
+        service_secret=s.service_secret,
+        login_user=Rule("login-user", s.login_user_free_failures),
+        login_peer=Rule("login-peer", s.login_peer_free_failures),
+        register_peer=Rule("register-peer", s.register_peer_free),
+        service_peer=Rule("service-peer", s.service_token_peer_free_failures),
+    )
 
 
 class AuthService:
     name = "auth"
 
-    def __init__(self, settings: Settings, engine: AsyncEngine | None = None) -> None:
+    def __init__(
+        self, settings: Settings, engine: AsyncEngine | None = None, *, dev: bool = False
+    ) -> None:
         self._settings = settings
+        self._dev = dev
         self._own_engine = engine is None
         self.engine = engine or engine_for(settings)
         self.host = GrpcHost(settings.auth_listen, [SERVICE_NAME])
+        self.hashing = PasswordHashing(
+            memory_kib=settings.argon2_memory_kib,
+            time_cost=settings.argon2_time_cost,
+            parallelism=settings.argon2_parallelism,
+            concurrency=settings.hash_concurrency,
+            max_waiting=settings.hash_queue_limit,
+        )
+        self.throttle = Throttle(
+            ThrottleStore(self.engine),
+            window=settings.throttle_window_seconds,
+            base_delay=settings.throttle_base_delay_seconds,
+            max_delay=settings.throttle_max_delay_seconds,
+        )
+        self._pruner: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -34,31 +78,54 @@ class AuthService:
 
     async def start(self) -> None:
         s = self._settings
-        key, public = await keys.load_or_create(self.engine)
+        encryption = keys.KeyEncryption.from_settings(s)
+        if encryption.current is None and not self._dev:
+            log.warning(
+                "signing_keys_unencrypted",
+                hint="set FAIRLANE_SIGNING_KEY_ENCRYPTION_KEY(_FILE) to encrypt them at rest",
+            )
+        key, public = await keys.load_or_create(self.engine, encryption)
         auth = Auth(
-            AuthStore(self.engine),
-            key,
-            public,
-            issuer=s.jwt_issuer,
-            audience=s.jwt_audience,
-            access_ttl=s.access_token_ttl_seconds,
-            refresh_ttl=s.refresh_token_ttl_seconds,
-            password_min_length=s.password_min_length,
-            service_secret=s.service_secret,
+            store=AuthStore(self.engine),
+            throttle=self.throttle,
+            hashing=self.hashing,
+            key=key,
+            public_jwks=public,
+            policy=policy(s),
         )
 
         async def local_jwks() -> str:
             return json.dumps(auth.jwks())
 
-        verifier = TokenVerifier(local_jwks, issuer=s.jwt_issuer, audience=s.jwt_audience)
+        verifier = TokenVerifier(
+            local_jwks,
+            issuer=s.jwt_issuer,
+            audience=s.jwt_audience,
+            revoked=RevokedFamilies(auth.revoked_families, max_age=s.revocation_refresh_seconds),
+        )
         await verifier.refresh()
+        self.host.authz.use(verifier)
         auth_pb2_grpc.add_AuthServiceServicer_to_server(
-            AuthServicer(auth, verifier), self.host.server
+            AuthServicer(auth, parse_networks(s.trusted_proxies)), self.host.server
         )
         await self.host.start()
         await self.host.set_serving(True)
+        self._pruner = asyncio.create_task(self._prune_throttles())
+
+    async def _prune_throttles(self) -> None:
+        while True:
+            await asyncio.sleep(PRUNE_EVERY_SECONDS)
+            try:
+                await self.throttle.prune()
+            except Exception as exc:  # the next round tries again
+                log.warning("throttle_prune_failed", error=type(exc).__name__)
 
     async def stop(self, grace: float) -> None:
+        if self._pruner is not None:
+            self._pruner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pruner
         await self.host.stop(grace)
+        self.hashing.close()
         if self._own_engine:
             await self.engine.dispose()

@@ -3,41 +3,72 @@
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
+from typing import NoReturn
 
 import grpc
 
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.auth.domain import Auth, BadCredentials, InvalidInput
+from services.auth.hashing import HashingBusy
 from services.auth.store import UsernameTaken
+from services.auth.throttle import Throttled
+from services.core import authz
 from services.core.grpc_host import ServicerContext, abort
-from services.core.tokens import TokenVerifier, authenticate
+from services.core.peer import Network, client_address
+from services.core.rich_status import abort_retry
+from services.core.tokens import ROLE_ADMIN, ROLE_SERVICE
 
 Context = ServicerContext
+# What a caller refused for a full password-check queue is told to wait.
+BUSY_RETRY_MS = 1000
+
+
+async def _refuse(context: Context, exc: Throttled | HashingBusy) -> NoReturn:
+    if isinstance(exc, Throttled):
+        delay_ms = max(1, math.ceil(exc.retry_after * 1000))
+        await abort_retry(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), delay_ms)
+    await abort_retry(
+        context,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "too many password checks in progress; retry shortly",
+        BUSY_RETRY_MS,
+    )
 
 
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
-    def __init__(self, auth: Auth, verifier: TokenVerifier) -> None:
+    def __init__(self, auth: Auth, trusted_proxies: Sequence[Network] = ()) -> None:
         self._auth = auth
-        self._verifier = verifier
+        self._proxies = list(trusted_proxies)
+
+    def _peer(self, context: Context) -> str:
+        return client_address(context, self._proxies)
 
     async def Register(
         self, request: auth_pb2.RegisterRequest, context: Context
     ) -> auth_pb2.RegisterResponse:
         try:
-            user_id = await self._auth.register(request.username, request.password)
+            user_id = await self._auth.register(
+                request.username, request.password, self._peer(context)
+            )
         except InvalidInput as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except UsernameTaken:
             await abort(context, grpc.StatusCode.ALREADY_EXISTS, "username is taken")
+        except (Throttled, HashingBusy) as exc:
+            await _refuse(context, exc)
         return auth_pb2.RegisterResponse(user_id=str(user_id))
 
     async def Login(
         self, request: auth_pb2.LoginRequest, context: Context
     ) -> auth_pb2.LoginResponse:
         try:
-            pair = await self._auth.login(request.username, request.password)
+            pair = await self._auth.login(request.username, request.password, self._peer(context))
         except BadCredentials as exc:
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        except (Throttled, HashingBusy) as exc:
+            await _refuse(context, exc)
         return auth_pb2.LoginResponse(
             access_token=pair.access_token,
             refresh_token=pair.refresh_token,
@@ -50,7 +81,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         if not request.refresh_token:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "refresh_token is required")
         try:
-            pair = await self._auth.refresh(request.refresh_token)
+            pair = await self._auth.refresh(request.refresh_token, self._peer(context))
         except BadCredentials as exc:
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
         return auth_pb2.RefreshResponse(
@@ -65,7 +96,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         if not request.refresh_token:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "refresh_token is required")
         try:
-            await self._auth.revoke(request.refresh_token)
+            await self._auth.revoke(request.refresh_token, self._peer(context))
         except BadCredentials as exc:
             await abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
         return auth_pb2.RevokeResponse()
@@ -73,7 +104,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def WhoAmI(
         self, request: auth_pb2.WhoAmIRequest, context: Context
     ) -> auth_pb2.WhoAmIResponse:
-        principal = await authenticate(self._verifier, context)
+        principal = authz.principal()
         return auth_pb2.WhoAmIResponse(user_id=principal.user_id, username=principal.username)
 
     async def GetJwks(
@@ -81,11 +112,25 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     ) -> auth_pb2.GetJwksResponse:
         return auth_pb2.GetJwksResponse(keys_json=json.dumps(self._auth.jwks()))
 
+    async def GetRevokedFamilies(
+        self, request: auth_pb2.GetRevokedFamiliesRequest, context: Context
+    ) -> auth_pb2.GetRevokedFamiliesResponse:
+        return auth_pb2.GetRevokedFamiliesResponse(family_ids=await self._auth.revoked_families())
+
     async def IssueServiceToken(
         self, request: auth_pb2.IssueServiceTokenRequest, context: Context
     ) -> auth_pb2.IssueServiceTokenResponse:
         try:
-            token, ttl = self._auth.service_token(request.service, request.secret)
+            token, ttl = await self._auth.service_token(
+                request.service,
+                request.secret,
+                self._peer(context),
+                ROLE_ADMIN if request.role == auth_pb2.SERVICE_TOKEN_ROLE_ADMIN else ROLE_SERVICE,
+            )
+        except InvalidInput as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except BadCredentials as exc:
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        except Throttled as exc:
+            await _refuse(context, exc)
         return auth_pb2.IssueServiceTokenResponse(access_token=token, expires_in=ttl)

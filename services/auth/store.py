@@ -10,7 +10,8 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.core.models import refresh_tokens, users
+from services.core.db import upsert
+from services.core.models import refresh_tokens, revoked_families, users
 
 
 class UsernameTaken(Exception):
@@ -32,7 +33,16 @@ class RefreshRecord:
     family_id: uuid.UUID
     expires_at: datetime
     used_at: datetime | None
-    revoked_at: datetime | None
+    successor_sealed: bytes | None
+    revoked: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NewRefresh:
+    user_id: uuid.UUID
+    family_id: uuid.UUID
+    token_hash: str
+    expires_at: datetime
 
 
 class AuthStore:
@@ -69,70 +79,98 @@ class AuthStore:
                 users.update().where(users.c.id == user_id).values(password_hash=password_hash)
             )
 
-    async def add_refresh(
-        self,
-        *,
-        user_id: uuid.UUID,
-        family_id: uuid.UUID,
-        token_hash: str,
-        now: datetime,
-        expires_at: datetime,
-    ) -> None:
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                refresh_tokens.insert().values(
-                    id=uuid.uuid4(),
-                    user_id=user_id,
-                    family_id=family_id,
-                    token_hash=token_hash,
-                    created_at=now,
-                    expires_at=expires_at,
-                )
-            )
+    async def username_taken(self, username: str) -> bool:
+        async with self._engine.connect() as conn:
+            found = (
+                await conn.execute(sa.select(users.c.id).where(users.c.username == username))
+            ).first()
+        return found is not None
 
-    async def spend_refresh(self, token_hash: str, now: datetime) -> RefreshRecord | None:
-        """Marks the token used and returns it as it was before, in one transaction."""
+    @staticmethod
+    def _refresh_row(token: NewRefresh, now: datetime) -> dict[str, object]:
+        return {
+            "id": uuid.uuid4(),
+            "user_id": token.user_id,
+            "family_id": token.family_id,
+            "token_hash": token.token_hash,
+            "created_at": now,
+            "expires_at": token.expires_at,
+        }
+
+    async def add_refresh(self, token: NewRefresh, now: datetime) -> None:
         async with self._engine.begin() as conn:
+            await conn.execute(refresh_tokens.insert().values(self._refresh_row(token, now)))
+
+    async def refresh_record(self, token_hash: str) -> RefreshRecord | None:
+        rt = refresh_tokens.c
+        async with self._engine.connect() as conn:
             row = (
                 await conn.execute(
                     sa.select(
-                        refresh_tokens.c.id,
-                        refresh_tokens.c.user_id,
+                        rt.id,
+                        rt.user_id,
                         users.c.username,
-                        refresh_tokens.c.family_id,
-                        refresh_tokens.c.expires_at,
-                        refresh_tokens.c.used_at,
-                        refresh_tokens.c.revoked_at,
+                        rt.family_id,
+                        rt.expires_at,
+                        rt.used_at,
+                        rt.successor_sealed,
+                        revoked_families.c.family_id.is_not(None),
                     )
-                    .join(users, users.c.id == refresh_tokens.c.user_id)
-                    .where(refresh_tokens.c.token_hash == token_hash)
-                    .with_for_update(of=refresh_tokens)
+                    .join(users, users.c.id == rt.user_id)
+                    .outerjoin(revoked_families, revoked_families.c.family_id == rt.family_id)
+                    .where(rt.token_hash == token_hash)
                 )
             ).first()
-            if row is None:
-                return None
-            if row.used_at is None:
-                await conn.execute(
-                    refresh_tokens.update().where(refresh_tokens.c.id == row.id).values(used_at=now)
-                )
-        return RefreshRecord(*row)
+        return RefreshRecord(*row) if row else None
 
-    async def revoke_family(self, family_id: uuid.UUID, now: datetime) -> None:
+    async def rotate(
+        self, spent_id: uuid.UUID, successor: NewRefresh, sealed: bytes, now: datetime
+    ) -> bool:
+        """Spends a token and stores its successor in one transaction. False when another
+        call spent it first or its family is revoked: nothing is written then."""
+        rt = refresh_tokens.c
+        not_revoked = ~sa.exists().where(revoked_families.c.family_id == successor.family_id)
         async with self._engine.begin() as conn:
-            await conn.execute(
+            # The conditional UPDATE is the arbiter between concurrent refreshes of one
+            # token, on PostgreSQL (row lock, re-checked after the wait) and SQLite alike.
+            spent = await conn.execute(
                 refresh_tokens.update()
-                .where(
-                    refresh_tokens.c.family_id == family_id, refresh_tokens.c.revoked_at.is_(None)
-                )
-                .values(revoked_at=now)
+                .where(rt.id == spent_id, rt.used_at.is_(None), not_revoked)
+                .values(used_at=now, successor_sealed=sealed)
             )
+            if spent.rowcount != 1:
+                return False
+            await conn.execute(refresh_tokens.insert().values(self._refresh_row(successor, now)))
+        return True
 
-    async def family_of(self, token_hash: str) -> uuid.UUID | None:
+    async def revoke_family(
+        self, family_id: uuid.UUID, user_id: uuid.UUID, now: datetime, reason: str
+    ) -> bool:
+        """True when this call revoked it, False when it already was."""
+        insert = upsert(self._engine.dialect.name, revoked_families)
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                insert.values(
+                    family_id=family_id, user_id=user_id, revoked_at=now, reason=reason
+                ).on_conflict_do_nothing(index_elements=[revoked_families.c.family_id])
+            )
+        return bool(result.rowcount)
+
+    async def family_of(self, token_hash: str) -> tuple[uuid.UUID, uuid.UUID] | None:
+        """(family id, user id) of a refresh token."""
+        rt = refresh_tokens.c
         async with self._engine.connect() as conn:
-            return (
+            row = (
                 await conn.execute(
-                    sa.select(refresh_tokens.c.family_id).where(
-                        refresh_tokens.c.token_hash == token_hash
-                    )
+                    sa.select(rt.family_id, rt.user_id).where(rt.token_hash == token_hash)
                 )
-            ).scalar_one_or_none()
+            ).first()
+        return (row.family_id, row.user_id) if row else None
+
+    async def revoked_since(self, since: datetime) -> list[uuid.UUID]:
+        """Families revoked after `since`: the deny list services fetch."""
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(revoked_families.c.family_id).where(revoked_families.c.revoked_at > since)
+            )
+            return [r.family_id for r in rows]

@@ -1,23 +1,38 @@
-"""Broker on RabbitMQ through aio-pika (robust connection, publisher confirms)."""
+"""Broker on RabbitMQ through aio-pika: a cluster of nodes, publisher confirms, and two
+connections per process.
+
+- The data connection carries what the service lives on: lane publishes and consumers,
+  result and control events. It never sends an operation the broker may refuse at
+  connection level (a non-passive declare or a delete), so such a refusal can never drop
+  the data path.
+- The housekeeping connection declares and deletes lanes and reads their counters. If the
+  broker closes it (RabbitMQ answers some refused operations with Connection.Close), only
+  housekeeping waits for its reconnect.
+
+Both connect to any node of FAIRLANE_BROKER_URL and move to another node on loss (see
+amqp_connection.NodeConnection).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
 import aiormq
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractExchange,
     AbstractIncomingMessage,
-    AbstractRobustConnection,
 )
 
 from services.core import metrics
+from services.core.amqp_connection import BrokerUnreachable, NodeConnection, broker_nodes
 from services.core.broker import (
     CONTROL_EXCHANGE,
     DEAD_EXCHANGE,
@@ -29,8 +44,13 @@ from services.core.broker import (
     DeliveryHandler,
     LaneFull,
     LaneMissing,
+    LaneStats,
+    ResultsUnroutable,
     lane_queue,
 )
+from services.core.logging import get_logger
+
+log = get_logger(__name__)
 
 QUORUM_RETRY_DELAY = 0.05  # seconds before a nacked quorum publish is tried on a new channel
 _PUBLISH_ERRORS = (
@@ -38,6 +58,12 @@ _PUBLISH_ERRORS = (
     aiormq.exceptions.ChannelInvalidStateError,  # a RuntimeError: the channel died
     ConnectionError,
     asyncio.TimeoutError,
+)
+_EXCHANGES = (
+    (REQUESTS_EXCHANGE, aio_pika.ExchangeType.DIRECT),
+    (RESULTS_EXCHANGE, aio_pika.ExchangeType.DIRECT),
+    (CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT),
+    (DEAD_EXCHANGE, aio_pika.ExchangeType.FANOUT),
 )
 
 
@@ -76,15 +102,30 @@ class AmqpLaneConsumer:
 
     def __init__(self, channel: AbstractChannel) -> None:
         self._channel = channel
+        self.cancelled_by_broker = False  # the lane queue was deleted under us
+        self.last_delivery = 0.0
+
+    def _on_broker_cancel(self, *_: Any) -> None:
+        self.cancelled_by_broker = True
+
+    def delivered(self) -> None:
+        self.last_delivery = time.monotonic()
 
     @property
     def alive(self) -> bool:
-        return not self._channel.is_closed
+        return not self._channel.is_closed and not self.cancelled_by_broker
 
     async def cancel(self) -> None:
         # If the connection is gone, the broker already released the lane.
         with contextlib.suppress(*_PUBLISH_ERRORS):
             await self._channel.close()
+
+
+@dataclass(slots=True)
+class _Subscription:
+    exchange: str
+    route: str
+    handler: BytesHandler
 
 
 class AmqpBroker:
@@ -96,105 +137,167 @@ class AmqpBroker:
         queue_type: str = "classic",
         publish_timeout: float = 10.0,
     ) -> None:
-        self._url = url
+        nodes = broker_nodes(url)
         self._lane_args: dict[str, Any] = {
             "x-single-active-consumer": True,
             "x-max-length": lane_max_length,
             "x-overflow": "reject-publish",
             "x-queue-type": queue_type,
         }
+        self._quorum = queue_type == "quorum"
         self._timeout = publish_timeout
-        self._conn: AbstractRobustConnection | None = None
+        self._data = NodeConnection(
+            nodes, name="data", on_connected=self._setup_data, timeout=publish_timeout
+        )
+        self._admin = NodeConnection(
+            nodes, name="housekeeping", on_connected=self._setup_admin, timeout=publish_timeout
+        )
         self._pub: AbstractChannel | None = None
-        self._consume: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
+        self._admin_channel: AbstractChannel | None = None
+        self._consume: AbstractChannel | None = None
         self._declared: set[str] = set()
-        self._reconnect_listeners: list[Callable[[], None]] = []
+        self._subscriptions: list[_Subscription] = []
+        self._data.on_reconnected(self._declared.clear)
+
+    # -- connections --------------------------------------------------------------------
 
     @property
     def is_connected(self) -> bool:
-        return self._conn is not None and not self._conn.is_closed and self._conn.connected.is_set()
+        """The data path is up (housekeeping may be reconnecting meanwhile)."""
+        return self._data.is_connected
+
+    @property
+    def node(self) -> str:
+        """host:port of the node the data connection is on."""
+        return self._data.node
 
     async def connect(self) -> None:
         try:
-            self._conn = await aio_pika.connect_robust(self._url, timeout=self._timeout)
-            self._conn.reconnect_callbacks.add(self._reconnected)
-            self._pub = await self._conn.channel(publisher_confirms=True)
-            self._consume = await self._conn.channel(publisher_confirms=False)
-            for name, kind in (
-                (REQUESTS_EXCHANGE, aio_pika.ExchangeType.DIRECT),
-                (RESULTS_EXCHANGE, aio_pika.ExchangeType.DIRECT),
-                (CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT),
-                (DEAD_EXCHANGE, aio_pika.ExchangeType.FANOUT),
-            ):
-                self._exchanges[name] = await self._pub.declare_exchange(name, kind, durable=True)
-            dead = await self._pub.declare_queue(DEAD_QUEUE, durable=True)
-            await dead.bind(self._exchanges[DEAD_EXCHANGE])
-        except _PUBLISH_ERRORS as exc:
+            # Housekeeping first: it declares the exchanges the data path binds to.
+            await self._admin.start()
+            await self._data.start()
+        except BrokerUnreachable as exc:
             await self.close()
             raise BrokerError(f"cannot connect to RabbitMQ: {exc}") from exc
 
     def on_reconnect(self, listener: Callable[[], None]) -> None:
-        self._reconnect_listeners.append(listener)
-
-    def _reconnected(self, *_: Any) -> None:
-        self._declared.clear()
-        for listener in self._reconnect_listeners:
-            listener()
+        self._data.on_reconnected(listener)
 
     async def close(self) -> None:
-        if self._conn is not None:
-            await self._conn.close()
-        self._conn = None
+        await self._data.close()
+        await self._admin.close()
 
-    def _channel(self, consume: bool = False) -> AbstractChannel:
-        channel = self._consume if consume else self._pub
-        if channel is None:
-            raise BrokerError("broker not connected")
+    async def _setup_admin(self, connection: AbstractConnection) -> None:
+        channel = await connection.channel(publisher_confirms=False)
+        exchanges = {}
+        for name, kind in _EXCHANGES:
+            exchanges[name] = await channel.declare_exchange(name, kind, durable=True)
+        dead = await channel.declare_queue(DEAD_QUEUE, durable=True)
+        await dead.bind(exchanges[DEAD_EXCHANGE])
+        self._admin_channel = channel
+
+    async def _setup_data(self, connection: AbstractConnection) -> None:
+        pub = await connection.channel(publisher_confirms=True)
+        exchanges = {name: await pub.get_exchange(name, ensure=False) for name, _ in _EXCHANGES}
+        consume = await connection.channel(publisher_confirms=False)
+        for sub in self._subscriptions:
+            await self._bind_subscription(consume, exchanges[sub.exchange], sub)
+        self._pub, self._exchanges = pub, exchanges
+        self._consume = consume
+
+    async def _housekeeping(self) -> AbstractChannel:
+        """The shared housekeeping channel (declares), reopened if an error closed it."""
+        channel = self._admin_channel
+        if channel is None or channel.is_closed:
+            channel = await self._admin_connection().channel(publisher_confirms=False)
+            self._admin_channel = channel
         return channel
+
+    def _admin_connection(self) -> AbstractConnection:
+        connection = self._admin.connection
+        if connection is None or not self._admin.is_connected:
+            raise BrokerError("housekeeping connection to RabbitMQ is down")
+        return connection
+
+    @contextlib.asynccontextmanager
+    async def _scratch(self) -> AsyncIterator[aiormq.abc.AbstractChannel]:
+        """A housekeeping channel of its own, for an operation that may close it (a
+        passive declare of a missing queue, a refused delete)."""
+        channel = await self._admin_connection().channel(publisher_confirms=False)
+        try:
+            yield await channel.get_underlay_channel()
+        finally:
+            if not channel.is_closed:
+                with contextlib.suppress(*_PUBLISH_ERRORS):
+                    await channel.close()
+
+    def _data_connection(self) -> AbstractConnection:
+        connection = self._data.connection
+        if connection is None or not self._data.is_connected:
+            raise BrokerError("broker not connected")
+        return connection
+
+    # -- lanes --------------------------------------------------------------------------
 
     async def declare_lane(self, user_id: str) -> None:
         name = lane_queue(user_id)
         if name in self._declared:
             return
         try:
-            queue = await self._channel().declare_queue(
-                name, durable=True, arguments=self._lane_args
-            )
-            await queue.bind(self._exchanges[REQUESTS_EXCHANGE], routing_key=user_id)
+            channel = await self._housekeeping()
+            queue = await channel.declare_queue(name, durable=True, arguments=self._lane_args)
+            await queue.bind(REQUESTS_EXCHANGE, routing_key=user_id)
         except _PUBLISH_ERRORS as exc:
             raise BrokerError(f"cannot declare lane {name}: {exc}") from exc
         self._declared.add(name)
 
-    async def _publish(
-        self,
-        exchange: str,
-        routing_key: str,
-        body: bytes,
-        headers: dict[str, str] | None = None,
-        *,
-        persistent: bool,
-        mandatory: bool,
-    ) -> Any:
-        message = aio_pika.Message(
-            body,
-            headers=headers or None,  # type: ignore[arg-type]
-            delivery_mode=(
-                aio_pika.DeliveryMode.PERSISTENT
-                if persistent
-                else aio_pika.DeliveryMode.NOT_PERSISTENT
-            ),
-        )
-        started = time.perf_counter()
+    async def lane_stats(self, user_id: str) -> LaneStats | None:
         try:
-            result = await self._exchanges[exchange].publish(
-                message, routing_key, mandatory=mandatory, timeout=self._timeout
-            )
-        except KeyError as exc:
-            raise BrokerError("broker not connected") from exc
-        finally:
-            metrics.PUBLISH_SECONDS.labels(exchange).observe(time.perf_counter() - started)
-        return result
+            async with self._scratch() as channel:
+                ok = await channel.queue_declare(
+                    lane_queue(user_id), passive=True, timeout=self._timeout
+                )
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+        except _PUBLISH_ERRORS as exc:
+            raise BrokerError(f"cannot read lane {user_id}: {exc}") from exc
+        return LaneStats(messages=int(ok.message_count or 0), consumers=int(ok.consumer_count or 0))
+
+    async def delete_lane(self, user_id: str) -> bool:
+        """Deletes the lane unless it holds ready messages; False if it held some.
+
+        Classic lanes use RabbitMQ's if-empty, which checks and deletes in one step.
+        Quorum queues refuse if-empty (and if-unused) with a connection-level
+        NOT_IMPLEMENTED in RabbitMQ 3.10, so a quorum lane is read (passive declare) and
+        then deleted. A message arriving between the two would be lost: the caller must
+        fence publishes first (LaneJanitor holds the lane's row in the request log, see
+        janitor.py), and this check only backs that up."""
+        name = lane_queue(user_id)
+        try:
+            if self._quorum:
+                stats = await self.lane_stats(user_id)
+                if stats is None:
+                    self._declared.discard(name)
+                    return True
+                if stats.messages:
+                    return False
+            async with self._scratch() as channel:
+                ok = await channel.queue_delete(
+                    name, if_empty=not self._quorum, timeout=self._timeout
+                )
+        except aiormq.exceptions.ChannelPreconditionFailed:
+            return False  # classic if-empty: a message arrived meanwhile
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            pass  # already gone
+        except _PUBLISH_ERRORS as exc:
+            raise BrokerError(f"cannot delete lane {name}: {exc}") from exc
+        else:
+            if ok.message_count:
+                # Cannot happen while the caller fences publishes; say so loudly.
+                log.error("lane_deleted_with_messages", lane=user_id, count=ok.message_count)
+        self._declared.discard(name)
+        return True
 
     async def publish_lane(self, user_id: str, body: bytes, headers: dict[str, str]) -> None:
         try:
@@ -202,11 +305,11 @@ class AmqpBroker:
                 REQUESTS_EXCHANGE, user_id, body, headers, persistent=True, mandatory=True
             )
         except aio_pika.exceptions.DeliveryError as exc:
-            if self._lane_args["x-queue-type"] != "quorum":
+            if not self._quorum:
                 raise LaneFull(f"lane {user_id} is full") from exc
             # On a quorum lane a nack can also mean a leader change, and RabbitMQ 3.10 keeps
-            # nacking a channel opened before the new leader was known (DESIGN.md): try once
-            # more on a fresh channel before calling the lane full.
+            # nacking a channel opened before the new leader was known: try once more on a
+            # fresh channel before calling the lane full.
             result = await self._publish_on_fresh_channel(user_id, body, headers)
         except _PUBLISH_ERRORS as exc:
             raise BrokerError(f"publish to lane failed: {exc}") from exc
@@ -219,81 +322,126 @@ class AmqpBroker:
     async def _publish_on_fresh_channel(
         self, user_id: str, body: bytes, headers: dict[str, str]
     ) -> Any:
-        if self._conn is None:
-            raise BrokerError("broker not connected")
+        connection = self._data_connection()
         await asyncio.sleep(QUORUM_RETRY_DELAY)
-        channel = await self._conn.channel(publisher_confirms=True)
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+        except _PUBLISH_ERRORS as exc:
+            raise BrokerError(f"publish to lane failed: {exc}") from exc
         try:
             exchange = await channel.get_exchange(REQUESTS_EXCHANGE, ensure=False)
-            message = aio_pika.Message(
-                body,
-                headers=headers or None,  # type: ignore[arg-type]
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            return await exchange.publish(
+                _message(body, headers, persistent=True),
+                user_id,
+                mandatory=True,
+                timeout=self._timeout,
             )
-            return await exchange.publish(message, user_id, mandatory=True, timeout=self._timeout)
         except aio_pika.exceptions.DeliveryError as exc:
             raise LaneFull(f"lane {user_id} is full") from exc
+        except _PUBLISH_ERRORS as exc:
+            raise BrokerError(f"publish to lane failed: {exc}") from exc
         finally:
-            await channel.close()
+            with contextlib.suppress(*_PUBLISH_ERRORS):
+                await channel.close()
 
     async def consume_lane(
         self, user_id: str, handler: DeliveryHandler, *, prefetch: int
     ) -> AmqpLaneConsumer:
-        if self._conn is None:
-            raise BrokerError("broker not connected")
+        """Consumes an existing lane (passive declare: a consumer never creates or
+        re-creates a lane; LaneMissing if the queue service has not declared it or the
+        janitor deleted it)."""
         try:
-            channel = await self._conn.channel(publisher_confirms=False)
+            channel = await self._data_connection().channel(publisher_confirms=False)
+        except _PUBLISH_ERRORS as exc:
+            raise BrokerError(f"cannot consume lane {user_id}: {exc}") from exc
+        consumer = AmqpLaneConsumer(channel)
+        try:
             await channel.set_qos(prefetch_count=prefetch)
-            queue = await channel.declare_queue(
-                lane_queue(user_id), durable=True, arguments=self._lane_args
-            )
-            await queue.bind(self._exchanges[REQUESTS_EXCHANGE], routing_key=user_id)
+            queue = await channel.declare_queue(lane_queue(user_id), passive=True)
+            underlay = await channel.get_underlay_channel()
+            underlay.on_consumer_cancel_callbacks.add(consumer._on_broker_cancel)
 
             async def on_message(message: AbstractIncomingMessage) -> None:
+                consumer.delivered()
                 await handler(AmqpDelivery(message))
 
             await queue.consume(on_message)
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise LaneMissing(f"lane {user_id} does not exist") from exc
         except _PUBLISH_ERRORS as exc:
-            raise BrokerError(f"cannot consume lane {user_id}: {exc}") from exc
-        return AmqpLaneConsumer(channel)
-
-    async def delete_lane(self, user_id: str) -> bool:
-        """Deletes the lane only if it holds no message; False if it was not empty."""
-        if self._conn is None:
-            raise BrokerError("broker not connected")
-        name = lane_queue(user_id)
-        # A refused delete closes its channel, so use a throwaway one.
-        channel = await self._conn.channel(publisher_confirms=False)
-        try:
-            await channel.queue_delete(name, if_empty=True)
-        except aiormq.exceptions.ChannelPreconditionFailed:
-            return False
-        except _PUBLISH_ERRORS as exc:
-            raise BrokerError(f"cannot delete lane {name}: {exc}") from exc
-        finally:
-            if not channel.is_closed:
+            with contextlib.suppress(*_PUBLISH_ERRORS):
                 await channel.close()
-        self._declared.discard(name)
-        return True
+            raise BrokerError(f"cannot consume lane {user_id}: {exc}") from exc
+        return consumer
+
+    # -- events -------------------------------------------------------------------------
+
+    async def _publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        headers: dict[str, str] | None = None,
+        *,
+        persistent: bool,
+        mandatory: bool,
+    ) -> Any:
+        started = time.perf_counter()
+        try:
+            target = self._exchanges[exchange]
+        except KeyError as exc:
+            raise BrokerError("broker not connected") from exc
+        if not self._data.is_connected:
+            raise BrokerError("broker not connected")
+        try:
+            return await target.publish(
+                _message(body, headers, persistent=persistent),
+                routing_key,
+                mandatory=mandatory,
+                timeout=self._timeout,
+            )
+        finally:
+            metrics.PUBLISH_SECONDS.labels(exchange).observe(time.perf_counter() - started)
 
     async def publish_results(self, route: str, body: bytes) -> None:
+        """Confirmed and mandatory: returns once the broker holds the event for the queue
+        replica bound to `route`; ResultsUnroutable if no replica is bound (it died, or is
+        reconnecting); BrokerError if the broker did not confirm."""
         try:
-            await self._publish(RESULTS_EXCHANGE, route, body, persistent=False, mandatory=False)
+            result = await self._publish(
+                RESULTS_EXCHANGE, route, body, persistent=False, mandatory=True
+            )
+        except aio_pika.exceptions.DeliveryError as exc:
+            raise BrokerError(f"results for {route} were not confirmed: {exc}") from exc
         except _PUBLISH_ERRORS as exc:
             raise BrokerError(f"publish of results failed: {exc}") from exc
+        if not isinstance(result, aiormq.spec.Basic.Ack):
+            raise ResultsUnroutable(f"no queue replica is bound to results route {route}")
 
-    async def _consume_bytes(self, exchange: str, route: str, handler: BytesHandler) -> None:
-        channel = self._channel(consume=True)
+    async def _bind_subscription(
+        self, channel: AbstractChannel, exchange: AbstractExchange, sub: _Subscription
+    ) -> None:
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await queue.bind(self._exchanges[exchange], routing_key=route)
+        await queue.bind(exchange, routing_key=sub.route)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
-            await handler(message.body)
+            await sub.handler(message.body)
 
         await queue.consume(on_message, no_ack=True)
 
+    async def _subscribe(self, exchange: str, route: str, handler: BytesHandler) -> None:
+        sub = _Subscription(exchange, route, handler)
+        if self._consume is None or exchange not in self._exchanges:
+            raise BrokerError("broker not connected")
+        try:
+            await self._bind_subscription(self._consume, self._exchanges[exchange], sub)
+        except _PUBLISH_ERRORS as exc:
+            raise BrokerError(f"cannot subscribe to {exchange}: {exc}") from exc
+        # Bound again on every reconnect (the queue is exclusive to the connection).
+        self._subscriptions.append(sub)
+
     async def consume_results(self, route: str, handler: BytesHandler) -> None:
-        await self._consume_bytes(RESULTS_EXCHANGE, route, handler)
+        await self._subscribe(RESULTS_EXCHANGE, route, handler)
 
     async def publish_control(self, body: bytes) -> None:
         try:
@@ -302,10 +450,20 @@ class AmqpBroker:
             raise BrokerError(f"publish of control event failed: {exc}") from exc
 
     async def consume_control(self, handler: BytesHandler) -> None:
-        await self._consume_bytes(CONTROL_EXCHANGE, "", handler)
+        await self._subscribe(CONTROL_EXCHANGE, "", handler)
 
     async def publish_dead(self, body: bytes, headers: dict[str, str]) -> None:
         try:
             await self._publish(DEAD_EXCHANGE, "", body, headers, persistent=True, mandatory=False)
         except _PUBLISH_ERRORS as exc:
             raise BrokerError(f"publish to {DEAD_EXCHANGE} failed: {exc}") from exc
+
+
+def _message(body: bytes, headers: dict[str, str] | None, *, persistent: bool) -> aio_pika.Message:
+    return aio_pika.Message(
+        body,
+        headers=headers or None,  # type: ignore[arg-type]
+        delivery_mode=(
+            aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT
+        ),
+    )

@@ -1,4 +1,5 @@
-"""Inter-service calls to AuthService: JWKS for verification, service tokens for workers."""
+"""Inter-service calls to AuthService: JWKS and revoked families for verification, service
+tokens for workers."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import grpc
 
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.core.grpc_host import insecure_channel
+from services.core.revocation import RevokedFamilies
+from services.core.settings import Settings
+from services.core.tokens import TokenVerifier
 
 
 class AuthClient:
@@ -23,6 +27,24 @@ class AuthClient:
         response = await self._stub.GetJwks(auth_pb2.GetJwksRequest(), timeout=self._timeout)
         keys: str = response.keys_json
         return keys
+
+    async def revoked_families(self) -> list[str]:
+        response = await self._stub.GetRevokedFamilies(
+            auth_pb2.GetRevokedFamiliesRequest(), timeout=self._timeout
+        )
+        return list(response.family_ids)
+
+    def token_verifier(self, settings: Settings) -> TokenVerifier:
+        """The verifier every service uses: keys and revoked families from this auth."""
+        return TokenVerifier(
+            self.jwks,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            refresh_seconds=settings.jwks_refresh_seconds,
+            revoked=RevokedFamilies(
+                self.revoked_families, max_age=settings.revocation_refresh_seconds
+            ),
+        )
 
     async def service_token(self, service: str, secret: str) -> str:
         """A cached service token, renewed a minute before it expires."""

@@ -8,6 +8,7 @@ taken responsibility for the message (publisher confirm).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 REQUESTS_EXCHANGE = "fairlane.requests"
@@ -33,6 +34,20 @@ class LaneFull(BrokerError):
     """The lane refused the message because it holds lane_max_length messages."""
 
 
+class ResultsUnroutable(BrokerError):
+    """No queue replica is bound to the results route: it died, or it is reconnecting to
+    another broker node. Retrying helps only in the second case; the results are in the
+    request log either way."""
+
+
+@dataclass(frozen=True, slots=True)
+class LaneStats:
+    messages: int  # ready, not delivered
+    # The active consumer and the waiting ones; RabbitMQ quorum queues with single active
+    # consumer report only the active one.
+    consumers: int
+
+
 class Delivery(Protocol):
     body: bytes
     headers: dict[str, str]
@@ -53,7 +68,13 @@ BytesHandler = Callable[[bytes], Awaitable[None]]
 class LaneConsumer(Protocol):
     @property
     def alive(self) -> bool:
-        """False once the consumer stopped receiving (cancelled, or its channel died)."""
+        """False once the consumer stopped receiving (cancelled by us or by the broker
+        because the lane was deleted, or its channel died)."""
+
+    @property
+    def last_delivery(self) -> float:
+        """time.monotonic() of the last delivery to this consumer, 0.0 if none yet. Under
+        single active consumer, a recent delivery means this consumer is the active one."""
 
     async def cancel(self) -> None:
         """Stop consuming. Unacked deliveries go back to the lane in their original
@@ -70,19 +91,29 @@ class Broker(Protocol):
     def on_reconnect(self, listener: Callable[[], None]) -> None:
         """Calls `listener` after the broker connection was re-established."""
 
-    async def declare_lane(self, user_id: str) -> None: ...
+    async def declare_lane(self, user_id: str) -> None:
+        """Creates the lane and binds it (idempotent, cached per process)."""
+
+    async def lane_stats(self, user_id: str) -> LaneStats | None:
+        """Ready messages and consumers of the lane; None if it does not exist."""
 
     async def publish_lane(self, user_id: str, body: bytes, headers: dict[str, str]) -> None:
         """Durable, confirmed publish to a lane; raises LaneFull or BrokerError."""
 
     async def consume_lane(
         self, user_id: str, handler: DeliveryHandler, *, prefetch: int
-    ) -> LaneConsumer: ...
+    ) -> LaneConsumer:
+        """Consumes an existing lane; LaneMissing if it does not exist (never creates it)."""
 
     async def delete_lane(self, user_id: str) -> bool:
-        """Deletes the lane if it holds no ready message (RabbitMQ's if-empty)."""
+        """Deletes the lane if it holds no ready message; False if it holds some. Safe
+        against a concurrent publish only if the caller fences publishes to the lane
+        (classic RabbitMQ lanes are checked atomically; quorum lanes cannot be)."""
 
-    async def publish_results(self, route: str, body: bytes) -> None: ...
+    async def publish_results(self, route: str, body: bytes) -> None:
+        """Returns once the broker holds the event for the route's consumer; raises
+        ResultsUnroutable if nobody is bound to the route, BrokerError if unconfirmed."""
+
     async def consume_results(self, route: str, handler: BytesHandler) -> None: ...
     async def publish_control(self, body: bytes) -> None: ...
     async def consume_control(self, handler: BytesHandler) -> None: ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from typing import Any, NoReturn, TypeAlias
 
@@ -9,8 +10,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from fairlane.client.channels import grpc_target
 from services.core import tracing
+from services.core.authz import AuthzInterceptor
 from services.core.grpc_metrics import MetricsInterceptor
+from services.core.tokens import TokenVerifier
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
@@ -32,20 +36,37 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # A target naming several replicas (a list, or dns:/// with many records): spread the
+    # calls and skip a dead replica, instead of sticking to the first address.
+    ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
 ]
+
+# The health service name that answers for the process alone: SERVING while its event loop
+# runs (a stuck loop cannot answer), whatever its dependencies do. Liveness and startup
+# probes ask this one; readiness asks "" or the service's name, which follow the
+# dependencies (services/core/health.py).
+LIVENESS = "liveness"
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class GrpcHost:
-    """One grpc.aio server with health and reflection for the given services."""
+    """One grpc.aio server with health and reflection for the given services; every call
+    goes through the authorization policy (services.core.authz)."""
 
-    def __init__(self, listen: str, service_names: Iterable[str]) -> None:
+    def __init__(
+        self,
+        listen: str,
+        service_names: Iterable[str],
+        *,
+        verifier: TokenVerifier | None = None,
+    ) -> None:
         self.service_names = list(service_names)
+        self.authz = AuthzInterceptor(verifier=verifier)
         self.server = grpc.aio.server(
             options=SERVER_OPTIONS,
-            interceptors=[*tracing.server_interceptors(), MetricsInterceptor()],
+            interceptors=[*tracing.server_interceptors(), MetricsInterceptor(), self.authz],
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -58,6 +79,7 @@ class GrpcHost:
         self.address = f"{listen.rsplit(':', 1)[0]}:{self.port}"
 
     async def start(self) -> None:
+        await self.health.set(LIVENESS, SERVING)
         await self.server.start()
 
     async def set_serving(self, serving: bool) -> None:
@@ -72,8 +94,10 @@ class GrpcHost:
 
 
 def insecure_channel(target: str) -> grpc.aio.Channel:
+    """A channel to one replica, a comma-separated list of IP:port replicas, or any gRPC
+    URI (dns:///queue:50052 uses every address the name has)."""
     return grpc.aio.insecure_channel(
-        target, options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors()
+        grpc_target(target), options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors()
     )
 
 

@@ -1,4 +1,6 @@
-"""Reports NOT_SERVING while a dependency (database, broker) is down."""
+"""Readiness: reports NOT_SERVING on "" and the service's name while a dependency
+(database, broker) is down. Liveness is the separate "liveness" health service
+(grpc_host.LIVENESS), which this never touches: an outage must not restart the processes."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ import asyncio
 import bisect
 import contextlib
 import itertools
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from services.core.broker import (
     DeliveryHandler,
     LaneFull,
     LaneMissing,
+    LaneStats,
+    ResultsUnroutable,
 )
 
 
@@ -67,6 +70,7 @@ class _Consumer:
         self.prefetch = prefetch
         self.unacked: dict[int, _Message] = {}
         self.active = True
+        self.last_delivery = 0.0
 
     def settle(self, message: _Message, *, requeue: bool) -> None:
         if self.unacked.pop(message.seq, None) is None:
@@ -117,9 +121,14 @@ class _Lane:
                     break
                 message = self.ready.pop(0)
                 active.unacked[message.seq] = message
+                active.last_delivery = time.monotonic()
                 await active.handler(MemoryDelivery(active, message))
 
     async def close(self) -> None:
+        # Like a deleted queue: its consumers are cancelled, whatever they hold is gone.
+        for consumer in self.consumers:
+            consumer.active = False
+        self.consumers.clear()
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
@@ -132,6 +141,10 @@ class MemoryLaneConsumer:
     @property
     def alive(self) -> bool:
         return self._consumer.active
+
+    @property
+    def last_delivery(self) -> float:
+        return self._consumer.last_delivery
 
     async def cancel(self) -> None:
         await self._consumer.cancel()
@@ -172,8 +185,16 @@ class MemoryBroker:
         if user_id not in self._lanes:
             self._lanes[user_id] = _Lane(user_id, self._max_length)
 
+    async def lane_stats(self, user_id: str) -> LaneStats | None:
+        self._check()
+        lane = self._lanes.get(user_id)
+        if lane is None:
+            return None
+        return LaneStats(messages=len(lane.ready), consumers=len(lane.consumers))
+
     async def delete_lane(self, user_id: str) -> bool:
-        """Deletes the lane if it is empty and nothing is unacked (like if-empty)."""
+        """Deletes the lane if it holds no ready message (like if-empty)."""
+        self._check()
         lane = self._lanes.get(user_id)
         if lane is None:
             return True
@@ -197,8 +218,10 @@ class MemoryBroker:
     async def consume_lane(
         self, user_id: str, handler: DeliveryHandler, *, prefetch: int
     ) -> MemoryLaneConsumer:
-        await self.declare_lane(user_id)
-        lane = self._lanes[user_id]
+        self._check()
+        lane = self._lanes.get(user_id)
+        if lane is None:
+            raise LaneMissing(f"lane {user_id} does not exist")
         consumer = _Consumer(lane, handler, max(prefetch, 1))
         lane.consumers.append(consumer)
         lane.wake()
@@ -210,7 +233,10 @@ class MemoryBroker:
 
     async def publish_results(self, route: str, body: bytes) -> None:
         self._check()
-        for handler in list(self._results.get(route, ())):
+        handlers = list(self._results.get(route, ()))
+        if not handlers:
+            raise ResultsUnroutable(f"no queue replica is bound to results route {route}")
+        for handler in handlers:
             await handler(body)
 
     async def consume_results(self, route: str, handler: BytesHandler) -> None:

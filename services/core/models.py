@@ -36,7 +36,31 @@ refresh_tokens = sa.Table(
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("expires_at", Timestamp, nullable=False),
     sa.Column("used_at", Timestamp),
-    sa.Column("revoked_at", Timestamp),
+    # The pair this token was exchanged for, encrypted under a key derived from this token,
+    # so a second Refresh with it within the reuse interval returns the same pair.
+    sa.Column("successor_sealed", sa.LargeBinary),
+)
+
+# A family is revoked by Revoke or by the reuse of a spent token. Services fetch the
+# recent ones (GetRevokedFamilies) and refuse access tokens that carry them.
+revoked_families = sa.Table(
+    "revoked_families",
+    metadata,
+    sa.Column("family_id", sa.Uuid, primary_key=True),
+    sa.Column("user_id", sa.Uuid, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("revoked_at", Timestamp, nullable=False, index=True),
+    sa.Column("reason", sa.String(16), nullable=False),
+)
+
+# Login, Register and IssueServiceToken throttles, shared by every auth replica. `key` is
+# the rule name and a hash of the username or client address.
+auth_throttle = sa.Table(
+    "auth_throttle",
+    metadata,
+    sa.Column("key", sa.String(80), primary_key=True),
+    sa.Column("events", sa.Integer, nullable=False),
+    sa.Column("last_event_at", Timestamp, nullable=False, index=True),
+    sa.Column("blocked_until", Timestamp),
 )
 
 signing_keys = sa.Table(
@@ -58,6 +82,9 @@ lanes = sa.Table(
     sa.Column("last_active_at", Timestamp, nullable=False),
     # Last lane_seq handed to a finished request; results are numbered 1, 2, 3... per lane.
     sa.Column("last_seq", sa.BigInteger, nullable=False, server_default="0"),
+    # When the janitor deleted the lane's queue for idleness; NULL while the queue exists.
+    # A lane active again after it (last_active_at > queue_deleted_at) has a queue again.
+    sa.Column("queue_deleted_at", Timestamp),
 )
 
 requests = sa.Table(

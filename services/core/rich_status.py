@@ -9,8 +9,6 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from services.core.grpc_host import ServicerContext
-
 
 def retry_status(code: grpc.StatusCode, message: str, retry_after_ms: int) -> grpc.Status:
     info = error_details_pb2.RetryInfo(
@@ -25,7 +23,7 @@ def retry_status(code: grpc.StatusCode, message: str, retry_after_ms: int) -> gr
 
 
 async def abort_retry(
-    context: ServicerContext,
+    context: grpc.aio.ServicerContext,
     code: grpc.StatusCode,
     message: str,
     retry_after_ms: int,

@@ -7,7 +7,7 @@ import socket
 import uuid
 from functools import cached_property
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -55,6 +55,59 @@ class Settings(BaseSettings):
     jwt_audience: str = "fairlane"
     jwks_refresh_seconds: float = 300.0
     password_min_length: int = 8
+    # Argon2id cost: the OWASP minimum (19 MiB, 2 passes, 1 lane) by default.
+    argon2_memory_kib: int = Field(default=19_456, ge=8)
+    argon2_time_cost: int = Field(default=2, ge=1)
+    argon2_parallelism: int = Field(default=1, ge=1)
+    hash_concurrency: int = Field(
+        default=2,
+        ge=1,
+        description="Password hashes computed at once; auth memory is this x argon2_memory_kib.",
+    )
+    hash_queue_limit: int = Field(
+        default=64, ge=0, description="Logins/registrations waiting for a hash before refusals."
+    )
+    refresh_reuse_interval_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="A spent refresh token presented again this soon yields the same new pair.",
+    )
+    revocation_refresh_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often services refetch revoked token families (the revocation bound).",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="CIDRs of proxies whose x-forwarded-for names the client (throttling).",
+    )
+    login_user_free_failures: int = Field(
+        default=5, ge=1, description="Failed logins per username before delays start."
+    )
+    login_peer_free_failures: int = Field(
+        default=20, ge=1, description="Failed logins per client address before delays start."
+    )
+    register_peer_free: int = Field(
+        default=100, ge=1, description="Registrations per client address before delays start."
+    )
+    service_token_peer_free_failures: int = Field(
+        default=5, ge=1, description="Wrong service secrets per address before delays start."
+    )
+    throttle_window_seconds: float = Field(
+        default=3600.0, gt=0, description="A throttle count starts again after this long quiet."
+    )
+    throttle_base_delay_seconds: float = Field(default=1.0, gt=0)
+    throttle_max_delay_seconds: float = Field(default=900.0, gt=0)
+    signing_key_encryption_key: SecretStr | None = Field(
+        default=None, description="Encrypts signing keys at rest (signing_keys.private_pem)."
+    )
+    signing_key_encryption_key_file: str = Field(
+        default="", description="File holding the signing-key encryption key (first line)."
+    )
+    signing_key_previous_encryption_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Former encryption keys: keys under them are re-encrypted at start.",
+    )
 
     # Queue.
     max_payload_bytes: int = 1024 * 1024

@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import jwt
 
-from services.core.grpc_host import ServicerContext, abort
+from services.core.revocation import RevokedFamilies
 
 ALGORITHMS = ["EdDSA", "RS256"]
 ROLE_USER = "user"
 ROLE_SERVICE = "service"
+ROLE_ADMIN = "admin"
+# The refresh-token family (one login) a user's access token belongs to.
+FAMILY_CLAIM = "fam"
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,11 +32,17 @@ class InvalidToken(Exception):
     pass
 
 
+class KeysUnavailable(InvalidToken):
+    """No verification key could be had (the auth service is unreachable): the caller
+    should retry, its token may be fine."""
+
+
 class TokenVerifier:
     """Verifies JWTs locally with keys from `fetch_jwks`; refetches on an unknown `kid`.
 
     Refetches are rate-limited so a flood of tokens with made-up kids cannot turn into a
-    flood of calls to the auth service.
+    flood of calls to the auth service. With `revoked`, tokens of a revoked login (their
+    `fam` claim) are refused too (services/core/revocation.py).
     """
 
     def __init__(
@@ -45,33 +53,38 @@ class TokenVerifier:
         audience: str,
         refresh_seconds: float = 300.0,
         min_refetch_seconds: float = 5.0,
+        revoked: RevokedFamilies | None = None,
     ) -> None:
         self._fetch = fetch_jwks
+        self._revoked = revoked
         self._issuer = issuer
         self._audience = audience
         self._refresh = refresh_seconds
         self._min_refetch = min_refetch_seconds
-        self._keys: dict[str, Any] = {}
+        # kid -> (key, the one algorithm that key verifies).
+        self._keys: dict[str, tuple[Any, str]] = {}
         self._fetched_at = 0.0
         self._lock = asyncio.Lock()
 
     async def refresh(self) -> None:
         async with self._lock:
             keys_json = await self._fetch()
-            keys: dict[str, Any] = {}
+            keys: dict[str, tuple[Any, str]] = {}
             for jwk in json.loads(keys_json).get("keys", []):
-                keys[jwk["kid"]] = jwt.PyJWK(jwk).key
+                parsed = jwt.PyJWK(jwk)
+                if parsed.algorithm_name in ALGORITHMS:
+                    keys[jwk["kid"]] = (parsed.key, parsed.algorithm_name)
             self._keys = keys
             self._fetched_at = time.monotonic()
 
-    async def _key(self, kid: str) -> Any:
+    async def _key(self, kid: str) -> tuple[Any, str]:
         age = time.monotonic() - self._fetched_at
         if (kid not in self._keys and age > self._min_refetch) or age > self._refresh:
             try:
                 await self.refresh()
             except Exception as exc:
                 if not self._keys:
-                    raise InvalidToken("token keys are unavailable, try again") from exc
+                    raise KeysUnavailable("token keys are unavailable, try again") from exc
         try:
             return self._keys[kid]
         except KeyError:
@@ -85,19 +98,32 @@ class TokenVerifier:
         kid = header.get("kid")
         if not isinstance(kid, str):
             raise InvalidToken("access token has no kid")
+        key, algorithm = await self._key(kid)
+        if header.get("alg") != algorithm:
+            # Checked here because PyJWT raises TypeError (not PyJWTError) when a header
+            # names an algorithm of another key family.
+            raise InvalidToken("access token algorithm does not match its key")
         try:
             claims = jwt.decode(
                 token,
-                await self._key(kid),
-                algorithms=ALGORITHMS,
+                key,
+                algorithms=[algorithm],
                 audience=self._audience,
                 issuer=self._issuer,
                 options={"require": ["exp", "sub", "iat"]},
             )
         except jwt.ExpiredSignatureError as exc:
             raise InvalidToken("access token expired") from exc
-        except jwt.PyJWTError as exc:
+        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+            # ValueError/TypeError: junk the crypto backend refuses to parse.
             raise InvalidToken(f"invalid access token: {exc}") from exc
+        family = claims.get(FAMILY_CLAIM)
+        if (
+            self._revoked is not None
+            and isinstance(family, str)
+            and await self._revoked.contains(family)
+        ):
+            raise InvalidToken("access token revoked: log in again")
         return Principal(
             user_id=str(claims["sub"]),
             username=str(claims.get("name", "")),
@@ -105,20 +131,13 @@ class TokenVerifier:
         )
 
 
-def bearer_token(context: ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    """The token of the call's `authorization: Bearer <token>` metadata."""
+    for key, value in metadata or ():
         if key == "authorization":
-            text = value.decode() if isinstance(value, bytes) else value
+            text = value.decode(errors="replace") if isinstance(value, bytes) else value
             scheme, _, token = text.partition(" ")
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
             break
     raise InvalidToken("missing 'authorization: Bearer <token>' metadata")
-
-
-async def authenticate(verifier: TokenVerifier, context: ServicerContext) -> Principal:
-    """The caller's principal, or the call is aborted with UNAUTHENTICATED."""
-    try:
-        return await verifier.verify(bearer_token(context))
-    except InvalidToken as exc:
-        await abort(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))

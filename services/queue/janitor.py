@@ -1,7 +1,17 @@
 """Deletes idle lanes: no open session, nothing pending, no activity for lane_idle_ttl.
 
-Deletion is RabbitMQ's if-empty, so a message that arrives meanwhile is never dropped; a
-later request declares the lane again (see Intake) and announces it to the workers.
+A sweep pages through every idle lane (keyset pagination, PAGE_SIZE rows a query), so it
+holds at any number of lanes; a deletion is recorded in the lane's row
+(lanes.queue_deleted_at), so the next sweep does not delete the same queue again, until the
+lane is active again.
+
+Why a deletion never drops a message: the deletion runs while the lane's row is claimed
+in the request log, and every enqueue touches that row before it publishes (see
+LaneHousekeepingStore.delete_if_idle). That fence is what makes quorum lanes safe to
+delete: RabbitMQ 3.10 refuses if-empty on quorum queues (with a connection-level
+NOT_IMPLEMENTED), so the broker alone cannot check and delete in one step. The broker's
+own emptiness check (AmqpBroker.delete_lane) only backs it up. A later request declares
+the lane again (see Intake) and announces it to the workers.
 """
 
 from __future__ import annotations
@@ -18,19 +28,32 @@ from services.core import metrics
 from services.core.broker import Broker, BrokerError
 from services.core.logging import get_logger
 from services.queue.hub import Hub
+from services.queue.lane_store import IdleLane, LaneHousekeepingStore
 from services.queue.store import RequestStore
 
 log = get_logger(__name__)
 
+PAGE_SIZE = 100
+DELETE_TIMEOUT = 5.0  # seconds a claimed lane row may wait for the broker's delete
+
 
 class LaneJanitor:
     def __init__(
-        self, store: RequestStore, broker: Broker, hub: Hub, *, idle_seconds: float
+        self,
+        store: RequestStore,
+        lanes: LaneHousekeepingStore,
+        broker: Broker,
+        hub: Hub,
+        *,
+        idle_seconds: float,
+        page_size: int = PAGE_SIZE,
     ) -> None:
         self._store = store
+        self._lanes = lanes
         self._broker = broker
         self._hub = hub
         self._idle = idle_seconds
+        self._page_size = page_size
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -53,22 +76,47 @@ class LaneJanitor:
                 log.warning("lane_sweep_failed", error=str(exc))
 
     async def sweep(self) -> list[str]:
-        """One pass; returns the lanes it deleted. Also records lane depth."""
+        """One pass over every idle lane; returns the lanes it deleted. Also records lane
+        depth."""
         deepest, total = await self._store.queued_depth()
         metrics.LANE_DEPTH.set(deepest)
         metrics.LANE_DEPTH_TOTAL.set(total)
         # Open sessions on this replica keep their lanes alive for every replica.
         await self._store.touch_lanes([uuid.UUID(u) for u in self._hub.users()])
         deleted: list[str] = []
-        for user in await self._store.idle_lanes(self._idle):
-            user_id = str(user)
-            if self._hub.has_subscribers(user_id):
-                continue
-            if not await self._broker.delete_lane(user_id):
-                continue  # a message arrived meanwhile: not idle after all
+        after: uuid.UUID | None = None
+        while True:
+            page = await self._lanes.idle_page(
+                after=after, limit=self._page_size, idle_seconds=self._idle
+            )
+            for lane in page:
+                if await self._delete(lane):
+                    deleted.append(str(lane.user_id))
+            if len(page) < self._page_size:
+                return deleted
+            after = page[-1].user_id
+
+    async def _delete(self, lane: IdleLane) -> bool:
+        user_id = str(lane.user_id)
+        if self._hub.has_subscribers(user_id):
+            return False
+
+        async def delete() -> bool:
+            async with asyncio.timeout(DELETE_TIMEOUT):
+                return await self._broker.delete_lane(user_id)
+
+        try:
+            if not await self._lanes.delete_if_idle(lane, self._idle, delete):
+                return False  # active again, or a message arrived: not idle after all
+        except TimeoutError:
+            log.warning("lane_delete_timed_out", lane=user_id)
+            return False
+        log.info("lane_deleted", lane=user_id)
+        try:
             await self._broker.publish_control(
                 lane_pb2.ControlEvent(lane_deleted=user_id).SerializeToString()
             )
-            deleted.append(user_id)
-            log.info("lane_deleted", lane=user_id)
-        return deleted
+        except BrokerError as exc:
+            # Workers notice anyway: the broker cancelled their consumers of the lane.
+            log.warning("lane_deleted_event_failed", lane=user_id, error=str(exc))
+        return True

@@ -13,12 +13,12 @@ from services.core.db import engine_for
 from services.core.grpc_host import GrpcHost
 from services.core.health import DependencyMonitor
 from services.core.settings import Settings
-from services.core.tokens import TokenVerifier
 from services.queue.admission import Admission
 from services.queue.catalog import HandlerCatalog
 from services.queue.hub import Hub
 from services.queue.intake import Intake
 from services.queue.janitor import LaneJanitor
+from services.queue.lane_store import LaneHousekeepingStore
 from services.queue.servicer import QueueServicer
 from services.queue.store import RequestStore
 
@@ -61,14 +61,14 @@ class QueueService:
             ),
         )
         self.janitor = LaneJanitor(
-            store, self.broker, self.hub, idle_seconds=s.lane_idle_ttl_seconds
+            store,
+            LaneHousekeepingStore(self.engine),
+            self.broker,
+            self.hub,
+            idle_seconds=s.lane_idle_ttl_seconds,
         )
-        self._verifier = TokenVerifier(
-            self._auth.jwks,
-            issuer=s.jwt_issuer,
-            audience=s.jwt_audience,
-            refresh_seconds=s.jwks_refresh_seconds,
-        )
+        self._verifier = self._auth.token_verifier(s)
+        self.host.authz.use(self._verifier)
         self._servicer = QueueServicer(
             settings=s,
             verifier=self._verifier,

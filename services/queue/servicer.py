@@ -10,17 +10,18 @@ from typing import Any
 
 import grpc
 import uuid6
+from google.rpc import code_pb2
 from opentelemetry.trace import SpanKind
 
 from fairlane.common.v1 import lane_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
-from services.core import status, tracing
+from services.core import authz, status, tracing
 from services.core.broker import Broker, BrokerError, lane_queue
 from services.core.grpc_host import ServicerContext, abort
 from services.core.metrics import OPEN_SESSIONS
 from services.core.rich_status import abort_retry
 from services.core.settings import Settings
-from services.core.tokens import ROLE_SERVICE, ROLE_USER, Principal, TokenVerifier, authenticate
+from services.core.tokens import Principal, TokenVerifier
 from services.queue.admission import Admission
 from services.queue.catalog import HandlerCatalog
 from services.queue.convert import request_from_row, result_from_row, timestamp
@@ -89,12 +90,6 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
 
     # -- helpers -------------------------------------------------------------------------
 
-    async def _user(self, context: Context) -> Principal:
-        principal = await authenticate(self._verifier, context)
-        if principal.role != ROLE_USER:
-            await abort(context, grpc.StatusCode.PERMISSION_DENIED, "this call needs a user token")
-        return principal
-
     async def _request_id(self, text: str, context: Context) -> uuid.UUID:
         try:
             return uuid.UUID(text)
@@ -153,7 +148,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def Enqueue(
         self, request: queue_pb2.EnqueueRequest, context: Context
     ) -> queue_pb2.EnqueueResponse:
-        principal = await self._user(context)
+        principal = authz.principal()
         try:
             _, future = await self._admit(request, principal)
         except InvalidEnqueue as exc:
@@ -169,7 +164,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def Session(
         self, request_iterator: AsyncIterator[queue_pb2.SessionRequest], context: Context
     ) -> AsyncIterator[queue_pb2.SessionResponse]:
-        principal = await self._user(context)
+        principal = authz.principal()
         # Tell the client at once that the stream is accepted: a client that waits for this
         # before writing never writes into a stream the server already refused (grpc would
         # then report INTERNAL instead of the refusal's status).
@@ -187,7 +182,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def WatchResults(
         self, request: queue_pb2.WatchResultsRequest, context: Context
     ) -> AsyncIterator[queue_pb2.WatchResultsResponse]:
-        principal = await self._user(context)
+        principal = authz.principal()
         await context.send_initial_metadata(())
         user = uuid.UUID(principal.user_id)
         # Subscribe before reading the log: a result committed after the read is then
@@ -237,7 +232,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def GetRequest(
         self, request: queue_pb2.GetRequestRequest, context: Context
     ) -> queue_pb2.GetRequestResponse:
-        principal = await self._user(context)
+        principal = authz.principal()
         request_id = await self._request_id(request.request_id, context)
         row = await self._store.get(uuid.UUID(principal.user_id), request_id)
         if row is None:
@@ -247,10 +242,20 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def ListRequests(
         self, request: queue_pb2.ListRequestsRequest, context: Context
     ) -> queue_pb2.ListRequestsResponse:
-        principal = await self._user(context)
+        principal = authz.principal()
         limit = _page_size(request.page_size, 50, 500)
         before = await _page_token(request.page_token, context)
-        status_name = status.from_proto(request.status)
+        status_name = None
+        if request.HasField("status"):
+            # Explicit presence: a set but unknown or UNSPECIFIED status (a misspelt enum
+            # name encodes as 0 in many clients) must not silently list every status.
+            status_name = status.from_proto(request.status)
+            if status_name is None:
+                await abort(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"status {request.status} is not a request status; leave it unset for all",
+                )
         rows = await self._store.list_requests(
             uuid.UUID(principal.user_id), status_name=status_name, limit=limit, before=before
         )
@@ -262,7 +267,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def CancelRequest(
         self, request: queue_pb2.CancelRequestRequest, context: Context
     ) -> queue_pb2.CancelRequestResponse:
-        principal = await self._user(context)
+        principal = authz.principal()
         request_id = await self._request_id(request.request_id, context)
         try:
             after = await self.cancel(uuid.UUID(principal.user_id), request_id)
@@ -294,7 +299,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def GetLane(
         self, request: queue_pb2.GetLaneRequest, context: Context
     ) -> queue_pb2.GetLaneResponse:
-        principal = await self._user(context)
+        principal = authz.principal()
         found = await self._store.lane(uuid.UUID(principal.user_id))
         if found is None:
             await abort(context, grpc.StatusCode.NOT_FOUND, "no lane yet: enqueue a request first")
@@ -304,11 +309,6 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def ListLanes(
         self, request: queue_pb2.ListLanesRequest, context: Context
     ) -> queue_pb2.ListLanesResponse:
-        principal = await authenticate(self._verifier, context)
-        if principal.role != ROLE_SERVICE:
-            await abort(
-                context, grpc.StatusCode.PERMISSION_DENIED, "ListLanes needs a service token"
-            )
         limit = _page_size(request.page_size, 1000, 10_000)
         after = await _page_token(request.page_token, context)
         rows = await self._store.lanes(
@@ -320,7 +320,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def ListDeadRequests(
         self, request: queue_pb2.ListDeadRequestsRequest, context: Context
     ) -> queue_pb2.ListDeadRequestsResponse:
-        principal = await self._user(context)
+        principal = authz.principal()
         limit = _page_size(request.page_size, 50, 500)
         before = await _page_token(request.page_token, context)
         rows = await self._store.list_requests(
@@ -338,7 +338,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def ReplayDeadRequest(
         self, request: queue_pb2.ReplayDeadRequestRequest, context: Context
     ) -> queue_pb2.ReplayDeadRequestResponse:
-        principal = await self._user(context)
+        principal = authz.principal()
         request_id = await self._request_id(request.request_id, context)
         row = await self._store.get(uuid.UUID(principal.user_id), request_id)
         if row is None:
@@ -449,17 +449,25 @@ class _Session:
         except Exception as exc:
             self._out.put_nowait(exc)
 
-    def _reject(self, client_ref: str, code: grpc.StatusCode, message: str, retry: int = 0) -> None:
-        self._out.put_nowait(
-            queue_pb2.SessionResponse(
-                rejected=queue_pb2.Rejected(
-                    client_ref=client_ref,
-                    code=code.value[0],
-                    message=message,
-                    retry_after_ms=retry,
-                )
-            )
+    def _reject(
+        self,
+        client_ref: str | None,
+        code: grpc.StatusCode,
+        message: str,
+        retry: int = 0,
+        *,
+        cancel_request_id: str | None = None,
+    ) -> None:
+        """An enqueue's rejection names its client_ref, a cancel's its request id (the
+        `subject` oneof); a message of no kind gets neither."""
+        rejected = queue_pb2.Rejected(
+            code=code_pb2.Code.ValueType(code.value[0]), message=message, retry_after_ms=retry
         )
+        if client_ref is not None:
+            rejected.client_ref = client_ref
+        elif cancel_request_id is not None:
+            rejected.cancel_request_id = cancel_request_id
+        self._out.put_nowait(queue_pb2.SessionResponse(rejected=rejected))
 
     async def _enqueue(self, enqueue: queue_pb2.EnqueueRequest) -> None:
         await self._window.acquire()
@@ -483,22 +491,35 @@ class _Session:
             elif kind == "cancel":
                 await self._cancel(msg.cancel.request_id)
             else:
-                self._reject("", grpc.StatusCode.INVALID_ARGUMENT, "empty SessionRequest")
+                self._reject(None, grpc.StatusCode.INVALID_ARGUMENT, "empty SessionRequest")
         self._answers.put_nowait(None)
 
     async def _cancel(self, request_id: str) -> None:
         try:
             rid = uuid.UUID(request_id)
         except ValueError:
-            self._reject(request_id, grpc.StatusCode.INVALID_ARGUMENT, "invalid request_id")
+            self._reject(
+                None,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "invalid request_id",
+                cancel_request_id=request_id,
+            )
             return
         try:
             after = await self._s.cancel(uuid.UUID(self._principal.user_id), rid)
         except BrokerError as exc:
-            self._reject(request_id, grpc.StatusCode.UNAVAILABLE, f"cannot cancel now: {exc}", 1000)
+            self._reject(
+                None,
+                grpc.StatusCode.UNAVAILABLE,
+                f"cannot cancel now: {exc}",
+                1000,
+                cancel_request_id=request_id,
+            )
             return
         if after is None:
-            self._reject(request_id, grpc.StatusCode.NOT_FOUND, "no such request")
+            self._reject(
+                None, grpc.StatusCode.NOT_FOUND, "no such request", cancel_request_id=request_id
+            )
 
     async def _answer(self) -> None:
         while (item := await self._answers.get()) is not None:

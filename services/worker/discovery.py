@@ -11,7 +11,7 @@ import grpc
 from fairlane.common.v1 import lane_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from services.core.auth_client import AuthClient
-from services.core.broker import Broker, BrokerError
+from services.core.broker import Broker, BrokerError, LaneMissing
 from services.core.grpc_host import insecure_channel
 from services.core.logging import get_logger
 from services.worker.runner import Runner
@@ -80,17 +80,32 @@ class LaneDiscovery:
                 timeout=10,
             )
             for lane in response.lanes:
-                await self._runner.add_lane(lane.user_id)
+                try:
+                    await self._runner.add_lane(lane.user_id)
+                except LaneMissing:
+                    # Listed but not declared yet (or deleted since): its lane_created
+                    # announcement, or the next sync, brings it.
+                    continue
                 seen += 1
             if not response.next_page_token:
                 return seen
             page = response.next_page_token
 
+    async def _repair(self) -> int:
+        """Consumes again every lane whose consumer died (connection lost, or the broker
+        cancelled it because the janitor deleted the lane); returns how many. A deleted
+        lane is left alone: its next request declares and announces it again."""
+        dead = [u for u, lane in list(self._runner.lanes.items()) if not lane.alive]
+        for user_id in dead:
+            with contextlib.suppress(LaneMissing):
+                await self._runner.add_lane(user_id)
+        return len(dead)
+
     async def _poll(self) -> None:
         delay = 0.2
         while True:
             try:
-                repaired = await self._runner.repair()
+                repaired = await self._repair()
                 if repaired:
                     log.info("lanes_repaired", count=repaired)
                 await self.sync_once()

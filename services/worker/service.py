@@ -12,6 +12,7 @@ from services.core.db import engine_for
 from services.core.grpc_host import GrpcHost
 from services.core.health import DependencyMonitor
 from services.core.settings import Settings
+from services.core.tokens import TokenVerifier
 from services.worker import registry
 from services.worker.discovery import LaneDiscovery
 from services.worker.runner import Runner
@@ -71,7 +72,16 @@ class WorkerService:
             queue_target=settings.queue_target,
             service_secret=settings.service_secret,
         )
-        self.host = GrpcHost(settings.worker_listen, [SERVICE_NAME])
+        self.host = GrpcHost(
+            settings.worker_listen,
+            [SERVICE_NAME],
+            verifier=TokenVerifier(
+                self._auth.jwks,
+                issuer=settings.jwt_issuer,
+                audience=settings.jwt_audience,
+                refresh_seconds=settings.jwks_refresh_seconds,
+            ),
+        )
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(
             WorkerServicer(self.runner, grace_seconds=settings.grace_seconds), self.host.server
         )

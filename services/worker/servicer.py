@@ -1,14 +1,29 @@
-"""gRPC surface of WorkerService (control of one replica)."""
+"""gRPC surface of WorkerService (control of one replica).
+
+Who may call what is in services.core.authz.POLICY; this module adds what depends on the
+principal (lane ids and the host name only for operators) and audits every control call.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import grpc
 
 from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
+from services.core import authz
+from services.core.audit import audit
 from services.core.grpc_host import ServicerContext, abort
+from services.core.tokens import ROLE_ADMIN
 from services.worker.runner import Runner
 
 Context = ServicerContext
+MAX_DRAIN_SECONDS = 86_400
+_FINISHED = (worker_pb2.WORKER_STATE_DRAINING, worker_pb2.WORKER_STATE_DRAINED)
+
+
+def _state(value: int) -> str:
+    return str(worker_pb2.WorkerState.Name(value))  # type: ignore[arg-type]
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
@@ -20,13 +35,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.GetStatusRequest, context: Context
     ) -> worker_pb2.GetStatusResponse:
         r = self._runner
+        # Lane ids are user ids and the worker id holds the host name: operators only.
+        operator = authz.principal().role == ROLE_ADMIN
         return worker_pb2.GetStatusResponse(
             state=r.state,
-            worker_id=r.worker_id,
-            lanes=sorted(r.lanes),
+            worker_id=r.worker_id if operator else "",
+            lanes=sorted(r.lanes) if operator else [],
             in_flight=r.in_flight,
             concurrency=r.concurrency,
-            paused_lanes=r.paused_lanes(),
+            paused_lanes=r.paused_lanes() if operator else [],
             handlers=[
                 worker_pb2.HandlerStats(
                     name=name,
@@ -54,30 +71,67 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             ]
         )
 
+    async def _refuse(
+        self, event: str, context: Context, code: grpc.StatusCode, message: str, **fields: Any
+    ) -> None:
+        self._audit(event, context, outcome=code.name, **fields)
+        await abort(context, code, message)
+
+    def _audit(self, event: str, context: Context, **fields: Any) -> None:
+        audit(
+            event,
+            authz.principal(),
+            peer=authz.peer(context),
+            worker_id=self._runner.worker_id,
+            **fields,
+        )
+
+    async def _check_lane(self, event: str, lane: str, context: Context) -> None:
+        if self._runner.state in _FINISHED:
+            await self._refuse(
+                event,
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the worker is {_state(self._runner.state)}: restart it to take lanes again",
+                lane=lane,
+            )
+        if lane and lane not in self._runner.lanes:
+            await self._refuse(
+                event,
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                "this replica does not consume that lane",
+                lane=lane,
+            )
+
     async def Pause(
         self, request: worker_pb2.PauseRequest, context: Context
     ) -> worker_pb2.PauseResponse:
-        if request.lane and request.lane not in self._runner.lanes:
-            await abort(
-                context, grpc.StatusCode.NOT_FOUND, "this replica does not consume that lane"
-            )
+        await self._check_lane("worker.pause", request.lane, context)
         self._runner.pause(request.lane)
+        self._audit("worker.pause", context, outcome="OK", lane=request.lane)
         return worker_pb2.PauseResponse(state=self._runner.state)
 
     async def Resume(
         self, request: worker_pb2.ResumeRequest, context: Context
     ) -> worker_pb2.ResumeResponse:
-        if request.lane and request.lane not in self._runner.lanes:
-            await abort(
-                context, grpc.StatusCode.NOT_FOUND, "this replica does not consume that lane"
-            )
+        await self._check_lane("worker.resume", request.lane, context)
         self._runner.resume(request.lane)
+        self._audit("worker.resume", context, outcome="OK", lane=request.lane)
         return worker_pb2.ResumeResponse(state=self._runner.state)
 
     async def Drain(
         self, request: worker_pb2.DrainRequest, context: Context
     ) -> worker_pb2.DrainResponse:
-        if request.timeout_seconds < 0:
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "timeout_seconds must be >= 0")
+        if not 0 <= request.timeout_seconds <= MAX_DRAIN_SECONDS:
+            await self._refuse(
+                "worker.drain",
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"timeout_seconds must be between 0 and {MAX_DRAIN_SECONDS}",
+                timeout_seconds=request.timeout_seconds,
+            )
+        self._audit("worker.drain", context, outcome="STARTED")
         abandoned = await self._runner.drain(request.timeout_seconds or self._grace)
+        self._audit("worker.drain", context, outcome="OK", abandoned=abandoned)
         return worker_pb2.DrainResponse(state=self._runner.state, abandoned=abandoned)

@@ -140,8 +140,8 @@ def test_environment_as_documented(config: dict[str, Any]) -> None:
         assert env["FAIRLANE_DATABASE_URL"].startswith("postgresql+asyncpg://")
         assert "@postgres:5432/" in env["FAIRLANE_DATABASE_URL"]
         assert "@rabbitmq:5672/" in env["FAIRLANE_BROKER_URL"]
-        assert env["FAIRLANE_AUTH_TARGET"] == "auth:50051"
-        assert env["FAIRLANE_QUEUE_TARGET"] == "queue:50052"
+        assert env["FAIRLANE_AUTH_TARGET"] == "dns:///auth:50051"
+        assert env["FAIRLANE_QUEUE_TARGET"] == "dns:///queue:50052"
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
         assert env["OTEL_SERVICE_NAME"] == f"fairlane-{name}"
         secrets.add(env["FAIRLANE_SERVICE_SECRET"])

@@ -116,9 +116,10 @@ def test_deployments_probes_ports_limits(values_file: str | None) -> None:
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert ports == {"grpc": grpc_port, "metrics": metrics_port}
         assert c["readinessProbe"]["grpc"] == {"port": grpc_port, "service": grpc_service}
-        assert c["livenessProbe"]["grpc"]["port"] == grpc_port
-        assert c["startupProbe"]["grpc"]["port"] == grpc_port
-        # A pod stuck NOT_SERVING (dependency down) is not restarted at once.
+        # Liveness and startup answer for the process, readiness for its dependencies:
+        # a dependency outage takes pods out of rotation and restarts none.
+        assert c["livenessProbe"]["grpc"] == {"port": grpc_port, "service": "liveness"}
+        assert c["startupProbe"]["grpc"] == {"port": grpc_port, "service": "liveness"}
         liveness = c["livenessProbe"]
         assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 60
         for kind in ("requests", "limits"):

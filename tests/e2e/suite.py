@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
+SERVICE_SECRET = "e2e-service-secret"
 
 
 async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float = 30) -> None:
@@ -58,7 +59,7 @@ class Suite:
             FAIRLANE_DATABASE_URL=self.database_url,
             FAIRLANE_DATABASE_SCHEMA=self.schema,
             FAIRLANE_BROKER_URL=self.broker_url,
-            FAIRLANE_SERVICE_SECRET="e2e-service-secret",
+            FAIRLANE_SERVICE_SECRET=SERVICE_SECRET,
             FAIRLANE_AUTH_LISTEN=self.target("auth"),
             FAIRLANE_QUEUE_LISTEN=self.target("queue"),
             FAIRLANE_WORKER_LISTEN=self.target("worker"),

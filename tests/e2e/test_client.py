@@ -18,6 +18,7 @@ from fairlane.client import (
     InvalidArgument,
     NotFound,
     NotLoggedIn,
+    PermissionDenied,
     Progress,
     Rejected,
     RejectedEvent,
@@ -32,6 +33,7 @@ from fairlane.client import (
 )
 from tests.conftest import DATABASE_URL, broker_url
 from tests.e2e.suite import Suite
+from tests.e2e.users import admin_token
 
 pytestmark = pytest.mark.e2e
 
@@ -57,6 +59,8 @@ async def short_token_suite(pg_schema: str, vhost: str, tmp_path: Path) -> Async
     """The suite with access tokens that live TOKEN_TTL seconds."""
     s = Suite(DATABASE_URL, pg_schema, broker_url(vhost), tmp_path)
     s.extra_env["FAIRLANE_ACCESS_TOKEN_TTL_SECONDS"] = str(TOKEN_TTL)
+    # Strict rotation: a spent refresh token presented again revokes its login at once.
+    s.extra_env["FAIRLANE_REFRESH_REUSE_INTERVAL_SECONDS"] = "0"
     try:
         s.start("auth")
         await s.wait_serving("auth")
@@ -208,14 +212,21 @@ async def test_unary_calls_worker_control_and_sync_client(suite: Suite) -> None:
         with pytest.raises(NotFound):
             await client.get(str(uuid.uuid4()))
 
-        # Pause the worker: a new request waits QUEUED and can be cancelled.
-        assert await client.pause() == WorkerState.PAUSED
+        # A user may not pause the worker; an operator may, and then a new request waits
+        # QUEUED and can be cancelled.
+        with pytest.raises(PermissionDenied):
+            await client.pause()
+        operator = _client(
+            suite, tokens=Tokens.issued(await admin_token(suite.target("auth")), "", 900)
+        )
+        assert await operator.pause() == WorkerState.PAUSED
         assert (await client.worker_status()).state == WorkerState.PAUSED
         waiting = await client.enqueue("echo", b"never")
         await asyncio.sleep(0.3)
         assert (await client.get(waiting.request_id)).status == Status.QUEUED
         assert await client.cancel(waiting.request_id) == Status.CANCELLED
-        assert await client.resume() == WorkerState.RUNNING
+        assert await operator.resume() == WorkerState.RUNNING
+        await operator.close()
         status = await client.worker_status()
         assert status.state == WorkerState.RUNNING
         assert status.concurrency > 0

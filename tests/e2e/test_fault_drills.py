@@ -25,7 +25,7 @@ from services.core.db import create_engine
 from services.core.models import request_events, requests
 from tests.conftest import DATABASE_URL, broker_url
 from tests.e2e.suite import Suite, free_port, wait_until
-from tests.e2e.users import bearer, new_user
+from tests.e2e.users import admin_token, bearer, new_user
 from tests.proxy import TcpProxy
 
 pytestmark = pytest.mark.e2e
@@ -253,6 +253,7 @@ async def test_drill_4_flooded_lane_is_bounded_and_others_unaffected(base: Suite
     worker = await start(base, "worker", "worker", **bound)
     flooder_id, flooder = await new_user(base.target("auth"))
     bystander_id, bystander = await new_user(base.target("auth"))
+    admin = bearer(await admin_token(base.target("auth")))
     async with (
         grpc.aio.insecure_channel(base.target("queue")) as qch,
         grpc.aio.insecure_channel(worker) as wch,
@@ -263,7 +264,7 @@ async def test_drill_4_flooded_lane_is_bounded_and_others_unaffected(base: Suite
         await queue.Enqueue(
             queue_pb2.EnqueueRequest(handler="echo", payload=b"-1"), metadata=bearer(flooder)
         )
-        await control.Pause(worker_pb2.PauseRequest())
+        await control.Pause(worker_pb2.PauseRequest(), metadata=admin)
         accepted: list[str] = []
         rejected: list[int] = []
         waiting = list(range(20))
@@ -287,7 +288,7 @@ async def test_drill_4_flooded_lane_is_bounded_and_others_unaffected(base: Suite
             queue_pb2.EnqueueRequest(handler="echo", payload=b"b"), metadata=bearer(bystander)
         )
         assert other.request_id
-        await control.Resume(worker_pb2.ResumeRequest())
+        await control.Resume(worker_pb2.ResumeRequest(), metadata=admin)
         # A client that honours RetryInfo gets everything through.
         retries = 0
         for i in rejected:

@@ -27,7 +27,7 @@ from services.core.db import create_engine
 from services.core.models import request_events, requests
 from tests.conftest import DATABASE_URL, broker_url
 from tests.e2e.suite import Suite, wait_until
-from tests.e2e.users import bearer, new_user, run_session
+from tests.e2e.users import admin_token, bearer, new_user, run_session
 
 pytestmark = pytest.mark.e2e
 SUCCEEDED = common_pb2.REQUEST_STATUS_SUCCEEDED
@@ -70,11 +70,13 @@ def _results(responses: list[queue_pb2.SessionResponse]) -> list[common_pb2.Resu
     return [r.result for r in responses if r.WhichOneof("kind") == "result"]
 
 
-async def _status(target: str) -> worker_pb2.GetStatusResponse:
+async def _status(suite: Suite, target: str) -> worker_pb2.GetStatusResponse:
+    """GetStatus as an operator (who alone sees the lane ids)."""
+    token = await admin_token(suite.target("auth"))
     async with grpc.aio.insecure_channel(target) as channel:
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
         status: worker_pb2.GetStatusResponse = await stub.GetStatus(
-            worker_pb2.GetStatusRequest(), timeout=10
+            worker_pb2.GetStatusRequest(), metadata=bearer(token), timeout=10
         )
         return status
 
@@ -129,7 +131,7 @@ async def test_strict_fifo_per_lane_across_three_workers(cluster: Suite) -> None
     )
     assert len(per_request) == 2000
     assert {count for _, count in per_request} == {1}
-    spread = [len((await _status(t)).lanes) for t in targets]
+    spread = [len((await _status(cluster, t)).lanes) for t in targets]
     print(f"\n20 lanes x 100 requests, 3 workers: {elapsed:.2f}s, lanes active per worker {spread}")
 
 
@@ -193,7 +195,7 @@ async def test_kill_9_of_the_running_worker_hands_the_lane_over(cluster: Suite) 
     while victim is None:
         assert time.monotonic() < deadline, "nobody started the request"
         for i, target in enumerate(targets):
-            if (await _status(target)).in_flight:
+            if (await _status(cluster, target)).in_flight:
                 victim = i
         await asyncio.sleep(0.05)
     cluster.stop(f"worker{victim}", signal.SIGKILL)
@@ -204,7 +206,7 @@ async def test_kill_9_of_the_running_worker_hands_the_lane_over(cluster: Suite) 
     assert all(r.status == SUCCEEDED for r in results)
     assert results[0].attempts == 2  # started on the dead replica, finished on the other
     survivor = targets[1 - victim]
-    assert user_id in (await _status(survivor)).lanes
+    assert user_id in (await _status(cluster, survivor)).lanes
     rows = await _query(
         cluster, sa.select(requests.c.status).where(requests.c.user_id == uuid.UUID(user_id))
     )
@@ -360,16 +362,32 @@ async def test_progress_deadline_and_cancel(cluster: Suite) -> None:
 
 async def test_pause_resume_and_drain(cluster: Suite) -> None:
     (first,) = await workers(cluster, 1)
-    _, token = await new_user(cluster.target("auth"))
+    user_id, token = await new_user(cluster.target("auth"))
+    other_id, other = await new_user(cluster.target("auth"))
+    admin = bearer(await admin_token(cluster.target("auth")))
     async with (
         grpc.aio.insecure_channel(first) as wch,
         grpc.aio.insecure_channel(cluster.target("queue")) as qch,
     ):
         worker = worker_pb2_grpc.WorkerServiceStub(wch)
         queue = queue_pb2_grpc.QueueServiceStub(qch)
-        paused = await worker.Pause(worker_pb2.PauseRequest())
+        # Users and anonymous callers control nothing, not even their own lane.
+        for metadata, code in (
+            ((), grpc.StatusCode.UNAUTHENTICATED),
+            (bearer(other), grpc.StatusCode.PERMISSION_DENIED),
+        ):
+            for control in (
+                worker.Pause(worker_pb2.PauseRequest(lane=user_id), metadata=metadata),
+                worker.Pause(worker_pb2.PauseRequest(), metadata=metadata),
+                worker.Resume(worker_pb2.ResumeRequest(), metadata=metadata),
+                worker.Drain(worker_pb2.DrainRequest(timeout_seconds=1), metadata=metadata),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await control
+                assert refused.value.code() == code
+        paused = await worker.Pause(worker_pb2.PauseRequest(), metadata=admin)
         assert paused.state == worker_pb2.WORKER_STATE_PAUSED
-        assert (await _status(first)).state == worker_pb2.WORKER_STATE_PAUSED
+        assert (await _status(cluster, first)).state == worker_pb2.WORKER_STATE_PAUSED
 
         enq = await queue.Enqueue(
             queue_pb2.EnqueueRequest(handler="echo", payload=b"p"), metadata=bearer(token)
@@ -386,7 +404,13 @@ async def test_pause_resume_and_drain(cluster: Suite) -> None:
             assert await request_status(enq.request_id) == common_pb2.REQUEST_STATUS_QUEUED
             await asyncio.sleep(0.1)
 
-        resumed = await worker.Resume(worker_pb2.ResumeRequest())
+        # A user sees the state but neither lane ids nor the host.
+        seen = await worker.GetStatus(worker_pb2.GetStatusRequest(), metadata=bearer(token))
+        assert seen.state == worker_pb2.WORKER_STATE_PAUSED
+        assert (seen.worker_id, list(seen.lanes), list(seen.paused_lanes)) == ("", [], [])
+        assert user_id in (await _status(cluster, first)).lanes
+
+        resumed = await worker.Resume(worker_pb2.ResumeRequest(), metadata=admin)
         assert resumed.state == worker_pb2.WORKER_STATE_RUNNING
 
         async def first_done() -> bool:
@@ -394,12 +418,21 @@ async def test_pause_resume_and_drain(cluster: Suite) -> None:
 
         await wait_until(first_done, 20)
 
-        drained = await worker.Drain(worker_pb2.DrainRequest(timeout_seconds=10))
+        drained = await worker.Drain(worker_pb2.DrainRequest(timeout_seconds=10), metadata=admin)
         assert drained.state == worker_pb2.WORKER_STATE_DRAINED
         assert drained.abandoned == 0
-        status = await _status(first)
+        status = await _status(cluster, first)
         assert status.state == worker_pb2.WORKER_STATE_DRAINED
         assert list(status.lanes) == []
+        # Resume cannot undo a drain: it says so instead of answering OK for nothing.
+        for control in (
+            worker.Resume(worker_pb2.ResumeRequest(), metadata=admin),
+            worker.Pause(worker_pb2.PauseRequest(), metadata=admin),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await control
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "DRAINED" in (refused.value.details() or "")
 
         # A drained replica takes nothing; a new replica picks the lane up.
         later = await queue.Enqueue(
@@ -414,3 +447,20 @@ async def test_pause_resume_and_drain(cluster: Suite) -> None:
             return await request_status(later.request_id) == SUCCEEDED
 
         await wait_until(later_done, 30)
+
+    # Every control call is audited with its principal; refusals once per peer and method.
+    lines = [json.loads(x) for x in (cluster.log_dir / "worker0.log").read_text().splitlines()]
+    audited = {(e["event"], e["outcome"], e["principal"]) for e in lines if e.get("audit")}
+    operator = "admin:e2e-operator"
+    assert {
+        ("worker.pause", "OK", operator),
+        ("worker.resume", "OK", operator),
+        ("worker.drain", "OK", operator),
+        ("worker.resume", "FAILED_PRECONDITION", operator),
+        ("worker.pause", "FAILED_PRECONDITION", operator),
+        ("authz.denied", "unauthenticated", None),
+        ("authz.denied", "permission_denied", other_id),
+    } <= audited, audited
+    denied = [e for e in lines if e.get("event") == "authz.denied"]
+    # Pause was refused twice per caller (own lane, whole replica): audited once.
+    assert len(denied) == 6, denied

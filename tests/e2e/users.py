@@ -9,6 +9,7 @@ import grpc
 
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
+from tests.e2e.suite import SERVICE_SECRET
 
 PASSWORD = "correct horse battery"
 
@@ -21,6 +22,19 @@ async def new_user(auth_target: str) -> tuple[str, str]:
         reg = await stub.Register(auth_pb2.RegisterRequest(username=name, password=PASSWORD))
         login = await stub.Login(auth_pb2.LoginRequest(username=name, password=PASSWORD))
         return reg.user_id, login.access_token
+
+
+async def admin_token(auth_target: str, secret: str = SERVICE_SECRET) -> str:
+    """An operator's token (role admin), issued for the service secret."""
+    async with grpc.aio.insecure_channel(auth_target) as channel:
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        reply = await stub.IssueServiceToken(
+            auth_pb2.IssueServiceTokenRequest(
+                service="e2e-operator", secret=secret, role=auth_pb2.SERVICE_TOKEN_ROLE_ADMIN
+            )
+        )
+        token: str = reply.access_token
+        return token
 
 
 def bearer(token: str) -> tuple[tuple[str, str]]:

@@ -26,6 +26,8 @@ async def auth(pg_schema: str) -> AsyncIterator[auth_pb2_grpc.AuthServiceStub]:
         database_schema=pg_schema,
         auth_listen="127.0.0.1:0",
         service_secret="the-secret",
+        # Strict rotation here; the reuse interval has its own tests (test_auth_security).
+        refresh_reuse_interval_seconds=0,
     )
     service = AuthService(settings)
     await service.start()

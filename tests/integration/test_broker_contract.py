@@ -3,33 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 
 import pytest
 
-from services.core.amqp import AmqpBroker
-from services.core.broker import Broker, BrokerError, Delivery, LaneFull
-from services.core.memory_broker import MemoryBroker
-from tests.conftest import broker_url, unique
+from services.core.broker import (
+    Broker,
+    BrokerError,
+    Delivery,
+    LaneFull,
+    LaneMissing,
+    LaneStats,
+    ResultsUnroutable,
+)
+from tests.conftest import unique
+from tests.e2e.suite import wait_until
+from tests.integration.conftest import MAX_LENGTH
 
 pytestmark = pytest.mark.integration
-MAX_LENGTH = 5
-
-
-@pytest.fixture(params=["amqp", "amqp-quorum", "memory"])
-async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
-    b: Broker
-    if request.param.startswith("amqp"):
-        vhost = request.getfixturevalue("vhost")
-        queue_type = "quorum" if request.param == "amqp-quorum" else "classic"
-        b = AmqpBroker(broker_url(vhost), lane_max_length=MAX_LENGTH, queue_type=queue_type)
-    else:
-        b = MemoryBroker(lane_max_length=MAX_LENGTH)
-    await b.connect()
-    try:
-        yield b
-    finally:
-        await b.close()
 
 
 class Recorder:
@@ -130,7 +121,6 @@ async def test_results_and_control_fan_out(broker: Broker) -> None:
     await broker.consume_results(route, on_result)
     await broker.consume_control(on_control)
     await broker.publish_results(route, b"r1")
-    await broker.publish_results(unique("other-route"), b"not mine")
     await broker.publish_results(route, b"r2")
     await broker.publish_control(b"c1")
     async with asyncio.timeout(10):
@@ -138,3 +128,109 @@ async def test_results_and_control_fan_out(broker: Broker) -> None:
         await results_in.wait()
     assert got_results == [b"r1", b"r2"]
     assert got_control == [b"c1"]
+
+
+async def test_results_nobody_is_bound_to_raise(broker: Broker) -> None:
+    """An event for a route no queue replica consumes is not dropped silently."""
+    with pytest.raises(ResultsUnroutable):
+        await broker.publish_results(unique("nobody"), b"lost?")
+    # The data path is unharmed: a bound route still gets its events.
+    got = asyncio.Event()
+
+    async def on_result(body: bytes) -> None:
+        got.set()
+
+    route = unique("route")
+    await broker.consume_results(route, on_result)
+    await broker.publish_results(route, b"r")
+    async with asyncio.timeout(10):
+        await got.wait()
+
+
+async def test_consuming_a_missing_lane_never_creates_it(broker: Broker) -> None:
+    lane = unique("lane")
+    with pytest.raises(LaneMissing):
+        await broker.consume_lane(lane, Recorder(), prefetch=1)
+    assert await broker.lane_stats(lane) is None
+
+
+async def test_lane_stats_count_ready_messages_and_consumers(
+    broker: Broker, request: pytest.FixtureRequest
+) -> None:
+    lane = unique("lane")
+    await broker.declare_lane(lane)
+    assert await broker.lane_stats(lane) == LaneStats(messages=0, consumers=0)
+    await broker.publish_lane(lane, b"m0", {})
+    await broker.publish_lane(lane, b"m1", {})
+    assert await broker.lane_stats(lane) == LaneStats(messages=2, consumers=0)
+    rec = Recorder()
+    consumer = await broker.consume_lane(lane, rec, prefetch=1)
+    standby = await broker.consume_lane(lane, Recorder(), prefetch=1)
+    await rec.wait_for(1)
+    assert consumer.last_delivery > 0
+    assert standby.last_delivery == 0  # single active consumer: the standby got nothing
+    # Quorum queues with single active consumer count only the active consumer.
+    quorum = request.node.callspec.params["broker"] == "amqp-quorum"
+    assert await broker.lane_stats(lane) == LaneStats(messages=1, consumers=1 if quorum else 2)
+    await consumer.cancel()
+    await standby.cancel()
+
+
+async def test_delete_lane_only_when_empty(broker: Broker) -> None:
+    lane = unique("lane")
+    await broker.declare_lane(lane)
+    await broker.publish_lane(lane, b"keep me", {})
+    assert await broker.delete_lane(lane) is False
+    assert await broker.lane_stats(lane) == LaneStats(messages=1, consumers=0)
+    rec = Recorder()
+    consumer = await broker.consume_lane(lane, rec, prefetch=1)
+    assert await rec.wait_for(1) == [b"keep me"]
+    await rec.deliveries[0].ack()
+    # Consumed and acked: empty, deletable although a consumer is attached.
+    await _until(lambda: broker.lane_stats(lane), LaneStats(messages=0, consumers=1))
+    assert await broker.delete_lane(lane) is True
+    assert await broker.lane_stats(lane) is None
+    await _until_false(lambda: consumer.alive)  # the broker cancelled it
+    with pytest.raises(LaneMissing):
+        await broker.publish_lane(lane, b"after", {})
+    assert await broker.delete_lane(lane) is True  # deleting a deleted lane is harmless
+    # Declared again, it works as new.
+    await broker.declare_lane(lane)
+    await broker.publish_lane(lane, b"again", {})
+    assert await broker.lane_stats(lane) == LaneStats(messages=1, consumers=0)
+    await consumer.cancel()
+
+
+async def test_housekeeping_never_drops_the_data_path(broker: Broker) -> None:
+    """Deleting lanes (on quorum lanes too) goes on while a lane is being consumed, and
+    the data connection never reconnects meanwhile."""
+    reconnects: list[int] = []
+    broker.on_reconnect(lambda: reconnects.append(1))
+    busy, idle = unique("busy"), unique("idle")
+    for lane in (busy, idle):
+        await broker.declare_lane(lane)
+    rec = Recorder()
+    consumer = await broker.consume_lane(busy, rec, prefetch=10)
+    for i in range(3):
+        await broker.delete_lane(idle)
+        await broker.declare_lane(idle)
+        await broker.publish_lane(busy, f"m{i}".encode(), {})
+    assert await rec.wait_for(3) == [b"m0", b"m1", b"m2"]
+    assert consumer.alive
+    assert broker.is_connected
+    assert reconnects == []
+    await consumer.cancel()
+
+
+async def _until(read: Callable[[], Awaitable[object]], expected: object) -> None:
+    async def check() -> bool:
+        return await read() == expected
+
+    await wait_until(check, timeout=10)
+
+
+async def _until_false(read: Callable[[], bool]) -> None:
+    async def check() -> bool:
+        return not read()
+
+    await wait_until(check, timeout=10)

@@ -28,6 +28,7 @@ from fairlane.client import (
     Unauthenticated,
     Unavailable,
 )
+from fairlane.client.channels import Channels
 from fairlane.client.errors import error_from_rpc, retry_delay_ms
 from fairlane.client.retry import call_with_retry
 
@@ -216,11 +217,12 @@ class FakeAuthStub:
         )
 
 
-def _client_with_fake_auth(tokens: Tokens | None, seen: list[Tokens | None]) -> tuple[Client, Any]:
-    client = Client("auth:1", "queue:1", tokens=tokens, on_tokens=seen.append)
+def _client_with_fake_auth(
+    monkeypatch: pytest.MonkeyPatch, tokens: Tokens | None, seen: list[Tokens | None]
+) -> tuple[Client, Any]:
     stub = FakeAuthStub()
-    client._auth_stub = lambda: stub  # type: ignore[method-assign,assignment,return-value]
-    return client, stub
+    monkeypatch.setattr(Channels, "auth", lambda self: stub)
+    return Client("auth:1", "queue:1", tokens=tokens, on_tokens=seen.append), stub
 
 
 def _recording(outcomes: list[Any]) -> tuple[Callable[..., Awaitable[str]], list[Any]]:
@@ -237,10 +239,12 @@ def _recording(outcomes: list[Any]) -> tuple[Callable[..., Awaitable[str]], list
     return method, calls
 
 
-async def test_client_refreshes_before_expiry_and_after_unauthenticated() -> None:
+async def test_client_refreshes_before_expiry_and_after_unauthenticated(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     seen: list[Tokens | None] = []
     soon = Tokens("access-0", "refresh-0", time.time() + 5, 100, "alice")
-    client, stub = _client_with_fake_auth(soon, seen)
+    client, stub = _client_with_fake_auth(monkeypatch, soon, seen)
     method, calls = _recording(["one"])
     # 5 s left of a 100 s token is under the margin (20 s): refresh first.
     assert await client._unary("queue", method, object(), timeout=3.0) == "one"

@@ -22,6 +22,7 @@ from fairlane.client import (
     Tokens,
     Unavailable,
 )
+from fairlane.client.channels import Channels
 from fairlane.common.v1 import common_pb2
 from fairlane.queue.v1 import queue_pb2
 from tests.unit.test_client_retry import FakeAuthStub, rpc_error
@@ -83,13 +84,13 @@ class FakeQueueStub:
         return self.calls[-1]
 
 
-def _client() -> tuple[Client, FakeQueueStub, FakeAuthStub]:
+def _client(monkeypatch: pytest.MonkeyPatch) -> tuple[Client, FakeQueueStub, FakeAuthStub]:
+    """A logged-in Client whose channels hand out the fake stubs."""
     tokens = Tokens("access-0", "refresh-0", time.time() + 3600, 3600, "alice")
-    client = Client("auth:1", "queue:1", tokens=tokens)
     queue, auth = FakeQueueStub(), FakeAuthStub()
-    client._queue_stub = lambda: queue  # type: ignore[method-assign,assignment,return-value]
-    client._auth_stub = lambda: auth  # type: ignore[method-assign,assignment,return-value]
-    return client, queue, auth
+    monkeypatch.setattr(Channels, "queue", lambda self: queue)
+    monkeypatch.setattr(Channels, "auth", lambda self: auth)
+    return Client("auth:1", "queue:1", tokens=tokens), queue, auth
 
 
 def accepted(ref: str, rid: str) -> queue_pb2.Accepted:
@@ -102,27 +103,46 @@ def result(rid: str, seq: int, output: bytes = b"") -> common_pb2.Result:
     )
 
 
+def sent(call: FakeCall) -> list[str]:
+    """What was written, in order: enqueues by client_ref, cancels by request id."""
+    refs: list[str] = []
+    for message in call.written:
+        kind = message.WhichOneof("kind")
+        if kind == "enqueue_batch":
+            refs.extend(r.client_ref for r in message.enqueue_batch.requests)
+        elif kind == "enqueue":
+            refs.append(message.enqueue.client_ref)
+        else:
+            refs.append(message.cancel.request_id)
+    return refs
+
+
 async def settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
 
 
-async def test_answers_match_submits_in_order_and_cancel_refusals_are_told_apart() -> None:
-    client, queue, _ = _client()
+async def test_answers_match_submits_in_order_and_cancel_refusals_are_told_apart(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client, queue, _ = _client(monkeypatch)
     async with client.session() as session:
         call = queue.calls[0]
         first = await session.submit("echo", b"1", client_ref="a")
-        await session.cancel("rid-unknown")
+        await session.cancel("c")
         second = await session.submit("echo", b"2", client_ref="b")
         bad = await session.submit("nope", client_ref="c")
+        await settle()
+        # Ready together: one message per run of enqueues, the cancel alone in its place.
         assert [m.WhichOneof("kind") for m in call.written] == [
             "enqueue",
             "cancel",
-            "enqueue",
-            "enqueue",
+            "enqueue_batch",
         ]
-        # The refused cancel comes first, out of the answer order: no submit is consumed.
-        call.feed(rejected=queue_pb2.Rejected(client_ref="rid-unknown", code=5, message="no such"))
+        assert sent(call) == ["a", "c", "b", "c"]
+        # The refused cancel comes first, out of the answer order: no submit is consumed,
+        # not even the one whose client_ref equals the id the cancel named.
+        call.feed(rejected=queue_pb2.Rejected(cancel_request_id="c", code=5, message="no such"))
         call.feed(accepted=accepted("a", "r1"))
         call.feed(accepted=accepted("b", "r2"))
         call.feed(
@@ -155,6 +175,7 @@ async def test_answers_match_submits_in_order_and_cancel_refusals_are_told_apart
     ]
     assert isinstance(events[0], RejectedEvent)
     assert events[0].code == "NOT_FOUND"
+    assert (events[0].cancel_request_id, events[0].client_ref) == ("c", "")
     assert isinstance(events[1], Accepted)
     assert isinstance(events[5], Result)
     assert events[5].status is Status.SUCCEEDED
@@ -162,8 +183,10 @@ async def test_answers_match_submits_in_order_and_cancel_refusals_are_told_apart
         await session.submit("echo")
 
 
-async def test_refused_token_refreshes_and_resends_everything() -> None:
-    client, queue, auth = _client()
+async def test_refused_token_refreshes_and_resends_everything(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client, queue, auth = _client(monkeypatch)
     async with client.session() as session:
         one = await session.submit("echo", b"1", client_ref="a")
         await session.cancel("r0")
@@ -176,11 +199,7 @@ async def test_refused_token_refreshes_and_resends_everything() -> None:
             (("authorization", "Bearer access-1"),),
         ]
         second = queue.calls[1]
-        assert [m.enqueue.client_ref or m.cancel.request_id for m in second.written] == [
-            "a",
-            "b",
-            "r0",
-        ]
+        assert sent(second) == ["a", "b", "r0"]
         second.feed(accepted=accepted("a", "r1"))
         second.feed(accepted=accepted("b", "r2"))
         second.feed(result=result("r1", 1))
@@ -190,8 +209,10 @@ async def test_refused_token_refreshes_and_resends_everything() -> None:
     assert [(await one).lane_seq, (await two).lane_seq] == [1, 2]
 
 
-async def test_a_broken_stream_fails_what_is_pending_and_is_raised() -> None:
-    client, queue, _ = _client()
+async def test_a_broken_stream_fails_what_is_pending_and_is_raised(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client, queue, _ = _client(monkeypatch)
     session = client.session(resume=False)
     await session.open()
     call = queue.calls[0]
@@ -225,8 +246,8 @@ async def test_a_broken_stream_fails_what_is_pending_and_is_raised() -> None:
     assert len(received) == 3
 
 
-async def test_submit_waits_for_room_in_the_window() -> None:
-    client, queue, _ = _client()
+async def test_submit_waits_for_room_in_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    client, queue, _ = _client(monkeypatch)
     async with client.session(max_in_flight=2, record_events=False) as session:
         call = queue.calls[0]
         await session.submit("echo", client_ref="a")
@@ -234,12 +255,12 @@ async def test_submit_waits_for_room_in_the_window() -> None:
         third = asyncio.create_task(session.submit("echo", client_ref="c"))
         await settle()
         assert not third.done()
-        assert len(call.written) == 2
+        assert sent(call) == ["a", "b"]
         call.feed(accepted=accepted("a", "r1"))
         call.feed(result=result("r1", 1))
         await settle()
         assert third.done()
-        assert len(call.written) == 3
+        assert sent(call) == ["a", "b", "c"]
         call.feed(accepted=accepted("b", "r2"))
         call.feed(accepted=accepted("c", "r3"))
         call.feed(result=result("r2", 2))
@@ -249,8 +270,10 @@ async def test_submit_waits_for_room_in_the_window() -> None:
     assert (await third.result()).lane_seq == 3
 
 
-async def test_leaving_with_an_exception_cancels_the_stream() -> None:
-    client, queue, _ = _client()
+async def test_leaving_with_an_exception_cancels_the_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client, queue, _ = _client(monkeypatch)
     pending = None
     with contextlib.suppress(RuntimeError):
         async with client.session() as session:
@@ -262,8 +285,10 @@ async def test_leaving_with_an_exception_cancels_the_stream() -> None:
         await pending
 
 
-async def test_a_broken_stream_is_resumed_with_watch_results() -> None:
-    client, queue, _ = _client()
+async def test_a_broken_stream_is_resumed_with_watch_results(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client, queue, _ = _client(monkeypatch)
     session = client.session()
     await session.open()
     call = queue.calls[0]
@@ -303,3 +328,35 @@ async def test_a_broken_stream_is_resumed_with_watch_results() -> None:
     with pytest.raises(Unavailable):
         await collect()
     assert results == ["r1", "r2", "r3"]
+
+
+async def test_answers_packed_in_a_batch_are_handled_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client, queue, _ = _client(monkeypatch)
+    async with client.session() as session:
+        call = queue.calls[0]
+        futures = [await session.submit("echo", client_ref=ref) for ref in "abc"]
+        await settle()
+        assert [m.WhichOneof("kind") for m in call.written] == ["enqueue_batch"]
+        keys = [r.idempotency_key for r in call.written[0].enqueue_batch.requests]
+        assert keys == [f.idempotency_key for f in futures]
+        assert len(set(keys)) == 3
+        inner = [
+            queue_pb2.SessionResponse(accepted=accepted("a", "r1")),
+            queue_pb2.SessionResponse(accepted=accepted("b", "r2")),
+            queue_pb2.SessionResponse(result=result("r1", 1, b"one")),
+            queue_pb2.SessionResponse(
+                rejected=queue_pb2.Rejected(client_ref="c", code=14, message="busy")
+            ),
+        ]
+        call.feed(batch=queue_pb2.SessionResponseBatch(responses=inner))
+        call.feed(result=result("r2", 2, b"two"))
+        await session.close()
+        assert call.half_closed
+        call.end()
+    assert [(await f).output for f in futures[:2]] == [b"one", b"two"]
+    with pytest.raises(Rejected, match="busy"):
+        await futures[2]
+    kinds = [type(e).__name__ async for e in session.events()]
+    assert kinds == ["Accepted", "Accepted", "Result", "Rejected", "Result"]

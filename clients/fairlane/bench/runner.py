@@ -101,30 +101,34 @@ async def login_users(config: BenchConfig) -> list[tuple[str, str, str]]:
         async def one(i: int) -> tuple[str, str, str]:
             name = f"{config.user_prefix}-{i}"
             async with gate:
+                # Register first: a taken name is answered before any password is hashed,
+                # and no failed login counts against this address's login throttle.
+                try:
+                    await stub.Register(
+                        auth_pb2.RegisterRequest(username=name, password=config.password),
+                        timeout=30,
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise BenchSetupError(
+                            f"auth refused to register {name}: {exc.details()} (registrations "
+                            "per address are throttled; raise FAIRLANE_REGISTER_PEER_FREE on "
+                            "the auth service, or reuse users with --user-prefix)"
+                        ) from None
+                    if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
+                        raise
                 try:
                     login = await stub.Login(
                         auth_pb2.LoginRequest(username=name, password=config.password),
                         timeout=30,
                     )
                 except grpc.aio.AioRpcError as exc:
-                    if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
-                        raise
-                    try:
-                        await stub.Register(
-                            auth_pb2.RegisterRequest(username=name, password=config.password),
-                            timeout=30,
-                        )
-                    except grpc.aio.AioRpcError as reg:
-                        if reg.code() == grpc.StatusCode.ALREADY_EXISTS:
-                            raise BenchSetupError(
-                                f"user {name} exists with another password "
-                                "(use --password or --user-prefix)"
-                            ) from None
-                        raise
-                    login = await stub.Login(
-                        auth_pb2.LoginRequest(username=name, password=config.password),
-                        timeout=30,
-                    )
+                    if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                        raise BenchSetupError(
+                            f"user {name} exists with another password "
+                            "(use --password or --user-prefix)"
+                        ) from None
+                    raise
                 who = await stub.WhoAmI(
                     auth_pb2.WhoAmIRequest(), metadata=_bearer(login.access_token), timeout=30
                 )

@@ -7,8 +7,9 @@ import json
 import os
 import secrets
 import stat
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 from fairlane.client import Tokens
 
@@ -47,18 +48,15 @@ class Credentials:
         )
 
     def with_tokens(self, tokens: Tokens) -> Credentials:
-        return Credentials(
-            username=tokens.username or self.username,
-            access_token=tokens.access_token,
-            refresh_token=tokens.refresh_token,
-            expires_at=tokens.expires_at,
-            lifetime=tokens.lifetime,
-            auth_target=self.auth_target,
-            queue_target=self.queue_target,
-            worker_target=self.worker_target,
-            tls=self.tls,
-            ca_file=self.ca_file,
-        )
+        """These credentials (same targets) with newer tokens."""
+        return replace(self, **token_fields(tokens, self.username))
+
+
+def token_fields(tokens: Tokens, username: str = "") -> dict[str, Any]:
+    """The Credentials fields that come from `tokens` (`username` if they name nobody)."""
+    values = {f.name: getattr(tokens, f.name) for f in fields(tokens)}
+    values["username"] = tokens.username or username
+    return values
 
 
 def config_dir() -> Path:

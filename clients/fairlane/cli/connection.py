@@ -27,33 +27,19 @@ DEFAULT_AUTH_TARGET = "127.0.0.1:50051"
 DEFAULT_QUEUE_TARGET = "127.0.0.1:50052"
 DEFAULT_WORKER_TARGET = "127.0.0.1:50053"
 
-AuthTarget = Annotated[
-    str | None,
-    typer.Option(
-        "--auth-target",
-        envvar="FAIRLANE_AUTH_TARGET",
-        help=f"AuthService host:port (default: cached by login, else {DEFAULT_AUTH_TARGET})",
-        show_default=False,
-    ),
-]
-QueueTarget = Annotated[
-    str | None,
-    typer.Option(
-        "--queue-target",
-        envvar="FAIRLANE_QUEUE_TARGET",
-        help=f"QueueService host:port (default: cached by login, else {DEFAULT_QUEUE_TARGET})",
-        show_default=False,
-    ),
-]
-WorkerTarget = Annotated[
-    str | None,
-    typer.Option(
-        "--worker-target",
-        envvar="FAIRLANE_WORKER_TARGET",
-        help=f"WorkerService host:port (default: cached by login, else {DEFAULT_WORKER_TARGET})",
-        show_default=False,
-    ),
-]
+
+def _target_option(service: str, default: str) -> Any:
+    return Annotated[
+        str | None,
+        typer.Option(
+            f"--{service}-target",
+            envvar=f"FAIRLANE_{service.upper()}_TARGET",
+            help=f"{service.title()}Service host:port (default: cached by login, else {default})",
+            show_default=False,
+        ),
+    ]
+
+
 Tls = Annotated[
     bool | None,
     typer.Option(
@@ -124,11 +110,7 @@ class Connection:
 
     def credentials_for(self, tokens: Tokens) -> config.Credentials:
         return config.Credentials(
-            username=tokens.username,
-            access_token=tokens.access_token,
-            refresh_token=tokens.refresh_token,
-            expires_at=tokens.expires_at,
-            lifetime=tokens.lifetime,
+            **config.token_fields(tokens),
             auth_target=self.auth_target,
             queue_target=self.queue_target,
             worker_target=self.worker_target,
@@ -174,9 +156,9 @@ Command = Callable[..., None]
 _OPTIONS = tuple(
     inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
     for name, annotation, default in (
-        ("auth_target", AuthTarget, None),
-        ("queue_target", QueueTarget, None),
-        ("worker_target", WorkerTarget, None),
+        ("auth_target", _target_option("auth", DEFAULT_AUTH_TARGET), None),
+        ("queue_target", _target_option("queue", DEFAULT_QUEUE_TARGET), None),
+        ("worker_target", _target_option("worker", DEFAULT_WORKER_TARGET), None),
         ("tls", Tls, None),
         ("ca_file", CaFile, None),
         ("timeout", Timeout, 10.0),

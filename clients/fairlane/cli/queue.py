@@ -29,11 +29,12 @@ from fairlane.cli.rendering import (
     out,
     print_json,
     result_line,
+    show,
     styled_status,
     when,
 )
+from fairlane.client import Lane, Rejected, Request, Status, SubmitFuture
 from fairlane.client import Progress as ProgressEvent
-from fairlane.client import Rejected, Request, Status, SubmitFuture
 
 MaxAttempts = Annotated[
     int, typer.Option("--max-attempts", help="Attempts before dead-lettering; 0: default.")
@@ -233,10 +234,7 @@ async def watch(
     seen = 0
     async with conn.client() as client, contextlib.aclosing(client.watch(after)) as results:
         async for result in results:
-            if json_output:
-                print_json(result)
-            else:
-                out.print(result_line(result))
+            show(result, json_output, result_line)
             sys.stdout.flush()
             seen += 1
             if count is not None and seen >= count:
@@ -252,10 +250,10 @@ async def get(
 ) -> None:
     """Show one of your requests."""
     async with conn.client() as client:
-        request = await client.get(request_id)
-    if json_output:
-        print_json(request)
-        return
+        show(await client.get(request_id), json_output, _request_view)
+
+
+def _request_view(request: Request) -> Table:
     rows: list[tuple[str, str]] = [
         ("request", request.request_id),
         ("handler", request.handler),
@@ -275,7 +273,7 @@ async def get(
         rows.append(("error", request.error))
     if request.trace_id:
         rows.append(("trace", request.trace_id))
-    out.print(key_values(rows))
+    return key_values(rows)
 
 
 @connected
@@ -300,10 +298,10 @@ async def requests(
             found.extend(page)
             if len(found) >= limit:
                 break
-    found = found[:limit]
-    if json_output:
-        print_json(found)
-        return
+    show(found[:limit], json_output, _requests_view)
+
+
+def _requests_view(found: list[Request]) -> Table:
     table = Table(title=f"{len(found)} requests", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("request", no_wrap=True, min_width=36)
     table.add_column("handler", min_width=8)
@@ -318,28 +316,26 @@ async def requests(
             str(r.lane_seq or "-"),
             when(r.enqueued_at, "%m-%d %H:%M:%S"),
         )
-    out.print(table)
+    return table
 
 
 @connected
 async def lanes(conn: Connection, *, json_output: JsonOutput = False) -> None:
     """Show your lane: its queue, pending requests and newest lane_seq."""
     async with conn.client() as client:
-        lane = await client.lane()
-    if json_output:
-        print_json(lane)
-        return
-    out.print(
-        key_values(
-            [
-                ("user", lane.user_id),
-                ("queue", lane.queue_name),
-                ("pending", str(lane.pending)),
-                ("last lane_seq", str(lane.last_lane_seq)),
-                ("created", when(lane.created_at)),
-                ("last active", when(lane.last_active_at)),
-            ]
-        )
+        show(await client.lane(), json_output, _lane_view)
+
+
+def _lane_view(lane: Lane) -> Table:
+    return key_values(
+        [
+            ("user", lane.user_id),
+            ("queue", lane.queue_name),
+            ("pending", str(lane.pending)),
+            ("last lane_seq", str(lane.last_lane_seq)),
+            ("created", when(lane.created_at)),
+            ("last active", when(lane.last_active_at)),
+        ]
     )
 
 

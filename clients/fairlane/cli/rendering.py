@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.table import Table
 
 from fairlane.cli import config
@@ -107,6 +107,14 @@ def jsonable(value: Any) -> Any:
 
 def print_json(value: Any) -> None:
     typer.echo(json.dumps(jsonable(value), ensure_ascii=False))
+
+
+def show(value: T, json_output: bool, render: Callable[[T], RenderableType]) -> None:
+    """`value` as one JSON line with --json, else as `render(value)` (text or a table)."""
+    if json_output:
+        print_json(value)
+    else:
+        out.print(render(value))
 
 
 def when(value: datetime | None, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:

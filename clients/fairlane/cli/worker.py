@@ -3,62 +3,70 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
+from rich.console import Group
 from rich.table import Table
 
 from fairlane.cli.connection import Connection, connected
-from fairlane.cli.rendering import JsonOutput, out, print_json
-from fairlane.client import Client, WorkerState
+from fairlane.cli.rendering import JsonOutput, out, show
+from fairlane.client import Client, HandlerInfo, WorkerState, WorkerStatus
 
 app = typer.Typer(
     name="worker", help="Control one worker replica (--worker-target).", no_args_is_help=True
 )
+
+T = TypeVar("T")
 
 LaneOption = Annotated[
     str, typer.Option("--lane", help="Only this lane (a user id); default: the whole worker.")
 ]
 
 
+async def _ask(conn: Connection, call: Callable[[Client], Awaitable[T]]) -> T:
+    """One call to the worker; its control RPCs need no login."""
+    async with conn.client(require_login=False) as client:
+        return await call(client)
+
+
 @app.command("status")
 @connected
 async def status(conn: Connection, *, json_output: JsonOutput = False) -> None:
     """Show state, lanes, in-flight requests and per-handler counters."""
-    async with conn.client(require_login=False) as client:
-        worker = await client.worker_status()
-    if json_output:
-        print_json(worker)
-        return
-    out.print(
-        f"worker [bold]{worker.worker_id}[/] at {conn.worker_target}: {worker.state.name}, "
-        f"{worker.in_flight}/{worker.concurrency} running, {len(worker.lanes)} lanes"
-        + (f", paused lanes: {', '.join(worker.paused_lanes)}" if worker.paused_lanes else "")
-    )
+    worker = await _ask(conn, Client.worker_status)
+    show(worker, json_output, lambda w: _status_view(w, conn.worker_target))
+
+
+def _status_view(worker: WorkerStatus, target: str) -> Group:
+    paused = f", paused lanes: {', '.join(worker.paused_lanes)}" if worker.paused_lanes else ""
     table = Table(title_justify="left")
     for column in ("handler", "succeeded", "failed", "retried", "running"):
         table.add_column(column, justify="left" if column == "handler" else "right")
     for h in worker.handlers:
         table.add_row(h.name, str(h.succeeded), str(h.failed), str(h.retried), str(h.running))
-    out.print(table)
+    return Group(
+        f"worker [bold]{worker.worker_id}[/] at {target}: {worker.state.name}, "
+        f"{worker.in_flight}/{worker.concurrency} running, {len(worker.lanes)} lanes{paused}",
+        table,
+    )
 
 
 @app.command("handlers")
 @connected
 async def handlers(conn: Connection, *, json_output: JsonOutput = False) -> None:
     """List the handlers the worker can run."""
-    async with conn.client(require_login=False) as client:
-        found = await client.list_handlers()
-    if json_output:
-        print_json(found)
-        return
+    show(await _ask(conn, Client.list_handlers), json_output, _handlers_view)
+
+
+def _handlers_view(found: list[HandlerInfo]) -> Table:
     table = Table()
     for column in ("handler", "max attempts", "timeout", "description"):
         table.add_column(column)
     for h in found:
         limit = f"{h.timeout_seconds:g} s" if h.timeout_seconds else "-"
         table.add_row(h.name, str(h.max_attempts), limit, h.description)
-    out.print(table)
+    return table
 
 
 def _lane_switch(
@@ -67,8 +75,7 @@ def _lane_switch(
     """`worker pause` and `worker resume`: the same command around a different call."""
 
     async def command(conn: Connection, *, lane: LaneOption = "") -> None:
-        async with conn.client(require_login=False) as client:
-            state = await call(client, lane)
+        state = await _ask(conn, lambda client: call(client, lane))
         out.print(f"{'lane ' + lane if lane else 'worker'} {done}; worker is {state.name}")
 
     command.__doc__ = summary
@@ -95,8 +102,7 @@ async def drain(
     ] = 0.0,
 ) -> None:
     """Finish running requests, then release every lane to other replicas."""
-    async with conn.client(require_login=False) as client:
-        state, abandoned = await client.drain(grace)
+    state, abandoned = await _ask(conn, lambda client: client.drain(grace))
     note = f"; {abandoned} requests handed back unfinished" if abandoned else ""
     out.print(f"worker is {state.name}{note}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -58,6 +59,11 @@ def payload_bytes(payload: Payload) -> bytes:
     return payload.encode() if isinstance(payload, str) else bytes(payload)
 
 
+def new_idempotency_key() -> str:
+    """A key no other request of the user has (122 random bits)."""
+    return uuid.uuid4().hex
+
+
 def enqueue_request(
     handler: str,
     payload: Payload,
@@ -67,10 +73,13 @@ def enqueue_request(
     max_attempts: int,
     client_ref: str,
 ) -> queue_pb2.EnqueueRequest:
+    """The EnqueueRequest to send. It always carries an idempotency key (a new one when
+    the caller gave none): whoever sends it again, the client after a lost connection or
+    the caller after an error, cannot make the request run twice."""
     return queue_pb2.EnqueueRequest(
         handler=handler,
         payload=payload_bytes(payload),
-        idempotency_key=idempotency_key or "",
+        idempotency_key=idempotency_key or new_idempotency_key(),
         deadline=deadline_timestamp(deadline),
         max_attempts=max_attempts,
         client_ref=client_ref,

@@ -1,37 +1,24 @@
-"""The asyncio client: auth, queue and worker calls with tokens, retries and deadlines."""
+"""The asyncio client: the API of the three services over Channels and a TokenManager."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import random
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar
 
 import grpc
 
-from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
-from fairlane.client._wire import (
-    CHANNEL_OPTIONS,
-    Deadline,
-    Metadata,
-    Payload,
-    bearer,
-    enqueue_request,
-)
-from fairlane.client.errors import (
-    FairlaneError,
-    NotFound,
-    NotLoggedIn,
-    Unauthenticated,
-    Unavailable,
-    error_from_rpc,
-    retry_delay_ms,
-)
+from fairlane.auth.v1 import auth_pb2
+from fairlane.client._wire import Deadline, Payload, bearer, enqueue_request
+from fairlane.client.channels import Channels, ServiceName
+from fairlane.client.errors import NotFound, Unavailable
+from fairlane.client.results import STREAM_RECONNECT, ResultWatcher
 from fairlane.client.retry import RetryPolicy, Sleep, call_with_retry
 from fairlane.client.session import Session
+from fairlane.client.tokens import TokenListener, TokenManager
 from fairlane.client.types import (
     Enqueued,
     HandlerInfo,
@@ -44,24 +31,17 @@ from fairlane.client.types import (
     WorkerState,
     WorkerStatus,
 )
-from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
-from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
+from fairlane.common.v1 import common_pb2
+from fairlane.queue.v1 import queue_pb2
+from fairlane.worker.v1 import worker_pb2
 
-if TYPE_CHECKING:
-    from fairlane.auth.v1.auth_pb2_grpc import AuthServiceAsyncStub
-    from fairlane.queue.v1.queue_pb2_grpc import QueueServiceAsyncStub
-    from fairlane.worker.v1.worker_pb2_grpc import WorkerServiceAsyncStub
+__all__ = ["Client"]
 
 R = TypeVar("R")
 
-ServiceName = Literal["auth", "queue", "worker"]
 AuthMode = Literal["none", "required", "optional"]
-TokenListener = Callable[[Tokens | None], None]
 
 _UNSET: Any = object()
-
-STREAM_RECONNECT = RetryPolicy(max_attempts=10, base_backoff=0.25, max_backoff=5.0)
-"""Reopening WatchResults: 10 attempts, at most about 28 s of jittered waits in all."""
 
 
 class Client:
@@ -104,25 +84,38 @@ class Client:
         refresh_margin: float | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        self.targets: dict[ServiceName, str | None] = {
-            "auth": auth_target,
-            "queue": queue_target,
-            "worker": worker_target,
-        }
-        self.tls = tls or root_certificates is not None
-        self._root_certificates = root_certificates
+        secure = tls or root_certificates is not None
+        self._channels = Channels(
+            {"auth": auth_target, "queue": queue_target, "worker": worker_target},
+            credentials=grpc.ssl_channel_credentials(root_certificates) if secure else None,
+            options=channel_options,
+        )
+        self._tokens = TokenManager(
+            self._exchange, tokens, on_tokens=on_tokens, refresh_margin=refresh_margin
+        )
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
-        self.reconnect = reconnect or STREAM_RECONNECT
-        self._tokens = tokens
-        self._on_tokens = on_tokens
-        self._refresh_margin = refresh_margin
-        self._options = _merge_options(CHANNEL_OPTIONS, channel_options)
-        self._channels: dict[str, Any] = {}
-        self._refresh_lock = asyncio.Lock()
         self._sleep: Sleep = asyncio.sleep
         self._rng = random.Random()
-        self._closed = False
+        self._results = ResultWatcher(
+            self._channels,
+            self._tokens,
+            reconnect or STREAM_RECONNECT,
+            sleep=self._sleep,
+            rng=self._rng,
+        )
+
+    @property
+    def targets(self) -> dict[ServiceName, str | None]:
+        return self._channels.targets
+
+    @property
+    def tls(self) -> bool:
+        return self._channels.tls
+
+    @property
+    def reconnect(self) -> RetryPolicy:
+        return self._results.policy
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -139,114 +132,38 @@ class Client:
 
     async def close(self) -> None:
         """Closes every channel; calls in progress are cancelled."""
-        self._closed = True
-        channels, self._channels = list(self._channels.values()), {}
-        for channel in channels:
-            await channel.close()
-
-    def _channel(self, service: ServiceName) -> Any:
-        target = self.targets[service]
-        if not target:
-            raise FairlaneError(f"no {service} target configured")
-        if self._closed:
-            raise FairlaneError("the client is closed")
-        channel = self._channels.get(target)
-        if channel is None:
-            address = grpc_target(target)
-            if self.tls:
-                credentials = grpc.ssl_channel_credentials(
-                    root_certificates=self._root_certificates
-                )
-                channel = grpc.aio.secure_channel(address, credentials, options=self._options)
-            else:
-                channel = grpc.aio.insecure_channel(address, options=self._options)
-            self._channels[target] = channel
-        return channel
-
-    def _auth_stub(self) -> AuthServiceAsyncStub:
-        return cast("AuthServiceAsyncStub", auth_pb2_grpc.AuthServiceStub(self._channel("auth")))
-
-    def _queue_stub(self) -> QueueServiceAsyncStub:
-        return cast(
-            "QueueServiceAsyncStub", queue_pb2_grpc.QueueServiceStub(self._channel("queue"))
-        )
-
-    def _worker_stub(self) -> WorkerServiceAsyncStub:
-        return cast(
-            "WorkerServiceAsyncStub", worker_pb2_grpc.WorkerServiceStub(self._channel("worker"))
-        )
+        await self._channels.close()
 
     # -- tokens ------------------------------------------------------------------------
 
     @property
     def tokens(self) -> Tokens | None:
         """The current tokens, or None before login."""
-        return self._tokens
+        return self._tokens.tokens
 
     def set_tokens(self, tokens: Tokens | None) -> None:
         """Replaces the tokens (e.g. ones saved earlier) and tells `on_tokens`."""
-        self._tokens = tokens
-        if self._on_tokens is not None:
-            self._on_tokens(tokens)
-
-    def _margin(self, tokens: Tokens) -> float:
-        if self._refresh_margin is not None:
-            return self._refresh_margin
-        return min(60.0, tokens.lifetime / 5)
+        self._tokens.set(tokens)
 
     async def access_token(self) -> str:
         """A valid access token, refreshed first if it is about to expire."""
-        tokens = self._tokens
-        if tokens is None:
-            raise NotLoggedIn("not logged in")
-        if tokens.refresh_token and tokens.expires_within(self._margin(tokens)):
-            await self._refresh(tokens.access_token)
-            tokens = self._tokens
-            assert tokens is not None
-        return tokens.access_token
-
-    async def _refresh(self, stale: str) -> bool:
-        """Exchanges the refresh token unless `stale` was already replaced; False if
-        there is no refresh token to use."""
-        async with self._refresh_lock:
-            current = self._tokens
-            if current is None or not current.refresh_token:
-                return False
-            if current.access_token != stale:
-                return True  # another call refreshed meanwhile
-            request = auth_pb2.RefreshRequest(refresh_token=current.refresh_token)
-            try:
-                reply: auth_pb2.RefreshResponse = await self._unary(
-                    "auth", self._auth_stub().Refresh, request, auth="none", idempotent=False
-                )
-            except Unauthenticated as exc:
-                raise Unauthenticated(
-                    f"the login has expired or was revoked, log in again ({exc.message})"
-                ) from exc
-            self.set_tokens(
-                Tokens.issued(
-                    reply.access_token, reply.refresh_token, reply.expires_in, current.username
-                )
-            )
-            return True
+        return await self._tokens.access_token()
 
     async def refresh(self) -> Tokens:
         """Exchanges the refresh token for new tokens now."""
-        tokens = self._tokens
-        if tokens is None or not tokens.refresh_token:
-            raise NotLoggedIn("not logged in")
-        await self._refresh(tokens.access_token)
-        assert self._tokens is not None
-        return self._tokens
+        return await self._tokens.refresh()
+
+    async def _exchange(self, refresh_token: str) -> Tokens:
+        reply: auth_pb2.RefreshResponse = await self._unary(
+            "auth",
+            self._channels.auth().Refresh,
+            auth_pb2.RefreshRequest(refresh_token=refresh_token),
+            auth="none",
+            idempotent=False,
+        )
+        return Tokens.issued(reply.access_token, reply.refresh_token, reply.expires_in)
 
     # -- the call wrapper --------------------------------------------------------------
-
-    async def _metadata(self, auth: AuthMode, used: list[str]) -> Metadata | None:
-        if auth == "none" or (auth == "optional" and self._tokens is None):
-            return None
-        token = await self.access_token()
-        used.append(token)
-        return bearer(token)
 
     async def _unary(
         self,
@@ -258,22 +175,28 @@ class Client:
         idempotent: bool = True,
         timeout: float | None = _UNSET,
     ) -> R:
+        """One unary call with a deadline, the bearer token (refreshed once after
+        UNAUTHENTICATED) and retries per `self.retry`."""
         deadline = self.timeout if timeout is _UNSET else timeout
         used: list[str] = []
+        with_token = auth == "required" or (auth == "optional" and self.tokens is not None)
 
         async def attempt() -> R:
-            metadata = await self._metadata(auth, used)
+            metadata = None
+            if with_token:
+                used.append(await self._tokens.access_token())
+                metadata = bearer(used[-1])
             return await method(request, metadata=metadata, timeout=deadline)
 
         async def reauthenticate() -> bool:
-            return bool(used) and await self._refresh(used[-1])
+            return bool(used) and await self._tokens.refresh_if_current(used[-1])
 
         try:
             return await call_with_retry(
                 attempt,
                 policy=self.retry,
                 idempotent=idempotent,
-                on_unauthenticated=None if auth == "none" else reauthenticate,
+                on_unauthenticated=reauthenticate if with_token else None,
                 sleep=self._sleep,
                 rng=self._rng,
             )
@@ -292,7 +215,7 @@ class Client:
         """Creates a user; returns its id. ALREADY_EXISTS → AlreadyExists."""
         reply: auth_pb2.RegisterResponse = await self._unary(
             "auth",
-            self._auth_stub().Register,
+            self._channels.auth().Register,
             auth_pb2.RegisterRequest(username=username, password=password),
             auth="none",
             idempotent=False,
@@ -306,32 +229,32 @@ class Client:
         """Logs in; the client keeps (and refreshes) the tokens from now on."""
         reply: auth_pb2.LoginResponse = await self._unary(
             "auth",
-            self._auth_stub().Login,
+            self._channels.auth().Login,
             auth_pb2.LoginRequest(username=username, password=password),
             auth="none",
             timeout=timeout,
         )
         tokens = Tokens.issued(reply.access_token, reply.refresh_token, reply.expires_in, username)
-        self.set_tokens(tokens)
+        self._tokens.set(tokens)
         return tokens
 
     async def logout(self, *, timeout: float | None = _UNSET) -> None:
         """Revokes the refresh token (and its whole family) and forgets the tokens."""
-        tokens = self._tokens
+        tokens = self._tokens.tokens
         if tokens is not None and tokens.refresh_token:
             with contextlib.suppress(NotFound):  # already revoked or expired
                 await self._unary(
                     "auth",
-                    self._auth_stub().Revoke,
+                    self._channels.auth().Revoke,
                     auth_pb2.RevokeRequest(refresh_token=tokens.refresh_token),
                     auth="none",
                     timeout=timeout,
                 )
-        self.set_tokens(None)
+        self._tokens.set(None)
 
     async def whoami(self, *, timeout: float | None = _UNSET) -> Identity:
         reply: auth_pb2.WhoAmIResponse = await self._unary(
-            "auth", self._auth_stub().WhoAmI, auth_pb2.WhoAmIRequest(), timeout=timeout
+            "auth", self._channels.auth().WhoAmI, auth_pb2.WhoAmIRequest(), timeout=timeout
         )
         return Identity(user_id=reply.user_id, username=reply.username)
 
@@ -348,9 +271,10 @@ class Client:
         client_ref: str = "",
         timeout: float | None = _UNSET,
     ) -> Enqueued:
-        """Enqueues one request; returns once it is durable. Retried on overload only
-        when it cannot create a duplicate (an idempotency key, or the server's RetryInfo
-        saying it refused before storing anything)."""
+        """Enqueues one request; returns once it is durable. It always carries an
+        idempotency key (a new one if none is given), so it is retried per `retry` even
+        after a connection lost mid-call: a request stored by a lost attempt comes back
+        as the answer (`duplicate=True`) instead of being stored twice."""
         request = enqueue_request(
             handler,
             payload,
@@ -361,18 +285,22 @@ class Client:
         )
         reply: queue_pb2.EnqueueResponse = await self._unary(
             "queue",
-            self._queue_stub().Enqueue,
+            self._channels.queue().Enqueue,
             request,
-            idempotent=bool(idempotency_key),
+            idempotent=True,
             timeout=timeout,
         )
-        return Enqueued(request_id=reply.request_id, duplicate=reply.duplicate)
+        return Enqueued(
+            request_id=reply.request_id,
+            duplicate=reply.duplicate,
+            idempotency_key=request.idempotency_key,
+        )
 
     async def get(self, request_id: str, *, timeout: float | None = _UNSET) -> Request:
         """One of the caller's requests; NotFound for an unknown id or another user's."""
         reply: queue_pb2.GetRequestResponse = await self._unary(
             "queue",
-            self._queue_stub().GetRequest,
+            self._channels.queue().GetRequest,
             queue_pb2.GetRequestRequest(request_id=request_id),
             timeout=timeout,
         )
@@ -387,18 +315,14 @@ class Client:
     ) -> AsyncGenerator[list[Request], None]:
         """The caller's requests, newest first, one page (a list) at a time; payloads
         and outputs are left out (use get)."""
-        wanted = Status.parse(status) if status is not None else Status.UNSPECIFIED
+        wanted = Status.parse(status) if status is not None else None
         token = ""
         while True:
+            request = queue_pb2.ListRequestsRequest(page_size=page_size, page_token=token)
+            if wanted is not None:  # unset (not UNSPECIFIED) means every status
+                request.status = common_pb2.RequestStatus.ValueType(wanted)
             reply: queue_pb2.ListRequestsResponse = await self._unary(
-                "queue",
-                self._queue_stub().ListRequests,
-                queue_pb2.ListRequestsRequest(
-                    status=int(wanted),  # type: ignore[arg-type]
-                    page_size=page_size,
-                    page_token=token,
-                ),
-                timeout=timeout,
+                "queue", self._channels.queue().ListRequests, request, timeout=timeout
             )
             page = [Request.from_proto(r) for r in reply.requests]
             if page:
@@ -412,7 +336,7 @@ class Client:
         had. FailedPrecondition if it is running."""
         reply: queue_pb2.CancelRequestResponse = await self._unary(
             "queue",
-            self._queue_stub().CancelRequest,
+            self._channels.queue().CancelRequest,
             queue_pb2.CancelRequestRequest(request_id=request_id),
             timeout=timeout,
         )
@@ -421,58 +345,18 @@ class Client:
     async def lane(self, *, timeout: float | None = _UNSET) -> Lane:
         """The caller's lane; NotFound before the first enqueue."""
         reply: queue_pb2.GetLaneResponse = await self._unary(
-            "queue", self._queue_stub().GetLane, queue_pb2.GetLaneRequest(), timeout=timeout
+            "queue", self._channels.queue().GetLane, queue_pb2.GetLaneRequest(), timeout=timeout
         )
         return Lane.from_proto(reply.lane)
 
-    async def watch(
+    def watch(
         self, after_lane_seq: int = 0, *, reconnect: bool = True
     ) -> AsyncGenerator[Result, None]:
         """The caller's results with lane_seq > after_lane_seq, stored ones first, then
         live ones, without end. If the stream breaks (UNAVAILABLE), it is reopened after
         the last result seen, with jittered backoff, up to `reconnect.max_attempts` times
         in a row; an expired token is refreshed once."""
-        last = after_lane_seq
-        failures = 0
-        reauthenticated = False
-        while True:
-            token = await self.access_token()
-            call = self._queue_stub().WatchResults(
-                queue_pb2.WatchResultsRequest(after_lane_seq=last), metadata=bearer(token)
-            )
-            try:
-                while True:
-                    message = await call.read()
-                    if message is grpc.aio.EOF:
-                        break
-                    result = Result.from_proto(message.result)
-                    if result.lane_seq <= last:
-                        continue
-                    last = result.lane_seq
-                    failures = 0
-                    reauthenticated = False
-                    yield result
-                # The server ended the stream (it is shutting down): reopen elsewhere.
-                code, server_delay = "UNAVAILABLE", None
-                ended: FairlaneError = Unavailable("the server ended the result stream")
-            except grpc.aio.AioRpcError as err:
-                if err.code() == grpc.StatusCode.UNAUTHENTICATED and not reauthenticated:
-                    reauthenticated = True
-                    if await self._refresh(token):
-                        continue
-                code, server_delay = err.code().name, retry_delay_ms(err)
-                ended = error_from_rpc(err)
-            finally:
-                call.cancel()
-            failures += 1
-            wait = (
-                self.reconnect.delay(failures, code, server_delay, idempotent=True, rng=self._rng)
-                if reconnect
-                else None
-            )
-            if wait is None:
-                raise ended
-            await self._sleep(wait)
+        return self._results.watch(after_lane_seq, reconnect=reconnect)
 
     def session(
         self,
@@ -489,7 +373,9 @@ class Client:
         deadline for the whole stream (None: no deadline); `resume` collects the results
         of accepted requests from WatchResults if the stream breaks."""
         return Session(
-            self,
+            self._channels,
+            self._tokens,
+            self._results,
             max_in_flight=max_in_flight,
             record_events=record_events,
             timeout=timeout,
@@ -501,7 +387,7 @@ class Client:
     async def worker_status(self, *, timeout: float | None = _UNSET) -> WorkerStatus:
         reply: worker_pb2.GetStatusResponse = await self._unary(
             "worker",
-            self._worker_stub().GetStatus,
+            self._channels.worker().GetStatus,
             worker_pb2.GetStatusRequest(),
             auth="optional",
             timeout=timeout,
@@ -511,7 +397,7 @@ class Client:
     async def list_handlers(self, *, timeout: float | None = _UNSET) -> list[HandlerInfo]:
         reply: worker_pb2.ListHandlersResponse = await self._unary(
             "worker",
-            self._worker_stub().ListHandlers,
+            self._channels.worker().ListHandlers,
             worker_pb2.ListHandlersRequest(),
             auth="optional",
             timeout=timeout,
@@ -530,7 +416,7 @@ class Client:
         """Stops the worker taking new requests of one lane (a user id), or of all."""
         reply: worker_pb2.PauseResponse = await self._unary(
             "worker",
-            self._worker_stub().Pause,
+            self._channels.worker().Pause,
             worker_pb2.PauseRequest(lane=lane),
             auth="optional",
             timeout=timeout,
@@ -541,7 +427,7 @@ class Client:
         """Undoes pause."""
         reply: worker_pb2.ResumeResponse = await self._unary(
             "worker",
-            self._worker_stub().Resume,
+            self._channels.worker().Resume,
             worker_pb2.ResumeRequest(lane=lane),
             auth="optional",
             timeout=timeout,
@@ -559,37 +445,9 @@ class Client:
             timeout = (timeout_seconds or 60.0) + (self.timeout or 10.0)
         reply: worker_pb2.DrainResponse = await self._unary(
             "worker",
-            self._worker_stub().Drain,
+            self._channels.worker().Drain,
             worker_pb2.DrainRequest(timeout_seconds=timeout_seconds),
             auth="optional",
             timeout=timeout,
         )
         return WorkerState(reply.state), reply.abandoned
-
-
-def _merge_options(
-    base: Sequence[tuple[str, Any]], extra: Sequence[tuple[str, Any]]
-) -> list[tuple[str, Any]]:
-    merged = dict(base)
-    merged.update(extra)
-    return list(merged.items())
-
-
-def grpc_target(target: str) -> str:
-    """A gRPC target for `target`: one address, a gRPC URI (e.g. `dns:///queue:50052`, whose
-    every address is used), or a comma-separated list of IP:port addresses, spread
-    round-robin by the channel (see ROUND_ROBIN in the channel options)."""
-    if "," not in target:
-        return target
-    addresses = [a.strip() for a in target.split(",") if a.strip()]
-    for address in addresses:
-        host = address.rsplit(":", 1)[0].strip("[]")
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            raise FairlaneError(
-                f"{address!r}: a list of targets must be IP:port addresses; for host names "
-                "use one dns:///name:port target"
-            ) from None
-    scheme = "ipv6" if any(a.startswith("[") for a in addresses) else "ipv4"
-    return f"{scheme}:{','.join(addresses)}"

@@ -14,12 +14,15 @@ import grpc
 
 from fairlane.client._wire import Deadline, Payload, bearer, enqueue_request
 from fairlane.client.errors import FairlaneError, Rejected, SessionClosed, error_from_rpc
+from fairlane.client.outbox import Outbox
 from fairlane.client.types import Accepted, Event, Progress, Result
 from fairlane.client.types import Rejected as RejectedEvent
 from fairlane.queue.v1 import queue_pb2
 
 if TYPE_CHECKING:
-    from fairlane.client.async_client import Client
+    from fairlane.client.channels import Channels
+    from fairlane.client.results import ResultWatcher
+    from fairlane.client.tokens import TokenManager
 
 __all__ = ["Session", "SubmitFuture"]
 
@@ -27,16 +30,19 @@ __all__ = ["Session", "SubmitFuture"]
 class SubmitFuture(asyncio.Future[Result]):
     """Resolves to the request's Result (whatever its status), or raises Rejected when
     the server did not accept it, or SessionClosed/another FairlaneError when the stream
-    ended first. `request_id` is set once the request is accepted."""
+    ended first. `request_id` is set once the request is accepted. `idempotency_key` is
+    the key the request was sent with (generated when the caller gave none): submit
+    again with it to be sure a request whose answer was lost does not run twice."""
 
     client_ref: str
+    idempotency_key: str
     request_id: str | None
     duplicate: bool
 
 
 @dataclass(slots=True)
 class _Unanswered:
-    message: queue_pb2.SessionRequest
+    request: queue_pb2.EnqueueRequest
     future: SubmitFuture
 
 
@@ -48,10 +54,11 @@ class Session:
     """One QueueService.Session stream (create it with Client.session()).
 
     Answers come in the order requests were submitted; a request's result comes after
-    its acceptance; results come in lane order. `close()` (or leaving the `async with`
-    block) half-closes the stream: the server still sends the results of everything it
-    accepted, then ends it. Leaving the block waits for that; leaving it with an
-    exception cancels the stream instead.
+    its acceptance; results come in lane order. Submits wait in an Outbox until the
+    stream can take a write, and those ready together leave as one `enqueue_batch`.
+    `close()` (or leaving the `async with` block) half-closes the stream: the server
+    still sends the results of everything it accepted, then ends it. Leaving the block
+    waits for that; leaving it with an exception cancels the stream instead.
 
     Rejections are not retried here: resubmitting would reorder the lane. A Rejected
     error carries `retry_after_ms` for callers that want to send it again.
@@ -65,7 +72,9 @@ class Session:
 
     def __init__(
         self,
-        client: Client,
+        channels: Channels,
+        tokens: TokenManager,
+        results: ResultWatcher,
         *,
         max_in_flight: int = 512,
         record_events: bool = True,
@@ -74,19 +83,25 @@ class Session:
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
-        self._client = client
+        self._channels = channels
+        self._tokens = tokens
+        self._results = results
         self._max_in_flight = max_in_flight
         self._timeout = timeout
         self._resume = resume
         self._events: asyncio.Queue[Any] | None = asyncio.Queue() if record_events else None
         self._call: Any = None
         self._token = ""
+        # The writer task holds the lock while it writes; _reopen takes it to swap calls.
         self._write_lock = asyncio.Lock()
+        self._outbox = Outbox()
+        self._wake_writer = asyncio.Event()
+        self._done_writing = False  # the half-close was sent on the current call
+        self._writing_ended = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
         self._unanswered: collections.deque[_Unanswered] = collections.deque()
         self._by_request: dict[str, list[SubmitFuture]] = {}
-        # Cancels may be answered by a rejection carrying the request id as client_ref.
-        self._cancels: collections.Counter[str] = collections.Counter()
-        self._early_cancels: list[queue_pb2.SessionRequest] = []
+        self._early_cancels: list[queue_pb2.CancelRequestRequest] = []
         self._answered_any = False
         self._in_flight = 0
         self._room = asyncio.Event()
@@ -124,11 +139,11 @@ class Session:
             raise FairlaneError("the session is already open")
         self._call = await self._new_call()
         self._reader = asyncio.create_task(self._read_loop(), name="fairlane-session-reader")
+        self._writer = asyncio.create_task(self._write_loop(), name="fairlane-session-writer")
 
     async def _new_call(self) -> Any:
-        self._token = await self._client.access_token()
-        stub = self._client._queue_stub()
-        call = stub.Session(metadata=bearer(self._token), timeout=self._timeout)
+        self._token = await self._tokens.access_token()
+        call = self._channels.queue().Session(metadata=bearer(self._token), timeout=self._timeout)
         # The server sends its initial metadata once it has accepted the stream (or ends
         # the call if it refuses it). Writing before then can race a refusal, and grpc
         # reports a write into a refused call as INTERNAL, hiding UNAUTHENTICATED.
@@ -137,15 +152,13 @@ class Session:
         return call
 
     async def close(self) -> None:
-        """Half-closes the stream: no more submits; results of accepted requests still
-        arrive, then the stream ends."""
-        async with self._write_lock:
-            if self._half_closed or self._call is None:
-                return
-            self._half_closed = True
-            if not self._finished:
-                with contextlib.suppress(Exception):
-                    await self._call.done_writing()
+        """Half-closes the stream once everything submitted is written: no more submits;
+        results of accepted requests still arrive, then the stream ends."""
+        if self._call is None:
+            return
+        self._half_closed = True
+        self._wake_writer.set()
+        await self._writing_ended.wait()
 
     async def wait_closed(self) -> None:
         """Waits until the server has ended the stream."""
@@ -157,9 +170,10 @@ class Session:
         self._half_closed = True
         if self._call is not None:
             self._call.cancel()
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        tasks = [t for t in (self._reader, self._writer) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._finish(SessionClosed("the session was cancelled"), report=False)
 
     @property
@@ -179,48 +193,45 @@ class Session:
         max_attempts: int = 0,
         client_ref: str = "",
     ) -> SubmitFuture:
-        """Sends one enqueue; returns a future of its Result.
+        """Queues one enqueue for the stream; returns a future of its Result.
 
-        Waits while `max_in_flight` requests are unfinished (and while HTTP/2 flow
-        control holds the write). Raises if the session is closed or has failed."""
-        message = queue_pb2.SessionRequest(
-            enqueue=enqueue_request(
-                handler,
-                payload,
-                idempotency_key=idempotency_key,
-                deadline=deadline,
-                max_attempts=max_attempts,
-                client_ref=client_ref,
-            )
+        Waits while `max_in_flight` requests are unfinished (those not written yet
+        count). Raises if the session is closed or has failed."""
+        request = enqueue_request(
+            handler,
+            payload,
+            idempotency_key=idempotency_key,
+            deadline=deadline,
+            max_attempts=max_attempts,
+            client_ref=client_ref,
         )
         while self._in_flight >= self._max_in_flight and not self._finished:
             self._room.clear()
             await self._room.wait()
+        self._check_writable()
         future = SubmitFuture(loop=asyncio.get_running_loop())
         future.client_ref = client_ref
+        future.idempotency_key = request.idempotency_key
         future.request_id = None
         future.duplicate = False
-        async with self._write_lock:
-            self._check_writable()
-            self._in_flight += 1
-            self._unanswered.append(_Unanswered(message, future))
-            await self._write(message)
+        self._in_flight += 1
+        self._unanswered.append(_Unanswered(request, future))
+        self._outbox.enqueue(request)
+        self._wake_writer.set()
         return future
 
     async def cancel(self, request_id: str) -> None:
         """Asks the server to cancel a queued request. If it was submitted on this
         session its future resolves to a CANCELLED result; a refusal (unknown id,
-        already running) arrives only as a Rejected event with client_ref=request_id.
+        already running) arrives only as a Rejected event whose cancel_request_id is
+        request_id.
         Use Client.cancel for a definite answer."""
-        message = queue_pb2.SessionRequest(
-            cancel=queue_pb2.CancelRequestRequest(request_id=request_id)
-        )
-        async with self._write_lock:
-            self._check_writable()
-            self._cancels[request_id] += 1
-            if not self._answered_any:
-                self._early_cancels.append(message)
-            await self._write(message)
+        self._check_writable()
+        request = queue_pb2.CancelRequestRequest(request_id=request_id)
+        if not self._answered_any:
+            self._early_cancels.append(request)
+        self._outbox.cancel(request)
+        self._wake_writer.set()
 
     def _check_writable(self) -> None:
         if self._call is None:
@@ -229,6 +240,27 @@ class Session:
             raise self._error
         if self._half_closed or self._finished:
             raise SessionClosed("the session is closed")
+
+    async def _write_loop(self) -> None:
+        """Writes what the outbox holds whenever there is something, one coalesced
+        message at a time (a write waits while HTTP/2 flow control holds it), then the
+        half-close once close() asked for it."""
+        try:
+            while not self._finished:
+                await self._wake_writer.wait()
+                self._wake_writer.clear()
+                async with self._write_lock:
+                    while (message := self._outbox.take()) is not None:
+                        await self._write(message)
+                    if self._half_closed and not self._done_writing and not self._finished:
+                        self._done_writing = True
+                        with contextlib.suppress(Exception):
+                            await self._call.done_writing()
+                        self._writing_ended.set()
+        except Exception as exc:  # a bug here must not leave futures hanging
+            self._call.cancel()
+            self._finish(FairlaneError(f"session writer failed: {exc!r}"))
+            raise
 
     async def _write(self, message: queue_pb2.SessionRequest) -> None:
         # If the stream has ended, the reader reports why and fails the future.
@@ -306,9 +338,7 @@ class Session:
             _fail(item.future, error)
             self._done_one()
         try:
-            async with contextlib.aclosing(
-                self._client.watch(after_lane_seq=self.last_lane_seq)
-            ) as results:
+            async with contextlib.aclosing(self._results.watch(self.last_lane_seq)) as results:
                 async for result in results:
                     self._on_result(result)
                     if not self._by_request:
@@ -322,16 +352,17 @@ class Session:
 
     async def _reopen(self) -> bool:
         async with self._write_lock:
-            if not await self._client._refresh(self._token):
+            if not await self._tokens.refresh_if_current(self._token):
                 return False
             self._call = await self._new_call()
+            # Everything sent on the refused call goes again, then what was still waiting.
+            self._outbox.clear()
             for item in self._unanswered:
-                await self._write(item.message)
-            for message in self._early_cancels:
-                await self._write(message)
-            if self._half_closed:
-                with contextlib.suppress(Exception):
-                    await self._call.done_writing()
+                self._outbox.enqueue(item.request)
+            for cancel in self._early_cancels:
+                self._outbox.cancel(cancel)
+            self._done_writing = False
+            self._wake_writer.set()
             return True
 
     def _emit(self, event: Event) -> None:
@@ -344,7 +375,10 @@ class Session:
 
     def _handle(self, response: queue_pb2.SessionResponse) -> None:
         kind = response.WhichOneof("kind")
-        if kind == "accepted":
+        if kind == "batch":  # the server packs responses once we sent an enqueue_batch
+            for inner in response.batch.responses:
+                self._handle(inner)
+        elif kind == "accepted":
             accepted = Accepted.from_proto(response.accepted)
             self._answered_any = True
             self._early_cancels.clear()
@@ -356,10 +390,9 @@ class Session:
             self._emit(accepted)
         elif kind == "rejected":
             rejected = RejectedEvent.from_proto(response.rejected)
-            head = self._unanswered[0].future.client_ref if self._unanswered else None
-            if self._cancels[rejected.client_ref] > 0 and head != rejected.client_ref:
-                self._cancels[rejected.client_ref] -= 1  # a refused cancel
-            elif self._unanswered:
+            # Only an enqueue's rejection answers the oldest unanswered submit; a refused
+            # cancel (or a message of no kind) is reported as an event alone.
+            if response.rejected.WhichOneof("subject") == "client_ref" and self._unanswered:
                 self._answered_any = True
                 self._early_cancels.clear()
                 future = self._unanswered.popleft().future
@@ -406,6 +439,9 @@ class Session:
         self._by_request.clear()
         self._in_flight = 0
         self._room.set()
+        self._outbox.clear()
+        self._wake_writer.set()  # lets the writer see the end
+        self._writing_ended.set()
         if self._events is not None:
             self._events.put_nowait(_END)
 

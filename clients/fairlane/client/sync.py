@@ -1,30 +1,74 @@
-"""A blocking wrapper: the async client running on a private event-loop thread."""
+"""A blocking wrapper: the async client running on a private event-loop thread.
+
+SyncClient takes Client's constructor arguments and exposes Client's calls, each derived
+from the async method (`_blocking`), so the two cannot drift apart.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypedDict, TypeVar, Unpack
 
 from fairlane.client._wire import Deadline, Payload
-from fairlane.client.async_client import Client, TokenListener
-from fairlane.client.retry import RetryPolicy
-from fairlane.client.types import (
-    Enqueued,
-    HandlerInfo,
-    Identity,
-    Lane,
-    Request,
-    Result,
-    Status,
-    Tokens,
-    WorkerState,
-    WorkerStatus,
-)
+from fairlane.client.async_client import Client
+from fairlane.client.types import Result, Tokens
 
+__all__ = ["SyncClient"]
+
+P = ParamSpec("P")
 T = TypeVar("T")
+S = TypeVar("S")
+
+
+class _SubmitOptions(TypedDict, total=False):
+    idempotency_key: str | None
+    deadline: Deadline
+    max_attempts: int
+    client_ref: str
+
+
+def _takes_arguments_of(
+    source: Callable[P, object],
+) -> Callable[[Callable[Concatenate[S, ...], None]], Callable[Concatenate[S, P], None]]:
+    """Gives an `__init__(self, *args, **kwargs)` the parameters of `source`, for type
+    checkers and for help(), without writing them out again."""
+
+    def apply(init: Callable[Concatenate[S, ...], None]) -> Callable[Concatenate[S, P], None]:
+        own = inspect.signature(init).parameters["self"]
+        params = [own, *inspect.signature(source).parameters.values()]
+        init.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        return init
+
+    return apply
+
+
+def _blocking(
+    method: Callable[Concatenate[Client, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[SyncClient, P], T]:
+    """Client.<method> as a blocking SyncClient method with the same parameters."""
+
+    @functools.wraps(method)
+    def call(self: SyncClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._run(method(self.aio, *args, **kwargs))
+
+    return call
+
+
+def _blocking_iterator(
+    method: Callable[Concatenate[Client, P], AsyncIterator[T]],
+) -> Callable[Concatenate[SyncClient, P], Iterator[T]]:
+    """Client.<async generator> as a plain iterator with the same parameters."""
+
+    @functools.wraps(method)
+    def call(self: SyncClient, /, *args: P.args, **kwargs: P.kwargs) -> Iterator[T]:
+        return self._iterate(method(self.aio, *args, **kwargs))
+
+    return call
 
 
 class SyncClient:
@@ -36,23 +80,14 @@ class SyncClient:
         client.login("alice", "secret-password")
         result = client.submit_and_wait("echo", b"hello")
     ```
+
+    It takes Client's constructor arguments (see Client).
     """
 
-    def __init__(
-        self,
-        auth_target: str,
-        queue_target: str,
-        worker_target: str | None = None,
-        *,
-        tls: bool = False,
-        root_certificates: bytes | None = None,
-        timeout: float | None = 10.0,
-        tokens: Tokens | None = None,
-        on_tokens: TokenListener | None = None,
-        retry: RetryPolicy | None = None,
-        reconnect: RetryPolicy | None = None,
-        refresh_margin: float | None = None,
-    ) -> None:
+    @_takes_arguments_of(Client)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Fail on bad arguments here, in the caller's thread, not on the loop's.
+        inspect.signature(Client).bind(*args, **kwargs)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="fairlane-sync-client", daemon=True
@@ -60,19 +95,7 @@ class SyncClient:
         self._thread.start()
 
         async def make() -> Client:
-            return Client(
-                auth_target,
-                queue_target,
-                worker_target,
-                tls=tls,
-                root_certificates=root_certificates,
-                timeout=timeout,
-                tokens=tokens,
-                on_tokens=on_tokens,
-                retry=retry,
-                reconnect=reconnect,
-                refresh_margin=refresh_margin,
-            )
+            return Client(*args, **kwargs)
 
         self._closed = False
         self.aio: Client = self._run(make())
@@ -123,108 +146,39 @@ class SyncClient:
     def set_tokens(self, tokens: Tokens | None) -> None:
         self.aio.set_tokens(tokens)
 
-    # -- auth --------------------------------------------------------------------------
-
-    def register(self, username: str, password: str) -> str:
-        return self._run(self.aio.register(username, password))
-
-    def login(self, username: str, password: str) -> Tokens:
-        return self._run(self.aio.login(username, password))
-
-    def logout(self) -> None:
-        self._run(self.aio.logout())
-
-    def refresh(self) -> Tokens:
-        return self._run(self.aio.refresh())
-
-    def whoami(self) -> Identity:
-        return self._run(self.aio.whoami())
-
-    # -- queue -------------------------------------------------------------------------
-
-    def enqueue(
-        self,
-        handler: str,
-        payload: Payload = b"",
-        *,
-        idempotency_key: str | None = None,
-        deadline: Deadline = None,
-        max_attempts: int = 0,
-        client_ref: str = "",
-    ) -> Enqueued:
-        return self._run(
-            self.aio.enqueue(
-                handler,
-                payload,
-                idempotency_key=idempotency_key,
-                deadline=deadline,
-                max_attempts=max_attempts,
-                client_ref=client_ref,
-            )
-        )
+    register = _blocking(Client.register)
+    login = _blocking(Client.login)
+    logout = _blocking(Client.logout)
+    refresh = _blocking(Client.refresh)
+    whoami = _blocking(Client.whoami)
+    enqueue = _blocking(Client.enqueue)
+    get = _blocking(Client.get)
+    requests = _blocking_iterator(Client.requests)
+    cancel = _blocking(Client.cancel)
+    lane = _blocking(Client.lane)
+    watch = _blocking_iterator(Client.watch)
+    worker_status = _blocking(Client.worker_status)
+    list_handlers = _blocking(Client.list_handlers)
+    pause = _blocking(Client.pause)
+    resume = _blocking(Client.resume)
+    drain = _blocking(Client.drain)
 
     def submit_and_wait(
         self,
         handler: str,
         payload: Payload = b"",
         *,
-        idempotency_key: str | None = None,
-        deadline: Deadline = None,
-        max_attempts: int = 0,
-        client_ref: str = "",
         timeout: float | None = None,
+        **options: Unpack[_SubmitOptions],
     ) -> Result:
         """Sends one request on a Session and waits for its Result (any status; see
-        Result.raise_for_status). Raises Rejected if it was not accepted, and
-        DeadlineExceeded when `timeout` seconds pass first."""
+        Result.raise_for_status). Takes Session.submit's options; raises Rejected if it
+        was not accepted, and DeadlineExceeded when `timeout` seconds pass first."""
 
         async def run() -> Result:
             async with self.aio.session(record_events=False, timeout=timeout) as session:
-                future = await session.submit(
-                    handler,
-                    payload,
-                    idempotency_key=idempotency_key,
-                    deadline=deadline,
-                    max_attempts=max_attempts,
-                    client_ref=client_ref,
-                )
+                future = await session.submit(handler, payload, **options)
                 await session.close()
                 return await future
 
         return self._run(run())
-
-    def get(self, request_id: str) -> Request:
-        return self._run(self.aio.get(request_id))
-
-    def requests(
-        self, status: Status | str | None = None, page_size: int = 50
-    ) -> Iterator[list[Request]]:
-        """Pages of the caller's requests, newest first."""
-        return self._iterate(self.aio.requests(status, page_size))
-
-    def cancel(self, request_id: str) -> Status:
-        return self._run(self.aio.cancel(request_id))
-
-    def lane(self) -> Lane:
-        return self._run(self.aio.lane())
-
-    def watch(self, after_lane_seq: int = 0) -> Iterator[Result]:
-        """Results with lane_seq > after_lane_seq, without end (break out of the loop)."""
-        return self._iterate(self.aio.watch(after_lane_seq))
-
-    # -- worker ------------------------------------------------------------------------
-
-    def worker_status(self) -> WorkerStatus:
-        return self._run(self.aio.worker_status())
-
-    def list_handlers(self) -> list[HandlerInfo]:
-        return self._run(self.aio.list_handlers())
-
-    def pause(self, lane: str = "") -> WorkerState:
-        return self._run(self.aio.pause(lane))
-
-    def resume(self, lane: str = "") -> WorkerState:
-        return self._run(self.aio.resume(lane))
-
-    def drain(self, timeout_seconds: float = 0.0) -> tuple[WorkerState, int]:
-        return self._run(self.aio.drain(timeout_seconds))

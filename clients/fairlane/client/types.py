@@ -153,10 +153,12 @@ class Identity:
 
 @dataclass(frozen=True, slots=True)
 class Enqueued:
-    """Answer to a unary enqueue: the request is durable and queued."""
+    """Answer to a unary enqueue: the request is durable and queued. `idempotency_key`
+    is the key it was sent with (generated when the caller gave none)."""
 
     request_id: str
     duplicate: bool = False
+    idempotency_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,12 +179,14 @@ class Rejected:
     """Session event: an enqueue (or a cancel) was not accepted; nothing was stored.
 
     `code` is the gRPC status code name (e.g. 'INVALID_ARGUMENT', 'RESOURCE_EXHAUSTED').
+    A refused cancel has `cancel_request_id` set (the id it named) and an empty client_ref.
     """
 
     client_ref: str
     code: str
     message: str
     retry_after_ms: int = 0
+    cancel_request_id: str = ""
 
     @classmethod
     def from_proto(cls, msg: queue_pb2.Rejected) -> Rejected:
@@ -191,6 +195,7 @@ class Rejected:
             code=code_name(msg.code),
             message=msg.message,
             retry_after_ms=msg.retry_after_ms,
+            cancel_request_id=msg.cancel_request_id,
         )
 
 

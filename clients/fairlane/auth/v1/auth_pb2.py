@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x61irlane/auth/v1/auth.proto\x12\x10\x66\x61irlane.auth.v1\"5\n\x0fRegisterRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"#\n\x10RegisterResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"2\n\x0cLoginRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"P\n\rLoginResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\r\"\'\n\x0eRefreshRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"R\n\x0fRefreshResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\r\"&\n\rRevokeRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"\x10\n\x0eRevokeResponse\"\x0f\n\rWhoAmIRequest\"3\n\x0eWhoAmIResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\"\x10\n\x0eGetJwksRequest\"$\n\x0fGetJwksResponse\x12\x11\n\tkeys_json\x18\x01 \x01(\t\";\n\x18IssueServiceTokenRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\t\"E\n\x19IssueServiceTokenResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x12\n\nexpires_in\x18\x02 \x01(\r2\xd2\x04\n\x0b\x41uthService\x12Q\n\x08Register\x12!.fairlane.auth.v1.RegisterRequest\x1a\".fairlane.auth.v1.RegisterResponse\x12H\n\x05Login\x12\x1e.fairlane.auth.v1.LoginRequest\x1a\x1f.fairlane.auth.v1.LoginResponse\x12N\n\x07Refresh\x12 .fairlane.auth.v1.RefreshRequest\x1a!.fairlane.auth.v1.RefreshResponse\x12K\n\x06Revoke\x12\x1f.fairlane.auth.v1.RevokeRequest\x1a .fairlane.auth.v1.RevokeResponse\x12K\n\x06WhoAmI\x12\x1f.fairlane.auth.v1.WhoAmIRequest\x1a .fairlane.auth.v1.WhoAmIResponse\x12N\n\x07GetJwks\x12 .fairlane.auth.v1.GetJwksRequest\x1a!.fairlane.auth.v1.GetJwksResponse\x12l\n\x11IssueServiceToken\x12*.fairlane.auth.v1.IssueServiceTokenRequest\x1a+.fairlane.auth.v1.IssueServiceTokenResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x61irlane/auth/v1/auth.proto\x12\x10\x66\x61irlane.auth.v1\"5\n\x0fRegisterRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"#\n\x10RegisterResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"2\n\x0cLoginRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"P\n\rLoginResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\r\"\'\n\x0eRefreshRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"R\n\x0fRefreshResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\r\"&\n\rRevokeRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"\x10\n\x0eRevokeResponse\"\x0f\n\rWhoAmIRequest\"3\n\x0eWhoAmIResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\"\x10\n\x0eGetJwksRequest\"$\n\x0fGetJwksResponse\x12\x11\n\tkeys_json\x18\x01 \x01(\t\"\x1b\n\x19GetRevokedFamiliesRequest\"0\n\x1aGetRevokedFamiliesResponse\x12\x12\n\nfamily_ids\x18\x01 \x03(\t\"m\n\x18IssueServiceTokenRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\x30\n\x04role\x18\x03 \x01(\x0e\x32\".fairlane.auth.v1.ServiceTokenRole\"E\n\x19IssueServiceTokenResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x12\n\nexpires_in\x18\x02 \x01(\r*t\n\x10ServiceTokenRole\x12\"\n\x1eSERVICE_TOKEN_ROLE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aSERVICE_TOKEN_ROLE_SERVICE\x10\x01\x12\x1c\n\x18SERVICE_TOKEN_ROLE_ADMIN\x10\x02\x32\xc3\x05\n\x0b\x41uthService\x12Q\n\x08Register\x12!.fairlane.auth.v1.RegisterRequest\x1a\".fairlane.auth.v1.RegisterResponse\x12H\n\x05Login\x12\x1e.fairlane.auth.v1.LoginRequest\x1a\x1f.fairlane.auth.v1.LoginResponse\x12N\n\x07Refresh\x12 .fairlane.auth.v1.RefreshRequest\x1a!.fairlane.auth.v1.RefreshResponse\x12K\n\x06Revoke\x12\x1f.fairlane.auth.v1.RevokeRequest\x1a .fairlane.auth.v1.RevokeResponse\x12K\n\x06WhoAmI\x12\x1f.fairlane.auth.v1.WhoAmIRequest\x1a .fairlane.auth.v1.WhoAmIResponse\x12N\n\x07GetJwks\x12 .fairlane.auth.v1.GetJwksRequest\x1a!.fairlane.auth.v1.GetJwksResponse\x12l\n\x11IssueServiceToken\x12*.fairlane.auth.v1.IssueServiceTokenRequest\x1a+.fairlane.auth.v1.IssueServiceTokenResponse\x12o\n\x12GetRevokedFamilies\x12+.fairlane.auth.v1.GetRevokedFamiliesRequest\x1a,.fairlane.auth.v1.GetRevokedFamiliesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fairlane.auth.v1.auth_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SERVICETOKENROLE']._serialized_start=845
+  _globals['_SERVICETOKENROLE']._serialized_end=961
   _globals['_REGISTERREQUEST']._serialized_start=49
   _globals['_REGISTERREQUEST']._serialized_end=102
   _globals['_REGISTERRESPONSE']._serialized_start=104
@@ -55,10 +57,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETJWKSREQUEST']._serialized_end=544
   _globals['_GETJWKSRESPONSE']._serialized_start=546
   _globals['_GETJWKSRESPONSE']._serialized_end=582
-  _globals['_ISSUESERVICETOKENREQUEST']._serialized_start=584
-  _globals['_ISSUESERVICETOKENREQUEST']._serialized_end=643
-  _globals['_ISSUESERVICETOKENRESPONSE']._serialized_start=645
-  _globals['_ISSUESERVICETOKENRESPONSE']._serialized_end=714
-  _globals['_AUTHSERVICE']._serialized_start=717
-  _globals['_AUTHSERVICE']._serialized_end=1311
+  _globals['_GETREVOKEDFAMILIESREQUEST']._serialized_start=584
+  _globals['_GETREVOKEDFAMILIESREQUEST']._serialized_end=611
+  _globals['_GETREVOKEDFAMILIESRESPONSE']._serialized_start=613
+  _globals['_GETREVOKEDFAMILIESRESPONSE']._serialized_end=661
+  _globals['_ISSUESERVICETOKENREQUEST']._serialized_start=663
+  _globals['_ISSUESERVICETOKENREQUEST']._serialized_end=772
+  _globals['_ISSUESERVICETOKENRESPONSE']._serialized_start=774
+  _globals['_ISSUESERVICETOKENRESPONSE']._serialized_end=843
+  _globals['_AUTHSERVICE']._serialized_start=964
+  _globals['_AUTHSERVICE']._serialized_end=1671
 # @@protoc_insertion_point(module_scope)

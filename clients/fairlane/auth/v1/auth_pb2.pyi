@@ -3,8 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -15,6 +18,30 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ServiceTokenRole:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ServiceTokenRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ServiceTokenRole.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SERVICE_TOKEN_ROLE_UNSPECIFIED: _ServiceTokenRole.ValueType  # 0
+    """The default: SERVICE_TOKEN_ROLE_SERVICE."""
+    SERVICE_TOKEN_ROLE_SERVICE: _ServiceTokenRole.ValueType  # 1
+    """A Fairlane service (e.g. a worker listing lanes)."""
+    SERVICE_TOKEN_ROLE_ADMIN: _ServiceTokenRole.ValueType  # 2
+    """An operator: may also see every lane a worker consumes, and control workers."""
+
+class ServiceTokenRole(_ServiceTokenRole, metaclass=_ServiceTokenRoleEnumTypeWrapper):
+    """Role of a token from IssueServiceToken."""
+
+SERVICE_TOKEN_ROLE_UNSPECIFIED: ServiceTokenRole.ValueType  # 0
+"""The default: SERVICE_TOKEN_ROLE_SERVICE."""
+SERVICE_TOKEN_ROLE_SERVICE: ServiceTokenRole.ValueType  # 1
+"""A Fairlane service (e.g. a worker listing lanes)."""
+SERVICE_TOKEN_ROLE_ADMIN: ServiceTokenRole.ValueType  # 2
+"""An operator: may also see every lane a worker consumes, and control workers."""
+Global___ServiceTokenRole: _TypeAlias = ServiceTokenRole  # noqa: Y015
 
 @_typing.final
 class RegisterRequest(_message.Message):
@@ -27,7 +54,9 @@ class RegisterRequest(_message.Message):
     username: _builtins.str
     """3-64 characters: letters, digits, '.', '_' or '-'; case-sensitive."""
     password: _builtins.str
-    """At least 8 characters, at most 1024."""
+    """At least 8 characters, at most 1024, and not a common or breached password nor a
+    small variation of one (NIST SP 800-63B).
+    """
     def __init__(
         self,
         *,
@@ -100,7 +129,7 @@ class LoginResponse(_message.Message):
     REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
     EXPIRES_IN_FIELD_NUMBER: _builtins.int
     access_token: _builtins.str
-    """JWT for the authorization header."""
+    """JWT for the authorization header; its `fam` claim names this login's token family."""
     refresh_token: _builtins.str
     """Opaque token for Refresh; keep it secret."""
     expires_in: _builtins.int
@@ -294,6 +323,47 @@ class GetJwksResponse(_message.Message):
 Global___GetJwksResponse: _TypeAlias = GetJwksResponse  # noqa: Y015
 
 @_typing.final
+class GetRevokedFamiliesRequest(_message.Message):
+    """GetRevokedFamilies input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRevokedFamiliesRequest: _TypeAlias = GetRevokedFamiliesRequest  # noqa: Y015
+
+@_typing.final
+class GetRevokedFamiliesResponse(_message.Message):
+    """GetRevokedFamilies output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FAMILY_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def family_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ids (UUID text) of the revoked families, as in the `fam` claim of access tokens."""
+
+    def __init__(
+        self,
+        *,
+        family_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["family_ids", b"family_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRevokedFamiliesResponse: _TypeAlias = GetRevokedFamiliesResponse  # noqa: Y015
+
+@_typing.final
 class IssueServiceTokenRequest(_message.Message):
     """IssueServiceToken input."""
 
@@ -301,19 +371,25 @@ class IssueServiceTokenRequest(_message.Message):
 
     SERVICE_FIELD_NUMBER: _builtins.int
     SECRET_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
     service: _builtins.str
-    """Name of the calling service, recorded in the token subject (e.g. "worker")."""
+    """Name of the calling service, recorded in the token subject (e.g. "worker"): 3-64
+    letters, digits, '.', '_' or '-'.
+    """
     secret: _builtins.str
     """The shared secret configured as FAIRLANE_SERVICE_SECRET on every service."""
+    role: Global___ServiceTokenRole.ValueType
+    """Role of the token; unspecified means SERVICE_TOKEN_ROLE_SERVICE."""
     def __init__(
         self,
         *,
         service: _builtins.str = ...,
         secret: _builtins.str = ...,
+        role: Global___ServiceTokenRole.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["secret", b"secret", "service", b"service"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["role", b"role", "secret", b"secret", "service", b"service"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -328,7 +404,7 @@ class IssueServiceTokenResponse(_message.Message):
     ACCESS_TOKEN_FIELD_NUMBER: _builtins.int
     EXPIRES_IN_FIELD_NUMBER: _builtins.int
     access_token: _builtins.str
-    """JWT with the service role."""
+    """JWT with the service or admin role."""
     expires_in: _builtins.int
     """Lifetime of the access token in seconds."""
     def __init__(

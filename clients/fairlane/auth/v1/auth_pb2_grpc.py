@@ -28,6 +28,12 @@ if _version_not_supported:
 class AuthServiceStub:
     """Users, passwords and tokens. Access tokens are short-lived JWTs signed with a
     key published by GetJwks; send them as `authorization: Bearer <jwt>` metadata.
+
+    Login, Register and IssueServiceToken are throttled per username and per client
+    address: past a few failures (registrations for Register) each further one blocks the
+    username or address for a doubling delay, during which calls are answered
+    RESOURCE_EXHAUSTED with a google.rpc.RetryInfo detail saying when to come back. The
+    same code and detail answer when too many password checks are already waiting.
     """
 
     def __init__(self, channel):
@@ -71,16 +77,28 @@ class AuthServiceStub:
                 request_serializer=fairlane_dot_auth_dot_v1_dot_auth__pb2.IssueServiceTokenRequest.SerializeToString,
                 response_deserializer=fairlane_dot_auth_dot_v1_dot_auth__pb2.IssueServiceTokenResponse.FromString,
                 _registered_method=True)
+        self.GetRevokedFamilies = channel.unary_unary(
+                '/fairlane.auth.v1.AuthService/GetRevokedFamilies',
+                request_serializer=fairlane_dot_auth_dot_v1_dot_auth__pb2.GetRevokedFamiliesRequest.SerializeToString,
+                response_deserializer=fairlane_dot_auth_dot_v1_dot_auth__pb2.GetRevokedFamiliesResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
     """Users, passwords and tokens. Access tokens are short-lived JWTs signed with a
     key published by GetJwks; send them as `authorization: Bearer <jwt>` metadata.
+
+    Login, Register and IssueServiceToken are throttled per username and per client
+    address: past a few failures (registrations for Register) each further one blocks the
+    username or address for a doubling delay, during which calls are answered
+    RESOURCE_EXHAUSTED with a google.rpc.RetryInfo detail saying when to come back. The
+    same code and detail answer when too many password checks are already waiting.
     """
 
     def Register(self, request, context):
         """Creates a user. ALREADY_EXISTS if the name is taken, INVALID_ARGUMENT for a
-        malformed name or a weak password.
+        malformed name or a weak password (too short, or common or breached),
+        RESOURCE_EXHAUSTED (RetryInfo) when throttled.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -88,22 +106,26 @@ class AuthServiceServicer:
 
     def Login(self, request, context):
         """Exchanges a username and password for an access token and a refresh token.
-        UNAUTHENTICATED for an unknown user or a wrong password (the two are not told apart).
+        UNAUTHENTICATED for an unknown user or a wrong password (the two are not told apart),
+        RESOURCE_EXHAUSTED (RetryInfo) when throttled.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Refresh(self, request, context):
-        """Exchanges a refresh token for a new pair. Refresh tokens rotate: each can be
-        used once, and reusing a spent one revokes its whole family.
+        """Exchanges a refresh token for a new pair. Refresh tokens rotate: each can be used
+        once. The same spent token presented again within a few seconds (the reuse
+        interval) returns the same pair, so that two processes of one login refreshing at
+        once both succeed; presented later, it revokes its whole family.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Revoke(self, request, context):
-        """Revokes a refresh token and every token rotated from the same login.
+        """Revokes a refresh token and every token rotated from the same login. Access tokens
+        of that login are refused by every service within seconds (GetRevokedFamilies).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -124,7 +146,18 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def IssueServiceToken(self, request, context):
-        """Issues an access token for another Fairlane service, given the shared service secret.
+        """Issues an access token for another Fairlane service, or for an operator (role
+        admin: WorkerService control, every worker's lanes), given the shared service secret.
+        UNAUTHENTICATED for a wrong secret, RESOURCE_EXHAUSTED (RetryInfo) when throttled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRevokedFamilies(self, request, context):
+        """Lists the token families revoked recently enough that some of their access tokens
+        may not have expired. Services refetch it every few seconds and refuse access tokens
+        whose `fam` claim is listed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -168,6 +201,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     request_deserializer=fairlane_dot_auth_dot_v1_dot_auth__pb2.IssueServiceTokenRequest.FromString,
                     response_serializer=fairlane_dot_auth_dot_v1_dot_auth__pb2.IssueServiceTokenResponse.SerializeToString,
             ),
+            'GetRevokedFamilies': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRevokedFamilies,
+                    request_deserializer=fairlane_dot_auth_dot_v1_dot_auth__pb2.GetRevokedFamiliesRequest.FromString,
+                    response_serializer=fairlane_dot_auth_dot_v1_dot_auth__pb2.GetRevokedFamiliesResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'fairlane.auth.v1.AuthService', rpc_method_handlers)
@@ -179,6 +217,12 @@ def add_AuthServiceServicer_to_server(servicer, server):
 class AuthService:
     """Users, passwords and tokens. Access tokens are short-lived JWTs signed with a
     key published by GetJwks; send them as `authorization: Bearer <jwt>` metadata.
+
+    Login, Register and IssueServiceToken are throttled per username and per client
+    address: past a few failures (registrations for Register) each further one blocks the
+    username or address for a doubling delay, during which calls are answered
+    RESOURCE_EXHAUSTED with a google.rpc.RetryInfo detail saying when to come back. The
+    same code and detail answer when too many password checks are already waiting.
     """
 
     @staticmethod
@@ -360,6 +404,33 @@ class AuthService:
             '/fairlane.auth.v1.AuthService/IssueServiceToken',
             fairlane_dot_auth_dot_v1_dot_auth__pb2.IssueServiceTokenRequest.SerializeToString,
             fairlane_dot_auth_dot_v1_dot_auth__pb2.IssueServiceTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRevokedFamilies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fairlane.auth.v1.AuthService/GetRevokedFamilies',
+            fairlane_dot_auth_dot_v1_dot_auth__pb2.GetRevokedFamiliesRequest.SerializeToString,
+            fairlane_dot_auth_dot_v1_dot_auth__pb2.GetRevokedFamiliesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -29,6 +29,12 @@ GRPC_VERSION: str
 class AuthServiceStub:
     """Users, passwords and tokens. Access tokens are short-lived JWTs signed with a
     key published by GetJwks; send them as `authorization: Bearer <jwt>` metadata.
+
+    Login, Register and IssueServiceToken are throttled per username and per client
+    address: past a few failures (registrations for Register) each further one blocks the
+    username or address for a doubling delay, during which calls are answered
+    RESOURCE_EXHAUSTED with a google.rpc.RetryInfo detail saying when to come back. The
+    same code and detail answer when too many password checks are already waiting.
     """
 
     @_typing.overload
@@ -37,56 +43,96 @@ class AuthServiceStub:
     def __new__(cls, channel: _aio.Channel) -> AuthServiceAsyncStub: ...
     Register: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RegisterRequest, _auth_pb2.RegisterResponse]
     """Creates a user. ALREADY_EXISTS if the name is taken, INVALID_ARGUMENT for a
-    malformed name or a weak password.
+    malformed name or a weak password (too short, or common or breached),
+    RESOURCE_EXHAUSTED (RetryInfo) when throttled.
     """
     Login: _grpc.UnaryUnaryMultiCallable[_auth_pb2.LoginRequest, _auth_pb2.LoginResponse]
     """Exchanges a username and password for an access token and a refresh token.
-    UNAUTHENTICATED for an unknown user or a wrong password (the two are not told apart).
+    UNAUTHENTICATED for an unknown user or a wrong password (the two are not told apart),
+    RESOURCE_EXHAUSTED (RetryInfo) when throttled.
     """
     Refresh: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RefreshRequest, _auth_pb2.RefreshResponse]
-    """Exchanges a refresh token for a new pair. Refresh tokens rotate: each can be
-    used once, and reusing a spent one revokes its whole family.
+    """Exchanges a refresh token for a new pair. Refresh tokens rotate: each can be used
+    once. The same spent token presented again within a few seconds (the reuse
+    interval) returns the same pair, so that two processes of one login refreshing at
+    once both succeed; presented later, it revokes its whole family.
     """
     Revoke: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RevokeRequest, _auth_pb2.RevokeResponse]
-    """Revokes a refresh token and every token rotated from the same login."""
+    """Revokes a refresh token and every token rotated from the same login. Access tokens
+    of that login are refused by every service within seconds (GetRevokedFamilies).
+    """
     WhoAmI: _grpc.UnaryUnaryMultiCallable[_auth_pb2.WhoAmIRequest, _auth_pb2.WhoAmIResponse]
     """Tells who the access token in the call metadata belongs to."""
     GetJwks: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]
     """Publishes the public keys that verify access tokens, as a JWK Set."""
     IssueServiceToken: _grpc.UnaryUnaryMultiCallable[_auth_pb2.IssueServiceTokenRequest, _auth_pb2.IssueServiceTokenResponse]
-    """Issues an access token for another Fairlane service, given the shared service secret."""
+    """Issues an access token for another Fairlane service, or for an operator (role
+    admin: WorkerService control, every worker's lanes), given the shared service secret.
+    UNAUTHENTICATED for a wrong secret, RESOURCE_EXHAUSTED (RetryInfo) when throttled.
+    """
+    GetRevokedFamilies: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetRevokedFamiliesRequest, _auth_pb2.GetRevokedFamiliesResponse]
+    """Lists the token families revoked recently enough that some of their access tokens
+    may not have expired. Services refetch it every few seconds and refuse access tokens
+    whose `fam` claim is listed.
+    """
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
     """Users, passwords and tokens. Access tokens are short-lived JWTs signed with a
     key published by GetJwks; send them as `authorization: Bearer <jwt>` metadata.
+
+    Login, Register and IssueServiceToken are throttled per username and per client
+    address: past a few failures (registrations for Register) each further one blocks the
+    username or address for a doubling delay, during which calls are answered
+    RESOURCE_EXHAUSTED with a google.rpc.RetryInfo detail saying when to come back. The
+    same code and detail answer when too many password checks are already waiting.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Register: _aio.UnaryUnaryMultiCallable[_auth_pb2.RegisterRequest, _auth_pb2.RegisterResponse]  # type: ignore[assignment]
     """Creates a user. ALREADY_EXISTS if the name is taken, INVALID_ARGUMENT for a
-    malformed name or a weak password.
+    malformed name or a weak password (too short, or common or breached),
+    RESOURCE_EXHAUSTED (RetryInfo) when throttled.
     """
     Login: _aio.UnaryUnaryMultiCallable[_auth_pb2.LoginRequest, _auth_pb2.LoginResponse]  # type: ignore[assignment]
     """Exchanges a username and password for an access token and a refresh token.
-    UNAUTHENTICATED for an unknown user or a wrong password (the two are not told apart).
+    UNAUTHENTICATED for an unknown user or a wrong password (the two are not told apart),
+    RESOURCE_EXHAUSTED (RetryInfo) when throttled.
     """
     Refresh: _aio.UnaryUnaryMultiCallable[_auth_pb2.RefreshRequest, _auth_pb2.RefreshResponse]  # type: ignore[assignment]
-    """Exchanges a refresh token for a new pair. Refresh tokens rotate: each can be
-    used once, and reusing a spent one revokes its whole family.
+    """Exchanges a refresh token for a new pair. Refresh tokens rotate: each can be used
+    once. The same spent token presented again within a few seconds (the reuse
+    interval) returns the same pair, so that two processes of one login refreshing at
+    once both succeed; presented later, it revokes its whole family.
     """
     Revoke: _aio.UnaryUnaryMultiCallable[_auth_pb2.RevokeRequest, _auth_pb2.RevokeResponse]  # type: ignore[assignment]
-    """Revokes a refresh token and every token rotated from the same login."""
+    """Revokes a refresh token and every token rotated from the same login. Access tokens
+    of that login are refused by every service within seconds (GetRevokedFamilies).
+    """
     WhoAmI: _aio.UnaryUnaryMultiCallable[_auth_pb2.WhoAmIRequest, _auth_pb2.WhoAmIResponse]  # type: ignore[assignment]
     """Tells who the access token in the call metadata belongs to."""
     GetJwks: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]  # type: ignore[assignment]
     """Publishes the public keys that verify access tokens, as a JWK Set."""
     IssueServiceToken: _aio.UnaryUnaryMultiCallable[_auth_pb2.IssueServiceTokenRequest, _auth_pb2.IssueServiceTokenResponse]  # type: ignore[assignment]
-    """Issues an access token for another Fairlane service, given the shared service secret."""
+    """Issues an access token for another Fairlane service, or for an operator (role
+    admin: WorkerService control, every worker's lanes), given the shared service secret.
+    UNAUTHENTICATED for a wrong secret, RESOURCE_EXHAUSTED (RetryInfo) when throttled.
+    """
+    GetRevokedFamilies: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetRevokedFamiliesRequest, _auth_pb2.GetRevokedFamiliesResponse]  # type: ignore[assignment]
+    """Lists the token families revoked recently enough that some of their access tokens
+    may not have expired. Services refetch it every few seconds and refuse access tokens
+    whose `fam` claim is listed.
+    """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     """Users, passwords and tokens. Access tokens are short-lived JWTs signed with a
     key published by GetJwks; send them as `authorization: Bearer <jwt>` metadata.
+
+    Login, Register and IssueServiceToken are throttled per username and per client
+    address: past a few failures (registrations for Register) each further one blocks the
+    username or address for a doubling delay, during which calls are answered
+    RESOURCE_EXHAUSTED with a google.rpc.RetryInfo detail saying when to come back. The
+    same code and detail answer when too many password checks are already waiting.
     """
 
     @_abc_1.abstractmethod
@@ -96,7 +142,8 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.RegisterResponse, _abc.Awaitable[_auth_pb2.RegisterResponse]]:
         """Creates a user. ALREADY_EXISTS if the name is taken, INVALID_ARGUMENT for a
-        malformed name or a weak password.
+        malformed name or a weak password (too short, or common or breached),
+        RESOURCE_EXHAUSTED (RetryInfo) when throttled.
         """
 
     @_abc_1.abstractmethod
@@ -106,7 +153,8 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.LoginResponse, _abc.Awaitable[_auth_pb2.LoginResponse]]:
         """Exchanges a username and password for an access token and a refresh token.
-        UNAUTHENTICATED for an unknown user or a wrong password (the two are not told apart).
+        UNAUTHENTICATED for an unknown user or a wrong password (the two are not told apart),
+        RESOURCE_EXHAUSTED (RetryInfo) when throttled.
         """
 
     @_abc_1.abstractmethod
@@ -115,8 +163,10 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.RefreshRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.RefreshResponse, _abc.Awaitable[_auth_pb2.RefreshResponse]]:
-        """Exchanges a refresh token for a new pair. Refresh tokens rotate: each can be
-        used once, and reusing a spent one revokes its whole family.
+        """Exchanges a refresh token for a new pair. Refresh tokens rotate: each can be used
+        once. The same spent token presented again within a few seconds (the reuse
+        interval) returns the same pair, so that two processes of one login refreshing at
+        once both succeed; presented later, it revokes its whole family.
         """
 
     @_abc_1.abstractmethod
@@ -125,7 +175,9 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.RevokeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.RevokeResponse, _abc.Awaitable[_auth_pb2.RevokeResponse]]:
-        """Revokes a refresh token and every token rotated from the same login."""
+        """Revokes a refresh token and every token rotated from the same login. Access tokens
+        of that login are refused by every service within seconds (GetRevokedFamilies).
+        """
 
     @_abc_1.abstractmethod
     def WhoAmI(
@@ -149,6 +201,20 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.IssueServiceTokenRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.IssueServiceTokenResponse, _abc.Awaitable[_auth_pb2.IssueServiceTokenResponse]]:
-        """Issues an access token for another Fairlane service, given the shared service secret."""
+        """Issues an access token for another Fairlane service, or for an operator (role
+        admin: WorkerService control, every worker's lanes), given the shared service secret.
+        UNAUTHENTICATED for a wrong secret, RESOURCE_EXHAUSTED (RetryInfo) when throttled.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRevokedFamilies(
+        self,
+        request: _auth_pb2.GetRevokedFamiliesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.GetRevokedFamiliesResponse, _abc.Awaitable[_auth_pb2.GetRevokedFamiliesResponse]]:
+        """Lists the token families revoked recently enough that some of their access tokens
+        may not have expired. Services refetch it every few seconds and refuse access tokens
+        whose `fam` claim is listed.
+        """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

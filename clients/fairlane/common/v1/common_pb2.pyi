@@ -79,6 +79,11 @@ class Result(_message.Message):
     lane_seq: _builtins.int
     """Position of this result in the caller's lane: 1, 2, 3... in finishing order, without gaps.
     Pass the last one seen to WatchResults to resume after a disconnect.
+
+    JavaScript: a uint64 can exceed Number.MAX_SAFE_INTEGER (2^53 - 1). protobuf-es gives
+    it as a bigint; keep it one (compare with bigint literals, e.g. `seq > 0n`) and never
+    pass it through Number(). In the JSON mapping it is a decimal string. protobufjs-based
+    loaders need `longs: String` (or BigInt) to stay exact.
     """
     status: Global___RequestStatus.ValueType
     """Final status: SUCCEEDED, FAILED, CANCELLED, EXPIRED or DEAD."""

@@ -9,6 +9,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.rpc import code_pb2 as _code_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -36,14 +37,22 @@ class SessionRequest(_message.Message):
     @_builtins.property
     def cancel(self) -> Global___CancelRequestRequest:
         """Cancel one of the caller's requests (queued or running); its CANCELLED result follows
-        if it had not finished. Errors come back as rejected with client_ref = request_id.
+        if it had not finished. Success has no answer of its own. A refusal (unknown id,
+        broker unreachable) comes back as a Rejected with `cancel_request_id` set to this
+        request_id; it is not ordered with the answers to enqueues.
         """
 
     @_builtins.property
     def enqueue_batch(self) -> Global___EnqueueBatch:
         """Several enqueues in one message, handled exactly as if sent one by one in this order.
-        A client that sends one also gets its answers and results in `batch` messages, which
-        saves most of gRPC's per-message cost at high rates.
+
+        The batch rule: once a client has sent an enqueue_batch, any later SessionResponse
+        on the stream (answers, progress, results) may come inside a SessionResponse.batch:
+        the server packs the responses that are ready together into one, and may still send
+        a lone response unwrapped. Before the first enqueue_batch it never sends `batch`.
+        So a client that sends enqueue_batch must read every response as "a batch, or one
+        response", unwrapping batches in order; a client that never sends one can ignore
+        `batch`. Batching saves most of gRPC's per-message cost at high rates.
         """
 
     def __init__(
@@ -90,7 +99,7 @@ Global___EnqueueBatch: _TypeAlias = EnqueueBatch  # noqa: Y015
 @_typing.final
 class SessionResponseBatch(_message.Message):
     """Consecutive Session responses carried in one message (only to clients that sent an
-    enqueue_batch on the stream).
+    enqueue_batch on the stream; see SessionRequest.enqueue_batch).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -98,7 +107,9 @@ class SessionResponseBatch(_message.Message):
     RESPONSES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def responses(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionResponse]:
-        """The responses, in the order they would have been sent one by one."""
+        """The responses, in the order they would have been sent one by one. None of them is
+        itself a batch.
+        """
 
     def __init__(
         self,
@@ -142,7 +153,9 @@ class SessionResponse(_message.Message):
 
     @_builtins.property
     def batch(self) -> Global___SessionResponseBatch:
-        """Several of the above, in order (see SessionRequest.enqueue_batch)."""
+        """Several of the above, in order; only after the client sent an enqueue_batch (see
+        SessionRequest.enqueue_batch for the rule).
+        """
 
     def __init__(
         self,
@@ -195,35 +208,54 @@ Global___Accepted: _TypeAlias = Accepted  # noqa: Y015
 
 @_typing.final
 class Rejected(_message.Message):
-    """Answer to an enqueue that was not accepted."""
+    """Answer to an enqueue that was not accepted, or to a cancel that was refused."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     CLIENT_REF_FIELD_NUMBER: _builtins.int
+    CANCEL_REQUEST_ID_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
     client_ref: _builtins.str
-    """The client_ref of the enqueue this answers."""
-    code: _builtins.int
-    """gRPC status code: INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, ..."""
+    """Set (possibly to "") when this answers an enqueue: that enqueue's client_ref.
+    Enqueue answers come in the order the enqueues were sent, so a client matches them
+    by position, not by client_ref (which need not be unique). Nothing was stored.
+    """
+    cancel_request_id: _builtins.str
+    """Set when this answers a cancel: the request_id the cancel named, as sent."""
+    code: _code_pb2.Code.ValueType
+    """Why it was refused, as a gRPC status code:
+    INVALID_ARGUMENT - the enqueue or cancel is malformed (unknown handler, payload too
+      large, deadline passed, bad request_id, ...); sending it again will not help.
+    NOT_FOUND - a cancel named a request that is not the caller's or does not exist.
+    RESOURCE_EXHAUSTED - the caller's rate limit or lane is full; retry after
+      retry_after_ms.
+    UNAVAILABLE - the server cannot store or reach the broker now (or is shutting down);
+      retry after retry_after_ms, on this or another replica.
+    """
     message: _builtins.str
     """Why, in words."""
     retry_after_ms: _builtins.int
-    """When RESOURCE_EXHAUSTED or UNAVAILABLE: wait at least this long before retrying."""
+    """When RESOURCE_EXHAUSTED or UNAVAILABLE: wait at least this long before retrying
+    (the same advice a unary call carries as google.rpc.RetryInfo). 0 otherwise.
+    """
     def __init__(
         self,
         *,
         client_ref: _builtins.str = ...,
-        code: _builtins.int = ...,
+        cancel_request_id: _builtins.str = ...,
+        code: _code_pb2.Code.ValueType = ...,
         message: _builtins.str = ...,
         retry_after_ms: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_request_id", b"cancel_request_id", "client_ref", b"client_ref", "subject", b"subject"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_ref", b"client_ref", "code", b"code", "message", b"message", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_request_id", b"cancel_request_id", "client_ref", b"client_ref", "code", b"code", "message", b"message", "retry_after_ms", b"retry_after_ms", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_subject: _TypeAlias = _typing.Literal["client_ref", "cancel_request_id"]  # noqa: Y015
+    _WhichOneofArgType_subject: _TypeAlias = _typing.Literal["subject", b"subject"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_subject) -> _WhichOneofReturnType_subject | None: ...
 
 Global___Rejected: _TypeAlias = Rejected  # noqa: Y015
 
@@ -240,15 +272,37 @@ class EnqueueRequest(_message.Message):
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     CLIENT_REF_FIELD_NUMBER: _builtins.int
     handler: _builtins.str
-    """Name of the worker handler to run (see WorkerService.ListHandlers)."""
+    """Name of the worker handler to run (see WorkerService.ListHandlers). Every worker has
+    these built-in handlers; their payloads are ASCII text or JSON, as bytes:
+    `noop` - ignores the payload and returns empty output at once (1 attempt).
+    `echo` - returns the payload unchanged (1 attempt).
+    `sleep` - payload: a decimal number of seconds, 0 to 3600 (empty: 0.1), e.g. "0.5".
+      Sleeps that long, reporting Progress 1/4 .. 4/4, and returns the payload. Anything
+      else fails it permanently (FAILED). 3 attempts.
+    `cpu` - payload: a decimal integer N (empty: 10000), e.g. "250000", capped at
+      10,000,000. Applies SHA-256 N times starting from empty input and returns the final
+      digest as 64 lowercase hex characters (empty output for N < 1). 1 attempt.
+    `fail` - payload: JSON {"times": N, "permanent": false} (empty: {"times": 1}). Fails
+      the first N attempts, then returns "succeeded on attempt K"; with max_attempts <= N
+      it ends DEAD. "permanent": true ends it FAILED at once. 5 attempts.
+    The attempt counts are the defaults; EnqueueRequest.max_attempts overrides them.
+    """
     payload: _builtins.bytes
     """Handler input, at most the server's max_payload_bytes (default 1 MiB)."""
     idempotency_key: _builtins.str
-    """Optional, unique per user: a repeat returns the first request instead of a new one."""
+    """Optional, unique per user: a repeat returns the first request instead of a new one.
+    Set one whenever the enqueue may be sent again (after a timeout, a broken stream,
+    or a RESOURCE_EXHAUSTED/UNAVAILABLE answer). At most 200 characters.
+    """
     max_attempts: _builtins.int
-    """Optional: attempts before the request is dead-lettered; 0 means the handler's default."""
+    """Optional: attempts before the request is dead-lettered; 0 means the handler's default.
+    At most 100 (INVALID_ARGUMENT above). JavaScript: protobuf-es refuses to encode a
+    negative number; clients that wrap it to a huge uint32 get INVALID_ARGUMENT.
+    """
     client_ref: _builtins.str
-    """Optional client reference, echoed in Accepted/Rejected and in the result."""
+    """Optional client reference, echoed in Accepted/Rejected and in the result. At most
+    200 characters.
+    """
     @_builtins.property
     def deadline(self) -> _timestamp_pb2.Timestamp:
         """Optional: if the request has not started by then it becomes EXPIRED."""
@@ -305,7 +359,9 @@ class WatchResultsRequest(_message.Message):
 
     AFTER_LANE_SEQ_FIELD_NUMBER: _builtins.int
     after_lane_seq: _builtins.int
-    """Send results with a greater lane_seq; 0 for everything."""
+    """Send results with a greater lane_seq; 0 for everything. A uint64: see
+    fairlane.common.v1.Result.lane_seq for JavaScript.
+    """
     def __init__(
         self,
         *,
@@ -399,23 +455,28 @@ class ListRequestsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     status: _common_pb2.RequestStatus.ValueType
-    """Only requests in this status; unspecified for all."""
+    """Only requests in this status; leave it unset (no presence) for every status. A set
+    value that is REQUEST_STATUS_UNSPECIFIED or unknown to the server is INVALID_ARGUMENT,
+    so a misspelt status never silently means "all".
+    """
     page_size: _builtins.int
-    """At most this many (default 50, at most 500)."""
+    """At most this many (0: 50; values above 500 mean 500)."""
     page_token: _builtins.str
     """From a previous response's next_page_token; empty for the first page."""
     def __init__(
         self,
         *,
-        status: _common_pb2.RequestStatus.ValueType = ...,
+        status: _common_pb2.RequestStatus.ValueType | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_status", b"_status", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_status", b"_status", "page_size", b"page_size", "page_token", b"page_token", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__status: _TypeAlias = _typing.Literal["status"]  # noqa: Y015
+    _WhichOneofArgType__status: _TypeAlias = _typing.Literal["_status", b"_status"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__status) -> _WhichOneofReturnType__status | None: ...
 
 Global___ListRequestsRequest: _TypeAlias = ListRequestsRequest  # noqa: Y015
 
@@ -605,7 +666,7 @@ class Lane(_message.Message):
     queue_name: _builtins.str
     """Name of the RabbitMQ queue carrying the lane."""
     last_lane_seq: _builtins.int
-    """lane_seq of the newest result."""
+    """lane_seq of the newest result (uint64: see fairlane.common.v1.Result.lane_seq)."""
     pending: _builtins.int
     """Requests accepted but not finished."""
     @_builtins.property

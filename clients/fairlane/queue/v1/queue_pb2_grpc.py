@@ -29,6 +29,12 @@ class QueueServiceStub:
     """Every user has one FIFO lane. Requests sent to it run one after another, in the
     order they were accepted; results come back in that order. Every call needs an
     access token as `authorization: Bearer <jwt>` metadata.
+
+    Errors that are worth retrying (RESOURCE_EXHAUSTED, UNAVAILABLE) carry the server's
+    advice on how long to wait in the `grpc-status-details-bin` trailer: a
+    google.rpc.Status (google/rpc/status.proto) whose `details` hold a google.rpc.RetryInfo
+    (google/rpc/error_details.proto). Both protos ship in this repository's protos/ tree.
+    On a Session stream the same advice travels in Rejected.retry_after_ms instead.
     """
 
     def __init__(self, channel):
@@ -93,13 +99,24 @@ class QueueServiceServicer:
     """Every user has one FIFO lane. Requests sent to it run one after another, in the
     order they were accepted; results come back in that order. Every call needs an
     access token as `authorization: Bearer <jwt>` metadata.
+
+    Errors that are worth retrying (RESOURCE_EXHAUSTED, UNAVAILABLE) carry the server's
+    advice on how long to wait in the `grpc-status-details-bin` trailer: a
+    google.rpc.Status (google/rpc/status.proto) whose `details` hold a google.rpc.RetryInfo
+    (google/rpc/error_details.proto). Both protos ship in this repository's protos/ tree.
+    On a Session stream the same advice travels in Rejected.retry_after_ms instead.
     """
 
     def Session(self, request_iterator, context):
         """The fast path: a bidirectional stream. Send enqueue (or cancel) messages; receive
-        accepted/rejected answers in the order sent, then progress and results as the
-        worker produces them. After the client half-closes, the server still sends the
+        one accepted/rejected answer per enqueue, in the order the enqueues were sent, then
+        progress and results as the worker produces them. A result never comes before the
+        accepted of its request. After the client half-closes, the server still sends the
         results of everything it accepted on the stream, then ends it.
+
+        If the stream breaks, the results of accepted requests are not lost: read them with
+        WatchResults after the last lane_seq seen. Enqueues not yet answered may or may not
+        have been accepted; send them again with the same idempotency_key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,7 +124,8 @@ class QueueServiceServicer:
 
     def Enqueue(self, request, context):
         """Enqueues one request and returns as soon as it is durable. The result can be
-        fetched with GetRequest or WatchResults.
+        fetched with GetRequest or WatchResults. RESOURCE_EXHAUSTED (rate limit, full lane)
+        and UNAVAILABLE come with RetryInfo; retry with the same idempotency_key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -129,7 +147,8 @@ class QueueServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListRequests(self, request, context):
-        """Lists the caller's requests, newest first.
+        """Lists the caller's requests, newest first. INVALID_ARGUMENT for a status that is
+        set but is not a known, specified RequestStatus.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -235,6 +254,12 @@ class QueueService:
     """Every user has one FIFO lane. Requests sent to it run one after another, in the
     order they were accepted; results come back in that order. Every call needs an
     access token as `authorization: Bearer <jwt>` metadata.
+
+    Errors that are worth retrying (RESOURCE_EXHAUSTED, UNAVAILABLE) carry the server's
+    advice on how long to wait in the `grpc-status-details-bin` trailer: a
+    google.rpc.Status (google/rpc/status.proto) whose `details` hold a google.rpc.RetryInfo
+    (google/rpc/error_details.proto). Both protos ship in this repository's protos/ tree.
+    On a Session stream the same advice travels in Rejected.retry_after_ms instead.
     """
 
     @staticmethod

@@ -30,6 +30,12 @@ class QueueServiceStub:
     """Every user has one FIFO lane. Requests sent to it run one after another, in the
     order they were accepted; results come back in that order. Every call needs an
     access token as `authorization: Bearer <jwt>` metadata.
+
+    Errors that are worth retrying (RESOURCE_EXHAUSTED, UNAVAILABLE) carry the server's
+    advice on how long to wait in the `grpc-status-details-bin` trailer: a
+    google.rpc.Status (google/rpc/status.proto) whose `details` hold a google.rpc.RetryInfo
+    (google/rpc/error_details.proto). Both protos ship in this repository's protos/ tree.
+    On a Session stream the same advice travels in Rejected.retry_after_ms instead.
     """
 
     @_typing.overload
@@ -38,13 +44,19 @@ class QueueServiceStub:
     def __new__(cls, channel: _aio.Channel) -> QueueServiceAsyncStub: ...
     Session: _grpc.StreamStreamMultiCallable[_queue_pb2.SessionRequest, _queue_pb2.SessionResponse]
     """The fast path: a bidirectional stream. Send enqueue (or cancel) messages; receive
-    accepted/rejected answers in the order sent, then progress and results as the
-    worker produces them. After the client half-closes, the server still sends the
+    one accepted/rejected answer per enqueue, in the order the enqueues were sent, then
+    progress and results as the worker produces them. A result never comes before the
+    accepted of its request. After the client half-closes, the server still sends the
     results of everything it accepted on the stream, then ends it.
+
+    If the stream breaks, the results of accepted requests are not lost: read them with
+    WatchResults after the last lane_seq seen. Enqueues not yet answered may or may not
+    have been accepted; send them again with the same idempotency_key.
     """
     Enqueue: _grpc.UnaryUnaryMultiCallable[_queue_pb2.EnqueueRequest, _queue_pb2.EnqueueResponse]
     """Enqueues one request and returns as soon as it is durable. The result can be
-    fetched with GetRequest or WatchResults.
+    fetched with GetRequest or WatchResults. RESOURCE_EXHAUSTED (rate limit, full lane)
+    and UNAVAILABLE come with RetryInfo; retry with the same idempotency_key.
     """
     WatchResults: _grpc.UnaryStreamMultiCallable[_queue_pb2.WatchResultsRequest, _queue_pb2.WatchResultsResponse]
     """Streams the caller's results with lane_seq greater than after_lane_seq: first the
@@ -53,7 +65,9 @@ class QueueServiceStub:
     GetRequest: _grpc.UnaryUnaryMultiCallable[_queue_pb2.GetRequestRequest, _queue_pb2.GetRequestResponse]
     """Reads one of the caller's requests. NOT_FOUND for an unknown id or another user's."""
     ListRequests: _grpc.UnaryUnaryMultiCallable[_queue_pb2.ListRequestsRequest, _queue_pb2.ListRequestsResponse]
-    """Lists the caller's requests, newest first."""
+    """Lists the caller's requests, newest first. INVALID_ARGUMENT for a status that is
+    set but is not a known, specified RequestStatus.
+    """
     CancelRequest: _grpc.UnaryUnaryMultiCallable[_queue_pb2.CancelRequestRequest, _queue_pb2.CancelRequestResponse]
     """Cancels a queued or running request of the caller's."""
     GetLane: _grpc.UnaryUnaryMultiCallable[_queue_pb2.GetLaneRequest, _queue_pb2.GetLaneResponse]
@@ -70,18 +84,30 @@ class QueueServiceAsyncStub(QueueServiceStub):
     """Every user has one FIFO lane. Requests sent to it run one after another, in the
     order they were accepted; results come back in that order. Every call needs an
     access token as `authorization: Bearer <jwt>` metadata.
+
+    Errors that are worth retrying (RESOURCE_EXHAUSTED, UNAVAILABLE) carry the server's
+    advice on how long to wait in the `grpc-status-details-bin` trailer: a
+    google.rpc.Status (google/rpc/status.proto) whose `details` hold a google.rpc.RetryInfo
+    (google/rpc/error_details.proto). Both protos ship in this repository's protos/ tree.
+    On a Session stream the same advice travels in Rejected.retry_after_ms instead.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Session: _aio.StreamStreamMultiCallable[_queue_pb2.SessionRequest, _queue_pb2.SessionResponse]  # type: ignore[assignment]
     """The fast path: a bidirectional stream. Send enqueue (or cancel) messages; receive
-    accepted/rejected answers in the order sent, then progress and results as the
-    worker produces them. After the client half-closes, the server still sends the
+    one accepted/rejected answer per enqueue, in the order the enqueues were sent, then
+    progress and results as the worker produces them. A result never comes before the
+    accepted of its request. After the client half-closes, the server still sends the
     results of everything it accepted on the stream, then ends it.
+
+    If the stream breaks, the results of accepted requests are not lost: read them with
+    WatchResults after the last lane_seq seen. Enqueues not yet answered may or may not
+    have been accepted; send them again with the same idempotency_key.
     """
     Enqueue: _aio.UnaryUnaryMultiCallable[_queue_pb2.EnqueueRequest, _queue_pb2.EnqueueResponse]  # type: ignore[assignment]
     """Enqueues one request and returns as soon as it is durable. The result can be
-    fetched with GetRequest or WatchResults.
+    fetched with GetRequest or WatchResults. RESOURCE_EXHAUSTED (rate limit, full lane)
+    and UNAVAILABLE come with RetryInfo; retry with the same idempotency_key.
     """
     WatchResults: _aio.UnaryStreamMultiCallable[_queue_pb2.WatchResultsRequest, _queue_pb2.WatchResultsResponse]  # type: ignore[assignment]
     """Streams the caller's results with lane_seq greater than after_lane_seq: first the
@@ -90,7 +116,9 @@ class QueueServiceAsyncStub(QueueServiceStub):
     GetRequest: _aio.UnaryUnaryMultiCallable[_queue_pb2.GetRequestRequest, _queue_pb2.GetRequestResponse]  # type: ignore[assignment]
     """Reads one of the caller's requests. NOT_FOUND for an unknown id or another user's."""
     ListRequests: _aio.UnaryUnaryMultiCallable[_queue_pb2.ListRequestsRequest, _queue_pb2.ListRequestsResponse]  # type: ignore[assignment]
-    """Lists the caller's requests, newest first."""
+    """Lists the caller's requests, newest first. INVALID_ARGUMENT for a status that is
+    set but is not a known, specified RequestStatus.
+    """
     CancelRequest: _aio.UnaryUnaryMultiCallable[_queue_pb2.CancelRequestRequest, _queue_pb2.CancelRequestResponse]  # type: ignore[assignment]
     """Cancels a queued or running request of the caller's."""
     GetLane: _aio.UnaryUnaryMultiCallable[_queue_pb2.GetLaneRequest, _queue_pb2.GetLaneResponse]  # type: ignore[assignment]
@@ -106,6 +134,12 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
     """Every user has one FIFO lane. Requests sent to it run one after another, in the
     order they were accepted; results come back in that order. Every call needs an
     access token as `authorization: Bearer <jwt>` metadata.
+
+    Errors that are worth retrying (RESOURCE_EXHAUSTED, UNAVAILABLE) carry the server's
+    advice on how long to wait in the `grpc-status-details-bin` trailer: a
+    google.rpc.Status (google/rpc/status.proto) whose `details` hold a google.rpc.RetryInfo
+    (google/rpc/error_details.proto). Both protos ship in this repository's protos/ tree.
+    On a Session stream the same advice travels in Rejected.retry_after_ms instead.
     """
 
     @_abc_1.abstractmethod
@@ -115,9 +149,14 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_queue_pb2.SessionResponse], _abc.AsyncIterator[_queue_pb2.SessionResponse]]:
         """The fast path: a bidirectional stream. Send enqueue (or cancel) messages; receive
-        accepted/rejected answers in the order sent, then progress and results as the
-        worker produces them. After the client half-closes, the server still sends the
+        one accepted/rejected answer per enqueue, in the order the enqueues were sent, then
+        progress and results as the worker produces them. A result never comes before the
+        accepted of its request. After the client half-closes, the server still sends the
         results of everything it accepted on the stream, then ends it.
+
+        If the stream breaks, the results of accepted requests are not lost: read them with
+        WatchResults after the last lane_seq seen. Enqueues not yet answered may or may not
+        have been accepted; send them again with the same idempotency_key.
         """
 
     @_abc_1.abstractmethod
@@ -127,7 +166,8 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_queue_pb2.EnqueueResponse, _abc.Awaitable[_queue_pb2.EnqueueResponse]]:
         """Enqueues one request and returns as soon as it is durable. The result can be
-        fetched with GetRequest or WatchResults.
+        fetched with GetRequest or WatchResults. RESOURCE_EXHAUSTED (rate limit, full lane)
+        and UNAVAILABLE come with RetryInfo; retry with the same idempotency_key.
         """
 
     @_abc_1.abstractmethod
@@ -154,7 +194,9 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _queue_pb2.ListRequestsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_queue_pb2.ListRequestsResponse, _abc.Awaitable[_queue_pb2.ListRequestsResponse]]:
-        """Lists the caller's requests, newest first."""
+        """Lists the caller's requests, newest first. INVALID_ARGUMENT for a status that is
+        set but is not a known, specified RequestStatus.
+        """
 
     @_abc_1.abstractmethod
     def CancelRequest(

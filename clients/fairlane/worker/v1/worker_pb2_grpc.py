@@ -74,7 +74,8 @@ class WorkerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListHandlers(self, request, context):
-        """Lists the handlers this replica can run.
+        """Lists the handlers this replica can run. The built-in ones (noop, echo, sleep, cpu,
+        fail) and their payload formats are described at fairlane.queue.v1.EnqueueRequest.handler.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

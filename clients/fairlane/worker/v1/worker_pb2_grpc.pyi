@@ -36,7 +36,9 @@ class WorkerServiceStub:
     GetStatus: _grpc.UnaryUnaryMultiCallable[_worker_pb2.GetStatusRequest, _worker_pb2.GetStatusResponse]
     """Reports state, consumed lanes, in-flight requests and per-handler counts."""
     ListHandlers: _grpc.UnaryUnaryMultiCallable[_worker_pb2.ListHandlersRequest, _worker_pb2.ListHandlersResponse]
-    """Lists the handlers this replica can run."""
+    """Lists the handlers this replica can run. The built-in ones (noop, echo, sleep, cpu,
+    fail) and their payload formats are described at fairlane.queue.v1.EnqueueRequest.handler.
+    """
     Pause: _grpc.UnaryUnaryMultiCallable[_worker_pb2.PauseRequest, _worker_pb2.PauseResponse]
     """Stops taking new requests (of one lane, or all); running ones finish."""
     Resume: _grpc.UnaryUnaryMultiCallable[_worker_pb2.ResumeRequest, _worker_pb2.ResumeResponse]
@@ -52,7 +54,9 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     GetStatus: _aio.UnaryUnaryMultiCallable[_worker_pb2.GetStatusRequest, _worker_pb2.GetStatusResponse]  # type: ignore[assignment]
     """Reports state, consumed lanes, in-flight requests and per-handler counts."""
     ListHandlers: _aio.UnaryUnaryMultiCallable[_worker_pb2.ListHandlersRequest, _worker_pb2.ListHandlersResponse]  # type: ignore[assignment]
-    """Lists the handlers this replica can run."""
+    """Lists the handlers this replica can run. The built-in ones (noop, echo, sleep, cpu,
+    fail) and their payload formats are described at fairlane.queue.v1.EnqueueRequest.handler.
+    """
     Pause: _aio.UnaryUnaryMultiCallable[_worker_pb2.PauseRequest, _worker_pb2.PauseResponse]  # type: ignore[assignment]
     """Stops taking new requests (of one lane, or all); running ones finish."""
     Resume: _aio.UnaryUnaryMultiCallable[_worker_pb2.ResumeRequest, _worker_pb2.ResumeResponse]  # type: ignore[assignment]
@@ -77,7 +81,9 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _worker_pb2.ListHandlersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_worker_pb2.ListHandlersResponse, _abc.Awaitable[_worker_pb2.ListHandlersResponse]]:
-        """Lists the handlers this replica can run."""
+        """Lists the handlers this replica can run. The built-in ones (noop, echo, sleep, cpu,
+        fail) and their payload formats are described at fairlane.queue.v1.EnqueueRequest.handler.
+        """
 
     @_abc_1.abstractmethod
     def Pause(

@@ -1,0 +1,122 @@
+"""Channels: one grpc.aio channel per target, opened on first use, and typed stubs on them.
+
+The transport half of the client (after httpx's transport): it knows where each service
+is and how to reach it, and nothing about tokens, retries or the API.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+import grpc
+
+from fairlane.auth.v1 import auth_pb2_grpc
+from fairlane.client._wire import CHANNEL_OPTIONS
+from fairlane.client.errors import FairlaneError
+from fairlane.queue.v1 import queue_pb2_grpc
+from fairlane.worker.v1 import worker_pb2_grpc
+
+if TYPE_CHECKING:
+    from fairlane.auth.v1.auth_pb2_grpc import AuthServiceAsyncStub
+    from fairlane.queue.v1.queue_pb2_grpc import QueueServiceAsyncStub
+    from fairlane.worker.v1.worker_pb2_grpc import WorkerServiceAsyncStub
+
+__all__ = ["Channels", "ServiceName", "grpc_target"]
+
+ServiceName = Literal["auth", "queue", "worker"]
+
+_STUBS: dict[ServiceName, Any] = {
+    "auth": auth_pb2_grpc.AuthServiceStub,
+    "queue": queue_pb2_grpc.QueueServiceStub,
+    "worker": worker_pb2_grpc.WorkerServiceStub,
+}
+
+
+class Channels:
+    """Where the three services are (`targets`; None: not configured) and the channels
+    to them.
+
+    Services on the same target share one channel. With `credentials` the channels are
+    secure (see `grpc.ssl_channel_credentials`); `options` are added to (and override)
+    the client's defaults in CHANNEL_OPTIONS.
+    """
+
+    def __init__(
+        self,
+        targets: Mapping[ServiceName, str | None],
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.targets: dict[ServiceName, str | None] = dict(targets)
+        self._credentials = credentials
+        self._options = list({**dict(CHANNEL_OPTIONS), **dict(options)}.items())
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[ServiceName, Any] = {}
+        self._closed = False
+
+    @property
+    def tls(self) -> bool:
+        return self._credentials is not None
+
+    def channel(self, service: ServiceName) -> grpc.aio.Channel:
+        """The channel to `service`, opened now if it is the first use of its target."""
+        target = self.targets.get(service)
+        if not target:
+            raise FairlaneError(f"no {service} target configured")
+        if self._closed:
+            raise FairlaneError("the client is closed")
+        channel = self._channels.get(target)
+        if channel is None:
+            address = grpc_target(target)
+            if self._credentials is not None:
+                channel = grpc.aio.secure_channel(address, self._credentials, self._options)
+            else:
+                channel = grpc.aio.insecure_channel(address, self._options)
+            self._channels[target] = channel
+        return channel
+
+    def _stub(self, service: ServiceName) -> Any:
+        stub = self._stubs.get(service)
+        if stub is None:
+            stub = self._stubs[service] = _STUBS[service](self.channel(service))
+        return stub
+
+    def auth(self) -> AuthServiceAsyncStub:
+        return cast("AuthServiceAsyncStub", self._stub("auth"))
+
+    def queue(self) -> QueueServiceAsyncStub:
+        return cast("QueueServiceAsyncStub", self._stub("queue"))
+
+    def worker(self) -> WorkerServiceAsyncStub:
+        return cast("WorkerServiceAsyncStub", self._stub("worker"))
+
+    async def close(self) -> None:
+        """Closes every channel; calls in progress are cancelled, new ones refused."""
+        self._closed = True
+        channels, self._channels = list(self._channels.values()), {}
+        self._stubs.clear()
+        for channel in channels:
+            await channel.close()
+
+
+def grpc_target(target: str) -> str:
+    """A gRPC target for `target`: one address, a gRPC URI (e.g. `dns:///queue:50052`, whose
+    every address is used), or a comma-separated list of IP:port addresses, spread
+    round-robin by the channel (see ROUND_ROBIN in the channel options)."""
+    if "," not in target:
+        return target
+    addresses = [a.strip() for a in target.split(",") if a.strip()]
+    for address in addresses:
+        host = address.rsplit(":", 1)[0].strip("[]")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise FairlaneError(
+                f"{address!r}: a list of targets must be IP:port addresses; for host names "
+                "use one dns:///name:port target"
+            ) from None
+    scheme = "ipv6" if any(a.startswith("[") for a in addresses) else "ipv4"
+    return f"{scheme}:{','.join(addresses)}"

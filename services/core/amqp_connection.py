@@ -1,0 +1,223 @@
+"""One AMQP connection that stays up across a RabbitMQ cluster.
+
+aio-pika's robust connection takes one URL (aio-pika issue #141, still open), and when it
+recovers it declares again every queue its channels ever declared and re-consumes every
+consumer the server cancelled. For lanes that is wrong: a lane queue the janitor deleted
+on purpose comes back on the next hiccup. So this module is hand-written and small:
+
+- `broker_nodes` turns FAIRLANE_BROKER_URL into one URL per node. It takes a list of URLs
+  (comma or whitespace separated) or one URL with several hosts, RabbitMQ-style:
+  ``amqp://user:pass@h1:5672,h2:5672,h3:5672/vhost``.
+- `NodeConnection` connects to any node, and when its connection drops it connects to the
+  next node that answers (in turn, with jittered backoff once every node has failed), then
+  runs the owner's `on_connected` set-up again: channels, consumers, whatever the owner
+  wants back. Nothing is restored behind the owner's back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractConnection
+
+from services.core.logging import get_logger
+
+log = get_logger(__name__)
+
+CONNECT_ERRORS = (
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
+DEFAULT_HEARTBEAT = 10  # seconds; a node that vanishes without a TCP reset is noticed in ~2x
+_SCHEME = re.compile(r"^amqps?://", re.IGNORECASE)
+
+
+def broker_nodes(setting: str) -> list[str]:
+    """One URL per broker node, in the order given; ValueError with a clear message for a
+    setting that names no node or mixes schemes."""
+    parts = [p for p in re.split(r"[\s,]+", setting.strip()) if p]
+    if not parts:
+        raise ValueError("the broker URL is empty")
+    if all(_SCHEME.match(p) for p in parts):
+        urls = parts
+    elif _SCHEME.match(parts[0]) and not any(_SCHEME.match(p) for p in parts[1:]):
+        urls = _expand_hosts(setting.strip())
+    else:
+        raise ValueError(
+            f"cannot read broker URL {_redact(setting)!r}: give amqp://user:pass@h1:port,"
+            "h2:port/vhost or a comma-separated list of amqp:// URLs"
+        )
+    for url in urls:
+        parts_ = urlsplit(url)
+        if not parts_.hostname:
+            raise ValueError(f"broker URL {_redact(url)!r} names no host")
+        try:
+            parts_.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            raise ValueError(f"broker URL {_redact(url)!r} has a bad port") from None
+    return urls
+
+
+def _expand_hosts(url: str) -> list[str]:
+    """amqp://user:pass@h1:1,h2:2/vhost?q -> one URL per host, sharing the rest."""
+    parts = urlsplit(url)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    prefix = f"{userinfo}@" if userinfo else ""
+    return [
+        urlunsplit(parts._replace(netloc=f"{prefix}{host.strip()}"))
+        for host in hosts.split(",")
+        if host.strip()
+    ]
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"(amqps?://[^:/@]*:)[^@]*@", r"\1******@", url, flags=re.IGNORECASE)
+
+
+def node_name(url: str) -> str:
+    """host:port of a node URL, for logs (never the credentials)."""
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or (5671 if parts.scheme == 'amqps' else 5672)}"
+
+
+def _with_defaults(url: str, connection_name: str) -> str:
+    parts = urlsplit(url)
+    query = [q for q in parts.query.split("&") if q]
+    if not any(q.startswith("heartbeat=") for q in query):
+        query.append(f"heartbeat={DEFAULT_HEARTBEAT}")
+    if not any(q.startswith("name=") for q in query):
+        query.append(f"name={connection_name}")
+    return urlunsplit(parts._replace(query="&".join(query)))
+
+
+class BrokerUnreachable(Exception):
+    """No node of the list accepted a connection."""
+
+
+class NodeConnection:
+    """A connection to any node of `urls` that comes back on its own after a loss.
+
+    `on_connected(connection)` runs after every (re)connect, before the connection counts
+    as up; if it fails, that node is given up and the next one tried. `on_reconnected`
+    listeners run after each re-connect (not the first)."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        name: str,
+        on_connected: Callable[[AbstractConnection], Awaitable[None]],
+        timeout: float = 10.0,
+        max_backoff: float = 5.0,
+    ) -> None:
+        if not urls:
+            raise ValueError("no broker node given")
+        self._urls = [_with_defaults(u, f"fairlane-{name}") for u in urls]
+        # Start at a random node so the replicas of a service spread over the cluster.
+        self._next = random.randrange(len(self._urls))
+        self.name = name
+        self._on_connected = on_connected
+        self._timeout = timeout
+        self._max_backoff = max_backoff
+        self.connection: AbstractConnection | None = None
+        self.node = ""
+        self._up = asyncio.Event()
+        self._closing = False
+        self._recover: asyncio.Task[None] | None = None
+        self._reconnected: list[Callable[[], None]] = []
+
+    @property
+    def is_connected(self) -> bool:
+        c = self.connection
+        return self._up.is_set() and c is not None and c.connected.is_set()
+
+    def on_reconnected(self, listener: Callable[[], None]) -> None:
+        self._reconnected.append(listener)
+
+    async def wait_connected(self, timeout: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._up.wait()
+        return self.is_connected
+
+    async def start(self) -> None:
+        """Connects to the first node that answers, trying each once."""
+        self._closing = False
+        errors = []
+        for _ in range(len(self._urls)):
+            try:
+                await self._connect_next()
+                return
+            except (*CONNECT_ERRORS, BrokerUnreachable) as exc:
+                errors.append(f"{self.node or '?'}: {exc!r}")
+        raise BrokerUnreachable("; ".join(errors))
+
+    async def _connect_next(self) -> None:
+        url = self._urls[self._next]
+        self._next = (self._next + 1) % len(self._urls)
+        self.node = node_name(url)
+        connection = await aio_pika.connect(url, timeout=self._timeout)
+        try:
+            await self._on_connected(connection)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise
+        connection.close_callbacks.add(self._lost)
+        self.connection = connection
+        self._up.set()
+        log.info("broker_connected", connection=self.name, node=self.node)
+
+    def _lost(self, _connection: Any, exc: BaseException | None = None) -> None:
+        if self._closing:
+            return
+        self._up.clear()
+        log.warning("broker_connection_lost", connection=self.name, node=self.node, error=repr(exc))
+        if self._recover is None or self._recover.done():
+            self._recover = asyncio.get_running_loop().create_task(
+                self._reconnect(), name=f"amqp-reconnect-{self.name}"
+            )
+
+    async def _reconnect(self) -> None:
+        delay = 0.05
+        failed_in_row = 0
+        while not self._closing:
+            try:
+                await self._connect_next()
+            except (*CONNECT_ERRORS, BrokerUnreachable) as exc:
+                failed_in_row += 1
+                log.info(
+                    "broker_reconnect_failed", connection=self.name, node=self.node, error=repr(exc)
+                )
+                # Try every node at once; back off only when a whole round failed.
+                if failed_in_row % len(self._urls) == 0:
+                    await asyncio.sleep(random.uniform(delay / 2, delay))
+                    delay = min(delay * 2, self._max_backoff)
+                continue
+            for listener in self._reconnected:
+                try:
+                    listener()
+                except Exception:
+                    log.exception("reconnect_listener_failed", connection=self.name)
+            return
+
+    async def close(self) -> None:
+        self._closing = True
+        self._up.clear()
+        if self._recover is not None:
+            self._recover.cancel()
+            await asyncio.gather(self._recover, return_exceptions=True)
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()

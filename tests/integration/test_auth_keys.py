@@ -1,0 +1,203 @@
+"""Signing keys at rest against real PostgreSQL: clear or encrypted, re-encryption under a
+new encryption key, and signing-key rotation with encrypted keys."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import jwt
+import pytest
+import sqlalchemy as sa
+from cryptography.hazmat.primitives import serialization
+from pydantic import SecretStr
+from structlog.testing import capture_logs
+
+from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
+from services.auth import keys
+from services.auth.service import AuthService
+from services.core.db import create_engine
+from services.core.models import signing_keys
+from services.core.settings import Settings
+from tests.conftest import DATABASE_URL, unique
+
+pytestmark = pytest.mark.integration
+PASSWORD = "correct horse battery"
+KEY_A = "a" * 16 + "-first-encryption-key-0123456789"
+KEY_B = "b" * 16 + "-second-encryption-key-987654321"
+
+Run = Callable[..., Awaitable[Any]]
+
+
+@pytest.fixture
+def with_auth(pg_schema: str) -> Run:
+    """Runs `body(stub)` against an auth service started with the given settings."""
+
+    async def run(
+        body: Callable[[auth_pb2_grpc.AuthServiceStub], Awaitable[Any]],
+        dev: bool = False,
+        **overrides: Any,
+    ) -> Any:
+        settings = Settings(
+            database_url=DATABASE_URL,
+            database_schema=pg_schema,
+            auth_listen="127.0.0.1:0",
+            **overrides,
+        )
+        service = AuthService(settings, dev=dev)
+        await service.start()
+        try:
+            async with grpc.aio.insecure_channel(service.address) as channel:
+                return await body(auth_pb2_grpc.AuthServiceStub(channel))
+        finally:
+            await service.stop(1)
+
+    return run
+
+
+@pytest.fixture
+async def rows(pg_schema: str) -> AsyncIterator[Callable[[], Awaitable[list[Any]]]]:
+    engine = create_engine(DATABASE_URL, schema=pg_schema, pool_size=1)
+
+    async def read() -> list[Any]:
+        async with engine.connect() as conn:
+            return list(
+                (
+                    await conn.execute(sa.select(signing_keys).order_by(signing_keys.c.created_at))
+                ).all()
+            )
+
+    try:
+        yield read
+    finally:
+        await engine.dispose()
+
+
+async def _login(stub: auth_pb2_grpc.AuthServiceStub) -> str:
+    name = unique("keys")
+    await stub.Register(auth_pb2.RegisterRequest(username=name, password=PASSWORD))
+    login = await stub.Login(auth_pb2.LoginRequest(username=name, password=PASSWORD))
+    return str(login.access_token)
+
+
+async def _whoami(stub: auth_pb2_grpc.AuthServiceStub, token: str) -> str:
+    me = await stub.WhoAmI(
+        auth_pb2.WhoAmIRequest(), metadata=(("authorization", f"Bearer {token}"),)
+    )
+    return str(me.username)
+
+
+def _opens(pem: str, secret: str | None) -> bool:
+    try:
+        serialization.load_pem_private_key(
+            pem.encode(), password=secret.encode() if secret else None
+        )
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+async def test_without_an_encryption_key_keys_stay_clear_with_a_warning(
+    with_auth: Run, rows: Callable[[], Awaitable[list[Any]]]
+) -> None:
+    with capture_logs() as logs:
+        await with_auth(_login)
+    assert "signing_keys_unencrypted" in [e["event"] for e in logs]
+    (row,) = await rows()
+    assert _opens(row.private_pem, None)
+    with capture_logs() as logs:
+        await with_auth(_login, dev=True)
+    assert "signing_keys_unencrypted" not in [e["event"] for e in logs]
+
+
+async def test_keys_are_encrypted_and_a_clear_key_is_encrypted_in_place(
+    with_auth: Run, rows: Callable[[], Awaitable[list[Any]]], tmp_path: Path
+) -> None:
+    token = await with_auth(_login)
+    (clear,) = await rows()
+
+    key_file = tmp_path / "signing.key"
+    key_file.write_text(KEY_A + "\n")
+
+    async def still_verifies(stub: auth_pb2_grpc.AuthServiceStub) -> None:
+        assert await _whoami(stub, token)
+        assert await _whoami(stub, await _login(stub))
+
+    with capture_logs() as logs:
+        await with_auth(still_verifies, signing_key_encryption_key_file=str(key_file))
+    assert "signing_keys_unencrypted" not in [e["event"] for e in logs]
+    (row,) = await rows()
+    assert row.kid == clear.kid
+    assert row.private_pem.startswith("-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    assert not _opens(row.private_pem, None)
+    assert _opens(row.private_pem, KEY_A)
+
+
+async def test_a_new_encryption_key_takes_over_from_the_previous_one(
+    with_auth: Run, rows: Callable[[], Awaitable[list[Any]]]
+) -> None:
+    token = await with_auth(_login, signing_key_encryption_key=KEY_A)
+
+    async def verifies(stub: auth_pb2_grpc.AuthServiceStub) -> None:
+        assert await _whoami(stub, token)
+
+    await with_auth(
+        verifies, signing_key_encryption_key=KEY_B, signing_key_previous_encryption_keys=[KEY_A]
+    )
+    (row,) = await rows()
+    assert _opens(row.private_pem, KEY_B)
+    assert not _opens(row.private_pem, KEY_A)
+    await with_auth(verifies, signing_key_encryption_key=KEY_B)
+
+    # A key nobody can open stops auth from starting, rather than signing with a new one.
+    with pytest.raises(keys.SigningKeyError, match="none of the configured encryption keys"):
+        await with_auth(verifies, signing_key_encryption_key=KEY_A)
+    with pytest.raises(keys.SigningKeyError, match="none of the configured encryption keys"):
+        await with_auth(verifies)
+
+
+def test_a_short_encryption_key_is_refused() -> None:
+    with pytest.raises(keys.SigningKeyError, match="at least 32"):
+        keys.KeyEncryption.from_settings(
+            Settings(signing_key_encryption_key=SecretStr("too-short"))
+        )
+
+
+async def test_signing_key_rotation_with_encrypted_keys(
+    with_auth: Run, rows: Callable[[], Awaitable[list[Any]]], pg_schema: str
+) -> None:
+    old_token = await with_auth(_login, signing_key_encryption_key=KEY_A)
+    engine = create_engine(DATABASE_URL, schema=pg_schema, pool_size=1)
+    try:
+        new_kid = await keys.rotate(engine, keys.KeyEncryption(KEY_A.encode()))
+
+        async def both_verify(stub: auth_pb2_grpc.AuthServiceStub) -> set[str]:
+            new_token = await _login(stub)
+            assert jwt.get_unverified_header(new_token)["kid"] == new_kid
+            assert await _whoami(stub, old_token)
+            assert await _whoami(stub, new_token)
+            jwks = json.loads((await stub.GetJwks(auth_pb2.GetJwksRequest())).keys_json)
+            return {k["kid"] for k in jwks["keys"]}
+
+        published = await with_auth(both_verify, signing_key_encryption_key=KEY_A)
+        old, new = await rows()
+        assert published == {old.kid, new.kid}
+        for row in (old, new):
+            assert _opens(row.private_pem, KEY_A)
+            assert not _opens(row.private_pem, None)
+
+        await keys.retire(engine, old.kid)
+
+        async def old_refused(stub: auth_pb2_grpc.AuthServiceStub) -> set[str]:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await _whoami(stub, old_token)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            jwks = json.loads((await stub.GetJwks(auth_pb2.GetJwksRequest())).keys_json)
+            return {k["kid"] for k in jwks["keys"]}
+
+        assert await with_auth(old_refused, signing_key_encryption_key=KEY_A) == {new_kid}
+    finally:
+        await engine.dispose()
