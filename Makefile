@@ -54,11 +54,11 @@ pytest: tools services
 test: tools services lint pytest
 
 # Long runs, not part of `make test`: the e2e workload matrix with SOAK_SCALE times the
-# requests and a worker replica killed with SIGKILL halfway through each case. Tests that
-# read FAIRLANE_STATEFUL_EXAMPLES run SOAK_EXAMPLES examples. Add long runs to SOAK_TESTS.
+# requests and a worker replica killed with SIGKILL halfway through each case, and the
+# stateful lane test with SOAK_EXAMPLES examples. Add further long runs to SOAK_TESTS.
 SOAK_SCALE ?= 10
 SOAK_EXAMPLES ?= 200
-SOAK_TESTS ?= tests/e2e/test_workload_matrix.py
+SOAK_TESTS ?= tests/e2e/test_workload_matrix.py tests/integration/test_lane_stateful.py
 
 soak: install services
 	FAIRLANE_SOAK_SCALE=$(SOAK_SCALE) FAIRLANE_STATEFUL_EXAMPLES=$(SOAK_EXAMPLES) \
