@@ -891,8 +891,8 @@ async def run_case(
     """Runs one case on a suite with auth and queue up; starts its worker replicas."""
     targets = await worker_targets(suite, case.workers)
     main = MainClient(suite, case, per_lane=case.requests_per_lane(scale), seed=len(case.id))
-    abandoner = Abandoner(suite) if case.abandoner else None
-    bad = BadInputClient(suite) if case.bad_input else None
+    abandoner = Abandoner(suite, max_calls=round(600 * scale)) if case.abandoner else None
+    bad = BadInputClient(suite, max_rounds=round(20 * scale)) if case.bad_input else None
     await asyncio.gather(main.login(), *(c.login() for c in (abandoner, bad) if c is not None))
     killed: list[str] = []
     started = time.perf_counter()
