@@ -61,6 +61,7 @@ from tests.e2e.workload import (
     CODE_NAMES,
     MAX_PAYLOAD_BYTES,
     bad_enqueues,
+    cancel_named,
 )
 
 pytestmark = pytest.mark.integration
@@ -122,6 +123,7 @@ STAGES = {
     "running marks": "UPDATE requests SET status=?, attempts=?, started_at=?",
     "outcomes": "UPDATE requests SET status=?, attempts=?, output=?",
     "lane numbering": "UPDATE lanes SET last_seq",
+    "cancels": "UPDATE requests SET status=?, error=?",
 }
 
 
@@ -311,6 +313,7 @@ class LaneMachine(RuleBasedStateMachine):
         self.stack = stack
         self.user_id, self.token = stack.run(new_user(stack.auth_target))
         self.sent: dict[str, Sent] = {}
+        self.by_id: dict[str, Sent] = {}  # accepted requests by request_id
         self.awaiting: list[str] = []  # Session enqueues waiting for their answer, in order
         self.violations: list[str] = []
         self.abandoned: list[str] = []  # refs sent by callers that gave up
@@ -349,7 +352,14 @@ class LaneMachine(RuleBasedStateMachine):
 
     def _on_response(self, r: queue_pb2.SessionResponse) -> None:
         kind = r.WhichOneof("kind")
-        if kind in ("accepted", "rejected"):
+        if kind == "rejected" and cancel_named(r.rejected) in self.by_id:
+            # A cancel sent on the Session was refused: only a fault excuses that.
+            sent = self.by_id[cancel_named(r.rejected)]
+            code = CODE_NAMES.get(r.rejected.code, str(r.rejected.code))
+            sent.cancel_answers.append(f"error {code}")
+            if code != "UNAVAILABLE" or not self.faults:
+                self.violations.append(f"Session cancel of {sent.ref}: {code} {r.rejected.message}")
+        elif kind in ("accepted", "rejected"):
             answer = r.accepted if kind == "accepted" else r.rejected
             if not self.awaiting:
                 self.violations.append(f"answer to nothing: {r}")
@@ -360,6 +370,7 @@ class LaneMachine(RuleBasedStateMachine):
             sent = self.sent[ref]
             if kind == "accepted":
                 sent.answer, sent.request_id = "accepted", r.accepted.request_id
+                self.by_id[sent.request_id] = sent
             else:
                 code = CODE_NAMES.get(r.rejected.code, str(r.rejected.code))
                 sent.answer = f"rejected {code}: {r.rejected.message}"
@@ -428,6 +439,7 @@ class LaneMachine(RuleBasedStateMachine):
                 sent.answer = f"rejected {exc.code().name}: {exc.details()}"
             else:
                 sent.answer, sent.request_id = "accepted", reply.request_id
+                self.by_id[sent.request_id] = sent
 
         self.stack.run(call())
         return sent.ref
@@ -453,6 +465,19 @@ class LaneMachine(RuleBasedStateMachine):
                 sent.cancel_answers.append(STATUS_NAMES[reply.status])
 
         self.stack.run(call())
+
+    @rule(ref=accepted)
+    def cancel_on_the_session(self, ref: str) -> None:
+        """A cancel on the Session: nothing answers it unless it is refused."""
+        sent = self.sent[ref]
+        if not sent.accepted:
+            return
+        sent.cancel_answers.append("asked on the Session")
+        self.outbox.put_nowait(
+            queue_pb2.SessionRequest(
+                cancel=queue_pb2.CancelRequestRequest(request_id=sent.request_id)
+            )
+        )
 
     @rule(timeout_ms=st.integers(1, 10), many=st.booleans())
     def caller_gives_up(self, timeout_ms: int, many: bool) -> None:
