@@ -8,8 +8,11 @@ BUF := .tools/node_modules/.bin/buf
 # The contract as last released: `buf breaking` compares protos/ against it, so a break is
 # a decision (`make proto-release` records it), never an accident.
 PROTO_RELEASE := protos/release-image.json
+# The TypeScript client: its npm packages (tsc, biome, buf, protoc-gen-es) install from its lock.
+TS := clients/typescript
+TS_STAMP := $(TS)/node_modules/.installed-$(shell sha1sum < $(TS)/package-lock.json | cut -c1-12)
 
-.PHONY: install tools dev test lint fmt gen proto-release services pytest soak clean
+.PHONY: install tools dev test lint fmt gen proto-release services pytest tstest soak clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,7 +23,11 @@ $(STAMP): pyproject.toml
 $(BUF):
 	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
 
-install: $(STAMP) $(BUF)
+$(TS_STAMP): $(TS)/package-lock.json
+	cd $(TS) && npm ci --silent --no-audit --no-fund
+	rm -f $(TS)/node_modules/.installed-* && touch $@
+
+install: $(STAMP) $(BUF) $(TS_STAMP)
 
 # The real tools the deploy/ tests run (promtool, nginx, envoy, helm, ...): test-only.
 tools: install
@@ -28,6 +35,7 @@ tools: install
 
 gen: install
 	$(BIN)/python scripts/gen_protos.py
+	cd $(TS) && npm run --silent generate
 
 # Makes the current protos the released contract (the baseline of `buf breaking`).
 proto-release: install
@@ -37,6 +45,7 @@ proto-release: install
 fmt: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+	cd $(TS) && npm run --silent format
 
 lint: tools
 	$(BIN)/ruff check .
@@ -44,6 +53,7 @@ lint: tools
 	$(BIN)/mypy services clients/fairlane tests scripts
 	$(BUF) lint
 	$(BUF) breaking --against $(PROTO_RELEASE)
+	cd $(TS) && npm run --silent check
 
 services:
 	scripts/ensure_services.sh
@@ -51,7 +61,11 @@ services:
 pytest: tools services
 	$(BIN)/pytest -q
 
-test: tools services lint pytest
+# The TypeScript unit tests; its end-to-end tests run in pytest (tests/e2e), on real services.
+tstest: install
+	cd $(TS) && npm test
+
+test: tools services lint tstest pytest
 
 # Long runs, not part of `make test`: the e2e workload matrix with SOAK_SCALE times the
 # requests and a worker replica killed with SIGKILL halfway through each case, and the
@@ -69,4 +83,4 @@ dev: $(STAMP)
 	$(BIN)/fairlane dev --demo
 
 clean:
-	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache $(TS)/node_modules $(TS)/dist

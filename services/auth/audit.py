@@ -1,7 +1,8 @@
-"""Audit events of the auth service: one structured log line each, `"audit": true`.
+"""Audit events of the auth service, written through services.core.audit.
 
 docs/security.md ("Auth service") lists every event and its fields. No event carries a
-password, a token or a secret.
+password, a token or a secret. The calls they record carry no token, so their principal
+is null; the user they concern is in `user_id` / `username`.
 """
 
 from __future__ import annotations
@@ -9,9 +10,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from services.core.logging import get_logger
+from services.core.audit import audit
 
-_log = get_logger("fairlane.audit")
 _PRINTABLE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 LOGIN_SUCCEEDED = "auth.login.succeeded"
@@ -30,5 +30,5 @@ def username_field(name: str) -> str:
     return name if _PRINTABLE_NAME.fullmatch(name) else "<not a valid username>"
 
 
-def event(name: str, **fields: Any) -> None:
-    _log.info(name, audit=True, **fields)
+def event(name: str, *, peer: str, **fields: Any) -> None:
+    audit(name, None, peer=peer, **fields)

@@ -159,7 +159,7 @@ class Auth:
 
     async def login(self, username: str, password: str, peer: str) -> TokenPair:
         subjects = ((self._p.login_user, username), (self._p.login_peer, peer))
-        await self._throttle.check(*subjects)
+        state = await self._throttle.before_login(*subjects)
         user = None
         verified = False
         # A name that cannot exist is not looked up; it fails like a wrong password.
@@ -168,8 +168,7 @@ class Auth:
             stored = user.password_hash if user else self._dummy_hash
             # Returning addresses go first when checks queue up. It depends on the address
             # alone, so it tells nothing about whether the username exists.
-            priority = await self._throttle.trusted(peer)
-            verified = await self._hashing.verify(stored, password, priority=priority)
+            verified = await self._hashing.verify(stored, password, priority=state.trusted)
         if user is None or not verified:
             audit.event(
                 audit.LOGIN_FAILED,
@@ -184,8 +183,7 @@ class Auth:
                     peer=peer,
                 )
             raise BadCredentials("wrong username or password")
-        await self._throttle.clear(self._p.login_user, username)
-        await self._throttle.trust(peer)
+        await self._throttle.after_login(state)
         if self._hashing.needs_rehash(user.password_hash):
             await self._store.set_password_hash(user.id, await self._hashing.hash(password))
         now = datetime.now(UTC)
@@ -280,10 +278,10 @@ class Auth:
         rule = self._p.service_peer
         await self._throttle.check((rule, peer))
         if not secrets.compare_digest(secret.encode(), self._p.service_secret.encode()):
-            audit.event(audit.SERVICE_TOKEN_REFUSED, service=service, peer=peer)
+            audit.event(audit.SERVICE_TOKEN_REFUSED, token_service=service, peer=peer)
             _tripped(await self._throttle.hit(rule, peer), peer=peer)
             raise BadCredentials("wrong service secret")
-        audit.event(audit.SERVICE_TOKEN_ISSUED, service=service, peer=peer, role=role)
+        audit.event(audit.SERVICE_TOKEN_ISSUED, token_service=service, peer=peer, token_role=role)
         token = self._access_token(f"{role}:{service}", service, role)
         return token, self._p.access_ttl
 

@@ -42,8 +42,20 @@ class Trip:
 
 
 TRUST_DAYS = 30
+TRUST_REFRESH = timedelta(days=1)
 # Never blocks: it only records that an address logged in successfully.
 TRUSTED_PEER = Rule("login-ok", free=2**62)
+
+
+@dataclass(frozen=True, slots=True)
+class LoginState:
+    trusted: bool
+    clear_key: str | None
+    trust_key: str | None
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _key(rule: Rule, subject: str) -> str:
@@ -73,8 +85,7 @@ class Throttle:
         now = datetime.now(UTC)
         until = await self._store.blocked_until([_key(r, s) for r, s in subjects], now)
         if until is not None:
-            until = until if until.tzinfo else until.replace(tzinfo=UTC)
-            raise Throttled((until - now).total_seconds())
+            raise Throttled((_aware(until) - now).total_seconds())
 
     async def hit(self, rule: Rule, subject: str) -> Trip | None:
         """Counts one event; returns the block it started, if any."""
@@ -87,18 +98,39 @@ class Throttle:
         await self._store.block(key, now + timedelta(seconds=delay))
         return Trip(rule.name, events, delay)
 
-    async def clear(self, rule: Rule, subject: str) -> None:
-        await self._store.clear(_key(rule, subject))
-
-    async def trust(self, peer: str) -> None:
-        """Records a successful login from `peer`."""
+    async def before_login(self, user: tuple[Rule, str], peer: tuple[Rule, str]) -> LoginState:
+        """Raises Throttled while the username or the address is blocked; otherwise tells
+        whether the address is trusted. One query, on the path of every login."""
         now = datetime.now(UTC)
-        await self._store.count(_key(TRUSTED_PEER, peer), now, now - self._window)
+        user_key, peer_key = _key(*user), _key(*peer)
+        trust_key = _key(TRUSTED_PEER, peer[1])
+        rows = await self._store.read([user_key, peer_key, trust_key])
+        ends = [rows[k][0] for k in (user_key, peer_key) if k in rows]
+        until = max((_aware(end) for end in ends if end is not None), default=now)
+        if until > now:
+            raise Throttled((until - now).total_seconds())
+        seen = _aware(rows[trust_key][1]) if trust_key in rows else None
+        return LoginState(
+            trusted=seen is not None and seen >= now - timedelta(days=TRUST_DAYS),
+            clear_key=user_key if user_key in rows else None,
+            # Refreshed at most daily: a returning user's login writes nothing here.
+            trust_key=trust_key if seen is None or seen < now - TRUST_REFRESH else None,
+        )
+
+    async def after_login(self, state: LoginState) -> None:
+        """A successful login: its username count restarts, its address is trusted."""
+        if state.clear_key or state.trust_key:
+            await self._store.settle(
+                clear=state.clear_key, touch=state.trust_key, now=datetime.now(UTC)
+            )
 
     async def trusted(self, peer: str) -> bool:
         """Whether `peer` logged in successfully within the last TRUST_DAYS."""
-        since = datetime.now(UTC) - timedelta(days=TRUST_DAYS)
-        return await self._store.seen_since(_key(TRUSTED_PEER, peer), since)
+        key = _key(TRUSTED_PEER, peer)
+        seen = (await self._store.read([key])).get(key)
+        return seen is not None and _aware(seen[1]) >= datetime.now(UTC) - timedelta(
+            days=TRUST_DAYS
+        )
 
     async def prune(self) -> int:
         now = datetime.now(UTC)

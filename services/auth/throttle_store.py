@@ -56,16 +56,26 @@ class ThrottleStore:
                 auth_throttle.update().where(t.key == key).values(blocked_until=until)
             )
 
-    async def clear(self, key: str) -> None:
-        async with self._engine.begin() as conn:
-            await conn.execute(auth_throttle.delete().where(t.key == key))
-
-    async def seen_since(self, key: str, since: datetime) -> bool:
+    async def read(self, keys: list[str]) -> dict[str, tuple[datetime | None, datetime]]:
+        """(blocked_until, last_event_at) of those keys that have a record."""
         async with self._engine.connect() as conn:
-            found = (
-                await conn.execute(sa.select(t.key).where(t.key == key, t.last_event_at >= since))
-            ).first()
-        return found is not None
+            rows = await conn.execute(
+                sa.select(t.key, t.blocked_until, t.last_event_at).where(t.key.in_(keys))
+            )
+            return {r.key: (r.blocked_until, r.last_event_at) for r in rows}
+
+    async def settle(self, *, clear: str | None, touch: str | None, now: datetime) -> None:
+        """Deletes `clear` and records an event now on `touch`, in one transaction."""
+        async with self._engine.begin() as conn:
+            if clear is not None:
+                await conn.execute(auth_throttle.delete().where(t.key == clear))
+            if touch is not None:
+                insert = upsert(self._engine.dialect.name, auth_throttle)
+                await conn.execute(
+                    insert.values(key=touch, events=1, last_event_at=now).on_conflict_do_update(
+                        index_elements=[t.key], set_={"last_event_at": now}
+                    )
+                )
 
     async def prune(
         self, quiet_since: datetime, now: datetime, *, kept: str, kept_since: datetime

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.core import metrics
 from services.core.broker import Broker
 from services.core.grpc_host import GrpcHost
 from services.core.logging import get_logger
@@ -24,11 +26,15 @@ class DependencyMonitor:
         *,
         engine: AsyncEngine | None = None,
         broker: Broker | None = None,
+        stalls: dict[str, Callable[[], float]] | None = None,
+        stall_seconds: float = 30.0,
         interval: float = 2.0,
     ) -> None:
         self._host = host
         self._engine = engine
         self._broker = broker
+        self._stalls = stalls or {}
+        self._stall_seconds = stall_seconds
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
         self.serving: bool | None = None
@@ -44,6 +50,14 @@ class DependencyMonitor:
                         await conn.execute(sa.text("SELECT 1"))
             except Exception:
                 ok = False
+        for stage, stalled_for in self._stalls.items():
+            # A batch stage with work and no progress: requests pile up behind it while the
+            # process looks alive. Health says so, and the gauge drives an alert.
+            stalled = stalled_for() >= self._stall_seconds
+            metrics.STAGE_STALLED.labels(stage).set(1 if stalled else 0)
+            if stalled:
+                ok = False
+                log.warning("stage_stalled", stage=stage, seconds=round(stalled_for(), 1))
         if ok != self.serving:
             log.info("health_changed", serving=ok)
             self.serving = ok

@@ -46,6 +46,38 @@ PUBLISH_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
 )
 
+OUTBOX_BACKLOG = Gauge(
+    "fairlane_outbox_backlog", "Accepted requests this queue replica has yet to publish."
+)
+OUTBOX_RECOVERED = Counter(
+    "fairlane_outbox_recovered",
+    "Accepted requests published from the outbox by a replica that did not accept them.",
+)
+RELAY_PUBLISH_FAILURES = Counter(
+    "fairlane_relay_publish_failures",
+    "Lane publishes that failed and will be retried, by error.",
+    ["error"],
+)
+BATCH_SPLITS = Counter(
+    "fairlane_batch_splits",
+    "Batches split in two because an item made the write fail, by stage.",
+    ["stage"],
+)
+ITEM_FAILURES = Counter(
+    "fairlane_item_failures",
+    "Single requests or outcomes the request log refused, by stage.",
+    ["stage"],
+)
+STAGE_STALLED = Gauge(
+    "fairlane_stage_stalled",
+    "1 while a batch stage has work but made no progress for stall_seconds.",
+    ["stage"],
+)
+LANE_FAILURES = Counter(
+    "fairlane_lane_failures",
+    "Lane tasks that ended unexpectedly and were rebuilt (worker).",
+)
+
 
 def serve_metrics(host: str, port: int) -> None:
     """Expose /metrics; port 0 disables it (embedded runs and tests)."""

@@ -82,6 +82,10 @@ lanes = sa.Table(
     sa.Column("last_active_at", Timestamp, nullable=False),
     # Last lane_seq handed to a finished request; results are numbered 1, 2, 3... per lane.
     sa.Column("last_seq", sa.BigInteger, nullable=False, server_default="0"),
+    # Requests ever accepted into the lane. Every accepted request eventually gets exactly
+    # one lane_seq, so `accepted - last_seq` is what the lane holds unfinished (its bound is
+    # counted from here), and the n-th accepted request has lane position n (outbox order).
+    sa.Column("accepted", sa.BigInteger, nullable=False, server_default="0"),
     # When the janitor deleted the lane's queue for idleness; NULL while the queue exists.
     # A lane active again after it (last_active_at > queue_deleted_at) has a queue again.
     sa.Column("queue_deleted_at", Timestamp),
@@ -121,6 +125,23 @@ request_events = sa.Table(
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("attempt", sa.Integer, nullable=False, server_default="0"),
     sa.Column("detail", sa.Text, nullable=False, server_default=""),
+)
+
+# Transactional outbox: a row per accepted request not yet confirmed by the broker. It is
+# written in the transaction that accepts the request and deleted once the lane message
+# carrying it is confirmed, so a request is never accepted without being published.
+outbox = sa.Table(
+    "outbox",
+    metadata,
+    sa.Column("request_id", sa.Uuid, primary_key=True),
+    sa.Column("user_id", sa.Uuid, nullable=False),
+    # Position in the lane (lanes.accepted when it was accepted): the publish order.
+    sa.Column("lane_pos", sa.BigInteger, nullable=False),
+    sa.Column("reply_route", sa.String(200), nullable=False),
+    sa.Column("traceparent", sa.String(64), nullable=False, server_default=""),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.UniqueConstraint("user_id", "lane_pos"),
+    sa.Index(None, "created_at"),
 )
 
 handlers = sa.Table(

@@ -112,13 +112,44 @@ class Settings(BaseSettings):
     # Queue.
     max_payload_bytes: int = 1024 * 1024
     default_max_attempts: int = 3
-    lane_max_length: int = 10_000
+    lane_max_length: int = Field(
+        default=10_000,
+        description="Unfinished requests a lane may hold; more are refused (counted from the log).",
+    )
     write_batch_size: int = 500
     write_linger_ms: float = 2.0
     handler_cache_seconds: float = 2.0
     session_window: int = Field(
         default=1024,
-        description="Unfinished requests one Session may have before it stops reading.",
+        description="Requests one Session may have unanswered (until their result is sent) "
+        "before it stops reading.",
+    )
+    max_batch_items: int = Field(
+        default=1000, description="Most requests one enqueue_batch message may carry."
+    )
+    max_streams_per_user: int = Field(
+        default=32, description="Open Session and WatchResults streams per user per replica."
+    )
+    results_page_size: int = Field(
+        default=1000, description="Results read from the log per query (WatchResults, Session)."
+    )
+    result_grace_seconds: float = Field(
+        default=5.0,
+        description="A Session reads from the log a result this overdue after acceptance.",
+    )
+    max_deadline_seconds: float = Field(
+        default=366 * 24 * 3600.0, description="Farthest a request deadline may lie ahead."
+    )
+    relay_hold_seconds: float = Field(
+        default=0.2, description="How long the relay keeps an idle lane's publish lock."
+    )
+    outbox_stale_seconds: float = Field(
+        default=10.0,
+        description="Outbox rows this old are published by any replica that can take the lane.",
+    )
+    stall_seconds: float = Field(
+        default=30.0,
+        description="A batch stage with work but no progress this long turns health NOT_SERVING.",
     )
     retry_after_ms: int = 1000
     user_rate_per_second: float = Field(

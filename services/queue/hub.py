@@ -35,6 +35,16 @@ class Hub:
     def has_subscribers(self, user_id: str) -> bool:
         return user_id in self._subscribers
 
+    def wake(self, user_ids: list[str]) -> None:
+        """Tells the users' subscribers that the log has news for them: an event with no
+        kind, on which watchers read the log (sessions ignore it)."""
+        for user_id in user_ids:
+            for queue in self._subscribers.get(user_id, ()):
+                queue.put_nowait(lane_pb2.LaneEvent(user_id=user_id))
+
+    def wake_all(self) -> None:
+        self.wake(list(self._subscribers))
+
     async def on_message(self, body: bytes) -> None:
         batch = lane_pb2.LaneEventBatch()
         try:

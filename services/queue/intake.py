@@ -1,38 +1,37 @@
-"""Batched durable intake: many concurrent enqueues become one transaction and one
-confirmed publish per lane, and each caller learns its outcome only after both are durable.
+"""Batched durable intake: many concurrent enqueues become one transaction, and each
+caller learns its own outcome as soon as that transaction is committed.
+
+Accepted means committed: the request's row and its outbox row are in the log, and the
+lane relay owes it a publish from then on. Nothing after the commit can turn an accepted
+request into a rejected one. Before the commit every item fails or succeeds on its own:
+transient database errors are retried for the whole batch, anything else splits the batch
+until only the items that cause it fail.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
-from collections import defaultdict
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-from google.protobuf import timestamp_pb2
 from opentelemetry.trace import Span, SpanKind
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 
-from fairlane.common.v1 import lane_pb2
-from services.core import batching, metrics, tracing
+from services.core import batching, dberrors, metrics, tracing
 from services.core.breaker import CircuitBreaker, CircuitOpen
-from services.core.broker import Broker, BrokerError, LaneFull, LaneMissing, lane_queue
 from services.core.logging import get_logger
-from services.queue.store import NewRequest, RequestStore
+from services.queue.relay import LaneRelay
+from services.queue.store import CommitUnknown, NewRequest, OutboxItem, RequestStore
 
 log = get_logger(__name__)
 
-# One lane message carries at most this many requests, so a redelivery after a worker
-# crash repeats a bounded amount of bookkeeping.
-MAX_ITEMS_PER_MESSAGE = 256
-_DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
-T = TypeVar("T")
-
 
 class Rejection(Exception):
+    """An enqueue that was not accepted; nothing of it was stored."""
+
     def __init__(self, reason: str, message: str, retry_after_ms: int) -> None:
         super().__init__(message)
         self.reason = reason
@@ -40,7 +39,7 @@ class Rejection(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class Admission:
+class Admitted:
     request_id: uuid.UUID
     duplicate: bool
 
@@ -51,53 +50,53 @@ class Submission:
     reply_route: str
     traceparent: str = ""
     span: Span | None = None
-    future: asyncio.Future[Admission] = field(
+    # Resolved only by the intake. Callers await it through asyncio.shield, so a caller
+    # that goes away (deadline, cancel, reset stream) cannot cancel it under the intake.
+    future: asyncio.Future[Admitted] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
 
-def _lane_item(sub: Submission) -> lane_pb2.LaneItem:
-    r = sub.request
-    item = lane_pb2.LaneItem(
-        request_id=str(r.id),
-        handler=r.handler,
-        payload=r.payload,
-        max_attempts=r.max_attempts,
-        client_ref=r.client_ref,
-        traceparent=sub.traceparent,
-    )
-    if r.deadline is not None:
-        item.deadline.CopyFrom(_timestamp(r.deadline.timestamp()))
-    return item
+def _resolve(sub: Submission, admitted: Admitted) -> None:
+    if not sub.future.done():
+        sub.future.set_result(admitted)
 
 
-def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
+def _reject(sub: Submission, rejection: Rejection) -> None:
+    if not sub.future.done():
+        sub.future.set_exception(rejection)
+        # Nobody may be waiting any more (the caller left): mark it retrieved.
+        sub.future.exception()
+    metrics.REJECTIONS.labels(rejection.reason).inc()
 
 
 class Intake:
     def __init__(
         self,
         store: RequestStore,
-        broker: Broker,
+        relay: LaneRelay,
         *,
         batch_size: int,
         linger_ms: float,
+        lane_limit: int,
         retry_after_ms: int = 1000,
         breaker: CircuitBreaker | None = None,
+        transient_patience: float = 2.0,
+        verify_patience: float = 5.0,
     ) -> None:
         self._store = store
-        self._broker = broker
+        self._relay = relay
         self._batch_size = batch_size
         self._linger = linger_ms / 1000
+        self._lane_limit = lane_limit
         self._retry_after_ms = retry_after_ms
+        self._breaker = breaker or CircuitBreaker("database")
+        self._patience = transient_patience
+        self._verify_patience = verify_patience
         self._pending: asyncio.Queue[Submission] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        self._announced: set[uuid.UUID] = set()
         self._in_batch = 0
-        self._breaker = breaker or CircuitBreaker("database")
+        self._last_progress = time.monotonic()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="intake")
@@ -106,15 +105,24 @@ class Intake:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        shutdown = Rejection("shutdown", "the server is shutting down", self._retry_after_ms)
         while not self._pending.empty():
-            self._fail(
-                [self._pending.get_nowait()],
-                Rejection("shutdown", "server is shutting down", self._retry_after_ms),
-            )
+            _reject(self._pending.get_nowait(), shutdown)
 
-    def submit(self, sub: Submission) -> asyncio.Future[Admission]:
+    def submit(self, sub: Submission) -> asyncio.Future[Admitted]:
         self._pending.put_nowait(sub)
         return sub.future
+
+    @property
+    def pending(self) -> int:
+        """Requests of this replica waiting for their commit or their publish."""
+        return self._pending.qsize() + self._in_batch + self._relay.backlog
+
+    def stalled_for(self) -> float:
+        """Seconds intake has had work without finishing a batch (0 when fine)."""
+        if not self._in_batch and self._pending.empty():
+            return 0.0
+        return time.monotonic() - self._last_progress
 
     async def _run(self) -> None:
         while True:
@@ -124,220 +132,245 @@ class Intake:
             self._in_batch = len(batch)
             try:
                 await self._process(batch)
-            except Exception as exc:  # never let one bad batch stop intake
+            except Exception:
+                # A bug, not a database answer. Only items still unanswered are refused,
+                # and none of them was committed: answers follow commits directly.
                 log.exception("intake_batch_failed", size=len(batch))
-                self._fail(batch, Rejection("internal", f"internal error: {exc}", 1000))
+                internal = Rejection("internal", "internal error; nothing was stored", 1000)
+                for sub in batch:
+                    _reject(sub, internal)
             finally:
                 self._in_batch = 0
-
-    def _fail(self, subs: list[Submission], rejection: Rejection) -> None:
-        for sub in subs:
-            if not sub.future.done():
-                sub.future.set_exception(rejection)
-            metrics.REJECTIONS.labels(rejection.reason).inc()
-
-    @property
-    def pending(self) -> int:
-        """Requests waiting for their durable write on this replica."""
-        return self._pending.qsize() + self._in_batch
-
-    async def _db(self, call: Callable[[], Awaitable[T]]) -> T:
-        """A request-log call through the database's circuit breaker."""
-        self._breaker.before_call()
-        try:
-            result = await call()
-        except IntegrityError:
-            self._breaker.success()  # the database answered
-            raise
-        except _DB_ERRORS:
-            self._breaker.failure()
-            raise
-        self._breaker.success()
-        return result
-
-    def _db_rejection(self, exc: BaseException) -> Rejection:
-        if isinstance(exc, CircuitOpen):
-            delay = int(exc.retry_after * 1000)
-        else:
-            delay = self._retry_after_ms
-        return Rejection(
-            "database_unavailable",
-            f"the request log is unavailable ({exc.__class__.__name__}); nothing was stored",
-            max(delay, 100),
-        )
+                self._last_progress = time.monotonic()
 
     async def _process(self, batch: list[Submission]) -> None:
         fresh = await self._dedupe(batch)
-        if not fresh:
-            return
-        started = time.perf_counter()
-        db_span = _batch_span(
-            "INSERT requests",
-            fresh,
-            {
-                "db.system": self._store.dialect,
-                "db.operation.name": "INSERT",
-                "db.collection.name": "requests",
-                "fairlane.batch_size": len(fresh),
-            },
-        )
-        try:
-            with tracing.current(db_span):
-                await self._db(lambda: self._store.insert([s.request for s in fresh]))
-        except IntegrityError as exc:
-            tracing.end(db_span, exc)
-            # A concurrent replica inserted one of the idempotency keys; settle one by one.
-            for sub in fresh:
-                await self._process_one(sub)
-            return
-        except (*_DB_ERRORS, CircuitOpen) as exc:
-            tracing.end(db_span, exc)
-            self._fail(fresh, self._db_rejection(exc))
-            return
-        tracing.end(db_span)
-        metrics.DB_BATCH_SIZE.labels("intake").observe(len(fresh))
-        metrics.DB_BATCH_SECONDS.labels("intake").observe(time.perf_counter() - started)
-        await self._publish(fresh)
+        if fresh:
+            await self._store_batch(fresh)
 
-    async def _process_one(self, sub: Submission) -> None:
-        again = await self._dedupe([sub])
-        if not again:
-            return
-        try:
-            await self._db(lambda: self._store.insert([sub.request]))
-        except (*_DB_ERRORS, CircuitOpen) as exc:
-            self._fail([sub], self._db_rejection(exc))
-            return
-        await self._publish([sub])
+    # -- idempotency -----------------------------------------------------------------------
 
     async def _dedupe(self, batch: list[Submission]) -> list[Submission]:
         """Answers repeats of an idempotency key with the first request; returns the rest."""
-        keys = {
-            (s.request.user_id, s.request.idempotency_key)
-            for s in batch
-            if s.request.idempotency_key is not None
-        }
-        if not keys:
+        keyed = [s for s in batch if s.request.idempotency_key is not None]
+        if not keyed:
             return batch
+        keys = list({(s.request.user_id, s.request.idempotency_key or "") for s in keyed})
         try:
-            existing = await self._db(lambda: self._store.find_idempotent(list(keys)))
-        except (*_DB_ERRORS, CircuitOpen) as exc:
-            self._fail(batch, self._db_rejection(exc))
-            return []
+            existing = await self._call(lambda: self._store.find_idempotent(keys))
+        except Exception as exc:
+            if not dberrors.is_database_error(exc):
+                raise
+            rejection = self._db_rejection(exc)
+            for sub in keyed:
+                _reject(sub, rejection)
+            return [s for s in batch if s.request.idempotency_key is None]
         fresh: list[Submission] = []
         first: dict[tuple[uuid.UUID, str], Submission] = {}
         for sub in batch:
             key = sub.request.idempotency_key
-            if not key:
+            if key is None:
                 fresh.append(sub)
                 continue
             k = (sub.request.user_id, key)
             if k in existing:
-                sub.future.set_result(Admission(existing[k], duplicate=True))
+                _resolve(sub, Admitted(existing[k], duplicate=True))
             elif k in first:
-                _chain(first[k].future, sub.future)
+                _follow(first[k].future, sub)
             else:
                 first[k] = sub
                 fresh.append(sub)
         return fresh
 
-    async def _publish(self, subs: list[Submission]) -> None:
-        by_lane: dict[uuid.UUID, list[Submission]] = defaultdict(list)
-        for sub in subs:
-            by_lane[sub.request.user_id].append(sub)
-        outcomes = await asyncio.gather(
-            *(self._publish_lane(user, lane_subs) for user, lane_subs in by_lane.items())
-        )
-        failed: list[tuple[list[Submission], Rejection]] = []
-        for (user, lane_subs), error in zip(by_lane.items(), outcomes, strict=True):
-            if error is None:
-                for sub in lane_subs:
-                    sub.future.set_result(Admission(sub.request.id, duplicate=False))
-                metrics.ACCEPTED.inc(len(lane_subs))
-            else:
-                failed.append((lane_subs, error))
-                log.warning("lane_publish_failed", lane=str(user), error=str(error))
-        if not failed:
-            return
-        try:
-            await self._store.delete([s.request.id for lane_subs, _ in failed for s in lane_subs])
-        except (SQLAlchemyError, OSError):
-            # The rows stay QUEUED with no lane message behind them and nothing will run
-            # them; the client was told they were rejected. Logged for an operator.
-            log.exception("compensating_delete_failed", count=sum(len(f[0]) for f in failed))
-        for lane_subs, error in failed:
-            self._fail(lane_subs, error)
+    # -- the write ---------------------------------------------------------------------------
 
-    async def _publish_lane(self, user: uuid.UUID, subs: list[Submission]) -> Rejection | None:
-        user_id = str(user)
+    async def _store_batch(self, subs: list[Submission]) -> None:
         span = _batch_span(
-            f"publish {lane_queue(user_id)}",
+            "INSERT requests",
             subs,
             {
-                "messaging.system": "rabbitmq",
-                "messaging.operation.type": "publish",
-                "messaging.destination.name": lane_queue(user_id),
-                "messaging.batch.message_count": len(subs),
+                "db.system": self._store.dialect,
+                "db.operation.name": "INSERT",
+                "db.collection.name": "requests",
+                "fairlane.batch_size": len(subs),
             },
         )
-        with tracing.current(span):
-            rejection = await self._publish_lane_messages(user, user_id, subs)
-        tracing.end(span, rejection)
-        return rejection
-
-    async def _publish_lane_messages(
-        self, user: uuid.UUID, user_id: str, subs: list[Submission]
-    ) -> Rejection | None:
+        started = time.perf_counter()
         try:
-            new_lane = await self._ensure_lane(user_id)
-            for start in range(0, len(subs), MAX_ITEMS_PER_MESSAGE):
-                chunk = subs[start : start + MAX_ITEMS_PER_MESSAGE]
-                body = lane_pb2.LaneBatch(
-                    user_id=user_id,
-                    reply_route=chunk[0].reply_route,
-                    items=[_lane_item(s) for s in chunk],
-                ).SerializeToString()
-                try:
-                    await self._broker.publish_lane(user_id, body, {})
-                except LaneMissing:
-                    # Deleted while idle since we declared it: declare again, announce it
-                    # to the workers, publish again (nothing was enqueued the first time).
-                    self._announced.discard(user)
-                    new_lane = await self._ensure_lane(user_id)
-                    await self._broker.publish_lane(user_id, body, {})
-            if new_lane:
-                await self._announce(user_id)
-        except LaneFull:
-            return Rejection(
-                "lane_full", "your lane is full; slow down and retry", self._retry_after_ms
-            )
-        except BrokerError as exc:
-            self._announced.discard(user)
-            return Rejection("broker_unavailable", str(exc), self._retry_after_ms)
-        return None
-
-    async def _ensure_lane(self, user_id: str) -> bool:
-        """Declares the lane (the broker caches declarations); True if not yet announced."""
-        await self._broker.declare_lane(user_id)
-        return uuid.UUID(user_id) not in self._announced
-
-    async def _announce(self, user_id: str) -> None:
-        """Tells workers about a lane this replica has not announced yet."""
-        await self._broker.publish_control(
-            lane_pb2.ControlEvent(lane_created=user_id).SerializeToString()
-        )
-        self._announced.add(uuid.UUID(user_id))
-
-
-def _chain(source: asyncio.Future[Admission], target: asyncio.Future[Admission]) -> None:
-    def copy(done: asyncio.Future[Admission]) -> None:
-        if target.done():
+            with tracing.current(span):
+                kept, refused = await self._accept(subs)
+        except CommitUnknown as exc:
+            tracing.end(span, exc)
+            await self._settle_unknown(subs, exc)
             return
-        if done.exception() is not None:
-            target.set_exception(done.exception())  # type: ignore[arg-type]
+        except Exception as exc:
+            tracing.end(span, exc)
+            if not dberrors.is_database_error(exc):
+                raise
+            if dberrors.is_transient(exc):
+                rejection = self._db_rejection(exc)
+                for sub in subs:
+                    _reject(sub, rejection)
+                return
+            # Deterministic: something in the batch makes the statement fail. Split it, so
+            # only the guilty items fail; halves go in order, which keeps each lane's order.
+            if len(subs) == 1:
+                await self._refuse_one(subs[0], exc)
+                return
+            metrics.BATCH_SPLITS.labels("intake").inc()
+            middle = len(subs) // 2
+            await self._store_batch(subs[:middle])
+            await self._store_batch(subs[middle:])
+            return
+        tracing.end(span)
+        metrics.DB_BATCH_SIZE.labels("intake").observe(len(subs))
+        metrics.DB_BATCH_SECONDS.labels("intake").observe(time.perf_counter() - started)
+        self._accepted(subs, kept, refused)
+
+    async def _accept(self, subs: list[Submission]) -> tuple[list[OutboxItem], list[Any]]:
+        """The store's accept, retried on transient errors for a short while."""
+        delay = 0.02
+        deadline = time.monotonic() + self._patience
+        while True:
+            try:
+                accepted: tuple[list[OutboxItem], list[Any]] = await self._call(
+                    lambda: self._store.accept(subs, lane_limit=self._lane_limit)
+                )
+                return accepted
+            except CircuitOpen:
+                raise
+            except Exception as exc:
+                if not dberrors.is_transient(exc) or isinstance(exc, CommitUnknown):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.info("intake_retry", error=str(exc)[:200], size=len(subs))
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, 0.5)
+
+    def _accepted(self, subs: list[Submission], kept: list[OutboxItem], refused: list[Any]) -> None:
+        self._relay.hand(kept)
+        by_id = {s.request.id: s for s in subs}
+        for item in kept:
+            _resolve(by_id[item.request_id], Admitted(item.request_id, duplicate=False))
+        metrics.ACCEPTED.inc(len(kept))
+        full = Rejection(
+            "lane_full",
+            f"your lane holds {self._lane_limit} unfinished requests; wait for results",
+            self._retry_after_ms,
+        )
+        for pending in refused:
+            _reject(pending, full)
+
+    async def _settle_unknown(self, subs: list[Submission], exc: CommitUnknown) -> None:
+        """The commit failed in flight. Look whether it happened: committed requests are
+        accepted like any other, uncommitted ones are refused as nothing stored."""
+        log.warning("intake_commit_unknown", error=str(exc)[:200], size=len(subs))
+        ids = [s.request.id for s in subs]
+        deadline = time.monotonic() + self._verify_patience
+        delay = 0.05
+        while True:
+            try:
+                found = await self._store.stored(ids)
+                break
+            except Exception as err:
+                if not dberrors.is_database_error(err) or time.monotonic() + delay > deadline:
+                    # Still unknown. If it was committed, the outbox sweep publishes it;
+                    # the message says so, and the retry advice keeps the idempotency key.
+                    unknown = Rejection(
+                        "commit_unknown",
+                        "the request log did not confirm the write; it may have been "
+                        "stored: retry with the same idempotency key",
+                        self._retry_after_ms,
+                    )
+                    for sub in subs:
+                        _reject(sub, unknown)
+                    return
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, 1.0)
+        if found:
+            self._accepted(subs, exc.kept, exc.refused)
+            return
+        rejection = Rejection(
+            "database_unavailable",
+            "the request log is unavailable; nothing was stored",
+            self._retry_after_ms,
+        )
+        for sub in subs:
+            _reject(sub, rejection)
+
+    async def _refuse_one(self, sub: Submission, exc: BaseException) -> None:
+        """One request the database refuses on its own."""
+        key = sub.request.idempotency_key
+        if isinstance(exc, IntegrityError) and key is not None:
+            # Another replica stored the same idempotency key meanwhile.
+            try:
+                existing = await self._call(
+                    lambda: self._store.find_idempotent([(sub.request.user_id, key)])
+                )
+            except Exception as err:
+                if not dberrors.is_database_error(err):
+                    raise
+                existing = {}
+            found = existing.get((sub.request.user_id, key))
+            if found is not None:
+                _resolve(sub, Admitted(found, duplicate=True))
+                return
+        metrics.ITEM_FAILURES.labels("intake").inc()
+        log.warning(
+            "intake_item_refused",
+            request_id=str(sub.request.id),
+            error=str(getattr(exc, "orig", exc))[:300],
+        )
+        _reject(
+            sub,
+            Rejection(
+                "refused",
+                "the request log refused this request; nothing was stored",
+                0,
+            ),
+        )
+
+    async def _call(self, call: Any) -> Any:
+        """A request-log call through the circuit breaker: only transient errors count
+        against it; a data error is an answer from a healthy database."""
+        self._breaker.before_call()
+        try:
+            result = await call()
+        except Exception as exc:
+            if dberrors.is_transient(exc) or isinstance(exc, CommitUnknown):
+                self._breaker.failure()
+            else:
+                self._breaker.success()
+            raise
+        self._breaker.success()
+        return result
+
+    def _db_rejection(self, exc: BaseException) -> Rejection:
+        delay = self._retry_after_ms
+        if isinstance(exc, CircuitOpen):
+            delay = int(exc.retry_after * 1000)
+        return Rejection(
+            "database_unavailable",
+            "the request log is unavailable; nothing was stored",
+            max(delay, 100),
+        )
+
+
+def _follow(source: asyncio.Future[Admitted], sub: Submission) -> None:
+    """Answers `sub` like `source`: a repeat of an idempotency key within one batch."""
+
+    def copy(done: asyncio.Future[Admitted]) -> None:
+        if done.cancelled():
+            _reject(sub, Rejection("internal", "internal error; nothing was stored", 1000))
+            return
+        error = done.exception()
+        if isinstance(error, Rejection):
+            _reject(sub, error)
+        elif error is not None:
+            _reject(sub, Rejection("internal", "internal error; nothing was stored", 1000))
         else:
-            r = done.result()
-            target.set_result(Admission(r.request_id, duplicate=True))
+            _resolve(sub, Admitted(done.result().request_id, duplicate=True))
 
     source.add_done_callback(copy)
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
+
+from google.protobuf.message import DecodeError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from fairlane.common.v1 import lane_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from services.core.amqp import AmqpBroker
 from services.core.auth_client import AuthClient
@@ -12,15 +16,23 @@ from services.core.broker import Broker
 from services.core.db import engine_for
 from services.core.grpc_host import GrpcHost
 from services.core.health import DependencyMonitor
+from services.core.logging import get_logger
+from services.core.notify import ResultListener, results_channel
 from services.core.settings import Settings
 from services.queue.admission import Admission
 from services.queue.catalog import HandlerCatalog
+from services.queue.domain import QueueDomain, StreamLimits
 from services.queue.hub import Hub
 from services.queue.intake import Intake
 from services.queue.janitor import LaneJanitor
 from services.queue.lane_store import LaneHousekeepingStore
+from services.queue.outbox_store import OutboxStore
+from services.queue.relay import LaneRelay
 from services.queue.servicer import QueueServicer
 from services.queue.store import RequestStore
+from services.queue.validation import Limits
+
+log = get_logger(__name__)
 
 SERVICE_NAME = queue_pb2.DESCRIPTOR.services_by_name["QueueService"].full_name
 
@@ -47,18 +59,32 @@ class QueueService:
         )
         self.host = GrpcHost(s.queue_listen, [SERVICE_NAME])
         self._auth = AuthClient(s.auth_target)
-        self._monitor = DependencyMonitor(self.host, engine=self.engine, broker=self.broker)
         self.hub = Hub()
         store = RequestStore(self.engine)
+        self.relay = LaneRelay(
+            OutboxStore(self.engine),
+            self.broker,
+            hold_seconds=s.relay_hold_seconds,
+            stale_after=s.outbox_stale_seconds,
+            sweep_seconds=min(5.0, max(0.2, s.outbox_stale_seconds / 2)),
+        )
         self.intake = Intake(
             store,
-            self.broker,
+            self.relay,
             batch_size=s.write_batch_size,
             linger_ms=s.write_linger_ms,
+            lane_limit=s.lane_max_length,
             retry_after_ms=s.retry_after_ms,
             breaker=CircuitBreaker(
                 "database", threshold=s.breaker_threshold, reset_seconds=s.breaker_reset_seconds
             ),
+        )
+        self._monitor = DependencyMonitor(
+            self.host,
+            engine=self.engine,
+            broker=self.broker,
+            stalls={"intake": self.intake.stalled_for, "relay": self.relay.stalled_for},
+            stall_seconds=s.stall_seconds,
         )
         self.janitor = LaneJanitor(
             store,
@@ -67,11 +93,19 @@ class QueueService:
             self.hub,
             idle_seconds=s.lane_idle_ttl_seconds,
         )
+        self._listener = (
+            ResultListener(
+                s.database_url,
+                results_channel(s.database_schema),
+                self.hub.wake,
+                self.hub.wake_all,
+            )
+            if self.engine.dialect.name == "postgresql"
+            else None
+        )
         self._verifier = self._auth.token_verifier(s)
         self.host.authz.use(self._verifier)
-        self._servicer = QueueServicer(
-            settings=s,
-            verifier=self._verifier,
+        self.domain = QueueDomain(
             store=store,
             intake=self.intake,
             hub=self.hub,
@@ -80,8 +114,34 @@ class QueueService:
             admission=Admission(
                 rate=s.user_rate_per_second, burst=s.user_burst, max_pending=s.max_pending_writes
             ),
+            limits=Limits(
+                max_payload_bytes=s.max_payload_bytes,
+                default_max_attempts=s.default_max_attempts,
+                max_deadline_seconds=s.max_deadline_seconds,
+            ),
+            streams=StreamLimits(
+                session_window=s.session_window,
+                max_batch_items=s.max_batch_items,
+                max_streams_per_user=s.max_streams_per_user,
+                results_page=s.results_page_size,
+                result_grace_seconds=s.result_grace_seconds,
+            ),
+            reply_route=s.reply_route,
         )
+        self._servicer = QueueServicer(settings=s, verifier=self._verifier, domain=self.domain)
         queue_pb2_grpc.add_QueueServiceServicer_to_server(self._servicer, self.host.server)
+
+    async def _on_control(self, body: bytes) -> None:
+        """A lane deleted by any replica's janitor is declared and announced anew on use."""
+        try:
+            event = lane_pb2.ControlEvent.FromString(body)
+        except DecodeError:
+            return
+        if event.WhichOneof("kind") == "lane_deleted":
+            try:
+                self.relay.forget_lane(uuid.UUID(event.lane_deleted))
+            except ValueError:
+                log.warning("bad_control_event", kind="lane_deleted")
 
     @property
     def address(self) -> str:
@@ -93,6 +153,10 @@ class QueueService:
         if self._own_broker:
             await self.broker.connect()
         await self.broker.consume_results(self._settings.reply_route, self.hub.on_message)
+        await self.broker.consume_control(self._on_control)
+        if self._listener is not None:
+            self._listener.start()
+        self.relay.start()
         self.intake.start()
         self.janitor.start()
         await self.host.start()
@@ -104,6 +168,9 @@ class QueueService:
         await self.host.stop(grace)
         await self.janitor.stop()
         await self.intake.stop()
+        await self.relay.stop(timeout=min(grace, 5.0))
+        if self._listener is not None:
+            await self._listener.stop()
         if self._own_broker:
             await self.broker.close()
         await self._auth.close()

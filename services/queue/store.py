@@ -6,14 +6,14 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.core import status
 from services.core.db import upsert
-from services.core.models import handlers, lanes, request_events, requests
+from services.core.models import handlers, lanes, outbox, request_events, requests
 
 
 @dataclass(slots=True)
@@ -28,6 +28,106 @@ class NewRequest:
     deadline: datetime | None
     trace_id: str
     enqueued_at: datetime
+
+
+class Pending(Protocol):
+    """A request on its way into the log, with what its lane message needs besides."""
+
+    @property
+    def request(self) -> NewRequest: ...
+    @property
+    def reply_route(self) -> str: ...
+    @property
+    def traceparent(self) -> str: ...
+
+
+@dataclass(slots=True)
+class OutboxItem:
+    """An accepted request that its lane message has not carried yet."""
+
+    request_id: uuid.UUID
+    user_id: uuid.UUID
+    lane_pos: int
+    reply_route: str
+    traceparent: str
+    handler: str
+    payload: bytes
+    max_attempts: int
+    deadline: datetime | None
+    client_ref: str
+    created_at: datetime
+    # Read back from the outbox rather than handed over by this replica's intake: it may
+    # have been published before (by a replica that died before deleting its row), so the
+    # worker checks the log before running it.
+    recovered: bool = False
+
+
+def _outbox_item(p: Pending, lane_pos: int) -> OutboxItem:
+    r = p.request
+    return OutboxItem(
+        request_id=r.id,
+        user_id=r.user_id,
+        lane_pos=lane_pos,
+        reply_route=p.reply_route,
+        traceparent=p.traceparent,
+        handler=r.handler,
+        payload=r.payload,
+        max_attempts=r.max_attempts,
+        deadline=r.deadline,
+        client_ref=r.client_ref,
+        created_at=r.enqueued_at,
+    )
+
+
+class CommitUnknown(Exception):
+    """The commit failed in flight: the transaction may or may not have been committed.
+    Carries what the transaction would have accepted and refused, for when it was."""
+
+    def __init__(self, cause: BaseException, kept: list[OutboxItem], refused: list[Any]) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.kept = kept
+        self.refused = refused
+
+
+# Lanes are created if missing and locked in user-id order (ORDER BY feeds the upsert in
+# that order): the worker locks lane rows in the same order, so the two never deadlock.
+_PG_LOCK_LANES = sa.text(
+    """
+    INSERT INTO lanes (user_id, created_at, last_active_at, last_seq, accepted)
+    SELECT u, :now, :now, 0, 0 FROM unnest(CAST(:users AS uuid[])) AS u ORDER BY u
+    ON CONFLICT (user_id) DO UPDATE SET last_active_at = EXCLUDED.last_active_at
+    RETURNING user_id, accepted, last_seq
+    """
+)
+
+# One statement (one round trip, one plan) for the whole batch, whatever its size.
+_PG_ACCEPT = sa.text(
+    """
+    WITH r AS (
+      INSERT INTO requests (id, user_id, handler, payload, idempotency_key, client_ref,
+                            status, attempts, max_attempts, enqueued_at, deadline, trace_id)
+      SELECT id, uid, h, p, k, c, 'QUEUED', 0, m, e, d, t
+      FROM unnest(CAST(:ids AS uuid[]), CAST(:users AS uuid[]), CAST(:handlers AS text[]),
+                  CAST(:payloads AS bytea[]), CAST(:keys AS text[]), CAST(:refs AS text[]),
+                  CAST(:max_attempts AS int[]), CAST(:enqueued AS timestamptz[]),
+                  CAST(:deadlines AS timestamptz[]), CAST(:traces AS text[]))
+           AS x(id, uid, h, p, k, c, m, e, d, t)
+      RETURNING id, enqueued_at
+    ), ev AS (
+      INSERT INTO request_events (request_id, at, status, attempt, detail)
+      SELECT id, enqueued_at, 'QUEUED', 0, '' FROM r
+    ), ob AS (
+      INSERT INTO outbox (request_id, user_id, lane_pos, reply_route, traceparent, created_at)
+      SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:users AS uuid[]),
+                           CAST(:positions AS bigint[]), CAST(:routes AS text[]),
+                           CAST(:parents AS text[]), CAST(:enqueued AS timestamptz[]))
+    )
+    UPDATE lanes SET accepted = lanes.accepted + v.n
+    FROM unnest(CAST(:lane_users AS uuid[]), CAST(:lane_counts AS bigint[])) AS v(u, n)
+    WHERE lanes.user_id = v.u
+    """
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,50 +176,150 @@ class RequestStore:
             )
             return {(r.user_id, r.idempotency_key): r.id for r in rows}
 
-    async def insert(self, batch: Sequence[NewRequest]) -> None:
-        """One transaction for the whole batch: rows, QUEUED events, lane bookkeeping."""
+    async def accept(
+        self, batch: Sequence[Pending], *, lane_limit: int
+    ) -> tuple[list[OutboxItem], list[Pending]]:
+        """Stores a batch in one transaction: request rows, QUEUED events, outbox rows and
+        each lane's acceptance count. Returns (accepted items in lane order, requests refused
+        because their lane already holds `lane_limit` unfinished requests).
+
+        The lane rows are locked first, in user-id order (the worker locks them in the same
+        order), and give each accepted request its lane position. Raises CommitUnknown when
+        the commit itself failed, so the caller can find out whether it happened.
+        """
         now = datetime.now(UTC)
-        users = {r.user_id for r in batch}
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                requests.insert(),
-                [
+        by_lane: dict[uuid.UUID, list[Pending]] = {}
+        for p in batch:
+            by_lane.setdefault(p.request.user_id, []).append(p)
+        users = sorted(by_lane)
+        async with self._engine.connect() as conn:
+            tx = await conn.begin()
+            counts = await self._lock_lanes(conn, users, now)
+            kept: list[OutboxItem] = []
+            refused: list[Pending] = []
+            added: dict[uuid.UUID, int] = {}
+            for user in users:
+                accepted, finished = counts[user]
+                room = max(0, lane_limit - (accepted - finished))
+                lane = by_lane[user]
+                refused.extend(lane[room:])
+                for offset, p in enumerate(lane[:room]):
+                    kept.append(_outbox_item(p, accepted + offset + 1))
+                if lane[:room]:
+                    added[user] = len(lane[:room])
+            if kept:
+                await self._write(conn, kept, {i.request_id: i for i in kept}, batch, added)
+            try:
+                await tx.commit()
+            except Exception as exc:
+                raise CommitUnknown(exc, kept, refused) from exc
+        return kept, refused
+
+    async def _lock_lanes(
+        self, conn: Any, users: list[uuid.UUID], now: datetime
+    ) -> dict[uuid.UUID, tuple[int, int]]:
+        """Creates missing lanes and locks all of them; (accepted, last_seq) per lane."""
+        if self._dialect == "postgresql":
+            rows = await conn.execute(_PG_LOCK_LANES, {"users": users, "now": now})
+            return {r.user_id: (r.accepted, r.last_seq) for r in rows}
+        out: dict[uuid.UUID, tuple[int, int]] = {}
+        for user in users:
+            row = (
+                await conn.execute(
+                    self._touch_lane.returning(lanes.c.accepted, lanes.c.last_seq),
                     {
-                        "id": r.id,
-                        "user_id": r.user_id,
-                        "handler": r.handler,
-                        "payload": r.payload,
-                        "idempotency_key": r.idempotency_key,
-                        "client_ref": r.client_ref,
-                        "status": status.QUEUED,
-                        "attempts": 0,
-                        "max_attempts": r.max_attempts,
-                        "enqueued_at": r.enqueued_at,
-                        "deadline": r.deadline,
-                        "trace_id": r.trace_id,
-                    }
-                    for r in batch
-                ],
-            )
+                        "user_id": user,
+                        "created_at": now,
+                        "last_active_at": now,
+                        "last_seq": 0,
+                        "accepted": 0,
+                    },
+                )
+            ).one()
+            out[user] = (row.accepted, row.last_seq)
+        return out
+
+    async def _write(
+        self,
+        conn: Any,
+        items: list[OutboxItem],
+        by_id: dict[uuid.UUID, OutboxItem],
+        batch: Sequence[Pending],
+        added: dict[uuid.UUID, int],
+    ) -> None:
+        requests_ = [p.request for p in batch if p.request.id in by_id]
+        if self._dialect == "postgresql":
             await conn.execute(
-                request_events.insert(),
-                [{"request_id": r.id, "at": r.enqueued_at, "status": status.QUEUED} for r in batch],
+                _PG_ACCEPT,
+                {
+                    "ids": [r.id for r in requests_],
+                    "users": [r.user_id for r in requests_],
+                    "handlers": [r.handler for r in requests_],
+                    "payloads": [r.payload for r in requests_],
+                    "keys": [r.idempotency_key for r in requests_],
+                    "refs": [r.client_ref for r in requests_],
+                    "max_attempts": [r.max_attempts for r in requests_],
+                    "enqueued": [r.enqueued_at for r in requests_],
+                    "deadlines": [r.deadline for r in requests_],
+                    "traces": [r.trace_id for r in requests_],
+                    "positions": [by_id[r.id].lane_pos for r in requests_],
+                    "routes": [by_id[r.id].reply_route for r in requests_],
+                    "parents": [by_id[r.id].traceparent for r in requests_],
+                    "lane_users": list(added),
+                    "lane_counts": list(added.values()),
+                },
             )
+            return
+        await conn.execute(
+            requests.insert(),
+            [
+                {
+                    "id": r.id,
+                    "user_id": r.user_id,
+                    "handler": r.handler,
+                    "payload": r.payload,
+                    "idempotency_key": r.idempotency_key,
+                    "client_ref": r.client_ref,
+                    "status": status.QUEUED,
+                    "attempts": 0,
+                    "max_attempts": r.max_attempts,
+                    "enqueued_at": r.enqueued_at,
+                    "deadline": r.deadline,
+                    "trace_id": r.trace_id,
+                }
+                for r in requests_
+            ],
+        )
+        await conn.execute(
+            request_events.insert(),
+            [{"request_id": r.id, "at": r.enqueued_at, "status": status.QUEUED} for r in requests_],
+        )
+        await conn.execute(
+            outbox.insert(),
+            [
+                {
+                    "request_id": i.request_id,
+                    "user_id": i.user_id,
+                    "lane_pos": i.lane_pos,
+                    "reply_route": i.reply_route,
+                    "traceparent": i.traceparent,
+                    "created_at": i.created_at,
+                }
+                for i in items
+            ],
+        )
+        for user, n in added.items():
             await conn.execute(
-                self._touch_lane,
-                [
-                    {"user_id": u, "created_at": now, "last_active_at": now, "last_seq": 0}
-                    for u in users
-                ],
+                lanes.update().where(lanes.c.user_id == user).values(accepted=lanes.c.accepted + n)
             )
 
-    async def delete(self, ids: Sequence[uuid.UUID]) -> None:
-        """Undo an insert whose publish failed, so nothing half-written stays behind."""
+    async def stored(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        """Which of these requests are in the log (after a commit whose outcome is unknown)."""
         if not ids:
-            return
-        async with self._engine.begin() as conn:
-            await conn.execute(request_events.delete().where(request_events.c.request_id.in_(ids)))
-            await conn.execute(requests.delete().where(requests.c.id.in_(ids)))
+            return set()
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(sa.select(requests.c.id).where(requests.c.id.in_(list(ids))))
+            return set(rows.scalars())
 
     async def handler_specs(self) -> dict[str, HandlerSpec]:
         async with self._engine.connect() as conn:
@@ -164,6 +364,22 @@ class RequestStore:
         if upto is not None:
             query = query.where(requests.c.lane_seq < upto)
         query = query.order_by(requests.c.lane_seq).limit(limit)
+        async with self._engine.connect() as conn:
+            return list((await conn.execute(query)).all())
+
+    async def finished(self, user_id: uuid.UUID, ids: Sequence[uuid.UUID]) -> list[Any]:
+        """Those of the requests that have finished (have a lane_seq), in lane order."""
+        if not ids:
+            return []
+        query = (
+            sa.select(*RESULT_COLUMNS)
+            .where(
+                requests.c.user_id == user_id,
+                requests.c.id.in_(list(ids)),
+                requests.c.lane_seq.is_not(None),
+            )
+            .order_by(requests.c.lane_seq)
+        )
         async with self._engine.connect() as conn:
             return list((await conn.execute(query)).all())
 

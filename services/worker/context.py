@@ -10,7 +10,7 @@ from services.core.logging import get_logger
 from services.worker.writer import ResultWriter
 
 
-class Context:
+class HandlerContext:
     __slots__ = ("_logger", "_route", "_writer", "attempt", "deadline", "request_id", "user_id")
 
     def __init__(

@@ -11,8 +11,8 @@ from services.core.broker import Broker
 from services.core.db import engine_for
 from services.core.grpc_host import GrpcHost
 from services.core.health import DependencyMonitor
+from services.core.notify import results_channel
 from services.core.settings import Settings
-from services.core.tokens import TokenVerifier
 from services.worker import registry
 from services.worker.discovery import LaneDiscovery
 from services.worker.runner import Runner
@@ -45,7 +45,9 @@ class WorkerService:
         self.handlers = registry.load(
             settings.handlers, default_attempts=settings.default_max_attempts
         )
-        self.store = WorkerStore(self.engine)
+        self.store = WorkerStore(
+            self.engine, notify_channel=results_channel(settings.database_schema)
+        )
         self.writer = ResultWriter(
             self.store,
             self.broker,
@@ -75,17 +77,18 @@ class WorkerService:
         self.host = GrpcHost(
             settings.worker_listen,
             [SERVICE_NAME],
-            verifier=TokenVerifier(
-                self._auth.jwks,
-                issuer=settings.jwt_issuer,
-                audience=settings.jwt_audience,
-                refresh_seconds=settings.jwks_refresh_seconds,
-            ),
+            verifier=self._auth.token_verifier(settings),
         )
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(
             WorkerServicer(self.runner, grace_seconds=settings.grace_seconds), self.host.server
         )
-        self._monitor = DependencyMonitor(self.host, engine=self.engine, broker=self.broker)
+        self._monitor = DependencyMonitor(
+            self.host,
+            engine=self.engine,
+            broker=self.broker,
+            stalls={"results": self.writer.stalled_for},
+            stall_seconds=settings.stall_seconds,
+        )
 
     @property
     def address(self) -> str:

@@ -15,15 +15,21 @@ from services.core import authz
 from services.core.audit import audit
 from services.core.grpc_host import ServicerContext, abort
 from services.core.tokens import ROLE_ADMIN
-from services.worker.runner import Runner
+from services.worker.runner import Runner, RunnerState
 
 Context = ServicerContext
 MAX_DRAIN_SECONDS = 86_400
-_FINISHED = (worker_pb2.WORKER_STATE_DRAINING, worker_pb2.WORKER_STATE_DRAINED)
+_FINISHED = (RunnerState.DRAINING, RunnerState.DRAINED)
+_WIRE_STATE = {
+    RunnerState.RUNNING: worker_pb2.WORKER_STATE_RUNNING,
+    RunnerState.PAUSED: worker_pb2.WORKER_STATE_PAUSED,
+    RunnerState.DRAINING: worker_pb2.WORKER_STATE_DRAINING,
+    RunnerState.DRAINED: worker_pb2.WORKER_STATE_DRAINED,
+}
 
 
-def _state(value: int) -> str:
-    return str(worker_pb2.WorkerState.Name(value))  # type: ignore[arg-type]
+def _wire(state: RunnerState) -> worker_pb2.WorkerState.ValueType:
+    return _WIRE_STATE[state]
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
@@ -38,7 +44,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         # Lane ids are user ids and the worker id holds the host name: operators only.
         operator = authz.principal().role == ROLE_ADMIN
         return worker_pb2.GetStatusResponse(
-            state=r.state,
+            state=_wire(r.state),
             worker_id=r.worker_id if operator else "",
             lanes=sorted(r.lanes) if operator else [],
             in_flight=r.in_flight,
@@ -92,7 +98,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 event,
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"the worker is {_state(self._runner.state)}: restart it to take lanes again",
+                f"the worker is {self._runner.state.name}: restart it to take lanes again",
                 lane=lane,
             )
         if lane and lane not in self._runner.lanes:
@@ -110,7 +116,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         await self._check_lane("worker.pause", request.lane, context)
         self._runner.pause(request.lane)
         self._audit("worker.pause", context, outcome="OK", lane=request.lane)
-        return worker_pb2.PauseResponse(state=self._runner.state)
+        return worker_pb2.PauseResponse(state=_wire(self._runner.state))
 
     async def Resume(
         self, request: worker_pb2.ResumeRequest, context: Context
@@ -118,7 +124,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         await self._check_lane("worker.resume", request.lane, context)
         self._runner.resume(request.lane)
         self._audit("worker.resume", context, outcome="OK", lane=request.lane)
-        return worker_pb2.ResumeResponse(state=self._runner.state)
+        return worker_pb2.ResumeResponse(state=_wire(self._runner.state))
 
     async def Drain(
         self, request: worker_pb2.DrainRequest, context: Context
@@ -134,4 +140,4 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._audit("worker.drain", context, outcome="STARTED")
         abandoned = await self._runner.drain(request.timeout_seconds or self._grace)
         self._audit("worker.drain", context, outcome="OK", abandoned=abandoned)
-        return worker_pb2.DrainResponse(state=self._runner.state, abandoned=abandoned)
+        return worker_pb2.DrainResponse(state=_wire(self._runner.state), abandoned=abandoned)

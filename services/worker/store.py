@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.core import status
 from services.core.db import upsert
 from services.core.models import handlers, lanes, request_events, requests
+from services.core.notify import NOTIFY, notify_statements
 from services.worker.registry import Handler
 
 
@@ -57,9 +58,11 @@ class StoredState:
 
 
 class WorkerStore:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, notify_channel: str = "") -> None:
         self._engine = engine
         self._dialect = engine.dialect.name
+        # PostgreSQL only: the channel queue replicas listen on for new results.
+        self._notify_channel = notify_channel if self._dialect == "postgresql" else ""
 
     async def register_handlers(self, specs: Sequence[Handler]) -> None:
         now = datetime.now(UTC)
@@ -105,23 +108,22 @@ class WorkerStore:
             return {r.id: StoredState(*r[1:]) for r in rows}
 
     async def _assign_seqs(self, conn: Any, counts: dict[uuid.UUID, int]) -> dict[uuid.UUID, int]:
-        """Reserves `n` consecutive lane_seq values per lane; returns each lane's last one."""
+        """Reserves `n` consecutive lane_seq values per lane; returns each lane's last one.
+
+        Lane rows are locked first in user-id order, the order the queue's intake locks
+        them in, so the two services never deadlock on them."""
+        users = sorted(counts)
         if self._dialect == "postgresql":
-            v = sa.values(
-                sa.column("user_id", sa.Uuid), sa.column("n", sa.BigInteger), name="v"
-            ).data(list(counts.items()))
+            await conn.execute(_PG_LOCK_LANES, {"users": users})
             rows = await conn.execute(
-                lanes.update()
-                .values(last_seq=lanes.c.last_seq + v.c.n)
-                .where(lanes.c.user_id == v.c.user_id)
-                .returning(lanes.c.user_id, lanes.c.last_seq)
+                _PG_ASSIGN_SEQS, {"users": users, "counts": [counts[u] for u in users]}
             )
             return {r.user_id: r.last_seq for r in rows}
         last: dict[uuid.UUID, int] = {}
-        for user, n in counts.items():
+        for user in users:
             row = await conn.execute(
                 lanes.update()
-                .values(last_seq=lanes.c.last_seq + n)
+                .values(last_seq=lanes.c.last_seq + counts[user])
                 .where(lanes.c.user_id == user)
                 .returning(lanes.c.last_seq)
             )
@@ -134,6 +136,33 @@ class WorkerStore:
             return requests.c.id == sa.any_(sa.cast(sa.literal(ids), ARRAY(sa.Uuid)))
         return requests.c.id.in_(ids)
 
+    async def _mark_running(
+        self, conn: Any, running: Sequence[tuple[uuid.UUID, int, datetime]]
+    ) -> None:
+        if self._dialect == "postgresql":
+            await conn.execute(
+                _PG_MARK_RUNNING,
+                {
+                    "ids": [i for i, _, _ in running],
+                    "attempts": [n for _, n, _ in running],
+                    "ats": [at for _, _, at in running],
+                },
+            )
+            return
+        await conn.execute(
+            requests.update()
+            .where(
+                requests.c.id == sa.bindparam("b_id"),
+                sa.or_(requests.c.status == status.QUEUED, requests.c.status == status.RUNNING),
+            )
+            .values(
+                status=status.RUNNING,
+                attempts=sa.bindparam("b_attempt"),
+                started_at=sa.bindparam("b_at"),
+            ),
+            [{"b_id": i, "b_attempt": n, "b_at": at} for i, n, at in running],
+        )
+
     async def finish(
         self,
         outcomes: Sequence[Outcome],
@@ -141,25 +170,14 @@ class WorkerStore:
     ) -> list[Outcome]:
         """Marks `running` requests RUNNING, then writes the outcomes and gives each its
         lane_seq, in one transaction. Returns the outcomes written: one whose request is
-        not in the log (its intake was rolled back) or already finished is left out.
+        not in the log or already finished (it finished before, or earlier in this very
+        batch) is left out.
 
         Outcomes of one lane must come in lane order; they are numbered in that order.
         """
         async with self._engine.begin() as conn:
             if running:
-                await conn.execute(
-                    requests.update()
-                    .where(
-                        requests.c.id == sa.bindparam("b_id"),
-                        requests.c.status.in_([status.QUEUED, status.RUNNING]),
-                    )
-                    .values(
-                        status=status.RUNNING,
-                        attempts=sa.bindparam("b_attempt"),
-                        started_at=sa.bindparam("b_at"),
-                    ),
-                    [{"b_id": i, "b_attempt": n, "b_at": at} for i, n, at in running],
-                )
+                await self._mark_running(conn, running)
             if not outcomes:
                 return []
             # Lock the rows: a client's cancel that landed while the handler ran wins, and
@@ -195,52 +213,126 @@ class WorkerStore:
             for o in outcomes:
                 o.lane_seq = next_seq[o.user_id]
                 next_seq[o.user_id] += 1
-            await conn.execute(
-                requests.update()
-                .where(requests.c.id == sa.bindparam("b_id"))
-                .values(
-                    status=sa.bindparam("b_status"),
-                    output=sa.bindparam("b_output"),
-                    error=sa.bindparam("b_error"),
-                    attempts=sa.bindparam("b_attempts"),
-                    started_at=sa.bindparam("b_started"),
-                    finished_at=sa.bindparam("b_finished"),
-                    lane_seq=sa.bindparam("b_seq"),
-                ),
-                [
-                    {
-                        "b_id": o.request_id,
-                        "b_status": o.status,
-                        "b_output": o.output or None,
-                        "b_error": o.error or None,
-                        "b_attempts": o.attempt_count,
-                        "b_started": o.attempts[-1].started_at if o.attempts else None,
-                        "b_finished": o.finished_at,
-                        "b_seq": o.lane_seq,
-                    }
-                    for o in outcomes
-                ],
-            )
-            events = [
-                {
-                    "request_id": o.request_id,
-                    "at": a.started_at,
-                    "status": "RUNNING",
-                    "attempt": a.number,
-                    "detail": a.error,
-                }
-                for o in outcomes
-                for a in o.attempts
-            ]
-            events += [
-                {
-                    "request_id": o.request_id,
-                    "at": o.finished_at,
-                    "status": o.status,
-                    "attempt": o.attempt_count,
-                    "detail": o.error,
-                }
-                for o in outcomes
-            ]
-            await conn.execute(request_events.insert(), events)
+            await self._write_outcomes(conn, outcomes)
+            if self._notify_channel:
+                # Watchers on any replica learn at commit that these users have results.
+                for payload in notify_statements([str(u) for u in counts]):
+                    await conn.execute(
+                        NOTIFY, {"channel": self._notify_channel, "payload": payload}
+                    )
         return outcomes
+
+    async def _write_outcomes(self, conn: Any, outcomes: list[Outcome]) -> None:
+        rows = [
+            {
+                "b_id": o.request_id,
+                "b_status": o.status,
+                "b_output": o.output or None,
+                "b_error": clean_text(o.error) or None,
+                "b_attempts": o.attempt_count,
+                "b_started": o.attempts[-1].started_at if o.attempts else None,
+                "b_finished": o.finished_at,
+                "b_seq": o.lane_seq,
+            }
+            for o in outcomes
+        ]
+        events = [
+            (o.request_id, a.started_at, status.RUNNING, a.number, clean_text(a.error))
+            for o in outcomes
+            for a in o.attempts
+        ]
+        events += [
+            (o.request_id, o.finished_at, o.status, o.attempt_count, clean_text(o.error))
+            for o in outcomes
+        ]
+        if self._dialect == "postgresql":
+            await conn.execute(
+                _PG_WRITE_OUTCOMES,
+                {
+                    "ids": [r["b_id"] for r in rows],
+                    "statuses": [r["b_status"] for r in rows],
+                    "outputs": [r["b_output"] for r in rows],
+                    "errors": [r["b_error"] for r in rows],
+                    "attempts": [r["b_attempts"] for r in rows],
+                    "started": [r["b_started"] for r in rows],
+                    "finished": [r["b_finished"] for r in rows],
+                    "seqs": [r["b_seq"] for r in rows],
+                    "e_ids": [e[0] for e in events],
+                    "e_ats": [e[1] for e in events],
+                    "e_statuses": [e[2] for e in events],
+                    "e_attempts": [e[3] for e in events],
+                    "e_details": [e[4] for e in events],
+                },
+            )
+            return
+        await conn.execute(
+            requests.update()
+            .where(requests.c.id == sa.bindparam("b_id"))
+            .values(
+                status=sa.bindparam("b_status"),
+                output=sa.bindparam("b_output"),
+                error=sa.bindparam("b_error"),
+                attempts=sa.bindparam("b_attempts"),
+                started_at=sa.bindparam("b_started"),
+                finished_at=sa.bindparam("b_finished"),
+                lane_seq=sa.bindparam("b_seq"),
+            ),
+            rows,
+        )
+        await conn.execute(
+            request_events.insert(),
+            [
+                {"request_id": e[0], "at": e[1], "status": e[2], "attempt": e[3], "detail": e[4]}
+                for e in events
+            ],
+        )
+
+
+def clean_text(text: str) -> str:
+    """Text the log can hold: PostgreSQL refuses NUL characters, which a handler's
+    exception message may well contain."""
+    return text.replace("\x00", "\\x00") if "\x00" in text else text
+
+
+_PG_LOCK_LANES = sa.text(
+    "SELECT user_id FROM lanes WHERE user_id = ANY(CAST(:users AS uuid[])) "
+    "ORDER BY user_id FOR UPDATE"
+)
+
+_PG_ASSIGN_SEQS = sa.text(
+    """
+    UPDATE lanes SET last_seq = lanes.last_seq + v.n
+    FROM unnest(CAST(:users AS uuid[]), CAST(:counts AS bigint[])) AS v(u, n)
+    WHERE lanes.user_id = v.u
+    RETURNING lanes.user_id, lanes.last_seq
+    """
+)
+
+_PG_MARK_RUNNING = sa.text(
+    """
+    UPDATE requests SET status = 'RUNNING', attempts = v.a, started_at = v.t
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[]), CAST(:ats AS timestamptz[]))
+         AS v(i, a, t)
+    WHERE requests.id = v.i AND requests.status IN ('QUEUED', 'RUNNING')
+    """
+)
+
+# One statement for the outcomes and their events: one round trip per batch.
+_PG_WRITE_OUTCOMES = sa.text(
+    """
+    WITH ev AS (
+      INSERT INTO request_events (request_id, at, status, attempt, detail)
+      SELECT * FROM unnest(CAST(:e_ids AS uuid[]), CAST(:e_ats AS timestamptz[]),
+                           CAST(:e_statuses AS text[]), CAST(:e_attempts AS int[]),
+                           CAST(:e_details AS text[]))
+    )
+    UPDATE requests
+    SET status = v.s, output = v.o, error = v.e, attempts = v.a, started_at = v.st,
+        finished_at = v.f, lane_seq = v.q
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:statuses AS text[]), CAST(:outputs AS bytea[]),
+                CAST(:errors AS text[]), CAST(:attempts AS int[]),
+                CAST(:started AS timestamptz[]), CAST(:finished AS timestamptz[]),
+                CAST(:seqs AS bigint[])) AS v(i, s, o, e, a, st, f, q)
+    WHERE requests.id = v.i
+    """
+)

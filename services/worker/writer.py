@@ -15,13 +15,12 @@ from datetime import datetime
 from typing import Any
 
 from opentelemetry.trace import SpanKind
-from sqlalchemy.exc import SQLAlchemyError
 
 from fairlane.common.v1 import common_pb2, lane_pb2
-from services.core import batching, metrics, status, tracing
+from services.core import batching, dberrors, metrics, status, tracing
 from services.core.broker import Broker, BrokerError
 from services.core.logging import get_logger
-from services.worker.store import Outcome, WorkerStore
+from services.worker.store import Attempt, Outcome, WorkerStore
 
 log = get_logger(__name__)
 
@@ -60,6 +59,8 @@ class ResultWriter:
         self._publish_patience = publish_patience
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._busy = False
+        self._last_progress = time.monotonic()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="result-writer")
@@ -98,6 +99,7 @@ class ResultWriter:
             batch = await batching.collect(
                 self._queue, max_size=self._batch_size, linger=self._linger
             )
+            self._busy = True
             try:
                 await self._flush(batch)
             except Exception as exc:
@@ -106,23 +108,105 @@ class ResultWriter:
                     if not item.future.done():
                         item.future.set_exception(WriteFailed(str(exc)))
             finally:
+                self._busy = False
+                self._last_progress = time.monotonic()
                 for _ in batch:
                     self._queue.task_done()
+
+    def stalled_for(self) -> float:
+        """Seconds the writer has had work without finishing a batch (0 when fine)."""
+        if not self._busy and self._queue.empty():
+            return 0.0
+        return time.monotonic() - self._last_progress
 
     async def _write(
         self, outcomes: list[Outcome], running: list[tuple[uuid.UUID, int, datetime]]
     ) -> list[Outcome]:
-        """Retries until the batch is in the log. Batches are written strictly in turn, so
-        a lane's results keep their order even across a database outage; meanwhile the
-        lanes wait (their messages stay unacked) and health reports NOT_SERVING."""
+        """Writes a batch; returns the outcomes written.
+
+        Transient errors (connection, timeout, deadlock) are retried until they pass:
+        batches are written strictly in turn, so a lane's results keep their order across a
+        database outage; meanwhile the lanes wait (their messages stay unacked), and a long
+        wait shows as a stalled stage in health and metrics. Any other error belongs to
+        some item of the batch: the batch is split until that item is alone, and only it
+        fails."""
         delay = 0.1
         while True:
             try:
                 return await self._store.finish(outcomes, running)
-            except (SQLAlchemyError, OSError) as exc:
-                log.warning("result_write_failed", error=str(exc), retry_in=delay)
+            except Exception as exc:
+                if not dberrors.is_database_error(exc):
+                    raise
+                if not dberrors.is_transient(exc):
+                    return await self._split(outcomes, running, exc)
+                log.warning("result_write_failed", error=str(exc)[:300], retry_in=delay)
                 await asyncio.sleep(random.uniform(0, delay))
                 delay = min(delay * 2, 5.0)
+
+    async def _split(
+        self,
+        outcomes: list[Outcome],
+        running: list[tuple[uuid.UUID, int, datetime]],
+        exc: BaseException,
+    ) -> list[Outcome]:
+        if len(outcomes) + len(running) <= 1:
+            return await self._refused(outcomes, running, exc)
+        metrics.BATCH_SPLITS.labels("results").inc()
+        if outcomes and running:
+            # Marks first, on their own: they only ever move a request to RUNNING.
+            return await self._write([], running) + await self._write(outcomes, [])
+        if running:
+            middle = len(running) // 2
+            await self._write([], running[:middle])
+            await self._write([], running[middle:])
+            return []
+        # Halves in order, so each lane's outcomes are still numbered in lane order.
+        middle = len(outcomes) // 2
+        return await self._write(outcomes[:middle], []) + await self._write(outcomes[middle:], [])
+
+    async def _refused(
+        self,
+        outcomes: list[Outcome],
+        running: list[tuple[uuid.UUID, int, datetime]],
+        exc: BaseException,
+    ) -> list[Outcome]:
+        """One item the log refuses on its own. A mark is dropped (the outcome follows);
+        an outcome is written as FAILED with the reason, so the lane moves on."""
+        metrics.ITEM_FAILURES.labels("results").inc()
+        reason = dberrors.sqlstate(exc) or type(exc).__name__
+        if running:
+            log.warning("running_mark_refused", request_id=str(running[0][0]), reason=reason)
+            return []
+        original = outcomes[0]
+        log.warning(
+            "outcome_refused",
+            request_id=str(original.request_id),
+            status=original.status,
+            reason=reason,
+            error=str(getattr(exc, "orig", exc))[:300],
+        )
+        fallback = Outcome(
+            original.request_id,
+            original.user_id,
+            status.FAILED,
+            error=f"the request log refused this request's outcome ({reason})",
+            attempts=[Attempt(a.number, a.started_at) for a in original.attempts],
+            traceparent=original.traceparent,
+        )
+        try:
+            written = await self._store.finish([fallback])
+        except Exception as err:
+            if not dberrors.is_database_error(err):
+                raise
+            log.exception("outcome_lost", request_id=str(original.request_id), error=str(err)[:300])
+            return []
+        for o in written:
+            # The caller matches written outcomes by identity: stand the fallback in.
+            original.status, original.output, original.error = o.status, b"", o.error
+            original.lane_seq = o.lane_seq
+            original.attempts = o.attempts
+            return [original]
+        return []
 
     async def _publish_events(self, route: str, events: list[lane_pb2.LaneEvent]) -> None:
         """Publishes one replica's events, retrying through a broker reconnect for a while;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 from typing import Any
 
@@ -13,7 +14,8 @@ import sqlalchemy as sa
 from fairlane.bench.stats import LaneStats, summarize
 from services.core.db import create_engine
 from services.core.models import requests
-from tests.e2e.suite import ROOT, Suite
+from tests.e2e.suite import ROOT, Suite, wait_until
+from tests.e2e.test_fault_drills import base, start  # noqa: F401 - base is a fixture
 
 pytestmark = pytest.mark.e2e
 
@@ -162,3 +164,71 @@ def test_the_checks_see_what_they_should() -> None:
     assert lane.unanswered == 0
     assert summarize([0.001 * n for n in range(1, 101)])["p99"] == pytest.approx(99.0)
     assert summarize([])["count"] == 0
+
+
+async def _succeeded(suite: Suite) -> int:
+    return sum((await _succeeded_per_user(suite)).values())
+
+
+async def test_lanes_of_a_killed_queue_replica_resume_on_the_other(
+    base: Suite,  # noqa: F811 - the fixture imported above
+) -> None:
+    """`--target` names two replicas; one is killed mid-run. Its lanes collect their
+    results from WatchResults on the other and go on: every accepted request's result
+    arrives exactly once, and the request log agrees."""
+    first = await start(base, "queue", "queue")
+    second = await start(base, "queue2", "queue")
+    await start(base, "worker", "worker")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "fairlane.cli.main",
+        "bench",
+        "--target",
+        f"{first},{second}",
+        "--auth-target",
+        base.target("auth"),
+        "--json",
+        "--no-progress",
+        "--lanes",
+        "6",
+        "--duration",
+        "6",
+        "--warmup",
+        "0",
+        "--window",
+        "8",
+        "--handler",
+        "sleep",
+        "--sleep",
+        "0.005",
+        "--database-url",
+        base.database_url,
+        "--database-schema",
+        base.schema,
+        env=base.env(),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    run = asyncio.create_task(proc.communicate())
+
+    async def under_way() -> bool:
+        return await _succeeded(base) >= 100
+
+    await wait_until(under_way, 60)
+    base.stop("queue", signal.SIGKILL)
+    out, err = await asyncio.wait_for(run, 180)
+    report = json.loads(out) if out.strip() else {}
+    assert proc.returncode == 0, (err.decode(errors="replace")[-3000:], report)
+    assert report["valid"], report["invalid_reasons"]
+    counts = report["counts"]
+    assert counts["resumed_streams"] >= 1  # some lanes really were on the killed replica
+    for key in ("lost", "duplicates", "unanswered", "fifo_violations", "stream_errors"):
+        assert counts[key] == 0, (key, counts)
+    assert report["database"]["ok"], report["database"]
+    print(
+        f"\nbench resume: {counts['accepted']} accepted, {counts['results']} results, "
+        f"{counts['resumed_streams']} sessions resumed, {counts['accepted_by_log']} "
+        f"accepted as the replica died, {counts['never_accepted']} never accepted"
+    )

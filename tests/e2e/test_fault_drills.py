@@ -22,7 +22,7 @@ from fairlane.common.v1 import common_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.core.db import create_engine
-from services.core.models import request_events, requests
+from services.core.models import outbox, request_events, requests
 from tests.conftest import DATABASE_URL, broker_url
 from tests.e2e.suite import Suite, free_port, wait_until
 from tests.e2e.users import admin_token, bearer, new_user
@@ -376,3 +376,75 @@ async def test_drill_5_same_idempotency_key_ten_times(base: Suite) -> None:
     finally:
         await engine.dispose()
     print("\ndrill 5: 10 concurrent enqueues with one key: 1 request, 1 execution, 10 answers")
+
+
+async def _outbox_size(suite: Suite) -> int:
+    engine = create_engine(suite.database_url, schema=suite.schema, pool_size=1)
+    try:
+        async with engine.connect() as conn:
+            return int(
+                (await conn.execute(sa.select(sa.func.count()).select_from(outbox))).scalar_one()
+            )
+    finally:
+        await engine.dispose()
+
+
+async def test_a_replica_killed_between_commit_and_publish(base: Suite) -> None:
+    """Accepted means it will run: requests committed by a replica that could not reach the
+    broker and then died are published by another replica, in lane order, exactly once."""
+    amqp = urlsplit(base.broker_url)
+    proxy = TcpProxy(amqp.hostname or "127.0.0.1", amqp.port or 5672)
+    await proxy.start()
+    try:
+        first = await start(base, "queue", "queue", FAIRLANE_BROKER_URL=via(base.broker_url, proxy))
+        await start(base, "worker", "worker")
+        user_id, token = await new_user(base.target("auth"))
+        async with grpc.aio.insecure_channel(first) as channel:
+            stub = queue_pb2_grpc.QueueServiceStub(channel)
+            warm = await stub.Enqueue(
+                queue_pb2.EnqueueRequest(handler="echo", payload=b"warm"),
+                metadata=bearer(token),
+                timeout=30,
+            )
+
+            async def warm_done() -> bool:
+                rows = await log_rows(base, user_id)
+                return [r.status for r in rows] == ["SUCCEEDED"]
+
+            await wait_until(warm_done, 30)
+            proxy.block()
+            assert proxy.cut() > 0  # the replica's broker connection is gone, and stays gone
+            accepted = [warm.request_id]
+            for i in range(20):
+                reply = await stub.Enqueue(
+                    queue_pb2.EnqueueRequest(handler="echo", payload=str(i).encode()),
+                    metadata=bearer(token),
+                    timeout=30,
+                )
+                accepted.append(reply.request_id)
+        # Committed, not published: the rows wait in the outbox.
+        rows = await log_rows(base, user_id)
+        assert sorted(r.status for r in rows) == ["QUEUED"] * 20 + ["SUCCEEDED"]
+        assert await _outbox_size(base) == 20
+        base.stop("queue", signal.SIGKILL)
+
+        second = await start(base, "queue2", "queue", FAIRLANE_OUTBOX_STALE_SECONDS="1")
+        results: list[common_pb2.Result] = []
+        async with grpc.aio.insecure_channel(second) as channel:
+            watch = queue_pb2_grpc.QueueServiceStub(channel).WatchResults(
+                queue_pb2.WatchResultsRequest(after_lane_seq=0), metadata=bearer(token), timeout=90
+            )
+            async for r in watch:
+                results.append(r.result)
+                if len(results) == 21:
+                    break
+            watch.cancel()
+        assert [r.output for r in results[1:]] == [str(i).encode() for i in range(20)]
+        assert_complete(accepted, results, await log_rows(base, user_id))
+        assert await _outbox_size(base) == 0
+        print(
+            "\noutbox drill: 20 requests committed behind a cut broker, replica killed; "
+            "the other replica published all 20, in order, once"
+        )
+    finally:
+        await proxy.close()

@@ -943,8 +943,9 @@ async def run_case(
 
 
 def service_log_excerpt(suite: Suite) -> str:
-    """The error lines of every service, for a failing case's message."""
-    marks = ("error", "failed", "Traceback", "exception")
+    """The error lines of every service, and its own frames of any traceback, for a
+    failing case's message."""
+    marks = ("error", "failed", "Traceback", "exception", "/services/")
     lines = []
     for name in suite.procs:
         path = suite.log_dir / f"{name}.log"
@@ -952,5 +953,5 @@ def service_log_excerpt(suite: Suite) -> str:
         found = [line for line in text.splitlines() if any(m in line for m in marks)]
         if found:
             lines.append(f"--- {name}: {len(found)} error lines, last ones:")
-            lines += [line[:300] for line in found[-6:]]
+            lines += [line[:300] for line in found[-12:]]
     return "\n".join(lines)

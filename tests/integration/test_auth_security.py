@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from structlog.testing import capture_logs
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 from fairlane.client.errors import retry_delay_ms
 from services.auth.service import AuthService
+from services.auth.throttle_store import ThrottleStore
 from services.core.db import migrate
 from services.core.settings import Settings
 from tests.conftest import DATABASE_URL, unique
@@ -327,3 +329,50 @@ async def test_throttles_work_on_the_embedded_database(start_auth: Start, tmp_pa
     family = jwt.decode(first.access_token, options={"verify_signature": False})["fam"]
     listed = await auth.stub.GetRevokedFamilies(auth_pb2.GetRevokedFamiliesRequest())
     assert list(listed.family_ids) == [family]
+
+
+async def test_prune_keeps_blocks_and_recent_trust(start_auth: Start) -> None:
+    auth = await start_auth()
+    store = ThrottleStore(auth.service.engine)
+    now = datetime.now(UTC)
+    hours, days = timedelta(hours=2), timedelta(days=31)
+    await store.count("login-user:stale", now - hours, now - hours - timedelta(hours=1))
+    await store.count("login-user:blocked", now - hours, now - hours - timedelta(hours=1))
+    await store.block("login-user:blocked", now + timedelta(minutes=5))
+    await store.count("login-user:recent", now, now - timedelta(hours=1))
+    await store.settle(clear=None, touch="login-ok:recent-trust", now=now - hours)
+    await store.settle(clear=None, touch="login-ok:old-trust", now=now - days)
+    await auth.service.throttle.prune()
+    left = await store.read(
+        [
+            "login-user:stale",
+            "login-user:blocked",
+            "login-user:recent",
+            "login-ok:recent-trust",
+            "login-ok:old-trust",
+        ]
+    )
+    assert sorted(left) == ["login-ok:recent-trust", "login-user:blocked", "login-user:recent"]
+
+
+async def test_service_tokens_are_audited(start_auth: Start) -> None:
+    auth = await start_auth()
+    with capture_logs() as logs:
+        await auth.stub.IssueServiceToken(
+            auth_pb2.IssueServiceTokenRequest(
+                service="operator", secret="the-secret", role=auth_pb2.SERVICE_TOKEN_ROLE_ADMIN
+            ),
+            metadata=_from("198.51.100.30"),
+        )
+        await _outcome(
+            auth.stub.IssueServiceToken(
+                auth_pb2.IssueServiceTokenRequest(service="worker", secret="nope"),
+                metadata=_from("198.51.100.31"),
+            )
+        )
+    seen = [(e["event"], e["token_service"], e.get("token_role"), e["peer"]) for e in logs]
+    assert all(e["principal"] is None for e in logs)
+    assert seen == [
+        ("auth.service_token.issued", "operator", "admin", "198.51.100.30"),
+        ("auth.service_token.refused", "worker", None, "198.51.100.31"),
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,9 @@ from services.core.db import create_engine, drop_schema, migrate
 from services.core.memory_broker import MemoryBroker
 from services.core.models import lanes, request_events, requests, users
 from services.queue.intake import Intake, Submission
-from services.queue.store import NewRequest, RequestStore
+from services.queue.outbox_store import OutboxStore
+from services.queue.relay import LaneRelay
+from services.queue.store import NewRequest, OutboxItem, RequestStore
 from services.worker.store import Attempt, Outcome, WorkerStore
 from services.worker.writer import ResultWriter
 from tests.conftest import DATABASE_URL, unique
@@ -69,11 +72,25 @@ def _request(user: uuid.UUID, key: str | None = None) -> NewRequest:
     )
 
 
+@dataclass
+class _Pending:
+    request: NewRequest
+    reply_route: str = "queue.test"
+    traceparent: str = ""
+
+
+async def _accept(
+    store: RequestStore, batch: list[NewRequest], lane_limit: int = 1000
+) -> tuple[list[OutboxItem], list[NewRequest]]:
+    kept, refused = await store.accept([_Pending(r) for r in batch], lane_limit=lane_limit)
+    return kept, [p.request for p in refused]
+
+
 async def test_batch_insert_finish_and_replay(engine: AsyncEngine) -> None:
     store, worker = RequestStore(engine), WorkerStore(engine)
     a, b = await _user(engine), await _user(engine)
     batch = [_request(a), _request(b), _request(a), _request(a, key="k1")]
-    await store.insert(batch)
+    await _accept(store, batch)
     assert await store.find_idempotent([(a, "k1"), (b, "k1")]) == {(a, "k1"): batch[3].id}
 
     now = datetime.now(UTC)
@@ -96,25 +113,57 @@ async def test_batch_insert_finish_and_replay(engine: AsyncEngine) -> None:
 async def test_duplicate_idempotency_key_is_refused_by_the_log(engine: AsyncEngine) -> None:
     store = RequestStore(engine)
     user = await _user(engine)
-    await store.insert([_request(user, key="same")])
+    await _accept(store, [_request(user, key="same")])
     with pytest.raises(IntegrityError):
-        await store.insert([_request(user, key="same")])
+        await _accept(store, [_request(user, key="same")])
 
 
-async def test_delete_undoes_an_insert(engine: AsyncEngine) -> None:
-    store = RequestStore(engine)
+async def test_accept_numbers_lanes_and_fills_the_outbox(engine: AsyncEngine) -> None:
+    store, outbox = RequestStore(engine), OutboxStore(engine)
+    a, b = await _user(engine), await _user(engine)
+    first = [_request(a), _request(b), _request(a)]
+    kept, refused = await _accept(store, first)
+    assert refused == []
+    # Each lane's requests keep their batch order and get the lane's next positions.
+    assert [(i.request_id, i.lane_pos) for i in kept if i.user_id == a] == [
+        (first[0].id, 1),
+        (first[2].id, 2),
+    ]
+    assert [(i.request_id, i.lane_pos) for i in kept if i.user_id == b] == [(first[1].id, 1)]
+    kept, _ = await _accept(store, [_request(a)])
+    assert [i.lane_pos for i in kept] == [3]
+    lanes = await outbox.pending([a, b])
+    assert [r.lane_pos for r in lanes[a].rows] == [1, 2, 3]
+    assert lanes[a].next_pos == 1
+    loaded = await outbox.load([r.request_id for r in lanes[b].rows])
+    assert [(i.request_id, i.handler, i.payload, i.recovered) for i in loaded] == [
+        (first[1].id, "echo", b"p", True)
+    ]
+    await outbox.release([r.request_id for r in lanes[a].rows[:2]], [])
+    lanes = await outbox.pending([a])
+    assert lanes[a].next_pos == 3
+    await outbox.close()
+
+
+async def test_the_lane_bound_is_counted_from_the_log(engine: AsyncEngine) -> None:
+    store, worker = RequestStore(engine), WorkerStore(engine)
     user = await _user(engine)
-    r = _request(user)
-    await store.insert([r])
-    await store.delete([r.id])
-    assert await store.get(user, r.id) is None
+    batch = [_request(user) for _ in range(4)]
+    kept, refused = await _accept(store, batch, lane_limit=3)
+    assert [i.request_id for i in kept] == [r.id for r in batch[:3]]
+    assert refused == [batch[3]]
+    assert await store.get(user, batch[3].id) is None  # nothing stored for it
+    await worker.finish([Outcome(batch[0].id, user, "SUCCEEDED")])
+    kept, refused = await _accept(store, [_request(user), _request(user)], lane_limit=3)
+    assert (len(kept), len(refused)) == (1, 1)
+    assert kept[0].lane_pos == 4
 
 
 async def test_cancel_only_while_queued(engine: AsyncEngine) -> None:
     store, worker = RequestStore(engine), WorkerStore(engine)
     user = await _user(engine)
     queued, done = _request(user), _request(user)
-    await store.insert([queued, done])
+    await _accept(store, [queued, done])
     await worker.finish([Outcome(done.id, user, "SUCCEEDED")])
     assert await store.cancel_queued(user, queued.id) == "CANCELLED"
     assert await store.cancel_queued(user, done.id) == "SUCCEEDED"
@@ -129,7 +178,7 @@ async def test_an_outcome_written_twice_keeps_the_first_and_no_seq_is_lost(
     store, worker = RequestStore(engine), WorkerStore(engine)
     user = await _user(engine)
     a, b = _request(user), _request(user)
-    await store.insert([a, b])
+    await _accept(store, [a, b])
     first = Outcome(a.id, user, "SUCCEEDED", output=b"first")
     again = Outcome(a.id, user, "SUCCEEDED", output=b"again")
     later = Outcome(b.id, user, "SUCCEEDED", output=b"b")
@@ -179,7 +228,8 @@ async def through_intake(
     accepted), or to TimeoutError when the stage never answered it."""
     broker = MemoryBroker(lane_max_length=1000)
     await broker.connect()
-    intake = Intake(store, broker, batch_size=len(batch), linger_ms=0)
+    relay = LaneRelay(OutboxStore(engine_of(store)), broker)
+    intake = Intake(store, relay, batch_size=len(batch), linger_ms=0, lane_limit=1000)
     futures = [intake.submit(Submission(request=r, reply_route="queue.test")) for r in batch]
     intake.start()
     try:
@@ -213,6 +263,10 @@ async def through_writer(
         await broker.close()
 
 
+def engine_of(store: RequestStore) -> AsyncEngine:
+    return store._engine  # the relay's outbox store shares the request log's engine
+
+
 def _answer(future: asyncio.Future[Any]) -> BaseException | None:
     if not future.done():
         return TimeoutError("the stage never answered")
@@ -220,8 +274,9 @@ def _answer(future: asyncio.Future[Any]) -> BaseException | None:
 
 
 async def store_requests(store: RequestStore, batch: Sequence[NewRequest]) -> None:
-    """Stores a batch that is accepted whole (today: RequestStore.insert)."""
-    await store.insert(list(batch))
+    """Stores a batch that is accepted whole."""
+    _, refused = await _accept(store, list(batch))
+    assert not refused
 
 
 async def _rows(engine: AsyncEngine, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Any]:

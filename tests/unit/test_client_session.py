@@ -14,6 +14,7 @@ from fairlane.client import (
     Accepted,
     Client,
     Event,
+    FairlaneError,
     Rejected,
     RejectedEvent,
     Result,
@@ -360,3 +361,22 @@ async def test_answers_packed_in_a_batch_are_handled_in_order(
         await futures[2]
     kinds = [type(e).__name__ async for e in session.events()]
     assert kinds == ["Accepted", "Accepted", "Result", "Rejected", "Result"]
+
+
+async def test_a_failing_writer_fails_the_session_instead_of_hanging(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client, queue, _ = _client(monkeypatch)
+    session = client.session()
+    await session.open()
+
+    async def broken(message: queue_pb2.SessionRequest) -> None:
+        raise RuntimeError("serializer bug")
+
+    monkeypatch.setattr(queue.calls[0], "write", broken)
+    future = await session.submit("echo", client_ref="a")
+    with pytest.raises(FairlaneError, match="session writer failed"):
+        await future
+    assert queue.calls[0].cancelled
+    with pytest.raises(FairlaneError, match="session writer failed"):
+        await session.submit("echo")

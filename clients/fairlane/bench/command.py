@@ -87,10 +87,15 @@ class _Display:
 def bench_command(  # every option is keyword-only; typer passes them by name
     *,
     target: Annotated[
-        str, typer.Option(help="QueueService address HOST:PORT.")
+        str,
+        typer.Option(
+            help="QueueService replicas: HOST:PORT, IP:PORT,IP:PORT,... or dns:///NAME:PORT. "
+            "Sessions spread over them; a lane whose replica dies collects its results "
+            "from WatchResults on another and goes on."
+        ),
     ] = "127.0.0.1:50052",
     auth_target: Annotated[
-        str, typer.Option(help="AuthService address HOST:PORT.")
+        str, typer.Option(help="AuthService: HOST:PORT, IP:PORT,IP:PORT,... or dns:///NAME:PORT.")
     ] = "127.0.0.1:50051",
     lanes: Annotated[
         int, typer.Option(min=1, help="Concurrent lanes: one user and one Session each.")
@@ -192,6 +197,9 @@ def bench_command(  # every option is keyword-only; typer passes them by name
     ] = sys.stderr.isatty(),
 ) -> None:
     """Drive a running suite with L lanes and report throughput, latency and correctness.
+
+    The run is valid when every accepted request's result arrives exactly once, in lane
+    order, also across a queue replica's death (its Sessions are resumed elsewhere).
 
     Exit code 1: invalid run (lost, duplicated, out of order, or not as in the request log).
     Exit code 2: the run could not start.

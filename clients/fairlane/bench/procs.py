@@ -26,6 +26,16 @@ def _backends(name: str) -> dict[int, psutil.Process]:
     return found
 
 
+def addresses(target: str) -> list[str]:
+    """The host:port addresses a target names: one, a comma-separated list (or an
+    ipv4:/ipv6: URI of one); none for a name to resolve (dns:///...)."""
+    if target.startswith(("ipv4:", "ipv6:")):
+        target = target.split(":", 1)[1]
+    elif "://" in target or target.startswith("dns:"):
+        return []
+    return [a.strip() for a in target.split(",") if a.strip()]
+
+
 def split_target(target: str) -> tuple[str, int]:
     host, _, port = target.rpartition(":")
     return host.strip("[]") or "127.0.0.1", int(port)
@@ -155,7 +165,7 @@ class ProcessWatch:
                 )
 
     def discover(
-        self, targets: dict[str, str], pids: list[int], *, follow_clients_of: str | None
+        self, targets: dict[str, str], pids: list[int], *, follow_clients_of: list[str]
     ) -> None:
         """Finds processes by --pids, by listening port of local targets, and the clients
         (typically workers) connected to the queue's port."""
@@ -169,8 +179,10 @@ class ProcessWatch:
         for name, port in local.items():
             if port in by_port:
                 self.add(name, by_port[port])
-        if follow_clients_of and is_local(follow_clients_of):
-            port = split_target(follow_clients_of)[1]
+        for target in follow_clients_of:
+            if not is_local(target):
+                continue
+            port = split_target(target)[1]
             known = {pid for w in self.watched for pid in w.pids} | {os.getpid()}
             for pid in sorted(client_pids(port, known)):
                 try:

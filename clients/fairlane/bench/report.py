@@ -55,6 +55,9 @@ def render(report: dict[str, Any], console: Console) -> None:
         "output_mismatches",
         "stream_errors",
         "lane_seq_gaps",
+        "resumed_streams",
+        "accepted_by_log",
+        "never_accepted",
     ):
         style = "red" if counts[key] and key not in _INFORMATIVE else ""
         summary.add_row(
@@ -139,4 +142,14 @@ def render(report: dict[str, Any], console: Console) -> None:
     console.print(Group(*parts))
 
 
-_INFORMATIVE = {"sent", "accepted", "rejected", "results", "results_in_window", "lane_seq_gaps"}
+_INFORMATIVE = {
+    "sent",
+    "accepted",
+    "rejected",
+    "results",
+    "results_in_window",
+    "lane_seq_gaps",
+    "resumed_streams",
+    "accepted_by_log",
+    "never_accepted",
+}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import secrets
 import time
@@ -14,14 +15,25 @@ from typing import Any
 import grpc
 
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
-from fairlane.bench.procs import ProcessWatch
+from fairlane.bench.procs import ProcessWatch, addresses
 from fairlane.bench.stats import LaneStats, summarize
+from fairlane.client.channels import grpc_target
 from fairlane.common.v1 import common_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 
 CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 STATUS_PREFIX = "REQUEST_STATUS_"
 MAX_SEND_BATCH = 256  # enqueues per enqueue_batch message
+# A Session that breaks with one of these (its queue replica died or restarted) is resumed:
+# its results are collected from WatchResults on a live replica, like the Python client.
+RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+MAX_RESUMES_WITHOUT_PROGRESS = 3
+LIST_PAGE = 500
+ROUND_ROBIN = ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]}))
+
+
+class _ResumeFailed(Exception):
+    """The results of a broken Session could not be collected elsewhere."""
 
 
 class BenchSetupError(Exception):
@@ -80,14 +92,17 @@ def _bearer(token: str) -> tuple[tuple[str, str]]:
 
 
 def _channel(target: str, index: int) -> grpc.aio.Channel:
-    # A local subchannel pool gives every channel its own HTTP/2 connection.
+    """A channel to the queue: one replica, IP:port,IP:port or dns:///name:port; with
+    several, each Session goes to the next live replica (round robin)."""
+    # A local subchannel pool gives every channel its own HTTP/2 connections.
     return grpc.aio.insecure_channel(
-        target,
+        grpc_target(target),
         options=[
             ("grpc.use_local_subchannel_pool", 1),
             ("grpc.bench_channel_index", index),
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
             ("grpc.max_send_message_length", 16 * 1024 * 1024),
+            ROUND_ROBIN,
         ],
     )
 
@@ -95,33 +110,62 @@ def _channel(target: str, index: int) -> grpc.aio.Channel:
 async def login_users(config: BenchConfig) -> list[tuple[str, str, str]]:
     """(username, user_id, access token) for bench users 0..L-1, registering missing ones."""
     gate = asyncio.Semaphore(config.login_concurrency)
-    async with grpc.aio.insecure_channel(config.auth_target) as channel:
+    async with grpc.aio.insecure_channel(
+        grpc_target(config.auth_target), options=[ROUND_ROBIN]
+    ) as channel:
         stub = auth_pb2_grpc.AuthServiceStub(channel)
+
+        async def register(name: str) -> None:
+            try:
+                await stub.Register(
+                    auth_pb2.RegisterRequest(username=name, password=config.password),
+                    timeout=30,
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise BenchSetupError(
+                        f"auth refused to register {name}: {exc.details()} (registrations "
+                        "per address are throttled; raise FAIRLANE_REGISTER_PEER_FREE on "
+                        "the auth service, or reuse users with --user-prefix)"
+                    ) from None
+                if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
+                    raise
+
+        async def login(name: str) -> auth_pb2.LoginResponse:
+            return await stub.Login(  # type: ignore[no-any-return]
+                auth_pb2.LoginRequest(username=name, password=config.password), timeout=30
+            )
+
+        # Auth throttles failed logins and registrations per address. When the last user
+        # exists (a rerun), the others most likely do too: log in first and register only
+        # the missing. Otherwise register first: a taken name costs auth no hash.
+        last: auth_pb2.LoginResponse | None = None
+
+        async def probe() -> None:
+            nonlocal last
+            try:
+                last = await login(f"{config.user_prefix}-{config.lanes - 1}")
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
+                    raise
 
         async def one(i: int) -> tuple[str, str, str]:
             name = f"{config.user_prefix}-{i}"
             async with gate:
-                # Register first: a taken name is answered before any password is hashed,
-                # and no failed login counts against this address's login throttle.
                 try:
-                    await stub.Register(
-                        auth_pb2.RegisterRequest(username=name, password=config.password),
-                        timeout=30,
-                    )
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        raise BenchSetupError(
-                            f"auth refused to register {name}: {exc.details()} (registrations "
-                            "per address are throttled; raise FAIRLANE_REGISTER_PEER_FREE on "
-                            "the auth service, or reuse users with --user-prefix)"
-                        ) from None
-                    if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
-                        raise
-                try:
-                    login = await stub.Login(
-                        auth_pb2.LoginRequest(username=name, password=config.password),
-                        timeout=30,
-                    )
+                    if i == config.lanes - 1 and last is not None:
+                        pair = last
+                    elif last is not None:
+                        try:
+                            pair = await login(name)
+                        except grpc.aio.AioRpcError as exc:
+                            if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
+                                raise
+                            await register(name)
+                            pair = await login(name)
+                    else:
+                        await register(name)
+                        pair = await login(name)
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                         raise BenchSetupError(
@@ -130,11 +174,12 @@ async def login_users(config: BenchConfig) -> list[tuple[str, str, str]]:
                         ) from None
                     raise
                 who = await stub.WhoAmI(
-                    auth_pb2.WhoAmIRequest(), metadata=_bearer(login.access_token), timeout=30
+                    auth_pb2.WhoAmIRequest(), metadata=_bearer(pair.access_token), timeout=30
                 )
-            return name, who.user_id, login.access_token
+            return name, who.user_id, pair.access_token
 
         try:
+            await probe()
             return list(await asyncio.gather(*(one(i) for i in range(config.lanes))))
         except grpc.aio.AioRpcError as exc:
             raise BenchSetupError(
@@ -178,11 +223,13 @@ class BenchRun:
         config = self.config
         if (config.requests is None) == (config.duration is None):
             raise BenchSetupError("give exactly one of --requests and --duration")
+        queues = addresses(config.target)
         self.watch.discover(
-            {"auth": config.auth_target, "queue": config.target}
+            {f"auth{i or ''}": a for i, a in enumerate(addresses(config.auth_target))}
+            | {f"queue{i or ''}": a for i, a in enumerate(queues)}
             | {f"worker{i or ''}": t for i, t in enumerate(config.worker_targets)},
             config.pids,
-            follow_clients_of=config.target,
+            follow_clients_of=queues,
         )
         if config.backends:
             self.watch.add_backends()
@@ -278,6 +325,55 @@ class BenchRun:
 
     async def _lane(self, lane: LaneStats, channel: grpc.aio.Channel, token: str) -> None:
         stub = queue_pb2_grpc.QueueServiceStub(channel)
+        try:
+            lane.last_lane_seq = await self._lane_seq_now(stub, token)
+        except grpc.aio.AioRpcError as exc:
+            lane.stream_error = f"{exc.code().name}: {exc.details()}"
+            return
+        except asyncio.CancelledError:
+            lane.stream_error = "stalled: cancelled by the drain timeout"
+            return
+        fruitless = 0
+        while True:
+            broke = await self._session(lane, stub, token)
+            if broke is None:
+                return
+            # Resume only a lane that got answers: a target that never answers is no run.
+            if not lane.answered or fruitless >= MAX_RESUMES_WITHOUT_PROGRESS:
+                lane.stream_error = f"{broke.code().name}: {broke.details()}"
+                return
+            before = lane.results
+            try:
+                await self._resume(lane, stub, token)
+            except _ResumeFailed as exc:
+                lane.stream_error = f"{broke.code().name}: {broke.details()}; {exc}"
+                return
+            except asyncio.CancelledError:
+                lane.stream_error = "stalled: cancelled by the drain timeout while resuming"
+                return
+            lane.resumes += 1
+            fruitless = 0 if lane.results > before else fruitless + 1
+            if not self._sending:
+                return
+
+    @property
+    def _sending(self) -> bool:
+        return self.progress.phase in ("warm-up", "measuring")
+
+    async def _lane_seq_now(self, stub: Any, token: str) -> int:
+        """The lane's newest lane_seq before this run: results after it are this run's."""
+        try:
+            reply = await stub.GetLane(
+                queue_pb2.GetLaneRequest(), metadata=_bearer(token), timeout=30
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return 0  # a new user: no lane yet
+            raise
+        return int(reply.lane.last_lane_seq)
+
+    async def _session(self, lane: LaneStats, stub: Any, token: str) -> grpc.aio.AioRpcError | None:
+        """One Session until it ends; returns the error if it broke in a resumable way."""
         call = stub.Session(metadata=_bearer(token))
         window = asyncio.Semaphore(self.config.window)
         pause = [0.0]  # send nothing before this instant (after a rejection with retry_after)
@@ -288,6 +384,8 @@ class BenchRun:
             if failed is not None:
                 raise failed
         except grpc.aio.AioRpcError as exc:
+            if exc.code() in RESUMABLE:
+                return exc
             lane.stream_error = f"{exc.code().name}: {exc.details()}"
         except asyncio.CancelledError:
             lane.stream_error = lane.stream_error or "stalled: cancelled by the drain timeout"
@@ -295,6 +393,87 @@ class BenchRun:
         finally:
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
+        return None
+
+    async def _resume(self, lane: LaneStats, stub: Any, token: str) -> None:
+        """The Session broke. Requests it accepted are in the log, so their results are
+        collected from WatchResults (on whichever replica the channel reaches now).
+        Requests it sent but never answered may or may not have been accepted: the log
+        says which (ListRequests), and the accepted ones' results are collected too."""
+        self.last_activity = time.perf_counter()
+        unanswered = lane.unanswered_refs()
+        if unanswered:
+            found = await self._retrying(
+                lambda: self._accepted_in_log(lane, stub, token, unanswered)
+            )
+            now = time.perf_counter()
+            for i in sorted(unanswered):
+                lane.on_answer(i)
+                if i in found:
+                    lane.accepted_at[i] = now
+                    lane.accepted_by_log += 1
+                else:
+                    lane.never_accepted.add(i)
+                    lane.done.add(i)
+                    lane.in_flight -= 1
+        if lane.waiting():
+            await self._retrying(lambda: self._watch(lane, stub, token))
+
+    async def _retrying(self, attempt: Callable[[], Any]) -> Any:
+        """Calls `attempt` until it works, while replicas are UNAVAILABLE, for up to the
+        drain timeout."""
+        deadline = time.perf_counter() + self.config.drain_timeout
+        delay = 0.1
+        while True:
+            try:
+                return await attempt()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RESUMABLE or time.perf_counter() + delay > deadline:
+                    raise _ResumeFailed(
+                        f"resume failed: {exc.code().name}: {exc.details()}"
+                    ) from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _accepted_in_log(
+        self, lane: LaneStats, stub: Any, token: str, refs: set[int]
+    ) -> set[int]:
+        """Which of `refs` the request log holds, newest first (they are the newest)."""
+        found: set[int] = set()
+        oldest = min(refs)
+        page = ""
+        while True:
+            reply = await stub.ListRequests(
+                queue_pb2.ListRequestsRequest(page_size=LIST_PAGE, page_token=page),
+                metadata=_bearer(token),
+                timeout=30,
+            )
+            for request in reply.requests:
+                i = lane.parse_ref(request.client_ref)
+                if i is None:
+                    continue
+                if i in refs:
+                    found.add(i)
+                if i < oldest:
+                    return found  # older than every request in question
+            if not reply.next_page_token or found == refs:
+                return found
+            page = reply.next_page_token
+
+    async def _watch(self, lane: LaneStats, stub: Any, token: str) -> None:
+        call = stub.WatchResults(
+            queue_pb2.WatchResultsRequest(after_lane_seq=lane.last_lane_seq),
+            metadata=_bearer(token),
+        )
+        try:
+            async for reply in call:
+                now = time.perf_counter()
+                self.last_activity = now
+                self._on_result(lane, reply.result, now, None)
+                if not lane.waiting():
+                    return
+        finally:
+            call.cancel()
 
     async def _send(
         self,
@@ -375,6 +554,40 @@ class BenchRun:
             else:
                 self._on_response(lane, message, now, window, pause)
 
+    def _on_result(
+        self,
+        lane: LaneStats,
+        result: common_pb2.Result,
+        now: float,
+        window: asyncio.Semaphore | None,
+    ) -> None:
+        i = lane.parse_ref(result.client_ref)
+        if i is None:
+            lane.unknown += 1
+            return
+        if not lane.on_result(i, result.lane_seq):
+            return
+        lane.in_flight -= 1
+        if window is not None:
+            window.release()
+        self.progress.results += 1
+        status_name = common_pb2.RequestStatus.Name(result.status)
+        status_name = status_name.removeprefix(STATUS_PREFIX)
+        lane.results_by_status[status_name] += 1
+        if result.status == common_pb2.REQUEST_STATUS_SUCCEEDED:
+            lane.results_succeeded += 1
+            if self.check_echo and result.output != self.payload:
+                self.output_mismatches += 1
+        self.last_result_at = now
+        if self.t_warm_end <= now <= self.t_send_end:
+            self.measured_results += 1
+        if lane.measured[i]:
+            sent = lane.sent_at[i]
+            self.result_latency.append(now - sent)
+            accepted = lane.accepted_at.get(i)
+            if accepted is not None:
+                self.queue_latency.append(now - accepted)
+
     def _on_response(
         self,
         lane: LaneStats,
@@ -386,32 +599,7 @@ class BenchRun:
         progress = self.progress
         kind = response.WhichOneof("kind")
         if kind == "result":
-            result = response.result
-            i = lane.parse_ref(result.client_ref)
-            if i is None:
-                lane.unknown += 1
-                return
-            if not lane.on_result(i, result.lane_seq):
-                return
-            lane.in_flight -= 1
-            window.release()
-            progress.results += 1
-            status_name = common_pb2.RequestStatus.Name(result.status)
-            status_name = status_name.removeprefix(STATUS_PREFIX)
-            lane.results_by_status[status_name] += 1
-            if result.status == common_pb2.REQUEST_STATUS_SUCCEEDED:
-                lane.results_succeeded += 1
-                if self.check_echo and result.output != self.payload:
-                    self.output_mismatches += 1
-            self.last_result_at = now
-            if self.t_warm_end <= now <= self.t_send_end:
-                self.measured_results += 1
-            if lane.measured[i]:
-                sent = lane.sent_at[i]
-                self.result_latency.append(now - sent)
-                accepted = lane.accepted_at.get(i)
-                if accepted is not None:
-                    self.queue_latency.append(now - accepted)
+            self._on_result(lane, response.result, now, window)
         elif kind == "accepted":
             i = lane.parse_ref(response.accepted.client_ref)
             if i is None:
@@ -468,6 +656,9 @@ class BenchRun:
             "output_mismatches": self.output_mismatches,
             "progress_messages": sum(lane.progress for lane in lanes),
             "stream_errors": sum(1 for lane in lanes if lane.stream_error),
+            "resumed_streams": sum(lane.resumes for lane in lanes),
+            "accepted_by_log": sum(lane.accepted_by_log for lane in lanes),
+            "never_accepted": sum(len(lane.never_accepted) for lane in lanes),
         }
         reasons = [
             f"{counts[key]} {key.replace('_', ' ')}"
@@ -506,6 +697,7 @@ class BenchRun:
                 "lane_seq_gaps": lane.lane_seq_gaps,
                 "last_lane_seq": lane.last_lane_seq,
                 "stream_error": lane.stream_error,
+                "resumes": lane.resumes,
             }
             for lane in lanes
         ]

@@ -47,6 +47,11 @@ class LaneStats:
     * results must come in send order with strictly increasing lane_seq (FIFO);
     * each accepted request gets exactly one result (else lost / duplicate);
     * a result must not come before its accepted.
+
+    When a Session breaks (its queue replica died) and is resumed, requests it sent but
+    never answered are settled by the request log: in the log, they were accepted
+    (`accepted_by_log`) and their results must arrive like the others; not in it, they
+    were never accepted (`never_accepted`) and need no result.
     """
 
     index: int
@@ -73,6 +78,9 @@ class LaneStats:
     progress: int = 0
     stream_error: str = ""
     in_flight: int = 0
+    resumes: int = 0
+    accepted_by_log: int = 0
+    never_accepted: set[int] = field(default_factory=set)
 
     def ref(self, i: int) -> str:
         return f"{self.prefix}{i}"
@@ -97,8 +105,28 @@ class LaneStats:
 
     @property
     def unanswered(self) -> int:
-        """Requests sent that got neither accepted nor rejected."""
-        return len(self.sent_at) - self.accepted - sum(self.rejected.values())
+        """Requests sent that got neither accepted nor rejected (nor were settled by the
+        log after a broken Session)."""
+        return (
+            len(self.sent_at)
+            - self.accepted
+            - sum(self.rejected.values())
+            - len(self.never_accepted)
+        )
+
+    @property
+    def answered(self) -> bool:
+        """Some request of this lane was answered (the queue was reachable at all)."""
+        return self.last_answer >= 0
+
+    def unanswered_refs(self) -> set[int]:
+        return {
+            i for i in range(len(self.sent_at)) if i not in self.accepted_at and i not in self.done
+        }
+
+    def waiting(self) -> bool:
+        """An accepted request has no result yet."""
+        return any(i not in self.done for i in self.accepted_at)
 
     def on_answer(self, i: int) -> None:
         if i <= self.last_answer:

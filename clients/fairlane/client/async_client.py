@@ -41,7 +41,15 @@ R = TypeVar("R")
 
 AuthMode = Literal["none", "required", "optional"]
 
-_UNSET: Any = object()
+
+class _ClientTimeout:
+    """The default of every call's `timeout=`: the client's own `timeout`."""
+
+    def __repr__(self) -> str:
+        return "<client timeout>"
+
+
+_UNSET: Any = _ClientTimeout()
 
 
 class Client:
@@ -66,6 +74,10 @@ class Client:
       every login and refresh (refresh tokens rotate: persist the newest one) and with
       None after logout.
     - Errors are FairlaneError subclasses (see fairlane.client.errors).
+
+    Inside, the client is the API over three parts that Sessions share with it: Channels
+    (where each service is and the channels to it), a TokenManager (when to refresh) and
+    a ResultWatcher (WatchResults that reconnects).
     """
 
     def __init__(
@@ -332,8 +344,9 @@ class Client:
                 return
 
     async def cancel(self, request_id: str, *, timeout: float | None = _UNSET) -> Status:
-        """Cancels a queued request; returns CANCELLED or the final status it already
-        had. FailedPrecondition if it is running."""
+        """Cancels a queued or running request. Returns CANCELLED (it was queued), RUNNING
+        (its handler was asked to stop; its CANCELLED result follows), or the final status
+        it had already reached."""
         reply: queue_pb2.CancelRequestResponse = await self._unary(
             "queue",
             self._channels.queue().CancelRequest,

@@ -258,9 +258,9 @@ class Session:
                             await self._call.done_writing()
                         self._writing_ended.set()
         except Exception as exc:  # a bug here must not leave futures hanging
+            # Reported through the futures and the session's error (nobody awaits this task).
             self._call.cancel()
             self._finish(FairlaneError(f"session writer failed: {exc!r}"))
-            raise
 
     async def _write(self, message: queue_pb2.SessionRequest) -> None:
         # If the stream has ended, the reader reports why and fails the future.

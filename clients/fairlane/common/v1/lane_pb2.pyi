@@ -38,6 +38,7 @@ class LaneItem(_message.Message):
     DEADLINE_FIELD_NUMBER: _builtins.int
     CLIENT_REF_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
+    RECOVERED_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Request id (UUIDv7, text form)."""
     handler: _builtins.str
@@ -50,6 +51,11 @@ class LaneItem(_message.Message):
     """Client reference, echoed in the result."""
     traceparent: _builtins.str
     """W3C traceparent of the span that accepted the request."""
+    recovered: _builtins.bool
+    """Published from the outbox by a replica that did not accept it (its own replica died
+    or could not publish): it may have been published before, so the worker reads the
+    request log before running it, as for a redelivery.
+    """
     @_builtins.property
     def deadline(self) -> _timestamp_pb2.Timestamp:
         """Not started after this instant; unset for no deadline."""
@@ -64,10 +70,11 @@ class LaneItem(_message.Message):
         deadline: _timestamp_pb2.Timestamp | None = ...,
         client_ref: _builtins.str = ...,
         traceparent: _builtins.str = ...,
+        recovered: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_ref", b"client_ref", "deadline", b"deadline", "handler", b"handler", "max_attempts", b"max_attempts", "payload", b"payload", "request_id", b"request_id", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_ref", b"client_ref", "deadline", b"deadline", "handler", b"handler", "max_attempts", b"max_attempts", "payload", b"payload", "recovered", b"recovered", "request_id", b"request_id", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

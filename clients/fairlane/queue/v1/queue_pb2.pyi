@@ -37,14 +37,16 @@ class SessionRequest(_message.Message):
     @_builtins.property
     def cancel(self) -> Global___CancelRequestRequest:
         """Cancel one of the caller's requests (queued or running); its CANCELLED result follows
-        if it had not finished. Success has no answer of its own. A refusal (unknown id,
-        broker unreachable) comes back as a Rejected with `cancel_request_id` set to this
-        request_id; it is not ordered with the answers to enqueues.
+        if it had not finished. Success has no answer of its own. A refusal (malformed or
+        unknown id, broker unreachable) comes back as a Rejected with `cancel_request_id` set
+        to this request_id: match it by that field, never by position among the answers.
         """
 
     @_builtins.property
     def enqueue_batch(self) -> Global___EnqueueBatch:
         """Several enqueues in one message, handled exactly as if sent one by one in this order.
+        At most the server's max_batch_items (default 1000) per message; a larger one ends
+        the stream with INVALID_ARGUMENT.
 
         The batch rule: once a client has sent an enqueue_batch, any later SessionResponse
         on the stream (answers, progress, results) may come inside a SessionResponse.batch:
@@ -223,7 +225,9 @@ class Rejected(_message.Message):
     by position, not by client_ref (which need not be unique). Nothing was stored.
     """
     cancel_request_id: _builtins.str
-    """Set when this answers a cancel: the request_id the cancel named, as sent."""
+    """Set when this answers a cancel: the request_id the cancel named, as sent (its first
+    64 characters when it is not a valid id).
+    """
     code: _code_pb2.Code.ValueType
     """Why it was refused, as a gRPC status code:
     INVALID_ARGUMENT - the enqueue or cancel is malformed (unknown handler, payload too

@@ -1,0 +1,110 @@
+"""Change notifications of the request log: PostgreSQL LISTEN/NOTIFY on one channel.
+
+The worker notifies, in the transaction that writes results, which users have new
+results; every queue replica listens on one connection and wakes the watchers of those
+users, so a watcher never polls the database while nothing happens. The embedded default
+(SQLite) runs everything in one process, where the fan-out already reaches every watcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from services.core.logging import get_logger
+
+log = get_logger(__name__)
+
+_PAYLOAD_LIMIT = 7900  # PostgreSQL refuses NOTIFY payloads of 8000 bytes and more
+
+
+def results_channel(schema: str) -> str:
+    """One channel per schema: schemas in one database are separate deployments."""
+    return f"fairlane_results_{schema}"[:63] if schema else "fairlane_results"
+
+
+def notify_statements(user_ids: Sequence[str]) -> list[str]:
+    """The payloads announcing these users, each within PostgreSQL's payload limit."""
+    payloads: list[str] = []
+    current = ""
+    for user in sorted(set(user_ids)):
+        if current and len(current) + 1 + len(user) > _PAYLOAD_LIMIT:
+            payloads.append(current)
+            current = ""
+        current = f"{current},{user}" if current else user
+    if current:
+        payloads.append(current)
+    return payloads
+
+
+NOTIFY = sa.text("SELECT pg_notify(:channel, :payload)")
+
+
+class ResultListener:
+    """Listens for result notifications and calls `on_users` with the users named; on
+    every (re)connect it calls `on_reconnect`, since notifications may have been missed."""
+
+    def __init__(
+        self,
+        database_url: str,
+        channel: str,
+        on_users: Callable[[list[str]], None],
+        on_reconnect: Callable[[], None],
+    ) -> None:
+        url = make_url(database_url).set(drivername="postgresql")
+        self._dsn = url.render_as_string(hide_password=False)
+        self._channel = channel
+        self._on_users = on_users
+        self._on_reconnect = on_reconnect
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="result-listener")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        self._on_users([u for u in payload.split(",") if u])
+
+    async def _run(self) -> None:
+        delay = 0.2
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(self._dsn, timeout=10)
+                lost = asyncio.Event()
+                conn.add_termination_listener(functools.partial(_set, lost))
+                await conn.add_listener(self._channel, self._on_notify)
+                self._on_reconnect()
+                delay = 0.2
+                while not lost.is_set():
+                    # A dead peer is noticed by this probe even when no FIN arrived.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), 15)
+                    if not lost.is_set():
+                        await conn.execute("SELECT 1", timeout=10)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("result_listener_lost", error=str(exc)[:200], retry_in=delay)
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close(timeout=2)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def _set(event: asyncio.Event, _conn: Any) -> None:
+    event.set()

@@ -1,0 +1,371 @@
+"""The lane relay: publishes accepted requests from the outbox to their lanes, in order.
+
+A request is accepted once its row and its outbox row are committed; from then on this
+relay owes it a publish. Per lane it publishes strictly in lane position order, and only
+while it holds the lane's publish lock, so replicas never interleave one lane. Broker
+faults are retried on fresh channels, with backoff, for as long as they last: nothing
+accepted is dropped, and nothing is published ahead of an older request of its lane.
+
+What a replica left behind (it died, or a commit's outcome was unknown to it) is found in
+the outbox: by the next holder of the lane's lock, which reads the lane's rows before
+publishing, and by a periodic sweep for rows older than `stale_after`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from google.protobuf import timestamp_pb2
+
+from fairlane.common.v1 import lane_pb2
+from services.core import dberrors, metrics, tracing
+from services.core.broker import Broker, BrokerError, LaneMissing, lane_queue
+from services.core.logging import get_logger
+from services.queue.outbox_store import LaneOutbox, OutboxStore
+from services.queue.store import OutboxItem
+
+log = get_logger(__name__)
+
+# One lane message carries at most this many requests, so a redelivery after a worker
+# crash repeats a bounded amount of bookkeeping.
+MAX_ITEMS_PER_MESSAGE = 256
+
+
+@dataclass(slots=True)
+class _Lane:
+    user_id: uuid.UUID
+    items: dict[uuid.UUID, OutboxItem] = field(default_factory=dict)
+    locked: bool = False
+    # Lowest lane position not yet published; known only while the lock is held.
+    next_pos: int | None = None
+    needs_reading: bool = False  # read the lane's outbox rows before publishing more
+    retry_at: float = 0.0
+    failures: int = 0
+    idle_since: float = field(default_factory=time.monotonic)
+
+
+def lane_item(item: OutboxItem) -> lane_pb2.LaneItem:
+    message = lane_pb2.LaneItem(
+        request_id=str(item.request_id),
+        handler=item.handler,
+        payload=item.payload,
+        max_attempts=item.max_attempts,
+        client_ref=item.client_ref,
+        traceparent=item.traceparent,
+        recovered=item.recovered,
+    )
+    if item.deadline is not None:
+        ts = timestamp_pb2.Timestamp()
+        ts.FromDatetime(item.deadline)
+        message.deadline.CopyFrom(ts)
+    return message
+
+
+class LaneRelay:
+    def __init__(
+        self,
+        store: OutboxStore,
+        broker: Broker,
+        *,
+        hold_seconds: float = 0.2,
+        max_locks: int = 2000,
+        sweep_seconds: float = 5.0,
+        stale_after: float = 10.0,
+    ) -> None:
+        self._store = store
+        self._broker = broker
+        self._hold = hold_seconds
+        self._max_locks = max_locks
+        self._sweep_every = sweep_seconds
+        self._stale_after = stale_after
+        self._lanes: dict[uuid.UUID, _Lane] = {}
+        self._announced: set[uuid.UUID] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._next_sweep = time.monotonic() + sweep_seconds
+        self._last_progress = time.monotonic()
+        self._store_failures = 0
+
+    # -- feeding -----------------------------------------------------------------------------
+
+    def hand(self, items: list[OutboxItem]) -> None:
+        """Takes over committed requests (each lane's in position order) for publishing."""
+        for item in items:
+            lane = self._lanes.get(item.user_id)
+            if lane is None:
+                lane = self._lanes[item.user_id] = _Lane(item.user_id)
+            if lane.next_pos is not None and item.lane_pos < lane.next_pos:
+                continue  # published already, by a holder that found it in the outbox
+            lane.items.setdefault(item.request_id, item)
+        metrics.OUTBOX_BACKLOG.set(self.backlog)
+        self._wake.set()
+
+    def forget_lane(self, user_id: uuid.UUID) -> None:
+        """The lane queue was deleted (idle): declare and announce it again on next use."""
+        self._announced.discard(user_id)
+
+    @property
+    def backlog(self) -> int:
+        """Accepted requests of this replica not yet confirmed by the broker."""
+        return sum(len(lane.items) for lane in self._lanes.values())
+
+    def stalled_for(self) -> float:
+        """Seconds the relay has had work without publishing anything (0 when fine)."""
+        if not self.backlog:
+            return 0.0
+        return time.monotonic() - self._last_progress
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="lane-relay")
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Publishes what it can within `timeout`; the rest stays in the outbox for the
+        replica that takes the lane over. Closing the store gives up every lock."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self.backlog and self._task is not None and not self._task.done():
+                    self._wake.set()
+                    await asyncio.sleep(0.02)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self._store.close()
+
+    async def _run(self) -> None:
+        while True:
+            await self._sleep_until_work()
+            try:
+                await self._round()
+                self._store_failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # The lock connection or the database failed: every lock may be gone, so
+                # nothing is published again before the locks are retaken and the rows
+                # reread.
+                self._store_failures += 1
+                if dberrors.is_database_error(exc):
+                    log.warning("relay_store_failed", error=str(exc)[:200])
+                else:
+                    log.exception("relay_round_failed")
+                for lane in self._lanes.values():
+                    lane.locked = False
+                    lane.next_pos = None
+                with contextlib.suppress(Exception):
+                    await self._store.reset()
+                await asyncio.sleep(_backoff(self._store_failures))
+
+    async def _sleep_until_work(self) -> None:
+        now = time.monotonic()
+        wake_at = self._next_sweep
+        for lane in self._lanes.values():
+            if lane.items or lane.needs_reading:
+                wake_at = min(wake_at, max(lane.retry_at, now))
+            elif lane.locked:
+                wake_at = min(wake_at, lane.idle_since + self._hold)
+        if wake_at <= now:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), wake_at - now)
+        self._wake.clear()
+
+    # -- one round ---------------------------------------------------------------------------
+
+    async def _round(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + self._sweep_every
+            await self._sweep()
+        due = [
+            lane
+            for lane in self._lanes.values()
+            if (lane.items or lane.needs_reading) and lane.retry_at <= now
+        ]
+        wanted = [lane for lane in due if not lane.locked]
+        if wanted:
+            locked = await self._store.lock([lane.user_id for lane in wanted])
+            for lane in wanted:
+                if lane.user_id in locked:
+                    lane.locked, lane.needs_reading, lane.failures = True, True, 0
+                else:
+                    # Another replica holds it; it publishes what it has, then lets go.
+                    lane.failures += 1
+                    lane.retry_at = now + min(0.02 * 2**lane.failures, 1.0) * random.uniform(
+                        0.5, 1.0
+                    )
+        reading = [lane for lane in due if lane.locked and lane.needs_reading]
+        if reading:
+            await self._read([lane.user_id for lane in reading])
+        ready = [lane for lane in due if lane.locked and not lane.needs_reading and lane.items]
+        published: list[uuid.UUID] = []
+        if ready:
+            for ids in await asyncio.gather(*(self._publish_lane(lane) for lane in ready)):
+                published.extend(ids)
+        if published:
+            self._last_progress = time.monotonic()
+        await self._store.release(published, self._releasable())
+        metrics.OUTBOX_BACKLOG.set(self.backlog)
+
+    def _releasable(self) -> list[uuid.UUID]:
+        """Held lanes with nothing left to publish, idle for the hold time (or at once when
+        too many locks are held): another replica may be waiting for them."""
+        now = time.monotonic()
+        held = [lane for lane in self._lanes.values() if lane.locked]
+        crowded = len(held) > self._max_locks
+        out: list[uuid.UUID] = []
+        for lane in [x for x in self._lanes.values() if not x.locked]:
+            if not lane.items and not lane.needs_reading:
+                del self._lanes[lane.user_id]
+        for lane in held:
+            if lane.items or lane.needs_reading:
+                continue
+            if crowded or now - lane.idle_since >= self._hold:
+                lane.locked, lane.next_pos = False, None
+                out.append(lane.user_id)
+                del self._lanes[lane.user_id]
+        return out
+
+    async def _read(self, users: list[uuid.UUID]) -> None:
+        """Brings held lanes in line with the outbox: drops what another holder published
+        meanwhile, takes over what others left, learns where publishing resumes."""
+        found = await self._store.pending(users)
+        unknown: list[uuid.UUID] = []
+        for user in users:
+            lane = self._lanes[user]
+            state = found.get(user, LaneOutbox(accepted=0, rows=[]))
+            in_outbox = {row.request_id for row in state.rows}
+            for request_id in [r for r in lane.items if r not in in_outbox]:
+                del lane.items[request_id]
+            unknown.extend(r.request_id for r in state.rows if r.request_id not in lane.items)
+            lane.next_pos = state.next_pos
+            lane.needs_reading = False
+        if unknown:
+            recovered = await self._store.load(unknown)
+            metrics.OUTBOX_RECOVERED.inc(len(recovered))
+            log.info("outbox_recovered", count=len(recovered))
+            for item in recovered:
+                self._lanes[item.user_id].items.setdefault(item.request_id, item)
+
+    async def _sweep(self) -> None:
+        """Finds lanes whose outbox rows nobody is publishing."""
+        for user in await self._store.stale_lanes(self._stale_after):
+            lane = self._lanes.get(user)
+            if lane is None:
+                lane = self._lanes[user] = _Lane(user)
+            if not lane.locked:
+                lane.needs_reading = True
+
+    async def _publish_lane(self, lane: _Lane) -> list[uuid.UUID]:
+        """Publishes the lane's contiguous run from next_pos; returns what was confirmed."""
+        assert lane.next_pos is not None
+        run: list[OutboxItem] = []
+        expected = lane.next_pos
+        for item in sorted(lane.items.values(), key=lambda i: i.lane_pos):
+            if item.lane_pos < expected:
+                del lane.items[item.request_id]  # published before this holder took over
+                continue
+            if item.lane_pos != expected:
+                break
+            run.append(item)
+            expected += 1
+        if not run:
+            if lane.items:
+                # A gap: a request of this lane accepted on another replica sits between
+                # what was published and what this replica holds. Read it from the outbox.
+                lane.needs_reading = True
+                self._wake.set()
+            return []
+        published: list[uuid.UUID] = []
+        user_id = str(lane.user_id)
+        try:
+            await self._declare(lane.user_id)
+            for start in range(0, len(run), MAX_ITEMS_PER_MESSAGE):
+                chunk = run[start : start + MAX_ITEMS_PER_MESSAGE]
+                await self._publish_chunk(lane.user_id, chunk)
+                for item in chunk:
+                    del lane.items[item.request_id]
+                    published.append(item.request_id)
+                lane.next_pos = chunk[-1].lane_pos + 1
+        except BrokerError as exc:
+            lane.failures += 1
+            lane.retry_at = time.monotonic() + _backoff(lane.failures)
+            metrics.RELAY_PUBLISH_FAILURES.labels(type(exc).__name__).inc()
+            if lane.failures == 1 or lane.failures % 20 == 0:
+                log.warning(
+                    "lane_publish_retrying",
+                    lane=user_id,
+                    failures=lane.failures,
+                    waiting=len(lane.items),
+                    error=str(exc)[:200],
+                )
+        else:
+            lane.failures = 0
+        lane.idle_since = time.monotonic()
+        return published
+
+    async def _declare(self, user: uuid.UUID) -> None:
+        # The broker caches declarations; a deleted lane is declared again on LaneMissing.
+        await self._broker.declare_lane(str(user))
+
+    async def _publish_chunk(self, user: uuid.UUID, chunk: list[OutboxItem]) -> None:
+        user_id = str(user)
+        body = lane_pb2.LaneBatch(
+            user_id=user_id,
+            reply_route=chunk[0].reply_route,
+            items=[lane_item(i) for i in chunk],
+        ).SerializeToString()
+        span = None
+        if tracing.enabled() and chunk[0].traceparent:
+            span = tracing.start(
+                f"publish {lane_queue(user_id)}",
+                parent_traceparent=chunk[0].traceparent,
+                attributes={
+                    "messaging.system": "rabbitmq",
+                    "messaging.operation.type": "publish",
+                    "messaging.destination.name": lane_queue(user_id),
+                    "messaging.batch.message_count": len(chunk),
+                },
+            )
+        try:
+            with tracing.current(span):
+                try:
+                    await self._broker.publish_lane(user_id, body, {})
+                except LaneMissing:
+                    # Deleted while idle since it was declared: declare it again, and
+                    # announce it, since the workers stopped consuming it.
+                    self._announced.discard(user)
+                    await self._declare(user)
+                    await self._broker.publish_lane(user_id, body, {})
+        except BrokerError as exc:
+            # LaneFull included: the log bounds a lane below the broker's own limit, so a
+            # full lane means copies republished after a crash fill it; wait for room.
+            tracing.end(span, exc)
+            raise
+        tracing.end(span)
+        if user not in self._announced:
+            await self._announce(user)
+
+    async def _announce(self, user: uuid.UUID) -> None:
+        """Tells the workers about a lane. Best effort: a worker that misses it finds the
+        lane at its next ListLanes poll."""
+        try:
+            await self._broker.publish_control(
+                lane_pb2.ControlEvent(lane_created=str(user)).SerializeToString()
+            )
+        except BrokerError as exc:
+            log.warning("lane_announce_failed", lane=str(user), error=str(exc)[:200])
+            return
+        self._announced.add(user)
+
+
+def _backoff(failures: int) -> float:
+    """Exponential backoff with full jitter, from 50 ms up to 2 s."""
+    return random.uniform(0.0, min(2.0, 0.05 * 2 ** min(failures, 10)))

@@ -1,0 +1,355 @@
+"""One Session stream: reads enqueues and cancels, answers them in the order they came,
+and forwards the results of what it accepted.
+
+- Answers (accepted, rejected, and a cancel's rejection) go out in the order their messages
+  came in. A result never goes out before the accepted of its request.
+- A window bounds the stream: each enqueue (and cancel) takes a slot, given back when its
+  last response has been written to the transport. A client that stops reading stops the
+  server reading (HTTP/2 flow control does the rest), so memory per stream is bounded.
+- A result that does not arrive through the replica's fan-out (its publish was lost, or it
+  went to a replica that died) is read from the request log, so a Session ends with every
+  result or with an error; it never hangs on a result that exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.rpc import code_pb2
+
+from fairlane.common.v1 import lane_pb2
+from fairlane.queue.v1 import queue_pb2
+from services.core import tracing
+from services.core.broker import BrokerError
+from services.core.logging import get_logger
+from services.core.tokens import Principal
+from services.queue.domain import QueueDomain
+from services.queue.intake import Admitted, Rejection
+from services.queue.validation import InvalidEnqueue
+
+log = get_logger(__name__)
+
+MAX_RESPONSES_PER_MESSAGE = 512  # responses coalesced into one batch message
+
+
+class StreamError(Exception):
+    """Ends the stream with a status (the client broke the protocol's limits)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def rejection_code(rejection: Rejection) -> grpc.StatusCode:
+    """Client's fault (slow down) vs server's trouble (try later)."""
+    if rejection.reason in ("lane_full", "rate_limited"):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if rejection.reason == "refused":
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.UNAVAILABLE
+
+
+@dataclass(slots=True)
+class _Enqueued:
+    client_ref: str | None  # None: a message of no kind
+    request_id: str
+    future: asyncio.Future[Admitted] | None  # None: refused by validation
+    error: str = ""
+
+
+@dataclass(slots=True)
+class _Cancel:
+    request_id: str
+
+
+@dataclass(slots=True)
+class _Out:
+    response: queue_pb2.SessionResponse
+    releases: int = 0  # window slots given back once it has been written
+
+
+_DONE = object()
+
+
+class SessionStream:
+    def __init__(
+        self,
+        domain: QueueDomain,
+        principal: Principal,
+        requests: AsyncIterator[queue_pb2.SessionRequest],
+    ) -> None:
+        self._d = domain
+        self._principal = principal
+        self._user = uuid.UUID(principal.user_id)
+        self._requests = requests
+        limits = domain.streams
+        self._window_size = limits.session_window
+        self._window = asyncio.Semaphore(limits.session_window)
+        self._max_batch = limits.max_batch_items
+        self._grace = limits.result_grace_seconds
+        self._out: asyncio.Queue[Any] = asyncio.Queue()
+        self._answers: asyncio.Queue[_Enqueued | _Cancel | None] = asyncio.Queue()
+        # request id -> monotonic time its accepted was queued, or None before that.
+        self._mine: dict[str, float | None] = {}
+        # Window slots held by accepted enqueues of each request (a repeated idempotency
+        # key on one stream holds more than one), given back with the result.
+        self._held: Counter[str] = Counter()
+        self._stash: dict[str, list[lane_pb2.LaneEvent]] = {}
+        self._reading = True
+        self._batching = False  # set once the client sends an enqueue_batch
+
+    async def run(self) -> AsyncGenerator[queue_pb2.SessionResponse, None]:
+        events = self._d.hub.subscribe(self._principal.user_id)
+        tasks = [
+            asyncio.create_task(self._guard(self._read())),
+            asyncio.create_task(self._guard(self._answer())),
+            asyncio.create_task(self._guard(self._pump(events))),
+            asyncio.create_task(self._guard(self._catch_up())),
+        ]
+        try:
+            while True:
+                item = await self._out.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                if not self._batching or self._out.empty():
+                    yield item.response
+                    self._release(item.releases)
+                    continue
+                # Coalesce what is ready into one message: one gRPC write instead of many.
+                batch = [item]
+                ended: Any = None
+                while len(batch) < MAX_RESPONSES_PER_MESSAGE and not self._out.empty():
+                    nxt = self._out.get_nowait()
+                    if nxt is _DONE or isinstance(nxt, BaseException):
+                        ended = nxt
+                        break
+                    batch.append(nxt)
+                yield queue_pb2.SessionResponse(
+                    batch=queue_pb2.SessionResponseBatch(responses=[b.response for b in batch])
+                )
+                self._release(sum(b.releases for b in batch))
+                if ended is _DONE:
+                    return
+                if ended is not None:
+                    raise ended
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._d.hub.unsubscribe(self._principal.user_id, events)
+
+    def _release(self, n: int) -> None:
+        for _ in range(n):
+            self._window.release()
+
+    async def _guard(self, coro: Awaitable[None]) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._out.put_nowait(exc)
+
+    def _send(self, response: queue_pb2.SessionResponse, releases: int = 0) -> None:
+        self._out.put_nowait(_Out(response, releases))
+
+    def _reject(
+        self,
+        client_ref: str | None,
+        code: grpc.StatusCode,
+        message: str,
+        retry_ms: int = 0,
+        *,
+        cancel_request_id: str | None = None,
+        releases: int = 1,
+    ) -> None:
+        """An enqueue's rejection names its client_ref, a cancel's its request id (the
+        `subject` oneof); a message of no kind gets neither."""
+        rejected = queue_pb2.Rejected(
+            code=code_pb2.Code.ValueType(code.value[0]), message=message, retry_after_ms=retry_ms
+        )
+        if client_ref is not None:
+            rejected.client_ref = client_ref
+        elif cancel_request_id is not None:
+            rejected.cancel_request_id = cancel_request_id
+        self._send(queue_pb2.SessionResponse(rejected=rejected), releases)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        async for msg in self._requests:
+            kind = msg.WhichOneof("kind")
+            if kind == "enqueue":
+                await self._enqueue(msg.enqueue)
+            elif kind == "enqueue_batch":
+                items = msg.enqueue_batch.requests
+                if len(items) > self._max_batch:
+                    raise StreamError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"enqueue_batch carries {len(items)} requests; "
+                        f"at most {self._max_batch} per message",
+                    )
+                self._batching = True
+                for enqueue in items:
+                    await self._enqueue(enqueue)
+            elif kind == "cancel":
+                await self._window.acquire()
+                self._answers.put_nowait(_Cancel(msg.cancel.request_id))
+            else:
+                await self._window.acquire()
+                self._answers.put_nowait(_Enqueued(None, "", None, "empty SessionRequest"))
+        self._answers.put_nowait(None)
+
+    async def _enqueue(self, enqueue: queue_pb2.EnqueueRequest) -> None:
+        await self._window.acquire()
+        try:
+            request_id, future = await self._d.admit(enqueue, self._principal)
+        except InvalidEnqueue as exc:
+            self._answers.put_nowait(_Enqueued(enqueue.client_ref, "", None, str(exc)))
+            return
+        rid = str(request_id)
+        self._mine[rid] = None
+        self._answers.put_nowait(_Enqueued(enqueue.client_ref, rid, future))
+
+    # -- answering, in order -----------------------------------------------------------------
+
+    async def _answer(self) -> None:
+        while (item := await self._answers.get()) is not None:
+            if isinstance(item, _Cancel):
+                await self._cancel(item.request_id)
+                continue
+            if item.future is None:
+                self._reject(item.client_ref, grpc.StatusCode.INVALID_ARGUMENT, item.error)
+                continue
+            try:
+                admitted = await asyncio.shield(item.future)
+            except Rejection as rej:
+                self._mine.pop(item.request_id, None)
+                self._stash.pop(item.request_id, None)
+                self._reject(item.client_ref, rejection_code(rej), str(rej), rej.retry_after_ms)
+                continue
+            rid = str(admitted.request_id)
+            if admitted.duplicate:
+                # The id of the first request with this key stands in for the new one.
+                self._mine.pop(item.request_id, None)
+                self._stash.pop(item.request_id, None)
+            self._mine[rid] = time.monotonic()
+            self._held[rid] += 1
+            self._send(
+                queue_pb2.SessionResponse(
+                    accepted=queue_pb2.Accepted(
+                        client_ref=item.client_ref or "",
+                        request_id=rid,
+                        duplicate=admitted.duplicate,
+                    )
+                )
+            )
+            for event in self._stash.pop(rid, []):
+                self._deliver(event)
+            if admitted.duplicate:
+                result = await self._d.stored_result(self._user, admitted.request_id)
+                if result is not None:
+                    self._deliver(lane_pb2.LaneEvent(result=result))
+        self._reading = False
+        self._maybe_done()
+
+    async def _cancel(self, request_id: str) -> None:
+        try:
+            rid = uuid.UUID(request_id)
+        except ValueError:
+            self._reject(
+                None,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "invalid request_id",
+                cancel_request_id=request_id[:64],
+            )
+            return
+        try:
+            after = await self._d.cancel(self._user, rid)
+        except BrokerError:
+            self._reject(
+                None,
+                grpc.StatusCode.UNAVAILABLE,
+                "cannot reach the workers now",
+                1000,
+                cancel_request_id=request_id,
+            )
+            return
+        if after is None:
+            self._reject(
+                None, grpc.StatusCode.NOT_FOUND, "no such request", cancel_request_id=request_id
+            )
+            return
+        self._release(1)  # nothing to answer: the request's CANCELLED result follows
+
+    # -- results -----------------------------------------------------------------------------
+
+    async def _pump(self, events: asyncio.Queue[lane_pb2.LaneEvent]) -> None:
+        while True:
+            event = await events.get()
+            kind = event.WhichOneof("kind")
+            rid = event.result.request_id if kind == "result" else event.progress.request_id
+            if rid not in self._mine:
+                continue
+            if self._mine[rid] is not None:
+                self._deliver(event)
+            elif kind == "result" or len(self._stash.get(rid, ())) < 16:
+                self._stash.setdefault(rid, []).append(event)
+
+    def _deliver(self, event: lane_pb2.LaneEvent) -> None:
+        if event.WhichOneof("kind") == "progress":
+            # Progress is advice: when the client is not reading, it is dropped rather
+            # than held, so it cannot grow the stream's memory.
+            if event.progress.request_id in self._mine and self._out.qsize() < self._window_size:
+                self._send(queue_pb2.SessionResponse(progress=event.progress))
+            return
+        rid = event.result.request_id
+        if self._mine.pop(rid, None) is None:
+            return  # already delivered (a redelivered result)
+        if event.traceparent:
+            tracing.end(
+                tracing.start(
+                    "deliver result",
+                    parent_traceparent=event.traceparent,
+                    attributes={"fairlane.request_id": rid},
+                )
+            )
+        self._send(queue_pb2.SessionResponse(result=event.result), self._held.pop(rid, 0))
+        self._maybe_done()
+
+    async def _catch_up(self) -> None:
+        """Reads from the log the results that should have arrived by now."""
+        wait = self._grace
+        while True:
+            await asyncio.sleep(wait)
+            now = time.monotonic()
+            overdue = [
+                uuid.UUID(rid)
+                for rid, at in self._mine.items()
+                if at is not None and now - at >= self._grace
+            ]
+            if not overdue:
+                wait = self._grace
+                continue
+            try:
+                found = await self._d.finished(self._user, overdue[: self._d.streams.results_page])
+            except Exception as exc:
+                log.warning("session_catch_up_failed", error=str(exc)[:200])
+                found = []
+            for result in found:
+                self._deliver(lane_pb2.LaneEvent(result=result))
+            # Long handlers: look less often while nothing turns up, at most every 30 s.
+            wait = self._grace if found else min(wait * 2, 30.0)
+
+    def _maybe_done(self) -> None:
+        if not self._reading and not self._mine:
+            self._out.put_nowait(_DONE)

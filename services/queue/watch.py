@@ -1,0 +1,75 @@
+"""WatchResults: a user's results after a lane_seq, first from the log, then live.
+
+A watcher costs nothing while its user is quiet: it waits for the replica's fan-out (the
+results of requests this replica accepted) or for a wake-up from the request log's change
+notifications (results of requests accepted elsewhere), and reads the log only then. A slow
+safety read covers a notification lost while the listener reconnected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+
+from fairlane.common.v1 import common_pb2, lane_pb2
+from services.queue.convert import result_from_row
+from services.queue.domain import QueueDomain
+
+SAFETY_READ_SECONDS = 30.0
+
+
+async def watch_results(
+    domain: QueueDomain, user_id: str, after: int
+) -> AsyncIterator[common_pb2.Result]:
+    user = uuid.UUID(user_id)
+    # Subscribe before reading the log: a result committed after the read is then certain
+    # to arrive live (or to wake the watcher), and one seen twice is dropped by lane_seq.
+    events = domain.hub.subscribe(user_id)
+    last = after
+    try:
+        async for result in _stored(domain, user, last, None):
+            yield result
+            last = result.lane_seq
+        while True:
+            batch: list[lane_pb2.LaneEvent] = []
+            with contextlib.suppress(TimeoutError):
+                batch.append(await asyncio.wait_for(events.get(), SAFETY_READ_SECONDS))
+            while not events.empty():
+                batch.append(events.get_nowait())
+            if not batch or any(e.WhichOneof("kind") is None for e in batch):
+                # A wake-up, or the safety read: the log has everything these events carry
+                # (results are committed before they are published), so one read covers it.
+                async for result in _stored(domain, user, last, None):
+                    yield result
+                    last = result.lane_seq
+                continue
+            for event in batch:
+                if event.WhichOneof("kind") != "result":
+                    continue
+                seq = event.result.lane_seq
+                if seq <= last:
+                    continue
+                if seq > last + 1:
+                    async for result in _stored(domain, user, last, seq):
+                        yield result
+                        last = result.lane_seq
+                yield event.result
+                last = seq
+    finally:
+        domain.hub.unsubscribe(user_id, events)
+
+
+async def _stored(
+    domain: QueueDomain, user: uuid.UUID, after: int, upto: int | None
+) -> AsyncIterator[common_pb2.Result]:
+    """Stored results with after < lane_seq (< upto), in order, page by page."""
+    page = domain.streams.results_page
+    while True:
+        rows = await domain.results_after(user, after, upto)
+        for row in rows:
+            yield result_from_row(row)
+            after = row.lane_seq
+        if len(rows) < page:
+            return

@@ -1,0 +1,251 @@
+"""The lane relay on the in-memory broker, with an in-memory outbox: lane order kept
+through broker failures, other replicas' rows and held locks; nothing dropped or doubled."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+import pytest
+
+from fairlane.common.v1 import lane_pb2
+from services.core.broker import BrokerError, Delivery, LaneMissing
+from services.core.memory_broker import MemoryBroker
+from services.queue.outbox_store import LaneOutbox, OutboxRow
+from services.queue.relay import LaneRelay
+from services.queue.store import OutboxItem
+
+
+class FakeOutbox:
+    """The outbox table and the per-lane locks, as OutboxStore sees them."""
+
+    def __init__(self) -> None:
+        self.rows: dict[uuid.UUID, OutboxItem] = {}
+        self.accepted: dict[uuid.UUID, int] = {}
+        self.held_elsewhere: set[uuid.UUID] = set()
+        self.mine: set[uuid.UUID] = set()
+
+    def commit(self, user: uuid.UUID, n: int, route: str = "r") -> list[OutboxItem]:
+        """A replica's accept transaction: n requests at the lane's next positions."""
+        items = []
+        for _ in range(n):
+            self.accepted[user] = self.accepted.get(user, 0) + 1
+            item = OutboxItem(
+                request_id=uuid.uuid4(),
+                user_id=user,
+                lane_pos=self.accepted[user],
+                reply_route=route,
+                traceparent="",
+                handler="echo",
+                payload=str(self.accepted[user]).encode(),
+                max_attempts=3,
+                deadline=None,
+                client_ref="",
+                created_at=datetime.now(UTC),
+            )
+            self.rows[item.request_id] = item
+            items.append(item)
+        return items
+
+    async def lock(self, users: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        got = {u for u in users if u not in self.held_elsewhere}
+        self.mine |= got
+        return got
+
+    async def pending(self, users: Sequence[uuid.UUID]) -> dict[uuid.UUID, LaneOutbox]:
+        out = {}
+        for user in users:
+            rows = sorted(
+                (
+                    OutboxRow(i.request_id, i.lane_pos)
+                    for i in self.rows.values()
+                    if i.user_id == user
+                ),
+                key=lambda r: r.lane_pos,
+            )
+            out[user] = LaneOutbox(accepted=self.accepted.get(user, 0), rows=rows)
+        return out
+
+    async def load(self, ids: Sequence[uuid.UUID]) -> list[OutboxItem]:
+        items = []
+        for i in ids:
+            item = self.rows[i]
+            items.append(
+                OutboxItem(**{**{f: getattr(item, f) for f in item.__slots__}, "recovered": True})
+            )
+        return items
+
+    async def release(self, published: Sequence[uuid.UUID], unlock: Sequence[uuid.UUID]) -> None:
+        for i in published:
+            self.rows.pop(i, None)
+        self.mine.difference_update(unlock)
+
+    async def stale_lanes(self, older_than: float, limit: int = 1000) -> list[uuid.UUID]:
+        return sorted({i.user_id for i in self.rows.values()})
+
+    async def reset(self) -> None:
+        self.mine.clear()
+
+    async def close(self) -> None:
+        self.mine.clear()
+
+
+class FlakyBroker(MemoryBroker):
+    """Fails the next `failures` lane publishes, as a broker that went away would."""
+
+    def __init__(self) -> None:
+        super().__init__(lane_max_length=10_000)
+        self.failures = 0
+
+    async def publish_lane(self, user_id: str, body: bytes, headers: dict[str, str]) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise BrokerError("connection lost")
+        await super().publish_lane(user_id, body, headers)
+
+
+async def consume(broker: MemoryBroker, user: uuid.UUID) -> list[lane_pb2.LaneItem]:
+    """Every item published to the lane so far, in lane order."""
+    got: list[lane_pb2.LaneItem] = []
+
+    async def on(delivery: Delivery) -> None:
+        got.extend(lane_pb2.LaneBatch.FromString(delivery.body).items)
+        await delivery.ack()
+
+    try:
+        consumer = await broker.consume_lane(str(user), on, prefetch=100)
+    except LaneMissing:
+        return []  # never declared: nothing was published to it
+    for _ in range(50):
+        await asyncio.sleep(0)
+    await consumer.cancel()
+    return got
+
+
+async def until(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Polls in-memory state the relay changes from its own task."""
+    async with asyncio.timeout(timeout):
+        while True:
+            if check():
+                return
+            await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+async def broker() -> FlakyBroker:
+    b = FlakyBroker()
+    await b.connect()
+    return b
+
+
+def relay_for(outbox: FakeOutbox, broker: MemoryBroker) -> LaneRelay:
+    return LaneRelay(outbox, broker, hold_seconds=0.01, sweep_seconds=3600)  # type: ignore[arg-type]
+
+
+async def test_lanes_are_published_in_order_and_the_outbox_emptied(broker: FlakyBroker) -> None:
+    outbox = FakeOutbox()
+    relay = relay_for(outbox, broker)
+    relay.start()
+    a, b = uuid.uuid4(), uuid.uuid4()
+    try:
+        first_a, first_b = outbox.commit(a, 3), outbox.commit(b, 2)
+        relay.hand(first_b + first_a)
+        second_a = outbox.commit(a, 2)
+        relay.hand(second_a)
+        await until(lambda: not outbox.rows)
+    finally:
+        await relay.stop()
+    got_a = await consume(broker, a)
+    assert [i.payload for i in got_a] == [b"1", b"2", b"3", b"4", b"5"]
+    assert [i.payload for i in await consume(broker, b)] == [b"1", b"2"]
+    assert not any(i.recovered for i in got_a)
+    assert relay.backlog == 0
+
+
+async def test_broker_failures_are_retried_without_loss_or_reordering(broker: FlakyBroker) -> None:
+    outbox = FakeOutbox()
+    relay = relay_for(outbox, broker)
+    relay.start()
+    user = uuid.uuid4()
+    try:
+        broker.failures = 4
+        relay.hand(outbox.commit(user, 3))
+        await until(lambda: broker.failures == 0)
+        relay.hand(outbox.commit(user, 3))
+        await until(lambda: not outbox.rows)
+    finally:
+        await relay.stop()
+    assert [i.payload for i in await consume(broker, user)] == [b"%d" % n for n in range(1, 7)]
+
+
+async def test_rows_of_another_replica_in_between_are_published_in_their_place(
+    broker: FlakyBroker,
+) -> None:
+    outbox = FakeOutbox()
+    relay = relay_for(outbox, broker)
+    relay.start()
+    user = uuid.uuid4()
+    try:
+        mine = outbox.commit(user, 1)
+        theirs = outbox.commit(user, 2, route="other")  # committed by a replica that died
+        later = outbox.commit(user, 1)
+        relay.hand(mine + later)
+        await until(lambda: not outbox.rows)
+    finally:
+        await relay.stop()
+    got = await consume(broker, user)
+    assert [i.payload for i in got] == [b"1", b"2", b"3", b"4"]
+    assert [i.recovered for i in got] == [False, True, True, False]
+    assert {i.request_id for i in got[1:3]} == {str(t.request_id) for t in theirs}
+
+
+async def test_a_lane_held_by_another_replica_waits_for_it(broker: FlakyBroker) -> None:
+    outbox = FakeOutbox()
+    relay = relay_for(outbox, broker)
+    relay.start()
+    user = uuid.uuid4()
+    outbox.held_elsewhere.add(user)
+    try:
+        relay.hand(outbox.commit(user, 2))
+        await asyncio.sleep(0.1)
+        assert await consume(broker, user) == []  # not a message while the other holds it
+        assert relay.backlog == 2
+        outbox.held_elsewhere.clear()
+        await until(lambda: not outbox.rows)
+    finally:
+        await relay.stop()
+    assert [i.payload for i in await consume(broker, user)] == [b"1", b"2"]
+
+
+async def test_rows_another_holder_published_meanwhile_are_not_sent_again(
+    broker: FlakyBroker,
+) -> None:
+    outbox = FakeOutbox()
+    relay = relay_for(outbox, broker)
+    user = uuid.uuid4()
+    items = outbox.commit(user, 3)
+    # Another replica held the lane and published the first two (deleting their rows).
+    del outbox.rows[items[0].request_id], outbox.rows[items[1].request_id]
+    relay.start()
+    try:
+        relay.hand(items)
+        await until(lambda: not outbox.rows)
+    finally:
+        await relay.stop()
+    assert [i.payload for i in await consume(broker, user)] == [b"3"]
+
+
+async def test_the_sweep_publishes_what_a_dead_replica_left(broker: FlakyBroker) -> None:
+    outbox = FakeOutbox()
+    relay = LaneRelay(outbox, broker, hold_seconds=0.01, sweep_seconds=0.01)  # type: ignore[arg-type]
+    user = uuid.uuid4()
+    outbox.commit(user, 2, route="dead-replica")
+    relay.start()
+    try:
+        await until(lambda: not outbox.rows)
+    finally:
+        await relay.stop()
+    got = await consume(broker, user)
+    assert [(i.payload, i.recovered) for i in got] == [(b"1", True), (b"2", True)]

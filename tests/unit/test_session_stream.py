@@ -1,0 +1,208 @@
+"""The Session stream over a scripted queue domain: answers in the order sent, a window
+that counts until responses are written, results read from the log when they do not
+arrive, and a stream that ends once every accepted request has its result."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import pytest
+
+from fairlane.common.v1 import common_pb2, lane_pb2
+from fairlane.queue.v1 import queue_pb2
+from services.core.tokens import Principal
+from services.queue.domain import StreamLimits
+from services.queue.hub import Hub
+from services.queue.intake import Admitted, Rejection
+from services.queue.session import SessionStream, StreamError
+from services.queue.validation import InvalidEnqueue
+
+USER = str(uuid.uuid4())
+
+
+class Domain:
+    """Admits everything at once unless told otherwise; results come only when sent."""
+
+    def __init__(self, *, window: int = 8, grace: float = 30.0) -> None:
+        self.hub = Hub()
+        self.streams = StreamLimits(
+            session_window=window,
+            max_batch_items=4,
+            max_streams_per_user=2,
+            results_page=100,
+            result_grace_seconds=grace,
+        )
+        self.admitted: list[str] = []
+        self.futures: dict[str, asyncio.Future[Admitted]] = {}
+        self.hold: set[str] = set()  # client_refs whose admission waits for release()
+        self.in_log: dict[str, common_pb2.Result] = {}
+
+    async def admit(
+        self, msg: queue_pb2.EnqueueRequest, principal: Principal
+    ) -> tuple[uuid.UUID, asyncio.Future[Admitted]]:
+        if msg.handler == "bad":
+            raise InvalidEnqueue("unknown handler 'bad'")
+        rid = uuid.uuid4()
+        future: asyncio.Future[Admitted] = asyncio.get_running_loop().create_future()
+        self.admitted.append(msg.client_ref)
+        self.futures[msg.client_ref] = future
+        if msg.handler == "full":
+            future.set_exception(Rejection("lane_full", "your lane is full", 1000))
+        elif msg.client_ref not in self.hold:
+            future.set_result(Admitted(rid, duplicate=False))
+        return rid, future
+
+    def release(self, client_ref: str) -> None:
+        self.futures[client_ref].set_result(Admitted(uuid.uuid4(), duplicate=False))
+
+    async def cancel(self, user: uuid.UUID, request_id: uuid.UUID) -> str | None:
+        return None  # no such request
+
+    async def stored_result(self, user: uuid.UUID, request_id: uuid.UUID) -> Any:
+        return None
+
+    async def finished(self, user: uuid.UUID, ids: list[uuid.UUID]) -> list[common_pb2.Result]:
+        return [self.in_log[str(i)] for i in ids if str(i) in self.in_log]
+
+    async def result(self, request_id: str, seq: int) -> None:
+        batch = lane_pb2.LaneEventBatch(
+            events=[
+                lane_pb2.LaneEvent(
+                    user_id=USER,
+                    result=common_pb2.Result(request_id=request_id, lane_seq=seq),
+                )
+            ]
+        )
+        await self.hub.on_message(batch.SerializeToString())
+
+
+class Client:
+    """The client side of the stream: sends through a queue, half-closes with None."""
+
+    def __init__(self) -> None:
+        self.outbox: asyncio.Queue[queue_pb2.SessionRequest | None] = asyncio.Queue()
+
+    def enqueue(self, ref: str, handler: str = "echo") -> None:
+        self.outbox.put_nowait(
+            queue_pb2.SessionRequest(
+                enqueue=queue_pb2.EnqueueRequest(handler=handler, client_ref=ref)
+            )
+        )
+
+    def cancel(self, request_id: str) -> None:
+        self.outbox.put_nowait(
+            queue_pb2.SessionRequest(cancel=queue_pb2.CancelRequestRequest(request_id=request_id))
+        )
+
+    def close(self) -> None:
+        self.outbox.put_nowait(None)
+
+    async def requests(self) -> AsyncIterator[queue_pb2.SessionRequest]:
+        while (msg := await self.outbox.get()) is not None:
+            yield msg
+
+
+def stream(domain: Domain, client: Client) -> AsyncGenerator[queue_pb2.SessionResponse, None]:
+    principal = Principal(user_id=USER, username="u", role="user")
+    return SessionStream(domain, principal, client.requests()).run()  # type: ignore[arg-type]
+
+
+def kind(response: queue_pb2.SessionResponse) -> str:
+    k = response.WhichOneof("kind")
+    if k == "accepted":
+        return f"accepted {response.accepted.client_ref}"
+    if k == "rejected":
+        r = response.rejected
+        return f"rejected {r.client_ref or r.cancel_request_id} {r.code}"
+    return f"result {response.result.lane_seq}"
+
+
+async def test_answers_come_in_the_order_sent_whatever_resolves_first() -> None:
+    domain, client = Domain(), Client()
+    domain.hold.add("a")
+    client.enqueue("a")
+    client.enqueue("b", handler="bad")
+    client.cancel("not-an-id")
+    client.enqueue("c", handler="full")
+    client.enqueue("d")
+    out = stream(domain, client)
+    first = asyncio.ensure_future(anext(out))
+    await asyncio.sleep(0.05)
+    assert not first.done()  # "a" is not answered yet, so nothing after it is either
+    domain.release("a")
+    answers = [kind(await first)] + [kind(await anext(out)) for _ in range(4)]
+    assert answers == [
+        "accepted a",
+        "rejected b 3",  # INVALID_ARGUMENT
+        "rejected not-an-id 3",
+        "rejected c 8",  # RESOURCE_EXHAUSTED
+        "accepted d",
+    ]
+    await out.aclose()
+
+
+async def test_the_window_counts_until_the_result_is_written() -> None:
+    domain, client = Domain(window=3), Client()
+    for i in range(10):
+        client.enqueue(str(i))
+    out = stream(domain, client)
+    answers = [await anext(out) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    # Three answered, none finished: the stream stops reading at the window.
+    assert domain.admitted == ["0", "1", "2"]
+    await domain.result(answers[0].accepted.request_id, 1)
+    result = await anext(out)
+    assert result.result.lane_seq == 1
+    # Written, so its slot is free again: one more request is read.
+    assert kind(await anext(out)) == "accepted 3"
+    assert domain.admitted == ["0", "1", "2", "3"]
+    await out.aclose()
+
+
+async def test_a_client_that_stops_reading_stops_the_server_reading() -> None:
+    domain, client = Domain(window=4), Client()
+    for i in range(100):
+        client.enqueue(str(i))
+    out = stream(domain, client)
+    accepted = [await anext(out) for _ in range(4)]
+    for seq, a in enumerate(accepted, 1):
+        await domain.result(a.accepted.request_id, seq)
+    await asyncio.sleep(0.05)
+    # Four results are waiting to be written; the client reads nothing, so nothing more
+    # is read from it, however many requests it has sent.
+    assert len(domain.admitted) == 4
+    await out.aclose()
+
+
+async def test_a_result_that_never_arrives_is_read_from_the_log() -> None:
+    domain, client = Domain(grace=0.05), Client()
+    client.enqueue("a")
+    client.close()
+    out = stream(domain, client)
+    accepted = await anext(out)
+    rid = accepted.accepted.request_id
+    domain.in_log[rid] = common_pb2.Result(request_id=rid, lane_seq=7)
+    result = await asyncio.wait_for(anext(out), 5)
+    assert (result.result.request_id, result.result.lane_seq) == (rid, 7)
+    # Half-closed and every result delivered: the stream ends.
+    with pytest.raises(StopAsyncIteration):
+        await anext(out)
+
+
+async def test_an_oversized_batch_ends_the_stream_with_invalid_argument() -> None:
+    domain, client = Domain(), Client()
+    client.outbox.put_nowait(
+        queue_pb2.SessionRequest(
+            enqueue_batch=queue_pb2.EnqueueBatch(
+                requests=[queue_pb2.EnqueueRequest(handler="echo") for _ in range(5)]
+            )
+        )
+    )
+    out = stream(domain, client)
+    with pytest.raises(StreamError) as err:
+        await anext(out)
+    assert "at most 4" in str(err.value)
+    assert domain.admitted == []
