@@ -248,6 +248,12 @@ async def through_writer(
     ended."""
     broker = MemoryBroker(lane_max_length=1000)
     await broker.connect()
+    results: list[bytes] = []
+
+    async def deliver(body: bytes) -> None:
+        results.append(body)
+
+    await broker.consume_results("queue.test", deliver)  # a queue replica is listening
     writer = ResultWriter(worker, broker, batch_size=1000, linger_ms=0)
     for mark in marks:
         writer.running(*mark)
