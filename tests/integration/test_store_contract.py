@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -12,6 +14,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -596,3 +599,55 @@ async def test_one_bad_outcome_fails_alone_in_a_result_batch(engine: AsyncEngine
             assert (bad.status, bad.lane_seq) == ("FAILED", 2)
         else:
             assert bad.lane_seq is None
+
+
+async def test_a_cancel_committed_between_the_writers_read_and_write_wins_on_sqlite(
+    tmp_path: Path,
+) -> None:
+    """SQLite has no SELECT ... FOR UPDATE: the result writer's read of the rows locks
+    nothing, and its write lock comes with its first write. A cancel that commits in
+    between (answered CANCELLED to its client) must still win, as it does on PostgreSQL.
+
+    The cancel is made at that exact point (before the writer's first write, which
+    numbers the lane) from a statement hook, on a connection of its own, with the UPDATE
+    RequestStore.cancel_queued runs."""
+    path = tmp_path / "race.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    await migrate(url)
+    engine = create_engine(url)
+    try:
+        store, worker = RequestStore(engine), WorkerStore(engine)
+        user = await _user(engine)
+        r = _request(user)
+        await store_requests(store, [r])
+        cancelled: list[int] = []
+
+        def cancel_in_between(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if cancelled or not statement.startswith("UPDATE lanes SET last_seq"):
+                return
+            # timeout=0: a writer that took its lock with its read locks the cancel out
+            # at once, and the cancel then comes after the write.
+            with contextlib.closing(sqlite3.connect(path, timeout=0)) as other:
+                try:
+                    done = other.execute(
+                        "UPDATE requests SET status = 'CANCELLED',"
+                        " error = 'cancelled by the client' WHERE id = ? AND status = 'QUEUED'",
+                        (r.id.hex,),
+                    )
+                    other.commit()
+                except sqlite3.OperationalError:
+                    cancelled.append(0)
+                else:
+                    cancelled.append(done.rowcount)
+
+        event.listen(engine.sync_engine, "before_cursor_execute", cancel_in_between)
+        await worker.finish([Outcome(r.id, user, "SUCCEEDED", output=b"o")])
+        row = (await _rows(engine, [r.id]))[r.id]
+        if cancelled == [1]:  # the cancel landed between the read and the write: it wins
+            assert (row.status, row.output, row.lane_seq) == ("CANCELLED", None, 1)
+        else:  # locked out: the write came first, and a cancel now finds it finished
+            assert cancelled == [0]
+            assert (row.status, row.lane_seq) == ("SUCCEEDED", 1)
+            assert await store.cancel_queued(user, r.id) == "SUCCEEDED"
+    finally:
+        await engine.dispose()
