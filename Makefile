@@ -68,11 +68,13 @@ tstest: install
 test: tools services lint tstest pytest
 
 # Long runs, not part of `make test`: the e2e workload matrix with SOAK_SCALE times the
-# requests and a worker replica killed with SIGKILL halfway through each case, and the
+# requests and a worker replica killed with SIGKILL halfway through each case, every drill
+# on the throw-away 3-node RabbitMQ cluster (make test runs only its leader kill), and the
 # stateful lane test with SOAK_EXAMPLES examples. Add further long runs to SOAK_TESTS.
 SOAK_SCALE ?= 10
 SOAK_EXAMPLES ?= 200
-SOAK_TESTS ?= tests/e2e/test_workload_matrix.py tests/integration/test_lane_stateful.py
+SOAK_TESTS ?= tests/e2e/test_workload_matrix.py tests/e2e/test_cluster_drills.py \
+	tests/integration/test_lane_stateful.py
 
 soak: install services
 	FAIRLANE_SOAK_SCALE=$(SOAK_SCALE) FAIRLANE_STATEFUL_EXAMPLES=$(SOAK_EXAMPLES) \

@@ -4,7 +4,7 @@
 #
 #   scripts/bench_suite.sh up              start it (state in $BENCH_STATE, default /tmp/fairlane-bench-suite)
 #   scripts/bench_suite.sh bench ARGS...   run `fairlane bench ARGS` against it (targets,
-#                                          request-log check and --pids filled in)
+#                                          request-log check, --pids and --metrics filled in)
 #   scripts/bench_suite.sh pids            print "auth=PID queue=PID worker=PID"
 #   scripts/bench_suite.sh down            stop it, drop the schema, delete the vhost
 #   scripts/bench_suite.sh run ARGS...     up, bench ARGS, down
@@ -35,7 +35,8 @@ service_env() {  # the environment every service (and migrate) runs with
   export FAIRLANE_AUTH_LISTEN="127.0.0.1:$AUTH_PORT" FAIRLANE_AUTH_TARGET="127.0.0.1:$AUTH_PORT"
   export FAIRLANE_QUEUE_LISTEN="127.0.0.1:$QUEUE_PORT" FAIRLANE_QUEUE_TARGET="127.0.0.1:$QUEUE_PORT"
   export FAIRLANE_WORKER_LISTEN="127.0.0.1:$WORKER_PORT"
-  export FAIRLANE_AUTH_METRICS_PORT=0 FAIRLANE_QUEUE_METRICS_PORT=0 FAIRLANE_WORKER_METRICS_PORT=0
+  export FAIRLANE_AUTH_METRICS_PORT=0 FAIRLANE_QUEUE_METRICS_PORT="$QUEUE_METRICS_PORT"
+  export FAIRLANE_WORKER_METRICS_PORT="$WORKER_METRICS_PORT"
   export FAIRLANE_GRACE_SECONDS=5
   # The bench registers up to thousands of users from this one address.
   export FAIRLANE_REGISTER_PEER_FREE=1000000
@@ -79,6 +80,8 @@ VHOST=$tag
 AUTH_PORT=$BASE_PORT
 QUEUE_PORT=$((BASE_PORT + 1))
 WORKER_PORT=$((BASE_PORT + 2))
+QUEUE_METRICS_PORT=$((BASE_PORT + 3))
+WORKER_METRICS_PORT=$((BASE_PORT + 4))
 EOF
   service_env
   rabbitmqctl -q add_vhost "$VHOST"
@@ -108,7 +111,9 @@ bench() {
   pid_list="$(cat "$STATE"/{auth,queue,worker}.pid | paste -sd,)"
   PYTHONPATH="$ROOT/clients:$ROOT" "$PY" -m fairlane.cli.main bench \
     --target "127.0.0.1:$QUEUE_PORT" --auth-target "127.0.0.1:$AUTH_PORT" \
-    --pids "$pid_list" --database-url "$DB_ROOT" --database-schema "$SCHEMA" "$@"
+    --pids "$pid_list" --database-url "$DB_ROOT" --database-schema "$SCHEMA" \
+    --metrics "http://127.0.0.1:$QUEUE_METRICS_PORT/metrics,http://127.0.0.1:$WORKER_METRICS_PORT/metrics" \
+    "$@"
 }
 
 top() {  # file.raw [entries]: summary of a py-spy --format raw (collapsed stacks) profile

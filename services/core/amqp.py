@@ -49,6 +49,7 @@ from services.core.broker import (
     lane_queue,
 )
 from services.core.logging import get_logger
+from services.core.settings import Settings
 
 log = get_logger(__name__)
 
@@ -129,6 +130,8 @@ class _Subscription:
 
 
 class AmqpBroker:
+    """The Broker contract on RabbitMQ. A service builds it with broker_for(settings)."""
+
     def __init__(
         self,
         url: str,
@@ -466,4 +469,14 @@ def _message(body: bytes, headers: dict[str, str] | None, *, persistent: bool) -
         delivery_mode=(
             aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT
         ),
+    )
+
+
+def broker_for(settings: Settings) -> AmqpBroker:
+    """The broker of a service process: RabbitMQ at every node of FAIRLANE_BROKER_URL, with
+    lanes of FAIRLANE_LANE_QUEUE_TYPE bounded by FAIRLANE_LANE_MAX_LENGTH. Not connected."""
+    return AmqpBroker(
+        settings.broker_url,
+        lane_max_length=settings.lane_max_length,
+        queue_type=settings.lane_queue_type,
     )

@@ -73,6 +73,13 @@ STAGE_STALLED = Gauge(
     "1 while a batch stage has work but made no progress for stall_seconds.",
     ["stage"],
 )
+STAGE_SECONDS = Histogram(
+    "fairlane_stage_seconds",
+    "Time one request spends in a batch stage: intake (submit to commit), relay (commit "
+    "to broker confirm), results (outcome to durable).",
+    ["stage"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+)
 LANE_FAILURES = Counter(
     "fairlane_lane_failures",
     "Lane tasks that ended unexpectedly and were rebuilt (worker).",

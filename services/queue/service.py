@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fairlane.common.v1 import lane_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
-from services.core.amqp import AmqpBroker
+from services.core.amqp import broker_for
 from services.core.auth_client import AuthClient
 from services.core.breaker import CircuitBreaker
 from services.core.broker import Broker
@@ -52,11 +52,7 @@ class QueueService:
         self._own_engine = engine is None
         self._own_broker = broker is None
         self.engine = engine or engine_for(s)
-        self.broker: Broker = broker or AmqpBroker(
-            s.broker_url,
-            lane_max_length=s.lane_max_length,
-            queue_type=s.lane_queue_type,
-        )
+        self.broker: Broker = broker or broker_for(s)
         self.host = GrpcHost(s.queue_listen, [SERVICE_NAME])
         self._auth = AuthClient(s.auth_target)
         self.hub = Hub()

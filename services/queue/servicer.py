@@ -25,7 +25,6 @@ from services.queue.session import SessionStream, StreamError, rejection_code
 from services.queue.validation import MAX_ATTEMPTS_LIMIT, InvalidEnqueue
 from services.queue.watch import watch_results
 
-Context = ServicerContext
 MAX_LANE_SEQ = 2**63 - 1  # lane_seq is a BIGINT in the log
 
 
@@ -39,7 +38,7 @@ def _decode_token(token: str) -> uuid.UUID | None:
     return uuid.UUID(bytes=base64.urlsafe_b64decode(token.encode()))
 
 
-async def _page_token(token: str, context: Context) -> uuid.UUID | None:
+async def _page_token(token: str, context: ServicerContext) -> uuid.UUID | None:
     """The position a page token stands for; INVALID_ARGUMENT for a malformed one."""
     try:
         return _decode_token(token)
@@ -66,7 +65,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
 
     # -- helpers -------------------------------------------------------------------------
 
-    async def _request_id(self, text: str, context: Context) -> uuid.UUID:
+    async def _request_id(self, text: str, context: ServicerContext) -> uuid.UUID:
         try:
             return uuid.UUID(text)
         except ValueError:
@@ -75,7 +74,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     # -- enqueue paths ---------------------------------------------------------------------
 
     async def Enqueue(
-        self, request: queue_pb2.EnqueueRequest, context: Context
+        self, request: queue_pb2.EnqueueRequest, context: ServicerContext
     ) -> queue_pb2.EnqueueResponse:
         principal = authz.principal()
         try:
@@ -84,15 +83,15 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
             # Shielded: a caller that goes away must not cancel what the intake resolves.
-            admission = await asyncio.shield(future)
+            admitted = await asyncio.shield(future)
         except Rejection as rej:
             await abort_retry(context, rejection_code(rej), str(rej), rej.retry_after_ms)
         return queue_pb2.EnqueueResponse(
-            request_id=str(admission.request_id), duplicate=admission.duplicate
+            request_id=str(admitted.request_id), duplicate=admitted.duplicate
         )
 
     async def Session(
-        self, request_iterator: AsyncIterator[queue_pb2.SessionRequest], context: Context
+        self, request_iterator: AsyncIterator[queue_pb2.SessionRequest], context: ServicerContext
     ) -> AsyncIterator[queue_pb2.SessionResponse]:
         principal = authz.principal()
         slot = await self._stream_slot(principal, context)
@@ -111,7 +110,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
             finally:
                 OPEN_SESSIONS.dec()
 
-    async def _stream_slot(self, principal: Principal, context: Context) -> StreamSlot:
+    async def _stream_slot(self, principal: Principal, context: ServicerContext) -> StreamSlot:
         """One of the user's open-stream slots; RESOURCE_EXHAUSTED when all are taken."""
         try:
             return self._d.stream_slot(principal.user_id)
@@ -121,7 +120,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     # -- reading results -------------------------------------------------------------------
 
     async def WatchResults(
-        self, request: queue_pb2.WatchResultsRequest, context: Context
+        self, request: queue_pb2.WatchResultsRequest, context: ServicerContext
     ) -> AsyncIterator[queue_pb2.WatchResultsResponse]:
         principal = authz.principal()
         if request.after_lane_seq > MAX_LANE_SEQ:
@@ -137,7 +136,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
                 yield queue_pb2.WatchResultsResponse(result=result)
 
     async def GetRequest(
-        self, request: queue_pb2.GetRequestRequest, context: Context
+        self, request: queue_pb2.GetRequestRequest, context: ServicerContext
     ) -> queue_pb2.GetRequestResponse:
         principal = authz.principal()
         request_id = await self._request_id(request.request_id, context)
@@ -147,7 +146,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         return queue_pb2.GetRequestResponse(request=request_from_row(row))
 
     async def ListRequests(
-        self, request: queue_pb2.ListRequestsRequest, context: Context
+        self, request: queue_pb2.ListRequestsRequest, context: ServicerContext
     ) -> queue_pb2.ListRequestsResponse:
         principal = authz.principal()
         limit = _page_size(request.page_size, 50, 500)
@@ -172,7 +171,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         )
 
     async def CancelRequest(
-        self, request: queue_pb2.CancelRequestRequest, context: Context
+        self, request: queue_pb2.CancelRequestRequest, context: ServicerContext
     ) -> queue_pb2.CancelRequestResponse:
         principal = authz.principal()
         request_id = await self._request_id(request.request_id, context)
@@ -189,7 +188,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     # -- lanes -----------------------------------------------------------------------------
 
     async def GetLane(
-        self, request: queue_pb2.GetLaneRequest, context: Context
+        self, request: queue_pb2.GetLaneRequest, context: ServicerContext
     ) -> queue_pb2.GetLaneResponse:
         principal = authz.principal()
         found = await self._store.lane(uuid.UUID(principal.user_id))
@@ -199,7 +198,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         return queue_pb2.GetLaneResponse(lane=_lane(row, pending))
 
     async def ListLanes(
-        self, request: queue_pb2.ListLanesRequest, context: Context
+        self, request: queue_pb2.ListLanesRequest, context: ServicerContext
     ) -> queue_pb2.ListLanesResponse:
         limit = _page_size(request.page_size, 1000, 10_000)
         after = await _page_token(request.page_token, context)
@@ -210,7 +209,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         return queue_pb2.ListLanesResponse(lanes=[_lane(r, 0) for r in rows], next_page_token=token)
 
     async def ListDeadRequests(
-        self, request: queue_pb2.ListDeadRequestsRequest, context: Context
+        self, request: queue_pb2.ListDeadRequestsRequest, context: ServicerContext
     ) -> queue_pb2.ListDeadRequestsResponse:
         principal = authz.principal()
         limit = _page_size(request.page_size, 50, 500)
@@ -228,7 +227,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         )
 
     async def ReplayDeadRequest(
-        self, request: queue_pb2.ReplayDeadRequestRequest, context: Context
+        self, request: queue_pb2.ReplayDeadRequestRequest, context: ServicerContext
     ) -> queue_pb2.ReplayDeadRequestResponse:
         principal = authz.principal()
         request_id = await self._request_id(request.request_id, context)
@@ -253,12 +252,12 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         )
         try:
             _, future = await self._d.admit(replay, principal)
-            admission = await asyncio.shield(future)
+            admitted = await asyncio.shield(future)
         except InvalidEnqueue as exc:
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except Rejection as rej:
             await abort_retry(context, rejection_code(rej), str(rej), rej.retry_after_ms)
-        return queue_pb2.ReplayDeadRequestResponse(request_id=str(admission.request_id))
+        return queue_pb2.ReplayDeadRequestResponse(request_id=str(admitted.request_id))
 
 
 def _lane(row: Any, pending: int) -> queue_pb2.Lane:

@@ -60,6 +60,8 @@ class OutboxItem:
     # have been published before (by a replica that died before deleting its row), so the
     # worker checks the log before running it.
     recovered: bool = False
+    # When this replica's relay took it over (perf_counter), for the relay stage's metric.
+    handed_at: float = 0.0
 
 
 def _outbox_item(p: Pending, lane_pos: int) -> OutboxItem:

@@ -22,7 +22,7 @@ from fairlane.common.v1 import lane_pb2
 from fairlane.handlers import Hooks, PermanentError, PlainContext
 from services.core import metrics, status, tracing
 from services.core.logging import get_logger
-from services.worker.context import HandlerContext
+from services.worker.context import AttemptContext
 from services.worker.dead_letters import DeadLetters
 from services.worker.registry import Handler
 from services.worker.store import Attempt, Outcome
@@ -125,7 +125,7 @@ class Attempts:
                 )
             attempt = Attempt(number, datetime.now(UTC))
             attempts.append(attempt)
-            ctx = HandlerContext(
+            ctx = AttemptContext(
                 request_id=item.request_id,
                 user_id=batch.user_id,
                 attempt=number,
@@ -203,7 +203,7 @@ class Attempts:
 
     # -- one attempt -----------------------------------------------------------------------
 
-    def _start(self, spec: Handler, ctx: HandlerContext, payload: bytes) -> Awaitable[Any]:
+    def _start(self, spec: Handler, ctx: AttemptContext, payload: bytes) -> Awaitable[Any]:
         if spec.is_async:
             coro: Awaitable[Any] = spec.fn(ctx, payload)
             return asyncio.ensure_future(coro)
@@ -218,7 +218,7 @@ class Attempts:
     async def _call(
         self,
         spec: Handler,
-        ctx: HandlerContext,
+        ctx: AttemptContext,
         payload: bytes,
         request_id: uuid.UUID,
         number: int,
@@ -263,14 +263,14 @@ class Attempts:
 
     # -- hooks -----------------------------------------------------------------------------
 
-    async def _before(self, ctx: HandlerContext, handler: str) -> None:
+    async def _before(self, ctx: AttemptContext, handler: str) -> None:
         for hooks in self._hooks:
             try:
                 await hooks.before_request(ctx, handler)
             except Exception:
                 log.exception("before_request_hook_failed", handler=handler)
 
-    async def _after(self, ctx: HandlerContext, handler: str, outcome: str, error: str) -> None:
+    async def _after(self, ctx: AttemptContext, handler: str, outcome: str, error: str) -> None:
         for hooks in self._hooks:
             try:
                 await hooks.after_request(ctx, handler, outcome, error)

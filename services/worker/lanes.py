@@ -14,13 +14,13 @@ from services.core.logging import get_logger
 log = get_logger(__name__)
 
 
-class Lane:
+class ConsumedLane:
     """One lane: deliveries are processed one message at a time, in order."""
 
     def __init__(
         self,
         user_id: str,
-        process: Callable[[Lane, Delivery], Awaitable[None]],
+        process: Callable[[ConsumedLane, Delivery], Awaitable[None]],
         on_failed: Callable[[str], None],
     ) -> None:
         self.user_id = user_id
@@ -91,12 +91,12 @@ class LaneSet:
         broker: Broker,
         *,
         prefetch: int,
-        process: Callable[[Lane, Delivery], Awaitable[None]],
+        process: Callable[[ConsumedLane, Delivery], Awaitable[None]],
     ) -> None:
         self._broker = broker
         self._prefetch = prefetch
         self._process = process
-        self.lanes: dict[str, Lane] = {}
+        self.lanes: dict[str, ConsumedLane] = {}
         self.accepting = True  # False once the worker drains: no lane is taken again
         self._lock = asyncio.Lock()
         self._failures: dict[str, int] = {}
@@ -114,7 +114,7 @@ class LaneSet:
                     return
                 del self.lanes[user_id]
                 await existing.release()
-            lane = Lane(user_id, self._process, self.rebuild_later)
+            lane = ConsumedLane(user_id, self._process, self.rebuild_later)
             try:
                 lane.consumer = await self._broker.consume_lane(
                     user_id, lane.on_delivery, prefetch=self._prefetch

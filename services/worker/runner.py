@@ -26,7 +26,7 @@ from services.core.broker import Broker, Delivery, lane_queue
 from services.core.logging import get_logger
 from services.worker.attempts import Attempts, Stats
 from services.worker.dead_letters import DeadLetters
-from services.worker.lanes import Lane, LaneSet
+from services.worker.lanes import ConsumedLane, LaneSet
 from services.worker.registry import Handler
 from services.worker.store import Outcome, StoredState, WorkerStore
 from services.worker.writer import ResultWriter, WriteFailed
@@ -91,11 +91,12 @@ class Runner:
         # Requests run here whose outcome is not yet written: a copy of one (republished
         # from the outbox) arriving meanwhile is skipped rather than run twice.
         self._inflight: set[uuid.UUID] = set()
+        metrics.ITEM_FAILURES.labels("worker")  # exported at 0 from the start
 
     # -- what the servicer and discovery read ------------------------------------------------
 
     @property
-    def lanes(self) -> dict[str, Lane]:
+    def lanes(self) -> dict[str, ConsumedLane]:
         return self._lanes.lanes
 
     @property
@@ -164,7 +165,7 @@ class Runner:
         self.state = RunnerState.DRAINED
         return abandoned
 
-    async def _gate(self, lane: Lane) -> None:
+    async def _gate(self, lane: ConsumedLane) -> None:
         if self._resumed.is_set() and lane.resumed.is_set():
             return
         lane.quiet.set()
@@ -195,7 +196,7 @@ class Runner:
                 await asyncio.sleep(random.uniform(0, delay))
                 delay = min(delay * 2, 5.0)
 
-    async def process(self, lane: Lane, delivery: Delivery) -> None:
+    async def process(self, lane: ConsumedLane, delivery: Delivery) -> None:
         try:
             batch = lane_pb2.LaneBatch.FromString(delivery.body)
             user = uuid.UUID(batch.user_id)
@@ -263,7 +264,7 @@ class Runner:
 
     async def _run_item(
         self,
-        lane: Lane,
+        lane: ConsumedLane,
         batch: lane_pb2.LaneBatch,
         *,
         user: uuid.UUID,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
-from services.core.amqp import AmqpBroker
+from services.core.amqp import broker_for
 from services.core.auth_client import AuthClient
 from services.core.broker import Broker
 from services.core.db import engine_for
@@ -37,11 +37,7 @@ class WorkerService:
         self._own_engine = engine is None
         self._own_broker = broker is None
         self.engine = engine or engine_for(settings)
-        self.broker: Broker = broker or AmqpBroker(
-            settings.broker_url,
-            lane_max_length=settings.lane_max_length,
-            queue_type=settings.lane_queue_type,
-        )
+        self.broker: Broker = broker or broker_for(settings)
         self.handlers = registry.load(
             settings.handlers, default_attempts=settings.default_max_attempts
         )

@@ -17,7 +17,6 @@ from services.core.grpc_host import ServicerContext, abort
 from services.core.tokens import ROLE_ADMIN
 from services.worker.runner import Runner, RunnerState
 
-Context = ServicerContext
 MAX_DRAIN_SECONDS = 86_400
 _FINISHED = (RunnerState.DRAINING, RunnerState.DRAINED)
 _WIRE_STATE = {
@@ -38,7 +37,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._grace = grace_seconds
 
     async def GetStatus(
-        self, request: worker_pb2.GetStatusRequest, context: Context
+        self, request: worker_pb2.GetStatusRequest, context: ServicerContext
     ) -> worker_pb2.GetStatusResponse:
         r = self._runner
         # Lane ids are user ids and the worker id holds the host name: operators only.
@@ -63,7 +62,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         )
 
     async def ListHandlers(
-        self, request: worker_pb2.ListHandlersRequest, context: Context
+        self, request: worker_pb2.ListHandlersRequest, context: ServicerContext
     ) -> worker_pb2.ListHandlersResponse:
         return worker_pb2.ListHandlersResponse(
             handlers=[
@@ -78,12 +77,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         )
 
     async def _refuse(
-        self, event: str, context: Context, code: grpc.StatusCode, message: str, **fields: Any
+        self,
+        event: str,
+        context: ServicerContext,
+        code: grpc.StatusCode,
+        message: str,
+        **fields: Any,
     ) -> None:
         self._audit(event, context, outcome=code.name, **fields)
         await abort(context, code, message)
 
-    def _audit(self, event: str, context: Context, **fields: Any) -> None:
+    def _audit(self, event: str, context: ServicerContext, **fields: Any) -> None:
         audit(
             event,
             authz.principal(),
@@ -92,7 +96,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             **fields,
         )
 
-    async def _check_lane(self, event: str, lane: str, context: Context) -> None:
+    async def _check_lane(self, event: str, lane: str, context: ServicerContext) -> None:
         if self._runner.state in _FINISHED:
             await self._refuse(
                 event,
@@ -111,7 +115,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             )
 
     async def Pause(
-        self, request: worker_pb2.PauseRequest, context: Context
+        self, request: worker_pb2.PauseRequest, context: ServicerContext
     ) -> worker_pb2.PauseResponse:
         await self._check_lane("worker.pause", request.lane, context)
         self._runner.pause(request.lane)
@@ -119,7 +123,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         return worker_pb2.PauseResponse(state=_wire(self._runner.state))
 
     async def Resume(
-        self, request: worker_pb2.ResumeRequest, context: Context
+        self, request: worker_pb2.ResumeRequest, context: ServicerContext
     ) -> worker_pb2.ResumeResponse:
         await self._check_lane("worker.resume", request.lane, context)
         self._runner.resume(request.lane)
@@ -127,7 +131,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         return worker_pb2.ResumeResponse(state=_wire(self._runner.state))
 
     async def Drain(
-        self, request: worker_pb2.DrainRequest, context: Context
+        self, request: worker_pb2.DrainRequest, context: ServicerContext
     ) -> worker_pb2.DrainResponse:
         if not 0 <= request.timeout_seconds <= MAX_DRAIN_SECONDS:
             await self._refuse(

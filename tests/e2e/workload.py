@@ -30,7 +30,7 @@ import grpc
 import sqlalchemy as sa
 from google.protobuf import timestamp_pb2
 
-from fairlane.bench.stats import LaneStats
+from fairlane.bench.stats import LaneRecord
 from fairlane.common.v1 import common_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
@@ -102,7 +102,7 @@ def cancel_named(rejected: queue_pb2.Rejected) -> str:
 class MainLane:
     """One lane of the main client: the bench's bookkeeping plus what a check needs."""
 
-    stats: LaneStats
+    stats: LaneRecord
     token: str
     sent: list[queue_pb2.EnqueueRequest] = field(default_factory=list)
     ids: dict[int, str] = field(default_factory=dict)  # request index -> request_id
@@ -143,7 +143,7 @@ class MainClient:
             *(new_user(self.suite.target("auth")) for _ in range(self.case.lanes))
         )
         for i, (user_id, token) in enumerate(users):
-            stats = LaneStats(index=i, username=f"main-{i}", user_id=user_id, prefix=f"m{i}.")
+            stats = LaneRecord(index=i, username=f"main-{i}", user_id=user_id, prefix=f"m{i}.")
             self.lanes.append(MainLane(stats, token))
 
     def _request(self, lane: MainLane, i: int) -> queue_pb2.EnqueueRequest:

@@ -14,8 +14,9 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.core import status
-from services.core.broker import Broker, LaneMissing
+from services.core.broker import Broker, BrokerError, LaneMissing
 from services.core.db import create_engine
+from services.core.memory_broker import MemoryBroker
 from services.core.models import lanes, requests, users
 from services.queue.hub import Hub
 from services.queue.janitor import LaneJanitor
@@ -265,3 +266,40 @@ async def waits_for_a_lock(engine: AsyncEngine, pids: list[int]) -> bool:
             sa.text("SELECT cardinality(pg_blocking_pids(:pid)) > 0"), {"pid": pids[0]}
         )
         return bool(waiting.scalar_one())
+
+
+class UnansweredDeletes(MemoryBroker):
+    """A broker whose first `lost` lane deletions are carried out but never answered, as
+    when the connection drops or the call times out after the broker got it."""
+
+    def __init__(self, lost: int) -> None:
+        super().__init__(lane_max_length=10)
+        self.lost = lost
+
+    async def delete_lane(self, user_id: str) -> bool:
+        deleted = await super().delete_lane(user_id)
+        if self.lost > 0:
+            self.lost -= 1
+            raise BrokerError("connection lost before the answer")
+        return deleted
+
+
+@pytest.mark.parametrize("lost", [2, 99])
+async def test_an_unanswered_delete_is_asked_again_before_the_claim_ends(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch, lost: int
+) -> None:
+    monkeypatch.setattr("services.queue.janitor.SETTLE_PAUSES", (0.01, 0.01, 0.01))
+    broker = UnansweredDeletes(lost)
+    await broker.connect()
+    (lane,) = await add_lanes(engine, broker, 1)
+    deleted = await janitor(engine, broker, Hub()).sweep()
+    recorded = await LaneHousekeepingStore(engine).deleted_at(uuid.UUID(lane))
+    if lost <= 3:
+        # Asked again until the broker answered: a definite deletion, recorded.
+        assert deleted == [lane]
+        assert recorded is not None
+    else:
+        # Never answered: the claim is given up (and logged), nothing recorded.
+        assert deleted == []
+        assert recorded is None
+    await broker.close()
