@@ -74,7 +74,7 @@ test: tools services lint tstest pytest
 SOAK_SCALE ?= 10
 SOAK_EXAMPLES ?= 200
 SOAK_TESTS ?= tests/e2e/test_workload_matrix.py tests/e2e/test_cluster_drills.py \
-	tests/integration/test_lane_stateful.py
+	tests/e2e/test_rebalance.py tests/integration/test_lane_stateful.py
 
 soak: install services
 	FAIRLANE_SOAK_SCALE=$(SOAK_SCALE) FAIRLANE_STATEFUL_EXAMPLES=$(SOAK_EXAMPLES) \

@@ -1,4 +1,4 @@
-"""Server-side command implementations behind `fairlane serve` and `fairlane migrate`."""
+"""Server-side command implementations behind `fairlane serve`, `migrate` and `maintain`."""
 
 from __future__ import annotations
 
@@ -55,3 +55,30 @@ def migrate_database() -> None:
         print(f"fairlane migrate: cannot reach the database: {exc}", file=sys.stderr)
         raise SystemExit(1) from exc
     print("database is at the newest schema version")
+
+
+def maintain_database(*, retention_days: float | None) -> None:
+    """One log maintenance pass: partitions ahead, retention (see services/queue/retention)."""
+    from services.core.db import create_engine
+    from services.queue.retention import Retention, describe
+    from services.queue.retention_store import RetentionStore
+
+    settings = Settings()
+    fl_logging.configure("maintain")
+    days = settings.retention_days if retention_days is None else retention_days
+
+    async def main() -> str:
+        engine = create_engine(
+            settings.database_url, schema=settings.database_schema, pool_size=1, timeout=300.0
+        )
+        try:
+            report = await Retention(RetentionStore(engine), days=days).run_once()
+        finally:
+            await engine.dispose()
+        return describe(report)
+
+    try:
+        print(asyncio.run(main()))
+    except OSError as exc:
+        print(f"fairlane maintain: cannot reach the database: {exc}", file=sys.stderr)
+        raise SystemExit(1) from exc

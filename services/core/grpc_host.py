@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from typing import Any, NoReturn, TypeAlias
 
@@ -10,7 +9,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fairlane.client.channels import grpc_target
+from fairlane.client.channels import CHANNEL_OPTIONS, grpc_target
 from services.core import tracing
 from services.core.authz import AuthzInterceptor
 from services.core.grpc_metrics import MetricsInterceptor
@@ -30,16 +29,6 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.so_reuseport", 0),
 ]
 
-CHANNEL_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    # A target naming several replicas (a list, or dns:/// with many records): spread the
-    # calls and skip a dead replica, instead of sticking to the first address.
-    ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
-]
 
 # The health service name that answers for the process alone: SERVING while its event loop
 # runs (a stuck loop cannot answer), whatever its dependencies do. Liveness and startup

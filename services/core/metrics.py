@@ -11,6 +11,14 @@ ACCEPTED = Counter("fairlane_accepted", "Requests accepted by the queue service.
 REJECTIONS = Counter("fairlane_rejections", "Enqueues rejected, by reason.", ["reason"])
 IN_FLIGHT = Gauge("fairlane_in_flight", "Requests running on this worker.")
 ACTIVE_LANES = Gauge("fairlane_active_lanes", "Lanes this worker consumes.")
+BUSY_LANES = Gauge(
+    "fairlane_busy_lanes",
+    "Lanes this worker is the active consumer of (a delivery within the busy window).",
+)
+LANES_RELEASED = Counter(
+    "fairlane_lanes_released",
+    "Lanes this worker handed to another replica to even out the busy lanes.",
+)
 LANE_DEPTH = Gauge("fairlane_lane_depth", "Queued (not yet started) requests in the deepest lane.")
 LANE_DEPTH_TOTAL = Gauge("fairlane_lane_depth_total", "Queued requests across all lanes.")
 OPEN_SESSIONS = Gauge("fairlane_open_sessions", "Session streams open on this queue replica.")

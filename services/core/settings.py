@@ -151,7 +151,16 @@ class Settings(BaseSettings):
         default=30.0,
         description="A batch stage with work but no progress this long turns health NOT_SERVING.",
     )
-    retry_after_ms: int = 1000
+    retry_after_ms: int = Field(
+        default=1000,
+        description="RetryInfo delay of a rejection for our trouble: the request log or the "
+        "workers unreachable, shutting down, too many streams.",
+    )
+    overload_retry_after_ms: int = Field(
+        default=500,
+        description="RetryInfo delay when FAIRLANE_MAX_PENDING_WRITES requests wait (it clears "
+        "as soon as a batch commits, so sooner than FAIRLANE_RETRY_AFTER_MS).",
+    )
     user_rate_per_second: float = Field(
         default=5000.0, description="Sustained enqueues per second per user (token bucket)."
     )
@@ -161,6 +170,14 @@ class Settings(BaseSettings):
     )
     lane_idle_ttl_seconds: float = Field(
         default=600.0, description="Delete a lane queue idle and empty for this long."
+    )
+    retention_days: float = Field(
+        default=30.0,
+        ge=0,
+        description="Finished requests are removed this long after their result; 0 keeps all.",
+    )
+    maintenance_interval_seconds: float = Field(
+        default=3600.0, gt=0, description="How often a queue replica runs log maintenance."
     )
     database_timeout_seconds: float = 10.0
     breaker_threshold: int = 5
@@ -179,7 +196,15 @@ class Settings(BaseSettings):
     hooks: list[str] = Field(
         default_factory=list, description="Worker lifecycle hooks as module:attr."
     )
+    lane_discovery_seconds: float = Field(
+        default=10.0,
+        description="How often a worker lists the lanes (ListLanes) besides the lane events.",
+    )
     grace_seconds: float = 20.0
+    rebalance_interval_seconds: float = Field(
+        default=2.0,
+        description="How often a worker compares its busy lanes with its fair share; 0: never.",
+    )
 
     @cached_property
     def reply_route(self) -> str:

@@ -13,7 +13,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.core import status
 from services.core.db import upsert
-from services.core.models import handlers, lanes, outbox, request_events, requests
+from services.core.models import (
+    handlers,
+    idempotency_keys,
+    lanes,
+    outbox,
+    request_events,
+    requests,
+)
 
 
 @dataclass(slots=True)
@@ -119,6 +126,13 @@ _PG_ACCEPT = sa.text(
     ), ev AS (
       INSERT INTO request_events (request_id, at, status, attempt, detail)
       SELECT id, enqueued_at, 'QUEUED', 0, '' FROM r
+    ), ik AS (
+      -- A key another transaction holds makes the statement fail (the intake then finds
+      -- the request that holds it); one still uncommitted makes it wait for that outcome.
+      INSERT INTO idempotency_keys (user_id, idempotency_key, request_id)
+      SELECT u, k, i FROM unnest(CAST(:users AS uuid[]), CAST(:keys AS text[]),
+                                 CAST(:ids AS uuid[])) AS y(u, k, i)
+      WHERE k IS NOT NULL
     ), ob AS (
       INSERT INTO outbox (request_id, user_id, lane_pos, reply_route, traceparent, created_at)
       SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:users AS uuid[]),
@@ -171,12 +185,13 @@ class RequestStore:
         if not keys:
             return {}
         async with self._engine.connect() as conn:
+            k = idempotency_keys.c
             rows = await conn.execute(
-                sa.select(requests.c.user_id, requests.c.idempotency_key, requests.c.id).where(
-                    sa.tuple_(requests.c.user_id, requests.c.idempotency_key).in_(list(keys))
+                sa.select(k.user_id, k.idempotency_key, k.request_id).where(
+                    sa.tuple_(k.user_id, k.idempotency_key).in_(list(keys))
                 )
             )
-            return {(r.user_id, r.idempotency_key): r.id for r in rows}
+            return {(r.user_id, r.idempotency_key): r.request_id for r in rows}
 
     async def accept(
         self, batch: Sequence[Pending], *, lane_limit: int
@@ -192,6 +207,9 @@ class RequestStore:
         now = datetime.now(UTC)
         by_lane: dict[uuid.UUID, list[Pending]] = {}
         for p in batch:
+            if p.request.id.version != 7:
+                # The log is partitioned by the time in the id (see migration 0005).
+                raise ValueError(f"request id {p.request.id} is not a UUIDv7")
             by_lane.setdefault(p.request.user_id, []).append(p)
         users = sorted(by_lane)
         async with self._engine.connect() as conn:
@@ -296,6 +314,13 @@ class RequestStore:
             request_events.insert(),
             [{"request_id": r.id, "at": r.enqueued_at, "status": status.QUEUED} for r in requests_],
         )
+        keyed = [
+            {"user_id": r.user_id, "idempotency_key": r.idempotency_key, "request_id": r.id}
+            for r in requests_
+            if r.idempotency_key is not None
+        ]
+        if keyed:
+            await conn.execute(idempotency_keys.insert(), keyed)
         await conn.execute(
             outbox.insert(),
             [

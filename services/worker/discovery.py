@@ -28,7 +28,7 @@ class LaneDiscovery:
         *,
         queue_target: str,
         service_secret: str,
-        interval: float = 10.0,
+        interval: float,
     ) -> None:
         self._runner = runner
         self._broker = broker
@@ -75,7 +75,8 @@ class LaneDiscovery:
         seen = 0
         while True:
             response = await self._queue.ListLanes(
-                queue_pb2.ListLanesRequest(page_size=1000, page_token=page),
+                # No page_size: the queue's own default page.
+                queue_pb2.ListLanesRequest(page_token=page),
                 metadata=(("authorization", f"Bearer {token}"),),
                 timeout=10,
             )
@@ -91,21 +92,11 @@ class LaneDiscovery:
                 return seen
             page = response.next_page_token
 
-    async def _repair(self) -> int:
-        """Consumes again every lane whose consumer died (connection lost, or the broker
-        cancelled it because the janitor deleted the lane); returns how many. A deleted
-        lane is left alone: its next request declares and announces it again."""
-        dead = [u for u, lane in list(self._runner.lanes.items()) if not lane.alive]
-        for user_id in dead:
-            with contextlib.suppress(LaneMissing):
-                await self._runner.add_lane(user_id)
-        return len(dead)
-
     async def _poll(self) -> None:
         delay = 0.2
         while True:
             try:
-                repaired = await self._repair()
+                repaired = await self._runner.repair()
                 if repaired:
                     log.info("lanes_repaired", count=repaired)
                 await self.sync_once()

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.core import status
 from services.core.db import upsert
 from services.core.models import handlers, lanes, request_events, requests
-from services.core.notify import NOTIFY, notify_statements
+from services.core.notify import notify_statements
 from services.worker.registry import Handler
 
 
@@ -114,7 +114,6 @@ class WorkerStore:
         them in, so the two services never deadlock on them."""
         users = sorted(counts)
         if self._dialect == "postgresql":
-            await conn.execute(_PG_LOCK_LANES, {"users": users})
             rows = await conn.execute(
                 _PG_ASSIGN_SEQS, {"users": users, "counts": [counts[u] for u in users]}
             )
@@ -213,16 +212,12 @@ class WorkerStore:
             for o in outcomes:
                 o.lane_seq = next_seq[o.user_id]
                 next_seq[o.user_id] += 1
-            await self._write_outcomes(conn, outcomes)
-            if self._notify_channel:
-                # Watchers on any replica learn at commit that these users have results.
-                for payload in notify_statements([str(u) for u in counts]):
-                    await conn.execute(
-                        NOTIFY, {"channel": self._notify_channel, "payload": payload}
-                    )
+            await self._write_outcomes(conn, outcomes, counts)
         return outcomes
 
-    async def _write_outcomes(self, conn: Any, outcomes: list[Outcome]) -> None:
+    async def _write_outcomes(
+        self, conn: Any, outcomes: list[Outcome], counts: dict[uuid.UUID, int]
+    ) -> None:
         rows = [
             {
                 "b_id": o.request_id,
@@ -262,6 +257,11 @@ class WorkerStore:
                     "e_statuses": [e[2] for e in events],
                     "e_attempts": [e[3] for e in events],
                     "e_details": [e[4] for e in events],
+                    # Watchers on any replica learn at commit that these users have results.
+                    "channel": self._notify_channel,
+                    "notes": (
+                        notify_statements([str(u) for u in counts]) if self._notify_channel else []
+                    ),
                 },
             )
             return
@@ -294,16 +294,20 @@ def clean_text(text: str) -> str:
     return text.replace("\x00", "\\x00") if "\x00" in text else text
 
 
-_PG_LOCK_LANES = sa.text(
-    "SELECT user_id FROM lanes WHERE user_id = ANY(CAST(:users AS uuid[])) "
-    "ORDER BY user_id FOR UPDATE"
-)
-
+# The lane rows are locked in user-id order by the sub-select (the order the queue's intake
+# locks them in, so the two never deadlock), then numbered: one round trip.
 _PG_ASSIGN_SEQS = sa.text(
     """
     UPDATE lanes SET last_seq = lanes.last_seq + v.n
-    FROM unnest(CAST(:users AS uuid[]), CAST(:counts AS bigint[])) AS v(u, n)
-    WHERE lanes.user_id = v.u
+    FROM (
+      SELECT l.user_id, w.n
+      FROM lanes AS l
+      JOIN unnest(CAST(:users AS uuid[]), CAST(:counts AS bigint[])) AS w(u, n)
+        ON l.user_id = w.u
+      ORDER BY l.user_id
+      FOR UPDATE OF l
+    ) AS v
+    WHERE lanes.user_id = v.user_id
     RETURNING lanes.user_id, lanes.last_seq
     """
 )
@@ -317,7 +321,9 @@ _PG_MARK_RUNNING = sa.text(
     """
 )
 
-# One statement for the outcomes and their events: one round trip per batch.
+# One statement for the outcomes, their events and the change notification: one round
+# trip per batch. A plain SELECT in a WITH runs only if referenced, hence the `nt` check in
+# the WHERE clause (an uncorrelated sub-select: evaluated once).
 _PG_WRITE_OUTCOMES = sa.text(
     """
     WITH ev AS (
@@ -325,6 +331,8 @@ _PG_WRITE_OUTCOMES = sa.text(
       SELECT * FROM unnest(CAST(:e_ids AS uuid[]), CAST(:e_ats AS timestamptz[]),
                            CAST(:e_statuses AS text[]), CAST(:e_attempts AS int[]),
                            CAST(:e_details AS text[]))
+    ), nt AS (
+      SELECT pg_notify(CAST(:channel AS text), p) FROM unnest(CAST(:notes AS text[])) AS p
     )
     UPDATE requests
     SET status = v.s, output = v.o, error = v.e, attempts = v.a, started_at = v.st,
@@ -333,6 +341,6 @@ _PG_WRITE_OUTCOMES = sa.text(
                 CAST(:errors AS text[]), CAST(:attempts AS int[]),
                 CAST(:started AS timestamptz[]), CAST(:finished AS timestamptz[]),
                 CAST(:seqs AS bigint[])) AS v(i, s, o, e, a, st, f, q)
-    WHERE requests.id = v.i
+    WHERE requests.id = v.i AND (SELECT count(*) FROM nt) >= 0
     """
 )

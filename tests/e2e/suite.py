@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,3 +130,20 @@ class Suite:
         for name in reversed(list(self.procs)):
             codes[name] = self.stop(name)
         return codes
+
+
+@contextlib.asynccontextmanager
+async def serving(suite: Suite) -> AsyncIterator[Suite]:
+    """Runs auth, then queue and worker, for the block; then stops them all and asserts that
+    each exited cleanly (their logs are in the failure message)."""
+    try:
+        suite.start("auth")
+        await suite.wait_serving("auth")
+        suite.start("queue")
+        suite.start("worker")
+        await suite.wait_serving("queue")
+        await suite.wait_serving("worker")
+        yield suite
+    finally:
+        codes = suite.stop_all()
+    assert codes == {"worker": 0, "queue": 0, "auth": 0}, {n: suite.log(n) for n in codes}

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from uuid_utils.compat import uuid7
 
 from services.core import status
 from services.core.broker import Broker, BrokerError, LaneMissing
@@ -66,7 +67,7 @@ async def add_queued_request(engine: AsyncEngine, user_id: str) -> None:
     async with engine.begin() as conn:
         await conn.execute(
             requests.insert().values(
-                id=uuid.uuid4(),
+                id=uuid7(),
                 user_id=uuid.UUID(user_id),
                 handler="noop",
                 payload=b"",
@@ -232,7 +233,7 @@ async def test_an_enqueue_after_the_claim_waits_and_finds_the_lane_gone(
 async def add_queued_request_in(conn: AsyncConnection, user_id: str) -> None:
     await conn.execute(
         requests.insert().values(
-            id=uuid.uuid4(),
+            id=uuid7(),
             user_id=uuid.UUID(user_id),
             handler="noop",
             payload=b"",

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
+from uuid_utils.compat import uuid7
 
 from services.core import status
 from services.core.db import create_engine, drop_schema, migrate
@@ -62,7 +63,8 @@ async def _user(engine: AsyncEngine) -> uuid.UUID:
 
 def _request(user: uuid.UUID, key: str | None = None) -> NewRequest:
     return NewRequest(
-        id=uuid.uuid4(),
+        # Request ids are UUIDv7, as the queue makes them: the log is partitioned by their time.
+        id=uuid7(),
         user_id=user,
         handler="echo",
         payload=b"p",

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from fairlane.cli.connection import Connection, connected
 from fairlane.cli.main import app
 
-SERVER_COMMANDS = {"serve", "migrate", "dev", "bench"}
+SERVER_COMMANDS = {"serve", "migrate", "maintain", "dev", "bench"}
 CONNECTION_OPTIONS = {
     "--auth-target",
     "--queue-target",
