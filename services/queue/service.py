@@ -9,16 +9,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fairlane.common.v1 import lane_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
-from services.core.amqp import broker_for
 from services.core.auth_client import AuthClient
+from services.core.backends import Backends
 from services.core.breaker import CircuitBreaker
 from services.core.broker import Broker
-from services.core.db import create_engine, engine_for
+from services.core.db import create_engine
 from services.core.grpc_host import GrpcHost
 from services.core.health import DependencyMonitor
 from services.core.logging import get_logger
 from services.core.notify import ResultListener, results_channel
 from services.core.settings import Settings
+from services.core.transport import Transport
 from services.queue.admission import Admission
 from services.queue.catalog import HandlerCatalog
 from services.queue.domain import QueueDomain, StreamLimits
@@ -51,13 +52,14 @@ class QueueService:
     ) -> None:
         s = settings
         self._settings = settings
-        self._own_engine = engine is None
-        self._own_broker = broker is None
-        self.engine = engine or engine_for(s)
+        self._backends = Backends(s, engine=engine, broker=broker)
+        self.engine, self.broker = self._backends.engine, self._backends.broker
         self._maintenance: AsyncEngine | None = None
-        self.broker: Broker = broker or broker_for(s)
-        self.host = GrpcHost(s.queue_listen, [SERVICE_NAME])
-        self._auth = AuthClient(s.auth_target)
+        transport = Transport.from_settings(s)
+        self.host = GrpcHost(
+            s.queue_listen, [SERVICE_NAME], transport=transport, reflection_enabled=s.reflection
+        )
+        self._auth = AuthClient(s.auth_target, transport=transport)
         self.hub = Hub()
         store = RequestStore(self.engine)
         self.relay = LaneRelay(
@@ -143,7 +145,7 @@ class QueueService:
         may wait on partition locks, which the request path's pool must never do. On
         SQLite (one file, one process), or with an engine handed in, it shares that."""
         s = self._settings
-        if self.engine.dialect.name != "postgresql" or not self._own_engine:
+        if self.engine.dialect.name != "postgresql" or not self._backends.owns_engine:
             return self.engine
         self._maintenance = create_engine(
             s.database_url, schema=s.database_schema, pool_size=1, timeout=300.0
@@ -169,8 +171,7 @@ class QueueService:
     async def start(self) -> None:
         await self._auth.wait_ready(timeout=60)
         await self._verifier.refresh()
-        if self._own_broker:
-            await self.broker.connect()
+        await self._backends.connect()
         await self.broker.consume_results(self._settings.reply_route, self.hub.on_message)
         await self.broker.consume_control(self._on_control)
         if self._listener is not None:
@@ -192,10 +193,7 @@ class QueueService:
         await self.relay.stop(timeout=min(grace, 5.0))
         if self._listener is not None:
             await self._listener.stop()
-        if self._own_broker:
-            await self.broker.close()
         await self._auth.close()
         if self._maintenance is not None:
             await self._maintenance.dispose()
-        if self._own_engine:
-            await self.engine.dispose()
+        await self._backends.close()

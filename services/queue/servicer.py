@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from fairlane.common.v1 import common_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from services.core import authz, status
 from services.core.broker import BrokerError, lane_queue
@@ -84,6 +85,38 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         except ValueError:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "request_id is not a valid id")
 
+    async def _own_request(self, principal: Principal, text: str, context: ServicerContext) -> Any:
+        """The caller's request of that id; NOT_FOUND whether it is another user's or none."""
+        row = await self._store.get(
+            uuid.UUID(principal.user_id), await self._request_id(text, context)
+        )
+        if row is None:
+            await abort(context, grpc.StatusCode.NOT_FOUND, "no such request")
+        return row
+
+    async def _request_page(
+        self,
+        principal: Principal,
+        page_size: int,
+        page_token: str,
+        context: ServicerContext,
+        *,
+        status_name: str | None,
+        with_bodies: bool = False,
+    ) -> tuple[list[common_pb2.Request], str]:
+        """One page of the caller's requests, newest first, and the token of the next."""
+        limit = REQUESTS_PAGE.of(page_size)
+        before = await _page_token(page_token, context)
+        rows = await self._store.list_requests(
+            uuid.UUID(principal.user_id),
+            status_name=status_name,
+            limit=limit,
+            before=before,
+            with_bodies=with_bodies,
+        )
+        token = _encode_token(rows[-1].id) if len(rows) == limit else ""
+        return [request_from_row(r) for r in rows], token
+
     # -- enqueue paths ---------------------------------------------------------------------
 
     async def Enqueue(
@@ -156,19 +189,12 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def GetRequest(
         self, request: queue_pb2.GetRequestRequest, context: ServicerContext
     ) -> queue_pb2.GetRequestResponse:
-        principal = authz.principal()
-        request_id = await self._request_id(request.request_id, context)
-        row = await self._store.get(uuid.UUID(principal.user_id), request_id)
-        if row is None:
-            await abort(context, grpc.StatusCode.NOT_FOUND, "no such request")
+        row = await self._own_request(authz.principal(), request.request_id, context)
         return queue_pb2.GetRequestResponse(request=request_from_row(row))
 
     async def ListRequests(
         self, request: queue_pb2.ListRequestsRequest, context: ServicerContext
     ) -> queue_pb2.ListRequestsResponse:
-        principal = authz.principal()
-        limit = REQUESTS_PAGE.of(request.page_size)
-        before = await _page_token(request.page_token, context)
         status_name = None
         if request.HasField("status"):
             # Explicit presence: a set but unknown or UNSPECIFIED status (a misspelt enum
@@ -180,13 +206,14 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"status {request.status} is not a request status; leave it unset for all",
                 )
-        rows = await self._store.list_requests(
-            uuid.UUID(principal.user_id), status_name=status_name, limit=limit, before=before
+        page, token = await self._request_page(
+            authz.principal(),
+            request.page_size,
+            request.page_token,
+            context,
+            status_name=status_name,
         )
-        token = _encode_token(rows[-1].id) if len(rows) == limit else ""
-        return queue_pb2.ListRequestsResponse(
-            requests=[request_from_row(r) for r in rows], next_page_token=token
-        )
+        return queue_pb2.ListRequestsResponse(requests=page, next_page_token=token)
 
     async def CancelRequest(
         self, request: queue_pb2.CancelRequestRequest, context: ServicerContext
@@ -232,29 +259,21 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     async def ListDeadRequests(
         self, request: queue_pb2.ListDeadRequestsRequest, context: ServicerContext
     ) -> queue_pb2.ListDeadRequestsResponse:
-        principal = authz.principal()
-        limit = REQUESTS_PAGE.of(request.page_size)
-        before = await _page_token(request.page_token, context)
-        rows = await self._store.list_requests(
-            uuid.UUID(principal.user_id),
+        page, token = await self._request_page(
+            authz.principal(),
+            request.page_size,
+            request.page_token,
+            context,
             status_name=status.DEAD,
-            limit=limit,
-            before=before,
             with_bodies=True,
         )
-        token = _encode_token(rows[-1].id) if len(rows) == limit else ""
-        return queue_pb2.ListDeadRequestsResponse(
-            requests=[request_from_row(r) for r in rows], next_page_token=token
-        )
+        return queue_pb2.ListDeadRequestsResponse(requests=page, next_page_token=token)
 
     async def ReplayDeadRequest(
         self, request: queue_pb2.ReplayDeadRequestRequest, context: ServicerContext
     ) -> queue_pb2.ReplayDeadRequestResponse:
         principal = authz.principal()
-        request_id = await self._request_id(request.request_id, context)
-        row = await self._store.get(uuid.UUID(principal.user_id), request_id)
-        if row is None:
-            await abort(context, grpc.StatusCode.NOT_FOUND, "no such request")
+        row = await self._own_request(principal, request.request_id, context)
         if row.status != status.DEAD:
             await abort(
                 context, grpc.StatusCode.FAILED_PRECONDITION, f"request is {row.status}, not DEAD"

@@ -8,7 +8,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 
 from services.core import metrics
-from services.core.broker import Broker, BrokerError, Delivery, LaneConsumer
+from services.core.broker import Broker, BrokerError, Delivery, LaneConsumer, LaneMissing
 from services.core.logging import get_logger
 
 log = get_logger(__name__)
@@ -134,10 +134,13 @@ class LaneSet:
             await lane.release()
 
     async def repair(self) -> int:
-        """Consumes again every lane whose consumer or task died; returns how many."""
+        """Consumes again every lane whose consumer or task died (connection lost, or the
+        broker cancelled it because the janitor deleted the lane); returns how many. A
+        deleted lane is left alone: its next request declares and announces it again."""
         dead = [u for u, lane in list(self.lanes.items()) if not lane.alive]
         for user_id in dead:
-            await self.add(user_id)
+            with contextlib.suppress(LaneMissing):
+                await self.add(user_id)
         return len(dead)
 
     def rebuild_later(self, user_id: str) -> None:

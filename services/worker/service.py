@@ -6,14 +6,14 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
-from services.core.amqp import broker_for
 from services.core.auth_client import AuthClient
+from services.core.backends import Backends
 from services.core.broker import Broker
-from services.core.db import engine_for
 from services.core.grpc_host import GrpcHost
 from services.core.health import DependencyMonitor
 from services.core.notify import results_channel
 from services.core.settings import Settings
+from services.core.transport import Transport
 from services.worker import registry
 from services.worker.discovery import LaneDiscovery
 from services.worker.presence import PresenceStore
@@ -37,10 +37,8 @@ class WorkerService:
         broker: Broker | None = None,
     ) -> None:
         self._settings = settings
-        self._own_engine = engine is None
-        self._own_broker = broker is None
-        self.engine = engine or engine_for(settings)
-        self.broker: Broker = broker or broker_for(settings)
+        self._backends = Backends(settings, engine=engine, broker=broker)
+        self.engine, self.broker = self._backends.engine, self._backends.broker
         self.handlers = registry.load(
             settings.handlers, default_attempts=settings.default_max_attempts
         )
@@ -65,7 +63,8 @@ class WorkerService:
             worker_id=settings.instance_id,
             hooks=registry.load_hooks(settings.hooks),
         )
-        self._auth = AuthClient(settings.auth_target)
+        transport = Transport.from_settings(settings)
+        self._auth = AuthClient(settings.auth_target, transport=transport)
         self.discovery = LaneDiscovery(
             self.runner,
             self.broker,
@@ -73,6 +72,7 @@ class WorkerService:
             queue_target=settings.queue_target,
             service_secret=settings.service_secret,
             interval=settings.lane_discovery_seconds,
+            transport=transport,
         )
         self.rebalancer = (
             Rebalancer(
@@ -88,6 +88,8 @@ class WorkerService:
             settings.worker_listen,
             [SERVICE_NAME],
             verifier=self._auth.token_verifier(settings),
+            transport=transport,
+            reflection_enabled=settings.reflection,
         )
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(
             WorkerServicer(self.runner, grace_seconds=settings.grace_seconds), self.host.server
@@ -107,8 +109,7 @@ class WorkerService:
     async def start(self) -> None:
         await self.runner.start()
         await self.store.register_handlers(list(self.handlers.values()))
-        if self._own_broker:
-            await self.broker.connect()
+        await self._backends.connect()
         self.writer.start()
         await self.host.start()
         await self.discovery.start()
@@ -128,8 +129,5 @@ class WorkerService:
         await self.writer.stop()
         await self.runner.shutdown()
         await self.host.stop(1.0)
-        if self._own_broker:
-            await self.broker.close()
         await self._auth.close()
-        if self._own_engine:
-            await self.engine.dispose()
+        await self._backends.close()

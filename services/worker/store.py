@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.core import status
@@ -129,11 +128,18 @@ class WorkerStore:
             last[user] = row.scalar_one()
         return last
 
-    def _ids_clause(self, ids: list[uuid.UUID]) -> Any:
-        # = ANY(array) keeps one SQL text (and one prepared statement) for every batch size.
+    async def _lock_requests(self, conn: Any, ids: list[uuid.UUID]) -> Any:
+        """Locks the requests' rows (in id order, as before partitioning) and returns
+        (id, status, lane_seq) of those in the log."""
         if self._dialect == "postgresql":
-            return requests.c.id == sa.any_(sa.cast(sa.literal(ids), ARRAY(sa.Uuid)))
-        return requests.c.id.in_(ids)
+            # A join, not `id = ANY(:ids)`: PostgreSQL prunes day partitions per joined id
+            # at run time, but never for an array parameter (it would probe every day).
+            return await conn.execute(_PG_LOCK_REQUESTS, {"ids": sorted(set(ids))})
+        return await conn.execute(
+            sa.select(requests.c.id, requests.c.status, requests.c.lane_seq)
+            .where(requests.c.id.in_(ids))
+            .with_for_update()
+        )
 
     async def _mark_running(
         self, conn: Any, running: Sequence[tuple[uuid.UUID, int, datetime]]
@@ -183,11 +189,7 @@ class WorkerStore:
             # one that comes later finds the request finished.
             found = {
                 r.id: (r.status, r.lane_seq)
-                for r in await conn.execute(
-                    sa.select(requests.c.id, requests.c.status, requests.c.lane_seq)
-                    .where(self._ids_clause([o.request_id for o in outcomes]))
-                    .with_for_update()
-                )
+                for r in await self._lock_requests(conn, [o.request_id for o in outcomes])
             }
             kept: list[Outcome] = []
             taken: set[uuid.UUID] = set()
@@ -309,6 +311,14 @@ _PG_ASSIGN_SEQS = sa.text(
     ) AS v
     WHERE lanes.user_id = v.user_id
     RETURNING lanes.user_id, lanes.last_seq
+    """
+)
+
+_PG_LOCK_REQUESTS = sa.text(
+    """
+    SELECT r.id, r.status, r.lane_seq
+    FROM unnest(CAST(:ids AS uuid[])) AS v(i) JOIN requests AS r ON r.id = v.i
+    FOR UPDATE OF r
     """
 )
 

@@ -265,3 +265,26 @@ async def test_a_lane_whose_task_breaks_is_rebuilt_and_loses_nothing(user: str) 
     await world.stop()
     assert [o.request_id for o in world.log.outcomes] == ids
     assert world.runner.state == RunnerState.DRAINED
+
+
+async def test_repair_consumes_dead_lanes_again_and_leaves_deleted_ones_alone(user: str) -> None:
+    async def echo(ctx: Any, payload: bytes) -> bytes:
+        return payload
+
+    world = World({"echo": handler("echo", echo)})
+    await world.start(user)
+    deleted = str(uuid.uuid4())
+    await world.broker.declare_lane(deleted)
+    await world.runner.add_lane(deleted)
+    consumer = world.runner.lanes[user].consumer
+    assert consumer is not None
+    await consumer.cancel()  # as when its channel dies with the broker connection
+    assert await world.broker.delete_lane(deleted)  # the janitor deleted it meanwhile
+    assert not world.runner.lanes[user].alive
+    assert await world.runner.repair() == 2
+    assert world.runner.lanes[user].alive
+    assert deleted not in world.runner.lanes
+    ids = await world.publish(user, [b"a"], handler="echo")
+    await world.until_finished(1)
+    await world.stop()
+    assert [o.request_id for o in world.log.outcomes] == ids
