@@ -46,7 +46,8 @@ def run_dev(*, broker: str, database: str, data_dir: str, demo: bool, trace_cons
     if not database:
         Path(data_dir).mkdir(parents=True, exist_ok=True)
         database = f"sqlite+aiosqlite:///{os.path.abspath(data_dir)}/fairlane.db"
-    settings = Settings(database_url=database)
+    # Reflection on, for the grpcurl lines of the banner; loopback listeners need no TLS.
+    settings = Settings(database_url=database, reflection=True)
     if broker != "memory":
         settings = settings.model_copy(update={"broker_url": broker})
     fl_logging.configure("dev", json=False, level="WARNING")

@@ -8,6 +8,8 @@ connections per process.
 - The housekeeping connection declares and deletes lanes and reads their counters. If the
   broker closes it (RabbitMQ answers some refused operations with Connection.Close), only
   housekeeping waits for its reconnect.
+- A worker's lane consumers, one channel each, are on lane connections of their own, as
+  many as its lanes need (amqp_lanes.LaneChannels).
 
 Both connect to any node of FAIRLANE_BROKER_URL and move to another node on loss (see
 amqp_connection.NodeConnection).
@@ -33,6 +35,7 @@ from aio_pika.abc import (
 
 from services.core import metrics
 from services.core.amqp_connection import BrokerUnreachable, NodeConnection, broker_nodes
+from services.core.amqp_lanes import LANES_PER_CONNECTION, LaneChannels
 from services.core.broker import (
     CONTROL_EXCHANGE,
     DEAD_EXCHANGE,
@@ -113,6 +116,10 @@ class AmqpLaneConsumer:
         self.last_delivery = time.monotonic()
 
     @property
+    def channel_number(self) -> int:
+        return int(self._channel.number or 0)
+
+    @property
     def alive(self) -> bool:
         return not self._channel.is_closed and not self.cancelled_by_broker
 
@@ -139,6 +146,7 @@ class AmqpBroker:
         lane_max_length: int,
         queue_type: str = "classic",
         publish_timeout: float = 10.0,
+        lanes_per_connection: int = LANES_PER_CONNECTION,
     ) -> None:
         nodes = broker_nodes(url)
         self._lane_args: dict[str, Any] = {
@@ -155,6 +163,8 @@ class AmqpBroker:
         self._admin = NodeConnection(
             nodes, name="housekeeping", on_connected=self._setup_admin, timeout=publish_timeout
         )
+        # Lane consumers (workers only) on connections of their own, opened as needed.
+        self._lanes = LaneChannels(nodes, timeout=publish_timeout, limit=lanes_per_connection)
         self._pub: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
         self._admin_channel: AbstractChannel | None = None
@@ -171,6 +181,11 @@ class AmqpBroker:
         return self._data.is_connected
 
     @property
+    def lane_connections(self) -> int:
+        """Connections that carry this process's lane consumers."""
+        return self._lanes.connections
+
+    @property
     def node(self) -> str:
         """host:port of the node the data connection is on."""
         return self._data.node
@@ -185,9 +200,12 @@ class AmqpBroker:
             raise BrokerError(f"cannot connect to RabbitMQ: {exc}") from exc
 
     def on_reconnect(self, listener: Callable[[], None]) -> None:
+        """After the data connection or a lane connection came back (on any node)."""
         self._data.on_reconnected(listener)
+        self._lanes.on_reconnected(listener)
 
     async def close(self) -> None:
+        await self._lanes.close()
         await self._data.close()
         await self._admin.close()
 
@@ -354,8 +372,8 @@ class AmqpBroker:
         re-creates a lane; LaneMissing if the queue service has not declared it or the
         janitor deleted it)."""
         try:
-            channel = await self._data_connection().channel(publisher_confirms=False)
-        except _PUBLISH_ERRORS as exc:
+            channel = await self._lanes.open()
+        except (*_PUBLISH_ERRORS, BrokerUnreachable) as exc:
             raise BrokerError(f"cannot consume lane {user_id}: {exc}") from exc
         consumer = AmqpLaneConsumer(channel)
         try:

@@ -12,8 +12,13 @@ from grpc_reflection.v1alpha import reflection
 from fairlane.client.channels import CHANNEL_OPTIONS, grpc_target
 from services.core import tracing
 from services.core.authz import AuthzInterceptor
+from services.core.errors import ErrorInterceptor
 from services.core.grpc_metrics import MetricsInterceptor
+from services.core.logging import get_logger
 from services.core.tokens import TokenVerifier
+from services.core.transport import Transport
+
+log = get_logger(__name__)
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
@@ -41,8 +46,10 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class GrpcHost:
-    """One grpc.aio server with health and reflection for the given services; every call
-    goes through the authorization policy (services.core.authz)."""
+    """One grpc.aio server with health (and reflection, when asked) for the given services;
+    every call goes through the authorization policy (services.core.authz). It listens
+    with TLS when `transport` has a certificate, else in plaintext where that is allowed
+    (services.core.transport)."""
 
     def __init__(
         self,
@@ -50,19 +57,31 @@ class GrpcHost:
         service_names: Iterable[str],
         *,
         verifier: TokenVerifier | None = None,
+        transport: Transport | None = None,
+        reflection_enabled: bool = False,
     ) -> None:
+        transport = transport or Transport()
         self.service_names = list(service_names)
         self.authz = AuthzInterceptor(verifier=verifier)
         self.server = grpc.aio.server(
             options=SERVER_OPTIONS,
-            interceptors=[*tracing.server_interceptors(), MetricsInterceptor(), self.authz],
+            # Outermost first: metrics see the final status; errors map what escapes the
+            # authorization and the servicer.
+            interceptors=[
+                *tracing.server_interceptors(),
+                MetricsInterceptor(),
+                ErrorInterceptor(),
+                self.authz,
+            ],
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
-        )
-        self.port = self.server.add_insecure_port(listen)
+        if reflection_enabled:
+            reflection.enable_server_reflection(
+                [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+            )
+        self.tls = transport.server is not None
+        self.port = transport.add_port(self.server, listen)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {listen}")
         self.address = f"{listen.rsplit(':', 1)[0]}:{self.port}"
@@ -82,11 +101,12 @@ class GrpcHost:
         await self.server.stop(grace)
 
 
-def insecure_channel(target: str) -> grpc.aio.Channel:
-    """A channel to one replica, a comma-separated list of IP:port replicas, or any gRPC
-    URI (dns:///queue:50052 uses every address the name has)."""
-    return grpc.aio.insecure_channel(
-        grpc_target(target), options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors()
+def channel(target: str, transport: Transport | None = None) -> grpc.aio.Channel:
+    """A channel to another service: one replica, a comma-separated list of IP:port
+    replicas, or any gRPC URI (dns:///queue:50052 uses every address the name has); TLS
+    when `transport` has client credentials."""
+    return (transport or Transport()).channel(
+        grpc_target(target), CHANNEL_OPTIONS, tracing.client_interceptors()
     )
 
 

@@ -39,6 +39,35 @@ class Settings(BaseSettings):
     worker_metrics_port: int = 9103
     metrics_host: str = "127.0.0.1"
 
+    # Transport security (docs/security.md).
+    tls_cert_file: str = Field(
+        default="", description="PEM certificate chain of every gRPC listener (turns TLS on)."
+    )
+    tls_key_file: str = Field(default="", description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: str = Field(
+        default="",
+        description="PEM CA bundle: listeners then require client certificates it signed (mTLS).",
+    )
+    tls_ca_file: str = Field(
+        default="",
+        description="PEM CA bundle that verifies the services this process dials (turns TLS "
+        "on for its channels; without it, TLS channels use the system roots).",
+    )
+    tls_client_cert_file: str = Field(
+        default="",
+        description="PEM certificate this process presents when it dials (mTLS); defaults to "
+        "tls_cert_file.",
+    )
+    tls_client_key_file: str = Field(default="", description="PEM key of tls_client_cert_file.")
+    tls_server_name: str = Field(
+        default="", description="Name expected in the certificates of dialled services."
+    )
+    allow_insecure: bool = Field(
+        default=False,
+        description="Allow plaintext gRPC on non-loopback addresses (logs a warning).",
+    )
+    reflection: bool = Field(default=False, description="Serve gRPC server reflection.")
+
     # Identity of this process among replicas (reply routes, worker ids).
     instance_id: str = Field(
         default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
@@ -47,7 +76,8 @@ class Settings(BaseSettings):
     # Auth.
     service_secret: str = Field(
         default_factory=lambda: secrets.token_urlsafe(32),
-        description="Shared by every service; lets workers call ListLanes.",
+        description="Shared by every service: service and operator tokens. `fairlane serve` "
+        "refuses to start without one (`fairlane dev` makes its own).",
     )
     access_token_ttl_seconds: int = 900
     refresh_token_ttl_seconds: int = 30 * 24 * 3600
@@ -209,3 +239,22 @@ class Settings(BaseSettings):
     @cached_property
     def reply_route(self) -> str:
         return f"queue.{self.instance_id}"
+
+
+# Secrets shipped as examples or defaults at some point: never accepted by `fairlane serve`.
+PLACEHOLDER_SECRETS = frozenset(
+    {"change-me", "changeme", "change-me-please", "compose-insecure-change-me", "secret"}
+)
+MIN_SECRET_LENGTH = 16
+
+
+def service_secret_problem(settings: Settings) -> str | None:
+    """Why the service secret may not be used to serve, or None when it may."""
+    if "service_secret" not in settings.model_fields_set:
+        return "FAIRLANE_SERVICE_SECRET is not set: every service needs the same secret"
+    secret = settings.service_secret
+    if secret.strip().lower() in PLACEHOLDER_SECRETS:
+        return "FAIRLANE_SERVICE_SECRET is a placeholder: set a random one"
+    if len(secret) < MIN_SECRET_LENGTH:
+        return f"FAIRLANE_SERVICE_SECRET is shorter than {MIN_SECRET_LENGTH} characters"
+    return None

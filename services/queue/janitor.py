@@ -88,7 +88,7 @@ class LaneJanitor:
         metrics.LANE_DEPTH.set(deepest)
         metrics.LANE_DEPTH_TOTAL.set(total)
         # Open sessions on this replica keep their lanes alive for every replica.
-        await self._store.touch_lanes([uuid.UUID(u) for u in self._hub.users()])
+        await self._lanes.touch([uuid.UUID(u) for u in self._hub.users()])
         deleted: list[str] = []
         after: uuid.UUID | None = None
         while True:

@@ -19,6 +19,7 @@ from services.core.health import DependencyMonitor
 from services.core.logging import get_logger
 from services.core.notify import ResultListener, results_channel
 from services.core.settings import Settings
+from services.core.transport import Transport
 from services.queue.admission import Admission
 from services.queue.catalog import HandlerCatalog
 from services.queue.domain import QueueDomain, StreamLimits
@@ -54,8 +55,11 @@ class QueueService:
         self._backends = Backends(s, engine=engine, broker=broker)
         self.engine, self.broker = self._backends.engine, self._backends.broker
         self._maintenance: AsyncEngine | None = None
-        self.host = GrpcHost(s.queue_listen, [SERVICE_NAME])
-        self._auth = AuthClient(s.auth_target)
+        transport = Transport.from_settings(s)
+        self.host = GrpcHost(
+            s.queue_listen, [SERVICE_NAME], transport=transport, reflection_enabled=s.reflection
+        )
+        self._auth = AuthClient(s.auth_target, transport=transport)
         self.hub = Hub()
         store = RequestStore(self.engine)
         self.relay = LaneRelay(

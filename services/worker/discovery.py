@@ -12,8 +12,9 @@ from fairlane.common.v1 import lane_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from services.core.auth_client import AuthClient
 from services.core.broker import Broker, BrokerError, LaneMissing
-from services.core.grpc_host import insecure_channel
+from services.core.grpc_host import channel
 from services.core.logging import get_logger
+from services.core.transport import Transport
 from services.worker.runner import Runner
 
 log = get_logger(__name__)
@@ -29,11 +30,12 @@ class LaneDiscovery:
         queue_target: str,
         service_secret: str,
         interval: float,
+        transport: Transport | None = None,
     ) -> None:
         self._runner = runner
         self._broker = broker
         self._auth = auth
-        self._channel = insecure_channel(queue_target)
+        self._channel = channel(queue_target, transport)
         self._queue = queue_pb2_grpc.QueueServiceStub(self._channel)
         self._secret = service_secret
         self._interval = interval

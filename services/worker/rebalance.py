@@ -8,10 +8,14 @@ later get nothing. So each replica, every `interval` seconds:
    `busy_window` seconds (an idle lane does not matter, whoever holds it);
 2. records that count with a heartbeat in the workers table and reads every live
    replica's (presence.py): the fair share is ceil(busy lanes in all / live replicas);
-3. if it holds more than its share, it releases the excess: Runner.remove_lane hands a
-   lane back between messages (its unacked messages return in order), and the broker
-   activates the lane's next waiting consumer, another replica; Runner.add_lane then
-   registers this replica again, at the back of the lane's queue of waiting consumers.
+3. if it holds more than its share, it releases the excess, one lane at a time: it
+   pauses the lane (Runner.pause: no attempt starts), waits until the lane is settled
+   (nothing runs, and every finished message's results are written, published and
+   acked), then Runner.remove_lane hands it back (the unacked rest returns to the lane in
+   order) and the broker activates the lane's next waiting consumer, another replica.
+   So the old holder has published every result it produced before the new holder
+   produces one: the lane's results reach its sessions in order. Runner.add_lane then
+   registers this replica again, at the back of the lane's waiting consumers.
 
 A replica never takes lanes: it only lets go of its excess, and the others' waiting
 consumers take them. Counts lag a release by up to `busy_window` (the receiver's count
@@ -67,6 +71,7 @@ class Rebalancer:
         interval: float = 2.0,
         busy_window: float = 5.0,
         settle: float | None = None,
+        handover_timeout: float = 10.0,
     ) -> None:
         self._runner = runner
         self._presence = presence
@@ -74,6 +79,7 @@ class Rebalancer:
         self._interval = interval
         self._busy_window = busy_window
         self._settle = settle if settle is not None else busy_window + 2 * interval
+        self._handover_timeout = handover_timeout
         self._started_at = datetime.now(UTC)
         self._released_at = -math.inf
         self._task: asyncio.Task[None] | None = None
@@ -152,14 +158,29 @@ class Rebalancer:
     async def _release(self, lanes: list[str]) -> int:
         released = 0
         for user_id in lanes:
-            await self._runner.remove_lane(user_id)
-            released += 1
-            metrics.LANES_RELEASED.inc()
-            try:
-                # At the back of the lane's waiting consumers: the lane comes back here
-                # only if the others let go of it, or die.
-                await self._runner.add_lane(user_id)
-            except BrokerError as exc:
-                # Deleted meanwhile, or the broker is away: discovery brings it back.
-                log.warning("lane_rejoin_failed", lane=user_id, error=str(exc)[:200])
+            if await self._hand_over(user_id):
+                released += 1
+                metrics.LANES_RELEASED.inc()
         return released
+
+    async def _hand_over(self, user_id: str) -> bool:
+        lane = self._runner.lanes.get(user_id)
+        if lane is None or not lane.resumed.is_set():
+            return False  # gone meanwhile, or paused by an operator: left alone
+        self._runner.pause(user_id)
+        try:
+            async with asyncio.timeout(self._handover_timeout):
+                await lane.settled()
+        except TimeoutError:
+            # A long request: it finishes here; the lane may move in a later round.
+            self._runner.resume(user_id)
+            return False
+        await self._runner.remove_lane(user_id)
+        try:
+            # At the back of the lane's waiting consumers: the lane comes back here only
+            # if the others let go of it, or die.
+            await self._runner.add_lane(user_id)
+        except BrokerError as exc:
+            # Deleted meanwhile, or the broker is away: discovery brings it back.
+            log.warning("lane_rejoin_failed", lane=user_id, error=str(exc)[:200])
+        return True

@@ -13,6 +13,7 @@ from services.core.grpc_host import GrpcHost
 from services.core.health import DependencyMonitor
 from services.core.notify import results_channel
 from services.core.settings import Settings
+from services.core.transport import Transport
 from services.worker import registry
 from services.worker.discovery import LaneDiscovery
 from services.worker.presence import PresenceStore
@@ -62,7 +63,8 @@ class WorkerService:
             worker_id=settings.instance_id,
             hooks=registry.load_hooks(settings.hooks),
         )
-        self._auth = AuthClient(settings.auth_target)
+        transport = Transport.from_settings(settings)
+        self._auth = AuthClient(settings.auth_target, transport=transport)
         self.discovery = LaneDiscovery(
             self.runner,
             self.broker,
@@ -70,6 +72,7 @@ class WorkerService:
             queue_target=settings.queue_target,
             service_secret=settings.service_secret,
             interval=settings.lane_discovery_seconds,
+            transport=transport,
         )
         self.rebalancer = (
             Rebalancer(
@@ -85,6 +88,8 @@ class WorkerService:
             settings.worker_listen,
             [SERVICE_NAME],
             verifier=self._auth.token_verifier(settings),
+            transport=transport,
+            reflection_enabled=settings.reflection,
         )
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(
             WorkerServicer(self.runner, grace_seconds=settings.grace_seconds), self.host.server

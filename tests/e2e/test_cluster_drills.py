@@ -155,21 +155,24 @@ async def idle_lanes(suite: Suite, count: int) -> list[str]:
     return users
 
 
-def bench(drill: Drill, *, duration: float, prefix: str) -> BenchRun:
+def bench(drill: Drill, *, duration: float, prefix: str, baseline: bool = False) -> BenchRun:
+    """The drills' load: 8 lanes of 5 ms requests; the baseline drives the suite as hard
+    as it goes (32 lanes, no-op requests) for the per-process CPU figures."""
     scale = 3 if SOAK else 1
     return BenchRun(
         BenchConfig(
             target=drill.queue_targets,
             auth_target=drill.suite.target("auth"),
-            lanes=8,
+            lanes=32 if baseline else 8,
             duration=duration * scale,
-            window=8,
-            handler="sleep",
+            window=16 if baseline else 8,
+            handler="noop" if baseline else "sleep",
             sleep_seconds=0.005,
+            worker_targets=[drill.suite.target(w) for w in WORKERS],
             warmup=1.0,
             user_prefix=prefix,
             drain_timeout=90,
-            backends=False,
+            backends=baseline,
             database_url=DATABASE_URL,
             database_schema=drill.suite.schema,
         )
@@ -270,6 +273,11 @@ def assert_clean(report: dict[str, Any], log: dict[str, Any], summary: str) -> N
 # -- the faults ----------------------------------------------------------------------------
 
 
+async def no_fault(d: Drill, run: BenchRun) -> None:
+    """Nothing: the baseline (and the per-process CPU figures of docs/scaling.md)."""
+    d.notes["fault"] = "none"
+
+
 async def leader_kill(d: Drill, run: BenchRun) -> None:
     """kill -9 of the node leading the most quorum lanes, mid-run; started again later."""
     await when_results(run, 300)
@@ -335,6 +343,7 @@ async def postgres_cut(d: Drill, run: BenchRun) -> None:
 
 Fault = Callable[[Drill, BenchRun], Coroutine[Any, Any, None]]
 DRILLS: dict[str, tuple[Fault, float]] = {
+    "no_fault": (no_fault, 14.0),
     "leader_kill": (leader_kill, 14.0),
     "node_behind_queue": (node_behind_queue, 16.0),
     "worker_kill_loop": (worker_kill_loop, 18.0),
@@ -348,7 +357,12 @@ IN_MAKE_TEST = ["leader_kill"]
 async def test_drill(drill: Drill, name: str) -> None:
     fault, duration = DRILLS[name]
     idle = await idle_lanes(drill.suite, 3)
-    run = bench(drill, duration=duration, prefix=f"drill-{name.replace('_', '-')}")
+    run = bench(
+        drill,
+        duration=duration,
+        prefix=f"drill-{name.replace('_', '-')}",
+        baseline=name == "no_fault",
+    )
     report_task = asyncio.create_task(run.run())
     fault_task = asyncio.create_task(fault(drill, run))
     report = await report_task
@@ -361,7 +375,11 @@ async def test_drill(drill: Drill, name: str) -> None:
     await wait_until(janitor_swept, 30)
     drill.notes["idle_quorum_lanes_deleted"] = len(idle)
     summary = verdict(name, report, log, drill.notes)
-    print("\n" + summary)
+    cpu = {p["label"]: (p["processes"], p["cpu_percent"]) for p in report["processes"]}
+    print(
+        f"\n{summary}\n  cpu % over the measured phase (processes, %): {cpu}, "
+        f"machine busy {report['machine']['cpu_busy_percent']} %"
+    )
     for q in QUEUES:
         # The janitor on quorum lanes never got a connection closed (issue 14's 540).
         assert "NOT_IMPLEMENTED" not in service_log(drill.suite, q), q

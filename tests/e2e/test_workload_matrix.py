@@ -49,6 +49,9 @@ async def services(pg_schema: str, vhost: str, tmp_path: Path) -> AsyncIterator[
     """auth and one queue replica; each case starts its own worker replicas."""
     s = Suite(DATABASE_URL, pg_schema, broker_url(vhost), tmp_path)
     s.extra_env.update(
+        # Up to five service processes share PostgreSQL's 100 connections with whatever
+        # else runs on the machine: small pools keep a case from running out of them.
+        FAIRLANE_DATABASE_POOL_SIZE="4",
         FAIRLANE_MAX_PAYLOAD_BYTES=str(MAX_PAYLOAD_BYTES),
         FAIRLANE_RETRY_BASE_SECONDS="0.05",
         FAIRLANE_RETRY_MAX_SECONDS="0.2",

@@ -36,7 +36,7 @@ def _client_commands() -> dict[str, Any]:
 
 def test_every_client_command_takes_the_connection_options() -> None:
     commands = _client_commands()
-    assert len(commands) == 15
+    assert len(commands) == 16
     for name, command in commands.items():
         options = {o for p in command.params for o in p.opts}
         assert options >= CONNECTION_OPTIONS, name

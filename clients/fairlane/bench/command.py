@@ -191,6 +191,22 @@ def bench_command(  # every option is keyword-only; typer passes them by name
     database_schema: Annotated[
         str, typer.Option(envvar="FAIRLANE_DATABASE_SCHEMA", help="Schema of the request log.")
     ] = "",
+    ca_file: Annotated[
+        str,
+        typer.Option(
+            envvar="FAIRLANE_CA_FILE", help="PEM CA of the services' certificates (turns TLS on)."
+        ),
+    ] = "",
+    client_cert: Annotated[
+        str,
+        typer.Option(
+            envvar="FAIRLANE_CLIENT_CERT_FILE",
+            help="PEM client certificate for services that require one (mTLS).",
+        ),
+    ] = "",
+    client_key: Annotated[
+        str, typer.Option(envvar="FAIRLANE_CLIENT_KEY_FILE", help="PEM key of --client-cert.")
+    ] = "",
     progress: Annotated[
         bool, typer.Option(help="Show a progress bar (default: when stderr is a terminal).")
     ] = sys.stderr.isatty(),
@@ -236,6 +252,9 @@ def bench_command(  # every option is keyword-only; typer passes them by name
         backends=backends,
         database_url=database_url,
         database_schema=database_schema,
+        ca_file=ca_file,
+        client_cert=client_cert,
+        client_key=client_key,
         metrics=[u for u in metrics.split(",") if u],
     )
     # Tables written to a file or pipe get room enough not to wrap.

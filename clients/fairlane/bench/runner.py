@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -66,6 +67,22 @@ class BenchConfig:
     database_url: str = ""
     database_schema: str = ""
     metrics: list[str] = field(default_factory=list)  # /metrics URLs of the services
+    # TLS (all empty: plaintext): PEM files of the CA, and of a client certificate for
+    # servers that require one (mTLS).
+    ca_file: str = ""
+    client_cert: str = ""
+    client_key: str = ""
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if not (self.ca_file or self.client_cert):
+            return None
+
+        def read(path: str) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return grpc.ssl_channel_credentials(
+            read(self.ca_file), read(self.client_key), read(self.client_cert)
+        )
 
     def payload(self) -> bytes:
         if self.handler == "sleep":
@@ -93,13 +110,24 @@ def _bearer(token: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {token}"),)
 
 
-def _channel(target: str, index: int) -> grpc.aio.Channel:
+def _open(
+    target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]
+) -> grpc.aio.Channel:
+    if credentials is None:
+        return grpc.aio.insecure_channel(grpc_target(target), options=options)
+    return grpc.aio.secure_channel(grpc_target(target), credentials, options=options)
+
+
+def _channel(
+    target: str, index: int, credentials: grpc.ChannelCredentials | None
+) -> grpc.aio.Channel:
     """A channel to the queue: one replica, IP:port,IP:port or dns:///name:port; with
     several, each Session goes to the next live replica (round robin)."""
     # A local subchannel pool gives every channel its own HTTP/2 connections.
-    return grpc.aio.insecure_channel(
-        grpc_target(target),
-        options=[
+    return _open(
+        target,
+        credentials,
+        [
             ("grpc.use_local_subchannel_pool", 1),
             ("grpc.bench_channel_index", index),
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
@@ -112,9 +140,7 @@ def _channel(target: str, index: int) -> grpc.aio.Channel:
 async def login_users(config: BenchConfig) -> list[tuple[str, str, str]]:
     """(username, user_id, access token) for bench users 0..L-1, registering missing ones."""
     gate = asyncio.Semaphore(config.login_concurrency)
-    async with grpc.aio.insecure_channel(
-        grpc_target(config.auth_target), options=[ROUND_ROBIN]
-    ) as channel:
+    async with _open(config.auth_target, config.credentials(), [ROUND_ROBIN]) as channel:
         stub = auth_pb2_grpc.AuthServiceStub(channel)
 
         async def register(name: str) -> None:
@@ -242,7 +268,8 @@ class BenchRun:
             self.lanes.append(
                 LaneRecord(index=i, username=name, user_id=user_id, prefix=f"{self.run_tag}.{i}.")
             )
-        channels = [_channel(config.target, i) for i in range(config.channel_count())]
+        credentials = config.credentials()
+        channels = [_channel(config.target, i, credentials) for i in range(config.channel_count())]
         try:
             await self._drive(channels, [token for _, _, token in users])
         finally:
