@@ -6,6 +6,8 @@
 #   scripts/bench_suite.sh bench ARGS...   run `fairlane bench ARGS` against it (targets,
 #                                          request-log check, --pids and --metrics filled in)
 #   scripts/bench_suite.sh pids            print "auth=PID queue=PID worker=PID"
+#   scripts/bench_suite.sh restart NAME... stop and start these services again (after a code
+#                                          change), keeping the schema, vhost and users
 #   scripts/bench_suite.sh down            stop it, drop the schema, delete the vhost
 #   scripts/bench_suite.sh run ARGS...     up, bench ARGS, down
 #   scripts/bench_suite.sh profile SECONDS [DIR]
@@ -96,6 +98,38 @@ EOF
     esac
   done
   echo "bench suite up: schema/vhost $SCHEMA, auth :$AUTH_PORT queue :$QUEUE_PORT worker :$WORKER_PORT"
+  pids
+}
+
+start_service() {  # name: start it in the background and wait until it serves
+  local name="$1"
+  (cd "$SRC" && exec "$PY" -m fairlane.cli.main serve "$name") >>"$STATE/$name.log" 2>&1 &
+  echo $! >"$STATE/$name.pid"
+  case $name in
+    auth) wait_serving "$AUTH_PORT" auth ;;
+    queue) wait_serving "$QUEUE_PORT" queue ;;
+    worker) wait_serving "$WORKER_PORT" worker ;;
+  esac
+}
+
+stop_service() {  # name: SIGTERM, then SIGKILL after 20 s; returns 1 if it had to kill
+  local pid
+  pid="$(cat "$STATE/$1.pid" 2>/dev/null || true)"
+  [ -n "$pid" ] || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.2; done
+  echo "$1 ($pid) did not stop in 20 s; killing it" >&2
+  kill -KILL "$pid" 2>/dev/null || true
+  return 1
+}
+
+restart() {
+  [ -f "$STATE/suite.env" ] || { echo "no bench suite is up ($STATE)" >&2; exit 1; }
+  service_env
+  for name in "$@"; do
+    stop_service "$name" || true
+    start_service "$name"
+  done
   pids
 }
 
@@ -191,6 +225,7 @@ asyncio.run(drop_schema(sys.argv[1], sys.argv[2]))' "$DB_ROOT" "$SCHEMA"
 case "${1:-}" in
   up) up ;;
   down) down ;;
+  restart) shift; restart "$@" ;;
   pids) pids ;;
   bench) shift; bench "$@" ;;
   profile) shift; profile "$@" ;;
@@ -201,5 +236,5 @@ case "${1:-}" in
     trap down EXIT
     bench "$@"
     ;;
-  *) sed -n '2,18p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,20p' "$0" >&2; exit 2 ;;
 esac

@@ -34,6 +34,8 @@ class LaneHousekeepingStore:
             .where(
                 requests.c.user_id == lanes.c.user_id,
                 requests.c.status.in_([status.QUEUED, status.RUNNING]),
+                # Implied by those statuses; lets PostgreSQL use ix_requests_unsequenced.
+                requests.c.lane_seq.is_(None),
             )
             .exists()
         )

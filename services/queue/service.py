@@ -57,7 +57,11 @@ class QueueService:
         self._maintenance: AsyncEngine | None = None
         transport = Transport.from_settings(s)
         self.host = GrpcHost(
-            s.queue_listen, [SERVICE_NAME], transport=transport, reflection_enabled=s.reflection
+            s.queue_listen,
+            [SERVICE_NAME],
+            transport=transport,
+            reflection_enabled=s.reflection,
+            retry_after_ms=s.retry_after_ms,
         )
         self._auth = AuthClient(s.auth_target, transport=transport)
         self.hub = Hub()

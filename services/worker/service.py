@@ -90,6 +90,7 @@ class WorkerService:
             verifier=self._auth.token_verifier(settings),
             transport=transport,
             reflection_enabled=settings.reflection,
+            retry_after_ms=settings.retry_after_ms,
         )
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(
             WorkerServicer(self.runner, grace_seconds=settings.grace_seconds), self.host.server
