@@ -68,14 +68,20 @@ tstest: install
 test: tools services lint tstest pytest
 
 # Long runs, not part of `make test`: the e2e workload matrix with SOAK_SCALE times the
-# requests and a worker replica killed with SIGKILL halfway through each case. Tests that
-# read FAIRLANE_STATEFUL_EXAMPLES run SOAK_EXAMPLES examples. Add long runs to SOAK_TESTS.
+# requests and a worker replica killed with SIGKILL halfway through each case, and every
+# drill on the throw-away 3-node RabbitMQ cluster (make test runs only its leader kill).
+# Tests that read FAIRLANE_STATEFUL_EXAMPLES run SOAK_EXAMPLES examples. The fuzz test
+# (tests/e2e/test_fuzz.py) sends SOAK_FUZZ_PER_RPC inputs to every RPC. Add long runs to
+# SOAK_TESTS.
 SOAK_SCALE ?= 10
 SOAK_EXAMPLES ?= 200
-SOAK_TESTS ?= tests/e2e/test_workload_matrix.py
+SOAK_FUZZ_PER_RPC ?= 5000
+SOAK_TESTS ?= tests/e2e/test_workload_matrix.py tests/e2e/test_cluster_drills.py \
+	tests/e2e/test_rebalance.py tests/e2e/test_fuzz.py
 
 soak: install services
 	FAIRLANE_SOAK_SCALE=$(SOAK_SCALE) FAIRLANE_STATEFUL_EXAMPLES=$(SOAK_EXAMPLES) \
+		FAIRLANE_FUZZ_PER_RPC=$(SOAK_FUZZ_PER_RPC) \
 		$(BIN)/pytest $(SOAK_TESTS) -v -s --timeout=7200 -p no:cacheprovider
 
 # Only Python is needed: embedded broker and SQLite, nothing else installed or started.

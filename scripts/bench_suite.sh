@@ -4,8 +4,10 @@
 #
 #   scripts/bench_suite.sh up              start it (state in $BENCH_STATE, default /tmp/fairlane-bench-suite)
 #   scripts/bench_suite.sh bench ARGS...   run `fairlane bench ARGS` against it (targets,
-#                                          request-log check and --pids filled in)
+#                                          request-log check, --pids and --metrics filled in)
 #   scripts/bench_suite.sh pids            print "auth=PID queue=PID worker=PID"
+#   scripts/bench_suite.sh restart NAME... stop and start these services again (after a code
+#                                          change), keeping the schema, vhost and users
 #   scripts/bench_suite.sh down            stop it, drop the schema, delete the vhost
 #   scripts/bench_suite.sh run ARGS...     up, bench ARGS, down
 #   scripts/bench_suite.sh profile SECONDS [DIR]
@@ -35,7 +37,8 @@ service_env() {  # the environment every service (and migrate) runs with
   export FAIRLANE_AUTH_LISTEN="127.0.0.1:$AUTH_PORT" FAIRLANE_AUTH_TARGET="127.0.0.1:$AUTH_PORT"
   export FAIRLANE_QUEUE_LISTEN="127.0.0.1:$QUEUE_PORT" FAIRLANE_QUEUE_TARGET="127.0.0.1:$QUEUE_PORT"
   export FAIRLANE_WORKER_LISTEN="127.0.0.1:$WORKER_PORT"
-  export FAIRLANE_AUTH_METRICS_PORT=0 FAIRLANE_QUEUE_METRICS_PORT=0 FAIRLANE_WORKER_METRICS_PORT=0
+  export FAIRLANE_AUTH_METRICS_PORT=0 FAIRLANE_QUEUE_METRICS_PORT="$QUEUE_METRICS_PORT"
+  export FAIRLANE_WORKER_METRICS_PORT="$WORKER_METRICS_PORT"
   export FAIRLANE_GRACE_SECONDS=5
   # The bench registers up to thousands of users from this one address.
   export FAIRLANE_REGISTER_PEER_FREE=1000000
@@ -79,6 +82,8 @@ VHOST=$tag
 AUTH_PORT=$BASE_PORT
 QUEUE_PORT=$((BASE_PORT + 1))
 WORKER_PORT=$((BASE_PORT + 2))
+QUEUE_METRICS_PORT=$((BASE_PORT + 3))
+WORKER_METRICS_PORT=$((BASE_PORT + 4))
 EOF
   service_env
   rabbitmqctl -q add_vhost "$VHOST"
@@ -96,6 +101,38 @@ EOF
   pids
 }
 
+start_service() {  # name: start it in the background and wait until it serves
+  local name="$1"
+  (cd "$SRC" && exec "$PY" -m fairlane.cli.main serve "$name") >>"$STATE/$name.log" 2>&1 &
+  echo $! >"$STATE/$name.pid"
+  case $name in
+    auth) wait_serving "$AUTH_PORT" auth ;;
+    queue) wait_serving "$QUEUE_PORT" queue ;;
+    worker) wait_serving "$WORKER_PORT" worker ;;
+  esac
+}
+
+stop_service() {  # name: SIGTERM, then SIGKILL after 20 s; returns 1 if it had to kill
+  local pid
+  pid="$(cat "$STATE/$1.pid" 2>/dev/null || true)"
+  [ -n "$pid" ] || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.2; done
+  echo "$1 ($pid) did not stop in 20 s; killing it" >&2
+  kill -KILL "$pid" 2>/dev/null || true
+  return 1
+}
+
+restart() {
+  [ -f "$STATE/suite.env" ] || { echo "no bench suite is up ($STATE)" >&2; exit 1; }
+  service_env
+  for name in "$@"; do
+    stop_service "$name" || true
+    start_service "$name"
+  done
+  pids
+}
+
 pids() {
   local out=""
   for name in auth queue worker; do out+="$name=$(cat "$STATE/$name.pid") "; done
@@ -108,7 +145,9 @@ bench() {
   pid_list="$(cat "$STATE"/{auth,queue,worker}.pid | paste -sd,)"
   PYTHONPATH="$ROOT/clients:$ROOT" "$PY" -m fairlane.cli.main bench \
     --target "127.0.0.1:$QUEUE_PORT" --auth-target "127.0.0.1:$AUTH_PORT" \
-    --pids "$pid_list" --database-url "$DB_ROOT" --database-schema "$SCHEMA" "$@"
+    --pids "$pid_list" --database-url "$DB_ROOT" --database-schema "$SCHEMA" \
+    --metrics "http://127.0.0.1:$QUEUE_METRICS_PORT/metrics,http://127.0.0.1:$WORKER_METRICS_PORT/metrics" \
+    "$@"
 }
 
 top() {  # file.raw [entries]: summary of a py-spy --format raw (collapsed stacks) profile
@@ -186,6 +225,7 @@ asyncio.run(drop_schema(sys.argv[1], sys.argv[2]))' "$DB_ROOT" "$SCHEMA"
 case "${1:-}" in
   up) up ;;
   down) down ;;
+  restart) shift; restart "$@" ;;
   pids) pids ;;
   bench) shift; bench "$@" ;;
   profile) shift; profile "$@" ;;
@@ -196,5 +236,5 @@ case "${1:-}" in
     trap down EXIT
     bench "$@"
     ;;
-  *) sed -n '2,18p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,20p' "$0" >&2; exit 2 ;;
 esac

@@ -1,15 +1,25 @@
-"""Server-side command implementations behind `fairlane serve` and `fairlane migrate`."""
+"""Server-side command implementations behind `fairlane serve`, `migrate` and `maintain`."""
 
 from __future__ import annotations
 
 import asyncio
 import sys
+from typing import NoReturn
 
 from services.core import logging as fl_logging
 from services.core import metrics, telemetry
 from services.core.db import migrate
 from services.core.runtime import Component, run, run_until_signalled
-from services.core.settings import Settings
+from services.core.settings import Settings, service_secret_problem
+from services.core.transport import TransportError
+
+log = fl_logging.get_logger(__name__)
+
+
+def _refuse(reason: str) -> NoReturn:
+    """Startup refused for a configuration the operator must fix: exit 2, not a crash."""
+    log.error("startup_refused", reason=reason)
+    raise SystemExit(2)
 
 
 def _build(service: str, settings: Settings) -> tuple[Component, int]:
@@ -32,6 +42,9 @@ def serve_one(service: str, handlers: list[str], hooks: list[str], *, json_logs:
         update={"handlers": [*base.handlers, *handlers], "hooks": [*base.hooks, *hooks]}
     )
     fl_logging.configure(service, json=json_logs)
+    problem = service_secret_problem(settings)
+    if problem is not None:
+        _refuse(problem)
     telemetry.configure(f"fairlane-{service}")
 
     async def main() -> None:
@@ -42,6 +55,8 @@ def serve_one(service: str, handlers: list[str], hooks: list[str], *, json_logs:
 
     try:
         run(main())
+    except TransportError as exc:
+        _refuse(str(exc))
     finally:
         telemetry.shutdown()
 
@@ -55,3 +70,30 @@ def migrate_database() -> None:
         print(f"fairlane migrate: cannot reach the database: {exc}", file=sys.stderr)
         raise SystemExit(1) from exc
     print("database is at the newest schema version")
+
+
+def maintain_database(*, retention_days: float | None) -> None:
+    """One log maintenance pass: partitions ahead, retention (see services/queue/retention)."""
+    from services.core.db import create_engine
+    from services.queue.retention import Retention, describe
+    from services.queue.retention_store import RetentionStore
+
+    settings = Settings()
+    fl_logging.configure("maintain")
+    days = settings.retention_days if retention_days is None else retention_days
+
+    async def main() -> str:
+        engine = create_engine(
+            settings.database_url, schema=settings.database_schema, pool_size=1, timeout=300.0
+        )
+        try:
+            report = await Retention(RetentionStore(engine), days=days).run_once()
+        finally:
+            await engine.dispose()
+        return describe(report)
+
+    try:
+        print(asyncio.run(main()))
+    except OSError as exc:
+        print(f"fairlane maintain: cannot reach the database: {exc}", file=sys.stderr)
+        raise SystemExit(1) from exc

@@ -10,7 +10,7 @@ from rich.console import Console
 from services.auth.service import AuthService
 from services.core import logging as fl_logging
 from services.core import metrics, telemetry
-from services.core.amqp import AmqpBroker
+from services.core.amqp import broker_for
 from services.core.broker import Broker
 from services.core.db import engine_for, migrate
 from services.core.memory_broker import MemoryBroker
@@ -46,22 +46,21 @@ def run_dev(*, broker: str, database: str, data_dir: str, demo: bool, trace_cons
     if not database:
         Path(data_dir).mkdir(parents=True, exist_ok=True)
         database = f"sqlite+aiosqlite:///{os.path.abspath(data_dir)}/fairlane.db"
-    settings = Settings(database_url=database)
+    # Reflection on, for the grpcurl lines of the banner; loopback listeners need no TLS.
+    settings = Settings(database_url=database, reflection=True)
+    if broker != "memory":
+        settings = settings.model_copy(update={"broker_url": broker})
     fl_logging.configure("dev", json=False, level="WARNING")
     telemetry.configure("fairlane-dev", console=trace_console)
 
     async def main() -> None:
         await migrate(settings.database_url, schema=settings.database_schema)
         engine = engine_for(settings)
-        shared: Broker
-        if broker == "memory":
-            shared = MemoryBroker(lane_max_length=settings.lane_max_length)
-        else:
-            shared = AmqpBroker(
-                broker,
-                lane_max_length=settings.lane_max_length,
-                queue_type=settings.lane_queue_type,
-            )
+        shared: Broker = (
+            MemoryBroker(lane_max_length=settings.lane_max_length)
+            if broker == "memory"
+            else broker_for(settings)
+        )
         await shared.connect()
         # One Prometheus registry per process: serve it once.
         metrics.serve_metrics(settings.metrics_host, settings.queue_metrics_port)

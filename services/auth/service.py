@@ -23,6 +23,7 @@ from services.core.peer import parse_networks
 from services.core.revocation import RevokedFamilies
 from services.core.settings import Settings
 from services.core.tokens import TokenVerifier
+from services.core.transport import Transport
 
 SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 PRUNE_EVERY_SECONDS = 300.0
@@ -56,7 +57,13 @@ class AuthService:
         self._dev = dev
         self._own_engine = engine is None
         self.engine = engine or engine_for(settings)
-        self.host = GrpcHost(settings.auth_listen, [SERVICE_NAME])
+        self.host = GrpcHost(
+            settings.auth_listen,
+            [SERVICE_NAME],
+            transport=Transport.from_settings(settings),
+            reflection_enabled=settings.reflection,
+            retry_after_ms=settings.retry_after_ms,
+        )
         self.hashing = PasswordHashing(
             memory_kib=settings.argon2_memory_kib,
             time_cost=settings.argon2_time_cost,

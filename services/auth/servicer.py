@@ -20,12 +20,11 @@ from services.core.peer import Network, client_address
 from services.core.rich_status import abort_retry
 from services.core.tokens import ROLE_ADMIN, ROLE_SERVICE
 
-Context = ServicerContext
 # What a caller refused for a full password-check queue is told to wait.
 BUSY_RETRY_MS = 1000
 
 
-async def _refuse(context: Context, exc: Throttled | HashingBusy) -> NoReturn:
+async def _refuse(context: ServicerContext, exc: Throttled | HashingBusy) -> NoReturn:
     if isinstance(exc, Throttled):
         delay_ms = max(1, math.ceil(exc.retry_after * 1000))
         await abort_retry(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), delay_ms)
@@ -42,11 +41,11 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         self._auth = auth
         self._proxies = list(trusted_proxies)
 
-    def _peer(self, context: Context) -> str:
+    def _peer(self, context: ServicerContext) -> str:
         return client_address(context, self._proxies)
 
     async def Register(
-        self, request: auth_pb2.RegisterRequest, context: Context
+        self, request: auth_pb2.RegisterRequest, context: ServicerContext
     ) -> auth_pb2.RegisterResponse:
         try:
             user_id = await self._auth.register(
@@ -61,7 +60,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         return auth_pb2.RegisterResponse(user_id=str(user_id))
 
     async def Login(
-        self, request: auth_pb2.LoginRequest, context: Context
+        self, request: auth_pb2.LoginRequest, context: ServicerContext
     ) -> auth_pb2.LoginResponse:
         try:
             pair = await self._auth.login(request.username, request.password, self._peer(context))
@@ -76,7 +75,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         )
 
     async def Refresh(
-        self, request: auth_pb2.RefreshRequest, context: Context
+        self, request: auth_pb2.RefreshRequest, context: ServicerContext
     ) -> auth_pb2.RefreshResponse:
         if not request.refresh_token:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "refresh_token is required")
@@ -91,7 +90,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         )
 
     async def Revoke(
-        self, request: auth_pb2.RevokeRequest, context: Context
+        self, request: auth_pb2.RevokeRequest, context: ServicerContext
     ) -> auth_pb2.RevokeResponse:
         if not request.refresh_token:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "refresh_token is required")
@@ -102,23 +101,23 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         return auth_pb2.RevokeResponse()
 
     async def WhoAmI(
-        self, request: auth_pb2.WhoAmIRequest, context: Context
+        self, request: auth_pb2.WhoAmIRequest, context: ServicerContext
     ) -> auth_pb2.WhoAmIResponse:
         principal = authz.principal()
         return auth_pb2.WhoAmIResponse(user_id=principal.user_id, username=principal.username)
 
     async def GetJwks(
-        self, request: auth_pb2.GetJwksRequest, context: Context
+        self, request: auth_pb2.GetJwksRequest, context: ServicerContext
     ) -> auth_pb2.GetJwksResponse:
         return auth_pb2.GetJwksResponse(keys_json=json.dumps(self._auth.jwks()))
 
     async def GetRevokedFamilies(
-        self, request: auth_pb2.GetRevokedFamiliesRequest, context: Context
+        self, request: auth_pb2.GetRevokedFamiliesRequest, context: ServicerContext
     ) -> auth_pb2.GetRevokedFamiliesResponse:
         return auth_pb2.GetRevokedFamiliesResponse(family_ids=await self._auth.revoked_families())
 
     async def IssueServiceToken(
-        self, request: auth_pb2.IssueServiceTokenRequest, context: Context
+        self, request: auth_pb2.IssueServiceTokenRequest, context: ServicerContext
     ) -> auth_pb2.IssueServiceTokenResponse:
         try:
             token, ttl = await self._auth.service_token(

@@ -8,6 +8,8 @@ connections per process.
 - The housekeeping connection declares and deletes lanes and reads their counters. If the
   broker closes it (RabbitMQ answers some refused operations with Connection.Close), only
   housekeeping waits for its reconnect.
+- A worker's lane consumers, one channel each, are on lane connections of their own, as
+  many as its lanes need (amqp_lanes.LaneChannels).
 
 Both connect to any node of FAIRLANE_BROKER_URL and move to another node on loss (see
 amqp_connection.NodeConnection).
@@ -33,6 +35,7 @@ from aio_pika.abc import (
 
 from services.core import metrics
 from services.core.amqp_connection import BrokerUnreachable, NodeConnection, broker_nodes
+from services.core.amqp_lanes import LANES_PER_CONNECTION, LaneChannels
 from services.core.broker import (
     CONTROL_EXCHANGE,
     DEAD_EXCHANGE,
@@ -49,6 +52,7 @@ from services.core.broker import (
     lane_queue,
 )
 from services.core.logging import get_logger
+from services.core.settings import Settings
 
 log = get_logger(__name__)
 
@@ -112,6 +116,10 @@ class AmqpLaneConsumer:
         self.last_delivery = time.monotonic()
 
     @property
+    def channel_number(self) -> int:
+        return int(self._channel.number or 0)
+
+    @property
     def alive(self) -> bool:
         return not self._channel.is_closed and not self.cancelled_by_broker
 
@@ -129,13 +137,17 @@ class _Subscription:
 
 
 class AmqpBroker:
+    """The Broker contract on RabbitMQ. A service builds it with broker_for(settings)."""
+
     def __init__(
         self,
         url: str,
         *,
         lane_max_length: int,
         queue_type: str = "classic",
+        quorum_size: int = 0,
         publish_timeout: float = 10.0,
+        lanes_per_connection: int = LANES_PER_CONNECTION,
     ) -> None:
         nodes = broker_nodes(url)
         self._lane_args: dict[str, Any] = {
@@ -144,6 +156,11 @@ class AmqpBroker:
             "x-overflow": "reject-publish",
             "x-queue-type": queue_type,
         }
+        if queue_type == "quorum" and quorum_size > 0:
+            # RabbitMQ 3.10 gives a quorum queue a member on every node by default: on a
+            # large cluster each lane would cost every node memory and every publish a
+            # write on every node.
+            self._lane_args["x-quorum-initial-group-size"] = quorum_size
         self._quorum = queue_type == "quorum"
         self._timeout = publish_timeout
         self._data = NodeConnection(
@@ -152,6 +169,8 @@ class AmqpBroker:
         self._admin = NodeConnection(
             nodes, name="housekeeping", on_connected=self._setup_admin, timeout=publish_timeout
         )
+        # Lane consumers (workers only) on connections of their own, opened as needed.
+        self._lanes = LaneChannels(nodes, timeout=publish_timeout, limit=lanes_per_connection)
         self._pub: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
         self._admin_channel: AbstractChannel | None = None
@@ -168,6 +187,11 @@ class AmqpBroker:
         return self._data.is_connected
 
     @property
+    def lane_connections(self) -> int:
+        """Connections that carry this process's lane consumers."""
+        return self._lanes.connections
+
+    @property
     def node(self) -> str:
         """host:port of the node the data connection is on."""
         return self._data.node
@@ -182,9 +206,12 @@ class AmqpBroker:
             raise BrokerError(f"cannot connect to RabbitMQ: {exc}") from exc
 
     def on_reconnect(self, listener: Callable[[], None]) -> None:
+        """After the data connection or a lane connection came back (on any node)."""
         self._data.on_reconnected(listener)
+        self._lanes.on_reconnected(listener)
 
     async def close(self) -> None:
+        await self._lanes.close()
         await self._data.close()
         await self._admin.close()
 
@@ -246,7 +273,15 @@ class AmqpBroker:
             return
         try:
             channel = await self._housekeeping()
-            queue = await channel.declare_queue(name, durable=True, arguments=self._lane_args)
+            try:
+                queue = await channel.declare_queue(name, durable=True, arguments=self._lane_args)
+            except aiormq.exceptions.ChannelPreconditionFailed:
+                # The lane exists with other arguments (declared before the settings
+                # changed: another queue type, quorum size or bound). It is used as it is,
+                # and takes the new arguments when it is re-created after idling.
+                log.warning("lane_arguments_differ", lane=user_id)
+                channel = await self._housekeeping()
+                queue = await channel.declare_queue(name, passive=True)
             await queue.bind(REQUESTS_EXCHANGE, routing_key=user_id)
         except _PUBLISH_ERRORS as exc:
             raise BrokerError(f"cannot declare lane {name}: {exc}") from exc
@@ -267,27 +302,23 @@ class AmqpBroker:
     async def delete_lane(self, user_id: str) -> bool:
         """Deletes the lane unless it holds ready messages; False if it held some.
 
-        Classic lanes use RabbitMQ's if-empty, which checks and deletes in one step.
-        Quorum queues refuse if-empty (and if-unused) with a connection-level
-        NOT_IMPLEMENTED in RabbitMQ 3.10, so a quorum lane is read (passive declare) and
-        then deleted. A message arriving between the two would be lost: the caller must
-        fence publishes first (LaneJanitor holds the lane's row in the request log, see
-        janitor.py), and this check only backs that up."""
+        The lane is read (passive declare) and then deleted, on either queue type.
+        RabbitMQ's if-empty would check and delete in one step, but quorum queues refuse
+        it (and if-unused) with a connection-level NOT_IMPLEMENTED in RabbitMQ 3.10, and
+        a lane may be of the other type than the settings say (declared before they
+        changed). A message arriving between the read and the delete would be lost: the
+        caller must fence publishes first (LaneJanitor holds the lane's row in the
+        request log, see janitor.py); this read only backs that up."""
         name = lane_queue(user_id)
         try:
-            if self._quorum:
-                stats = await self.lane_stats(user_id)
-                if stats is None:
-                    self._declared.discard(name)
-                    return True
-                if stats.messages:
-                    return False
+            stats = await self.lane_stats(user_id)
+            if stats is None:
+                self._declared.discard(name)
+                return True
+            if stats.messages:
+                return False
             async with self._scratch() as channel:
-                ok = await channel.queue_delete(
-                    name, if_empty=not self._quorum, timeout=self._timeout
-                )
-        except aiormq.exceptions.ChannelPreconditionFailed:
-            return False  # classic if-empty: a message arrived meanwhile
+                ok = await channel.queue_delete(name, timeout=self._timeout)
         except aiormq.exceptions.ChannelNotFoundEntity:
             pass  # already gone
         except _PUBLISH_ERRORS as exc:
@@ -351,8 +382,8 @@ class AmqpBroker:
         re-creates a lane; LaneMissing if the queue service has not declared it or the
         janitor deleted it)."""
         try:
-            channel = await self._data_connection().channel(publisher_confirms=False)
-        except _PUBLISH_ERRORS as exc:
+            channel = await self._lanes.open()
+        except (*_PUBLISH_ERRORS, BrokerUnreachable) as exc:
             raise BrokerError(f"cannot consume lane {user_id}: {exc}") from exc
         consumer = AmqpLaneConsumer(channel)
         try:
@@ -466,4 +497,15 @@ def _message(body: bytes, headers: dict[str, str] | None, *, persistent: bool) -
         delivery_mode=(
             aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT
         ),
+    )
+
+
+def broker_for(settings: Settings) -> AmqpBroker:
+    """The broker of a service process: RabbitMQ at every node of FAIRLANE_BROKER_URL, with
+    lanes of FAIRLANE_LANE_QUEUE_TYPE bounded by FAIRLANE_LANE_MAX_LENGTH. Not connected."""
+    return AmqpBroker(
+        settings.broker_url,
+        lane_max_length=settings.lane_max_length,
+        queue_type=settings.lane_queue_type,
+        quorum_size=settings.lane_quorum_size,
     )

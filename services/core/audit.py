@@ -14,7 +14,18 @@ from services.core.tokens import Principal
 log = get_logger("fairlane.audit")
 
 
+MAX_FIELD = 128
+
+
+def _clip(value: Any) -> Any:
+    """Caller-chosen strings (a lane id) are cut: an audit line has a bounded size."""
+    if isinstance(value, str) and len(value) > MAX_FIELD:
+        return f"{value[:MAX_FIELD]}...({len(value)} chars)"
+    return value
+
+
 def audit(event: str, principal: Principal | None, *, peer: str | None, **fields: Any) -> None:
+    fields = {k: _clip(v) for k, v in fields.items()}
     log.info(
         event,
         audit=True,

@@ -9,15 +9,18 @@ import time
 import grpc
 
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
-from services.core.grpc_host import insecure_channel
+from services.core.grpc_host import channel
 from services.core.revocation import RevokedFamilies
 from services.core.settings import Settings
 from services.core.tokens import TokenVerifier
+from services.core.transport import Transport
 
 
 class AuthClient:
-    def __init__(self, target: str, *, timeout: float = 5.0) -> None:
-        self._channel = insecure_channel(target)
+    def __init__(
+        self, target: str, *, transport: Transport | None = None, timeout: float = 5.0
+    ) -> None:
+        self._channel = channel(target, transport)
         self._stub = auth_pb2_grpc.AuthServiceStub(self._channel)
         self._timeout = timeout
         self._service_token: tuple[str, float] | None = None

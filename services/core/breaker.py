@@ -8,6 +8,7 @@ state as a Prometheus gauge; the logic is the usual three states in a few lines.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from prometheus_client import Gauge
 
@@ -29,8 +30,16 @@ class CircuitBreaker:
     """Opens after `threshold` consecutive failures; after `reset_seconds` lets one trial
     call through (half-open); a success closes it, a failure opens it again."""
 
-    def __init__(self, dependency: str, *, threshold: int = 5, reset_seconds: float = 2.0) -> None:
+    def __init__(
+        self,
+        dependency: str,
+        *,
+        threshold: int = 5,
+        reset_seconds: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.dependency = dependency
+        self._clock = clock
         self._threshold = threshold
         self._reset = reset_seconds
         self._failures = 0
@@ -46,7 +55,7 @@ class CircuitBreaker:
         """Raises CircuitOpen when calls must not go through now."""
         if self.state == CLOSED:
             return
-        remaining = self._opened_at + self._reset - time.monotonic()
+        remaining = self._opened_at + self._reset - self._clock()
         if self.state == OPEN and remaining <= 0:
             self._set(HALF_OPEN)
             self._trial_running = False
@@ -63,9 +72,9 @@ class CircuitBreaker:
     def failure(self) -> None:
         self._failures += 1
         if self.state == HALF_OPEN or self._failures >= self._threshold:
-            self._opened_at = time.monotonic()
+            self._opened_at = self._clock()
             self._set(OPEN)
 
     @property
     def is_open(self) -> bool:
-        return self.state == OPEN and time.monotonic() < self._opened_at + self._reset
+        return self.state == OPEN and self._clock() < self._opened_at + self._reset

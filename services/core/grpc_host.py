@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from typing import Any, NoReturn, TypeAlias
 
@@ -10,11 +9,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fairlane.client.channels import grpc_target
+from fairlane.client.channels import CHANNEL_OPTIONS, grpc_target
 from services.core import tracing
 from services.core.authz import AuthzInterceptor
+from services.core.errors import ErrorInterceptor
 from services.core.grpc_metrics import MetricsInterceptor
+from services.core.logging import get_logger
 from services.core.tokens import TokenVerifier
+from services.core.transport import Transport
+
+log = get_logger(__name__)
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
@@ -30,16 +34,6 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.so_reuseport", 0),
 ]
 
-CHANNEL_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    # A target naming several replicas (a list, or dns:/// with many records): spread the
-    # calls and skip a dead replica, instead of sticking to the first address.
-    ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
-]
 
 # The health service name that answers for the process alone: SERVING while its event loop
 # runs (a stuck loop cannot answer), whatever its dependencies do. Liveness and startup
@@ -52,8 +46,10 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class GrpcHost:
-    """One grpc.aio server with health and reflection for the given services; every call
-    goes through the authorization policy (services.core.authz)."""
+    """One grpc.aio server with health (and reflection, when asked) for the given services;
+    every call goes through the authorization policy (services.core.authz). It listens
+    with TLS when `transport` has a certificate, else in plaintext where that is allowed
+    (services.core.transport)."""
 
     def __init__(
         self,
@@ -61,19 +57,33 @@ class GrpcHost:
         service_names: Iterable[str],
         *,
         verifier: TokenVerifier | None = None,
+        transport: Transport | None = None,
+        reflection_enabled: bool = False,
+        retry_after_ms: int = 1000,
     ) -> None:
+        transport = transport or Transport()
         self.service_names = list(service_names)
-        self.authz = AuthzInterceptor(verifier=verifier)
+        # retry_after_ms: the RetryInfo of a busy database pool or unreachable token keys.
+        self.authz = AuthzInterceptor(verifier=verifier, retry_after_ms=retry_after_ms)
         self.server = grpc.aio.server(
             options=SERVER_OPTIONS,
-            interceptors=[*tracing.server_interceptors(), MetricsInterceptor(), self.authz],
+            # Outermost first: metrics see the final status; errors map what escapes the
+            # authorization and the servicer.
+            interceptors=[
+                *tracing.server_interceptors(),
+                MetricsInterceptor(),
+                ErrorInterceptor(retry_after_ms=retry_after_ms),
+                self.authz,
+            ],
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
-        )
-        self.port = self.server.add_insecure_port(listen)
+        if reflection_enabled:
+            reflection.enable_server_reflection(
+                [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+            )
+        self.tls = transport.server is not None
+        self.port = transport.add_port(self.server, listen)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {listen}")
         self.address = f"{listen.rsplit(':', 1)[0]}:{self.port}"
@@ -93,11 +103,12 @@ class GrpcHost:
         await self.server.stop(grace)
 
 
-def insecure_channel(target: str) -> grpc.aio.Channel:
-    """A channel to one replica, a comma-separated list of IP:port replicas, or any gRPC
-    URI (dns:///queue:50052 uses every address the name has)."""
-    return grpc.aio.insecure_channel(
-        grpc_target(target), options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors()
+def channel(target: str, transport: Transport | None = None) -> grpc.aio.Channel:
+    """A channel to another service: one replica, a comma-separated list of IP:port
+    replicas, or any gRPC URI (dns:///queue:50052 uses every address the name has); TLS
+    when `transport` has client credentials."""
+    return (transport or Transport()).channel(
+        grpc_target(target), CHANNEL_OPTIONS, tracing.client_interceptors()
     )
 
 

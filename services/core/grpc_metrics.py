@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
 from prometheus_client import Counter, Histogram
+
+from services.core.grpc_wrap import wrap
 
 HANDLED = Counter(
     "fairlane_grpc_server_handled",
@@ -54,49 +57,14 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             (ok if code == "OK" else HANDLED.labels(service, method, code)).inc()
             seconds.observe(time.perf_counter() - started)
 
-        if handler.unary_unary or handler.stream_unary:
-            inner = handler.unary_unary or handler.stream_unary
-
-            async def unary(request: Any, context: Any) -> Any:
-                started = time.perf_counter()
-                try:
-                    response = await inner(request, context)
-                except BaseException as exc:
-                    done(context, started, exc)
-                    raise
-                done(context, started, None)
-                return response
-
-            factory = (
-                grpc.unary_unary_rpc_method_handler
-                if handler.unary_unary
-                else grpc.stream_unary_rpc_method_handler
-            )
-            return factory(
-                unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-
-        inner_stream = handler.unary_stream or handler.stream_stream
-
-        async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
+        @asynccontextmanager
+        async def measured(request: Any, context: Any) -> AsyncIterator[Any]:
             started = time.perf_counter()
             try:
-                async for response in inner_stream(request, context):
-                    yield response
+                yield request
             except BaseException as exc:
                 done(context, started, exc)
                 raise
             done(context, started, None)
 
-        factory = (
-            grpc.unary_stream_rpc_method_handler
-            if handler.unary_stream
-            else grpc.stream_stream_rpc_method_handler
-        )
-        return factory(
-            streaming,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return wrap(handler, measured)

@@ -64,7 +64,7 @@ class MemoryDelivery:
 
 
 class _Consumer:
-    def __init__(self, lane: _Lane, handler: DeliveryHandler, prefetch: int) -> None:
+    def __init__(self, lane: _LaneQueue, handler: DeliveryHandler, prefetch: int) -> None:
         self.lane = lane
         self.handler = handler
         self.prefetch = prefetch
@@ -91,7 +91,7 @@ class _Consumer:
         self.lane.wake()
 
 
-class _Lane:
+class _LaneQueue:
     def __init__(self, name: str, max_length: int) -> None:
         self.name = name
         self.max_length = max_length
@@ -153,7 +153,7 @@ class MemoryLaneConsumer:
 class MemoryBroker:
     def __init__(self, *, lane_max_length: int) -> None:
         self._max_length = lane_max_length
-        self._lanes: dict[str, _Lane] = {}
+        self._lanes: dict[str, _LaneQueue] = {}
         self._results: dict[str, list[BytesHandler]] = defaultdict(list)
         self._control: list[BytesHandler] = []
         self.dead: list[tuple[bytes, dict[str, str]]] = []
@@ -183,7 +183,7 @@ class MemoryBroker:
     async def declare_lane(self, user_id: str) -> None:
         self._check()
         if user_id not in self._lanes:
-            self._lanes[user_id] = _Lane(user_id, self._max_length)
+            self._lanes[user_id] = _LaneQueue(user_id, self._max_length)
 
     async def lane_stats(self, user_id: str) -> LaneStats | None:
         self._check()

@@ -11,6 +11,14 @@ ACCEPTED = Counter("fairlane_accepted", "Requests accepted by the queue service.
 REJECTIONS = Counter("fairlane_rejections", "Enqueues rejected, by reason.", ["reason"])
 IN_FLIGHT = Gauge("fairlane_in_flight", "Requests running on this worker.")
 ACTIVE_LANES = Gauge("fairlane_active_lanes", "Lanes this worker consumes.")
+BUSY_LANES = Gauge(
+    "fairlane_busy_lanes",
+    "Lanes this worker is the active consumer of (a delivery within the busy window).",
+)
+LANES_RELEASED = Counter(
+    "fairlane_lanes_released",
+    "Lanes this worker handed to another replica to even out the busy lanes.",
+)
 LANE_DEPTH = Gauge("fairlane_lane_depth", "Queued (not yet started) requests in the deepest lane.")
 LANE_DEPTH_TOTAL = Gauge("fairlane_lane_depth_total", "Queued requests across all lanes.")
 OPEN_SESSIONS = Gauge("fairlane_open_sessions", "Session streams open on this queue replica.")
@@ -72,6 +80,13 @@ STAGE_STALLED = Gauge(
     "fairlane_stage_stalled",
     "1 while a batch stage has work but made no progress for stall_seconds.",
     ["stage"],
+)
+STAGE_SECONDS = Histogram(
+    "fairlane_stage_seconds",
+    "Time one request spends in a batch stage: intake (submit to commit), relay (commit "
+    "to broker confirm), results (outcome to durable).",
+    ["stage"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
 )
 LANE_FAILURES = Counter(
     "fairlane_lane_failures",

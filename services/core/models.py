@@ -91,6 +91,12 @@ lanes = sa.Table(
     sa.Column("queue_deleted_at", Timestamp),
 )
 
+# On PostgreSQL `requests` is range-partitioned on `id` and `request_events` on
+# `request_id`, one partition per UTC day of UUIDv7 ids (migration 0005), so retention drops
+# whole days. There `request_events` has the primary key (request_id, id), `requests` two
+# more indexes (ix_requests_unsequenced: user_id WHERE lane_seq IS NULL, and a BRIN index on
+# finished_at), and no unique constraint can span the partitions: idempotency keys are
+# unique in `idempotency_keys`, lane_seq values by the lane lock that hands them out.
 requests = sa.Table(
     "requests",
     metadata,
@@ -111,9 +117,19 @@ requests = sa.Table(
     sa.Column("finished_at", Timestamp),
     sa.Column("deadline", Timestamp),
     sa.Column("trace_id", sa.String(32), nullable=False, server_default=""),
-    sa.UniqueConstraint("user_id", "idempotency_key"),
-    sa.UniqueConstraint("user_id", "lane_seq"),
     sa.Index(None, "user_id", "status"),
+    sa.Index(None, "user_id", "lane_seq"),
+)
+
+# One row per idempotency key in use: the key's owner, the key and the request it named.
+# Its primary key is what makes a key unique across queue replicas. Retention deletes the
+# keys of the requests it removes.
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    sa.Column("user_id", sa.Uuid, primary_key=True),
+    sa.Column("idempotency_key", sa.String(200), primary_key=True),
+    sa.Column("request_id", sa.Uuid, nullable=False, index=True),
 )
 
 request_events = sa.Table(
@@ -152,4 +168,15 @@ handlers = sa.Table(
     sa.Column("max_attempts", sa.Integer, nullable=False),
     sa.Column("timeout_seconds", sa.Float, nullable=False, server_default="0"),
     sa.Column("last_seen_at", Timestamp, nullable=False),
+)
+
+# Worker replicas alive, by heartbeat: each counts the lanes it is the active consumer of,
+# so every replica can compute its fair share (services/worker/rebalance.py).
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("worker_id", sa.String(200), primary_key=True),
+    sa.Column("started_at", Timestamp, nullable=False),
+    sa.Column("heartbeat_at", Timestamp, nullable=False),
+    sa.Column("busy_lanes", sa.Integer, nullable=False, server_default="0"),
 )

@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
-import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from services.core.logging import get_logger
@@ -42,9 +41,6 @@ def notify_statements(user_ids: Sequence[str]) -> list[str]:
     if current:
         payloads.append(current)
     return payloads
-
-
-NOTIFY = sa.text("SELECT pg_notify(:channel, :payload)")
 
 
 class ResultListener:

@@ -27,6 +27,11 @@ class Settings(BaseSettings):
         default="classic",
         description="x-queue-type of lane queues: classic, or quorum on a cluster.",
     )
+    lane_quorum_size: int = Field(
+        default=3,
+        description="Raft members of a quorum lane (x-quorum-initial-group-size); 0: one "
+        "on every node (RabbitMQ's default).",
+    )
 
     # Listening addresses and the addresses other services are reached at.
     auth_listen: str = "127.0.0.1:50051"
@@ -39,6 +44,35 @@ class Settings(BaseSettings):
     worker_metrics_port: int = 9103
     metrics_host: str = "127.0.0.1"
 
+    # Transport security (docs/security.md).
+    tls_cert_file: str = Field(
+        default="", description="PEM certificate chain of every gRPC listener (turns TLS on)."
+    )
+    tls_key_file: str = Field(default="", description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: str = Field(
+        default="",
+        description="PEM CA bundle: listeners then require client certificates it signed (mTLS).",
+    )
+    tls_ca_file: str = Field(
+        default="",
+        description="PEM CA bundle that verifies the services this process dials (turns TLS "
+        "on for its channels; without it, TLS channels use the system roots).",
+    )
+    tls_client_cert_file: str = Field(
+        default="",
+        description="PEM certificate this process presents when it dials (mTLS); defaults to "
+        "tls_cert_file.",
+    )
+    tls_client_key_file: str = Field(default="", description="PEM key of tls_client_cert_file.")
+    tls_server_name: str = Field(
+        default="", description="Name expected in the certificates of dialled services."
+    )
+    allow_insecure: bool = Field(
+        default=False,
+        description="Allow plaintext gRPC on non-loopback addresses (logs a warning).",
+    )
+    reflection: bool = Field(default=False, description="Serve gRPC server reflection.")
+
     # Identity of this process among replicas (reply routes, worker ids).
     instance_id: str = Field(
         default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
@@ -47,7 +81,8 @@ class Settings(BaseSettings):
     # Auth.
     service_secret: str = Field(
         default_factory=lambda: secrets.token_urlsafe(32),
-        description="Shared by every service; lets workers call ListLanes.",
+        description="Shared by every service: service and operator tokens. `fairlane serve` "
+        "refuses to start without one (`fairlane dev` makes its own).",
     )
     access_token_ttl_seconds: int = 900
     refresh_token_ttl_seconds: int = 30 * 24 * 3600
@@ -151,7 +186,16 @@ class Settings(BaseSettings):
         default=30.0,
         description="A batch stage with work but no progress this long turns health NOT_SERVING.",
     )
-    retry_after_ms: int = 1000
+    retry_after_ms: int = Field(
+        default=1000,
+        description="RetryInfo delay of a rejection for our trouble: the request log or the "
+        "workers unreachable, shutting down, too many streams.",
+    )
+    overload_retry_after_ms: int = Field(
+        default=500,
+        description="RetryInfo delay when FAIRLANE_MAX_PENDING_WRITES requests wait (it clears "
+        "as soon as a batch commits, so sooner than FAIRLANE_RETRY_AFTER_MS).",
+    )
     user_rate_per_second: float = Field(
         default=5000.0, description="Sustained enqueues per second per user (token bucket)."
     )
@@ -161,6 +205,14 @@ class Settings(BaseSettings):
     )
     lane_idle_ttl_seconds: float = Field(
         default=600.0, description="Delete a lane queue idle and empty for this long."
+    )
+    retention_days: float = Field(
+        default=30.0,
+        ge=0,
+        description="Finished requests are removed this long after their result; 0 keeps all.",
+    )
+    maintenance_interval_seconds: float = Field(
+        default=3600.0, gt=0, description="How often a queue replica runs log maintenance."
     )
     database_timeout_seconds: float = 10.0
     breaker_threshold: int = 5
@@ -179,8 +231,35 @@ class Settings(BaseSettings):
     hooks: list[str] = Field(
         default_factory=list, description="Worker lifecycle hooks as module:attr."
     )
+    lane_discovery_seconds: float = Field(
+        default=10.0,
+        description="How often a worker lists the lanes (ListLanes) besides the lane events.",
+    )
     grace_seconds: float = 20.0
+    rebalance_interval_seconds: float = Field(
+        default=2.0,
+        description="How often a worker compares its busy lanes with its fair share; 0: never.",
+    )
 
     @cached_property
     def reply_route(self) -> str:
         return f"queue.{self.instance_id}"
+
+
+# Secrets shipped as examples or defaults at some point: never accepted by `fairlane serve`.
+PLACEHOLDER_SECRETS = frozenset(
+    {"change-me", "changeme", "change-me-please", "compose-insecure-change-me", "secret"}
+)
+MIN_SECRET_LENGTH = 16
+
+
+def service_secret_problem(settings: Settings) -> str | None:
+    """Why the service secret may not be used to serve, or None when it may."""
+    if "service_secret" not in settings.model_fields_set:
+        return "FAIRLANE_SERVICE_SECRET is not set: every service needs the same secret"
+    secret = settings.service_secret
+    if secret.strip().lower() in PLACEHOLDER_SECRETS:
+        return "FAIRLANE_SERVICE_SECRET is a placeholder: set a random one"
+    if len(secret) < MIN_SECRET_LENGTH:
+        return f"FAIRLANE_SERVICE_SECRET is shorter than {MIN_SECRET_LENGTH} characters"
+    return None

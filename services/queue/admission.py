@@ -44,15 +44,20 @@ class TokenBuckets:
 
 
 class Admission:
-    def __init__(self, *, rate: float, burst: int, max_pending: int) -> None:
+    def __init__(
+        self, *, rate: float, burst: int, max_pending: int, overload_retry_after_ms: int
+    ) -> None:
         self._buckets = TokenBuckets(rate, burst)
         self._max_pending = max_pending
+        self._overload_retry_ms = overload_retry_after_ms
 
     def check(self, user: str, pending: int) -> None:
         """Raises Rejection when the request must not be admitted now."""
         if pending >= self._max_pending:
             metrics.REJECTIONS.labels("overloaded").inc()
-            raise Rejection("overloaded", "the server is overloaded; retry shortly", 500)
+            raise Rejection(
+                "overloaded", "the server is overloaded; retry shortly", self._overload_retry_ms
+            )
         wait = self._buckets.take(user)
         if wait > 0:
             metrics.REJECTIONS.labels("rate_limited").inc()

@@ -13,8 +13,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-import uuid6
 from opentelemetry.trace import SpanKind
+from uuid_utils.compat import uuid7
 
 from fairlane.common.v1 import common_pb2, lane_pb2
 from fairlane.queue.v1 import queue_pb2
@@ -78,7 +78,9 @@ class QueueDomain:
         """Validates and submits one enqueue. Raises InvalidEnqueue for bad input; the
         future fails with Rejection when it is refused (nothing stored), or gives the
         admitted request once it is committed."""
-        request_id = uuid6.uuid7()
+        # Time-ordered ids whose top 48 bits are the acceptance time in ms: the worker
+        # measures queue wait from them, and they keep the log in acceptance order.
+        request_id = uuid7()
         # The request's own span: a child of the RPC's, ended once the request is durable.
         # Attributes are only built when tracing is on: this runs once per request.
         span = None

@@ -50,6 +50,7 @@ class Submission:
     reply_route: str
     traceparent: str = ""
     span: Span | None = None
+    submitted_at: float = field(default_factory=time.perf_counter)
     # Resolved only by the intake. Callers await it through asyncio.shield, so a caller
     # that goes away (deadline, cancel, reset stream) cannot cancel it under the intake.
     future: asyncio.Future[Admitted] = field(
@@ -86,17 +87,22 @@ class Intake:
     ) -> None:
         self._store = store
         self._relay = relay
-        self._batch_size = batch_size
-        self._linger = linger_ms / 1000
         self._lane_limit = lane_limit
         self._retry_after_ms = retry_after_ms
         self._breaker = breaker or CircuitBreaker("database")
         self._patience = transient_patience
         self._verify_patience = verify_patience
         self._pending: asyncio.Queue[Submission] = asyncio.Queue()
+        self._batcher = batching.Batcher(
+            self._pending, max_size=batch_size, linger=linger_ms / 1000
+        )
         self._task: asyncio.Task[None] | None = None
         self._in_batch = 0
         self._last_progress = time.monotonic()
+        # Exported at 0 from the start, so dashboards and alerts see the series before
+        # the first event.
+        metrics.BATCH_SPLITS.labels("intake")
+        metrics.ITEM_FAILURES.labels("intake")
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="intake")
@@ -126,9 +132,7 @@ class Intake:
 
     async def _run(self) -> None:
         while True:
-            batch = await batching.collect(
-                self._pending, max_size=self._batch_size, linger=self._linger
-            )
+            batch = await self._batcher.next()
             self._in_batch = len(batch)
             try:
                 await self._process(batch)
@@ -251,8 +255,11 @@ class Intake:
     def _accepted(self, subs: list[Submission], kept: list[OutboxItem], refused: list[Any]) -> None:
         self._relay.hand(kept)
         by_id = {s.request.id: s for s in subs}
+        now = time.perf_counter()
         for item in kept:
-            _resolve(by_id[item.request_id], Admitted(item.request_id, duplicate=False))
+            sub = by_id[item.request_id]
+            _INTAKE_SECONDS.observe(now - sub.submitted_at)
+            _resolve(sub, Admitted(item.request_id, duplicate=False))
         metrics.ACCEPTED.inc(len(kept))
         full = Rejection(
             "lane_full",
@@ -355,6 +362,9 @@ class Intake:
             "the request log is unavailable; nothing was stored",
             max(delay, 100),
         )
+
+
+_INTAKE_SECONDS = metrics.STAGE_SECONDS.labels("intake")
 
 
 def _follow(source: asyncio.Future[Admitted], sub: Submission) -> None:

@@ -34,7 +34,13 @@ from services.queue.store import RequestStore
 log = get_logger(__name__)
 
 PAGE_SIZE = 100
-DELETE_TIMEOUT = 5.0  # seconds a claimed lane row may wait for the broker's delete
+# A delete whose answer was lost (timeout, connection gone) is asked again, with these
+# pauses between, before the claim is given up: see _delete_settled.
+SETTLE_PAUSES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+class DeletionUncertain(BrokerError):
+    """The broker never answered whether it deleted the lane."""
 
 
 class LaneJanitor:
@@ -82,7 +88,7 @@ class LaneJanitor:
         metrics.LANE_DEPTH.set(deepest)
         metrics.LANE_DEPTH_TOTAL.set(total)
         # Open sessions on this replica keep their lanes alive for every replica.
-        await self._store.touch_lanes([uuid.UUID(u) for u in self._hub.users()])
+        await self._lanes.touch([uuid.UUID(u) for u in self._hub.users()])
         deleted: list[str] = []
         after: uuid.UUID | None = None
         while True:
@@ -101,15 +107,13 @@ class LaneJanitor:
         if self._hub.has_subscribers(user_id):
             return False
 
-        async def delete() -> bool:
-            async with asyncio.timeout(DELETE_TIMEOUT):
-                return await self._broker.delete_lane(user_id)
-
         try:
-            if not await self._lanes.delete_if_idle(lane, self._idle, delete):
+            if not await self._lanes.delete_if_idle(
+                lane, self._idle, lambda: self._delete_settled(user_id)
+            ):
                 return False  # active again, or a message arrived: not idle after all
-        except TimeoutError:
-            log.warning("lane_delete_timed_out", lane=user_id)
+        except DeletionUncertain as exc:
+            log.exception("lane_delete_uncertain", lane=user_id, error=str(exc))
             return False
         log.info("lane_deleted", lane=user_id)
         try:
@@ -120,3 +124,23 @@ class LaneJanitor:
             # Workers notice anyway: the broker cancelled their consumers of the lane.
             log.warning("lane_deleted_event_failed", lane=user_id, error=str(exc))
         return True
+
+    async def _delete_settled(self, user_id: str) -> bool:
+        """The broker's delete, with a definite answer before the claim ends.
+
+        A delete whose answer is lost (a timeout, the connection gone) may still be carried
+        out by the broker, so the claim must not let an enqueue in before it is known
+        whether the queue is gone: the delete is asked again (it is idempotent) on a fresh
+        channel, on another node if the housekeeping connection moved, until the broker
+        answers. Meanwhile an enqueue of this lane waits on its row (an idle lane rarely
+        has one). If it never answers, the claim is given up and that is logged as an
+        error: the one case the fence cannot cover."""
+        for pause in (*SETTLE_PAUSES, None):
+            try:
+                return await self._broker.delete_lane(user_id)
+            except BrokerError as exc:
+                if pause is None:
+                    raise DeletionUncertain(str(exc)) from exc
+                log.warning("lane_delete_unanswered", lane=user_id, error=str(exc))
+                await asyncio.sleep(pause)
+        raise AssertionError("unreachable")

@@ -34,6 +34,8 @@ class LaneHousekeepingStore:
             .where(
                 requests.c.user_id == lanes.c.user_id,
                 requests.c.status.in_([status.QUEUED, status.RUNNING]),
+                # Implied by those statuses; lets PostgreSQL use ix_requests_unsequenced.
+                requests.c.lane_seq.is_(None),
             )
             .exists()
         )
@@ -94,6 +96,26 @@ class LaneHousekeepingStore:
                 await transaction.rollback()
                 return False
         return True
+
+    async def touch(self, users: list[uuid.UUID]) -> None:
+        """Marks lanes active now (their sessions are open on this replica). The rows are
+        locked in user_id order first, the order intake and the result writer lock them
+        in, so this never deadlocks with them."""
+        if not users:
+            return
+        ordered = sorted(users)
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                sa.select(lanes.c.user_id)
+                .where(lanes.c.user_id.in_(ordered))
+                .order_by(lanes.c.user_id)
+                .with_for_update()
+            )
+            await conn.execute(
+                lanes.update()
+                .where(lanes.c.user_id.in_(ordered))
+                .values(last_active_at=datetime.now(UTC))
+            )
 
     async def deleted_at(self, user_id: uuid.UUID) -> datetime | None:
         async with self._engine.connect() as conn:

@@ -90,19 +90,26 @@ class LaneRelay:
         self._next_sweep = time.monotonic() + sweep_seconds
         self._last_progress = time.monotonic()
         self._store_failures = 0
+        self._backlog = 0
+        for error in ("BrokerError", "LaneFull", "LaneMissing"):
+            metrics.RELAY_PUBLISH_FAILURES.labels(error)  # exported at 0 from the start
 
     # -- feeding -----------------------------------------------------------------------------
 
     def hand(self, items: list[OutboxItem]) -> None:
         """Takes over committed requests (each lane's in position order) for publishing."""
+        now = time.perf_counter()
         for item in items:
+            item.handed_at = now
             lane = self._lanes.get(item.user_id)
             if lane is None:
                 lane = self._lanes[item.user_id] = _Lane(item.user_id)
             if lane.next_pos is not None and item.lane_pos < lane.next_pos:
                 continue  # published already, by a holder that found it in the outbox
-            lane.items.setdefault(item.request_id, item)
-        metrics.OUTBOX_BACKLOG.set(self.backlog)
+            if item.request_id not in lane.items:
+                lane.items[item.request_id] = item
+                self._backlog += 1
+        metrics.OUTBOX_BACKLOG.set(self._backlog)
         self._wake.set()
 
     def forget_lane(self, user_id: uuid.UUID) -> None:
@@ -111,8 +118,14 @@ class LaneRelay:
 
     @property
     def backlog(self) -> int:
-        """Accepted requests of this replica not yet confirmed by the broker."""
-        return sum(len(lane.items) for lane in self._lanes.values())
+        """Accepted requests of this replica not yet confirmed by the broker. Counted up
+        as requests are handed over and recounted after every round: admission reads it
+        for every enqueue, so it must not cost a walk over the lanes."""
+        return self._backlog
+
+    def _recount(self) -> None:
+        self._backlog = sum(len(lane.items) for lane in self._lanes.values())
+        metrics.OUTBOX_BACKLOG.set(self._backlog)
 
     def stalled_for(self) -> float:
         """Seconds the relay has had work without publishing anything (0 when fine)."""
@@ -212,7 +225,7 @@ class LaneRelay:
         if published:
             self._last_progress = time.monotonic()
         await self._store.release(published, self._releasable())
-        metrics.OUTBOX_BACKLOG.set(self.backlog)
+        self._recount()
 
     def _releasable(self) -> list[uuid.UUID]:
         """Held lanes with nothing left to publish, idle for the hold time (or at once when
@@ -253,6 +266,7 @@ class LaneRelay:
             log.info("outbox_recovered", count=len(recovered))
             for item in recovered:
                 self._lanes[item.user_id].items.setdefault(item.request_id, item)
+        self._recount()
 
     async def _sweep(self) -> None:
         """Finds lanes whose outbox rows nobody is publishing."""
@@ -290,9 +304,12 @@ class LaneRelay:
             for start in range(0, len(run), MAX_ITEMS_PER_MESSAGE):
                 chunk = run[start : start + MAX_ITEMS_PER_MESSAGE]
                 await self._publish_chunk(lane.user_id, chunk)
+                now = time.perf_counter()
                 for item in chunk:
                     del lane.items[item.request_id]
                     published.append(item.request_id)
+                    if item.handed_at:
+                        _RELAY_SECONDS.observe(now - item.handed_at)
                 lane.next_pos = chunk[-1].lane_pos + 1
         except BrokerError as exc:
             lane.failures += 1
@@ -364,6 +381,9 @@ class LaneRelay:
             log.warning("lane_announce_failed", lane=str(user), error=str(exc)[:200])
             return
         self._announced.add(user)
+
+
+_RELAY_SECONDS = metrics.STAGE_SECONDS.labels("relay")
 
 
 def _backoff(failures: int) -> float:

@@ -9,16 +9,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fairlane.common.v1 import lane_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
-from services.core.amqp import AmqpBroker
 from services.core.auth_client import AuthClient
+from services.core.backends import Backends
 from services.core.breaker import CircuitBreaker
 from services.core.broker import Broker
-from services.core.db import engine_for
+from services.core.db import create_engine
 from services.core.grpc_host import GrpcHost
 from services.core.health import DependencyMonitor
 from services.core.logging import get_logger
 from services.core.notify import ResultListener, results_channel
 from services.core.settings import Settings
+from services.core.transport import Transport
 from services.queue.admission import Admission
 from services.queue.catalog import HandlerCatalog
 from services.queue.domain import QueueDomain, StreamLimits
@@ -28,6 +29,8 @@ from services.queue.janitor import LaneJanitor
 from services.queue.lane_store import LaneHousekeepingStore
 from services.queue.outbox_store import OutboxStore
 from services.queue.relay import LaneRelay
+from services.queue.retention import Retention
+from services.queue.retention_store import RetentionStore
 from services.queue.servicer import QueueServicer
 from services.queue.store import RequestStore
 from services.queue.validation import Limits
@@ -49,16 +52,18 @@ class QueueService:
     ) -> None:
         s = settings
         self._settings = settings
-        self._own_engine = engine is None
-        self._own_broker = broker is None
-        self.engine = engine or engine_for(s)
-        self.broker: Broker = broker or AmqpBroker(
-            s.broker_url,
-            lane_max_length=s.lane_max_length,
-            queue_type=s.lane_queue_type,
+        self._backends = Backends(s, engine=engine, broker=broker)
+        self.engine, self.broker = self._backends.engine, self._backends.broker
+        self._maintenance: AsyncEngine | None = None
+        transport = Transport.from_settings(s)
+        self.host = GrpcHost(
+            s.queue_listen,
+            [SERVICE_NAME],
+            transport=transport,
+            reflection_enabled=s.reflection,
+            retry_after_ms=s.retry_after_ms,
         )
-        self.host = GrpcHost(s.queue_listen, [SERVICE_NAME])
-        self._auth = AuthClient(s.auth_target)
+        self._auth = AuthClient(s.auth_target, transport=transport)
         self.hub = Hub()
         store = RequestStore(self.engine)
         self.relay = LaneRelay(
@@ -93,6 +98,11 @@ class QueueService:
             self.hub,
             idle_seconds=s.lane_idle_ttl_seconds,
         )
+        self.retention = Retention(
+            RetentionStore(self._maintenance_engine()),
+            days=s.retention_days,
+            interval_seconds=s.maintenance_interval_seconds,
+        )
         self._listener = (
             ResultListener(
                 s.database_url,
@@ -112,7 +122,10 @@ class QueueService:
             catalog=HandlerCatalog(store, max_age_seconds=s.handler_cache_seconds),
             broker=self.broker,
             admission=Admission(
-                rate=s.user_rate_per_second, burst=s.user_burst, max_pending=s.max_pending_writes
+                rate=s.user_rate_per_second,
+                burst=s.user_burst,
+                max_pending=s.max_pending_writes,
+                overload_retry_after_ms=s.overload_retry_after_ms,
             ),
             limits=Limits(
                 max_payload_bytes=s.max_payload_bytes,
@@ -130,6 +143,18 @@ class QueueService:
         )
         self._servicer = QueueServicer(settings=s, verifier=self._verifier, domain=self.domain)
         queue_pb2_grpc.add_QueueServiceServicer_to_server(self._servicer, self.host.server)
+
+    def _maintenance_engine(self) -> AsyncEngine:
+        """The log maintenance's own connection: it holds an advisory lock for a pass and
+        may wait on partition locks, which the request path's pool must never do. On
+        SQLite (one file, one process), or with an engine handed in, it shares that."""
+        s = self._settings
+        if self.engine.dialect.name != "postgresql" or not self._backends.owns_engine:
+            return self.engine
+        self._maintenance = create_engine(
+            s.database_url, schema=s.database_schema, pool_size=1, timeout=300.0
+        )
+        return self._maintenance
 
     async def _on_control(self, body: bytes) -> None:
         """A lane deleted by any replica's janitor is declared and announced anew on use."""
@@ -150,8 +175,7 @@ class QueueService:
     async def start(self) -> None:
         await self._auth.wait_ready(timeout=60)
         await self._verifier.refresh()
-        if self._own_broker:
-            await self.broker.connect()
+        await self._backends.connect()
         await self.broker.consume_results(self._settings.reply_route, self.hub.on_message)
         await self.broker.consume_control(self._on_control)
         if self._listener is not None:
@@ -159,6 +183,7 @@ class QueueService:
         self.relay.start()
         self.intake.start()
         self.janitor.start()
+        self.retention.start()
         await self.host.start()
         await self._monitor.check()
         self._monitor.start()
@@ -167,12 +192,12 @@ class QueueService:
         await self._monitor.stop()
         await self.host.stop(grace)
         await self.janitor.stop()
+        await self.retention.stop()
         await self.intake.stop()
         await self.relay.stop(timeout=min(grace, 5.0))
         if self._listener is not None:
             await self._listener.stop()
-        if self._own_broker:
-            await self.broker.close()
         await self._auth.close()
-        if self._own_engine:
-            await self.engine.dispose()
+        if self._maintenance is not None:
+            await self._maintenance.dispose()
+        await self._backends.close()

@@ -6,10 +6,12 @@ import asyncio
 import base64
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
+from fairlane.common.v1 import common_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from services.core import authz, status
 from services.core.broker import BrokerError, lane_queue
@@ -25,12 +27,23 @@ from services.queue.session import SessionStream, StreamError, rejection_code
 from services.queue.validation import MAX_ATTEMPTS_LIMIT, InvalidEnqueue
 from services.queue.watch import watch_results
 
-Context = ServicerContext
 MAX_LANE_SEQ = 2**63 - 1  # lane_seq is a BIGINT in the log
 
 
-def _page_size(requested: int, default: int, maximum: int) -> int:
-    return min(requested or default, maximum)
+@dataclass(frozen=True, slots=True)
+class PageSize:
+    """A list RPC's page size: `default` for a page_size of 0, larger ones cut to `maximum`.
+    Constants, not settings: queue.proto promises these numbers to every client."""
+
+    default: int
+    maximum: int
+
+    def of(self, requested: int) -> int:
+        return min(requested or self.default, self.maximum)
+
+
+REQUESTS_PAGE = PageSize(default=50, maximum=500)  # ListRequests, ListDeadRequests
+LANES_PAGE = PageSize(default=1000, maximum=10_000)  # ListLanes
 
 
 def _decode_token(token: str) -> uuid.UUID | None:
@@ -39,7 +52,7 @@ def _decode_token(token: str) -> uuid.UUID | None:
     return uuid.UUID(bytes=base64.urlsafe_b64decode(token.encode()))
 
 
-async def _page_token(token: str, context: Context) -> uuid.UUID | None:
+async def _page_token(token: str, context: ServicerContext) -> uuid.UUID | None:
     """The position a page token stands for; INVALID_ARGUMENT for a malformed one."""
     try:
         return _decode_token(token)
@@ -66,16 +79,48 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
 
     # -- helpers -------------------------------------------------------------------------
 
-    async def _request_id(self, text: str, context: Context) -> uuid.UUID:
+    async def _request_id(self, text: str, context: ServicerContext) -> uuid.UUID:
         try:
             return uuid.UUID(text)
         except ValueError:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "request_id is not a valid id")
 
+    async def _own_request(self, principal: Principal, text: str, context: ServicerContext) -> Any:
+        """The caller's request of that id; NOT_FOUND whether it is another user's or none."""
+        row = await self._store.get(
+            uuid.UUID(principal.user_id), await self._request_id(text, context)
+        )
+        if row is None:
+            await abort(context, grpc.StatusCode.NOT_FOUND, "no such request")
+        return row
+
+    async def _request_page(
+        self,
+        principal: Principal,
+        page_size: int,
+        page_token: str,
+        context: ServicerContext,
+        *,
+        status_name: str | None,
+        with_bodies: bool = False,
+    ) -> tuple[list[common_pb2.Request], str]:
+        """One page of the caller's requests, newest first, and the token of the next."""
+        limit = REQUESTS_PAGE.of(page_size)
+        before = await _page_token(page_token, context)
+        rows = await self._store.list_requests(
+            uuid.UUID(principal.user_id),
+            status_name=status_name,
+            limit=limit,
+            before=before,
+            with_bodies=with_bodies,
+        )
+        token = _encode_token(rows[-1].id) if len(rows) == limit else ""
+        return [request_from_row(r) for r in rows], token
+
     # -- enqueue paths ---------------------------------------------------------------------
 
     async def Enqueue(
-        self, request: queue_pb2.EnqueueRequest, context: Context
+        self, request: queue_pb2.EnqueueRequest, context: ServicerContext
     ) -> queue_pb2.EnqueueResponse:
         principal = authz.principal()
         try:
@@ -84,15 +129,15 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
             # Shielded: a caller that goes away must not cancel what the intake resolves.
-            admission = await asyncio.shield(future)
+            admitted = await asyncio.shield(future)
         except Rejection as rej:
             await abort_retry(context, rejection_code(rej), str(rej), rej.retry_after_ms)
         return queue_pb2.EnqueueResponse(
-            request_id=str(admission.request_id), duplicate=admission.duplicate
+            request_id=str(admitted.request_id), duplicate=admitted.duplicate
         )
 
     async def Session(
-        self, request_iterator: AsyncIterator[queue_pb2.SessionRequest], context: Context
+        self, request_iterator: AsyncIterator[queue_pb2.SessionRequest], context: ServicerContext
     ) -> AsyncIterator[queue_pb2.SessionResponse]:
         principal = authz.principal()
         slot = await self._stream_slot(principal, context)
@@ -111,17 +156,22 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
             finally:
                 OPEN_SESSIONS.dec()
 
-    async def _stream_slot(self, principal: Principal, context: Context) -> StreamSlot:
+    async def _stream_slot(self, principal: Principal, context: ServicerContext) -> StreamSlot:
         """One of the user's open-stream slots; RESOURCE_EXHAUSTED when all are taken."""
         try:
             return self._d.stream_slot(principal.user_id)
         except TooManyStreams as exc:
-            await abort_retry(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), 1000)
+            await abort_retry(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                str(exc),
+                self._settings.retry_after_ms,
+            )
 
     # -- reading results -------------------------------------------------------------------
 
     async def WatchResults(
-        self, request: queue_pb2.WatchResultsRequest, context: Context
+        self, request: queue_pb2.WatchResultsRequest, context: ServicerContext
     ) -> AsyncIterator[queue_pb2.WatchResultsResponse]:
         principal = authz.principal()
         if request.after_lane_seq > MAX_LANE_SEQ:
@@ -137,21 +187,14 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
                 yield queue_pb2.WatchResultsResponse(result=result)
 
     async def GetRequest(
-        self, request: queue_pb2.GetRequestRequest, context: Context
+        self, request: queue_pb2.GetRequestRequest, context: ServicerContext
     ) -> queue_pb2.GetRequestResponse:
-        principal = authz.principal()
-        request_id = await self._request_id(request.request_id, context)
-        row = await self._store.get(uuid.UUID(principal.user_id), request_id)
-        if row is None:
-            await abort(context, grpc.StatusCode.NOT_FOUND, "no such request")
+        row = await self._own_request(authz.principal(), request.request_id, context)
         return queue_pb2.GetRequestResponse(request=request_from_row(row))
 
     async def ListRequests(
-        self, request: queue_pb2.ListRequestsRequest, context: Context
+        self, request: queue_pb2.ListRequestsRequest, context: ServicerContext
     ) -> queue_pb2.ListRequestsResponse:
-        principal = authz.principal()
-        limit = _page_size(request.page_size, 50, 500)
-        before = await _page_token(request.page_token, context)
         status_name = None
         if request.HasField("status"):
             # Explicit presence: a set but unknown or UNSPECIFIED status (a misspelt enum
@@ -163,16 +206,17 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"status {request.status} is not a request status; leave it unset for all",
                 )
-        rows = await self._store.list_requests(
-            uuid.UUID(principal.user_id), status_name=status_name, limit=limit, before=before
+        page, token = await self._request_page(
+            authz.principal(),
+            request.page_size,
+            request.page_token,
+            context,
+            status_name=status_name,
         )
-        token = _encode_token(rows[-1].id) if len(rows) == limit else ""
-        return queue_pb2.ListRequestsResponse(
-            requests=[request_from_row(r) for r in rows], next_page_token=token
-        )
+        return queue_pb2.ListRequestsResponse(requests=page, next_page_token=token)
 
     async def CancelRequest(
-        self, request: queue_pb2.CancelRequestRequest, context: Context
+        self, request: queue_pb2.CancelRequestRequest, context: ServicerContext
     ) -> queue_pb2.CancelRequestResponse:
         principal = authz.principal()
         request_id = await self._request_id(request.request_id, context)
@@ -180,7 +224,10 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
             after = await self._d.cancel(uuid.UUID(principal.user_id), request_id)
         except BrokerError:
             await abort_retry(
-                context, grpc.StatusCode.UNAVAILABLE, "cannot reach the workers now", 1000
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                "cannot reach the workers now",
+                self._settings.retry_after_ms,
             )
         if after is None:
             await abort(context, grpc.StatusCode.NOT_FOUND, "no such request")
@@ -189,7 +236,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
     # -- lanes -----------------------------------------------------------------------------
 
     async def GetLane(
-        self, request: queue_pb2.GetLaneRequest, context: Context
+        self, request: queue_pb2.GetLaneRequest, context: ServicerContext
     ) -> queue_pb2.GetLaneResponse:
         principal = authz.principal()
         found = await self._store.lane(uuid.UUID(principal.user_id))
@@ -199,9 +246,9 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         return queue_pb2.GetLaneResponse(lane=_lane(row, pending))
 
     async def ListLanes(
-        self, request: queue_pb2.ListLanesRequest, context: Context
+        self, request: queue_pb2.ListLanesRequest, context: ServicerContext
     ) -> queue_pb2.ListLanesResponse:
-        limit = _page_size(request.page_size, 1000, 10_000)
+        limit = LANES_PAGE.of(request.page_size)
         after = await _page_token(request.page_token, context)
         rows = await self._store.lanes(
             after=after, limit=limit, idle_seconds=self._settings.lane_idle_ttl_seconds
@@ -210,31 +257,23 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         return queue_pb2.ListLanesResponse(lanes=[_lane(r, 0) for r in rows], next_page_token=token)
 
     async def ListDeadRequests(
-        self, request: queue_pb2.ListDeadRequestsRequest, context: Context
+        self, request: queue_pb2.ListDeadRequestsRequest, context: ServicerContext
     ) -> queue_pb2.ListDeadRequestsResponse:
-        principal = authz.principal()
-        limit = _page_size(request.page_size, 50, 500)
-        before = await _page_token(request.page_token, context)
-        rows = await self._store.list_requests(
-            uuid.UUID(principal.user_id),
+        page, token = await self._request_page(
+            authz.principal(),
+            request.page_size,
+            request.page_token,
+            context,
             status_name=status.DEAD,
-            limit=limit,
-            before=before,
             with_bodies=True,
         )
-        token = _encode_token(rows[-1].id) if len(rows) == limit else ""
-        return queue_pb2.ListDeadRequestsResponse(
-            requests=[request_from_row(r) for r in rows], next_page_token=token
-        )
+        return queue_pb2.ListDeadRequestsResponse(requests=page, next_page_token=token)
 
     async def ReplayDeadRequest(
-        self, request: queue_pb2.ReplayDeadRequestRequest, context: Context
+        self, request: queue_pb2.ReplayDeadRequestRequest, context: ServicerContext
     ) -> queue_pb2.ReplayDeadRequestResponse:
         principal = authz.principal()
-        request_id = await self._request_id(request.request_id, context)
-        row = await self._store.get(uuid.UUID(principal.user_id), request_id)
-        if row is None:
-            await abort(context, grpc.StatusCode.NOT_FOUND, "no such request")
+        row = await self._own_request(principal, request.request_id, context)
         if row.status != status.DEAD:
             await abort(
                 context, grpc.StatusCode.FAILED_PRECONDITION, f"request is {row.status}, not DEAD"
@@ -253,12 +292,12 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         )
         try:
             _, future = await self._d.admit(replay, principal)
-            admission = await asyncio.shield(future)
+            admitted = await asyncio.shield(future)
         except InvalidEnqueue as exc:
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except Rejection as rej:
             await abort_retry(context, rejection_code(rej), str(rej), rej.retry_after_ms)
-        return queue_pb2.ReplayDeadRequestResponse(request_id=str(admission.request_id))
+        return queue_pb2.ReplayDeadRequestResponse(request_id=str(admitted.request_id))
 
 
 def _lane(row: Any, pending: int) -> queue_pb2.Lane:

@@ -13,7 +13,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.core import status
 from services.core.db import upsert
-from services.core.models import handlers, lanes, outbox, request_events, requests
+from services.core.models import (
+    handlers,
+    idempotency_keys,
+    lanes,
+    outbox,
+    request_events,
+    requests,
+)
 
 
 @dataclass(slots=True)
@@ -60,6 +67,8 @@ class OutboxItem:
     # have been published before (by a replica that died before deleting its row), so the
     # worker checks the log before running it.
     recovered: bool = False
+    # When this replica's relay took it over (perf_counter), for the relay stage's metric.
+    handed_at: float = 0.0
 
 
 def _outbox_item(p: Pending, lane_pos: int) -> OutboxItem:
@@ -117,6 +126,13 @@ _PG_ACCEPT = sa.text(
     ), ev AS (
       INSERT INTO request_events (request_id, at, status, attempt, detail)
       SELECT id, enqueued_at, 'QUEUED', 0, '' FROM r
+    ), ik AS (
+      -- A key another transaction holds makes the statement fail (the intake then finds
+      -- the request that holds it); one still uncommitted makes it wait for that outcome.
+      INSERT INTO idempotency_keys (user_id, idempotency_key, request_id)
+      SELECT u, k, i FROM unnest(CAST(:users AS uuid[]), CAST(:keys AS text[]),
+                                 CAST(:ids AS uuid[])) AS y(u, k, i)
+      WHERE k IS NOT NULL
     ), ob AS (
       INSERT INTO outbox (request_id, user_id, lane_pos, reply_route, traceparent, created_at)
       SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:users AS uuid[]),
@@ -128,6 +144,12 @@ _PG_ACCEPT = sa.text(
     WHERE lanes.user_id = v.u
     """
 )
+
+
+# Implied by QUEUED and RUNNING (a request gets its lane_seq when it finishes), and said
+# so the planner can use the small partial index of unfinished requests
+# (ix_requests_unsequenced) instead of reading every day's (user_id, status) index.
+_UNSEQUENCED = requests.c.lane_seq.is_(None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,12 +191,13 @@ class RequestStore:
         if not keys:
             return {}
         async with self._engine.connect() as conn:
+            k = idempotency_keys.c
             rows = await conn.execute(
-                sa.select(requests.c.user_id, requests.c.idempotency_key, requests.c.id).where(
-                    sa.tuple_(requests.c.user_id, requests.c.idempotency_key).in_(list(keys))
+                sa.select(k.user_id, k.idempotency_key, k.request_id).where(
+                    sa.tuple_(k.user_id, k.idempotency_key).in_(list(keys))
                 )
             )
-            return {(r.user_id, r.idempotency_key): r.id for r in rows}
+            return {(r.user_id, r.idempotency_key): r.request_id for r in rows}
 
     async def accept(
         self, batch: Sequence[Pending], *, lane_limit: int
@@ -190,6 +213,9 @@ class RequestStore:
         now = datetime.now(UTC)
         by_lane: dict[uuid.UUID, list[Pending]] = {}
         for p in batch:
+            if p.request.id.version != 7:
+                # The log is partitioned by the time in the id (see migration 0005).
+                raise ValueError(f"request id {p.request.id} is not a UUIDv7")
             by_lane.setdefault(p.request.user_id, []).append(p)
         users = sorted(by_lane)
         async with self._engine.connect() as conn:
@@ -294,6 +320,13 @@ class RequestStore:
             request_events.insert(),
             [{"request_id": r.id, "at": r.enqueued_at, "status": status.QUEUED} for r in requests_],
         )
+        keyed = [
+            {"user_id": r.user_id, "idempotency_key": r.idempotency_key, "request_id": r.id}
+            for r in requests_
+            if r.idempotency_key is not None
+        ]
+        if keyed:
+            await conn.execute(idempotency_keys.insert(), keyed)
         await conn.execute(
             outbox.insert(),
             [
@@ -420,6 +453,7 @@ class RequestStore:
                     sa.select(sa.func.count()).where(
                         requests.c.user_id == user_id,
                         requests.c.status.in_([status.QUEUED, status.RUNNING]),
+                        _UNSEQUENCED,
                     )
                 )
             ).scalar_one()
@@ -431,6 +465,7 @@ class RequestStore:
             .where(
                 requests.c.user_id == lanes.c.user_id,
                 requests.c.status.in_([status.QUEUED, status.RUNNING]),
+                _UNSEQUENCED,
             )
             .exists()
         )
@@ -463,7 +498,7 @@ class RequestStore:
         """(deepest lane, all lanes) in QUEUED requests."""
         per_lane = (
             sa.select(sa.func.count().label("n"))
-            .where(requests.c.status == status.QUEUED)
+            .where(requests.c.status == status.QUEUED, _UNSEQUENCED)
             .group_by(requests.c.user_id)
             .subquery()
         )

@@ -60,9 +60,14 @@ def deadline_of(msg: queue_pb2.EnqueueRequest, now: datetime, limits: Limits) ->
     if deadline <= now:
         raise InvalidEnqueue("deadline has already passed")
     if deadline - now > timedelta(seconds=limits.max_deadline_seconds):
-        days = int(limits.max_deadline_seconds // 86400)
-        raise InvalidEnqueue(f"deadline is more than {days} days ahead")
+        raise InvalidEnqueue(f"deadline is more than {_span(limits.max_deadline_seconds)} ahead")
     return deadline
+
+
+def _span(seconds: float) -> str:
+    """366 days, or 90 seconds for a limit that is not a whole number of days."""
+    days, rest = divmod(seconds, 86400)
+    return f"{int(days)} days" if days and not rest else f"{seconds:g} seconds"
 
 
 async def build_request(

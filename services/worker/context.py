@@ -1,4 +1,5 @@
-"""The HandlerContext a worker hands to each handler attempt."""
+"""The context a worker hands to each handler attempt: its implementation of
+fairlane.handlers.HandlerContext, reporting progress through the result writer."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from services.core.logging import get_logger
 from services.worker.writer import ResultWriter
 
 
-class Context:
+class AttemptContext:
     __slots__ = ("_logger", "_route", "_writer", "attempt", "deadline", "request_id", "user_id")
 
     def __init__(

@@ -12,8 +12,9 @@ from fairlane.common.v1 import lane_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from services.core.auth_client import AuthClient
 from services.core.broker import Broker, BrokerError, LaneMissing
-from services.core.grpc_host import insecure_channel
+from services.core.grpc_host import channel
 from services.core.logging import get_logger
+from services.core.transport import Transport
 from services.worker.runner import Runner
 
 log = get_logger(__name__)
@@ -28,12 +29,13 @@ class LaneDiscovery:
         *,
         queue_target: str,
         service_secret: str,
-        interval: float = 10.0,
+        interval: float,
+        transport: Transport | None = None,
     ) -> None:
         self._runner = runner
         self._broker = broker
         self._auth = auth
-        self._channel = insecure_channel(queue_target)
+        self._channel = channel(queue_target, transport)
         self._queue = queue_pb2_grpc.QueueServiceStub(self._channel)
         self._secret = service_secret
         self._interval = interval
@@ -75,7 +77,8 @@ class LaneDiscovery:
         seen = 0
         while True:
             response = await self._queue.ListLanes(
-                queue_pb2.ListLanesRequest(page_size=1000, page_token=page),
+                # No page_size: the queue's own default page.
+                queue_pb2.ListLanesRequest(page_token=page),
                 metadata=(("authorization", f"Bearer {token}"),),
                 timeout=10,
             )
@@ -91,21 +94,11 @@ class LaneDiscovery:
                 return seen
             page = response.next_page_token
 
-    async def _repair(self) -> int:
-        """Consumes again every lane whose consumer died (connection lost, or the broker
-        cancelled it because the janitor deleted the lane); returns how many. A deleted
-        lane is left alone: its next request declares and announces it again."""
-        dead = [u for u, lane in list(self._runner.lanes.items()) if not lane.alive]
-        for user_id in dead:
-            with contextlib.suppress(LaneMissing):
-                await self._runner.add_lane(user_id)
-        return len(dead)
-
     async def _poll(self) -> None:
         delay = 0.2
         while True:
             try:
-                repaired = await self._repair()
+                repaired = await self._runner.repair()
                 if repaired:
                     log.info("lanes_repaired", count=repaired)
                 await self.sync_once()

@@ -1,20 +1,23 @@
-"""Wires a worker replica: handlers, database, broker, writer, runner, discovery, gRPC."""
+"""Wires a worker replica: handlers, database, broker, writer, runner, discovery,
+rebalancing, gRPC."""
 
 from __future__ import annotations
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
-from services.core.amqp import AmqpBroker
 from services.core.auth_client import AuthClient
+from services.core.backends import Backends
 from services.core.broker import Broker
-from services.core.db import engine_for
 from services.core.grpc_host import GrpcHost
 from services.core.health import DependencyMonitor
 from services.core.notify import results_channel
 from services.core.settings import Settings
+from services.core.transport import Transport
 from services.worker import registry
 from services.worker.discovery import LaneDiscovery
+from services.worker.presence import PresenceStore
+from services.worker.rebalance import Rebalancer
 from services.worker.runner import Runner
 from services.worker.servicer import WorkerServicer
 from services.worker.store import WorkerStore
@@ -34,14 +37,8 @@ class WorkerService:
         broker: Broker | None = None,
     ) -> None:
         self._settings = settings
-        self._own_engine = engine is None
-        self._own_broker = broker is None
-        self.engine = engine or engine_for(settings)
-        self.broker: Broker = broker or AmqpBroker(
-            settings.broker_url,
-            lane_max_length=settings.lane_max_length,
-            queue_type=settings.lane_queue_type,
-        )
+        self._backends = Backends(settings, engine=engine, broker=broker)
+        self.engine, self.broker = self._backends.engine, self._backends.broker
         self.handlers = registry.load(
             settings.handlers, default_attempts=settings.default_max_attempts
         )
@@ -66,18 +63,34 @@ class WorkerService:
             worker_id=settings.instance_id,
             hooks=registry.load_hooks(settings.hooks),
         )
-        self._auth = AuthClient(settings.auth_target)
+        transport = Transport.from_settings(settings)
+        self._auth = AuthClient(settings.auth_target, transport=transport)
         self.discovery = LaneDiscovery(
             self.runner,
             self.broker,
             self._auth,
             queue_target=settings.queue_target,
             service_secret=settings.service_secret,
+            interval=settings.lane_discovery_seconds,
+            transport=transport,
+        )
+        self.rebalancer = (
+            Rebalancer(
+                self.runner,
+                PresenceStore(self.engine),
+                worker_id=settings.instance_id,
+                interval=settings.rebalance_interval_seconds,
+            )
+            if settings.rebalance_interval_seconds > 0
+            else None
         )
         self.host = GrpcHost(
             settings.worker_listen,
             [SERVICE_NAME],
             verifier=self._auth.token_verifier(settings),
+            transport=transport,
+            reflection_enabled=settings.reflection,
+            retry_after_ms=settings.retry_after_ms,
         )
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(
             WorkerServicer(self.runner, grace_seconds=settings.grace_seconds), self.host.server
@@ -97,11 +110,12 @@ class WorkerService:
     async def start(self) -> None:
         await self.runner.start()
         await self.store.register_handlers(list(self.handlers.values()))
-        if self._own_broker:
-            await self.broker.connect()
+        await self._backends.connect()
         self.writer.start()
         await self.host.start()
         await self.discovery.start()
+        if self.rebalancer is not None:
+            self.rebalancer.start()
         await self._monitor.check()
         self._monitor.start()
 
@@ -109,13 +123,12 @@ class WorkerService:
         """Drain: finish running handlers within the grace period, hand lanes back."""
         await self._monitor.stop()
         await self.host.health.enter_graceful_shutdown()
+        if self.rebalancer is not None:
+            await self.rebalancer.stop()  # the others take over its share at once
         await self.discovery.stop()
         await self.runner.drain(grace)
         await self.writer.stop()
         await self.runner.shutdown()
         await self.host.stop(1.0)
-        if self._own_broker:
-            await self.broker.close()
         await self._auth.close()
-        if self._own_engine:
-            await self.engine.dispose()
+        await self._backends.close()

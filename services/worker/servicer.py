@@ -15,15 +15,20 @@ from services.core import authz
 from services.core.audit import audit
 from services.core.grpc_host import ServicerContext, abort
 from services.core.tokens import ROLE_ADMIN
-from services.worker.runner import Runner
+from services.worker.runner import Runner, RunnerState
 
-Context = ServicerContext
 MAX_DRAIN_SECONDS = 86_400
-_FINISHED = (worker_pb2.WORKER_STATE_DRAINING, worker_pb2.WORKER_STATE_DRAINED)
+_FINISHED = (RunnerState.DRAINING, RunnerState.DRAINED)
+_WIRE_STATE = {
+    RunnerState.RUNNING: worker_pb2.WORKER_STATE_RUNNING,
+    RunnerState.PAUSED: worker_pb2.WORKER_STATE_PAUSED,
+    RunnerState.DRAINING: worker_pb2.WORKER_STATE_DRAINING,
+    RunnerState.DRAINED: worker_pb2.WORKER_STATE_DRAINED,
+}
 
 
-def _state(value: int) -> str:
-    return str(worker_pb2.WorkerState.Name(value))  # type: ignore[arg-type]
+def _wire(state: RunnerState) -> worker_pb2.WorkerState.ValueType:
+    return _WIRE_STATE[state]
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
@@ -32,13 +37,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._grace = grace_seconds
 
     async def GetStatus(
-        self, request: worker_pb2.GetStatusRequest, context: Context
+        self, request: worker_pb2.GetStatusRequest, context: ServicerContext
     ) -> worker_pb2.GetStatusResponse:
         r = self._runner
         # Lane ids are user ids and the worker id holds the host name: operators only.
         operator = authz.principal().role == ROLE_ADMIN
         return worker_pb2.GetStatusResponse(
-            state=r.state,
+            state=_wire(r.state),
             worker_id=r.worker_id if operator else "",
             lanes=sorted(r.lanes) if operator else [],
             in_flight=r.in_flight,
@@ -57,7 +62,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         )
 
     async def ListHandlers(
-        self, request: worker_pb2.ListHandlersRequest, context: Context
+        self, request: worker_pb2.ListHandlersRequest, context: ServicerContext
     ) -> worker_pb2.ListHandlersResponse:
         return worker_pb2.ListHandlersResponse(
             handlers=[
@@ -72,12 +77,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         )
 
     async def _refuse(
-        self, event: str, context: Context, code: grpc.StatusCode, message: str, **fields: Any
+        self,
+        event: str,
+        context: ServicerContext,
+        code: grpc.StatusCode,
+        message: str,
+        **fields: Any,
     ) -> None:
         self._audit(event, context, outcome=code.name, **fields)
         await abort(context, code, message)
 
-    def _audit(self, event: str, context: Context, **fields: Any) -> None:
+    def _audit(self, event: str, context: ServicerContext, **fields: Any) -> None:
         audit(
             event,
             authz.principal(),
@@ -86,13 +96,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             **fields,
         )
 
-    async def _check_lane(self, event: str, lane: str, context: Context) -> None:
+    async def _check_lane(self, event: str, lane: str, context: ServicerContext) -> None:
         if self._runner.state in _FINISHED:
             await self._refuse(
                 event,
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"the worker is {_state(self._runner.state)}: restart it to take lanes again",
+                f"the worker is {self._runner.state.name}: restart it to take lanes again",
                 lane=lane,
             )
         if lane and lane not in self._runner.lanes:
@@ -105,23 +115,23 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             )
 
     async def Pause(
-        self, request: worker_pb2.PauseRequest, context: Context
+        self, request: worker_pb2.PauseRequest, context: ServicerContext
     ) -> worker_pb2.PauseResponse:
         await self._check_lane("worker.pause", request.lane, context)
         self._runner.pause(request.lane)
         self._audit("worker.pause", context, outcome="OK", lane=request.lane)
-        return worker_pb2.PauseResponse(state=self._runner.state)
+        return worker_pb2.PauseResponse(state=_wire(self._runner.state))
 
     async def Resume(
-        self, request: worker_pb2.ResumeRequest, context: Context
+        self, request: worker_pb2.ResumeRequest, context: ServicerContext
     ) -> worker_pb2.ResumeResponse:
         await self._check_lane("worker.resume", request.lane, context)
         self._runner.resume(request.lane)
         self._audit("worker.resume", context, outcome="OK", lane=request.lane)
-        return worker_pb2.ResumeResponse(state=self._runner.state)
+        return worker_pb2.ResumeResponse(state=_wire(self._runner.state))
 
     async def Drain(
-        self, request: worker_pb2.DrainRequest, context: Context
+        self, request: worker_pb2.DrainRequest, context: ServicerContext
     ) -> worker_pb2.DrainResponse:
         if not 0 <= request.timeout_seconds <= MAX_DRAIN_SECONDS:
             await self._refuse(
@@ -134,4 +144,4 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._audit("worker.drain", context, outcome="STARTED")
         abandoned = await self._runner.drain(request.timeout_seconds or self._grace)
         self._audit("worker.drain", context, outcome="OK", abandoned=abandoned)
-        return worker_pb2.DrainResponse(state=self._runner.state, abandoned=abandoned)
+        return worker_pb2.DrainResponse(state=_wire(self._runner.state), abandoned=abandoned)

@@ -33,6 +33,7 @@ class _Pending:
     outcome: Outcome | None = None  # None: an event to publish only
     event: lane_pb2.LaneEvent | None = None
     running: tuple[uuid.UUID, int, datetime] | None = None
+    queued_at: float = field(default_factory=time.perf_counter)
     future: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -54,13 +55,14 @@ class ResultWriter:
     ) -> None:
         self._store = store
         self._broker = broker
-        self._batch_size = batch_size
-        self._linger = linger_ms / 1000
         self._publish_patience = publish_patience
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._batcher = batching.Batcher(self._queue, max_size=batch_size, linger=linger_ms / 1000)
         self._task: asyncio.Task[None] | None = None
         self._busy = False
         self._last_progress = time.monotonic()
+        metrics.BATCH_SPLITS.labels("results")  # exported at 0 from the start
+        metrics.ITEM_FAILURES.labels("results")
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="result-writer")
@@ -96,9 +98,7 @@ class ResultWriter:
 
     async def _run(self) -> None:
         while True:
-            batch = await batching.collect(
-                self._queue, max_size=self._batch_size, linger=self._linger
-            )
+            batch = await self._batcher.next()
             self._busy = True
             try:
                 await self._flush(batch)
@@ -232,6 +232,7 @@ class ResultWriter:
         finishing = {o.request_id for o in outcomes}
         running = [i.running for i in batch if i.running and i.running[0] not in finishing]
         written: set[int] = set()
+        written_at = time.perf_counter()
         if outcomes or running:
             started = time.perf_counter()
             first = next((o.traceparent for o in outcomes if o.traceparent), "")
@@ -251,6 +252,7 @@ class ResultWriter:
             )
             with tracing.current(span):
                 written = {id(o) for o in await self._write(outcomes, running)}
+            written_at = time.perf_counter()
             tracing.end(span)
             if outcomes:
                 metrics.DB_BATCH_SIZE.labels("results").observe(len(outcomes))
@@ -265,6 +267,7 @@ class ResultWriter:
                     log.warning("outcome_not_written", request_id=str(o.request_id))
                     continue
                 _requests_counter(item.handler, o.status).inc()
+                _RESULTS_SECONDS.observe(written_at - item.queued_at)
                 item.event = lane_pb2.LaneEvent(
                     user_id=str(o.user_id),
                     traceparent=o.traceparent,
@@ -287,6 +290,9 @@ class ResultWriter:
         for item in batch:
             if not item.future.done():
                 item.future.set_result(None)
+
+
+_RESULTS_SECONDS = metrics.STAGE_SECONDS.labels("results")
 
 
 @functools.cache

@@ -46,20 +46,27 @@ DEPENDS = {
 }
 
 
+# No secret is shipped: the operator's (here the test's) environment gives one.
+OPERATOR_SECRET = "operator-made-secret-0123456789"
+
+
 def compose_env(**overrides: str) -> dict[str, str]:
-    """The caller's environment without anything that would change the file's defaults."""
+    """The caller's environment without anything that would change the file's defaults,
+    plus the service secret an operator must set."""
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("FAIRLANE_", "POSTGRES_", "RABBITMQ_", "GRAFANA_", "COMPOSE_"))
     }
+    env["FAIRLANE_SERVICE_SECRET"] = OPERATOR_SECRET
     env.update(overrides)
     return env
 
 
-def compose_json(**overrides: str) -> dict[str, Any]:
+def compose_json(*files: Path, **overrides: str) -> dict[str, Any]:
+    paths = [arg for f in (COMPOSE, *files) for arg in ("-f", str(f))]
     out = run(
-        [tool("docker-compose"), "-f", str(COMPOSE), "config", "--format", "json"],
+        [tool("docker-compose"), *paths, "config", "--format", "json"],
         env=compose_env(**overrides),
     )
     config: dict[str, Any] = json.loads(out.stdout)
@@ -211,3 +218,34 @@ def test_images_are_pinned(config: dict[str, Any]) -> None:
         image = svc["image"]
         assert ":" in image, f"{name}: {image}"
         assert not image.endswith(":latest"), f"{name}: {image}"
+
+
+def test_no_service_secret_is_shipped() -> None:
+    env = compose_env()
+    del env["FAIRLANE_SERVICE_SECRET"]
+    out = run([tool("docker-compose"), "-f", str(COMPOSE), "config", "-q"], env=env, check=False)
+    assert out.returncode != 0
+    assert "set FAIRLANE_SERVICE_SECRET" in out.stderr
+    assert "change-me" not in COMPOSE.read_text()
+
+
+def test_plaintext_between_containers_is_explicit(config: dict[str, Any]) -> None:
+    for name in SERVICES:
+        assert config["services"][name]["environment"]["FAIRLANE_ALLOW_INSECURE"] == "true"
+
+
+def test_tls_overlay(tmp_path: Path) -> None:
+    config = compose_json(DEPLOY / "compose.tls.yaml", FAIRLANE_TLS_DIR=str(tmp_path))
+    services = config["services"]
+    for name in SERVICES:
+        env = services[name]["environment"]
+        assert env["FAIRLANE_ALLOW_INSECURE"] == "false"
+        assert env["FAIRLANE_TLS_CERT_FILE"] == "/etc/fairlane/tls/tls.crt"
+        assert env["FAIRLANE_TLS_CLIENT_CA_FILE"] == "/etc/fairlane/tls/ca.crt", "mTLS"
+        # Everything else of the base file is still there.
+        assert env["FAIRLANE_SERVICE_SECRET"] == OPERATOR_SECRET
+        mounts = {v["target"]: v for v in services[name]["volumes"]}
+        assert mounts["/etc/fairlane/tls"]["source"] == str(tmp_path)
+        assert mounts["/etc/fairlane/tls"]["read_only"] is True
+    lb = {v["target"]: Path(v["source"]) for v in services["lb"]["volumes"]}
+    assert lb["/etc/envoy/envoy.yaml"] == DEPLOY / "envoy" / "envoy-tls.yaml"

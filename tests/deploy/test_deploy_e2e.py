@@ -87,6 +87,7 @@ def supervised(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervised]
             FAIRLANE_SERVICE_SECRET=secrets.token_urlsafe(24),
             FAIRLANE_METRICS_HOST="127.0.0.1",
             FAIRLANE_GRACE_SECONDS="5",
+            FAIRLANE_REFLECTION="true",
             **backends.settings,
             **{f"FAIRLANE_{n.upper()}_LISTEN": f"127.0.0.1:{p}" for n, p in grpc_ports.items()},
             **{f"FAIRLANE_{n.upper()}_METRICS_PORT": str(p) for n, p in metrics_ports.items()},

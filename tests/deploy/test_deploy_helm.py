@@ -115,11 +115,29 @@ def test_deployments_probes_ports_limits(values_file: str | None) -> None:
         assert c["args"] == ["serve", name]
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert ports == {"grpc": grpc_port, "metrics": metrics_port}
-        assert c["readinessProbe"]["grpc"] == {"port": grpc_port, "service": grpc_service}
         # Liveness and startup answer for the process, readiness for its dependencies:
         # a dependency outage takes pods out of rotation and restarts none.
-        assert c["livenessProbe"]["grpc"] == {"port": grpc_port, "service": "liveness"}
-        assert c["startupProbe"]["grpc"] == {"port": grpc_port, "service": "liveness"}
+        expected = {
+            "readinessProbe": grpc_service,
+            "livenessProbe": "liveness",
+            "startupProbe": "liveness",
+        }
+        for probe, service in expected.items():
+            if (values_of(values_file) or {}).get("tls", {}).get("enabled"):
+                # The kubelet's gRPC probe cannot speak TLS: the image's script does.
+                assert c[probe]["exec"]["command"] == [
+                    "fairlane-healthcheck",
+                    "--timeout",
+                    "2",
+                    f"127.0.0.1:{grpc_port}",
+                    service,
+                ]
+            else:
+                assert c[probe]["grpc"] == {"port": grpc_port, "service": service}
+        env = {e["name"]: e for e in c["env"]}
+        assert env["FAIRLANE_METRICS_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+            "status.podIP"
+        ), "metrics listen on the pod network only"
         liveness = c["livenessProbe"]
         assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 60
         for kind in ("requests", "limits"):
@@ -247,3 +265,49 @@ def test_service_secret_is_generated_once() -> None:
     """Without a value the chart generates a service secret (lookup keeps it on upgrade)."""
     secret = by_kind(render(None), "Secret")["fl-fairlane"]
     assert len(secret["data"]["FAIRLANE_SERVICE_SECRET"]) > 40
+
+
+def test_plaintext_is_explicit_and_tls_is_a_value() -> None:
+    (plain,) = by_kind(render(None), "ConfigMap").values()
+    assert plain["data"]["FAIRLANE_ALLOW_INSECURE"] == "true"
+    assert plain["data"]["FAIRLANE_REFLECTION"] == "false"
+    assert "FAIRLANE_TLS_CERT_FILE" not in plain["data"]
+    docs = render({"tls": {"enabled": True, "secretName": "fl-tls"}})
+    (cm,) = by_kind(docs, "ConfigMap").values()
+    assert cm["data"]["FAIRLANE_ALLOW_INSECURE"] == "false"
+    assert cm["data"]["FAIRLANE_TLS_CERT_FILE"] == "/etc/fairlane/tls/tls.crt"
+    assert cm["data"]["FAIRLANE_TLS_CLIENT_CA_FILE"] == "/etc/fairlane/tls/ca.crt"
+    for deploy in by_kind(docs, "Deployment").values():
+        pod = deploy["spec"]["template"]["spec"]
+        (c,) = containers(deploy)
+        mounts = {m["name"]: m for m in c["volumeMounts"]}
+        assert mounts["tls"] == {"name": "tls", "mountPath": "/etc/fairlane/tls", "readOnly": True}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["tls"]["secret"]["secretName"] == "fl-tls"
+    one_way = render({"tls": {"enabled": True, "secretName": "fl-tls", "mutual": False}})
+    (cm,) = by_kind(one_way, "ConfigMap").values()
+    assert "FAIRLANE_TLS_CLIENT_CA_FILE" not in cm["data"]
+
+
+def test_network_policy_confines_grpc_and_metrics() -> None:
+    policies = by_kind(render(None), "NetworkPolicy")
+    fairlane_pods = {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "fairlane"}}}
+    monitoring = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+    }
+    for name in SERVICES:
+        policy = policies[f"fl-fairlane-{name}"]["spec"]
+        assert policy["policyTypes"] == ["Ingress"]
+        assert policy["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == name
+        grpc_rule, metrics_rule = policy["ingress"]
+        assert grpc_rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
+        assert metrics_rule == {
+            "ports": [{"port": "metrics", "protocol": "TCP"}],
+            "from": [monitoring],
+        }
+        if name == "worker":
+            # Worker control: the Fairlane pods only, unless operators are listed.
+            assert grpc_rule["from"] == [fairlane_pods]
+        else:
+            assert grpc_rule["from"] == [fairlane_pods, {"namespaceSelector": {}}]
+    assert by_kind(render({"networkPolicy": {"enabled": False}}), "NetworkPolicy") == {}

@@ -16,6 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from tests.certs import Authority
 from tests.deploy.support import DEPLOY, REPO, free_ports, run, tool
 
 HEALTHCHECK = DEPLOY / "docker" / "healthcheck.py"
@@ -196,7 +197,7 @@ async def health_server() -> AsyncIterator[tuple[str, health.aio.HealthServicer]
         await server.stop(None)
 
 
-async def healthcheck(*args: str) -> tuple[int, str]:
+async def healthcheck(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     import asyncio
 
     proc = await asyncio.create_subprocess_exec(
@@ -205,6 +206,7 @@ async def healthcheck(*args: str) -> tuple[int, str]:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("FAIRLANE_")} | (env or {}),
     )
     out, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
     assert proc.returncode is not None
@@ -224,6 +226,36 @@ async def test_healthcheck_script(health_server: tuple[str, health.aio.HealthSer
     (closed,) = free_ports(1)
     code, out = await healthcheck("--timeout", "0.5", f"127.0.0.1:{closed}")
     assert (code, out.split(": ")[1]) == (1, "UNAVAILABLE\n")
+
+
+async def test_healthcheck_script_over_mutual_tls(tmp_path: Path) -> None:
+    """In a container whose server has TLS settings, the script uses them (mTLS too)."""
+    ca = Authority(tmp_path)
+    leaf = ca.issue("server")
+    chain, key = leaf.read()
+    (port,) = free_ports(1)
+    server = grpc.aio.server()
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    credentials = grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=ca.cert.read_bytes(), require_client_auth=True
+    )
+    server.add_secure_port(f"127.0.0.1:{port}", credentials)
+    await server.start()
+    tls = {
+        "FAIRLANE_TLS_CERT_FILE": str(leaf.cert),
+        "FAIRLANE_TLS_KEY_FILE": str(leaf.key),
+        "FAIRLANE_TLS_CA_FILE": str(ca.cert),
+    }
+    try:
+        assert await healthcheck(f"127.0.0.1:{port}", env=tls) == (
+            0,
+            f"127.0.0.1:{port} (overall): SERVING\n",
+        )
+        code, out = await healthcheck("--timeout", "2", f"127.0.0.1:{port}")
+        assert (code, out.split(": ")[1]) == (1, "UNAVAILABLE\n")
+    finally:
+        await server.stop(None)
 
 
 def test_healthcheck_script_is_executable() -> None:

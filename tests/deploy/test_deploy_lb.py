@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.certs import Authority
 from tests.deploy.lb import (
     ENVOY_YAML,
     NGINX_CONF,
@@ -117,3 +118,56 @@ async def test_nginx_round_robin_and_rate_limit(replicas: list[int], tmp_path: P
         codes, errors = await burst(target, 10)
         assert codes == {"OK": 2, "RESOURCE_EXHAUSTED": 8}, codes
         assert errors[0].details() == "rate limited by nginx, retry later"
+
+
+# --- the TLS variants ---------------------------------------------------------------------
+
+TLS_DIR = "/etc/fairlane/tls/"
+
+
+def _with_test_certificates(path: Path, tmp_path: Path) -> Path:
+    """The shipped file with its /etc/fairlane/tls/ files replaced by certificates made
+    here (ca.crt, tls.crt, tls.key, the names compose and Helm use)."""
+    ca = Authority(tmp_path / "pki")
+    leaf = ca.issue("tls", hosts=("queue", "lb", "localhost", "127.0.0.1"))
+    directory = tmp_path / "tls"
+    directory.mkdir()
+    (directory / "ca.crt").write_bytes(ca.cert.read_bytes())
+    (directory / "tls.crt").write_bytes(leaf.cert.read_bytes())
+    (directory / "tls.key").write_bytes(leaf.key.read_bytes())
+    text = path.read_text()
+    assert TLS_DIR in text
+    out = tmp_path / path.name
+    out.write_text(text.replace(TLS_DIR, f"{directory}/"))
+    return out
+
+
+def _without_tls(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _without_tls(v) for k, v in node.items() if k != "transport_socket"}
+    if isinstance(node, list):
+        return [_without_tls(v) for v in node]
+    return node
+
+
+def test_envoy_tls_variant_validates_and_is_envoy_yaml_plus_tls(tmp_path: Path) -> None:
+    shipped = ENVOY_YAML.with_name("envoy-tls.yaml")
+    out = envoy_validate(_with_test_certificates(shipped, tmp_path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    tls = load_yaml(shipped)
+    assert _without_tls(tls) == load_yaml(ENVOY_YAML), "envoy-tls.yaml drifted from envoy.yaml"
+    listener = tls["static_resources"]["listeners"][0]["filter_chains"][0]
+    cluster = tls["static_resources"]["clusters"][0]
+    assert "DownstreamTlsContext" in listener["transport_socket"]["typed_config"]["@type"]
+    upstream = cluster["transport_socket"]["typed_config"]
+    assert "tls_certificates" in upstream["common_tls_context"], "no client certificate (mTLS)"
+
+
+def test_nginx_tls_variant(tmp_path: Path) -> None:
+    shipped = NGINX_CONF.with_name("nginx-tls.conf")
+    conf = _with_test_certificates(shipped, tmp_path)
+    out = run([tool("nginx"), "-t", "-p", str(tmp_path), "-e", "stderr", "-c", str(conf)])
+    assert "test is successful" in out.stderr
+    text = shipped.read_text()
+    assert "grpc_pass grpc://" not in text
+    assert "grpc_ssl_certificate " in text

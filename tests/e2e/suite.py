@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.certs import Authority, Issued
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE_SECRET = "e2e-service-secret"
@@ -35,6 +38,37 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class Tls:
+    """Certificates for a suite on TLS: every service serves `server`, dials with `ca`
+    and presents `server` as its client certificate; `mutual` makes every listener
+    require client certificates from `ca`. Test clients present `client`."""
+
+    ca: Authority
+    server: Issued
+    client: Issued
+    mutual: bool = True
+
+    @classmethod
+    def make(cls, directory: Path, *, mutual: bool = True) -> Tls:
+        ca = Authority(directory)
+        return cls(ca, ca.issue("services"), ca.issue("test-client", server=False), mutual)
+
+    def env(self) -> dict[str, str]:
+        env = {
+            "FAIRLANE_TLS_CERT_FILE": str(self.server.cert),
+            "FAIRLANE_TLS_KEY_FILE": str(self.server.key),
+            "FAIRLANE_TLS_CA_FILE": str(self.ca.cert),
+        }
+        if self.mutual:
+            env["FAIRLANE_TLS_CLIENT_CA_FILE"] = str(self.ca.cert)
+        return env
+
+    def credentials(self, client: Issued | None = None) -> grpc.ChannelCredentials:
+        chain, key = (client or self.client).read()
+        return grpc.ssl_channel_credentials(self.ca.cert.read_bytes(), key, chain)
+
+
 @dataclass
 class Suite:
     database_url: str
@@ -44,6 +78,7 @@ class Suite:
     ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     extra_env: dict[str, str] = field(default_factory=dict)
+    tls: Tls | None = None
 
     def __post_init__(self) -> None:
         for name in ("auth", "queue", "worker"):
@@ -69,7 +104,10 @@ class Suite:
             FAIRLANE_QUEUE_METRICS_PORT="0",
             FAIRLANE_WORKER_METRICS_PORT="0",
             FAIRLANE_GRACE_SECONDS="5",
+            FAIRLANE_REFLECTION="true",
         )
+        if self.tls is not None:
+            env.update(self.tls.env())
         env.update(self.extra_env)
         env.update(overrides)
         return env
@@ -87,7 +125,7 @@ class Suite:
 
     async def wait_serving(self, name: str, target: str | None = None, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
-        async with grpc.aio.insecure_channel(target or self.target(name)) as channel:
+        async with self.channel(target or self.target(name)) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 proc = self.procs.get(name)
@@ -102,6 +140,13 @@ class Suite:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{name} not SERVING after {timeout}s:\n{self.log(name)}")
                 await asyncio.sleep(0.1)
+
+    def channel(self, target: str) -> grpc.aio.Channel:
+        """A test client's channel to `target`: TLS with the client certificate when the
+        suite runs on TLS."""
+        if self.tls is None:
+            return grpc.aio.insecure_channel(target)
+        return grpc.aio.secure_channel(target, self.tls.credentials())
 
     def start_worker(self, name: str, **env: str) -> str:
         """Another worker replica on its own port; returns its target."""
@@ -129,3 +174,20 @@ class Suite:
         for name in reversed(list(self.procs)):
             codes[name] = self.stop(name)
         return codes
+
+
+@contextlib.asynccontextmanager
+async def serving(suite: Suite) -> AsyncIterator[Suite]:
+    """Runs auth, then queue and worker, for the block; then stops them all and asserts that
+    each exited cleanly (their logs are in the failure message)."""
+    try:
+        suite.start("auth")
+        await suite.wait_serving("auth")
+        suite.start("queue")
+        suite.start("worker")
+        await suite.wait_serving("queue")
+        await suite.wait_serving("worker")
+        yield suite
+    finally:
+        codes = suite.stop_all()
+    assert codes == {"worker": 0, "queue": 0, "auth": 0}, {n: suite.log(n) for n in codes}

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from fairlane.bench.stats import LaneStats, summarize
+from fairlane.bench.stats import LaneRecord, summarize
 from services.core.db import create_engine
 from services.core.models import requests
 from tests.e2e.suite import ROOT, Suite, wait_until
@@ -143,7 +143,7 @@ async def test_short_run_loses_nothing_and_matches_the_request_log(suite: Suite)
 
 def test_the_checks_see_what_they_should() -> None:
     """The zeros above mean something: the same bookkeeping flags each kind of fault."""
-    lane = LaneStats(index=0, username="bench-0", prefix="t.0.")
+    lane = LaneRecord(index=0, username="bench-0", prefix="t.0.")
     for _ in range(5):
         lane.sent_at.append(0.0)
         lane.measured.append(True)

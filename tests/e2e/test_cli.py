@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.suite import ROOT, Suite
+from tests.e2e.suite import ROOT, SERVICE_SECRET, Suite
 
 pytestmark = pytest.mark.e2e
 
@@ -228,9 +228,23 @@ async def test_cli_commands_against_the_suite(suite: Suite, tmp_path: Path) -> N
     handlers = {h["name"] for h in await cli.json("worker", "handlers")}
     assert {"echo", "sleep", "fail"} <= handlers
     assert (await cli.json("worker", "status"))["state"] == "RUNNING"
-    # Control is for operators: a user's token is refused.
+    # Control is for operators: a user's token is refused; an operator's token, from
+    # `fairlane admin-token` and the service secret, is not.
     assert "PERMISSION_DENIED" in await cli.fails("worker", "pause")
     assert (await cli.json("worker", "status"))["state"] == "RUNNING"
+    assert "no service secret" in await cli.fails("admin-token", *targets)
+    operator = Cli(cli.config_dir, FAIRLANE_SERVICE_SECRET=SERVICE_SECRET)
+    token = (await operator.ok("admin-token", "--name", "cli-operator", *targets)).strip()
+    assert "wrong service secret" in await cli.fails(
+        "admin-token", "--secret-stdin", *targets, stdin=b"not-the-secret\n"
+    )
+    admin = Cli(cli.config_dir, FAIRLANE_TOKEN=token)
+    assert "PAUSED" in await admin.ok("worker", "pause")
+    assert (await admin.json("worker", "status"))["state"] == "PAUSED"
+    assert "RUNNING" in await admin.ok("worker", "resume")
+    assert "NOT_FOUND" in await admin.fails("worker", "pause", "--lane", "no-such-lane")
+    assert "DRAINED" in await admin.ok("worker", "drain", "--grace", "2")
+    assert "FAILED_PRECONDITION" in await admin.fails("worker", "resume")
 
     # Unreachable service: one line naming it.
     message = await cli.fails("whoami", "--auth-target", "127.0.0.1:1", "--timeout", "2")

@@ -32,7 +32,7 @@ from fairlane.client import (
     WorkerState,
 )
 from tests.conftest import DATABASE_URL, broker_url
-from tests.e2e.suite import Suite
+from tests.e2e.suite import Suite, serving
 from tests.e2e.users import admin_token
 
 pytestmark = pytest.mark.e2e
@@ -61,17 +61,8 @@ async def short_token_suite(pg_schema: str, vhost: str, tmp_path: Path) -> Async
     s.extra_env["FAIRLANE_ACCESS_TOKEN_TTL_SECONDS"] = str(TOKEN_TTL)
     # Strict rotation: a spent refresh token presented again revokes its login at once.
     s.extra_env["FAIRLANE_REFRESH_REUSE_INTERVAL_SECONDS"] = "0"
-    try:
-        s.start("auth")
-        await s.wait_serving("auth")
-        s.start("queue")
-        s.start("worker")
-        await s.wait_serving("queue")
-        await s.wait_serving("worker")
+    async with serving(s):
         yield s
-    finally:
-        codes = s.stop_all()
-    assert codes == {"worker": 0, "queue": 0, "auth": 0}, {n: s.log(n) for n in codes}
 
 
 async def test_session_futures_events_and_watch(suite: Suite) -> None:

@@ -18,7 +18,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from tests.conftest import DATABASE_URL, broker_url
 from tests.e2e.otlp_collector import Collector
-from tests.e2e.suite import Suite
+from tests.e2e.suite import Suite, serving
 from tests.e2e.users import new_user
 
 pytestmark = pytest.mark.e2e
@@ -38,17 +38,10 @@ async def traced(
         FAIRLANE_RETRY_BASE_SECONDS="0.01",
     )
     try:
-        s.start("auth")
-        await s.wait_serving("auth")
-        s.start("queue")
-        s.start("worker")
-        await s.wait_serving("queue")
-        await s.wait_serving("worker")
-        yield s, collector
+        async with serving(s):
+            yield s, collector
     finally:
-        codes = s.stop_all()
         await collector.stop()
-    assert codes == {"worker": 0, "queue": 0, "auth": 0}
 
 
 def _tree(spans: list[dict[str, Any]], root: str, depth: int = 0) -> list[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import DATABASE_URL, broker_url
-from tests.e2e.suite import ROOT, Suite
+from tests.e2e.suite import ROOT, Suite, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -47,18 +47,9 @@ async def ts_suite(pg_schema: str, vhost: str, tmp_path: Path) -> AsyncIterator[
         # Strict rotation: a spent refresh token presented again revokes its login at once.
         FAIRLANE_REFRESH_REUSE_INTERVAL_SECONDS="0",
     )
-    try:
-        s.start("auth")
-        await s.wait_serving("auth")
-        s.start("queue")
-        s.start("worker")
-        await s.wait_serving("queue")
-        await s.wait_serving("worker")
+    # The queue replica the tests kill is replaced by one that stops cleanly.
+    async with serving(s):
         yield s
-    finally:
-        codes = s.stop_all()
-    # The queue replica the tests killed was replaced by one that stops cleanly.
-    assert codes == {"worker": 0, "queue": 0, "auth": 0}, {n: s.log(n) for n in codes}
 
 
 @contextlib.asynccontextmanager

@@ -29,9 +29,18 @@ pytestmark = pytest.mark.e2e
 
 SOAK_SCALE = float(os.environ.get("FAIRLANE_SOAK_SCALE", "0") or 0)
 
-# Columns: handler ms, lanes, worker replicas, abandoner, bad input, cancels.
+# Columns: handler ms, lanes, worker replicas, abandoner, bad input, cancels. For each
+# duration, two cases with opposite choices of the five yes/no factors; the four choices
+# are picked so that any two of those factors are also seen equal and different.
 CASES = [
     Case(0, 2, 1),
+    Case(0, 20, 3, abandoner=True, bad_input=True, cancels=True),
+    Case(20, 2, 3, bad_input=True),
+    Case(20, 20, 1, abandoner=True, cancels=True),
+    Case(120, 2, 3, abandoner=True),
+    Case(120, 20, 1, bad_input=True, cancels=True),
+    Case(400, 20, 1),
+    Case(400, 2, 3, abandoner=True, bad_input=True, cancels=True),
 ]
 
 
@@ -40,6 +49,9 @@ async def services(pg_schema: str, vhost: str, tmp_path: Path) -> AsyncIterator[
     """auth and one queue replica; each case starts its own worker replicas."""
     s = Suite(DATABASE_URL, pg_schema, broker_url(vhost), tmp_path)
     s.extra_env.update(
+        # Up to five service processes share PostgreSQL's 100 connections with whatever
+        # else runs on the machine: small pools keep a case from running out of them.
+        FAIRLANE_DATABASE_POOL_SIZE="4",
         FAIRLANE_MAX_PAYLOAD_BYTES=str(MAX_PAYLOAD_BYTES),
         FAIRLANE_RETRY_BASE_SECONDS="0.05",
         FAIRLANE_RETRY_MAX_SECONDS="0.2",

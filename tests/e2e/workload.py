@@ -30,7 +30,7 @@ import grpc
 import sqlalchemy as sa
 from google.protobuf import timestamp_pb2
 
-from fairlane.bench.stats import LaneStats
+from fairlane.bench.stats import LaneRecord
 from fairlane.common.v1 import common_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
@@ -102,7 +102,7 @@ def cancel_named(rejected: queue_pb2.Rejected) -> str:
 class MainLane:
     """One lane of the main client: the bench's bookkeeping plus what a check needs."""
 
-    stats: LaneStats
+    stats: LaneRecord
     token: str
     sent: list[queue_pb2.EnqueueRequest] = field(default_factory=list)
     ids: dict[int, str] = field(default_factory=dict)  # request index -> request_id
@@ -143,7 +143,7 @@ class MainClient:
             *(new_user(self.suite.target("auth")) for _ in range(self.case.lanes))
         )
         for i, (user_id, token) in enumerate(users):
-            stats = LaneStats(index=i, username=f"main-{i}", user_id=user_id, prefix=f"m{i}.")
+            stats = LaneRecord(index=i, username=f"main-{i}", user_id=user_id, prefix=f"m{i}.")
             self.lanes.append(MainLane(stats, token))
 
     def _request(self, lane: MainLane, i: int) -> queue_pb2.EnqueueRequest:
@@ -891,8 +891,8 @@ async def run_case(
     """Runs one case on a suite with auth and queue up; starts its worker replicas."""
     targets = await worker_targets(suite, case.workers)
     main = MainClient(suite, case, per_lane=case.requests_per_lane(scale), seed=len(case.id))
-    abandoner = Abandoner(suite) if case.abandoner else None
-    bad = BadInputClient(suite) if case.bad_input else None
+    abandoner = Abandoner(suite, max_calls=round(600 * scale)) if case.abandoner else None
+    bad = BadInputClient(suite, max_rounds=round(20 * scale)) if case.bad_input else None
     await asyncio.gather(main.login(), *(c.login() for c in (abandoner, bad) if c is not None))
     killed: list[str] = []
     started = time.perf_counter()
@@ -943,8 +943,9 @@ async def run_case(
 
 
 def service_log_excerpt(suite: Suite) -> str:
-    """The error lines of every service, for a failing case's message."""
-    marks = ("error", "failed", "Traceback", "exception")
+    """The error lines of every service, and its own frames of any traceback, for a
+    failing case's message."""
+    marks = ("error", "failed", "Traceback", "exception", "/services/")
     lines = []
     for name in suite.procs:
         path = suite.log_dir / f"{name}.log"
@@ -952,5 +953,5 @@ def service_log_excerpt(suite: Suite) -> str:
         found = [line for line in text.splitlines() if any(m in line for m in marks)]
         if found:
             lines.append(f"--- {name}: {len(found)} error lines, last ones:")
-            lines += [line[:300] for line in found[-6:]]
+            lines += [line[:300] for line in found[-12:]]
     return "\n".join(lines)

@@ -12,10 +12,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from uuid_utils.compat import uuid7
 
 from services.core import status
-from services.core.broker import Broker, LaneMissing
+from services.core.broker import Broker, BrokerError, LaneMissing
 from services.core.db import create_engine
+from services.core.memory_broker import MemoryBroker
 from services.core.models import lanes, requests, users
 from services.queue.hub import Hub
 from services.queue.janitor import LaneJanitor
@@ -65,7 +67,7 @@ async def add_queued_request(engine: AsyncEngine, user_id: str) -> None:
     async with engine.begin() as conn:
         await conn.execute(
             requests.insert().values(
-                id=uuid.uuid4(),
+                id=uuid7(),
                 user_id=uuid.UUID(user_id),
                 handler="noop",
                 payload=b"",
@@ -110,7 +112,14 @@ async def test_sweeps_every_page_and_never_deletes_a_lane_twice(
         assert await LaneHousekeepingStore(engine).deleted_at(uuid.UUID(lane)) is not None
     for lane in (pending, subscribed, holding, active):
         assert await broker.lane_stats(lane) is not None
-    assert await broker.lane_stats(holding) is not None
+    # The open session's lane was marked active for the other replicas' janitors too.
+    async with engine.connect() as conn:
+        touched = (
+            await conn.execute(
+                sa.select(lanes.c.last_active_at).where(lanes.c.user_id == uuid.UUID(subscribed))
+            )
+        ).scalar_one()
+    assert datetime.now(UTC) - touched < timedelta(seconds=IDLE)
     # Recorded: the next sweep deletes nothing again.
     assert await sweeper.sweep() == []
 
@@ -231,7 +240,7 @@ async def test_an_enqueue_after_the_claim_waits_and_finds_the_lane_gone(
 async def add_queued_request_in(conn: AsyncConnection, user_id: str) -> None:
     await conn.execute(
         requests.insert().values(
-            id=uuid.uuid4(),
+            id=uuid7(),
             user_id=uuid.UUID(user_id),
             handler="noop",
             payload=b"",
@@ -265,3 +274,40 @@ async def waits_for_a_lock(engine: AsyncEngine, pids: list[int]) -> bool:
             sa.text("SELECT cardinality(pg_blocking_pids(:pid)) > 0"), {"pid": pids[0]}
         )
         return bool(waiting.scalar_one())
+
+
+class UnansweredDeletes(MemoryBroker):
+    """A broker whose first `lost` lane deletions are carried out but never answered, as
+    when the connection drops or the call times out after the broker got it."""
+
+    def __init__(self, lost: int) -> None:
+        super().__init__(lane_max_length=10)
+        self.lost = lost
+
+    async def delete_lane(self, user_id: str) -> bool:
+        deleted = await super().delete_lane(user_id)
+        if self.lost > 0:
+            self.lost -= 1
+            raise BrokerError("connection lost before the answer")
+        return deleted
+
+
+@pytest.mark.parametrize("lost", [2, 99])
+async def test_an_unanswered_delete_is_asked_again_before_the_claim_ends(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch, lost: int
+) -> None:
+    monkeypatch.setattr("services.queue.janitor.SETTLE_PAUSES", (0.01, 0.01, 0.01))
+    broker = UnansweredDeletes(lost)
+    await broker.connect()
+    (lane,) = await add_lanes(engine, broker, 1)
+    deleted = await janitor(engine, broker, Hub()).sweep()
+    recorded = await LaneHousekeepingStore(engine).deleted_at(uuid.UUID(lane))
+    if lost <= 3:
+        # Asked again until the broker answered: a definite deletion, recorded.
+        assert deleted == [lane]
+        assert recorded is not None
+    else:
+        # Never answered: the claim is given up (and logged), nothing recorded.
+        assert deleted == []
+        assert recorded is None
+    await broker.close()

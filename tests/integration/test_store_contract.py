@@ -14,11 +14,15 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
+from uuid_utils.compat import uuid7
 
 from services.core import status
 from services.core.db import create_engine, drop_schema, migrate
+from services.core.memory_broker import MemoryBroker
 from services.core.models import lanes, request_events, requests, users
+from services.queue.intake import Intake, Submission
 from services.queue.outbox_store import OutboxStore
+from services.queue.relay import LaneRelay
 from services.queue.store import NewRequest, OutboxItem, RequestStore
 from services.worker.store import Attempt, Outcome, WorkerStore
 from tests.conftest import DATABASE_URL, unique
@@ -55,7 +59,8 @@ async def _user(engine: AsyncEngine) -> uuid.UUID:
 
 def _request(user: uuid.UUID, key: str | None = None) -> NewRequest:
     return NewRequest(
-        id=uuid.uuid4(),
+        # Request ids are UUIDv7, as the queue makes them: the log is partitioned by their time.
+        id=uuid7(),
         user_id=user,
         handler="echo",
         payload=b"p",
@@ -212,6 +217,40 @@ async def write_results(
     return dict.fromkeys(ids)
 
 
+# A batch that holds an item the database refuses goes through the stage that writes it:
+# whichever layer isolates the item, only that item may fail.
+STAGE_PATIENCE = 15.0  # a batch of a few items settles far sooner; past this it is stuck
+
+
+async def through_intake(
+    store: RequestStore, batch: Sequence[NewRequest]
+) -> dict[uuid.UUID, BaseException | None]:
+    """One intake batch. Maps every request to the error it was answered with (None:
+    accepted), or to TimeoutError when the stage never answered it."""
+    broker = MemoryBroker(lane_max_length=1000)
+    await broker.connect()
+    relay = LaneRelay(OutboxStore(engine_of(store)), broker)
+    intake = Intake(store, relay, batch_size=len(batch), linger_ms=0, lane_limit=1000)
+    futures = [intake.submit(Submission(request=r, reply_route="queue.test")) for r in batch]
+    intake.start()
+    try:
+        await asyncio.wait(futures, timeout=STAGE_PATIENCE)
+        return {r.id: _answer(f) for r, f in zip(batch, futures, strict=True)}
+    finally:
+        await intake.stop()
+        await broker.close()
+
+
+def engine_of(store: RequestStore) -> AsyncEngine:
+    return store._engine  # the relay's outbox store shares the request log's engine
+
+
+def _answer(future: asyncio.Future[Any]) -> BaseException | None:
+    if not future.done():
+        return TimeoutError("the stage never answered")
+    return future.exception()
+
+
 async def store_requests(store: RequestStore, batch: Sequence[NewRequest]) -> None:
     """Stores a batch that is accepted whole."""
     _, refused = await _accept(store, list(batch))
@@ -334,3 +373,123 @@ async def test_cancels_racing_outcomes(engine: AsyncEngine) -> None:
             assert row.lane_seq is not None
             assert row.output == (None if row.status == "CANCELLED" else b"o")
     await _assert_lane_consistent(engine, user)
+
+
+async def test_several_running_marks_in_one_batch(engine: AsyncEngine) -> None:
+    store, worker = RequestStore(engine), WorkerStore(engine)
+    user = await _user(engine)
+    batch = [_request(user) for _ in range(4)]
+    await store_requests(store, batch)
+    at = datetime.now(UTC)
+    marks = [(r.id, 1, at) for r in batch[:3]]
+    _ok(await write_results(worker, [], marks))
+    rows = await _rows(engine, [r.id for r in batch])
+    assert [rows[r.id].status for r in batch] == ["RUNNING"] * 3 + ["QUEUED"]
+    assert [rows[r.id].attempts for r in batch] == [1, 1, 1, 0]
+    assert all(rows[r.id].started_at is not None for r in batch[:3])
+    assert all(rows[r.id].lane_seq is None for r in batch)
+
+    # A later attempt of the same requests (a retry) is marked in the next batch.
+    _ok(await write_results(worker, [], [(r.id, 2, at) for r in batch[:2]]))
+    rows = await _rows(engine, [r.id for r in batch])
+    assert [rows[r.id].attempts for r in batch] == [2, 2, 1, 0]
+
+
+async def test_marks_together_with_outcomes_in_one_batch(engine: AsyncEngine) -> None:
+    store, worker = RequestStore(engine), WorkerStore(engine)
+    a, b = await _user(engine), await _user(engine)
+    # Two lanes, four requests each: lane a's first two finish while its others start.
+    ra = [_request(a) for _ in range(4)]
+    rb = [_request(b) for _ in range(4)]
+    await store_requests(store, ra + rb)
+    at = datetime.now(UTC)
+    outcomes = [
+        Outcome(ra[0].id, a, "SUCCEEDED", output=b"a0", attempts=[Attempt(1, at)]),
+        Outcome(rb[0].id, b, "FAILED", error="no", attempts=[Attempt(1, at, "no")]),
+        Outcome(ra[1].id, a, "SUCCEEDED", output=b"a1", attempts=[Attempt(1, at)]),
+    ]
+    marks = [(ra[2].id, 1, at), (rb[1].id, 1, at), (rb[2].id, 1, at), (ra[3].id, 1, at)]
+    _ok(await write_results(worker, outcomes, marks))
+    rows = await _rows(engine, [r.id for r in ra + rb])
+    assert [(rows[r.id].status, rows[r.id].lane_seq) for r in ra] == [
+        ("SUCCEEDED", 1),
+        ("SUCCEEDED", 2),
+        ("RUNNING", None),
+        ("RUNNING", None),
+    ]
+    assert [(rows[r.id].status, rows[r.id].lane_seq) for r in rb] == [
+        ("FAILED", 1),
+        ("RUNNING", None),
+        ("RUNNING", None),
+        ("QUEUED", None),
+    ]
+    assert rows[ra[1].id].output == b"a1"
+
+    # The marked ones finish in the next batch, beside new marks; a late mark of a
+    # finished request (its mark timer fired as it finished) never makes it RUNNING again.
+    outcomes = [
+        Outcome(ra[2].id, a, "SUCCEEDED", attempts=[Attempt(1, at)]),
+        Outcome(rb[1].id, b, "SUCCEEDED", attempts=[Attempt(1, at)]),
+    ]
+    marks = [(rb[3].id, 1, at), (ra[0].id, 1, at), (rb[0].id, 2, at)]
+    _ok(await write_results(worker, outcomes, marks))
+    rows = await _rows(engine, [r.id for r in ra + rb])
+    assert [(rows[r.id].status, rows[r.id].lane_seq) for r in ra] == [
+        ("SUCCEEDED", 1),
+        ("SUCCEEDED", 2),
+        ("SUCCEEDED", 3),
+        ("RUNNING", None),
+    ]
+    assert [(rows[r.id].status, rows[r.id].lane_seq) for r in rb] == [
+        ("FAILED", 1),
+        ("SUCCEEDED", 2),
+        ("RUNNING", None),
+        ("RUNNING", None),
+    ]
+    assert rows[rb[0].id].attempts == 1
+    await _assert_lane_consistent(engine, a)
+    await _assert_lane_consistent(engine, b)
+
+
+# One request the database refuses in an intake batch: PostgreSQL refuses NUL in text
+# (SQLite stores it); a deadline at the very end of 9999 is stored by both, but must then
+# travel in the lane message too.
+INTAKE_POISONS = ["nul_in_client_ref", "deadline_at_the_end_of_9999"]
+
+
+@pytest.mark.parametrize("kind", INTAKE_POISONS)
+async def test_one_bad_request_fails_alone_in_an_intake_batch(
+    engine: AsyncEngine, kind: str
+) -> None:
+    store = RequestStore(engine)
+    a, b = await _user(engine), await _user(engine)
+    poison = _request(a)
+    if kind == "nul_in_client_ref":
+        poison.client_ref = "ref\x00nul"
+    elif kind == "nul_in_idempotency_key":
+        poison.idempotency_key = "key\x00nul"
+    else:
+        poison.deadline = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+    batch = [_request(a), _request(b, key="k1"), poison, _request(a, key="k2"), _request(b)]
+
+    errors = await through_intake(store, batch)
+
+    good = [r for r in batch if r is not poison]
+    assert {r.id: errors[r.id] for r in good} == {r.id: None for r in good}
+    rows = await _rows(engine, [r.id for r in batch])
+    assert all(rows[r.id].status == "QUEUED" for r in good)
+    if errors[poison.id] is not None:
+        # Refused alone, and nothing of it was stored: no row, no event.
+        assert poison.id not in rows
+        async with engine.connect() as conn:
+            events = await conn.execute(
+                sa.select(sa.func.count()).where(request_events.c.request_id == poison.id)
+            )
+            assert events.scalar_one() == 0
+    else:
+        stored = rows[poison.id]
+        assert (stored.client_ref, stored.idempotency_key) == (
+            poison.client_ref,
+            poison.idempotency_key,
+        )
+        assert (stored.deadline is None) == (poison.deadline is None)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from fairlane.cli.connection import Connection, connected
 from fairlane.cli.main import app
 
-SERVER_COMMANDS = {"serve", "migrate", "dev", "bench"}
+SERVER_COMMANDS = {"serve", "migrate", "maintain", "dev", "bench"}
 CONNECTION_OPTIONS = {
     "--auth-target",
     "--queue-target",
@@ -36,7 +36,7 @@ def _client_commands() -> dict[str, Any]:
 
 def test_every_client_command_takes_the_connection_options() -> None:
     commands = _client_commands()
-    assert len(commands) == 15
+    assert len(commands) == 16
     for name, command in commands.items():
         options = {o for p in command.params for o in p.opts}
         assert options >= CONNECTION_OPTIONS, name

@@ -167,10 +167,10 @@ async def test_answers_match_submits_in_order_and_cancel_refusals_are_told_apart
     assert session.last_lane_seq == 8
     events = [e async for e in session.events()]
     assert [type(e).__name__ for e in events] == [
-        "Rejected",
+        "RejectedEvent",
         "Accepted",
         "Accepted",
-        "Rejected",
+        "RejectedEvent",
         "Result",
         "Result",
     ]
@@ -360,7 +360,7 @@ async def test_answers_packed_in_a_batch_are_handled_in_order(
     with pytest.raises(Rejected, match="busy"):
         await futures[2]
     kinds = [type(e).__name__ async for e in session.events()]
-    assert kinds == ["Accepted", "Accepted", "Result", "Rejected", "Result"]
+    assert kinds == ["Accepted", "Accepted", "Result", "RejectedEvent", "Result"]
 
 
 async def test_a_failing_writer_fails_the_session_instead_of_hanging(

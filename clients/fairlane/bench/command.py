@@ -21,8 +21,7 @@ from rich.progress import (
 )
 
 from fairlane.bench.report import render
-from fairlane.bench.runner import BenchConfig, BenchRun, BenchSetupError
-from fairlane.bench.runner import Progress as RunProgress
+from fairlane.bench.runner import BenchConfig, BenchRun, BenchSetupError, RunProgress
 
 
 def _ints(text: str) -> list[int]:
@@ -192,9 +191,32 @@ def bench_command(  # every option is keyword-only; typer passes them by name
     database_schema: Annotated[
         str, typer.Option(envvar="FAIRLANE_DATABASE_SCHEMA", help="Schema of the request log.")
     ] = "",
+    ca_file: Annotated[
+        str,
+        typer.Option(
+            envvar="FAIRLANE_CA_FILE", help="PEM CA of the services' certificates (turns TLS on)."
+        ),
+    ] = "",
+    client_cert: Annotated[
+        str,
+        typer.Option(
+            envvar="FAIRLANE_CLIENT_CERT_FILE",
+            help="PEM client certificate for services that require one (mTLS).",
+        ),
+    ] = "",
+    client_key: Annotated[
+        str, typer.Option(envvar="FAIRLANE_CLIENT_KEY_FILE", help="PEM key of --client-cert.")
+    ] = "",
     progress: Annotated[
         bool, typer.Option(help="Show a progress bar (default: when stderr is a terminal).")
     ] = sys.stderr.isatty(),
+    metrics: Annotated[
+        str,
+        typer.Option(
+            help="The services' /metrics URLs, comma-separated: adds per-stage latency "
+            "(intake, relay, queue wait, handler, result write) over the measured phase."
+        ),
+    ] = "",
 ) -> None:
     """Drive a running suite with L lanes and report throughput, latency and correctness.
 
@@ -230,6 +252,10 @@ def bench_command(  # every option is keyword-only; typer passes them by name
         backends=backends,
         database_url=database_url,
         database_schema=database_schema,
+        ca_file=ca_file,
+        client_cert=client_cert,
+        client_key=client_key,
+        metrics=[u for u in metrics.split(",") if u],
     )
     # Tables written to a file or pipe get room enough not to wrap.
     err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)

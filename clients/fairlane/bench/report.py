@@ -79,6 +79,20 @@ def render(report: dict[str, Any], console: Console) -> None:
         )
 
     parts: list[Any] = [f"[bold]{title}[/] (run {report['run_tag']})", summary, latency]
+    stages = report.get("stages")
+    if isinstance(stages, dict) and "error" in stages:
+        parts.append(f"stages: {stages['error']}")
+    elif stages:
+        table = Table(
+            title="stages (ms per request, from the services' histograms; bucket estimates)",
+            title_justify="left",
+        )
+        table.add_column("stage")
+        for col in ("count", "mean", "p50", "p99"):
+            table.add_column(col, justify="right")
+        for name, row in stages.items():
+            table.add_row(name, *(_fmt(row[c]) for c in ("count", "mean_ms", "p50_ms", "p99_ms")))
+        parts.append(table)
     if report["processes"]:
         procs = Table(title="processes (CPU over the measured phase)", title_justify="left")
         for col in ("process", "pids", "CPU %", "RSS MB", "peak RSS MB"):

@@ -10,13 +10,15 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 from fairlane.bench.procs import ProcessWatch, addresses
-from fairlane.bench.stats import LaneStats, summarize
+from fairlane.bench.stages import StageWatch
+from fairlane.bench.stats import LaneRecord, summarize
 from fairlane.client.channels import grpc_target
 from fairlane.common.v1 import common_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
@@ -64,6 +66,23 @@ class BenchConfig:
     backends: bool = True
     database_url: str = ""
     database_schema: str = ""
+    metrics: list[str] = field(default_factory=list)  # /metrics URLs of the services
+    # TLS (all empty: plaintext): PEM files of the CA, and of a client certificate for
+    # servers that require one (mTLS).
+    ca_file: str = ""
+    client_cert: str = ""
+    client_key: str = ""
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if not (self.ca_file or self.client_cert):
+            return None
+
+        def read(path: str) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return grpc.ssl_channel_credentials(
+            read(self.ca_file), read(self.client_key), read(self.client_cert)
+        )
 
     def payload(self) -> bytes:
         if self.handler == "sleep":
@@ -75,7 +94,7 @@ class BenchConfig:
 
 
 @dataclass
-class Progress:
+class RunProgress:
     """Live figures for the progress display."""
 
     phase: str = "login"
@@ -91,13 +110,24 @@ def _bearer(token: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {token}"),)
 
 
-def _channel(target: str, index: int) -> grpc.aio.Channel:
+def _open(
+    target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]
+) -> grpc.aio.Channel:
+    if credentials is None:
+        return grpc.aio.insecure_channel(grpc_target(target), options=options)
+    return grpc.aio.secure_channel(grpc_target(target), credentials, options=options)
+
+
+def _channel(
+    target: str, index: int, credentials: grpc.ChannelCredentials | None
+) -> grpc.aio.Channel:
     """A channel to the queue: one replica, IP:port,IP:port or dns:///name:port; with
     several, each Session goes to the next live replica (round robin)."""
     # A local subchannel pool gives every channel its own HTTP/2 connections.
-    return grpc.aio.insecure_channel(
-        grpc_target(target),
-        options=[
+    return _open(
+        target,
+        credentials,
+        [
             ("grpc.use_local_subchannel_pool", 1),
             ("grpc.bench_channel_index", index),
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
@@ -110,9 +140,7 @@ def _channel(target: str, index: int) -> grpc.aio.Channel:
 async def login_users(config: BenchConfig) -> list[tuple[str, str, str]]:
     """(username, user_id, access token) for bench users 0..L-1, registering missing ones."""
     gate = asyncio.Semaphore(config.login_concurrency)
-    async with grpc.aio.insecure_channel(
-        grpc_target(config.auth_target), options=[ROUND_ROBIN]
-    ) as channel:
+    async with _open(config.auth_target, config.credentials(), [ROUND_ROBIN]) as channel:
         stub = auth_pb2_grpc.AuthServiceStub(channel)
 
         async def register(name: str) -> None:
@@ -191,18 +219,19 @@ class BenchRun:
     """One run. `await run()` returns the report as a plain dict (see `report`)."""
 
     def __init__(
-        self, config: BenchConfig, on_tick: Callable[[Progress], None] | None = None
+        self, config: BenchConfig, on_tick: Callable[[RunProgress], None] | None = None
     ) -> None:
         self.config = config
         self.on_tick = on_tick
         self.run_tag = f"b{secrets.token_hex(5)}"
-        self.progress = Progress()
-        self.lanes: list[LaneStats] = []
+        self.progress = RunProgress()
+        self.lanes: list[LaneRecord] = []
         self.accept_latency: list[float] = []
         self.result_latency: list[float] = []
         self.queue_latency: list[float] = []
         self.output_mismatches = 0
         self.watch = ProcessWatch()
+        self.stages = StageWatch(config.metrics)
         self.budget: int | None = config.requests
         self.t_start = 0.0
         self.t_warm_end = 0.0
@@ -237,9 +266,10 @@ class BenchRun:
         users = await login_users(config)
         for i, (name, user_id, _) in enumerate(users):
             self.lanes.append(
-                LaneStats(index=i, username=name, user_id=user_id, prefix=f"{self.run_tag}.{i}.")
+                LaneRecord(index=i, username=name, user_id=user_id, prefix=f"{self.run_tag}.{i}.")
             )
-        channels = [_channel(config.target, i) for i in range(config.channel_count())]
+        credentials = config.credentials()
+        channels = [_channel(config.target, i, credentials) for i in range(config.channel_count())]
         try:
             await self._drive(channels, [token for _, _, token in users])
         finally:
@@ -275,6 +305,7 @@ class BenchRun:
         self.progress.phase = "warm-up" if config.warmup > 0 else "measuring"
         if config.warmup <= 0:
             self.watch.start()
+            await self.stages.start()
         tasks = [
             asyncio.create_task(self._lane(lane, channels[lane.index % len(channels)], token))
             for lane, token in zip(self.lanes, tokens, strict=True)
@@ -290,6 +321,7 @@ class BenchRun:
             # --requests (or a run that ended early): measured up to the last result.
             self.t_measure_end = max(self.last_result_at, self.t_warm_end)
             self.watch.stop()
+            await self.stages.stop()
         self.progress.phase = "done"
         self._tick()
 
@@ -302,10 +334,12 @@ class BenchRun:
             if self.progress.phase == "warm-up" and now >= self.t_warm_end:
                 self.progress.phase = "measuring"
                 self.watch.start()
+                await self.stages.start()
             if self.progress.phase == "measuring" and now >= self.t_send_end:
                 self.progress.phase = "draining"
                 self.t_measure_end = self.t_send_end
                 self.watch.stop()
+                await self.stages.stop()
             if self.progress.phase == "measuring" and self.budget is not None and self.budget <= 0:
                 self.progress.phase = "draining"
             if now >= next_rss:
@@ -323,7 +357,7 @@ class BenchRun:
         if self.on_tick is not None:
             self.on_tick(self.progress)
 
-    async def _lane(self, lane: LaneStats, channel: grpc.aio.Channel, token: str) -> None:
+    async def _lane(self, lane: LaneRecord, channel: grpc.aio.Channel, token: str) -> None:
         stub = queue_pb2_grpc.QueueServiceStub(channel)
         try:
             lane.last_lane_seq = await self._lane_seq_now(stub, token)
@@ -372,7 +406,9 @@ class BenchRun:
             raise
         return int(reply.lane.last_lane_seq)
 
-    async def _session(self, lane: LaneStats, stub: Any, token: str) -> grpc.aio.AioRpcError | None:
+    async def _session(
+        self, lane: LaneRecord, stub: Any, token: str
+    ) -> grpc.aio.AioRpcError | None:
         """One Session until it ends; returns the error if it broke in a resumable way."""
         call = stub.Session(metadata=_bearer(token))
         window = asyncio.Semaphore(self.config.window)
@@ -395,7 +431,7 @@ class BenchRun:
             await asyncio.gather(sender, return_exceptions=True)
         return None
 
-    async def _resume(self, lane: LaneStats, stub: Any, token: str) -> None:
+    async def _resume(self, lane: LaneRecord, stub: Any, token: str) -> None:
         """The Session broke. Requests it accepted are in the log, so their results are
         collected from WatchResults (on whichever replica the channel reaches now).
         Requests it sent but never answered may or may not have been accepted: the log
@@ -436,7 +472,7 @@ class BenchRun:
             delay = min(delay * 2, 2.0)
 
     async def _accepted_in_log(
-        self, lane: LaneStats, stub: Any, token: str, refs: set[int]
+        self, lane: LaneRecord, stub: Any, token: str, refs: set[int]
     ) -> set[int]:
         """Which of `refs` the request log holds, newest first (they are the newest)."""
         found: set[int] = set()
@@ -460,7 +496,7 @@ class BenchRun:
                 return found
             page = reply.next_page_token
 
-    async def _watch(self, lane: LaneStats, stub: Any, token: str) -> None:
+    async def _watch(self, lane: LaneRecord, stub: Any, token: str) -> None:
         call = stub.WatchResults(
             queue_pb2.WatchResultsRequest(after_lane_seq=lane.last_lane_seq),
             metadata=_bearer(token),
@@ -477,7 +513,7 @@ class BenchRun:
 
     async def _send(
         self,
-        lane: LaneStats,
+        lane: LaneRecord,
         call: Any,
         window: asyncio.Semaphore,
         pause: list[float],
@@ -536,7 +572,7 @@ class BenchRun:
 
     async def _read(
         self,
-        lane: LaneStats,
+        lane: LaneRecord,
         call: Any,
         window: asyncio.Semaphore,
         pause: list[float],
@@ -556,7 +592,7 @@ class BenchRun:
 
     def _on_result(
         self,
-        lane: LaneStats,
+        lane: LaneRecord,
         result: common_pb2.Result,
         now: float,
         window: asyncio.Semaphore | None,
@@ -590,7 +626,7 @@ class BenchRun:
 
     def _on_response(
         self,
-        lane: LaneStats,
+        lane: LaneRecord,
         response: queue_pb2.SessionResponse,
         now: float,
         window: asyncio.Semaphore,
@@ -727,4 +763,5 @@ class BenchRun:
             "results_by_status": dict(by_status),
             "lanes": lane_rows,
             **self.watch.report(),
+            **self.stages.report(),
         }

@@ -36,7 +36,7 @@ def summarize(values: list[float]) -> dict[str, Any]:
 
 
 @dataclass
-class LaneStats:
+class LaneRecord:
     """What one lane (one user, one Session) sent and got back.
 
     Requests are numbered 0, 1, 2... in the order they were written to the stream; the

@@ -1,7 +1,8 @@
-"""AuthService commands: register, login, logout, whoami."""
+"""AuthService commands: register, login, logout, whoami, admin-token."""
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated
 
@@ -10,6 +11,7 @@ import typer
 from fairlane.cli import config
 from fairlane.cli.connection import Connection, connected
 from fairlane.cli.rendering import JsonOutput, jsonable, out, print_json
+from fairlane.client import FairlaneError
 
 Username = Annotated[
     str | None,
@@ -101,7 +103,34 @@ async def whoami(conn: Connection, *, json_output: JsonOutput = False) -> None:
         out.print(f"[bold]{me.username}[/] (user id {me.user_id}) at {conn.auth_target}")
 
 
+@connected
+async def admin_token(
+    conn: Connection,
+    *,
+    name: Annotated[
+        str, typer.Option("--name", help="The operator's name, as audit events show it.")
+    ] = "operator",
+    secret_stdin: Annotated[
+        bool,
+        typer.Option("--secret-stdin", help="Read the service secret from the first stdin line."),
+    ] = False,
+) -> None:
+    """Print an operator (admin) access token, for the service secret in
+    FAIRLANE_SERVICE_SECRET (or stdin): `export FAIRLANE_TOKEN=$(fairlane admin-token)`."""
+    secret = (
+        sys.stdin.readline().rstrip("\r\n")
+        if secret_stdin
+        else os.environ.get("FAIRLANE_SERVICE_SECRET", "")
+    )
+    if not secret:
+        raise FairlaneError("no service secret: set FAIRLANE_SERVICE_SECRET or --secret-stdin")
+    async with conn.client(use_login=False) as client:
+        tokens = await client.admin_token(name, secret)
+    print(tokens.access_token)
+
+
 def register_commands(app: typer.Typer) -> None:
+    app.command("admin-token")(admin_token)
     app.command("register")(register)
     app.command("login")(login)
     app.command("logout")(logout)

@@ -26,6 +26,15 @@ from fairlane.client import Client, FairlaneError, NotLoggedIn, Tokens
 DEFAULT_AUTH_TARGET = "127.0.0.1:50051"
 DEFAULT_QUEUE_TARGET = "127.0.0.1:50052"
 DEFAULT_WORKER_TARGET = "127.0.0.1:50053"
+# Lifetime assumed for a --token; its own `exp` claim is used when it has one.
+TOKEN_LIFETIME = 900
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise FairlaneError(f"cannot read the {what} {path}: {exc.strerror}") from exc
 
 
 def _target_option(service: str, default: str) -> Any:
@@ -58,6 +67,33 @@ CaFile = Annotated[
         show_default=False,
     ),
 ]
+ClientCert = Annotated[
+    Path | None,
+    typer.Option(
+        "--client-cert",
+        envvar="FAIRLANE_CLIENT_CERT_FILE",
+        help="PEM client certificate for servers that require one (mTLS; implies --tls).",
+        show_default=False,
+    ),
+]
+ClientKey = Annotated[
+    Path | None,
+    typer.Option(
+        "--client-key",
+        envvar="FAIRLANE_CLIENT_KEY_FILE",
+        help="PEM key of --client-cert.",
+        show_default=False,
+    ),
+]
+Token = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        envvar="FAIRLANE_TOKEN",
+        help="Access token to use instead of the login (e.g. from `fairlane admin-token`).",
+        show_default=False,
+    ),
+]
 Timeout = Annotated[
     float,
     typer.Option("--timeout", envvar="FAIRLANE_TIMEOUT", help="Deadline of each call, seconds."),
@@ -76,6 +112,9 @@ class Connection:
     timeout: float
     credentials: config.Credentials | None
     root_certificates: bytes | None = None
+    client_cert: bytes | None = None
+    client_key: bytes | None = None
+    token: str = ""
 
     @classmethod
     def resolve(
@@ -87,25 +126,32 @@ class Connection:
         tls: bool | None,
         ca_file: Path | None,
         timeout: float,
+        client_cert: Path | None = None,
+        client_key: Path | None = None,
+        token: str | None = None,
     ) -> Connection:
         cached = config.load()
         ca = str(ca_file) if ca_file else (cached.ca_file if cached else "")
-        root = None
-        if ca:
-            try:
-                root = Path(ca).read_bytes()
-            except OSError as exc:
-                raise FairlaneError(f"cannot read the CA file {ca}: {exc.strerror}") from exc
+        root = _read(ca, "CA file") if ca else None
+        if (client_cert is None) != (client_key is None):
+            raise FairlaneError("--client-cert and --client-key go together")
+        cert = _read(str(client_cert), "client certificate") if client_cert else None
+        key = _read(str(client_key), "client key") if client_key else None
         return cls(
             auth_target=auth_target or (cached.auth_target if cached else DEFAULT_AUTH_TARGET),
             queue_target=queue_target or (cached.queue_target if cached else DEFAULT_QUEUE_TARGET),
             worker_target=worker_target
             or (cached.worker_target if cached else DEFAULT_WORKER_TARGET),
-            tls=bool(ca) or (tls if tls is not None else bool(cached and cached.tls)),
+            tls=bool(ca)
+            or cert is not None
+            or (tls if tls is not None else bool(cached and cached.tls)),
             ca_file=ca,
             timeout=timeout,
             credentials=cached,
             root_certificates=root,
+            client_cert=cert,
+            client_key=key,
+            token=token or "",
         )
 
     def credentials_for(self, tokens: Tokens) -> config.Credentials:
@@ -122,7 +168,12 @@ class Connection:
     async def client(
         self, *, use_login: bool = True, require_login: bool = True
     ) -> AsyncIterator[Client]:
-        """A Client using (and keeping up to date in the cache) the cached tokens."""
+        """A Client using (and keeping up to date in the cache) the cached tokens, or the
+        --token given instead."""
+        if self.token and use_login:
+            async with self._client(Tokens.issued(self.token, "", TOKEN_LIFETIME), None) as c:
+                yield c
+            return
         tokens = self.credentials.tokens if self.credentials and use_login else None
         if require_login and use_login and tokens is None:
             raise NotLoggedIn("not logged in: run `fairlane login` first")
@@ -133,17 +184,22 @@ class Connection:
             elif self.credentials is not None:
                 config.save(self.credentials.with_tokens(new))
 
-        async with Client(
+        async with self._client(tokens, persist if tokens is not None else None) as client:
+            yield client
+
+    def _client(self, tokens: Tokens | None, on_tokens: Any) -> Client:
+        return Client(
             self.auth_target,
             self.queue_target,
             self.worker_target,
             tls=self.tls,
             root_certificates=self.root_certificates,
+            client_cert=self.client_cert,
+            client_key=self.client_key,
             timeout=self.timeout,
             tokens=tokens,
-            on_tokens=persist if tokens is not None else None,
-        ) as client:
-            yield client
+            on_tokens=on_tokens,
+        )
 
 
 # -- the decorator ---------------------------------------------------------------------------
@@ -161,6 +217,9 @@ _OPTIONS = tuple(
         ("worker_target", _target_option("worker", DEFAULT_WORKER_TARGET), None),
         ("tls", Tls, None),
         ("ca_file", CaFile, None),
+        ("client_cert", ClientCert, None),
+        ("client_key", ClientKey, None),
+        ("token", Token, None),
         ("timeout", Timeout, 10.0),
     )
 )

@@ -1,4 +1,4 @@
-"""`fairlane` entry point: server commands (serve, migrate) and client commands."""
+"""`fairlane` entry point: server commands (serve, migrate, maintain) and client commands."""
 
 from __future__ import annotations
 
@@ -49,6 +49,24 @@ def migrate() -> None:
     from services.cli import migrate_database
 
     migrate_database()
+
+
+@app.command()
+def maintain(
+    retention_days: Annotated[
+        float | None,
+        typer.Option(
+            "--retention-days",
+            min=0,
+            help="Override FAIRLANE_RETENTION_DAYS for this pass (0 keeps everything).",
+        ),
+    ] = None,
+) -> None:
+    """Run one request-log maintenance pass now: create the coming days' partitions, drop
+    those past retention (the queue service does this every hour by itself)."""
+    from services.cli import maintain_database
+
+    maintain_database(retention_days=retention_days)
 
 
 @app.command()

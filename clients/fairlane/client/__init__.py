@@ -41,6 +41,7 @@ from fairlane.client.types import (
     Identity,
     Lane,
     Progress,
+    RejectedEvent,
     Request,
     Result,
     Status,
@@ -48,7 +49,6 @@ from fairlane.client.types import (
     WorkerState,
     WorkerStatus,
 )
-from fairlane.client.types import Rejected as RejectedEvent
 
 __all__ = [
     "Accepted",

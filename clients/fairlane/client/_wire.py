@@ -11,8 +11,8 @@ from google.protobuf import timestamp_pb2
 
 from fairlane.queue.v1 import queue_pb2
 
-# The same values the servers use (services/core/grpc_host.py); copied on purpose so the
-# client does not depend on server code.
+# The servers' own message limit (services/core/grpc_host.py), repeated here so the client
+# depends on no server code. The services dial each other with these options too.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [

@@ -73,6 +73,9 @@ class Client:
     - `tokens=` starts from saved tokens; `on_tokens` is called with the new Tokens after
       every login and refresh (refresh tokens rotate: persist the newest one) and with
       None after logout.
+    - `tls=True` (system roots) or `root_certificates=` (PEM) turn TLS on;
+      `client_cert=` and `client_key=` (PEM) present a client certificate to servers that
+      require one (mTLS, docs/security.md).
     - Errors are FairlaneError subclasses (see fairlane.client.errors).
 
     Inside, the client is the API over three parts that Sessions share with it: Channels
@@ -88,6 +91,8 @@ class Client:
         *,
         tls: bool = False,
         root_certificates: bytes | None = None,
+        client_cert: bytes | None = None,
+        client_key: bytes | None = None,
         timeout: float | None = 10.0,
         tokens: Tokens | None = None,
         on_tokens: TokenListener | None = None,
@@ -96,10 +101,17 @@ class Client:
         refresh_margin: float | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        secure = tls or root_certificates is not None
+        if (client_cert is None) != (client_key is None):
+            raise ValueError("client_cert and client_key go together")
+        secure = tls or root_certificates is not None or client_cert is not None
+        credentials = (
+            grpc.ssl_channel_credentials(root_certificates, client_key, client_cert)
+            if secure
+            else None
+        )
         self._channels = Channels(
             {"auth": auth_target, "queue": queue_target, "worker": worker_target},
-            credentials=grpc.ssl_channel_credentials(root_certificates) if secure else None,
+            credentials=credentials,
             options=channel_options,
         )
         self._tokens = TokenManager(
@@ -235,6 +247,24 @@ class Client:
         )
         return reply.user_id
 
+    async def admin_token(
+        self, name: str, service_secret: str, *, timeout: float | None = _UNSET
+    ) -> Tokens:
+        """An operator's (admin) access token for the deployment's service secret: worker
+        control, and every lane on GetStatus. The client does not keep it; pass it as
+        `tokens=` to a client that should act as the operator. `name` is the operator's
+        name in audit events."""
+        reply: auth_pb2.IssueServiceTokenResponse = await self._unary(
+            "auth",
+            self._channels.auth().IssueServiceToken,
+            auth_pb2.IssueServiceTokenRequest(
+                service=name, secret=service_secret, role=auth_pb2.SERVICE_TOKEN_ROLE_ADMIN
+            ),
+            auth="none",
+            timeout=timeout,
+        )
+        return Tokens.issued(reply.access_token, "", reply.expires_in, name)
+
     async def login(
         self, username: str, password: str, *, timeout: float | None = _UNSET
     ) -> Tokens:
@@ -344,8 +374,9 @@ class Client:
                 return
 
     async def cancel(self, request_id: str, *, timeout: float | None = _UNSET) -> Status:
-        """Cancels a queued request; returns CANCELLED or the final status it already
-        had. FailedPrecondition if it is running."""
+        """Cancels a queued or running request. Returns CANCELLED (it was queued), RUNNING
+        (its handler was asked to stop; its CANCELLED result follows), or the final status
+        it had already reached."""
         reply: queue_pb2.CancelRequestResponse = await self._unary(
             "queue",
             self._channels.queue().CancelRequest,

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from fairlane.queue.v1.queue_pb2_grpc import QueueServiceAsyncStub
     from fairlane.worker.v1.worker_pb2_grpc import WorkerServiceAsyncStub
 
-__all__ = ["Channels", "ServiceName", "grpc_target"]
+__all__ = ["CHANNEL_OPTIONS", "Channels", "ServiceName", "grpc_target"]
 
 ServiceName = Literal["auth", "queue", "worker"]
 

@@ -15,8 +15,7 @@ import grpc
 from fairlane.client._wire import Deadline, Payload, bearer, enqueue_request
 from fairlane.client.errors import FairlaneError, Rejected, SessionClosed, error_from_rpc
 from fairlane.client.outbox import Outbox
-from fairlane.client.types import Accepted, Event, Progress, Result
-from fairlane.client.types import Rejected as RejectedEvent
+from fairlane.client.types import Accepted, Event, Progress, RejectedEvent, Result
 from fairlane.queue.v1 import queue_pb2
 
 if TYPE_CHECKING:

@@ -25,7 +25,7 @@ __all__ = [
     "Identity",
     "Lane",
     "Progress",
-    "Rejected",
+    "RejectedEvent",
     "Request",
     "Result",
     "Status",
@@ -175,7 +175,7 @@ class Accepted:
 
 
 @dataclass(frozen=True, slots=True)
-class Rejected:
+class RejectedEvent:
     """Session event: an enqueue (or a cancel) was not accepted; nothing was stored.
 
     `code` is the gRPC status code name (e.g. 'INVALID_ARGUMENT', 'RESOURCE_EXHAUSTED').
@@ -189,7 +189,7 @@ class Rejected:
     cancel_request_id: str = ""
 
     @classmethod
-    def from_proto(cls, msg: queue_pb2.Rejected) -> Rejected:
+    def from_proto(cls, msg: queue_pb2.Rejected) -> RejectedEvent:
         return cls(
             client_ref=msg.client_ref,
             code=code_name(msg.code),
@@ -250,7 +250,7 @@ class Result:
         )
 
 
-Event = Accepted | Rejected | Progress | Result
+Event = Accepted | RejectedEvent | Progress | Result
 """What `Session.events()` yields."""
 
 

@@ -54,6 +54,22 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- default (include "fairlane.fullname" .) .Values.secret.existingSecret }}
 {{- end }}
 
+{{/* One probe on grpc.health.v1 service $service of port $port: the kubelet's gRPC probe,
+or the image's health-check script when the port speaks TLS. */}}
+{{- define "fairlane.probe" -}}
+{{- $root := index . 0 -}}
+{{- $port := index . 1 -}}
+{{- $service := index . 2 -}}
+{{- if $root.Values.tls.enabled }}
+exec:
+  command: ["fairlane-healthcheck", "--timeout", "2", {{ printf "127.0.0.1:%v" $port | quote }}, {{ $service | quote }}]
+{{- else }}
+grpc:
+  port: {{ $port }}
+  service: {{ $service }}
+{{- end }}
+{{- end }}
+
 {{/* The fixed facts of each service: gRPC port, metrics port, gRPC service name. */}}
 {{- define "fairlane.components" -}}
 auth:
@@ -94,7 +110,6 @@ FAIRLANE_LANE_MAX_LENGTH: {{ .Values.settings.laneMaxLength | toString | quote }
 FAIRLANE_LANE_QUEUE_TYPE: {{ .Values.rabbitmq.laneQueueType | quote }}
 FAIRLANE_GRACE_SECONDS: {{ .Values.settings.graceSeconds | toString | quote }}
 FAIRLANE_CONCURRENCY: {{ .Values.settings.concurrency | toString | quote }}
-FAIRLANE_METRICS_HOST: "0.0.0.0"
 FAIRLANE_AUTH_LISTEN: "0.0.0.0:50051"
 FAIRLANE_QUEUE_LISTEN: "0.0.0.0:50052"
 FAIRLANE_WORKER_LISTEN: "0.0.0.0:50053"
@@ -103,6 +118,18 @@ FAIRLANE_QUEUE_TARGET: {{ printf "dns:///%s-queue-headless:50052" $fullname | qu
 FAIRLANE_AUTH_METRICS_PORT: "9101"
 FAIRLANE_QUEUE_METRICS_PORT: "9102"
 FAIRLANE_WORKER_METRICS_PORT: "9103"
+FAIRLANE_REFLECTION: {{ .Values.reflection | toString | quote }}
+{{- if .Values.tls.enabled }}
+FAIRLANE_ALLOW_INSECURE: "false"
+FAIRLANE_TLS_CERT_FILE: "/etc/fairlane/tls/tls.crt"
+FAIRLANE_TLS_KEY_FILE: "/etc/fairlane/tls/tls.key"
+FAIRLANE_TLS_CA_FILE: "/etc/fairlane/tls/ca.crt"
+{{- if .Values.tls.mutual }}
+FAIRLANE_TLS_CLIENT_CA_FILE: "/etc/fairlane/tls/ca.crt"
+{{- end }}
+{{- else }}
+FAIRLANE_ALLOW_INSECURE: "true"
+{{- end }}
 {{- with .Values.otel.endpoint }}
 OTEL_EXPORTER_OTLP_ENDPOINT: {{ . | quote }}
 OTEL_EXPORTER_OTLP_INSECURE: {{ $.Values.otel.insecure | toString | quote }}

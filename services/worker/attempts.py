@@ -1,0 +1,297 @@
+"""Attempts of one request: the retry loop (backoff with full jitter, in place so the
+lane's order holds), timeouts, executors for sync and CPU-bound handlers, lifecycle hooks,
+tracing and dead-lettering once the attempts are used up."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.trace import Span
+
+from fairlane.common.v1 import lane_pb2
+from fairlane.handlers import Hooks, PermanentError, PlainContext
+from services.core import metrics, status, tracing
+from services.core.logging import get_logger
+from services.worker.context import AttemptContext
+from services.worker.dead_letters import DeadLetters
+from services.worker.registry import Handler
+from services.worker.store import Attempt, Outcome
+from services.worker.writer import ResultWriter
+
+log = get_logger(__name__)
+
+RUNNING_MARK_SECONDS = 0.05  # handlers that take longer show RUNNING in the log
+CANCELLED_MEMORY = 10_000  # recent cancel requests remembered for requests not yet started
+
+
+class RequestCancelled(Exception):
+    pass
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.succeeded: Counter[str] = Counter()
+        self.failed: Counter[str] = Counter()
+        self.retried: Counter[str] = Counter()
+        self.running: Counter[str] = Counter()
+
+
+class Attempts:
+    def __init__(
+        self,
+        *,
+        writer: ResultWriter,
+        dead_letters: DeadLetters,
+        concurrency: int,
+        retry_base: float,
+        retry_max: float,
+        hooks: list[Hooks] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._writer = writer
+        self._dead = dead_letters
+        self.concurrency = concurrency
+        self._slots = asyncio.Semaphore(concurrency)
+        self._retry_base = retry_base
+        self._retry_max = retry_max
+        self._hooks = hooks or []
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self.in_flight = 0
+        self.stats = Stats()
+        self._running: dict[str, asyncio.Future[Any]] = {}
+        self._cancelled: dict[str, None] = {}  # insertion-ordered, bounded
+        self._processes: ProcessPoolExecutor | None = None
+
+    # -- cancels ---------------------------------------------------------------------------
+
+    def cancel(self, request_id: str) -> None:
+        """Stops the handler running `request_id` here, or skips it when its turn comes."""
+        self._cancelled[request_id] = None
+        while len(self._cancelled) > CANCELLED_MEMORY:
+            self._cancelled.pop(next(iter(self._cancelled)))
+        task = self._running.get(request_id)
+        if task is not None:
+            task.cancel()
+
+    def cancelled(self, request_id: str) -> bool:
+        return request_id in self._cancelled
+
+    # -- the retry loop --------------------------------------------------------------------
+
+    async def run(
+        self,
+        batch: lane_pb2.LaneBatch,
+        item: lane_pb2.LaneItem,
+        spec: Handler,
+        previous_attempts: int,
+        *,
+        gate: Callable[[], Awaitable[None]],
+        span: Span | None = None,
+    ) -> Outcome:
+        """Runs the request until it succeeds, fails for good, is cancelled or has used up
+        its attempts (then it is dead-lettered). `gate` is awaited before each attempt
+        (pause/resume); retries wait in place, so the lane's order holds."""
+        request_id = uuid.UUID(item.request_id)
+        user = uuid.UUID(batch.user_id)
+        max_attempts = item.max_attempts or spec.max_attempts
+        deadline = item.deadline.ToDatetime(tzinfo=UTC) if item.HasField("deadline") else None
+        attempts: list[Attempt] = []
+        number = previous_attempts + 1
+        if number == 1:
+            # UUIDv7 ids carry their acceptance time (ms since the epoch, top 48 bits).
+            accepted_ms = request_id.int >> 80
+            metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, time.time() - accepted_ms / 1000))
+        while True:
+            await gate()
+            if item.request_id in self._cancelled:
+                return Outcome(
+                    request_id,
+                    user,
+                    status.CANCELLED,
+                    error="cancelled by the client",
+                    attempts=attempts,
+                )
+            attempt = Attempt(number, datetime.now(UTC))
+            attempts.append(attempt)
+            ctx = AttemptContext(
+                request_id=item.request_id,
+                user_id=batch.user_id,
+                attempt=number,
+                deadline=deadline,
+                writer=self._writer,
+                route=batch.reply_route,
+            )
+            await self._before(ctx, spec.name)
+            outcome: Outcome | None = None
+            attempt_span = (
+                None
+                if span is None
+                else tracing.start(
+                    f"attempt {number}",
+                    parent_span=span,
+                    attributes={"fairlane.request_id": item.request_id, "fairlane.attempt": number},
+                )
+            )
+            try:
+                with tracing.current(attempt_span):
+                    output = await self._call(spec, ctx, item.payload, request_id, number)
+            except RequestCancelled:
+                attempt.error = "cancelled by the client"
+                outcome = Outcome(
+                    request_id, user, status.CANCELLED, error=attempt.error, attempts=attempts
+                )
+            except PermanentError as exc:
+                attempt.error = str(exc) or exc.__class__.__name__
+                self.stats.failed[spec.name] += 1
+                outcome = Outcome(
+                    request_id, user, status.FAILED, error=attempt.error, attempts=attempts
+                )
+            except Exception as exc:
+                attempt.error = f"{exc.__class__.__name__}: {exc}"
+                with tracing.current(attempt_span):
+                    log.warning(
+                        "attempt_failed",
+                        request_id=item.request_id,
+                        handler=spec.name,
+                        attempt=number,
+                        max_attempts=max_attempts,
+                        error=attempt.error[:500],
+                    )
+            else:
+                self.stats.succeeded[spec.name] += 1
+                outcome = Outcome(
+                    request_id, user, status.SUCCEEDED, output=output, attempts=attempts
+                )
+            if outcome is None and number >= max_attempts:
+                self.stats.failed[spec.name] += 1
+                await self._dead.request(batch, item, attempts)
+                outcome = Outcome(
+                    request_id,
+                    user,
+                    status.DEAD,
+                    error=f"gave up after {number} attempts: {attempt.error}",
+                    attempts=attempts,
+                )
+            if attempt_span is not None:
+                attempt_span.set_attribute(
+                    "fairlane.outcome", outcome.status if outcome else "RETRY"
+                )
+                if attempt.error:
+                    attempt_span.set_status(trace.Status(trace.StatusCode.ERROR, attempt.error))
+                attempt_span.end()
+            await self._after(ctx, spec.name, outcome.status if outcome else "RETRY", attempt.error)
+            if outcome is not None:
+                return outcome
+            self.stats.retried[spec.name] += 1
+            metrics.RETRIES.labels(spec.name).inc()
+            # Exponential backoff with full jitter; the lane waits, so order holds.
+            cap = min(self._retry_max, self._retry_base * 2 ** (number - 1))
+            await self._sleep(self._rng.uniform(0, cap))
+            number += 1
+
+    # -- one attempt -----------------------------------------------------------------------
+
+    def _start(self, spec: Handler, ctx: AttemptContext, payload: bytes) -> Awaitable[Any]:
+        if spec.is_async:
+            coro: Awaitable[Any] = spec.fn(ctx, payload)
+            return asyncio.ensure_future(coro)
+        loop = asyncio.get_running_loop()
+        if spec.executor == "process":
+            if self._processes is None:
+                self._processes = ProcessPoolExecutor()
+            plain = PlainContext(ctx.request_id, ctx.user_id, ctx.attempt, ctx.deadline)
+            return loop.run_in_executor(self._processes, spec.fn, plain, payload)
+        return loop.run_in_executor(None, functools.partial(spec.fn, ctx, payload))
+
+    async def _call(
+        self,
+        spec: Handler,
+        ctx: AttemptContext,
+        payload: bytes,
+        request_id: uuid.UUID,
+        number: int,
+    ) -> bytes:
+        async with self._slots:
+            self.in_flight += 1
+            self.stats.running[spec.name] += 1
+            metrics.IN_FLIGHT.inc()
+            started = time.perf_counter()
+            mark = asyncio.get_running_loop().call_later(
+                RUNNING_MARK_SECONDS, self._mark_running, request_id, number
+            )
+            running = asyncio.ensure_future(self._start(spec, ctx, payload))
+            self._running[ctx.request_id] = running
+            try:
+                async with asyncio.timeout(spec.timeout):
+                    result = await running
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # the worker itself is stopping
+                # Only the handler was cancelled: the client asked for it. A thread or
+                # process keeps running to its end; its result is discarded.
+                raise RequestCancelled from None
+            finally:
+                del self._running[ctx.request_id]
+                mark.cancel()
+                _handler_seconds(spec.name).observe(time.perf_counter() - started)
+                metrics.IN_FLIGHT.dec()
+                self.stats.running[spec.name] -= 1
+                self.in_flight -= 1
+        if result is None:
+            return b""
+        if isinstance(result, str):
+            return result.encode()
+        if not isinstance(result, bytes | bytearray | memoryview):
+            raise PermanentError(f"handler returned {type(result).__name__}, not bytes")
+        return bytes(result)
+
+    def _mark_running(self, request_id: uuid.UUID, number: int) -> None:
+        self._writer.running(request_id, number, datetime.now(UTC))
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    async def _before(self, ctx: AttemptContext, handler: str) -> None:
+        for hooks in self._hooks:
+            try:
+                await hooks.before_request(ctx, handler)
+            except Exception:
+                log.exception("before_request_hook_failed", handler=handler)
+
+    async def _after(self, ctx: AttemptContext, handler: str, outcome: str, error: str) -> None:
+        for hooks in self._hooks:
+            try:
+                await hooks.after_request(ctx, handler, outcome, error)
+            except Exception:
+                log.exception("after_request_hook_failed", handler=handler)
+
+    async def start(self) -> None:
+        for hooks in self._hooks:
+            await hooks.on_startup()
+
+    async def shutdown(self) -> None:
+        for hooks in self._hooks:
+            try:
+                await hooks.on_shutdown()
+            except Exception:
+                log.exception("on_shutdown_hook_failed")
+        if self._processes is not None:
+            self._processes.shutdown(wait=False, cancel_futures=True)
+
+
+@functools.cache
+def _handler_seconds(handler: str) -> Any:
+    """The histogram child of one handler, looked up once rather than per request."""
+    return metrics.HANDLER_SECONDS.labels(handler)

@@ -1,0 +1,165 @@
+"""The lanes a worker consumes: one consumer and one sequential task per lane, and the
+supervision that rebuilds a lane whose task ended unexpectedly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+from services.core import metrics
+from services.core.broker import Broker, BrokerError, Delivery, LaneConsumer, LaneMissing
+from services.core.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class ConsumedLane:
+    """One lane: deliveries are processed one message at a time, in order."""
+
+    def __init__(
+        self,
+        user_id: str,
+        process: Callable[[ConsumedLane, Delivery], Awaitable[None]],
+        on_failed: Callable[[str], None],
+    ) -> None:
+        self.user_id = user_id
+        self._process = process
+        self._on_failed = on_failed
+        self.deliveries: asyncio.Queue[Delivery] = asyncio.Queue()
+        self.resumed = asyncio.Event()
+        self.resumed.set()
+        self.consumer: LaneConsumer | None = None
+        # Set while the lane waits for a message or at a closed gate: nothing of it runs.
+        self.quiet = asyncio.Event()
+        self.acks: set[asyncio.Task[None]] = set()
+        self.task = asyncio.create_task(self._run(), name=f"lane-{user_id}")
+        self.task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return  # released on purpose
+        error = task.exception()
+        log.error(
+            "lane_task_failed",
+            lane=self.user_id,
+            error=f"{type(error).__name__}: {error}"[:300],
+        )
+        metrics.LANE_FAILURES.inc()
+        self._on_failed(self.user_id)
+
+    async def on_delivery(self, delivery: Delivery) -> None:
+        self.deliveries.put_nowait(delivery)
+
+    async def _run(self) -> None:
+        while True:
+            self.quiet.set()
+            delivery = await self.deliveries.get()
+            self.quiet.clear()
+            if delivery.stale:
+                continue  # its channel died; the broker redelivers it on the new one
+            await self._process(self, delivery)
+
+    @property
+    def alive(self) -> bool:
+        """Consuming and processing. A lane whose task ended (a bug in processing) is not:
+        it is rebuilt, and its unacked messages go back to the lane in order first."""
+        return self.consumer is not None and self.consumer.alive and not self.task.done()
+
+    async def settled(self) -> None:
+        """Waits until nothing of the lane runs and its finished messages are acked."""
+        await self.quiet.wait()
+        await asyncio.gather(*list(self.acks), return_exceptions=True)
+
+    async def release(self) -> None:
+        """Stops processing, then consuming: whatever was not acked (the message being
+        worked on and those buffered) goes back to the lane in order."""
+        if not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        # A task that ended with an error was already reported by _ended; not re-raised.
+        if self.consumer is not None:
+            await self.consumer.cancel()
+
+
+class LaneSet:
+    """The lanes of one worker replica, keyed by user id."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        prefetch: int,
+        process: Callable[[ConsumedLane, Delivery], Awaitable[None]],
+    ) -> None:
+        self._broker = broker
+        self._prefetch = prefetch
+        self._process = process
+        self.lanes: dict[str, ConsumedLane] = {}
+        self.accepting = True  # False once the worker drains: no lane is taken again
+        self._lock = asyncio.Lock()
+        self._failures: dict[str, int] = {}
+        self._rebuilds: set[asyncio.Task[None]] = set()
+
+    async def add(self, user_id: str) -> None:
+        """Consumes the lane; a lane whose consumer died (broker connection lost) or whose
+        task ended is consumed again from scratch."""
+        async with self._lock:
+            if not self.accepting:
+                return
+            existing = self.lanes.get(user_id)
+            if existing is not None:
+                if existing.alive:
+                    return
+                del self.lanes[user_id]
+                await existing.release()
+            lane = ConsumedLane(user_id, self._process, self.rebuild_later)
+            try:
+                lane.consumer = await self._broker.consume_lane(
+                    user_id, lane.on_delivery, prefetch=self._prefetch
+                )
+            except BrokerError:
+                await lane.release()
+                raise
+            self.lanes[user_id] = lane
+            metrics.ACTIVE_LANES.set(len(self.lanes))
+
+    async def remove(self, user_id: str) -> None:
+        """Hands the lane back between messages (its unacked ones return in order)."""
+        async with self._lock:
+            lane = self.lanes.pop(user_id, None)
+            metrics.ACTIVE_LANES.set(len(self.lanes))
+        if lane is not None:
+            await lane.release()
+
+    async def repair(self) -> int:
+        """Consumes again every lane whose consumer or task died (connection lost, or the
+        broker cancelled it because the janitor deleted the lane); returns how many. A
+        deleted lane is left alone: its next request declares and announces it again."""
+        dead = [u for u, lane in list(self.lanes.items()) if not lane.alive]
+        for user_id in dead:
+            with contextlib.suppress(LaneMissing):
+                await self.add(user_id)
+        return len(dead)
+
+    def rebuild_later(self, user_id: str) -> None:
+        """Consumes a lane again whose task ended unexpectedly, after a growing delay (a
+        message that breaks processing every time must not spin the worker)."""
+        failures = self._failures.get(user_id, 0) + 1
+        self._failures[user_id] = failures
+        delay = min(30.0, 0.25 * 2 ** (failures - 1))
+
+        async def rebuild() -> None:
+            await asyncio.sleep(delay)
+            try:
+                await self.add(user_id)
+            except BrokerError as exc:
+                log.warning("lane_rebuild_failed", lane=user_id, error=str(exc)[:200])
+
+        task = asyncio.create_task(rebuild(), name=f"rebuild-{user_id}")
+        self._rebuilds.add(task)
+        task.add_done_callback(self._rebuilds.discard)
+
+    def paused(self) -> list[str]:
+        return [u for u, lane in self.lanes.items() if not lane.resumed.is_set()]

@@ -1,0 +1,72 @@
+"""A result written by a worker wakes the queue replicas' listeners (LISTEN/NOTIFY), in
+the same transaction, for exactly the users that have new results."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pytest
+from uuid_utils.compat import uuid7
+
+from services.core.db import create_engine
+from services.core.models import users
+from services.core.notify import ResultListener, results_channel
+from services.queue.store import NewRequest, RequestStore
+from services.worker.store import Outcome, WorkerStore
+from tests.conftest import DATABASE_URL, unique
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class _Pending:
+    request: NewRequest
+    reply_route: str = "r"
+    traceparent: str = ""
+
+
+async def test_finishing_notifies_the_users_with_new_results(pg_schema: str) -> None:
+    engine = create_engine(DATABASE_URL, schema=pg_schema, pool_size=2)
+    channel = results_channel(pg_schema)
+    heard: list[str] = []
+    connected = asyncio.Event()
+    got = asyncio.Event()
+
+    def on_users(names: list[str]) -> None:
+        heard.extend(names)
+        got.set()
+
+    listener = ResultListener(DATABASE_URL, channel, on_users, connected.set)
+    listener.start()
+    try:
+        await asyncio.wait_for(connected.wait(), 10)
+        a, b = uuid.uuid4(), uuid.uuid4()
+        async with engine.begin() as conn:
+            for uid in (a, b):
+                await conn.execute(
+                    users.insert().values(
+                        id=uid,
+                        username=unique("u"),
+                        password_hash="x",
+                        created_at=datetime.now(UTC),
+                    )
+                )
+        requests = [
+            NewRequest(uuid7(), u, "echo", b"", None, "", 3, None, "", datetime.now(UTC))
+            for u in (a, a, b)
+        ]
+        await RequestStore(engine).accept([_Pending(r) for r in requests], lane_limit=10)
+        worker = WorkerStore(engine, notify_channel=channel)
+        await worker.finish([Outcome(r.id, r.user_id, "SUCCEEDED") for r in requests[:2]])
+        await asyncio.wait_for(got.wait(), 10)
+        assert heard == [str(a)]  # b has no result yet
+        got.clear()
+        await worker.finish([Outcome(requests[2].id, b, "SUCCEEDED")])
+        await asyncio.wait_for(got.wait(), 10)
+        assert heard == [str(a), str(b)]
+    finally:
+        await listener.stop()
+        await engine.dispose()

@@ -1,0 +1,290 @@
+"""The worker's runner on the in-memory broker with an in-memory request log: the retry loop
+(backoff, dead letters, permanent failures, cancels), lane order, copies of requests that
+are finished or running, and a lane whose task breaks being rebuilt."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+from fairlane.common.v1 import lane_pb2
+from fairlane.handlers import PermanentError
+from services.core.memory_broker import MemoryBroker
+from services.worker.registry import Handler
+from services.worker.runner import Runner, RunnerState
+from services.worker.store import Outcome, StoredState
+from services.worker.writer import ResultWriter
+
+ROUTE = "queue.test"
+
+
+class MemoryLog:
+    """The part of the request log a worker reads and writes, kept in a dict."""
+
+    def __init__(self) -> None:
+        self.rows: dict[uuid.UUID, StoredState] = {}
+        self.outcomes: list[Outcome] = []
+        self.last_seq: dict[uuid.UUID, int] = {}
+        self.fail_reads = 0
+
+    def queued(self, request_id: uuid.UUID) -> None:
+        self.rows[request_id] = StoredState("QUEUED", None, 0, None, None, "", "h")
+
+    async def states(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, StoredState]:
+        if self.fail_reads:
+            self.fail_reads -= 1
+            raise RuntimeError("a bug while reading states")
+        return {i: self.rows[i] for i in ids if i in self.rows}
+
+    async def finish(
+        self, outcomes: Sequence[Outcome], running: Sequence[tuple[uuid.UUID, int, datetime]] = ()
+    ) -> list[Outcome]:
+        written = []
+        for o in outcomes:
+            row = self.rows.get(o.request_id)
+            if row is None or row.lane_seq is not None:
+                continue
+            o.lane_seq = self.last_seq.get(o.user_id, 0) + 1
+            self.last_seq[o.user_id] = o.lane_seq
+            self.rows[o.request_id] = StoredState(
+                o.status, o.lane_seq, o.attempt_count, o.output, o.error, "", "h"
+            )
+            self.outcomes.append(o)
+            written.append(o)
+        return written
+
+
+def handler(name: str, fn: Callable[..., Any], attempts: int = 3) -> Handler:
+    return Handler(name, fn, asyncio.iscoroutinefunction(fn), attempts, None, "")
+
+
+class World:
+    def __init__(self, handlers: dict[str, Handler]) -> None:
+        self.broker = MemoryBroker(lane_max_length=100)
+        self.log = MemoryLog()
+        self.sleeps: list[float] = []
+        self.results: list[lane_pb2.LaneEvent] = []
+        self.writer = ResultWriter(self.log, self.broker, batch_size=100, linger_ms=0)  # type: ignore[arg-type]
+
+        async def sleep(seconds: float) -> None:
+            self.sleeps.append(seconds)
+
+        self.runner = Runner(
+            broker=self.broker,
+            store=self.log,  # type: ignore[arg-type]
+            writer=self.writer,
+            handlers=handlers,
+            concurrency=4,
+            prefetch=4,
+            retry_base=0.5,
+            retry_max=30.0,
+            worker_id="w1",
+            sleep=sleep,
+            rng=random.Random(7),
+        )
+
+    async def start(self, user: str) -> None:
+        await self.broker.connect()
+
+        async def on_results(body: bytes) -> None:
+            self.results.extend(lane_pb2.LaneEventBatch.FromString(body).events)
+
+        await self.broker.consume_results(ROUTE, on_results)
+        await self.broker.declare_lane(user)
+        self.writer.start()
+        await self.runner.add_lane(user)
+
+    async def publish(self, user: str, payloads: list[bytes], **item: Any) -> list[uuid.UUID]:
+        ids = [uuid.uuid4() for _ in payloads]
+        for i in ids:
+            self.log.queued(i)
+        batch = lane_pb2.LaneBatch(
+            user_id=user,
+            reply_route=ROUTE,
+            items=[
+                lane_pb2.LaneItem(request_id=str(i), payload=p, **item)
+                for i, p in zip(ids, payloads, strict=True)
+            ],
+        )
+        await self.broker.publish_lane(user, batch.SerializeToString(), {})
+        return ids
+
+    async def until_finished(self, n: int) -> None:
+        async with asyncio.timeout(5):
+            while True:
+                if len([e for e in self.results if e.HasField("result")]) >= n:
+                    return
+                await asyncio.sleep(0.005)
+
+    async def stop(self) -> None:
+        await self.runner.drain(1.0)
+        await self.writer.stop()
+
+
+@pytest.fixture
+def user() -> str:
+    return str(uuid.uuid4())
+
+
+async def test_a_failing_request_is_retried_with_backoff_then_dead_lettered(user: str) -> None:
+    calls = 0
+
+    async def flaky(ctx: Any, payload: bytes) -> bytes:
+        nonlocal calls
+        calls += 1
+        raise ValueError(f"boom {calls}")
+
+    world = World({"flaky": handler("flaky", flaky, attempts=3)})
+    await world.start(user)
+    (rid,) = await world.publish(user, [b"x"], handler="flaky")
+    await world.until_finished(1)
+    await world.stop()
+    (outcome,) = world.log.outcomes
+    assert (outcome.request_id, outcome.status, outcome.attempt_count) == (rid, "DEAD", 3)
+    assert calls == 3
+    # Full jitter under a cap that doubles: 0.5 s, then 1 s.
+    assert len(world.sleeps) == 2
+    assert 0 <= world.sleeps[0] <= 0.5
+    assert 0 <= world.sleeps[1] <= 1.0
+    (body, headers) = world.broker.dead[0]
+    assert lane_pb2.LaneItem.FromString(body).request_id == str(rid)
+    history = json.loads(headers["history"])
+    assert [h["error"] for h in history] == [
+        "ValueError: boom 1",
+        "ValueError: boom 2",
+        "ValueError: boom 3",
+    ]
+
+
+async def test_a_permanent_error_fails_at_once(user: str) -> None:
+    async def refuse(ctx: Any, payload: bytes) -> bytes:
+        raise PermanentError("not this one")
+
+    world = World({"refuse": handler("refuse", refuse)})
+    await world.start(user)
+    await world.publish(user, [b"x"], handler="refuse")
+    await world.until_finished(1)
+    await world.stop()
+    (outcome,) = world.log.outcomes
+    assert (outcome.status, outcome.error, outcome.attempt_count) == ("FAILED", "not this one", 1)
+    assert world.sleeps == []
+    assert world.broker.dead == []
+
+
+async def test_requests_run_one_at_a_time_in_lane_order(user: str) -> None:
+    running: list[bytes] = []
+    overlap = False
+
+    async def step(ctx: Any, payload: bytes) -> bytes:
+        nonlocal overlap
+        overlap = overlap or bool(running)
+        running.append(payload)
+        await asyncio.sleep(0.002)
+        running.remove(payload)
+        return payload
+
+    world = World({"step": handler("step", step)})
+    await world.start(user)
+    sent = [str(i).encode() for i in range(12)]
+    await world.publish(user, sent[:5], handler="step")
+    await world.publish(user, sent[5:], handler="step")
+    await world.until_finished(12)
+    await world.stop()
+    assert not overlap
+    assert [o.output for o in world.log.outcomes] == sent
+    assert [o.lane_seq for o in world.log.outcomes] == list(range(1, 13))
+
+
+async def test_a_cancelled_running_request_ends_cancelled_and_the_lane_goes_on(user: str) -> None:
+    started = asyncio.Event()
+
+    async def slow(ctx: Any, payload: bytes) -> bytes:
+        if payload == b"slow":
+            started.set()
+            await asyncio.sleep(30)
+        return payload
+
+    world = World({"slow": handler("slow", slow)})
+    await world.start(user)
+    first, _ = await world.publish(user, [b"slow", b"next"], handler="slow")
+    await asyncio.wait_for(started.wait(), 5)
+    world.runner.cancel(str(first))
+    await world.until_finished(2)
+    await world.stop()
+    assert [(o.status, o.output) for o in world.log.outcomes] == [
+        ("CANCELLED", b""),
+        ("SUCCEEDED", b"next"),
+    ]
+
+
+async def test_a_recovered_copy_of_a_finished_request_is_not_run_again(user: str) -> None:
+    calls: list[bytes] = []
+
+    async def echo(ctx: Any, payload: bytes) -> bytes:
+        calls.append(payload)
+        return payload
+
+    world = World({"echo": handler("echo", echo)})
+    await world.start(user)
+    (rid,) = await world.publish(user, [b"once"], handler="echo")
+    await world.until_finished(1)
+    # The outbox published it again (its replica died before deleting the row).
+    copy = lane_pb2.LaneBatch(
+        user_id=user,
+        reply_route=ROUTE,
+        items=[
+            lane_pb2.LaneItem(request_id=str(rid), handler="echo", payload=b"once", recovered=True)
+        ],
+    )
+    await world.broker.publish_lane(user, copy.SerializeToString(), {})
+    await world.until_finished(2)
+    await world.stop()
+    assert calls == [b"once"]
+    assert len(world.log.outcomes) == 1
+    # The stored result is sent again, with the same lane_seq.
+    assert [e.result.lane_seq for e in world.results] == [1, 1]
+
+
+async def test_a_lane_whose_task_breaks_is_rebuilt_and_loses_nothing(user: str) -> None:
+    async def echo(ctx: Any, payload: bytes) -> bytes:
+        return payload
+
+    world = World({"echo": handler("echo", echo)})
+    await world.start(user)
+    world.log.fail_reads = 1  # a bug outside any one request, on the first read
+    ids = await world.publish(user, [b"a", b"b"], handler="echo", recovered=True)
+    await world.until_finished(2)
+    assert world.runner.lanes[user].alive
+    await world.stop()
+    assert [o.request_id for o in world.log.outcomes] == ids
+    assert world.runner.state == RunnerState.DRAINED
+
+
+async def test_repair_consumes_dead_lanes_again_and_leaves_deleted_ones_alone(user: str) -> None:
+    async def echo(ctx: Any, payload: bytes) -> bytes:
+        return payload
+
+    world = World({"echo": handler("echo", echo)})
+    await world.start(user)
+    deleted = str(uuid.uuid4())
+    await world.broker.declare_lane(deleted)
+    await world.runner.add_lane(deleted)
+    consumer = world.runner.lanes[user].consumer
+    assert consumer is not None
+    await consumer.cancel()  # as when its channel dies with the broker connection
+    assert await world.broker.delete_lane(deleted)  # the janitor deleted it meanwhile
+    assert not world.runner.lanes[user].alive
+    assert await world.runner.repair() == 2
+    assert world.runner.lanes[user].alive
+    assert deleted not in world.runner.lanes
+    ids = await world.publish(user, [b"a"], handler="echo")
+    await world.until_finished(1)
+    await world.stop()
+    assert [o.request_id for o in world.log.outcomes] == ids
