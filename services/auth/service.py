@@ -62,6 +62,7 @@ class AuthService:
             [SERVICE_NAME],
             transport=Transport.from_settings(settings),
             reflection_enabled=settings.reflection,
+            retry_after_ms=settings.retry_after_ms,
         )
         self.hashing = PasswordHashing(
             memory_kib=settings.argon2_memory_kib,

@@ -145,6 +145,7 @@ class AmqpBroker:
         *,
         lane_max_length: int,
         queue_type: str = "classic",
+        quorum_size: int = 0,
         publish_timeout: float = 10.0,
         lanes_per_connection: int = LANES_PER_CONNECTION,
     ) -> None:
@@ -155,6 +156,11 @@ class AmqpBroker:
             "x-overflow": "reject-publish",
             "x-queue-type": queue_type,
         }
+        if queue_type == "quorum" and quorum_size > 0:
+            # RabbitMQ 3.10 gives a quorum queue a member on every node by default: on a
+            # large cluster each lane would cost every node memory and every publish a
+            # write on every node.
+            self._lane_args["x-quorum-initial-group-size"] = quorum_size
         self._quorum = queue_type == "quorum"
         self._timeout = publish_timeout
         self._data = NodeConnection(
@@ -267,7 +273,15 @@ class AmqpBroker:
             return
         try:
             channel = await self._housekeeping()
-            queue = await channel.declare_queue(name, durable=True, arguments=self._lane_args)
+            try:
+                queue = await channel.declare_queue(name, durable=True, arguments=self._lane_args)
+            except aiormq.exceptions.ChannelPreconditionFailed:
+                # The lane exists with other arguments (declared before the settings
+                # changed: another queue type, quorum size or bound). It is used as it is,
+                # and takes the new arguments when it is re-created after idling.
+                log.warning("lane_arguments_differ", lane=user_id)
+                channel = await self._housekeeping()
+                queue = await channel.declare_queue(name, passive=True)
             await queue.bind(REQUESTS_EXCHANGE, routing_key=user_id)
         except _PUBLISH_ERRORS as exc:
             raise BrokerError(f"cannot declare lane {name}: {exc}") from exc
@@ -288,27 +302,23 @@ class AmqpBroker:
     async def delete_lane(self, user_id: str) -> bool:
         """Deletes the lane unless it holds ready messages; False if it held some.
 
-        Classic lanes use RabbitMQ's if-empty, which checks and deletes in one step.
-        Quorum queues refuse if-empty (and if-unused) with a connection-level
-        NOT_IMPLEMENTED in RabbitMQ 3.10, so a quorum lane is read (passive declare) and
-        then deleted. A message arriving between the two would be lost: the caller must
-        fence publishes first (LaneJanitor holds the lane's row in the request log, see
-        janitor.py), and this check only backs that up."""
+        The lane is read (passive declare) and then deleted, on either queue type.
+        RabbitMQ's if-empty would check and delete in one step, but quorum queues refuse
+        it (and if-unused) with a connection-level NOT_IMPLEMENTED in RabbitMQ 3.10, and
+        a lane may be of the other type than the settings say (declared before they
+        changed). A message arriving between the read and the delete would be lost: the
+        caller must fence publishes first (LaneJanitor holds the lane's row in the
+        request log, see janitor.py); this read only backs that up."""
         name = lane_queue(user_id)
         try:
-            if self._quorum:
-                stats = await self.lane_stats(user_id)
-                if stats is None:
-                    self._declared.discard(name)
-                    return True
-                if stats.messages:
-                    return False
+            stats = await self.lane_stats(user_id)
+            if stats is None:
+                self._declared.discard(name)
+                return True
+            if stats.messages:
+                return False
             async with self._scratch() as channel:
-                ok = await channel.queue_delete(
-                    name, if_empty=not self._quorum, timeout=self._timeout
-                )
-        except aiormq.exceptions.ChannelPreconditionFailed:
-            return False  # classic if-empty: a message arrived meanwhile
+                ok = await channel.queue_delete(name, timeout=self._timeout)
         except aiormq.exceptions.ChannelNotFoundEntity:
             pass  # already gone
         except _PUBLISH_ERRORS as exc:
@@ -497,4 +507,5 @@ def broker_for(settings: Settings) -> AmqpBroker:
         settings.broker_url,
         lane_max_length=settings.lane_max_length,
         queue_type=settings.lane_queue_type,
+        quorum_size=settings.lane_quorum_size,
     )

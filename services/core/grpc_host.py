@@ -59,10 +59,12 @@ class GrpcHost:
         verifier: TokenVerifier | None = None,
         transport: Transport | None = None,
         reflection_enabled: bool = False,
+        retry_after_ms: int = 1000,
     ) -> None:
         transport = transport or Transport()
         self.service_names = list(service_names)
-        self.authz = AuthzInterceptor(verifier=verifier)
+        # retry_after_ms: the RetryInfo of a busy database pool or unreachable token keys.
+        self.authz = AuthzInterceptor(verifier=verifier, retry_after_ms=retry_after_ms)
         self.server = grpc.aio.server(
             options=SERVER_OPTIONS,
             # Outermost first: metrics see the final status; errors map what escapes the
@@ -70,7 +72,7 @@ class GrpcHost:
             interceptors=[
                 *tracing.server_interceptors(),
                 MetricsInterceptor(),
-                ErrorInterceptor(),
+                ErrorInterceptor(retry_after_ms=retry_after_ms),
                 self.authz,
             ],
         )

@@ -27,6 +27,11 @@ class Settings(BaseSettings):
         default="classic",
         description="x-queue-type of lane queues: classic, or quorum on a cluster.",
     )
+    lane_quorum_size: int = Field(
+        default=3,
+        description="Raft members of a quorum lane (x-quorum-initial-group-size); 0: one "
+        "on every node (RabbitMQ's default).",
+    )
 
     # Listening addresses and the addresses other services are reached at.
     auth_listen: str = "127.0.0.1:50051"

@@ -114,9 +114,11 @@ class TokenVerifier:
             )
         except jwt.ExpiredSignatureError as exc:
             raise InvalidToken("access token expired") from exc
-        except (jwt.PyJWTError, ValueError, TypeError) as exc:
-            # ValueError/TypeError: junk the crypto backend refuses to parse.
+        except jwt.PyJWTError as exc:
             raise InvalidToken(f"invalid access token: {exc}") from exc
+        except (ValueError, TypeError) as exc:
+            # Junk the crypto backend refuses to parse: its words are not for the caller.
+            raise InvalidToken("invalid access token") from exc
         family = claims.get(FAMILY_CLAIM)
         if (
             self._revoked is not None

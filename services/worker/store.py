@@ -137,9 +137,8 @@ class WorkerStore:
         """Locks the requests' rows (in id order, as before partitioning) and returns
         (id, status, lane_seq) of those in the log."""
         if self._dialect == "postgresql":
-            # A join, not `id = ANY(:ids)`: PostgreSQL prunes day partitions per joined id
-            # at run time, but never for an array parameter (it would probe every day).
-            return await conn.execute(_PG_LOCK_REQUESTS, {"ids": sorted(set(ids))})
+            ordered = sorted(set(ids))
+            return await conn.execute(_PG_LOCK_REQUESTS, {"ids": ordered, **_id_range(ordered)})
         return await conn.execute(
             sa.select(requests.c.id, requests.c.status, requests.c.lane_seq)
             .where(requests.c.id.in_(ids))
@@ -161,6 +160,7 @@ class WorkerStore:
                 _PG_MARK_RUNNING,
                 {
                     "ids": [i for i, _, _ in running],
+                    **_id_range([i for i, _, _ in running]),
                     "attempts": [n for _, n, _ in running],
                     "ats": [at for _, _, at in running],
                 },
@@ -269,6 +269,7 @@ class WorkerStore:
                 _PG_WRITE_OUTCOMES,
                 {
                     "ids": [r["b_id"] for r in rows],
+                    **_id_range([o.request_id for o in outcomes]),
                     "statuses": [r["b_status"] for r in rows],
                     "outputs": [r["b_output"] for r in rows],
                     "errors": [r["b_error"] for r in rows],
@@ -336,10 +337,22 @@ _PG_ASSIGN_SEQS = sa.text(
     """
 )
 
+
+def _id_range(ids: Sequence[uuid.UUID]) -> dict[str, uuid.UUID]:
+    """Bounds of a batch's ids for the statements below. On PostgreSQL the log is split into
+    day partitions of the ids (migration 0005); a range on the key lets the planner (or the
+    executor, at startup) leave out every day but the batch's own. Without it each statement
+    opened every day's partition and indexes: with 39 partitions the worker's writes took
+    twice as long. `id = ANY(:ids)` alone prunes nothing, and a join prunes only per row."""
+    return {"lo": min(ids), "hi": max(ids)}
+
+
+# The statements on `requests` carry `id BETWEEN :lo AND :hi`; see _id_range.
 _PG_LOCK_REQUESTS = sa.text(
     """
     SELECT r.id, r.status, r.lane_seq
     FROM unnest(CAST(:ids AS uuid[])) AS v(i) JOIN requests AS r ON r.id = v.i
+    WHERE r.id BETWEEN CAST(:lo AS uuid) AND CAST(:hi AS uuid)
     FOR UPDATE OF r
     """
 )
@@ -350,6 +363,7 @@ _PG_MARK_RUNNING = sa.text(
     FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[]), CAST(:ats AS timestamptz[]))
          AS v(i, a, t)
     WHERE requests.id = v.i AND requests.status IN ('QUEUED', 'RUNNING')
+      AND requests.id BETWEEN CAST(:lo AS uuid) AND CAST(:hi AS uuid)
     """
 )
 
@@ -374,5 +388,6 @@ _PG_WRITE_OUTCOMES = sa.text(
                 CAST(:started AS timestamptz[]), CAST(:finished AS timestamptz[]),
                 CAST(:seqs AS bigint[])) AS v(i, s, o, e, a, st, f, q)
     WHERE requests.id = v.i AND (SELECT count(*) FROM nt) >= 0
+      AND requests.id BETWEEN CAST(:lo AS uuid) AND CAST(:hi AS uuid)
     """
 )
