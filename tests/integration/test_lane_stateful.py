@@ -47,6 +47,7 @@ from fairlane.common.v1 import common_pb2, lane_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from services.auth.service import AuthService
 from services.core import status
+from services.core.backends import Backends
 from services.core.broker import BrokerError
 from services.core.db import engine_for, migrate
 from services.core.memory_broker import MemoryBroker
@@ -190,10 +191,16 @@ class Stack:
         auth = AuthService(self.settings, engine=self.engine)
         await auth.start()
         self.settings = self.settings.model_copy(update={"auth_target": auth.address})
-        self.queue = QueueService(self.settings, engine=self.engine, broker=self.broker)
+        self.queue = QueueService(
+            self.settings,
+            backends=Backends(self.settings, engine=self.engine, broker=self.broker),
+        )
         await self.queue.start()
         self.settings = self.settings.model_copy(update={"queue_target": self.queue.address})
-        worker = WorkerService(self.settings, engine=self.engine, broker=self.broker)
+        worker = WorkerService(
+            self.settings,
+            backends=Backends(self.settings, engine=self.engine, broker=self.broker),
+        )
         await worker.start()
         self.services = [auth, self.queue, worker]
         self.auth_target = auth.address
