@@ -62,6 +62,7 @@ class QueueDomain:
         limits: Limits,
         streams: StreamLimits,
         reply_route: str,
+        retry_after_ms: int = 1000,
     ) -> None:
         self.store = store
         self.hub = hub
@@ -72,6 +73,7 @@ class QueueDomain:
         self._admission = admission
         self._limits = limits
         self._reply_route = reply_route
+        self.retry_after_ms = retry_after_ms  # the RetryInfo delay of transient refusals
         self._open: Counter[str] = Counter()
 
     # -- enqueue ---------------------------------------------------------------------------

@@ -140,7 +140,9 @@ class Intake:
                 # A bug, not a database answer. Only items still unanswered are refused,
                 # and none of them was committed: answers follow commits directly.
                 log.exception("intake_batch_failed", size=len(batch))
-                internal = Rejection("internal", "internal error; nothing was stored", 1000)
+                internal = Rejection(
+                    "internal", "internal error; nothing was stored", self._retry_after_ms
+                )
                 for sub in batch:
                     _reject(sub, internal)
             finally:
@@ -173,7 +175,7 @@ class Intake:
             if k in existing:
                 _resolve(sub, Admitted(existing[k], duplicate=True))
             elif k in first:
-                _follow(first[k].future, sub)
+                _follow(first[k].future, sub, self._retry_after_ms)
             else:
                 first[k] = sub
                 fresh.append(sub)
@@ -399,18 +401,22 @@ class Intake:
 _INTAKE_SECONDS = metrics.STAGE_SECONDS.labels("intake")
 
 
-def _follow(source: asyncio.Future[Admitted], sub: Submission) -> None:
+def _follow(source: asyncio.Future[Admitted], sub: Submission, retry_after_ms: int) -> None:
     """Answers `sub` like `source`: a repeat of an idempotency key within one batch."""
 
     def copy(done: asyncio.Future[Admitted]) -> None:
         if done.cancelled():
-            _reject(sub, Rejection("internal", "internal error; nothing was stored", 1000))
+            _reject(
+                sub, Rejection("internal", "internal error; nothing was stored", retry_after_ms)
+            )
             return
         error = done.exception()
         if isinstance(error, Rejection):
             _reject(sub, error)
         elif error is not None:
-            _reject(sub, Rejection("internal", "internal error; nothing was stored", 1000))
+            _reject(
+                sub, Rejection("internal", "internal error; nothing was stored", retry_after_ms)
+            )
         else:
             _resolve(sub, Admitted(done.result().request_id, duplicate=True))
 

@@ -133,6 +133,7 @@ class QueueService:
                 result_grace_seconds=s.result_grace_seconds,
             ),
             reply_route=s.reply_route,
+            retry_after_ms=s.retry_after_ms,
         )
         self._servicer = QueueServicer(settings=s, verifier=self._verifier, domain=self.domain)
         queue_pb2_grpc.add_QueueServiceServicer_to_server(self._servicer, self.host.server)

@@ -280,7 +280,7 @@ class SessionStream:
                 None,
                 grpc.StatusCode.UNAVAILABLE,
                 "cannot reach the workers now",
-                1000,
+                self._d.retry_after_ms,
                 cancel_request_id=request_id,
             )
             return
@@ -289,7 +289,7 @@ class SessionStream:
                 None,
                 grpc.StatusCode.UNAVAILABLE,
                 "the request log is unavailable; retry the cancel",
-                1000,
+                self._d.retry_after_ms,
                 cancel_request_id=request_id,
             )
             return
