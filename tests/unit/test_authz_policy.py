@@ -6,6 +6,7 @@ over a key made here: no broker or database is involved.
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import uuid
@@ -23,26 +24,25 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from jwt.algorithms import OKPAlgorithm
 
-from fairlane.auth.v1 import auth_pb2
-from fairlane.queue.v1 import queue_pb2
-from fairlane.worker.v1 import worker_pb2
 from services.core import authz
 from services.core.authz import POLICY, Access, AuthzInterceptor
 from services.core.tokens import ROLE_ADMIN, ROLE_SERVICE, ROLE_USER, TokenVerifier
 
-# Every file whose services some Fairlane server registers (GrpcHost adds health and
-# reflection to each).
-SERVED: list[FileDescriptor] = [
-    auth_pb2.DESCRIPTOR,
-    queue_pb2.DESCRIPTOR,
-    worker_pb2.DESCRIPTOR,
-    health_pb2.DESCRIPTOR,
-    reflection_pb2.DESCRIPTOR,
-]
+# Every proto file of the project (found, not listed: a new file's services count too),
+# plus health and reflection, which GrpcHost adds to every server.
+PROTO_ROOT = Path(__file__).resolve().parents[2] / "clients" / "fairlane"
+
+
+def _served() -> list[FileDescriptor]:
+    files: list[FileDescriptor] = [health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR]
+    for path in sorted(PROTO_ROOT.glob("*/v1/*_pb2.py")):
+        module = importlib.import_module(f"fairlane.{path.parent.parent.name}.v1.{path.stem}")
+        files.append(module.DESCRIPTOR)
+    return files
 
 
 def _methods() -> Iterator[str]:
-    for file in SERVED:
+    for file in _served():
         for service in file.services_by_name.values():
             for method in service.methods:
                 yield f"/{service.full_name}/{method.name}"
