@@ -75,9 +75,7 @@ async def main(lanes: int, worker_count: int) -> dict[str, Any]:
     finally:
         cluster.stop()
     nodes = list(steps["empty"])
-    per_lane = {
-        n: round((steps["lanes"][n] - steps["empty"][n]) * 1024 / lanes, 1) for n in nodes
-    }
+    per_lane = {n: round((steps["lanes"][n] - steps["empty"][n]) * 1024 / lanes, 1) for n in nodes}
     consumers = sum(steps["lanes_and_consumers"][n] - steps["lanes"][n] for n in nodes)
     return {
         "lanes": lanes,

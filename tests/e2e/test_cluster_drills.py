@@ -113,6 +113,9 @@ async def drill(
         FAIRLANE_BREAKER_RESET_SECONDS="0.5",
         FAIRLANE_RETRY_AFTER_MS="200",
         FAIRLANE_CONCURRENCY="16",
+        # Six service processes on a PostgreSQL shared with other tests: stay well under
+        # its max_connections.
+        FAIRLANE_DATABASE_POOL_SIZE="3",
     )
     d = Drill(suite, rabbit_cluster)
     if request.node.callspec.params.get("name") == "postgres_cut":
@@ -220,6 +223,24 @@ async def log_counts(suite: Suite, run_tag: str) -> dict[str, Any]:
         "order_inversions": order_inversions,
         "longest_pause_s": round(max(gaps, default=0.0), 2),
     }
+
+
+async def row_writes(suite: Suite) -> dict[str, int]:
+    """Rows inserted, updated and deleted in the drill's schema so far (PostgreSQL's
+    statistics, which lag a second or so), per table."""
+    engine = create_engine(suite.database_url, schema=suite.schema, pool_size=1)
+    try:
+        async with engine.connect() as conn:
+            rows = await conn.execute(
+                sa.text(
+                    "SELECT relname, n_tup_ins + n_tup_upd + n_tup_del AS n "
+                    "FROM pg_stat_user_tables WHERE schemaname = :schema"
+                ),
+                {"schema": suite.schema},
+            )
+            return {r.relname: int(r.n) for r in rows if r.n}
+    finally:
+        await engine.dispose()
 
 
 async def deleted_lanes(suite: Suite, users: list[str]) -> int:
@@ -374,6 +395,13 @@ async def test_drill(drill: Drill, name: str) -> None:
 
     await wait_until(janitor_swept, 30)
     drill.notes["idle_quorum_lanes_deleted"] = len(idle)
+    if name == "no_fault":
+        await asyncio.sleep(2)  # PostgreSQL flushes its table statistics about every second
+        writes = await row_writes(drill.suite)
+        drill.notes["row_writes_per_request"] = round(
+            sum(writes.values()) / max(report["counts"]["accepted"], 1), 2
+        )
+        drill.notes["row_writes_by_table"] = writes
     summary = verdict(name, report, log, drill.notes)
     cpu = {p["label"]: (p["processes"], p["cpu_percent"]) for p in report["processes"]}
     print(

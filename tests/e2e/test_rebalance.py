@@ -51,7 +51,7 @@ async def rate(run: BenchRun, seconds: float) -> float:
 async def test_joining_workers_converge_to_a_fair_share_of_busy_lanes(
     base: Suite,  # noqa: F811
 ) -> None:
-    base.extra_env.update(FAIRLANE_REBALANCE_INTERVAL_SECONDS="1")
+    base.extra_env.update(FAIRLANE_REBALANCE_INTERVAL_SECONDS="1", FAIRLANE_DATABASE_POOL_SIZE="3")
     await start(base, "queue", "queue")
     await start(base, WORKERS[0], "worker", FAIRLANE_INSTANCE_ID=WORKERS[0])
     run = BenchRun(
