@@ -77,7 +77,7 @@ SOAK_SCALE ?= 10
 SOAK_EXAMPLES ?= 200
 SOAK_FUZZ_PER_RPC ?= 5000
 SOAK_TESTS ?= tests/e2e/test_workload_matrix.py tests/e2e/test_cluster_drills.py \
-	tests/e2e/test_rebalance.py tests/e2e/test_fuzz.py
+	tests/e2e/test_rebalance.py tests/e2e/test_fuzz.py tests/integration/test_lane_stateful.py
 
 soak: install services
 	FAIRLANE_SOAK_SCALE=$(SOAK_SCALE) FAIRLANE_STATEFUL_EXAMPLES=$(SOAK_EXAMPLES) \

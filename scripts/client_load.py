@@ -45,6 +45,7 @@ class LoadRun:
         self.lanes = [Lane() for _ in range(args.lanes)]
         self.measured = 0
         self.warm_end = self.send_end = 0.0
+        self.cpu_seconds = 0.0  # this process's CPU time inside the measured window
 
     def _client(self, tokens: Tokens | None = None) -> Client:
         return Client(self.args.auth_target, self.args.queue_target, tokens=tokens)
@@ -85,6 +86,12 @@ class LoadRun:
                 future.add_done_callback(functools.partial(self._finished, lane))
         await asyncio.sleep(0)  # the last done-callbacks
 
+    async def _clock_cpu(self) -> None:
+        await asyncio.sleep(self.warm_end - time.perf_counter())
+        started = time.process_time()
+        await asyncio.sleep(self.send_end - time.perf_counter())
+        self.cpu_seconds = time.process_time() - started
+
     async def run(self) -> dict[str, object]:
         gate = asyncio.Semaphore(8)
         tokens = await asyncio.gather(*(self._login(i, gate) for i in range(self.args.lanes)))
@@ -92,7 +99,8 @@ class LoadRun:
         self.warm_end = start + self.args.warmup
         self.send_end = self.warm_end + self.args.duration
         await asyncio.gather(
-            *(self._drive(lane, t) for lane, t in zip(self.lanes, tokens, strict=True))
+            self._clock_cpu(),
+            *(self._drive(lane, t) for lane, t in zip(self.lanes, tokens, strict=True)),
         )
         counts = {
             key: sum(getattr(lane, key) for lane in self.lanes)
@@ -103,6 +111,7 @@ class LoadRun:
             "valid": lost == 0 and counts["not_succeeded"] == 0 and counts["out_of_order"] == 0,
             "results_per_s": round(self.measured / self.args.duration, 1),
             "results_in_window": self.measured,
+            "client_cpu_us_per_result": round(1e6 * self.cpu_seconds / max(self.measured, 1)),
             "counts": counts | {"lost": lost},
             "config": {k: v for k, v in vars(self.args).items() if k != "password"},
             "lanes": [asdict(lane) for lane in self.lanes] if self.args.per_lane else None,

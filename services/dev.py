@@ -11,6 +11,7 @@ from services.auth.service import AuthService
 from services.core import logging as fl_logging
 from services.core import metrics, telemetry
 from services.core.amqp import broker_for
+from services.core.backends import Backends
 from services.core.broker import Broker
 from services.core.db import engine_for, migrate
 from services.core.memory_broker import MemoryBroker
@@ -62,12 +63,13 @@ def run_dev(*, broker: str, database: str, data_dir: str, demo: bool, trace_cons
             else broker_for(settings)
         )
         await shared.connect()
+        backends = Backends(settings, engine=engine, broker=shared)  # closed here, not by them
         # One Prometheus registry per process: serve it once.
         metrics.serve_metrics(settings.metrics_host, settings.queue_metrics_port)
         components: list[Component] = [
             AuthService(settings, engine=engine, dev=True),
-            WorkerService(settings, engine=engine, broker=shared),
-            QueueService(settings, engine=engine, broker=shared),
+            WorkerService(settings, backends=backends),
+            QueueService(settings, backends=backends),
         ]
 
         async def started() -> None:

@@ -16,6 +16,7 @@ MIN_GUESSES = 1_000_000
 # zxcvbn's cost grows quickly with length; a passphrase this long is in no list, and its
 # first 64 characters decide whether it is a variation of one.
 _CHECKED_PREFIX = 64
+_LINE_BREAKS = str.maketrans("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029", " " * 10)
 _CONTEXT_WORDS = ("fairlane", "fairlane-auth")
 
 
@@ -31,7 +32,10 @@ def check_new_password(password: str, *, username: str, min_length: int) -> None
         raise WeakPassword(f"password must be at most {MAX_PASSWORD} characters")
     if password.strip() == "" or len(set(password)) < 3:
         raise WeakPassword("password is too weak: use more distinct characters")
-    verdict = zxcvbn(password[:_CHECKED_PREFIX], user_inputs=[username, *_CONTEXT_WORDS])
+    # zxcvbn's date matcher raises on a line break next to digits (it reads "\n" as a
+    # separator, then int()s it); as a guess, a line break is worth a space anyway.
+    estimated = password[:_CHECKED_PREFIX].translate(_LINE_BREAKS)
+    verdict = zxcvbn(estimated, user_inputs=[username, *_CONTEXT_WORDS])
     if verdict["guesses"] < MIN_GUESSES:
         hint = verdict["feedback"]["warning"] or "it is close to a common or breached password"
         raise WeakPassword(

@@ -11,9 +11,9 @@ from services.core.settings import Settings
 
 
 class Backends:
-    """A service's database engine and broker: the shared ones it is given (`fairlane dev`
-    runs every service on one of each), or its own, made from the settings, connected and
-    closed with the service."""
+    """A service's database engine and broker: shared ones handed in (`fairlane dev` runs
+    every service on one of each, and closes them itself), or its own, made from the
+    settings, connected and closed with the service."""
 
     def __init__(
         self,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -20,6 +22,19 @@ _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
+
+
+WRITE_LOCK_OPTION = "fairlane_write_lock"
+
+
+@contextlib.asynccontextmanager
+async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A transaction that reads rows and then writes depending on them. PostgreSQL takes
+    row locks (SELECT ... FOR UPDATE) for that; SQLite gets its write lock at BEGIN."""
+    async with engine.connect() as plain:
+        conn = await plain.execution_options(**{WRITE_LOCK_OPTION: True})
+        async with conn.begin():
+            yield conn
 
 
 def create_engine(
@@ -37,6 +52,17 @@ def create_engine(
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
+            # SQLAlchemy emits BEGIN itself (below) instead of the driver's late, deferred
+            # one, so a transaction can take the write lock before it reads.
+            dbapi_conn.isolation_level = None
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _begin(conn: Connection) -> None:
+            # SQLite has no SELECT ... FOR UPDATE: a read-then-write transaction (the
+            # worker's outcomes against a client's cancel) must hold the write lock from
+            # its start, or the other side commits between its read and its write.
+            immediate = conn.get_execution_options().get(WRITE_LOCK_OPTION)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
         return engine
     # Every statement and every connection attempt is bounded, so a dead database turns

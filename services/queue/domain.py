@@ -18,7 +18,7 @@ from uuid_utils.compat import uuid7
 
 from fairlane.common.v1 import common_pb2, lane_pb2
 from fairlane.queue.v1 import queue_pb2
-from services.core import status, tracing
+from services.core import dberrors, status, tracing
 from services.core.broker import Broker, BrokerError, lane_queue
 from services.core.tokens import Principal
 from services.queue.admission import Admission
@@ -37,6 +37,10 @@ class StreamLimits:
     max_streams_per_user: int
     results_page: int
     result_grace_seconds: float
+
+
+class LogUnavailable(Exception):
+    """The request log could not be reached (a transient error): try again later."""
 
 
 class TooManyStreams(Exception):
@@ -58,6 +62,7 @@ class QueueDomain:
         limits: Limits,
         streams: StreamLimits,
         reply_route: str,
+        retry_after_ms: int = 1000,
     ) -> None:
         self.store = store
         self.hub = hub
@@ -68,6 +73,7 @@ class QueueDomain:
         self._admission = admission
         self._limits = limits
         self._reply_route = reply_route
+        self.retry_after_ms = retry_after_ms  # the RetryInfo delay of transient refusals
         self._open: Counter[str] = Counter()
 
     # -- enqueue ---------------------------------------------------------------------------
@@ -131,7 +137,12 @@ class QueueDomain:
     async def cancel(self, user: uuid.UUID, request_id: uuid.UUID) -> str | None:
         """Cancels a queued request in the log and asks workers to stop it if it runs.
         Returns the status afterwards (None: no such request of this user)."""
-        after = await self.store.cancel_queued(user, request_id)
+        try:
+            after = await self.store.cancel_queued(user, request_id)
+        except Exception as exc:
+            if dberrors.is_transient(exc):
+                raise LogUnavailable from exc
+            raise
         if after in (status.CANCELLED, status.RUNNING):
             # The log may still say QUEUED for a handler that just started; the worker
             # running it (if any) stops it and records CANCELLED itself.

@@ -140,7 +140,9 @@ class Intake:
                 # A bug, not a database answer. Only items still unanswered are refused,
                 # and none of them was committed: answers follow commits directly.
                 log.exception("intake_batch_failed", size=len(batch))
-                internal = Rejection("internal", "internal error; nothing was stored", 1000)
+                internal = Rejection(
+                    "internal", "internal error; nothing was stored", self._retry_after_ms
+                )
                 for sub in batch:
                     _reject(sub, internal)
             finally:
@@ -159,16 +161,7 @@ class Intake:
         keyed = [s for s in batch if s.request.idempotency_key is not None]
         if not keyed:
             return batch
-        keys = list({(s.request.user_id, s.request.idempotency_key or "") for s in keyed})
-        try:
-            existing = await self._call(lambda: self._store.find_idempotent(keys))
-        except Exception as exc:
-            if not dberrors.is_database_error(exc):
-                raise
-            rejection = self._db_rejection(exc)
-            for sub in keyed:
-                _reject(sub, rejection)
-            return [s for s in batch if s.request.idempotency_key is None]
+        existing, failed = await self._find_keys(keyed)
         fresh: list[Submission] = []
         first: dict[tuple[uuid.UUID, str], Submission] = {}
         for sub in batch:
@@ -176,15 +169,56 @@ class Intake:
             if key is None:
                 fresh.append(sub)
                 continue
+            if sub.future.done() or id(sub) in failed:
+                continue  # its key could not be looked up: already answered
             k = (sub.request.user_id, key)
             if k in existing:
                 _resolve(sub, Admitted(existing[k], duplicate=True))
             elif k in first:
-                _follow(first[k].future, sub)
+                _follow(first[k].future, sub, self._retry_after_ms)
             else:
                 first[k] = sub
                 fresh.append(sub)
         return fresh
+
+    async def _find_keys(
+        self, keyed: list[Submission]
+    ) -> tuple[dict[tuple[uuid.UUID, str], uuid.UUID], set[int]]:
+        """The stored requests of these idempotency keys, and (as ids of the submissions)
+        those whose lookup failed and were answered. A lookup the database refuses for a
+        value in it is split until the key at fault fails alone."""
+        keys = list({(s.request.user_id, s.request.idempotency_key or "") for s in keyed})
+        try:
+            found: dict[tuple[uuid.UUID, str], uuid.UUID] = await self._call(
+                lambda: self._store.find_idempotent(keys)
+            )
+            return found, set()
+        except Exception as exc:
+            if not dberrors.is_database_error(exc):
+                raise
+            if dberrors.is_transient(exc) or len(keys) == 1:
+                if dberrors.is_transient(exc):
+                    rejection = self._db_rejection(exc)
+                else:
+                    metrics.ITEM_FAILURES.labels("intake").inc()
+                    log.warning("idempotency_key_refused", error=str(exc)[:200])
+                    rejection = Rejection(
+                        "refused", "the request log refused this idempotency key", 0
+                    )
+                for sub in keyed:
+                    _reject(sub, rejection)
+                return {}, {id(s) for s in keyed}
+        metrics.BATCH_SPLITS.labels("intake").inc()
+        by_key: dict[tuple[uuid.UUID, str], list[Submission]] = {}
+        for sub in keyed:
+            by_key.setdefault((sub.request.user_id, sub.request.idempotency_key or ""), []).append(
+                sub
+            )
+        groups = list(by_key.values())
+        middle = len(groups) // 2
+        found, failed = await self._find_keys([s for g in groups[:middle] for s in g])
+        more, failed_more = await self._find_keys([s for g in groups[middle:] for s in g])
+        return found | more, failed | failed_more
 
     # -- the write ---------------------------------------------------------------------------
 
@@ -367,18 +401,22 @@ class Intake:
 _INTAKE_SECONDS = metrics.STAGE_SECONDS.labels("intake")
 
 
-def _follow(source: asyncio.Future[Admitted], sub: Submission) -> None:
+def _follow(source: asyncio.Future[Admitted], sub: Submission, retry_after_ms: int) -> None:
     """Answers `sub` like `source`: a repeat of an idempotency key within one batch."""
 
     def copy(done: asyncio.Future[Admitted]) -> None:
         if done.cancelled():
-            _reject(sub, Rejection("internal", "internal error; nothing was stored", 1000))
+            _reject(
+                sub, Rejection("internal", "internal error; nothing was stored", retry_after_ms)
+            )
             return
         error = done.exception()
         if isinstance(error, Rejection):
             _reject(sub, error)
         elif error is not None:
-            _reject(sub, Rejection("internal", "internal error; nothing was stored", 1000))
+            _reject(
+                sub, Rejection("internal", "internal error; nothing was stored", retry_after_ms)
+            )
         else:
             _resolve(sub, Admitted(done.result().request_id, duplicate=True))
 

@@ -12,7 +12,6 @@ from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from services.core.auth_client import AuthClient
 from services.core.backends import Backends
 from services.core.breaker import CircuitBreaker
-from services.core.broker import Broker
 from services.core.db import create_engine
 from services.core.grpc_host import GrpcHost
 from services.core.health import DependencyMonitor
@@ -43,16 +42,10 @@ SERVICE_NAME = queue_pb2.DESCRIPTOR.services_by_name["QueueService"].full_name
 class QueueService:
     name = "queue"
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        engine: AsyncEngine | None = None,
-        broker: Broker | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings, *, backends: Backends | None = None) -> None:
         s = settings
         self._settings = settings
-        self._backends = Backends(s, engine=engine, broker=broker)
+        self._backends = backends or Backends(s)
         self.engine, self.broker = self._backends.engine, self._backends.broker
         self._maintenance: AsyncEngine | None = None
         transport = Transport.from_settings(s)
@@ -140,6 +133,7 @@ class QueueService:
                 result_grace_seconds=s.result_grace_seconds,
             ),
             reply_route=s.reply_route,
+            retry_after_ms=s.retry_after_ms,
         )
         self._servicer = QueueServicer(settings=s, verifier=self._verifier, domain=self.domain)
         queue_pb2_grpc.add_QueueServiceServicer_to_server(self._servicer, self.host.server)

@@ -21,7 +21,7 @@ from services.core.rich_status import abort_retry
 from services.core.settings import Settings
 from services.core.tokens import Principal, TokenVerifier
 from services.queue.convert import request_from_row, timestamp
-from services.queue.domain import QueueDomain, StreamSlot, TooManyStreams
+from services.queue.domain import LogUnavailable, QueueDomain, StreamSlot, TooManyStreams
 from services.queue.intake import Rejection
 from services.queue.session import SessionStream, StreamError, rejection_code
 from services.queue.validation import MAX_ATTEMPTS_LIMIT, InvalidEnqueue
@@ -227,6 +227,13 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
                 context,
                 grpc.StatusCode.UNAVAILABLE,
                 "cannot reach the workers now",
+                self._settings.retry_after_ms,
+            )
+        except LogUnavailable:
+            await abort_retry(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                "the request log is unavailable; retry the cancel",
                 self._settings.retry_after_ms,
             )
         if after is None:

@@ -30,7 +30,7 @@ from services.core import tracing
 from services.core.broker import BrokerError
 from services.core.logging import get_logger
 from services.core.tokens import Principal
-from services.queue.domain import QueueDomain
+from services.queue.domain import LogUnavailable, QueueDomain
 from services.queue.intake import Admitted, Rejection
 from services.queue.validation import InvalidEnqueue
 
@@ -280,7 +280,16 @@ class SessionStream:
                 None,
                 grpc.StatusCode.UNAVAILABLE,
                 "cannot reach the workers now",
-                1000,
+                self._d.retry_after_ms,
+                cancel_request_id=request_id,
+            )
+            return
+        except LogUnavailable:
+            self._reject(
+                None,
+                grpc.StatusCode.UNAVAILABLE,
+                "the request log is unavailable; retry the cancel",
+                self._d.retry_after_ms,
                 cancel_request_id=request_id,
             )
             return

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import multiprocessing
 import random
 import time
 import uuid
@@ -210,7 +211,11 @@ class Attempts:
         loop = asyncio.get_running_loop()
         if spec.executor == "process":
             if self._processes is None:
-                self._processes = ProcessPoolExecutor()
+                # Forkserver, not fork: a child forked from this process would inherit
+                # gRPC's and asyncio's threads mid-state, and dies at random under load.
+                self._processes = ProcessPoolExecutor(
+                    mp_context=multiprocessing.get_context("forkserver")
+                )
             plain = PlainContext(ctx.request_id, ctx.user_id, ctx.attempt, ctx.deadline)
             return loop.run_in_executor(self._processes, spec.fn, plain, payload)
         return loop.run_in_executor(None, functools.partial(spec.fn, ctx, payload))

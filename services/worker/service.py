@@ -3,12 +3,9 @@ rebalancing, gRPC."""
 
 from __future__ import annotations
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.core.auth_client import AuthClient
 from services.core.backends import Backends
-from services.core.broker import Broker
 from services.core.grpc_host import GrpcHost
 from services.core.health import DependencyMonitor
 from services.core.notify import results_channel
@@ -29,15 +26,9 @@ SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 class WorkerService:
     name = "worker"
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        engine: AsyncEngine | None = None,
-        broker: Broker | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings, *, backends: Backends | None = None) -> None:
         self._settings = settings
-        self._backends = Backends(settings, engine=engine, broker=broker)
+        self._backends = backends or Backends(settings)
         self.engine, self.broker = self._backends.engine, self._backends.broker
         self.handlers = registry.load(
             settings.handlers, default_attempts=settings.default_max_attempts

@@ -12,10 +12,13 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.core import status
-from services.core.db import upsert
+from services.core.db import upsert, write_transaction
+from services.core.logging import get_logger
 from services.core.models import handlers, lanes, request_events, requests
 from services.core.notify import notify_statements
 from services.worker.registry import Handler
+
+log = get_logger(__name__)
 
 
 @dataclass(slots=True)
@@ -125,7 +128,9 @@ class WorkerStore:
                 .where(lanes.c.user_id == user)
                 .returning(lanes.c.last_seq)
             )
-            last[user] = row.scalar_one()
+            value = row.scalar_one_or_none()
+            if value is not None:
+                last[user] = value
         return last
 
     async def _lock_requests(self, conn: Any, ids: list[uuid.UUID]) -> Any:
@@ -143,6 +148,13 @@ class WorkerStore:
     async def _mark_running(
         self, conn: Any, running: Sequence[tuple[uuid.UUID, int, datetime]]
     ) -> None:
+        # One mark per request, its latest attempt: an UPDATE ... FROM with a request
+        # twice would apply either row.
+        latest: dict[uuid.UUID, tuple[uuid.UUID, int, datetime]] = {}
+        for mark in running:
+            if mark[0] not in latest or mark[1] > latest[mark[0]][1]:
+                latest[mark[0]] = mark
+        running = list(latest.values())
         if self._dialect == "postgresql":
             await conn.execute(
                 _PG_MARK_RUNNING,
@@ -180,7 +192,7 @@ class WorkerStore:
 
         Outcomes of one lane must come in lane order; they are numbered in that order.
         """
-        async with self._engine.begin() as conn:
+        async with write_transaction(self._engine) as conn:
             if running:
                 await self._mark_running(conn, running)
             if not outcomes:
@@ -210,6 +222,16 @@ class WorkerStore:
             for o in outcomes:
                 counts[o.user_id] = counts.get(o.user_id, 0) + 1
             last = await self._assign_seqs(conn, counts)
+            orphans = [o for o in outcomes if o.user_id not in last]
+            if orphans:
+                # The lane's row is gone (its user was deleted): nothing to number these
+                # by, and nobody to send them to. Left out; the others are written.
+                for o in orphans:
+                    log.warning("outcome_without_lane", request_id=str(o.request_id))
+                outcomes = [o for o in outcomes if o.user_id in last]
+                counts = {u: n for u, n in counts.items() if u in last}
+                if not outcomes:
+                    return []
             next_seq = {u: last[u] - n + 1 for u, n in counts.items()}
             for o in outcomes:
                 o.lane_seq = next_seq[o.user_id]

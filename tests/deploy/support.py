@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import prometheus_client
 import pytest
 import yaml
 
@@ -20,28 +21,24 @@ DEPLOY = REPO / "deploy"
 VENV_BIN = Path(sys.executable).parent
 INSTALL_HINT = "run scripts/install_deploy_tools.sh (make test does)"
 
+
 # Metric names the alerts and dashboards may use: the agreed list plus the ones the
 # services already define (services/core/metrics.py), without the _total/_bucket/...
 # suffixes Prometheus adds.
-KNOWN_METRICS = frozenset(
-    {
-        "fairlane_requests",
-        "fairlane_rejections",
-        "fairlane_dead_lettered",
-        "fairlane_retries",
-        "fairlane_lane_depth",
-        "fairlane_in_flight",
-        "fairlane_breaker_state",
-        "fairlane_handler_duration_seconds",
-        "fairlane_queue_wait_seconds",
-        "fairlane_db_batch_size",
-        "fairlane_db_batch_seconds",
-        "fairlane_accepted",
-        "fairlane_active_lanes",
-        "fairlane_open_sessions",
-        "fairlane_broker_publish_seconds",
-    }
-)
+def _exported_families() -> frozenset[str]:
+    """Every fairlane_* family the services define (their modules register them)."""
+    import services.core.breaker
+    import services.core.grpc_metrics
+    import services.core.metrics  # noqa: F401  (registers the families)
+
+    return frozenset(
+        family.name
+        for family in prometheus_client.REGISTRY.collect()
+        if family.name.startswith("fairlane_")
+    )
+
+
+KNOWN_METRICS = _exported_families()
 _METRIC_SUFFIXES = ("_total", "_bucket", "_sum", "_count", "_created")
 _METRIC_RE = re.compile(r"\bfairlane_[a-z0-9_]+")
 

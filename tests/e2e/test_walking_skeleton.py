@@ -99,6 +99,9 @@ async def test_two_users_see_only_their_own_results(suite: Suite) -> None:
         )
         assert own.request.user_id == user_a
         assert own.request.status == 3  # SUCCEEDED
+        # Every request has a trace id to find it by, tracing on or off (here: off).
+        assert len(own.request.trace_id) == 32
+        assert int(own.request.trace_id, 16) > 0
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.GetRequest(
                 queue_pb2.GetRequestRequest(request_id=a_request), metadata=bearer(token_b)

@@ -11,6 +11,7 @@ import pytest
 
 from fairlane.client import Client, Status
 from services.auth.service import AuthService
+from services.core.backends import Backends
 from services.core.db import engine_for, migrate
 from services.core.memory_broker import MemoryBroker
 from services.core.settings import Settings
@@ -40,10 +41,10 @@ async def embedded(tmp_path: Path) -> AsyncIterator[Client]:
     auth = AuthService(settings, engine=engine)
     await auth.start()
     settings = settings.model_copy(update={"auth_target": auth.address})
-    queue = QueueService(settings, engine=engine, broker=broker)
+    queue = QueueService(settings, backends=Backends(settings, engine=engine, broker=broker))
     await queue.start()
     settings = settings.model_copy(update={"queue_target": queue.address})
-    worker = WorkerService(settings, engine=engine, broker=broker)
+    worker = WorkerService(settings, backends=Backends(settings, engine=engine, broker=broker))
     await worker.start()
     try:
         async with Client(auth.address, queue.address, worker.address) as client:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -12,6 +14,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from uuid_utils.compat import uuid7
@@ -25,6 +28,7 @@ from services.queue.outbox_store import OutboxStore
 from services.queue.relay import LaneRelay
 from services.queue.store import NewRequest, OutboxItem, RequestStore
 from services.worker.store import Attempt, Outcome, WorkerStore
+from services.worker.writer import ResultWriter
 from tests.conftest import DATABASE_URL, unique
 
 pytestmark = pytest.mark.integration
@@ -217,8 +221,8 @@ async def write_results(
     return dict.fromkeys(ids)
 
 
-# A batch that holds an item the database refuses goes through the stage that writes it:
-# whichever layer isolates the item, only that item may fail.
+# A batch that holds an item the database refuses goes through the stage that writes it
+# (intake, result writer): whichever layer isolates the item, only that item may fail.
 STAGE_PATIENCE = 15.0  # a batch of a few items settles far sooner; past this it is stuck
 
 
@@ -238,6 +242,35 @@ async def through_intake(
         return {r.id: _answer(f) for r, f in zip(batch, futures, strict=True)}
     finally:
         await intake.stop()
+        await broker.close()
+
+
+async def through_writer(
+    worker: WorkerStore, outcomes: Sequence[Outcome], marks: Sequence[Mark] = ()
+) -> dict[uuid.UUID, BaseException | None]:
+    """One result-writer batch. Maps every outcome's request to the error its write ended
+    with (None: written, or deliberately left out), or to TimeoutError when it never
+    ended."""
+    broker = MemoryBroker(lane_max_length=1000)
+    await broker.connect()
+    results: list[bytes] = []
+
+    async def deliver(body: bytes) -> None:
+        results.append(body)
+
+    await broker.consume_results("queue.test", deliver)  # a queue replica is listening
+    writer = ResultWriter(worker, broker, batch_size=1000, linger_ms=0)
+    for mark in marks:
+        writer.running(*mark)
+    futures = [
+        writer.finish(o, route="queue.test", client_ref="", handler="echo") for o in outcomes
+    ]
+    writer.start()
+    try:
+        await asyncio.wait(futures, timeout=STAGE_PATIENCE)
+        return {o.request_id: _answer(f) for o, f in zip(outcomes, futures, strict=True)}
+    finally:
+        await writer.stop(timeout=0)
         await broker.close()
 
 
@@ -451,10 +484,38 @@ async def test_marks_together_with_outcomes_in_one_batch(engine: AsyncEngine) ->
     await _assert_lane_consistent(engine, b)
 
 
+async def test_the_same_request_twice_in_one_batch(engine: AsyncEngine) -> None:
+    store, worker = RequestStore(engine), WorkerStore(engine)
+    user = await _user(engine)
+    a, b, c = _request(user), _request(user), _request(user)
+    await store_requests(store, [a, b, c])
+    at = datetime.now(UTC)
+    # Two marks of one request (attempt 1, then its retry), and a mark beside the outcome
+    # of the same request: the outcome wins whatever the order in the batch.
+    marks = [(a.id, 1, at), (a.id, 2, at), (b.id, 1, at)]
+    outcome_b = Outcome(b.id, user, "SUCCEEDED", output=b"b", attempts=[Attempt(1, at)])
+    _ok(await write_results(worker, [outcome_b], marks))
+    rows = await _rows(engine, [a.id, b.id, c.id])
+    assert (rows[a.id].status, rows[a.id].attempts) == ("RUNNING", 2)
+    assert (rows[b.id].status, rows[b.id].lane_seq, rows[b.id].output) == ("SUCCEEDED", 1, b"b")
+
+    # Two outcomes of one request (a redelivery ran it again) with its mark in between.
+    first = Outcome(a.id, user, "SUCCEEDED", output=b"first", attempts=[Attempt(2, at)])
+    again = Outcome(a.id, user, "FAILED", error="again", attempts=[Attempt(3, at, "again")])
+    last = Outcome(c.id, user, "SUCCEEDED", output=b"c", attempts=[Attempt(1, at)])
+    _ok(await write_results(worker, [first, again, last], [(a.id, 3, at)]))
+    finished = await _assert_lane_consistent(engine, user)
+    assert [(r.id, r.status, r.output) for r in finished] == [
+        (b.id, "SUCCEEDED", b"b"),
+        (a.id, "SUCCEEDED", b"first"),
+        (c.id, "SUCCEEDED", b"c"),
+    ]
+
+
 # One request the database refuses in an intake batch: PostgreSQL refuses NUL in text
 # (SQLite stores it); a deadline at the very end of 9999 is stored by both, but must then
 # travel in the lane message too.
-INTAKE_POISONS = ["nul_in_client_ref", "deadline_at_the_end_of_9999"]
+INTAKE_POISONS = ["nul_in_client_ref", "nul_in_idempotency_key", "deadline_at_the_end_of_9999"]
 
 
 @pytest.mark.parametrize("kind", INTAKE_POISONS)
@@ -493,3 +554,102 @@ async def test_one_bad_request_fails_alone_in_an_intake_batch(
             poison.idempotency_key,
         )
         assert (stored.deadline is None) == (poison.deadline is None)
+
+
+async def test_one_bad_outcome_fails_alone_in_a_result_batch(engine: AsyncEngine) -> None:
+    """PostgreSQL refuses a handler's error text with a NUL in it; on either database an
+    outcome whose lane row is gone (its user was deleted) cannot be numbered. Neither may
+    keep the other lanes' outcomes, or the marks beside them, out of the log."""
+    store, worker = RequestStore(engine), WorkerStore(engine)
+    a, b, gone = await _user(engine), await _user(engine), await _user(engine)
+    ra = [_request(a) for _ in range(3)]
+    rb = [_request(b) for _ in range(2)]
+    rg = _request(gone)
+    await store_requests(store, [*ra, *rb, rg])
+    async with engine.begin() as conn:
+        await conn.execute(users.delete().where(users.c.id == gone))
+    at = datetime.now(UTC)
+    outcomes = [
+        Outcome(ra[0].id, a, "SUCCEEDED", output=b"a0", attempts=[Attempt(1, at)]),
+        Outcome(rb[0].id, b, "SUCCEEDED", output=b"b0", attempts=[Attempt(1, at)]),
+        Outcome(rg.id, gone, "SUCCEEDED", output=b"g", attempts=[Attempt(1, at)]),
+        Outcome(ra[1].id, a, "SUCCEEDED", output=b"a1", attempts=[Attempt(1, at)]),
+    ]
+    nul = Outcome(rb[1].id, b, "FAILED", error="bad\x00text", attempts=[Attempt(1, at, "x\x00")])
+    if store.dialect == "postgresql":
+        outcomes.insert(2, nul)
+    errors = await through_writer(worker, outcomes, [(ra[2].id, 1, at)])
+
+    good = [o for o in outcomes if o.request_id not in (rg.id, nul.request_id)]
+    assert {o.request_id: errors[o.request_id] for o in good} == {o.request_id: None for o in good}
+    rows = await _rows(engine, [r.id for r in [*ra, *rb, rg]])
+    assert [(rows[r.id].status, rows[r.id].lane_seq) for r in ra] == [
+        ("SUCCEEDED", 1),
+        ("SUCCEEDED", 2),
+        ("RUNNING", None),
+    ]
+    assert (rows[rb[0].id].status, rows[rb[0].id].lane_seq) == ("SUCCEEDED", 1)
+    await _assert_lane_consistent(engine, a)
+    await _assert_lane_consistent(engine, b)
+    # The outcome without a lane row cannot be numbered, whatever else happens to it.
+    assert rows[rg.id].lane_seq is None
+    if store.dialect == "postgresql":
+        # The NUL outcome is refused alone (its request stays unfinished, holding no
+        # lane_seq) or written with text the database takes.
+        bad = rows[nul.request_id]
+        if errors[nul.request_id] is None:
+            assert (bad.status, bad.lane_seq) == ("FAILED", 2)
+        else:
+            assert bad.lane_seq is None
+
+
+async def test_a_cancel_committed_between_the_writers_read_and_write_wins_on_sqlite(
+    tmp_path: Path,
+) -> None:
+    """SQLite has no SELECT ... FOR UPDATE: the result writer's read of the rows locks
+    nothing, and its write lock comes with its first write. A cancel that commits in
+    between (answered CANCELLED to its client) must still win, as it does on PostgreSQL.
+
+    The cancel is made at that exact point (before the writer's first write, which
+    numbers the lane) from a statement hook, on a connection of its own, with the UPDATE
+    RequestStore.cancel_queued runs."""
+    path = tmp_path / "race.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    await migrate(url)
+    engine = create_engine(url)
+    try:
+        store, worker = RequestStore(engine), WorkerStore(engine)
+        user = await _user(engine)
+        r = _request(user)
+        await store_requests(store, [r])
+        cancelled: list[int] = []
+
+        def cancel_in_between(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if cancelled or not statement.startswith("UPDATE lanes SET last_seq"):
+                return
+            # timeout=0: a writer that took its lock with its read locks the cancel out
+            # at once, and the cancel then comes after the write.
+            with contextlib.closing(sqlite3.connect(path, timeout=0)) as other:
+                try:
+                    done = other.execute(
+                        "UPDATE requests SET status = 'CANCELLED',"
+                        " error = 'cancelled by the client' WHERE id = ? AND status = 'QUEUED'",
+                        (r.id.hex,),
+                    )
+                    other.commit()
+                except sqlite3.OperationalError:
+                    cancelled.append(0)
+                else:
+                    cancelled.append(done.rowcount)
+
+        event.listen(engine.sync_engine, "before_cursor_execute", cancel_in_between)
+        await worker.finish([Outcome(r.id, user, "SUCCEEDED", output=b"o")])
+        row = (await _rows(engine, [r.id]))[r.id]
+        if cancelled == [1]:  # the cancel landed between the read and the write: it wins
+            assert (row.status, row.output, row.lane_seq) == ("CANCELLED", None, 1)
+        else:  # locked out: the write came first, and a cancel now finds it finished
+            assert cancelled == [0]
+            assert (row.status, row.lane_seq) == ("SUCCEEDED", 1)
+            assert await store.cancel_queued(user, r.id) == "SUCCEEDED"
+    finally:
+        await engine.dispose()

@@ -156,3 +156,10 @@ async def test_the_gate_serves_the_priority_lane_first_and_bounds_waiters() -> N
     await asyncio.gather(*waiters)
     assert order == ["first", "returning", "guess-1", "guess-2"]
     assert gate.pending == 1
+
+
+def test_a_line_break_in_a_password_is_judged_not_crashed_on() -> None:
+    # The fuzz found it: zxcvbn raised ValueError on a newline after digits.
+    check_new_password("6443a4f2-eaf2-4a54-8d3f-e81252b20658\n", username="fail", min_length=8)
+    with pytest.raises(WeakPassword):
+        check_new_password("password\n", username="someone", min_length=8)

@@ -199,7 +199,10 @@ class Request(_message.Message):
     lane_seq: _builtins.int
     """Result position in the lane; 0 until the request finished."""
     trace_id: _builtins.str
-    """W3C trace id of the trace that carried the request, hex."""
+    """W3C trace id of the trace that carried the request (32 hex digits). With tracing off
+    on the queue service it is the request id's 128 bits in hex, so every request still
+    has an id to find it by in logs.
+    """
     @_builtins.property
     def enqueued_at(self) -> _timestamp_pb2.Timestamp:
         """When the request was accepted."""

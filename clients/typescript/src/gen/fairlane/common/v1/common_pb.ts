@@ -251,7 +251,9 @@ export type Request = Message<"fairlane.common.v1.Request"> & {
   deadline?: Timestamp | undefined;
 
   /**
-   * W3C trace id of the trace that carried the request, hex.
+   * W3C trace id of the trace that carried the request (32 hex digits). With tracing off
+   * on the queue service it is the request id's 128 bits in hex, so every request still
+   * has an id to find it by in logs.
    *
    * @generated from field: string trace_id = 17;
    */
