@@ -61,6 +61,18 @@ OUTBOX_RECOVERED = Counter(
     "fairlane_outbox_recovered",
     "Accepted requests published from the outbox by a replica that did not accept them.",
 )
+LOG_MAINTENANCE_TIMESTAMP = Gauge(
+    "fairlane_log_maintenance_timestamp_seconds",
+    "Unix time this queue replica last completed a request-log maintenance pass.",
+)
+LOG_DAYS_KEPT = Gauge(
+    "fairlane_log_days_kept",
+    "Day partitions past retention that the last pass kept (unfinished or recent requests).",
+)
+LOG_REMOVED = Counter(
+    "fairlane_log_removed",
+    "Request-log partitions dropped (PostgreSQL) or requests deleted (SQLite) by retention.",
+)
 RELAY_PUBLISH_FAILURES = Counter(
     "fairlane_relay_publish_failures",
     "Lane publishes that failed and will be retried, by error.",

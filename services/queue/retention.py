@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from services.core import metrics
 from services.core.logging import get_logger
 from services.queue.retention_store import (
     Partition,
@@ -96,6 +97,11 @@ class Retention:
                     await self._store.unlock(conn)
             finally:
                 await self._store.release(conn)
+        metrics.LOG_MAINTENANCE_TIMESTAMP.set_to_current_time()
+        metrics.LOG_DAYS_KEPT.set(sum(1 for name, _ in report.kept if name.startswith("requests")))
+        metrics.LOG_REMOVED.inc(
+            sum(1 for name in report.dropped if name.startswith("requests")) + report.rows_deleted
+        )
         if report.created or report.dropped or report.kept or report.rows_deleted:
             log.info(
                 "log_maintenance",
