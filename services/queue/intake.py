@@ -20,11 +20,11 @@ from typing import Any
 from opentelemetry.trace import Span, SpanKind
 from sqlalchemy.exc import IntegrityError
 
-from services.core import batching, dberrors, metrics, tracing
-from services.core.breaker import CircuitBreaker, CircuitOpen
-from services.core.logging import get_logger
-from services.queue.relay import LaneRelay
-from services.queue.store import CommitUnknown, NewRequest, OutboxItem, RequestStore
+from fairlane_server.core import batching, dberrors, metrics, tracing
+from fairlane_server.core.breaker import CircuitBreaker, CircuitOpen
+from fairlane_server.core.logging import get_logger
+from fairlane_server.queue.relay import LaneRelay
+from fairlane_server.queue.store import CommitUnknown, NewRequest, OutboxItem, RequestStore
 
 log = get_logger(__name__)
 

@@ -7,9 +7,9 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 
-from services.core import metrics
-from services.core.broker import Broker, BrokerError, Delivery, LaneConsumer, LaneMissing
-from services.core.logging import get_logger
+from fairlane_server.core import metrics
+from fairlane_server.core.broker import Broker, BrokerError, Delivery, LaneConsumer, LaneMissing
+from fairlane_server.core.logging import get_logger
 
 log = get_logger(__name__)
 

@@ -36,11 +36,11 @@ from datetime import UTC, datetime
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from services.core import metrics
-from services.core.broker import BrokerError
-from services.core.logging import get_logger
-from services.worker.presence import PresenceStore
-from services.worker.runner import Runner, RunnerState
+from fairlane_server.core import metrics
+from fairlane_server.core.broker import BrokerError
+from fairlane_server.core.logging import get_logger
+from fairlane_server.worker.presence import PresenceStore
+from fairlane_server.worker.runner import Runner, RunnerState
 
 log = get_logger(__name__)
 

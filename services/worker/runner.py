@@ -21,15 +21,15 @@ from opentelemetry.trace import SpanKind
 
 from fairlane.common.v1 import common_pb2, lane_pb2
 from fairlane.handlers import Hooks
-from services.core import dberrors, metrics, status, tracing
-from services.core.broker import Broker, Delivery, lane_queue
-from services.core.logging import get_logger
-from services.worker.attempts import Attempts, Stats
-from services.worker.dead_letters import DeadLetters
-from services.worker.lanes import ConsumedLane, LaneSet
-from services.worker.registry import Handler
-from services.worker.store import Outcome, StoredState, WorkerStore
-from services.worker.writer import ResultWriter, WriteFailed
+from fairlane_server.core import dberrors, metrics, status, tracing
+from fairlane_server.core.broker import Broker, Delivery, lane_queue
+from fairlane_server.core.logging import get_logger
+from fairlane_server.worker.attempts import Attempts, Stats
+from fairlane_server.worker.dead_letters import DeadLetters
+from fairlane_server.worker.lanes import ConsumedLane, LaneSet
+from fairlane_server.worker.registry import Handler
+from fairlane_server.worker.store import Outcome, StoredState, WorkerStore
+from fairlane_server.worker.writer import ResultWriter, WriteFailed
 
 log = get_logger(__name__)
 

@@ -17,10 +17,10 @@ from typing import Any
 from opentelemetry.trace import SpanKind
 
 from fairlane.common.v1 import common_pb2, lane_pb2
-from services.core import batching, dberrors, metrics, status, tracing
-from services.core.broker import Broker, BrokerError
-from services.core.logging import get_logger
-from services.worker.store import Attempt, Outcome, WorkerStore
+from fairlane_server.core import batching, dberrors, metrics, status, tracing
+from fairlane_server.core.broker import Broker, BrokerError
+from fairlane_server.core.logging import get_logger
+from fairlane_server.worker.store import Attempt, Outcome, WorkerStore
 
 log = get_logger(__name__)
 

@@ -16,11 +16,11 @@ import pytest
 
 from fairlane.common.v1 import lane_pb2
 from fairlane.handlers import PermanentError
-from services.core.memory_broker import MemoryBroker
-from services.worker.registry import Handler
-from services.worker.runner import Runner, RunnerState
-from services.worker.store import Outcome, StoredState
-from services.worker.writer import ResultWriter
+from fairlane_server.core.memory_broker import MemoryBroker
+from fairlane_server.worker.registry import Handler
+from fairlane_server.worker.runner import Runner, RunnerState
+from fairlane_server.worker.store import Outcome, StoredState
+from fairlane_server.worker.writer import ResultWriter
 
 ROUTE = "queue.test"
 
