@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -44,7 +45,8 @@ async def handler(_delivery: Any) -> None:
 
 
 async def main(lanes: int, worker_count: int) -> dict[str, Any]:
-    cluster = RabbitCluster(Path(tempfile.mkdtemp(prefix="fl-qq-memory-")))
+    root = Path(tempfile.mkdtemp(prefix="fl-qq-memory-"))
+    cluster = RabbitCluster(root)
     steps: dict[str, Any] = {}
     try:
         await cluster.start()
@@ -74,6 +76,7 @@ async def main(lanes: int, worker_count: int) -> dict[str, Any]:
         await queue_service.close()
     finally:
         cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
     nodes = list(steps["empty"])
     per_lane = {n: round((steps["lanes"][n] - steps["empty"][n]) * 1024 / lanes, 1) for n in nodes}
     consumers = sum(steps["lanes_and_consumers"][n] - steps["lanes"][n] for n in nodes)

@@ -67,6 +67,10 @@ class Retention:
                 await self.run_once()
             except (SQLAlchemyError, OSError) as exc:
                 log.warning("log_maintenance_failed", error=str(exc)[:300])
+            except Exception:
+                # A bug must not end maintenance for the life of the replica: without it the
+                # coming days get no partitions.
+                log.exception("log_maintenance_failed")
             # Jitter keeps replicas from trying at the same moment.
             await asyncio.sleep(self._interval * random.uniform(0.8, 1.2))
 
@@ -91,7 +95,7 @@ class Retention:
                 finally:
                     await self._store.unlock(conn)
             finally:
-                await conn.close()
+                await self._store.release(conn)
         if report.created or report.dropped or report.kept or report.rows_deleted:
             log.info(
                 "log_maintenance",

@@ -141,6 +141,13 @@ class RetentionStore:
         await conn.execute(sa.text("SET lock_timeout = '5s'"))
         return conn
 
+    async def release(self, conn: AsyncConnection) -> None:
+        """Returns the connection to its pool as it was taken (it may be the service's)."""
+        try:
+            await conn.execute(sa.text("RESET lock_timeout"))
+        finally:
+            await conn.close()
+
     async def try_lock(self, conn: AsyncConnection) -> bool:
         got = await conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": _LOCK_KEY})
         return bool(got.scalar_one())

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import grpc
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from fairlane_server.bench.runner import BenchConfig, BenchRun
@@ -63,6 +64,7 @@ def rabbit_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitC
 class Drill:
     suite: Suite
     cluster: RabbitCluster
+    engine: AsyncEngine  # the test's own look at the request log: one connection
     db_proxy: TcpProxy | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -117,7 +119,7 @@ async def drill(
         # its max_connections.
         FAIRLANE_DATABASE_POOL_SIZE="3",
     )
-    d = Drill(suite, rabbit_cluster)
+    d = Drill(suite, rabbit_cluster, create_engine(DATABASE_URL, schema=pg_schema, pool_size=1))
     if request.node.callspec.params.get("name") == "postgres_cut":
         pg = urlsplit(DATABASE_URL)
         d.db_proxy = TcpProxy(pg.hostname or "127.0.0.1", pg.port or 5432)
@@ -136,6 +138,7 @@ async def drill(
         # In a thread: the proxy to PostgreSQL runs on this loop and must keep piping
         # while the services close their connections.
         codes = await asyncio.to_thread(suite.stop_all)
+        await d.engine.dispose()
         if d.db_proxy is not None:
             await d.db_proxy.close()
         bad = {n: c for n, c in codes.items() if c not in (0, -signal.SIGKILL)}
@@ -182,26 +185,22 @@ def bench(drill: Drill, *, duration: float, prefix: str, baseline: bool = False)
     )
 
 
-async def log_counts(suite: Suite, run_tag: str) -> dict[str, Any]:
+async def log_counts(engine: AsyncEngine, run_tag: str) -> dict[str, Any]:
     """The request log's view of one bench run."""
-    engine = create_engine(suite.database_url, schema=suite.schema, pool_size=1)
-    try:
-        async with engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(
-                        requests.c.user_id,
-                        requests.c.id,
-                        requests.c.status,
-                        requests.c.lane_seq,
-                        requests.c.finished_at,
-                    )
-                    .where(requests.c.client_ref.like(f"{run_tag}.%"))
-                    .order_by(requests.c.user_id, requests.c.id)
+    async with engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                sa.select(
+                    requests.c.user_id,
+                    requests.c.id,
+                    requests.c.status,
+                    requests.c.lane_seq,
+                    requests.c.finished_at,
                 )
-            ).all()
-    finally:
-        await engine.dispose()
+                .where(requests.c.client_ref.like(f"{run_tag}.%"))
+                .order_by(requests.c.user_id, requests.c.id)
+            )
+        ).all()
     by_status: dict[str, int] = {}
     order_inversions = 0
     last: dict[uuid.UUID, int] = {}
@@ -225,37 +224,29 @@ async def log_counts(suite: Suite, run_tag: str) -> dict[str, Any]:
     }
 
 
-async def row_writes(suite: Suite) -> dict[str, int]:
+async def row_writes(engine: AsyncEngine, schema: str) -> dict[str, int]:
     """Rows inserted, updated and deleted in the drill's schema so far (PostgreSQL's
     statistics, which lag a second or so), per table."""
-    engine = create_engine(suite.database_url, schema=suite.schema, pool_size=1)
-    try:
-        async with engine.connect() as conn:
-            rows = await conn.execute(
-                sa.text(
-                    "SELECT relname, n_tup_ins + n_tup_upd + n_tup_del AS n "
-                    "FROM pg_stat_user_tables WHERE schemaname = :schema"
-                ),
-                {"schema": suite.schema},
-            )
-            return {r.relname: int(r.n) for r in rows if r.n}
-    finally:
-        await engine.dispose()
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            sa.text(
+                "SELECT relname, n_tup_ins + n_tup_upd + n_tup_del AS n "
+                "FROM pg_stat_user_tables WHERE schemaname = :schema"
+            ),
+            {"schema": schema},
+        )
+        return {r.relname: int(r.n) for r in rows if r.n}
 
 
-async def deleted_lanes(suite: Suite, users: list[str]) -> int:
-    engine = create_engine(suite.database_url, schema=suite.schema, pool_size=1)
-    try:
-        async with engine.connect() as conn:
-            n = await conn.execute(
-                sa.select(sa.func.count()).where(
-                    lanes.c.user_id.in_([uuid.UUID(u) for u in users]),
-                    lanes.c.queue_deleted_at.is_not(None),
-                )
+async def deleted_lanes(engine: AsyncEngine, users: list[str]) -> int:
+    async with engine.connect() as conn:
+        n = await conn.execute(
+            sa.select(sa.func.count()).where(
+                lanes.c.user_id.in_([uuid.UUID(u) for u in users]),
+                lanes.c.queue_deleted_at.is_not(None),
             )
-            return int(n.scalar_one())
-    finally:
-        await engine.dispose()
+        )
+        return int(n.scalar_one())
 
 
 async def when_results(run: BenchRun, count: int, timeout: float = 90) -> None:
@@ -388,16 +379,16 @@ async def test_drill(drill: Drill, name: str) -> None:
     fault_task = asyncio.create_task(fault(drill, run))
     report = await report_task
     await fault_task
-    log = await log_counts(drill.suite, run.run_tag)
+    log = await log_counts(drill.engine, run.run_tag)
 
     async def janitor_swept() -> bool:
-        return await deleted_lanes(drill.suite, idle) == len(idle)
+        return await deleted_lanes(drill.engine, idle) == len(idle)
 
     await wait_until(janitor_swept, 30)
     drill.notes["idle_quorum_lanes_deleted"] = len(idle)
     if name == "no_fault":
         await asyncio.sleep(2)  # PostgreSQL flushes its table statistics about every second
-        writes = await row_writes(drill.suite)
+        writes = await row_writes(drill.engine, drill.suite.schema)
         drill.notes["row_writes_per_request"] = round(
             sum(writes.values()) / max(report["counts"]["accepted"], 1), 2
         )

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fairlane_server.bench.runner import BenchConfig, BenchRun
 from fairlane_server.core.db import create_engine
@@ -25,19 +26,15 @@ LANES = 30 if float(os.environ.get("FAIRLANE_SOAK_SCALE", "0") or 0) > 0 else 12
 WORKERS = ("worker", "worker2", "worker3")
 
 
-async def busy_by_worker(suite: Suite) -> dict[str, int]:
+async def busy_by_worker(engine: AsyncEngine) -> dict[str, int]:
     """The workers table: busy lanes of each replica with a recent heartbeat."""
-    engine = create_engine(suite.database_url, schema=suite.schema, pool_size=1)
-    try:
-        async with engine.connect() as conn:
-            rows = await conn.execute(
-                sa.select(workers.c.worker_id, workers.c.busy_lanes).where(
-                    workers.c.heartbeat_at > sa.func.now() - sa.text("interval '5 seconds'")
-                )
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            sa.select(workers.c.worker_id, workers.c.busy_lanes).where(
+                workers.c.heartbeat_at > sa.func.now() - sa.text("interval '5 seconds'")
             )
-            return {r.worker_id: r.busy_lanes for r in rows}
-    finally:
-        await engine.dispose()
+        )
+        return {r.worker_id: r.busy_lanes for r in rows}
 
 
 async def rate(run: BenchRun, seconds: float) -> float:
@@ -52,6 +49,14 @@ async def test_joining_workers_converge_to_a_fair_share_of_busy_lanes(
     base: Suite,  # noqa: F811
 ) -> None:
     base.extra_env.update(FAIRLANE_REBALANCE_INTERVAL_SECONDS="1", FAIRLANE_DATABASE_POOL_SIZE="3")
+    engine = create_engine(base.database_url, schema=base.schema, pool_size=1)
+    try:
+        await _converge(base, engine)
+    finally:
+        await engine.dispose()
+
+
+async def _converge(base: Suite, engine: AsyncEngine) -> None:  # noqa: F811
     await start(base, "queue", "queue")
     await start(base, WORKERS[0], "worker", FAIRLANE_INSTANCE_ID=WORKERS[0])
     run = BenchRun(
@@ -73,7 +78,7 @@ async def test_joining_workers_converge_to_a_fair_share_of_busy_lanes(
     bench = asyncio.create_task(run.run())
 
     async def one_holds_all() -> bool:
-        return (await busy_by_worker(base)).get(WORKERS[0]) == LANES
+        return (await busy_by_worker(engine)).get(WORKERS[0]) == LANES
 
     await wait_until(one_holds_all, 30)
     before = await rate(run, 4)
@@ -86,7 +91,7 @@ async def test_joining_workers_converge_to_a_fair_share_of_busy_lanes(
 
     async def fair() -> bool:
         nonlocal seen
-        seen = await busy_by_worker(base)
+        seen = await busy_by_worker(engine)
         return (
             set(seen) == set(WORKERS)
             and sum(seen.values()) == LANES

@@ -37,67 +37,18 @@ def _read(path: str, what: str) -> bytes:
         raise FairlaneError(f"cannot read the {what} {path}: {exc.strerror}") from exc
 
 
+def _option(kind: Any, flag: str, envvar: str, help: str) -> Any:
+    """A connection option; unset (None) means: as cached by login, else the default."""
+    return Annotated[kind | None, typer.Option(flag, envvar=envvar, help=help, show_default=False)]
+
+
 def _target_option(service: str, default: str) -> Any:
-    return Annotated[
-        str | None,
-        typer.Option(
-            f"--{service}-target",
-            envvar=f"FAIRLANE_{service.upper()}_TARGET",
-            help=f"{service.title()}Service host:port (default: cached by login, else {default})",
-            show_default=False,
-        ),
-    ]
-
-
-Tls = Annotated[
-    bool | None,
-    typer.Option(
-        "--tls/--no-tls",
-        envvar="FAIRLANE_TLS",
-        help="Use TLS (default: as at login, else no).",
-        show_default=False,
-    ),
-]
-CaFile = Annotated[
-    Path | None,
-    typer.Option(
-        "--ca-file",
-        envvar="FAIRLANE_CA_FILE",
-        help="PEM root certificates for TLS (implies --tls; default: system roots).",
-        show_default=False,
-    ),
-]
-ClientCert = Annotated[
-    Path | None,
-    typer.Option(
-        "--client-cert",
-        envvar="FAIRLANE_CLIENT_CERT_FILE",
-        help="PEM client certificate for servers that require one (mTLS; implies --tls).",
-        show_default=False,
-    ),
-]
-ClientKey = Annotated[
-    Path | None,
-    typer.Option(
-        "--client-key",
-        envvar="FAIRLANE_CLIENT_KEY_FILE",
-        help="PEM key of --client-cert.",
-        show_default=False,
-    ),
-]
-Token = Annotated[
-    str | None,
-    typer.Option(
-        "--token",
-        envvar="FAIRLANE_TOKEN",
-        help="Access token to use instead of the login (e.g. from `fairlane admin-token`).",
-        show_default=False,
-    ),
-]
-Timeout = Annotated[
-    float,
-    typer.Option("--timeout", envvar="FAIRLANE_TIMEOUT", help="Deadline of each call, seconds."),
-]
+    return _option(
+        str,
+        f"--{service}-target",
+        f"FAIRLANE_{service.upper()}_TARGET",
+        f"{service.title()}Service host:port (default: cached by login, else {default})",
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -215,12 +166,58 @@ _OPTIONS = tuple(
         ("auth_target", _target_option("auth", DEFAULT_AUTH_TARGET), None),
         ("queue_target", _target_option("queue", DEFAULT_QUEUE_TARGET), None),
         ("worker_target", _target_option("worker", DEFAULT_WORKER_TARGET), None),
-        ("tls", Tls, None),
-        ("ca_file", CaFile, None),
-        ("client_cert", ClientCert, None),
-        ("client_key", ClientKey, None),
-        ("token", Token, None),
-        ("timeout", Timeout, 10.0),
+        (
+            "tls",
+            _option(
+                bool, "--tls/--no-tls", "FAIRLANE_TLS", "Use TLS (default: as at login, else no)."
+            ),
+            None,
+        ),
+        (
+            "ca_file",
+            _option(
+                Path,
+                "--ca-file",
+                "FAIRLANE_CA_FILE",
+                "PEM root certificates for TLS (implies --tls; default: system roots).",
+            ),
+            None,
+        ),
+        (
+            "client_cert",
+            _option(
+                Path,
+                "--client-cert",
+                "FAIRLANE_CLIENT_CERT_FILE",
+                "PEM client certificate for servers that require one (mTLS; implies --tls).",
+            ),
+            None,
+        ),
+        (
+            "client_key",
+            _option(Path, "--client-key", "FAIRLANE_CLIENT_KEY_FILE", "PEM key of --client-cert."),
+            None,
+        ),
+        (
+            "token",
+            _option(
+                str,
+                "--token",
+                "FAIRLANE_TOKEN",
+                "Access token to use instead of the login (e.g. from `fairlane admin-token`).",
+            ),
+            None,
+        ),
+        (
+            "timeout",
+            Annotated[
+                float,
+                typer.Option(
+                    "--timeout", envvar="FAIRLANE_TIMEOUT", help="Deadline of each call, seconds."
+                ),
+            ],
+            10.0,
+        ),
     )
 )
 
