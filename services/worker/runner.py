@@ -119,8 +119,10 @@ class Runner:
     async def add_lane(self, user_id: str) -> None:
         await self._lanes.add(user_id)
 
-    async def remove_lane(self, user_id: str) -> None:
-        await self._lanes.remove(user_id)
+    async def remove_lane(self, user_id: str, *, finish_current: float = 30.0) -> None:
+        """Hands the lane back once its current message is done (or `finish_current`
+        seconds have passed): between messages, so its order holds for the next holder."""
+        await self._lanes.remove(user_id, finish_current=finish_current)
 
     async def repair(self) -> int:
         return await self._lanes.repair()
@@ -161,7 +163,8 @@ class Runner:
         except TimeoutError:
             abandoned = self.in_flight
         for user_id in list(self.lanes):
-            await self.remove_lane(user_id)
+            # Already waited for above: what still runs is cut short and goes back whole.
+            await self.remove_lane(user_id, finish_current=0)
         self.state = RunnerState.DRAINED
         return abandoned
 

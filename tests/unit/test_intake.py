@@ -113,7 +113,6 @@ def _intake(store: ScriptedStore, relay: Relay | None = None) -> Intake:
         linger_ms=50,
         lane_limit=1000,
         transient_patience=1.0,
-        verify_patience=0.2,
     )
 
 
