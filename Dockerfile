@@ -14,9 +14,11 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m venv /opt/fairlane
 ENV PATH=/opt/fairlane/bin:$PATH
 WORKDIR /src
-# .dockerignore is an allow-list: only pyproject.toml, README, clients/ and services/ arrive.
+# .dockerignore is an allow-list: only pyproject.toml, README, clients/ and services/ (with
+# fairlane_server, the link that gives the server package its import name) arrive.
 COPY . .
-RUN pip install . \
+# The client distribution first: the server requires it, and it is not taken from an index.
+RUN pip install './clients[cli]' . \
     && fairlane --help > /dev/null
 
 FROM ${PYTHON_IMAGE} AS runtime

@@ -2,7 +2,7 @@
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml clients/pyproject.toml | sha1sum | cut -c1-12)
 BUF_VERSION := 1.61.0
 BUF := .tools/node_modules/.bin/buf
 # The contract as last released: `buf breaking` compares protos/ against it, so a break is
@@ -14,10 +14,12 @@ TS_STAMP := $(TS)/node_modules/.installed-$(shell sha1sum < $(TS)/package-lock.j
 
 .PHONY: install tools dev test lint fmt gen proto-release services pytest tstest soak clean
 
-$(STAMP): pyproject.toml
+# Both distributions, editable: the client (clients/, with its CLI extra) and the server,
+# which depends on it (pip takes the client from here, not from an index).
+$(STAMP): pyproject.toml clients/pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check -e './clients[cli]' -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 $(BUF):
@@ -50,7 +52,7 @@ fmt: install
 lint: tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy services clients/fairlane tests scripts
+	$(BIN)/mypy fairlane_server clients/fairlane tests scripts
 	$(BUF) lint
 	$(BUF) breaking --against $(PROTO_RELEASE)
 	cd $(TS) && npm run --silent check

@@ -35,8 +35,8 @@ import grpc
 import psutil
 
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
-from fairlane.bench.runner import BenchConfig, login_users
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
+from fairlane_server.bench.runner import BenchConfig, login_users
 
 PASSWORD = "correct horse battery"
 

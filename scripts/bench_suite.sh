@@ -214,7 +214,7 @@ down() {
       code=1
     fi
   done
-  "$PY" -c 'import asyncio, sys; from services.core.db import drop_schema
+  "$PY" -c 'import asyncio, sys; from fairlane_server.core.db import drop_schema
 asyncio.run(drop_schema(sys.argv[1], sys.argv[2]))' "$DB_ROOT" "$SCHEMA"
   rabbitmqctl -q delete_vhost "$VHOST" || true
   rm -f "$STATE/suite.env" "$STATE"/*.pid

@@ -22,8 +22,8 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.core.db import create_engine
-from services.queue.retention_store import DAY_MS, RetentionStore, day_bound, day_of
+from fairlane_server.core.db import create_engine
+from fairlane_server.queue.retention_store import DAY_MS, RetentionStore, day_bound, day_of
 
 _REQUESTS = """
 INSERT INTO requests (id, user_id, handler, payload, idempotency_key, client_ref, status,

@@ -25,7 +25,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "clients")]
 
-from services.core.amqp import AmqpBroker  # noqa: E402
+from fairlane_server.core.amqp import AmqpBroker  # noqa: E402
 from tests.cluster import RabbitCluster  # noqa: E402
 
 

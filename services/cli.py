@@ -6,12 +6,12 @@ import asyncio
 import sys
 from typing import NoReturn
 
-from services.core import logging as fl_logging
-from services.core import metrics, telemetry
-from services.core.db import migrate
-from services.core.runtime import Component, run, run_until_signalled
-from services.core.settings import Settings, service_secret_problem
-from services.core.transport import TransportError
+from fairlane_server.core import logging as fl_logging
+from fairlane_server.core import metrics, telemetry
+from fairlane_server.core.db import migrate
+from fairlane_server.core.runtime import Component, run, run_until_signalled
+from fairlane_server.core.settings import Settings, service_secret_problem
+from fairlane_server.core.transport import TransportError
 
 log = fl_logging.get_logger(__name__)
 
@@ -24,14 +24,14 @@ def _refuse(reason: str) -> NoReturn:
 
 def _build(service: str, settings: Settings) -> tuple[Component, int]:
     if service == "auth":
-        from services.auth.service import AuthService
+        from fairlane_server.auth.service import AuthService
 
         return AuthService(settings), settings.auth_metrics_port
     if service == "queue":
-        from services.queue.service import QueueService
+        from fairlane_server.queue.service import QueueService
 
         return QueueService(settings), settings.queue_metrics_port
-    from services.worker.service import WorkerService
+    from fairlane_server.worker.service import WorkerService
 
     return WorkerService(settings), settings.worker_metrics_port
 
@@ -74,9 +74,9 @@ def migrate_database() -> None:
 
 def maintain_database(*, retention_days: float | None) -> None:
     """One log maintenance pass: partitions ahead, retention (see services/queue/retention)."""
-    from services.core.db import create_engine
-    from services.queue.retention import Retention, describe
-    from services.queue.retention_store import RetentionStore
+    from fairlane_server.core.db import create_engine
+    from fairlane_server.queue.retention import Retention, describe
+    from fairlane_server.queue.retention_store import RetentionStore
 
     settings = Settings()
     fl_logging.configure("maintain")

@@ -7,19 +7,19 @@ from pathlib import Path
 
 from rich.console import Console
 
-from services.auth.service import AuthService
-from services.core import logging as fl_logging
-from services.core import metrics, telemetry
-from services.core.amqp import broker_for
-from services.core.backends import Backends
-from services.core.broker import Broker
-from services.core.db import engine_for, migrate
-from services.core.memory_broker import MemoryBroker
-from services.core.runtime import Component, run, run_until_signalled
-from services.core.settings import Settings
-from services.dev_demo import demo_round_trip
-from services.queue.service import QueueService
-from services.worker.service import WorkerService
+from fairlane_server.auth.service import AuthService
+from fairlane_server.core import logging as fl_logging
+from fairlane_server.core import metrics, telemetry
+from fairlane_server.core.amqp import broker_for
+from fairlane_server.core.backends import Backends
+from fairlane_server.core.broker import Broker
+from fairlane_server.core.db import engine_for, migrate
+from fairlane_server.core.memory_broker import MemoryBroker
+from fairlane_server.core.runtime import Component, run, run_until_signalled
+from fairlane_server.core.settings import Settings
+from fairlane_server.dev_demo import demo_round_trip
+from fairlane_server.queue.service import QueueService
+from fairlane_server.worker.service import WorkerService
 
 console = Console(stderr=True, soft_wrap=True)
 

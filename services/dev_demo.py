@@ -10,7 +10,7 @@ from rich.console import Console
 
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
-from services.core.settings import Settings
+from fairlane_server.core.settings import Settings
 
 DEMO_USER = "demo"
 DEMO_PASSWORD = "fairlane-demo"

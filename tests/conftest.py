@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from services.core.db import drop_schema, migrate
+from fairlane_server.core.db import drop_schema, migrate
 
 DATABASE_URL = os.environ.get(
     "FAIRLANE_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"

@@ -1,4 +1,4 @@
-"""Audit events of the auth service, written through services.core.audit.
+"""Audit events of the auth service, written through fairlane_server.core.audit.
 
 docs/security.md ("Auth service") lists every event and its fields. No event carries a
 password, a token or a secret. The calls they record carry no token, so their principal
@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from services.core.audit import audit
+from fairlane_server.core.audit import audit
 
 _PRINTABLE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 

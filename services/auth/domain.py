@@ -12,14 +12,14 @@ from typing import Any
 
 import jwt
 
-from services.auth import audit
-from services.auth.hashing import PasswordHashing
-from services.auth.keys import SigningKey
-from services.auth.passwords import MAX_PASSWORD, WeakPassword, check_new_password
-from services.auth.sealing import seal, unseal
-from services.auth.store import AuthStore, NewRefresh, RefreshRecord, UsernameTaken
-from services.auth.throttle import Rule, Throttle, Trip
-from services.core.tokens import FAMILY_CLAIM, ROLE_SERVICE, ROLE_USER
+from fairlane_server.auth import audit
+from fairlane_server.auth.hashing import PasswordHashing
+from fairlane_server.auth.keys import SigningKey
+from fairlane_server.auth.passwords import MAX_PASSWORD, WeakPassword, check_new_password
+from fairlane_server.auth.sealing import seal, unseal
+from fairlane_server.auth.store import AuthStore, NewRefresh, RefreshRecord, UsernameTaken
+from fairlane_server.auth.throttle import Rule, Throttle, Trip
+from fairlane_server.core.tokens import FAMILY_CLAIM, ROLE_SERVICE, ROLE_USER
 
 USERNAME = re.compile(r"[A-Za-z0-9._-]{3,64}")
 # Access tokens issued just before a revocation may carry an `iat` a little after it on a

@@ -23,9 +23,9 @@ from jwt.algorithms import OKPAlgorithm
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.core.logging import get_logger
-from services.core.models import signing_keys
-from services.core.settings import Settings
+from fairlane_server.core.logging import get_logger
+from fairlane_server.core.models import signing_keys
+from fairlane_server.core.settings import Settings
 
 log = get_logger(__name__)
 

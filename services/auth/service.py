@@ -9,21 +9,21 @@ import json
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
-from services.auth import keys
-from services.auth.domain import Auth, Policy
-from services.auth.hashing import PasswordHashing
-from services.auth.servicer import AuthServicer
-from services.auth.store import AuthStore
-from services.auth.throttle import Rule, Throttle
-from services.auth.throttle_store import ThrottleStore
-from services.core.db import engine_for
-from services.core.grpc_host import GrpcHost
-from services.core.logging import get_logger
-from services.core.peer import parse_networks
-from services.core.revocation import RevokedFamilies
-from services.core.settings import Settings
-from services.core.tokens import TokenVerifier
-from services.core.transport import Transport
+from fairlane_server.auth import keys
+from fairlane_server.auth.domain import Auth, Policy
+from fairlane_server.auth.hashing import PasswordHashing
+from fairlane_server.auth.servicer import AuthServicer
+from fairlane_server.auth.store import AuthStore
+from fairlane_server.auth.throttle import Rule, Throttle
+from fairlane_server.auth.throttle_store import ThrottleStore
+from fairlane_server.core.db import engine_for
+from fairlane_server.core.grpc_host import GrpcHost
+from fairlane_server.core.logging import get_logger
+from fairlane_server.core.peer import parse_networks
+from fairlane_server.core.revocation import RevokedFamilies
+from fairlane_server.core.settings import Settings
+from fairlane_server.core.tokens import TokenVerifier
+from fairlane_server.core.transport import Transport
 
 SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 PRUNE_EVERY_SECONDS = 300.0

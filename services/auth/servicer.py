@@ -10,15 +10,15 @@ from typing import NoReturn
 import grpc
 
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
-from services.auth.domain import Auth, BadCredentials, InvalidInput
-from services.auth.hashing import HashingBusy
-from services.auth.store import UsernameTaken
-from services.auth.throttle import Throttled
-from services.core import authz
-from services.core.grpc_host import ServicerContext, abort
-from services.core.peer import Network, client_address
-from services.core.rich_status import abort_retry
-from services.core.tokens import ROLE_ADMIN, ROLE_SERVICE
+from fairlane_server.auth.domain import Auth, BadCredentials, InvalidInput
+from fairlane_server.auth.hashing import HashingBusy
+from fairlane_server.auth.store import UsernameTaken
+from fairlane_server.auth.throttle import Throttled
+from fairlane_server.core import authz
+from fairlane_server.core.grpc_host import ServicerContext, abort
+from fairlane_server.core.peer import Network, client_address
+from fairlane_server.core.rich_status import abort_retry
+from fairlane_server.core.tokens import ROLE_ADMIN, ROLE_SERVICE
 
 # What a caller refused for a full password-check queue is told to wait.
 BUSY_RETRY_MS = 1000

@@ -10,8 +10,8 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.core.db import upsert
-from services.core.models import refresh_tokens, revoked_families, users
+from fairlane_server.core.db import upsert
+from fairlane_server.core.models import refresh_tokens, revoked_families, users
 
 
 class UsernameTaken(Exception):

@@ -17,7 +17,7 @@ import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from services.auth.throttle_store import ThrottleStore
+from fairlane_server.auth.throttle_store import ThrottleStore
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,8 +7,8 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.core.db import upsert
-from services.core.models import auth_throttle
+from fairlane_server.core.db import upsert
+from fairlane_server.core.models import auth_throttle
 
 t = auth_throttle.c
 

@@ -33,10 +33,10 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
 )
 
-from services.core import metrics
-from services.core.amqp_connection import BrokerUnreachable, NodeConnection, broker_nodes
-from services.core.amqp_lanes import LANES_PER_CONNECTION, LaneChannels
-from services.core.broker import (
+from fairlane_server.core import metrics
+from fairlane_server.core.amqp_connection import BrokerUnreachable, NodeConnection, broker_nodes
+from fairlane_server.core.amqp_lanes import LANES_PER_CONNECTION, LaneChannels
+from fairlane_server.core.broker import (
     CONTROL_EXCHANGE,
     DEAD_EXCHANGE,
     DEAD_QUEUE,
@@ -51,8 +51,8 @@ from services.core.broker import (
     ResultsUnroutable,
     lane_queue,
 )
-from services.core.logging import get_logger
-from services.core.settings import Settings
+from fairlane_server.core.logging import get_logger
+from fairlane_server.core.settings import Settings
 
 log = get_logger(__name__)
 

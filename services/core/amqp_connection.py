@@ -28,7 +28,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractConnection
 
-from services.core.logging import get_logger
+from fairlane_server.core.logging import get_logger
 
 log = get_logger(__name__)
 

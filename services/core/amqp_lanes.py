@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from services.core.amqp_connection import BrokerUnreachable, NodeConnection
+from fairlane_server.core.amqp_connection import BrokerUnreachable, NodeConnection
 
 LANES_PER_CONNECTION = 1000  # well below RabbitMQ's default channel_max of 2047
 

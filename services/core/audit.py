@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.core.logging import get_logger
-from services.core.tokens import Principal
+from fairlane_server.core.logging import get_logger
+from fairlane_server.core.tokens import Principal
 
 log = get_logger("fairlane.audit")
 

@@ -9,11 +9,11 @@ import time
 import grpc
 
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
-from services.core.grpc_host import channel
-from services.core.revocation import RevokedFamilies
-from services.core.settings import Settings
-from services.core.tokens import TokenVerifier
-from services.core.transport import Transport
+from fairlane_server.core.grpc_host import channel
+from fairlane_server.core.revocation import RevokedFamilies
+from fairlane_server.core.settings import Settings
+from fairlane_server.core.tokens import TokenVerifier
+from fairlane_server.core.transport import Transport
 
 
 class AuthClient:

@@ -18,11 +18,11 @@ from typing import Any
 
 import grpc
 
-from services.core.audit import audit
-from services.core.grpc_wrap import wrap
-from services.core.log_limit import LogLimiter, peer_host
-from services.core.rich_status import abort_retry
-from services.core.tokens import (
+from fairlane_server.core.audit import audit
+from fairlane_server.core.grpc_wrap import wrap
+from fairlane_server.core.log_limit import LogLimiter, peer_host
+from fairlane_server.core.rich_status import abort_retry
+from fairlane_server.core.tokens import (
     ROLE_ADMIN,
     ROLE_SERVICE,
     ROLE_USER,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.core.amqp import broker_for
-from services.core.broker import Broker
-from services.core.db import engine_for
-from services.core.settings import Settings
+from fairlane_server.core.amqp import broker_for
+from fairlane_server.core.broker import Broker
+from fairlane_server.core.db import engine_for
+from fairlane_server.core.settings import Settings
 
 
 class Backends:

@@ -128,7 +128,7 @@ def upsert(dialect: str, table: sa.Table) -> Any:
 
 
 def engine_for(settings: Any) -> AsyncEngine:
-    """The engine a service gets from its settings (services.core.settings.Settings)."""
+    """The engine a service gets from its settings (fairlane_server.core.settings.Settings)."""
     return create_engine(
         settings.database_url,
         schema=settings.database_schema,

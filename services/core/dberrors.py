@@ -14,7 +14,7 @@ import sqlite3
 
 from sqlalchemy import exc as sa_exc
 
-from services.core.breaker import CircuitOpen
+from fairlane_server.core.breaker import CircuitOpen
 
 # SQLSTATE classes that describe the server or the session, not the statement's data:
 # 08 connection, 40 transaction rollback (serialization, deadlock), 53 insufficient

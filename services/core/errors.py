@@ -23,11 +23,11 @@ from typing import Any, NoReturn
 import grpc
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from services.core.authz import peer
-from services.core.grpc_wrap import wrap
-from services.core.log_limit import LogLimiter, peer_host
-from services.core.logging import get_logger
-from services.core.rich_status import abort_retry
+from fairlane_server.core.authz import peer
+from fairlane_server.core.grpc_wrap import wrap
+from fairlane_server.core.log_limit import LogLimiter, peer_host
+from fairlane_server.core.logging import get_logger
+from fairlane_server.core.rich_status import abort_retry
 
 log = get_logger(__name__)
 

@@ -10,13 +10,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fairlane.client.channels import CHANNEL_OPTIONS, grpc_target
-from services.core import tracing
-from services.core.authz import AuthzInterceptor
-from services.core.errors import ErrorInterceptor
-from services.core.grpc_metrics import MetricsInterceptor
-from services.core.logging import get_logger
-from services.core.tokens import TokenVerifier
-from services.core.transport import Transport
+from fairlane_server.core import tracing
+from fairlane_server.core.authz import AuthzInterceptor
+from fairlane_server.core.errors import ErrorInterceptor
+from fairlane_server.core.grpc_metrics import MetricsInterceptor
+from fairlane_server.core.logging import get_logger
+from fairlane_server.core.tokens import TokenVerifier
+from fairlane_server.core.transport import Transport
 
 log = get_logger(__name__)
 
@@ -47,9 +47,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 class GrpcHost:
     """One grpc.aio server with health (and reflection, when asked) for the given services;
-    every call goes through the authorization policy (services.core.authz). It listens
+    every call goes through the authorization policy (fairlane_server.core.authz). It listens
     with TLS when `transport` has a certificate, else in plaintext where that is allowed
-    (services.core.transport)."""
+    (fairlane_server.core.transport)."""
 
     def __init__(
         self,

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, Histogram
 
-from services.core.grpc_wrap import wrap
+from fairlane_server.core.grpc_wrap import wrap
 
 HANDLED = Counter(
     "fairlane_grpc_server_handled",

@@ -11,10 +11,10 @@ from collections.abc import Callable
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.core import metrics
-from services.core.broker import Broker
-from services.core.grpc_host import GrpcHost
-from services.core.logging import get_logger
+from fairlane_server.core import metrics
+from fairlane_server.core.broker import Broker
+from fairlane_server.core.grpc_host import GrpcHost
+from fairlane_server.core.logging import get_logger
 
 log = get_logger(__name__)
 

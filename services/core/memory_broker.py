@@ -18,7 +18,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from services.core.broker import (
+from fairlane_server.core.broker import (
     BrokerError,
     BytesHandler,
     DeliveryHandler,

@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy.engine import make_url
 
-from services.core.logging import get_logger
+from fairlane_server.core.logging import get_logger
 
 log = get_logger(__name__)
 

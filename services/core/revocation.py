@@ -18,7 +18,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Collection
 
-from services.core.logging import get_logger
+from fairlane_server.core.logging import get_logger
 
 log = get_logger(__name__)
 

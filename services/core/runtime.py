@@ -7,7 +7,7 @@ import signal
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
-from services.core.logging import get_logger
+from fairlane_server.core.logging import get_logger
 
 log = get_logger(__name__)
 

@@ -9,7 +9,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
-from services.core import tracing
+from fairlane_server.core import tracing
 
 
 def configure(service: str, *, console: bool = False) -> bool:

@@ -11,7 +11,7 @@ from typing import Any
 
 import jwt
 
-from services.core.revocation import RevokedFamilies
+from fairlane_server.core.revocation import RevokedFamilies
 
 ALGORITHMS = ["EdDSA", "RS256"]
 ROLE_USER = "user"

@@ -1,6 +1,6 @@
 """Tracing helpers: one trace per request across gRPC and the broker (W3C traceparent).
 
-Spans are only built when a tracer provider is installed (services.core.telemetry), so the
+Spans are only built when a tracer provider is installed (fairlane_server.core.telemetry), so the
 hot path pays nothing for tracing that goes nowhere.
 """
 

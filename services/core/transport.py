@@ -11,8 +11,8 @@ from typing import Any
 
 import grpc
 
-from services.core.logging import get_logger
-from services.core.settings import Settings
+from fairlane_server.core.logging import get_logger
+from fairlane_server.core.settings import Settings
 
 log = get_logger(__name__)
 

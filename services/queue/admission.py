@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import time
 
-from services.core import metrics
-from services.queue.intake import Rejection
+from fairlane_server.core import metrics
+from fairlane_server.queue.intake import Rejection
 
 
 class TokenBuckets:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from services.queue.store import HandlerSpec, RequestStore
+from fairlane_server.queue.store import HandlerSpec, RequestStore
 
 
 class HandlerCatalog:

@@ -8,7 +8,7 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 
 from fairlane.common.v1 import common_pb2
-from services.core import status
+from fairlane_server.core import status
 
 
 def _ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:

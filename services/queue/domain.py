@@ -18,16 +18,16 @@ from uuid_utils.compat import uuid7
 
 from fairlane.common.v1 import common_pb2, lane_pb2
 from fairlane.queue.v1 import queue_pb2
-from services.core import dberrors, status, tracing
-from services.core.broker import Broker, BrokerError, lane_queue
-from services.core.tokens import Principal
-from services.queue.admission import Admission
-from services.queue.catalog import HandlerCatalog
-from services.queue.convert import result_from_row
-from services.queue.hub import Hub
-from services.queue.intake import Admitted, Intake, Rejection, Submission
-from services.queue.store import RequestStore
-from services.queue.validation import Limits, build_request
+from fairlane_server.core import dberrors, status, tracing
+from fairlane_server.core.broker import Broker, BrokerError, lane_queue
+from fairlane_server.core.tokens import Principal
+from fairlane_server.queue.admission import Admission
+from fairlane_server.queue.catalog import HandlerCatalog
+from fairlane_server.queue.convert import result_from_row
+from fairlane_server.queue.hub import Hub
+from fairlane_server.queue.intake import Admitted, Intake, Rejection, Submission
+from fairlane_server.queue.store import RequestStore
+from fairlane_server.queue.validation import Limits, build_request
 
 
 @dataclass(frozen=True, slots=True)

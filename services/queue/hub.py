@@ -6,7 +6,7 @@ import asyncio
 from collections import defaultdict
 
 from fairlane.common.v1 import lane_pb2
-from services.core.logging import get_logger
+from fairlane_server.core.logging import get_logger
 
 log = get_logger(__name__)
 

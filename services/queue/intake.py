@@ -20,11 +20,11 @@ from typing import Any
 from opentelemetry.trace import Span, SpanKind
 from sqlalchemy.exc import IntegrityError
 
-from services.core import batching, dberrors, metrics, tracing
-from services.core.breaker import CircuitBreaker, CircuitOpen
-from services.core.logging import get_logger
-from services.queue.relay import LaneRelay
-from services.queue.store import CommitUnknown, NewRequest, OutboxItem, RequestStore
+from fairlane_server.core import batching, dberrors, metrics, tracing
+from fairlane_server.core.breaker import CircuitBreaker, CircuitOpen
+from fairlane_server.core.logging import get_logger
+from fairlane_server.queue.relay import LaneRelay
+from fairlane_server.queue.store import CommitUnknown, NewRequest, OutboxItem, RequestStore
 
 log = get_logger(__name__)
 
@@ -83,7 +83,6 @@ class Intake:
         retry_after_ms: int = 1000,
         breaker: CircuitBreaker | None = None,
         transient_patience: float = 2.0,
-        verify_patience: float = 5.0,
     ) -> None:
         self._store = store
         self._relay = relay
@@ -91,7 +90,6 @@ class Intake:
         self._retry_after_ms = retry_after_ms
         self._breaker = breaker or CircuitBreaker("database")
         self._patience = transient_patience
-        self._verify_patience = verify_patience
         self._pending: asyncio.Queue[Submission] = asyncio.Queue()
         self._batcher = batching.Batcher(
             self._pending, max_size=batch_size, linger=linger_ms / 1000
@@ -304,31 +302,27 @@ class Intake:
             _reject(pending, full)
 
     async def _settle_unknown(self, subs: list[Submission], exc: CommitUnknown) -> None:
-        """The commit failed in flight. Look whether it happened: committed requests are
-        accepted like any other, uncommitted ones are refused as nothing stored."""
+        """The commit failed in flight. Read the log until it tells whether it happened:
+        committed requests are accepted like any other, uncommitted ones refused as
+        nothing stored. Until then nobody is answered: an answer that might be false
+        ("rejected" for a stored request) is worse than a late one, and while the log is
+        unreachable no other batch can be written anyway."""
         log.warning("intake_commit_unknown", error=str(exc)[:200], size=len(subs))
         ids = [s.request.id for s in subs]
-        deadline = time.monotonic() + self._verify_patience
         delay = 0.05
+        attempts = 0
         while True:
             try:
                 found = await self._store.stored(ids)
                 break
             except Exception as err:
-                if not dberrors.is_database_error(err) or time.monotonic() + delay > deadline:
-                    # Still unknown. If it was committed, the outbox sweep publishes it;
-                    # the message says so, and the retry advice keeps the idempotency key.
-                    unknown = Rejection(
-                        "commit_unknown",
-                        "the request log did not confirm the write; it may have been "
-                        "stored: retry with the same idempotency key",
-                        self._retry_after_ms,
-                    )
-                    for sub in subs:
-                        _reject(sub, unknown)
-                    return
+                if not dberrors.is_database_error(err):
+                    raise
+                attempts += 1
+                if attempts % 20 == 0:
+                    log.warning("intake_commit_still_unknown", error=str(err)[:200])
                 await asyncio.sleep(random.uniform(delay / 2, delay))
-                delay = min(delay * 2, 1.0)
+                delay = min(delay * 2, 2.0)
         if found:
             self._accepted(subs, exc.kept, exc.refused)
             return

@@ -24,12 +24,12 @@ import uuid
 from sqlalchemy.exc import SQLAlchemyError
 
 from fairlane.common.v1 import lane_pb2
-from services.core import metrics
-from services.core.broker import Broker, BrokerError
-from services.core.logging import get_logger
-from services.queue.hub import Hub
-from services.queue.lane_store import IdleLane, LaneHousekeepingStore
-from services.queue.store import RequestStore
+from fairlane_server.core import metrics
+from fairlane_server.core.broker import Broker, BrokerError
+from fairlane_server.core.logging import get_logger
+from fairlane_server.queue.hub import Hub
+from fairlane_server.queue.lane_store import IdleLane, LaneHousekeepingStore
+from fairlane_server.queue.store import RequestStore
 
 log = get_logger(__name__)
 

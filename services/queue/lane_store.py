@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.core import status
-from services.core.models import lanes, requests
+from fairlane_server.core import status
+from fairlane_server.core.models import lanes, requests
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,8 +17,8 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.core.models import lanes, outbox, requests
-from services.queue.store import OutboxItem
+from fairlane_server.core.models import lanes, outbox, requests
+from fairlane_server.queue.store import OutboxItem
 
 # Advisory lock keys live in one namespace per database; this tag keeps the relay's keys
 # apart from any other user of advisory locks.

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from google.protobuf import timestamp_pb2
 
 from fairlane.common.v1 import lane_pb2
-from services.core import dberrors, metrics, tracing
-from services.core.broker import Broker, BrokerError, LaneMissing, lane_queue
-from services.core.logging import get_logger
-from services.queue.outbox_store import LaneOutbox, OutboxStore
-from services.queue.store import OutboxItem
+from fairlane_server.core import dberrors, metrics, tracing
+from fairlane_server.core.broker import Broker, BrokerError, LaneMissing, lane_queue
+from fairlane_server.core.logging import get_logger
+from fairlane_server.queue.outbox_store import LaneOutbox, OutboxStore
+from fairlane_server.queue.store import OutboxItem
 
 log = get_logger(__name__)
 

@@ -19,9 +19,9 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.core import metrics
-from services.core.logging import get_logger
-from services.queue.retention_store import (
+from fairlane_server.core import metrics
+from fairlane_server.core.logging import get_logger
+from fairlane_server.queue.retention_store import (
     Partition,
     Report,
     RetentionStore,

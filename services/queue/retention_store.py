@@ -33,7 +33,7 @@ from datetime import date, datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.core.models import idempotency_keys, request_events, requests
+from fairlane_server.core.models import idempotency_keys, request_events, requests
 
 DAY_MS = 86_400_000
 TABLES = ("requests", "request_events")

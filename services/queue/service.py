@@ -9,30 +9,30 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fairlane.common.v1 import lane_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
-from services.core.auth_client import AuthClient
-from services.core.backends import Backends
-from services.core.breaker import CircuitBreaker
-from services.core.db import create_engine
-from services.core.grpc_host import GrpcHost
-from services.core.health import DependencyMonitor
-from services.core.logging import get_logger
-from services.core.notify import ResultListener, results_channel
-from services.core.settings import Settings
-from services.core.transport import Transport
-from services.queue.admission import Admission
-from services.queue.catalog import HandlerCatalog
-from services.queue.domain import QueueDomain, StreamLimits
-from services.queue.hub import Hub
-from services.queue.intake import Intake
-from services.queue.janitor import LaneJanitor
-from services.queue.lane_store import LaneHousekeepingStore
-from services.queue.outbox_store import OutboxStore
-from services.queue.relay import LaneRelay
-from services.queue.retention import Retention
-from services.queue.retention_store import RetentionStore
-from services.queue.servicer import QueueServicer
-from services.queue.store import RequestStore
-from services.queue.validation import Limits
+from fairlane_server.core.auth_client import AuthClient
+from fairlane_server.core.backends import Backends
+from fairlane_server.core.breaker import CircuitBreaker
+from fairlane_server.core.db import create_engine
+from fairlane_server.core.grpc_host import GrpcHost
+from fairlane_server.core.health import DependencyMonitor
+from fairlane_server.core.logging import get_logger
+from fairlane_server.core.notify import ResultListener, results_channel
+from fairlane_server.core.settings import Settings
+from fairlane_server.core.transport import Transport
+from fairlane_server.queue.admission import Admission
+from fairlane_server.queue.catalog import HandlerCatalog
+from fairlane_server.queue.domain import QueueDomain, StreamLimits
+from fairlane_server.queue.hub import Hub
+from fairlane_server.queue.intake import Intake
+from fairlane_server.queue.janitor import LaneJanitor
+from fairlane_server.queue.lane_store import LaneHousekeepingStore
+from fairlane_server.queue.outbox_store import OutboxStore
+from fairlane_server.queue.relay import LaneRelay
+from fairlane_server.queue.retention import Retention
+from fairlane_server.queue.retention_store import RetentionStore
+from fairlane_server.queue.servicer import QueueServicer
+from fairlane_server.queue.store import RequestStore
+from fairlane_server.queue.validation import Limits
 
 log = get_logger(__name__)
 

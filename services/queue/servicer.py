@@ -13,19 +13,19 @@ import grpc
 
 from fairlane.common.v1 import common_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
-from services.core import authz, status
-from services.core.broker import BrokerError, lane_queue
-from services.core.grpc_host import ServicerContext, abort
-from services.core.metrics import OPEN_SESSIONS
-from services.core.rich_status import abort_retry
-from services.core.settings import Settings
-from services.core.tokens import Principal, TokenVerifier
-from services.queue.convert import request_from_row, timestamp
-from services.queue.domain import LogUnavailable, QueueDomain, StreamSlot, TooManyStreams
-from services.queue.intake import Rejection
-from services.queue.session import SessionStream, StreamError, rejection_code
-from services.queue.validation import MAX_ATTEMPTS_LIMIT, InvalidEnqueue
-from services.queue.watch import watch_results
+from fairlane_server.core import authz, status
+from fairlane_server.core.broker import BrokerError, lane_queue
+from fairlane_server.core.grpc_host import ServicerContext, abort
+from fairlane_server.core.metrics import OPEN_SESSIONS
+from fairlane_server.core.rich_status import abort_retry
+from fairlane_server.core.settings import Settings
+from fairlane_server.core.tokens import Principal, TokenVerifier
+from fairlane_server.queue.convert import request_from_row, timestamp
+from fairlane_server.queue.domain import LogUnavailable, QueueDomain, StreamSlot, TooManyStreams
+from fairlane_server.queue.intake import Rejection
+from fairlane_server.queue.session import SessionStream, StreamError, rejection_code
+from fairlane_server.queue.validation import MAX_ATTEMPTS_LIMIT, InvalidEnqueue
+from fairlane_server.queue.watch import watch_results
 
 MAX_LANE_SEQ = 2**63 - 1  # lane_seq is a BIGINT in the log
 

@@ -26,13 +26,13 @@ from google.rpc import code_pb2
 
 from fairlane.common.v1 import lane_pb2
 from fairlane.queue.v1 import queue_pb2
-from services.core import tracing
-from services.core.broker import BrokerError
-from services.core.logging import get_logger
-from services.core.tokens import Principal
-from services.queue.domain import LogUnavailable, QueueDomain
-from services.queue.intake import Admitted, Rejection
-from services.queue.validation import InvalidEnqueue
+from fairlane_server.core import tracing
+from fairlane_server.core.broker import BrokerError
+from fairlane_server.core.logging import get_logger
+from fairlane_server.core.tokens import Principal
+from fairlane_server.queue.domain import LogUnavailable, QueueDomain
+from fairlane_server.queue.intake import Admitted, Rejection
+from fairlane_server.queue.validation import InvalidEnqueue
 
 log = get_logger(__name__)
 

@@ -11,9 +11,9 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.core import status
-from services.core.db import upsert
-from services.core.models import (
+from fairlane_server.core import status
+from fairlane_server.core.db import upsert
+from fairlane_server.core.models import (
     handlers,
     idempotency_keys,
     lanes,

@@ -14,8 +14,8 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fairlane.common.v1 import common_pb2, lane_pb2
-from services.queue.convert import result_from_row
-from services.queue.domain import QueueDomain
+from fairlane_server.queue.convert import result_from_row
+from fairlane_server.queue.domain import QueueDomain
 
 SAFETY_READ_SECONDS = 30.0
 

@@ -21,13 +21,13 @@ from opentelemetry.trace import Span
 
 from fairlane.common.v1 import lane_pb2
 from fairlane.handlers import Hooks, PermanentError, PlainContext
-from services.core import metrics, status, tracing
-from services.core.logging import get_logger
-from services.worker.context import AttemptContext
-from services.worker.dead_letters import DeadLetters
-from services.worker.registry import Handler
-from services.worker.store import Attempt, Outcome
-from services.worker.writer import ResultWriter
+from fairlane_server.core import metrics, status, tracing
+from fairlane_server.core.logging import get_logger
+from fairlane_server.worker.context import AttemptContext
+from fairlane_server.worker.dead_letters import DeadLetters
+from fairlane_server.worker.registry import Handler
+from fairlane_server.worker.store import Attempt, Outcome
+from fairlane_server.worker.writer import ResultWriter
 
 log = get_logger(__name__)
 

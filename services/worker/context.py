@@ -7,8 +7,8 @@ from datetime import datetime
 from typing import Any
 
 from fairlane.common.v1 import common_pb2, lane_pb2
-from services.core.logging import get_logger
-from services.worker.writer import ResultWriter
+from fairlane_server.core.logging import get_logger
+from fairlane_server.worker.writer import ResultWriter
 
 
 class AttemptContext:

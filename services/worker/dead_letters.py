@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 
 from fairlane.common.v1 import lane_pb2
-from services.core import metrics
-from services.core.broker import Broker, BrokerError
-from services.core.logging import get_logger
-from services.worker.store import Attempt
+from fairlane_server.core import metrics
+from fairlane_server.core.broker import Broker, BrokerError
+from fairlane_server.core.logging import get_logger
+from fairlane_server.worker.store import Attempt
 
 log = get_logger(__name__)
 

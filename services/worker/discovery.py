@@ -10,12 +10,12 @@ import grpc
 
 from fairlane.common.v1 import lane_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
-from services.core.auth_client import AuthClient
-from services.core.broker import Broker, BrokerError, LaneMissing
-from services.core.grpc_host import channel
-from services.core.logging import get_logger
-from services.core.transport import Transport
-from services.worker.runner import Runner
+from fairlane_server.core.auth_client import AuthClient
+from fairlane_server.core.broker import Broker, BrokerError, LaneMissing
+from fairlane_server.core.grpc_host import channel
+from fairlane_server.core.logging import get_logger
+from fairlane_server.core.transport import Transport
+from fairlane_server.worker.runner import Runner
 
 log = get_logger(__name__)
 

@@ -7,9 +7,9 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 
-from services.core import metrics
-from services.core.broker import Broker, BrokerError, Delivery, LaneConsumer, LaneMissing
-from services.core.logging import get_logger
+from fairlane_server.core import metrics
+from fairlane_server.core.broker import Broker, BrokerError, Delivery, LaneConsumer, LaneMissing
+from fairlane_server.core.logging import get_logger
 
 log = get_logger(__name__)
 
@@ -33,11 +33,13 @@ class ConsumedLane:
         # Set while the lane waits for a message or at a closed gate: nothing of it runs.
         self.quiet = asyncio.Event()
         self.acks: set[asyncio.Task[None]] = set()
+        self._busy = False  # within a message (False while waiting for the next one)
+        self._stopping = False  # hand the lane back once the current message is done
         self.task = asyncio.create_task(self._run(), name=f"lane-{user_id}")
         self.task.add_done_callback(self._ended)
 
     def _ended(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled():
+        if task.cancelled() or (self._stopping and task.exception() is None):
             return  # released on purpose
         error = task.exception()
         log.error(
@@ -52,9 +54,11 @@ class ConsumedLane:
         self.deliveries.put_nowait(delivery)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             self.quiet.set()
+            self._busy = False
             delivery = await self.deliveries.get()
+            self._busy = True
             self.quiet.clear()
             if delivery.stale:
                 continue  # its channel died; the broker redelivers it on the new one
@@ -71,14 +75,47 @@ class ConsumedLane:
         await self.quiet.wait()
         await asyncio.gather(*list(self.acks), return_exceptions=True)
 
-    async def release(self) -> None:
-        """Stops processing, then consuming: whatever was not acked (the message being
-        worked on and those buffered) goes back to the lane in order."""
+    async def settled_acks(self) -> None:
+        """Waits until every finished message's outcomes are written and acked."""
+        await asyncio.gather(*list(self.acks), return_exceptions=True)
+
+    async def finish_message(self, within: float) -> bool:
+        """Stops the lane's task at its next message boundary: at once when it waits for
+        a message, else once the message in progress is done. False (and the lane goes on
+        as before) if that takes longer than `within` seconds."""
+        if self.task.done():
+            return True
+        if not self._busy:
+            # Waiting for a delivery: nothing is in progress, and a cancelled get() takes
+            # no message off the queue.
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+            return True
+        self._stopping = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self.task), within)
+        except TimeoutError:
+            self._stopping = False
+            return False
+        return True
+
+    async def release(self, *, finish_current: float = 0.0) -> None:
+        """Stops processing, then consuming: whatever was not acked goes back to the lane
+        in order. With `finish_current`, the message in progress is first finished (up to
+        that many seconds) and its outcomes written and acked, so the lane moves between
+        messages; past that, or without it, the message is cut short and goes back whole
+        (its finished requests are not run again: the next holder finds them in the log)."""
+        if finish_current > 0:
+            await self.finish_message(finish_current)
         if not self.task.done():
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
         # A task that ended with an error was already reported by _ended; not re-raised.
+        # Finished messages are acked before the channel closes (their outcomes are
+        # durable), so they are not delivered again.
+        await asyncio.gather(*list(self.acks), return_exceptions=True)
         if self.consumer is not None:
             await self.consumer.cancel()
 
@@ -125,13 +162,14 @@ class LaneSet:
             self.lanes[user_id] = lane
             metrics.ACTIVE_LANES.set(len(self.lanes))
 
-    async def remove(self, user_id: str) -> None:
-        """Hands the lane back between messages (its unacked ones return in order)."""
+    async def remove(self, user_id: str, *, finish_current: float = 30.0) -> None:
+        """Hands the lane back between messages (see ConsumedLane.release): its unacked
+        messages return to the lane in order, for the next consumer."""
         async with self._lock:
             lane = self.lanes.pop(user_id, None)
             metrics.ACTIVE_LANES.set(len(self.lanes))
         if lane is not None:
-            await lane.release()
+            await lane.release(finish_current=finish_current)
 
     async def repair(self) -> int:
         """Consumes again every lane whose consumer or task died (connection lost, or the

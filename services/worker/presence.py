@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.core.db import upsert
-from services.core.models import workers
+from fairlane_server.core.db import upsert
+from fairlane_server.core.models import workers
 
 FORGET_AFTER = timedelta(minutes=10)  # rows of replicas gone this long are deleted
 

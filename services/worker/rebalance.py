@@ -8,11 +8,11 @@ later get nothing. So each replica, every `interval` seconds:
    `busy_window` seconds (an idle lane does not matter, whoever holds it);
 2. records that count with a heartbeat in the workers table and reads every live
    replica's (presence.py): the fair share is ceil(busy lanes in all / live replicas);
-3. if it holds more than its share, it releases the excess, one lane at a time: it
-   pauses the lane (Runner.pause: no attempt starts), waits until the lane is settled
-   (nothing runs, and every finished message's results are written, published and
-   acked), then Runner.remove_lane hands it back (the unacked rest returns to the lane in
-   order) and the broker activates the lane's next waiting consumer, another replica.
+3. if it holds more than its share, it releases the excess, one lane at a time: it lets
+   the lane finish the message in progress and stop at that boundary, waits until every
+   finished message's results are written, published and acked, then Runner.remove_lane
+   hands it back (the unacked rest returns to the lane in order) and the broker activates
+   the lane's next waiting consumer, another replica.
    So the old holder has published every result it produced before the new holder
    produces one: the lane's results reach its sessions in order. Runner.add_lane then
    registers this replica again, at the back of the lane's waiting consumers.
@@ -36,11 +36,11 @@ from datetime import UTC, datetime
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from services.core import metrics
-from services.core.broker import BrokerError
-from services.core.logging import get_logger
-from services.worker.presence import PresenceStore
-from services.worker.runner import Runner, RunnerState
+from fairlane_server.core import metrics
+from fairlane_server.core.broker import BrokerError
+from fairlane_server.core.logging import get_logger
+from fairlane_server.worker.presence import PresenceStore
+from fairlane_server.worker.runner import Runner, RunnerState
 
 log = get_logger(__name__)
 
@@ -167,15 +167,12 @@ class Rebalancer:
         lane = self._runner.lanes.get(user_id)
         if lane is None or not lane.resumed.is_set():
             return False  # gone meanwhile, or paused by an operator: left alone
-        self._runner.pause(user_id)
-        try:
-            async with asyncio.timeout(self._handover_timeout):
-                await lane.settled()
-        except TimeoutError:
-            # A long request: it finishes here; the lane may move in a later round.
-            self._runner.resume(user_id)
-            return False
-        await self._runner.remove_lane(user_id)
+        # Between messages only: the message in progress is finished, its outcomes written
+        # and acked, so the next holder starts exactly where this one stopped.
+        if not await lane.finish_message(self._handover_timeout):
+            return False  # a long request: it finishes here; the lane may move later
+        await lane.settled_acks()
+        await self._runner.remove_lane(user_id, finish_current=0)
         try:
             # At the back of the lane's waiting consumers: the lane comes back here only
             # if the others let go of it, or die.

@@ -48,7 +48,7 @@ def load(extra: Iterable[str], *, default_attempts: int) -> dict[str, Handler]:
         found[spec.name] = spec
     if "echo" not in found:
         # Running from a source tree without the package installed: still offer built-ins.
-        from services.worker import builtins
+        from fairlane_server.worker import builtins
 
         for name in ("noop", "echo", "sleep", "cpu", "fail"):
             found[name] = _describe(name, getattr(builtins, name), default_attempts)

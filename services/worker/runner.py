@@ -21,15 +21,15 @@ from opentelemetry.trace import SpanKind
 
 from fairlane.common.v1 import common_pb2, lane_pb2
 from fairlane.handlers import Hooks
-from services.core import dberrors, metrics, status, tracing
-from services.core.broker import Broker, Delivery, lane_queue
-from services.core.logging import get_logger
-from services.worker.attempts import Attempts, Stats
-from services.worker.dead_letters import DeadLetters
-from services.worker.lanes import ConsumedLane, LaneSet
-from services.worker.registry import Handler
-from services.worker.store import Outcome, StoredState, WorkerStore
-from services.worker.writer import ResultWriter, WriteFailed
+from fairlane_server.core import dberrors, metrics, status, tracing
+from fairlane_server.core.broker import Broker, Delivery, lane_queue
+from fairlane_server.core.logging import get_logger
+from fairlane_server.worker.attempts import Attempts, Stats
+from fairlane_server.worker.dead_letters import DeadLetters
+from fairlane_server.worker.lanes import ConsumedLane, LaneSet
+from fairlane_server.worker.registry import Handler
+from fairlane_server.worker.store import Outcome, StoredState, WorkerStore
+from fairlane_server.worker.writer import ResultWriter, WriteFailed
 
 log = get_logger(__name__)
 
@@ -119,8 +119,10 @@ class Runner:
     async def add_lane(self, user_id: str) -> None:
         await self._lanes.add(user_id)
 
-    async def remove_lane(self, user_id: str) -> None:
-        await self._lanes.remove(user_id)
+    async def remove_lane(self, user_id: str, *, finish_current: float = 30.0) -> None:
+        """Hands the lane back once its current message is done (or `finish_current`
+        seconds have passed): between messages, so its order holds for the next holder."""
+        await self._lanes.remove(user_id, finish_current=finish_current)
 
     async def repair(self) -> int:
         return await self._lanes.repair()
@@ -161,7 +163,8 @@ class Runner:
         except TimeoutError:
             abandoned = self.in_flight
         for user_id in list(self.lanes):
-            await self.remove_lane(user_id)
+            # Already waited for above: what still runs is cut short and goes back whole.
+            await self.remove_lane(user_id, finish_current=0)
         self.state = RunnerState.DRAINED
         return abandoned
 

@@ -4,21 +4,21 @@ rebalancing, gRPC."""
 from __future__ import annotations
 
 from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
-from services.core.auth_client import AuthClient
-from services.core.backends import Backends
-from services.core.grpc_host import GrpcHost
-from services.core.health import DependencyMonitor
-from services.core.notify import results_channel
-from services.core.settings import Settings
-from services.core.transport import Transport
-from services.worker import registry
-from services.worker.discovery import LaneDiscovery
-from services.worker.presence import PresenceStore
-from services.worker.rebalance import Rebalancer
-from services.worker.runner import Runner
-from services.worker.servicer import WorkerServicer
-from services.worker.store import WorkerStore
-from services.worker.writer import ResultWriter
+from fairlane_server.core.auth_client import AuthClient
+from fairlane_server.core.backends import Backends
+from fairlane_server.core.grpc_host import GrpcHost
+from fairlane_server.core.health import DependencyMonitor
+from fairlane_server.core.notify import results_channel
+from fairlane_server.core.settings import Settings
+from fairlane_server.core.transport import Transport
+from fairlane_server.worker import registry
+from fairlane_server.worker.discovery import LaneDiscovery
+from fairlane_server.worker.presence import PresenceStore
+from fairlane_server.worker.rebalance import Rebalancer
+from fairlane_server.worker.runner import Runner
+from fairlane_server.worker.servicer import WorkerServicer
+from fairlane_server.worker.store import WorkerStore
+from fairlane_server.worker.writer import ResultWriter
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 

@@ -1,6 +1,6 @@
 """gRPC surface of WorkerService (control of one replica).
 
-Who may call what is in services.core.authz.POLICY; this module adds what depends on the
+Who may call what is in fairlane_server.core.authz.POLICY; this module adds what depends on the
 principal (lane ids and the host name only for operators) and audits every control call.
 """
 
@@ -11,11 +11,11 @@ from typing import Any
 import grpc
 
 from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
-from services.core import authz
-from services.core.audit import audit
-from services.core.grpc_host import ServicerContext, abort
-from services.core.tokens import ROLE_ADMIN
-from services.worker.runner import Runner, RunnerState
+from fairlane_server.core import authz
+from fairlane_server.core.audit import audit
+from fairlane_server.core.grpc_host import ServicerContext, abort
+from fairlane_server.core.tokens import ROLE_ADMIN
+from fairlane_server.worker.runner import Runner, RunnerState
 
 MAX_DRAIN_SECONDS = 86_400
 _FINISHED = (RunnerState.DRAINING, RunnerState.DRAINED)

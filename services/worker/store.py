@@ -11,12 +11,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.core import status
-from services.core.db import upsert, write_transaction
-from services.core.logging import get_logger
-from services.core.models import handlers, lanes, request_events, requests
-from services.core.notify import notify_statements
-from services.worker.registry import Handler
+from fairlane_server.core import status
+from fairlane_server.core.db import upsert, write_transaction
+from fairlane_server.core.logging import get_logger
+from fairlane_server.core.models import handlers, lanes, request_events, requests
+from fairlane_server.core.notify import notify_statements
+from fairlane_server.worker.registry import Handler
 
 log = get_logger(__name__)
 

@@ -17,10 +17,10 @@ from typing import Any
 from opentelemetry.trace import SpanKind
 
 from fairlane.common.v1 import common_pb2, lane_pb2
-from services.core import batching, dberrors, metrics, status, tracing
-from services.core.broker import Broker, BrokerError
-from services.core.logging import get_logger
-from services.worker.store import Attempt, Outcome, WorkerStore
+from fairlane_server.core import batching, dberrors, metrics, status, tracing
+from fairlane_server.core.broker import Broker, BrokerError, ResultsUnroutable
+from fairlane_server.core.logging import get_logger
+from fairlane_server.worker.store import Attempt, Outcome, WorkerStore
 
 log = get_logger(__name__)
 
@@ -210,13 +210,18 @@ class ResultWriter:
 
     async def _publish_events(self, route: str, events: list[lane_pb2.LaneEvent]) -> None:
         """Publishes one replica's events, retrying through a broker reconnect for a while;
-        past that they are dropped (they are in the log; clients catch up with WatchResults)."""
+        past that they are dropped (they are in the log; Sessions read overdue results
+        from it, and WatchResults always can). A route nobody is bound to any more (its
+        replica died) is dropped at once: waiting cannot bring it back."""
         body = lane_pb2.LaneEventBatch(events=events).SerializeToString()
         delay = 0.05
         deadline = time.monotonic() + self._publish_patience
         while True:
             try:
                 await self._broker.publish_results(route, body)
+                return
+            except ResultsUnroutable:
+                log.info("result_route_gone", route=route, events=len(events))
                 return
             except BrokerError as exc:
                 if time.monotonic() + delay > deadline:
@@ -284,6 +289,9 @@ class ResultWriter:
                 )
             if item.route and item.event is not None:
                 by_route[item.route].append(item.event)
+        # Published before the lanes ack: a lane handed to another worker after its acks
+        # has every result of this holder out before the next holder produces one, so a
+        # lane's results reach its sessions in order.
         await asyncio.gather(
             *(self._publish_events(route, events) for route, events in by_route.items())
         )

@@ -27,9 +27,9 @@ INSTALL_HINT = "run scripts/install_deploy_tools.sh (make test does)"
 # suffixes Prometheus adds.
 def _exported_families() -> frozenset[str]:
     """Every fairlane_* family the services define (their modules register them)."""
-    import services.core.breaker
-    import services.core.grpc_metrics
-    import services.core.metrics  # noqa: F401  (registers the families)
+    import fairlane_server.core.breaker
+    import fairlane_server.core.grpc_metrics
+    import fairlane_server.core.metrics  # noqa: F401  (registers the families)
 
     return frozenset(
         family.name
@@ -121,7 +121,7 @@ def settings_defaults() -> dict[str, object]:
 
     Fields with a computed default (a factory) map to None.
     """
-    from services.core.settings import Settings
+    from fairlane_server.core.settings import Settings
 
     out: dict[str, object] = {}
     for name, field in Settings.model_fields.items():

@@ -162,7 +162,15 @@ def test_build_context_is_small_and_complete() -> None:
     assert any(f.startswith("services/core/migrations/") for f in files)
     for f in files:
         top = f.split("/")[0]
-        assert top in {"pyproject.toml", "README.md", "LICENSE", "clients", "services", "deploy"}, f
+        assert top in {
+            "pyproject.toml",
+            "README.md",
+            "LICENSE",
+            "clients",
+            "services",
+            "fairlane_server",
+            "deploy",
+        }, f
         assert "__pycache__" not in f, f
         assert not f.endswith((".pyc", ".db")), f
         assert not f.startswith(("deploy/helm", "deploy/compose", "clients/typescript")), f

@@ -12,7 +12,7 @@ import pytest
 
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
-from services.core.settings import Settings
+from fairlane_server.core.settings import Settings
 from tests.conftest import DATABASE_URL, broker_url, unique
 from tests.e2e.suite import Suite, wait_until
 from tests.e2e.users import PASSWORD, bearer

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from fairlane.bench.stats import LaneRecord, summarize
-from services.core.db import create_engine
-from services.core.models import requests
+from fairlane_server.bench.stats import LaneRecord, summarize
+from fairlane_server.core.db import create_engine
+from fairlane_server.core.models import requests
 from tests.e2e.suite import ROOT, Suite, wait_until
 from tests.e2e.test_fault_drills import base, start  # noqa: F401 - base is a fixture
 

@@ -32,10 +32,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from fairlane.bench.runner import BenchConfig, BenchRun
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
-from services.core.db import create_engine
-from services.core.models import lanes, requests
+from fairlane_server.bench.runner import BenchConfig, BenchRun
+from fairlane_server.core.db import create_engine
+from fairlane_server.core.models import lanes, requests
 from tests.cluster import RabbitCluster
 from tests.conftest import DATABASE_URL
 from tests.e2e.suite import Suite, free_port, wait_until

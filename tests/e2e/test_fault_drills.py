@@ -21,8 +21,8 @@ from fairlane.client.errors import retry_delay_ms
 from fairlane.common.v1 import common_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
-from services.core.db import create_engine
-from services.core.models import outbox, request_events, requests
+from fairlane_server.core.db import create_engine
+from fairlane_server.core.models import outbox, request_events, requests
 from tests.conftest import DATABASE_URL, broker_url
 from tests.e2e.suite import Suite, free_port, wait_until
 from tests.e2e.users import admin_token, bearer, new_user

@@ -30,8 +30,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 from fairlane.queue.v1 import queue_pb2
 from fairlane.worker.v1 import worker_pb2
-from services.core.db import create_engine
-from services.core.models import requests
+from fairlane_server.core.db import create_engine
+from fairlane_server.core.models import requests
 from tests.conftest import DATABASE_URL, broker_url
 from tests.e2e.fuzz import Generator
 from tests.e2e.suite import SERVICE_SECRET, Suite, wait_until

@@ -39,7 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fairlane.common.v1 import common_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
-from services.core.db import drop_schema, migrate
+from fairlane_server.core.db import drop_schema, migrate
 from tests.conftest import DATABASE_URL, broker_url, unique
 from tests.e2e.suite import ROOT, Suite
 from tests.e2e.users import PASSWORD, bearer, new_user, run_session

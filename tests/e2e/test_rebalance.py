@@ -13,9 +13,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from fairlane.bench.runner import BenchConfig, BenchRun
-from services.core.db import create_engine
-from services.core.models import workers
+from fairlane_server.bench.runner import BenchConfig, BenchRun
+from fairlane_server.core.db import create_engine
+from fairlane_server.core.models import workers
 from tests.conftest import DATABASE_URL
 from tests.e2e.suite import Suite, wait_until
 from tests.e2e.test_fault_drills import base, start  # noqa: F401 - base is a fixture

@@ -20,8 +20,8 @@ import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
-from services.core.db import create_engine
-from services.core.models import request_events, requests, signing_keys
+from fairlane_server.core.db import create_engine
+from fairlane_server.core.models import request_events, requests, signing_keys
 from tests.e2e.suite import Suite
 from tests.e2e.users import bearer, new_user, run_session
 

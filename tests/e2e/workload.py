@@ -3,7 +3,7 @@
 A case runs up to three clients at once:
 
 * the *main* client: one Session per lane (user), a window of requests in flight, every
-  answer and result checked as `fairlane bench` checks a run (fairlane.bench.stats);
+  answer and result checked as `fairlane bench` checks a run (fairlane_server.bench.stats);
   optionally it cancels a running and a queued request of its own mid-run;
 * an *abandoner*: another user whose unary Enqueues and Sessions give up after 1-10 ms;
 * a *bad-input* client: another user sending what the service must refuse, beside valid
@@ -30,13 +30,13 @@ import grpc
 import sqlalchemy as sa
 from google.protobuf import timestamp_pb2
 
-from fairlane.bench.stats import LaneRecord
 from fairlane.common.v1 import common_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
-from services.core import status
-from services.core.db import create_engine
-from services.core.models import lanes, request_events, requests
+from fairlane_server.bench.stats import LaneRecord
+from fairlane_server.core import status
+from fairlane_server.core.db import create_engine
+from fairlane_server.core.models import lanes, request_events, requests
 from tests.e2e.suite import Suite, wait_until
 from tests.e2e.users import bearer, new_user
 

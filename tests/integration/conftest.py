@@ -6,9 +6,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from services.core.amqp import AmqpBroker
-from services.core.broker import Broker
-from services.core.memory_broker import MemoryBroker
+from fairlane_server.core.amqp import AmqpBroker
+from fairlane_server.core.broker import Broker
+from fairlane_server.core.memory_broker import MemoryBroker
 from tests.conftest import broker_url
 
 MAX_LENGTH = 5

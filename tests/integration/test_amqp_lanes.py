@@ -7,7 +7,7 @@ from __future__ import annotations
 import aio_pika
 import pytest
 
-from services.core.amqp import AmqpBroker
+from fairlane_server.core.amqp import AmqpBroker
 from tests.conftest import broker_url, unique
 from tests.integration.test_broker_contract import Recorder
 

@@ -11,8 +11,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
-from services.auth.service import AuthService
-from services.core.settings import Settings
+from fairlane_server.auth.service import AuthService
+from fairlane_server.core.settings import Settings
 from tests.conftest import DATABASE_URL, unique
 
 pytestmark = pytest.mark.integration

@@ -17,11 +17,11 @@ from pydantic import SecretStr
 from structlog.testing import capture_logs
 
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
-from services.auth import keys
-from services.auth.service import AuthService
-from services.core.db import create_engine
-from services.core.models import signing_keys
-from services.core.settings import Settings
+from fairlane_server.auth import keys
+from fairlane_server.auth.service import AuthService
+from fairlane_server.core.db import create_engine
+from fairlane_server.core.models import signing_keys
+from fairlane_server.core.settings import Settings
 from tests.conftest import DATABASE_URL, unique
 
 pytestmark = pytest.mark.integration

@@ -17,10 +17,10 @@ from structlog.testing import capture_logs
 
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 from fairlane.client.errors import retry_delay_ms
-from services.auth.service import AuthService
-from services.auth.throttle_store import ThrottleStore
-from services.core.db import migrate
-from services.core.settings import Settings
+from fairlane_server.auth.service import AuthService
+from fairlane_server.auth.throttle_store import ThrottleStore
+from fairlane_server.core.db import migrate
+from fairlane_server.core.settings import Settings
 from tests.conftest import DATABASE_URL, unique
 from tests.e2e.suite import wait_until
 

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from services.core.broker import (
+from fairlane_server.core.broker import (
     Broker,
     BrokerError,
     Delivery,

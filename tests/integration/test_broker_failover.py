@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from services.core.amqp import AmqpBroker
-from services.core.broker import BrokerError
+from fairlane_server.core.amqp import AmqpBroker
+from fairlane_server.core.broker import BrokerError
 from tests.conftest import BROKER_ROOT, unique
 from tests.e2e.suite import wait_until
 from tests.integration.test_broker_contract import Recorder

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from fairlane.client import Client, Status
-from services.auth.service import AuthService
-from services.core.backends import Backends
-from services.core.db import engine_for, migrate
-from services.core.memory_broker import MemoryBroker
-from services.core.settings import Settings
-from services.queue.service import QueueService
-from services.worker.service import WorkerService
+from fairlane_server.auth.service import AuthService
+from fairlane_server.core.backends import Backends
+from fairlane_server.core.db import engine_for, migrate
+from fairlane_server.core.memory_broker import MemoryBroker
+from fairlane_server.core.settings import Settings
+from fairlane_server.queue.service import QueueService
+from fairlane_server.worker.service import WorkerService
 from tests.integration.embedded_handlers import Recorder
 
 pytestmark = pytest.mark.integration

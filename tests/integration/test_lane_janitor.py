@@ -14,15 +14,15 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from uuid_utils.compat import uuid7
 
-from services.core import status
-from services.core.broker import Broker, BrokerError, LaneMissing
-from services.core.db import create_engine
-from services.core.memory_broker import MemoryBroker
-from services.core.models import lanes, requests, users
-from services.queue.hub import Hub
-from services.queue.janitor import LaneJanitor
-from services.queue.lane_store import LaneHousekeepingStore
-from services.queue.store import RequestStore
+from fairlane_server.core import status
+from fairlane_server.core.broker import Broker, BrokerError, LaneMissing
+from fairlane_server.core.db import create_engine
+from fairlane_server.core.memory_broker import MemoryBroker
+from fairlane_server.core.models import lanes, requests, users
+from fairlane_server.queue.hub import Hub
+from fairlane_server.queue.janitor import LaneJanitor
+from fairlane_server.queue.lane_store import LaneHousekeepingStore
+from fairlane_server.queue.store import RequestStore
 from tests.conftest import DATABASE_URL
 from tests.e2e.suite import wait_until
 
@@ -296,7 +296,7 @@ class UnansweredDeletes(MemoryBroker):
 async def test_an_unanswered_delete_is_asked_again_before_the_claim_ends(
     engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch, lost: int
 ) -> None:
-    monkeypatch.setattr("services.queue.janitor.SETTLE_PAUSES", (0.01, 0.01, 0.01))
+    monkeypatch.setattr("fairlane_server.queue.janitor.SETTLE_PAUSES", (0.01, 0.01, 0.01))
     broker = UnansweredDeletes(lost)
     await broker.connect()
     (lane,) = await add_lanes(engine, broker, 1)

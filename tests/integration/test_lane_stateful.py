@@ -45,16 +45,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fairlane.common.v1 import common_pb2, lane_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
-from services.auth.service import AuthService
-from services.core import status
-from services.core.backends import Backends
-from services.core.broker import BrokerError
-from services.core.db import engine_for, migrate
-from services.core.memory_broker import MemoryBroker
-from services.core.models import lanes, requests
-from services.core.settings import Settings
-from services.queue.service import QueueService
-from services.worker.service import WorkerService
+from fairlane_server.auth.service import AuthService
+from fairlane_server.core import status
+from fairlane_server.core.backends import Backends
+from fairlane_server.core.broker import BrokerError
+from fairlane_server.core.db import engine_for, migrate
+from fairlane_server.core.memory_broker import MemoryBroker
+from fairlane_server.core.models import lanes, requests
+from fairlane_server.core.settings import Settings
+from fairlane_server.queue.service import QueueService
+from fairlane_server.worker.service import WorkerService
 from tests.e2e.users import bearer, new_user
 from tests.e2e.workload import (
     BAD_ENQUEUES,

@@ -10,8 +10,8 @@ import pytest
 
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 from fairlane.client.errors import retry_delay_ms
-from services.auth.service import AuthService
-from services.core.settings import Settings
+from fairlane_server.auth.service import AuthService
+from fairlane_server.core.settings import Settings
 from tests.conftest import DATABASE_URL
 
 pytestmark = pytest.mark.integration

@@ -11,11 +11,11 @@ from datetime import UTC, datetime
 import pytest
 from uuid_utils.compat import uuid7
 
-from services.core.db import create_engine
-from services.core.models import users
-from services.core.notify import ResultListener, results_channel
-from services.queue.store import NewRequest, RequestStore
-from services.worker.store import Outcome, WorkerStore
+from fairlane_server.core.db import create_engine
+from fairlane_server.core.models import users
+from fairlane_server.core.notify import ResultListener, results_channel
+from fairlane_server.queue.store import NewRequest, RequestStore
+from fairlane_server.worker.store import Outcome, WorkerStore
 from tests.conftest import DATABASE_URL, unique
 
 pytestmark = pytest.mark.integration

@@ -21,18 +21,18 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from uuid_utils.compat import uuid7
 
-from services.core.db import create_engine, drop_schema, migrate
-from services.core.models import idempotency_keys, request_events, requests, users
-from services.queue.retention import AHEAD_DAYS, Retention
-from services.queue.retention_store import (
+from fairlane_server.core.db import create_engine, drop_schema, migrate
+from fairlane_server.core.models import idempotency_keys, request_events, requests, users
+from fairlane_server.queue.retention import AHEAD_DAYS, Retention
+from fairlane_server.queue.retention_store import (
     RetentionStore,
     day_bound,
     day_of,
     id_day,
     partition_name,
 )
-from services.queue.store import NewRequest, RequestStore
-from services.worker.store import Attempt, Outcome, WorkerStore
+from fairlane_server.queue.store import NewRequest, RequestStore
+from fairlane_server.worker.store import Attempt, Outcome, WorkerStore
 from tests.conftest import DATABASE_URL, unique
 
 pytestmark = pytest.mark.integration
@@ -414,7 +414,7 @@ async def test_downgrade_flattens_the_log_and_keeps_its_rows() -> None:
 async def _downgrade(schema: str, revision: str) -> None:
     from alembic import command
 
-    from services.core.db import _alembic_config
+    from fairlane_server.core.db import _alembic_config
 
     engine = create_engine(DATABASE_URL, schema=schema, pool_size=1)
     try:

@@ -19,16 +19,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from uuid_utils.compat import uuid7
 
-from services.core import status
-from services.core.db import create_engine, drop_schema, migrate
-from services.core.memory_broker import MemoryBroker
-from services.core.models import lanes, request_events, requests, users
-from services.queue.intake import Intake, Submission
-from services.queue.outbox_store import OutboxStore
-from services.queue.relay import LaneRelay
-from services.queue.store import NewRequest, OutboxItem, RequestStore
-from services.worker.store import Attempt, Outcome, WorkerStore
-from services.worker.writer import ResultWriter
+from fairlane_server.core import status
+from fairlane_server.core.db import create_engine, drop_schema, migrate
+from fairlane_server.core.memory_broker import MemoryBroker
+from fairlane_server.core.models import lanes, request_events, requests, users
+from fairlane_server.queue.intake import Intake, Submission
+from fairlane_server.queue.outbox_store import OutboxStore
+from fairlane_server.queue.relay import LaneRelay
+from fairlane_server.queue.store import NewRequest, OutboxItem, RequestStore
+from fairlane_server.worker.store import Attempt, Outcome, WorkerStore
+from fairlane_server.worker.writer import ResultWriter
 from tests.conftest import DATABASE_URL, unique
 
 pytestmark = pytest.mark.integration

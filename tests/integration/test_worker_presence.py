@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.core.db import create_engine, migrate
-from services.core.models import workers
-from services.worker.presence import Peer, PresenceStore
-from services.worker.rebalance import fair_share
+from fairlane_server.core.db import create_engine, migrate
+from fairlane_server.core.models import workers
+from fairlane_server.worker.presence import Peer, PresenceStore
+from fairlane_server.worker.rebalance import fair_share
 from tests.conftest import DATABASE_URL
 
 pytestmark = pytest.mark.integration

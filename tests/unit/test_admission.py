@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from services.queue.admission import Admission, TokenBuckets
-from services.queue.intake import Rejection
+from fairlane_server.queue.admission import Admission, TokenBuckets
+from fairlane_server.queue.intake import Rejection
 
 
 def test_a_full_bucket_grants_its_burst_then_says_how_long_to_wait() -> None:

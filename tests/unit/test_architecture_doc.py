@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from services.core import broker
-from services.core.models import metadata
+from fairlane_server.core import broker
+from fairlane_server.core.models import metadata
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = (ROOT / "docs" / "architecture.md").read_text()

@@ -9,13 +9,13 @@ from collections.abc import Sequence
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from services.auth.hashing import HashGate, HashingBusy
-from services.auth.passwords import WeakPassword, check_new_password
-from services.auth.sealing import seal, unseal
-from services.auth.throttle import Rule, Throttle
-from services.auth.throttle_store import ThrottleStore
-from services.core.peer import client_address, parse_networks
-from services.core.revocation import RevokedFamilies
+from fairlane_server.auth.hashing import HashGate, HashingBusy
+from fairlane_server.auth.passwords import WeakPassword, check_new_password
+from fairlane_server.auth.sealing import seal, unseal
+from fairlane_server.auth.throttle import Rule, Throttle
+from fairlane_server.auth.throttle_store import ThrottleStore
+from fairlane_server.core.peer import client_address, parse_networks
+from fairlane_server.core.revocation import RevokedFamilies
 
 
 def test_delays_double_after_the_free_events_up_to_the_cap() -> None:

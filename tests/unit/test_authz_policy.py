@@ -24,9 +24,9 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from jwt.algorithms import OKPAlgorithm
 
-from services.core import authz
-from services.core.authz import POLICY, Access, AuthzInterceptor
-from services.core.tokens import ROLE_ADMIN, ROLE_SERVICE, ROLE_USER, TokenVerifier
+from fairlane_server.core import authz
+from fairlane_server.core.authz import POLICY, Access, AuthzInterceptor
+from fairlane_server.core.tokens import ROLE_ADMIN, ROLE_SERVICE, ROLE_USER, TokenVerifier
 
 # Every proto file of the project (found, not listed: a new file's services count too),
 # plus health and reflection, which GrpcHost adds to every server.

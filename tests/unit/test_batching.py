@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from services.core.batching import Batcher
+from fairlane_server.core.batching import Batcher
 
 
 async def test_an_idle_stage_takes_a_lone_item_at_once() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import REGISTRY
 
-from services.core.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, CircuitOpen
+from fairlane_server.core.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, CircuitOpen
 
 
 class Clock:

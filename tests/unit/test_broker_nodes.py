@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.core.amqp_connection import broker_nodes, node_name
+from fairlane_server.core.amqp_connection import broker_nodes, node_name
 
 
 def test_one_url_is_one_node() -> None:

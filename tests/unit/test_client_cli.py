@@ -10,7 +10,9 @@ import typer
 from typer.testing import CliRunner
 
 from fairlane.cli.connection import Connection, connected
-from fairlane.cli.main import app
+from fairlane.cli.main import build_app
+
+app = build_app()
 
 SERVER_COMMANDS = {"serve", "migrate", "maintain", "dev", "bench"}
 CONNECTION_OPTIONS = {

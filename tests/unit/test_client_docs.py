@@ -9,8 +9,10 @@ from typing import Any
 
 import typer
 
-from fairlane.cli.main import app
+from fairlane.cli.main import build_app
 from fairlane.client import Client, Session, SyncClient
+
+app = build_app()
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "client.md").read_text()
 

@@ -14,8 +14,8 @@ from sqlalchemy.dialects.postgresql.asyncpg import (
     PGDialect_asyncpg,
 )
 
-from services.core.breaker import CircuitOpen
-from services.core.dberrors import is_database_error, is_transient, sqlstate
+from fairlane_server.core.breaker import CircuitOpen
+from fairlane_server.core.dberrors import is_database_error, is_transient, sqlstate
 
 _DBAPI: Any = PGDialect_asyncpg.import_dbapi()  # type: ignore[no-untyped-call]
 

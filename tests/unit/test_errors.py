@@ -16,9 +16,9 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from fairlane.client.errors import retry_delay_ms
 from fairlane.worker.v1 import worker_pb2
-from services.core.errors import MALFORMED, ErrorInterceptor
-from services.core.grpc_host import GrpcHost
-from services.core.grpc_metrics import MetricsInterceptor
+from fairlane_server.core.errors import MALFORMED, ErrorInterceptor
+from fairlane_server.core.grpc_host import GrpcHost
+from fairlane_server.core.grpc_metrics import MetricsInterceptor
 
 SERVICE = "fairlane.test.Faulty"
 LEAK = "SELECT password_hash FROM users WHERE name = $1 /srv/app/store.py"

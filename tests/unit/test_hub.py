@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from fairlane.common.v1 import common_pb2, lane_pb2
-from services.queue.hub import Hub
+from fairlane_server.queue.hub import Hub
 
 
 def _result(user: str, request_id: str, seq: int) -> lane_pb2.LaneEvent:

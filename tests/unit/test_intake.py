@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
-from services.queue.intake import Admitted, Intake, Rejection, Submission
-from services.queue.store import CommitUnknown, NewRequest, OutboxItem
+from fairlane_server.queue.intake import Admitted, Intake, Rejection, Submission
+from fairlane_server.queue.store import CommitUnknown, NewRequest, OutboxItem
 
 
 class DeadlockError(Exception):
@@ -113,7 +113,6 @@ def _intake(store: ScriptedStore, relay: Relay | None = None) -> Intake:
         linger_ms=50,
         lane_limit=1000,
         transient_patience=1.0,
-        verify_patience=0.2,
     )
 
 

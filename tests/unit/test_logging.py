@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = """
 import logging
-from services.core import logging as fl_logging
+from fairlane_server.core import logging as fl_logging
 fl_logging.configure("svc")
 logging.getLogger("aiormq.connection").warning("connection lost %s", "x")
 logging.getLogger("sqlalchemy.pool.impl").info("chatter")

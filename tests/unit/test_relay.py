@@ -11,11 +11,11 @@ from datetime import UTC, datetime
 import pytest
 
 from fairlane.common.v1 import lane_pb2
-from services.core.broker import BrokerError, Delivery, LaneMissing
-from services.core.memory_broker import MemoryBroker
-from services.queue.outbox_store import LaneOutbox, OutboxRow
-from services.queue.relay import LaneRelay
-from services.queue.store import OutboxItem
+from fairlane_server.core.broker import BrokerError, Delivery, LaneMissing
+from fairlane_server.core.memory_broker import MemoryBroker
+from fairlane_server.queue.outbox_store import LaneOutbox, OutboxRow
+from fairlane_server.queue.relay import LaneRelay
+from fairlane_server.queue.store import OutboxItem
 
 
 class FakeOutbox:

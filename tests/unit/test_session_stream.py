@@ -13,12 +13,12 @@ import pytest
 
 from fairlane.common.v1 import common_pb2, lane_pb2
 from fairlane.queue.v1 import queue_pb2
-from services.core.tokens import Principal
-from services.queue.domain import StreamLimits
-from services.queue.hub import Hub
-from services.queue.intake import Admitted, Rejection
-from services.queue.session import SessionStream, StreamError
-from services.queue.validation import InvalidEnqueue
+from fairlane_server.core.tokens import Principal
+from fairlane_server.queue.domain import StreamLimits
+from fairlane_server.queue.hub import Hub
+from fairlane_server.queue.intake import Admitted, Rejection
+from fairlane_server.queue.session import SessionStream, StreamError
+from fairlane_server.queue.validation import InvalidEnqueue
 
 USER = str(uuid.uuid4())
 

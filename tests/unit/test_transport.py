@@ -7,8 +7,8 @@ import re
 import pytest
 import structlog
 
-from services.core.settings import Settings
-from services.core.transport import Transport, TransportError, is_loopback
+from fairlane_server.core.settings import Settings
+from fairlane_server.core.transport import Transport, TransportError, is_loopback
 
 
 @pytest.mark.parametrize(

@@ -16,11 +16,11 @@ import pytest
 
 from fairlane.common.v1 import lane_pb2
 from fairlane.handlers import PermanentError
-from services.core.memory_broker import MemoryBroker
-from services.worker.registry import Handler
-from services.worker.runner import Runner, RunnerState
-from services.worker.store import Outcome, StoredState
-from services.worker.writer import ResultWriter
+from fairlane_server.core.memory_broker import MemoryBroker
+from fairlane_server.worker.registry import Handler
+from fairlane_server.worker.runner import Runner, RunnerState
+from fairlane_server.worker.store import Outcome, StoredState
+from fairlane_server.worker.writer import ResultWriter
 
 ROUTE = "queue.test"
 
@@ -288,3 +288,29 @@ async def test_repair_consumes_dead_lanes_again_and_leaves_deleted_ones_alone(us
     await world.until_finished(1)
     await world.stop()
     assert [o.request_id for o in world.log.outcomes] == ids
+
+
+async def test_a_lane_is_handed_back_between_messages(user: str) -> None:
+    started = asyncio.Event()
+
+    async def slow(ctx: Any, payload: bytes) -> bytes:
+        started.set()
+        await asyncio.sleep(0.05)
+        return payload
+
+    world = World({"slow": handler("slow", slow)})
+    await world.start(user)
+    first = await world.publish(user, [b"a", b"b", b"c"], handler="slow")
+    second = await world.publish(user, [b"d"], handler="slow")
+    await asyncio.wait_for(started.wait(), 5)
+    # Mid-message: the message in progress finishes (all three), is acked, then the lane
+    # goes; the next message stays in the lane, untouched, for the next holder.
+    await world.runner.remove_lane(user, finish_current=5.0)
+    assert [o.request_id for o in world.log.outcomes] == first
+    assert user not in world.runner.lanes
+    assert world.broker.lane_depth(user) == 1
+    await world.runner.add_lane(user)
+    await world.until_finished(4)
+    await world.stop()
+    assert [o.request_id for o in world.log.outcomes] == first + second
+    assert [o.lane_seq for o in world.log.outcomes] == [1, 2, 3, 4]

@@ -1,113 +1,37 @@
-"""`fairlane` entry point: server commands (serve, migrate, maintain) and client commands."""
+"""The `fairlane` command. Client commands (login, enqueue, watch, worker control) are
+here; installing the server (`fairlane-server`) adds serve, migrate, maintain, dev and
+bench through the `fairlane.cli` entry-point group."""
 
 from __future__ import annotations
 
-import enum
-from typing import Annotated
+import sys
+from importlib.metadata import entry_points
 
-import typer
-
-from fairlane.bench import bench_command
-from fairlane.cli.commands import register_commands as register_client_commands
-
-app = typer.Typer(
-    name="fairlane",
-    help="Per-client FIFO request lanes over gRPC, RabbitMQ and PostgreSQL.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-)
+try:
+    import typer
+except ImportError:  # the client installed without its `cli` extra
+    typer = None  # type: ignore[assignment]
 
 
-class ServiceName(enum.StrEnum):
-    auth = "auth"
-    queue = "queue"
-    worker = "worker"
+def build_app() -> typer.Typer:
+    from fairlane.cli.commands import register_commands
 
-
-@app.command()
-def serve(
-    service: Annotated[ServiceName, typer.Argument(help="Which service to run.")],
-    handlers: Annotated[
-        list[str] | None,
-        typer.Option("--handlers", help="Extra worker handlers as module:attr (repeatable)."),
-    ] = None,
-    hooks: Annotated[
-        list[str] | None,
-        typer.Option("--hooks", help="Worker lifecycle hooks as module:attr (repeatable)."),
-    ] = None,
-    json_logs: Annotated[bool, typer.Option("--json-logs/--console-logs")] = True,
-) -> None:
-    """Run one service against RabbitMQ and PostgreSQL (settings: FAIRLANE_* variables)."""
-    from services.cli import serve_one
-
-    serve_one(service.value, handlers or [], hooks or [], json_logs=json_logs)
-
-
-@app.command()
-def migrate() -> None:
-    """Bring the database schema to the newest version (Alembic)."""
-    from services.cli import migrate_database
-
-    migrate_database()
-
-
-@app.command()
-def maintain(
-    retention_days: Annotated[
-        float | None,
-        typer.Option(
-            "--retention-days",
-            min=0,
-            help="Override FAIRLANE_RETENTION_DAYS for this pass (0 keeps everything).",
-        ),
-    ] = None,
-) -> None:
-    """Run one request-log maintenance pass now: create the coming days' partitions, drop
-    those past retention (the queue service does this every hour by itself)."""
-    from services.cli import maintain_database
-
-    maintain_database(retention_days=retention_days)
-
-
-@app.command()
-def dev(
-    broker: Annotated[
-        str, typer.Option(help="'memory' (embedded) or an amqp:// URL for real RabbitMQ.")
-    ] = "memory",
-    database: Annotated[
-        str,
-        typer.Option(
-            help="SQLAlchemy URL; default: SQLite in --data-dir (postgresql+asyncpg://...)."
-        ),
-    ] = "",
-    data_dir: Annotated[
-        str, typer.Option(help="Where the embedded SQLite database lives.")
-    ] = ".fairlane-dev",
-    demo: Annotated[
-        bool, typer.Option("--demo/--no-demo", help="Run a short client round trip once up.")
-    ] = False,
-    trace_console: Annotated[bool, typer.Option(help="Print spans to the console.")] = False,
-) -> None:
-    """Run auth, queue and worker in one process on embedded backends (nothing to install)."""
-    from services.dev import run_dev
-
-    run_dev(
-        broker=broker,
-        database=database,
-        data_dir=data_dir,
-        demo=demo,
-        trace_console=trace_console,
+    app = typer.Typer(
+        name="fairlane",
+        help="Per-client FIFO request lanes over gRPC, RabbitMQ and PostgreSQL.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
     )
-
-
-app.command(name="bench")(bench_command)
-
-
-register_client_commands(app)
+    register_commands(app)
+    for plugin in entry_points(group="fairlane.cli"):
+        plugin.load()(app)
+    return app
 
 
 def main() -> None:
-    app()
+    if typer is None:
+        sys.exit("fairlane: the command line needs the cli extra: pip install 'fairlane[cli]'")
+    build_app()()
 
 
 if __name__ == "__main__":

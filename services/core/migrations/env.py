@@ -1,10 +1,10 @@
-"""Alembic environment: runs on the connection handed over by services.core.db.migrate."""
+"""Alembic environment: runs on the connection handed over by fairlane_server.core.db.migrate."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from services.core.models import metadata
+from fairlane_server.core.models import metadata
 
 connection = context.config.attributes["connection"]
 context.configure(

@@ -16,12 +16,12 @@ from typing import Any
 import grpc
 
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
-from fairlane.bench.procs import ProcessWatch, addresses
-from fairlane.bench.stages import StageWatch
-from fairlane.bench.stats import LaneRecord, summarize
 from fairlane.client.channels import grpc_target
 from fairlane.common.v1 import common_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
+from fairlane_server.bench.procs import ProcessWatch, addresses
+from fairlane_server.bench.stages import StageWatch
+from fairlane_server.bench.stats import LaneRecord, summarize
 
 CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 STATUS_PREFIX = "REQUEST_STATUS_"
@@ -276,7 +276,7 @@ class BenchRun:
             await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
         report = self.report()
         if config.database_url:
-            from fairlane.bench.dbcheck import compare, request_log_counts
+            from fairlane_server.bench.dbcheck import compare, request_log_counts
 
             try:
                 counts = await request_log_counts(

@@ -1,5 +1,5 @@
 """`fairlane bench`: drives a running suite and reports throughput, latency and correctness."""
 
-from fairlane.bench.command import bench_command
+from fairlane_server.bench.command import bench_command
 
 __all__ = ["bench_command"]

@@ -20,8 +20,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from fairlane.bench.report import render
-from fairlane.bench.runner import BenchConfig, BenchRun, BenchSetupError, RunProgress
+from fairlane_server.bench.report import render
+from fairlane_server.bench.runner import BenchConfig, BenchRun, BenchSetupError, RunProgress
 
 
 def _ints(text: str) -> list[int]:
