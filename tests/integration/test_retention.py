@@ -23,6 +23,7 @@ from uuid_utils.compat import uuid7
 
 from fairlane_server.core.db import create_engine, drop_schema, migrate
 from fairlane_server.core.models import idempotency_keys, request_events, requests, users
+from fairlane_server.queue.intake import Intake, Submission
 from fairlane_server.queue.retention import AHEAD_DAYS, Retention
 from fairlane_server.queue.retention_store import (
     RetentionStore,
@@ -442,3 +443,71 @@ def test_fairlane_maintain_runs_one_pass(pg_schema: str) -> None:
     # A fresh log: the week ahead exists, nothing is old enough to go.
     assert "partitions created: none" in done.stdout
     assert "partitions dropped: none" in done.stdout
+
+
+class _Relay:
+    """Takes what the intake hands over; publishing is not under test here."""
+
+    backlog = 0
+
+    def __init__(self) -> None:
+        self.handed: list[Any] = []
+
+    def hand(self, items: list[Any]) -> None:
+        self.handed.extend(items)
+
+
+async def test_two_intakes_agree_on_a_key_sent_to_both(pg_schema: str) -> None:
+    """Two queue replicas (two intakes, two engines) get the same idempotency key at once,
+    each in a batch with other requests. The key's table refuses the second, that batch is
+    split, its key is answered as a duplicate of the first request, and the rest of it is
+    stored."""
+    engines = [create_engine(DATABASE_URL, schema=pg_schema, pool_size=2) for _ in range(2)]
+    intakes = [
+        Intake(
+            RequestStore(e),
+            _Relay(),  # type: ignore[arg-type]
+            batch_size=100,
+            linger_ms=20,
+            lane_limit=1000,
+        )
+        for e in engines
+    ]
+    try:
+        user = await _user(engines[0])
+        for intake in intakes:
+            intake.start()
+        for round_ in range(5):
+            key = f"both-{round_}"
+            batches = [
+                [
+                    Submission(request=_request(user, datetime.now(UTC), key=k), reply_route="r")
+                    for k in (None, key, f"own-{round_}-{n}", None)
+                ]
+                for n in range(2)
+            ]
+            answers = await asyncio.wait_for(
+                asyncio.gather(
+                    *(
+                        asyncio.shield(intake.submit(s))
+                        for intake, batch in zip(intakes, batches, strict=True)
+                        for s in batch
+                    )
+                ),
+                30,
+            )
+            keyed = [answers[1], answers[5]]
+            assert keyed[0].request_id == keyed[1].request_id
+            assert sorted(a.duplicate for a in keyed) == [False, True]
+            others = [a for i, a in enumerate(answers) if i not in (1, 5)]
+            assert not any(a.duplicate for a in others)
+            stored = await RequestStore(engines[0]).stored(
+                [s.request.id for b in batches for s in b]
+            )
+            assert stored == {a.request_id for a in answers}
+            assert len(stored) == 7
+    finally:
+        for intake in intakes:
+            await intake.stop()
+        for e in engines:
+            await e.dispose()
