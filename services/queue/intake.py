@@ -149,8 +149,17 @@ class Intake:
 
     async def _process(self, batch: list[Submission]) -> None:
         fresh = await self._dedupe(batch)
-        if fresh:
+        if not fresh:
+            return
+        # The relay may read these rows from the outbox between the commit and the
+        # handover; told they are coming, it waits for them instead of loading them back
+        # as another replica's leftovers.
+        ids = [s.request.id for s in fresh]
+        self._relay.expect(ids)
+        try:
             await self._store_batch(fresh)
+        finally:
+            self._relay.settled(ids)
 
     # -- idempotency -----------------------------------------------------------------------
 

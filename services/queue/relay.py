@@ -85,6 +85,7 @@ class LaneRelay:
         self._stale_after = stale_after
         self._lanes: dict[uuid.UUID, _Lane] = {}
         self._announced: set[uuid.UUID] = set()
+        self._expected: set[uuid.UUID] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._next_sweep = time.monotonic() + sweep_seconds
@@ -109,8 +110,21 @@ class LaneRelay:
             if item.request_id not in lane.items:
                 lane.items[item.request_id] = item
                 self._backlog += 1
+            if not lane.failures:
+                lane.retry_at = 0.0  # a gap this item fills is waited for no longer
         metrics.OUTBOX_BACKLOG.set(self._backlog)
         self._wake.set()
+
+    def expect(self, request_ids: list[uuid.UUID]) -> None:
+        """Requests this replica is committing now. Until `hand` or `settled`, their rows
+        seen in the outbox are not loaded as leftovers: that would cost a read, and mark
+        them recovered, which makes the worker check the log before running them."""
+        self._expected.update(request_ids)
+
+    def settled(self, request_ids: list[uuid.UUID]) -> None:
+        """The commit of these requests is over: handed, refused, or (after a bug) left
+        in the outbox, where the sweep finds them."""
+        self._expected.difference_update(request_ids)
 
     def forget_lane(self, user_id: uuid.UUID) -> None:
         """The lane queue was deleted (idle): declare and announce it again on next use."""
@@ -257,7 +271,11 @@ class LaneRelay:
             in_outbox = {row.request_id for row in state.rows}
             for request_id in [r for r in lane.items if r not in in_outbox]:
                 del lane.items[request_id]
-            unknown.extend(r.request_id for r in state.rows if r.request_id not in lane.items)
+            unknown.extend(
+                r.request_id
+                for r in state.rows
+                if r.request_id not in lane.items and r.request_id not in self._expected
+            )
             lane.next_pos = state.next_pos
             lane.needs_reading = False
         if unknown:
@@ -293,9 +311,11 @@ class LaneRelay:
         if not run:
             if lane.items:
                 # A gap: a request of this lane accepted on another replica sits between
-                # what was published and what this replica holds. Read it from the outbox.
+                # what was published and what this replica holds, or one of this replica's
+                # own is between its commit and its handover. Read the outbox again
+                # shortly; the handover wakes the relay sooner.
                 lane.needs_reading = True
-                self._wake.set()
+                lane.retry_at = time.monotonic() + 0.01
             return []
         published: list[uuid.UUID] = []
         user_id = str(lane.user_id)

@@ -453,6 +453,12 @@ class _Relay:
     def __init__(self) -> None:
         self.handed: list[Any] = []
 
+    def expect(self, ids: list[Any]) -> None:
+        pass
+
+    def settled(self, ids: list[Any]) -> None:
+        pass
+
     def hand(self, items: list[Any]) -> None:
         self.handed.extend(items)
 

@@ -75,9 +75,20 @@ class Relay:
     def __init__(self) -> None:
         self.handed: list[OutboxItem] = []
         self.backlog = 0
+        self.expected: set[uuid.UUID] = set()
+        self.handed_unexpected: list[uuid.UUID] = []
+
+    def expect(self, ids: list[uuid.UUID]) -> None:
+        self.expected.update(ids)
+
+    def settled(self, ids: list[uuid.UUID]) -> None:
+        self.expected.difference_update(ids)
 
     def hand(self, items: list[OutboxItem]) -> None:
         self.handed.extend(items)
+        self.handed_unexpected.extend(
+            i.request_id for i in items if i.request_id not in self.expected
+        )
 
 
 def _item(r: NewRequest, pos: int) -> OutboxItem:
@@ -244,3 +255,24 @@ async def test_a_key_stored_meanwhile_by_another_replica_is_a_duplicate() -> Non
     assert (outcomes[0].request_id, outcomes[0].duplicate) == (original, True)
     assert isinstance(outcomes[1], Admitted)
     assert not outcomes[1].duplicate
+
+
+async def test_the_relay_is_told_of_a_commit_before_it_and_settled_after_it() -> None:
+    store = ScriptedStore()
+    relay = Relay()
+    seen: list[set[uuid.UUID]] = []
+    accept = store.accept
+
+    async def watching(batch: Sequence[Any], *, lane_limit: int) -> Any:
+        seen.append(set(relay.expected))
+        return await accept(batch, lane_limit=lane_limit)
+
+    store.accept = watching  # type: ignore[method-assign]
+    subs = [_sub() for _ in range(3)]
+    outcomes = await _run(_intake(store, relay), subs)
+    assert all(isinstance(o, Admitted) for o in outcomes)
+    # Expected while committing (rows may show in the outbox before the handover), handed
+    # while still expected, and nothing left expected afterwards.
+    assert seen == [{s.request.id for s in subs}]
+    assert relay.handed_unexpected == []
+    assert relay.expected == set()

@@ -249,3 +249,63 @@ async def test_the_sweep_publishes_what_a_dead_replica_left(broker: FlakyBroker)
         await relay.stop()
     got = await consume(broker, user)
     assert [(i.payload, i.recovered) for i in got] == [(b"1", True), (b"2", True)]
+
+
+async def test_rows_of_this_replica_not_yet_handed_over_are_not_loaded_as_leftovers(
+    broker: FlakyBroker,
+) -> None:
+    outbox = FakeOutbox()
+    loaded: list[uuid.UUID] = []
+    load = outbox.load
+
+    async def counting_load(ids: Sequence[uuid.UUID]) -> list[OutboxItem]:
+        loaded.extend(ids)
+        return await load(ids)
+
+    outbox.load = counting_load  # type: ignore[method-assign]
+    relay = relay_for(outbox, broker)
+    user = uuid.uuid4()
+    first = outbox.commit(user, 2)
+    # The intake's next batch is committed (its rows are in the outbox) but its handover
+    # has not run yet when the relay reads the lane.
+    second = outbox.commit(user, 2)
+    relay.expect([i.request_id for i in second])
+    relay.start()
+    try:
+        relay.hand(first)
+        await until(lambda: all(i.request_id not in outbox.rows for i in first))
+        assert relay.backlog == 0
+        relay.hand(second)
+        relay.settled([i.request_id for i in second])
+        await until(lambda: not outbox.rows)
+    finally:
+        await relay.stop()
+    got = await consume(broker, user)
+    assert [(i.payload, i.recovered) for i in got] == [
+        (b"1", False),
+        (b"2", False),
+        (b"3", False),
+        (b"4", False),
+    ]
+    assert loaded == []
+
+
+async def test_expected_rows_never_handed_over_are_found_by_the_sweep(
+    broker: FlakyBroker,
+) -> None:
+    outbox = FakeOutbox()
+    relay = LaneRelay(outbox, broker, hold_seconds=0.01, sweep_seconds=0.01, stale_after=0.0)  # type: ignore[arg-type]
+    user = uuid.uuid4()
+    committed = outbox.commit(user, 2)
+    ids = [i.request_id for i in committed]
+    relay.expect(ids)
+    relay.start()
+    try:
+        await asyncio.sleep(0.1)
+        assert len(outbox.rows) == 2  # expected: waited for, not loaded
+        relay.settled(ids)  # the intake failed after its commit and never handed them
+        await until(lambda: not outbox.rows)
+    finally:
+        await relay.stop()
+    got = await consume(broker, user)
+    assert [(i.payload, i.recovered) for i in got] == [(b"1", True), (b"2", True)]
