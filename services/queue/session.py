@@ -9,11 +9,16 @@ and forwards the results of what it accepted.
 - A result that does not arrive through the replica's fan-out (its publish was lost, or it
   went to a replica that died) is read from the request log, so a Session ends with every
   result or with an error; it never hangs on a result that exists.
+- Results go out in lane_seq order. One that arrives while an older request of the stream
+  has none yet (its event is late or was lost in a broker fault, or this one was cancelled
+  ahead of it) is held while the log is asked about the older ones: what has finished goes
+  out first, in lane_seq order; what has not will finish with a greater lane_seq.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import Counter
@@ -102,6 +107,10 @@ class SessionStream:
         # key on one stream holds more than one), given back with the result.
         self._held: Counter[str] = Counter()
         self._stash: dict[str, list[lane_pb2.LaneEvent]] = {}
+        # Results held back until the log says whether older requests finished before them.
+        self._early: dict[str, lane_pb2.LaneEvent] = {}
+        self._early_since = 0.0
+        self._look = asyncio.Event()  # wakes the log reader at once
         self._reading = True
         self._batching = False  # set once the client sends an enqueue_batch
 
@@ -111,7 +120,7 @@ class SessionStream:
             asyncio.create_task(self._guard(self._read())),
             asyncio.create_task(self._guard(self._answer())),
             asyncio.create_task(self._guard(self._pump(events))),
-            asyncio.create_task(self._guard(self._catch_up())),
+            asyncio.create_task(self._guard(self._from_log())),
         ]
         try:
             while True:
@@ -322,8 +331,22 @@ class SessionStream:
                 self._send(queue_pb2.SessionResponse(progress=event.progress))
             return
         rid = event.result.request_id
-        if self._mine.pop(rid, None) is None:
+        if self._mine.get(rid) is None:
             return  # already delivered (a redelivered result)
+        # The oldest accepted request of the stream is the first key of _mine: answers go
+        # out in the order requests came in, and delivered ones are removed.
+        if self._early or next(iter(self._mine)) != rid:
+            if not self._early:
+                self._early_since = time.monotonic()
+            self._early[rid] = event
+            self._look.set()
+            return
+        self._send_result(event)
+
+    def _send_result(self, event: lane_pb2.LaneEvent) -> None:
+        rid = event.result.request_id
+        if self._mine.pop(rid, None) is None:
+            return
         if event.traceparent:
             tracing.end(
                 tracing.start(
@@ -335,29 +358,44 @@ class SessionStream:
         self._send(queue_pb2.SessionResponse(result=event.result), self._held.pop(rid, 0))
         self._maybe_done()
 
-    async def _catch_up(self) -> None:
-        """Reads from the log the results that should have arrived by now."""
+    async def _from_log(self) -> None:
+        """Reads from the log the results the fan-out has not brought: those overdue by
+        the grace time, and the older ones a held-back result waits for."""
         wait = self._grace
         while True:
-            await asyncio.sleep(wait)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._look.wait(), wait)
+            self._look.clear()
             now = time.monotonic()
-            overdue = [
-                uuid.UUID(rid)
-                for rid, at in self._mine.items()
-                if at is not None and now - at >= self._grace
-            ]
-            if not overdue:
-                wait = self._grace
-                continue
+            early = list(self._early)  # held before this read; later ones wait for the next
+            older_than_early = len(early)
+            wanted: list[uuid.UUID] = []
+            for rid, at in self._mine.items():
+                if rid in self._early:
+                    older_than_early -= rid in early
+                    continue
+                if at is not None and (older_than_early > 0 or now - at >= self._grace):
+                    wanted.append(uuid.UUID(rid))
+            found: list[Any] = []
             try:
-                found = await self._d.finished(self._user, overdue[: self._d.streams.results_page])
+                page = self._d.streams.results_page
+                for start in range(0, len(wanted), page):
+                    found.extend(await self._d.finished(self._user, wanted[start : start + page]))
             except Exception as exc:
                 log.warning("session_catch_up_failed", error=str(exc)[:200])
+                if early and now - self._early_since < self._grace:
+                    wait = 0.2  # ask again soon; past the grace time, order yields
+                    continue
                 found = []
-            for result in found:
-                self._deliver(lane_pb2.LaneEvent(result=result))
+            ready = [lane_pb2.LaneEvent(result=r) for r in found]
+            ready.extend(self._early.pop(rid) for rid in early if rid in self._early)
+            for event in sorted(ready, key=lambda e: e.result.lane_seq):
+                self._send_result(event)
+            if self._early:
+                self._early_since = now
+                self._look.set()
             # Long handlers: look less often while nothing turns up, at most every 30 s.
-            wait = self._grace if found else min(wait * 2, 30.0)
+            wait = self._grace if found or not wanted else min(wait * 2, 30.0)
 
     def _maybe_done(self) -> None:
         if not self._reading and not self._mine:

@@ -153,10 +153,12 @@ async def test_drill_2_queue_database_cut(base: Suite) -> None:
         sent = [queue_pb2.EnqueueRequest(handler="sleep", payload=b"0.02") for _ in range(60)]
         session = asyncio.create_task(stream(base.target("queue"), token, sent))
 
-        async def all_accepted() -> bool:
-            return len(await log_rows(base, user_id)) == 60
+        async def all_published() -> bool:
+            # Publishing a lane takes its lock in PostgreSQL: what is still in the outbox
+            # when the cut starts waits for the database (drill: outbox, below).
+            return len(await log_rows(base, user_id)) == 60 and await _outbox_size(base) == 0
 
-        await wait_until(all_accepted, 30)
+        await wait_until(all_published, 30)
         proxy.block()
         proxy.cut()
         async with grpc.aio.insecure_channel(base.target("queue")) as channel:

@@ -206,3 +206,45 @@ async def test_an_oversized_batch_ends_the_stream_with_invalid_argument() -> Non
         await anext(out)
     assert "at most 4" in str(err.value)
     assert domain.admitted == []
+
+
+async def _accept_all(out: AsyncGenerator[queue_pb2.SessionResponse, None], n: int) -> list[str]:
+    return [(await anext(out)).accepted.request_id for _ in range(n)]
+
+
+async def test_results_go_out_in_lane_seq_order_when_an_older_event_is_lost() -> None:
+    domain, client = Domain(grace=30.0), Client()
+    for ref in "abc":
+        client.enqueue(ref)
+    client.close()
+    out = stream(domain, client)
+    a, b, c = await _accept_all(out, 3)
+    # a's result event was lost in a broker fault; it is in the log. b's and c's arrive.
+    domain.in_log[a] = common_pb2.Result(request_id=a, lane_seq=1)
+    await domain.result(b, 2)
+    await domain.result(c, 3)
+    got = [(await asyncio.wait_for(anext(out), 2)).result for _ in range(3)]
+    assert [(r.request_id, r.lane_seq) for r in got] == [(a, 1), (b, 2), (c, 3)]
+    with pytest.raises(StopAsyncIteration):
+        await anext(out)
+
+
+async def test_a_result_ahead_of_an_unfinished_older_request_is_not_held() -> None:
+    domain, client = Domain(grace=30.0), Client()
+    client.enqueue("running")
+    client.enqueue("cancelled")
+    client.close()
+    out = stream(domain, client)
+    running, cancelled = await _accept_all(out, 2)
+    # The second was cancelled while the first still runs: it finished first. The log
+    # says the first has not finished, so the second goes out at once.
+    await domain.result(cancelled, 1)
+    first = (await asyncio.wait_for(anext(out), 2)).result
+    assert (first.request_id, first.lane_seq) == (cancelled, 1)
+    await domain.result(running, 2)
+    second = (await asyncio.wait_for(anext(out), 2)).result
+    assert (second.request_id, second.lane_seq) == (running, 2)
+    # The late event of a result already read from the log is not sent twice.
+    await domain.result(cancelled, 1)
+    with pytest.raises(StopAsyncIteration):
+        await anext(out)
