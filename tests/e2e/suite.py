@@ -178,13 +178,14 @@ class Suite:
 
 @contextlib.asynccontextmanager
 async def serving(suite: Suite) -> AsyncIterator[Suite]:
-    """Runs auth, then queue and worker, for the block; then stops them all and asserts that
-    each exited cleanly (their logs are in the failure message)."""
+    """Runs auth, queue and worker for the block; then stops them all and asserts that
+    each exited cleanly (their logs are in the failure message). The three start at once:
+    the queue and the worker wait for auth themselves, as they do in a deployment."""
     try:
         suite.start("auth")
-        await suite.wait_serving("auth")
         suite.start("queue")
         suite.start("worker")
+        await suite.wait_serving("auth")
         await suite.wait_serving("queue")
         await suite.wait_serving("worker")
         yield suite
