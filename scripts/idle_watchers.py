@@ -25,7 +25,7 @@ import statistics
 import sys
 import time
 
-from fairlane.client import AlreadyExists, Client, NotFound, Tokens, Unauthenticated
+from fairlane.client import AlreadyExists, Client, NotFound, Tokens
 
 
 def cpu_seconds(pid: int) -> float:
@@ -56,13 +56,12 @@ class Watchers:
         return Client(self.args.auth_target, self.args.queue_target, tokens=tokens)
 
     async def _login(self, name: str, gate: asyncio.Semaphore) -> Tokens:
+        # Register first: a login of an unknown user is a failed login, and failures from
+        # one address are throttled.
         async with gate, self._client() as client:
-            try:
-                return await client.login(name, self.args.password)
-            except Unauthenticated:
-                with contextlib.suppress(AlreadyExists):
-                    await client.register(name, self.args.password)
-                return await client.login(name, self.args.password)
+            with contextlib.suppress(AlreadyExists):
+                await client.register(name, self.args.password)
+            return await client.login(name, self.args.password)
 
     async def _watch(self, client: Client, index: int, after: int) -> None:
         try:

@@ -269,7 +269,14 @@ class LaneRelay:
             lane = self._lanes[user]
             state = found.get(user, LaneOutbox(accepted=0, rows=[]))
             in_outbox = {row.request_id for row in state.rows}
-            for request_id in [r for r in lane.items if r not in in_outbox]:
+            # Gone from the outbox: published by another holder. Only for positions the
+            # read could see: a batch committed and handed over while the read was in
+            # flight is newer than its snapshot, not published.
+            for request_id in [
+                r
+                for r, item in lane.items.items()
+                if r not in in_outbox and item.lane_pos <= state.accepted
+            ]:
                 del lane.items[request_id]
             unknown.extend(
                 r.request_id

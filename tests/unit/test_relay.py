@@ -26,6 +26,8 @@ class FakeOutbox:
         self.accepted: dict[uuid.UUID, int] = {}
         self.held_elsewhere: set[uuid.UUID] = set()
         self.mine: set[uuid.UUID] = set()
+        # Runs after pending() took its snapshot and before it answers (a commit racing it).
+        self.during_read: Callable[[], None] | None = None
 
     def commit(self, user: uuid.UUID, n: int, route: str = "r") -> list[OutboxItem]:
         """A replica's accept transaction: n requests at the lane's next positions."""
@@ -66,6 +68,10 @@ class FakeOutbox:
                 key=lambda r: r.lane_pos,
             )
             out[user] = LaneOutbox(accepted=self.accepted.get(user, 0), rows=rows)
+        if self.during_read is not None:
+            racing, self.during_read = self.during_read, None
+            await asyncio.sleep(0)
+            racing()
         return out
 
     async def load(self, ids: Sequence[uuid.UUID]) -> list[OutboxItem]:
@@ -309,3 +315,30 @@ async def test_expected_rows_never_handed_over_are_found_by_the_sweep(
         await relay.stop()
     got = await consume(broker, user)
     assert [(i.payload, i.recovered) for i in got] == [(b"1", True), (b"2", True)]
+
+
+async def test_a_batch_handed_over_while_the_outbox_is_read_is_kept(broker: FlakyBroker) -> None:
+    outbox = FakeOutbox()
+    relay = relay_for(outbox, broker)
+    user = uuid.uuid4()
+    first = outbox.commit(user, 2)
+
+    def commit_and_hand() -> None:
+        # The intake's next batch commits and is handed over after the relay's read took
+        # its snapshot: the read does not show its rows, and must not drop its items.
+        relay.hand(outbox.commit(user, 2))
+
+    outbox.during_read = commit_and_hand
+    relay.start()
+    try:
+        relay.hand(first)
+        await until(lambda: not outbox.rows)
+    finally:
+        await relay.stop()
+    got = await consume(broker, user)
+    assert [(i.payload, i.recovered) for i in got] == [
+        (b"1", False),
+        (b"2", False),
+        (b"3", False),
+        (b"4", False),
+    ]
