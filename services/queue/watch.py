@@ -2,14 +2,17 @@
 
 A watcher costs nothing while its user is quiet: it waits for the replica's fan-out (the
 results of requests this replica accepted) or for a wake-up from the request log's change
-notifications (results of requests accepted elsewhere), and reads the log only then. A slow
-safety read covers a notification lost while the listener reconnected.
+notifications (results of requests accepted elsewhere), and reads the log only then. The
+listener wakes every watcher whenever it (re)connects, since notifications may have been
+missed meanwhile; a rare safety read (every 2.5 to 5 minutes, spread so that watchers opened
+together do not read together) is the last line behind that.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import uuid
 from collections.abc import AsyncIterator
 
@@ -17,7 +20,9 @@ from fairlane.common.v1 import common_pb2, lane_pb2
 from fairlane_server.queue.convert import result_from_row
 from fairlane_server.queue.domain import QueueDomain
 
-SAFETY_READ_SECONDS = 30.0
+# Profiled with 1,000 idle watchers: at one read per 30 s these reads were the largest part
+# of the queue's CPU (scripts/idle_watchers.py).
+SAFETY_READ_SECONDS = 300.0
 
 
 async def watch_results(
@@ -35,7 +40,11 @@ async def watch_results(
         while True:
             batch: list[lane_pb2.LaneEvent] = []
             with contextlib.suppress(TimeoutError):
-                batch.append(await asyncio.wait_for(events.get(), SAFETY_READ_SECONDS))
+                batch.append(
+                    await asyncio.wait_for(
+                        events.get(), random.uniform(0.5, 1.0) * SAFETY_READ_SECONDS
+                    )
+                )
             while not events.empty():
                 batch.append(events.get_nowait())
             if not batch or any(e.WhichOneof("kind") is None for e in batch):
