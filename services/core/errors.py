@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 import grpc
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from fairlane_server.core import dberrors
 from fairlane_server.core.authz import peer
 from fairlane_server.core.grpc_wrap import wrap
 from fairlane_server.core.log_limit import LogLimiter, peer_host
@@ -103,6 +104,17 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     self._retry_after_ms,
                 )
             except Exception as exc:
+                if dberrors.is_transient(exc):
+                    # A lost connection, a timeout, a deadlock: the call may pass if tried
+                    # again, so it is not a bug (INTERNAL) but UNAVAILABLE with retry advice,
+                    # whichever RPC met it.
+                    log.warning("transient_error", method=method, error_type=type(exc).__name__)
+                    await abort_retry(
+                        context,
+                        grpc.StatusCode.UNAVAILABLE,
+                        "temporarily unavailable, try again",
+                        self._retry_after_ms,
+                    )
                 await self._internal(method, exc, context)
 
         return wrap(handler, guarded, request_deserializer=_tolerant(handler.request_deserializer))

@@ -12,6 +12,7 @@ import grpc
 import pytest
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from fairlane.client.errors import retry_delay_ms
@@ -30,6 +31,14 @@ async def _explode(request: Any, context: Any) -> bytes:
 
 async def _pool(request: Any, context: Any) -> bytes:
     raise PoolTimeout("QueuePool limit of size 10 overflow 0 reached")
+
+
+class _Deadlock(Exception):
+    sqlstate = "40P01"
+
+
+async def _deadlock(request: Any, context: Any) -> bytes:
+    raise OperationalError("SELECT ...", {}, _Deadlock("deadlock detected"))
 
 
 async def _echo(request: worker_pb2.PauseRequest, context: Any) -> worker_pb2.PauseResponse:
@@ -63,6 +72,9 @@ async def channel() -> AsyncIterator[grpc.aio.Channel]:
         ),
         "Pool": grpc.unary_unary_rpc_method_handler(
             _pool, request_deserializer=_raw, response_serializer=_raw
+        ),
+        "Deadlock": grpc.unary_unary_rpc_method_handler(
+            _deadlock, request_deserializer=_raw, response_serializer=_raw
         ),
         "Echo": grpc.unary_unary_rpc_method_handler(_echo, **pause),
         "Count": grpc.stream_unary_rpc_method_handler(_count, **pause),
@@ -129,6 +141,19 @@ async def test_pool_exhaustion_is_unavailable_with_retry_info(channel: grpc.aio.
         "the database is busy, try again",
     )
     assert retry_delay_ms(error) == 1000
+
+
+async def test_a_transient_database_error_is_unavailable_with_retry_info(
+    channel: grpc.aio.Channel,
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        error = await _fail(channel.unary_unary(f"/{SERVICE}/Deadlock")(b"x"))
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "temporarily unavailable, try again",
+    )
+    assert retry_delay_ms(error) == 1000
+    assert [e["event"] for e in logs] == ["transient_error"]
 
 
 async def test_malformed_messages_are_invalid_argument_logged_once(
