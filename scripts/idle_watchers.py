@@ -9,7 +9,7 @@ proof that every watcher is still live (one result reaches each of them).
     scripts/bench_suite.sh down
 
 Watchers are spread over `--users` users (a user may hold 32 streams at once). The
-queue's CPU comes from /proc/PID/stat, so run it on the machine that runs the queue.
+queue's CPU is read from the process (psutil), so run it on the machine that runs the queue.
 Prints one JSON report; exit code 0 when every watcher got its result and the probe's
 enqueues all succeeded, 1 otherwise.
 """
@@ -20,27 +20,23 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import statistics
 import sys
 import time
+
+import psutil
 
 from fairlane.client import AlreadyExists, Client, NotFound, Tokens
 
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
 
 
 def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    return float(psutil.Process(pid).memory_info().rss) / 2**20
 
 
 class Watchers:

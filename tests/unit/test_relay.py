@@ -146,6 +146,12 @@ async def broker() -> FlakyBroker:
     return b
 
 
+def _fresh(n: int) -> list[tuple[bytes, bool]]:
+    """What a lane gets for n requests handed over by this replica: payloads 1..n in order,
+    none flagged recovered."""
+    return [(b"%d" % i, False) for i in range(1, n + 1)]
+
+
 def relay_for(outbox: FakeOutbox, broker: MemoryBroker) -> LaneRelay:
     return LaneRelay(outbox, broker, hold_seconds=0.01, sweep_seconds=3600)  # type: ignore[arg-type]
 
@@ -287,12 +293,7 @@ async def test_rows_of_this_replica_not_yet_handed_over_are_not_loaded_as_leftov
     finally:
         await relay.stop()
     got = await consume(broker, user)
-    assert [(i.payload, i.recovered) for i in got] == [
-        (b"1", False),
-        (b"2", False),
-        (b"3", False),
-        (b"4", False),
-    ]
+    assert [(i.payload, i.recovered) for i in got] == _fresh(4)
     assert loaded == []
 
 
@@ -336,9 +337,4 @@ async def test_a_batch_handed_over_while_the_outbox_is_read_is_kept(broker: Flak
     finally:
         await relay.stop()
     got = await consume(broker, user)
-    assert [(i.payload, i.recovered) for i in got] == [
-        (b"1", False),
-        (b"2", False),
-        (b"3", False),
-        (b"4", False),
-    ]
+    assert [(i.payload, i.recovered) for i in got] == _fresh(4)
