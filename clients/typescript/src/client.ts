@@ -531,6 +531,11 @@ export class Client {
           throw signal.reason;
         }
         ended = toFairlaneError(thrown);
+        if (ended.code === Code.Canceled) {
+          // Not our signal (checked above): the peer reset the stream, e.g. a queue replica
+          // killed mid-watch. Reopening after the last result seen is always safe.
+          ended = new UnavailableError(ended.message, Code.Unavailable);
+        }
         if (ended.code === Code.Unauthenticated && !reauthenticated) {
           reauthenticated = true;
           await this.refreshAfter(token);
