@@ -178,6 +178,10 @@ class AmqpBroker:
         self._declared: set[str] = set()
         self._subscriptions: list[_Subscription] = []
         self._data.on_reconnected(self._declared.clear)
+        # Both connections back off on their own; once one is through, the other follows
+        # at once instead of leaving housekeeping (lane declares) down for seconds more.
+        self._data.on_reconnected(self._admin.retry_now)
+        self._admin.on_reconnected(self._data.retry_now)
 
     # -- connections --------------------------------------------------------------------
 
@@ -237,11 +241,16 @@ class AmqpBroker:
         """The shared housekeeping channel (declares), reopened if an error closed it."""
         channel = self._admin_channel
         if channel is None or channel.is_closed:
-            channel = await self._admin_connection().channel(publisher_confirms=False)
+            channel = await (await self._admin_connection()).channel(publisher_confirms=False)
             self._admin_channel = channel
         return channel
 
-    def _admin_connection(self) -> AbstractConnection:
+    async def _admin_connection(self) -> AbstractConnection:
+        if not self._admin.is_connected and self._data.is_connected:
+            # The cluster answers (the data path is up) and housekeeping is a step behind
+            # it after a failover: wait for it rather than refuse a lane declare. With
+            # every node down this fails at once, like a publish.
+            await self._admin.wait_connected(self._timeout)
         connection = self._admin.connection
         if connection is None or not self._admin.is_connected:
             raise BrokerError("housekeeping connection to RabbitMQ is down")
@@ -251,7 +260,7 @@ class AmqpBroker:
     async def _scratch(self) -> AsyncIterator[aiormq.abc.AbstractChannel]:
         """A housekeeping channel of its own, for an operation that may close it (a
         passive declare of a missing queue, a refused delete)."""
-        channel = await self._admin_connection().channel(publisher_confirms=False)
+        channel = await (await self._admin_connection()).channel(publisher_confirms=False)
         try:
             yield await channel.get_underlay_channel()
         finally:

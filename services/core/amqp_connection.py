@@ -135,6 +135,7 @@ class NodeConnection:
         self._closing = False
         self._recover: asyncio.Task[None] | None = None
         self._reconnected: list[Callable[[], None]] = []
+        self._wake = asyncio.Event()
 
     @property
     def is_connected(self) -> bool:
@@ -143,6 +144,11 @@ class NodeConnection:
 
     def on_reconnected(self, listener: Callable[[], None]) -> None:
         self._reconnected.append(listener)
+
+    def retry_now(self) -> None:
+        """Cuts a reconnect backoff short: another connection just reached the cluster,
+        so this one need not sleep out its backoff (up to max_backoff) before following."""
+        self._wake.set()
 
     async def wait_connected(self, timeout: float) -> bool:
         with contextlib.suppress(TimeoutError):
@@ -201,7 +207,10 @@ class NodeConnection:
                 )
                 # Try every node at once; back off only when a whole round failed.
                 if failed_in_row % len(self._urls) == 0:
-                    await asyncio.sleep(random.uniform(delay / 2, delay))
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(random.uniform(delay / 2, delay)):
+                            await self._wake.wait()
                     delay = min(delay * 2, self._max_backoff)
                 continue
             for listener in self._reconnected:

@@ -105,6 +105,9 @@ class FaultyBroker(MemoryBroker):
             raise BrokerError("injected: publish confirm lost after the message landed")
 
     async def publish_lane_unfaulted(self, user_id: str, body: bytes) -> None:
+        # The relay publishes accepted requests a moment after Enqueue answers, so the
+        # lane may not be declared yet.
+        await super().declare_lane(user_id)
         await super().publish_lane(user_id, body, {})
 
     async def publish_results(self, route: str, body: bytes) -> None:
