@@ -63,6 +63,17 @@ _PUBLISH_ERRORS = (
     ConnectionError,
     asyncio.TimeoutError,
 )
+# A lane channel's close waits for the broker's CloseOk; on a connection that stopped
+# answering it would wait until the heartbeat gives up on it, holding up the caller.
+CLOSE_TIMEOUT = 10.0
+
+
+async def _close_quietly(channel: AbstractChannel, timeout: float) -> None:
+    with contextlib.suppress(*_PUBLISH_ERRORS):
+        async with asyncio.timeout(timeout):
+            await channel.close()
+
+
 _EXCHANGES = (
     (REQUESTS_EXCHANGE, aio_pika.ExchangeType.DIRECT),
     (RESULTS_EXCHANGE, aio_pika.ExchangeType.DIRECT),
@@ -125,8 +136,7 @@ class AmqpLaneConsumer:
 
     async def cancel(self) -> None:
         # If the connection is gone, the broker already released the lane.
-        with contextlib.suppress(*_PUBLISH_ERRORS):
-            await self._channel.close()
+        await _close_quietly(self._channel, CLOSE_TIMEOUT)
 
 
 @dataclass(slots=True)
@@ -395,22 +405,25 @@ class AmqpBroker:
         except (*_PUBLISH_ERRORS, BrokerUnreachable) as exc:
             raise BrokerError(f"cannot consume lane {user_id}: {exc}") from exc
         consumer = AmqpLaneConsumer(channel)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            consumer.delivered()
+            await handler(AmqpDelivery(message))
+
         try:
-            await channel.set_qos(prefetch_count=prefetch)
-            queue = await channel.declare_queue(lane_queue(user_id), passive=True)
-            underlay = await channel.get_underlay_channel()
-            underlay.on_consumer_cancel_callbacks.add(consumer._on_broker_cancel)
-
-            async def on_message(message: AbstractIncomingMessage) -> None:
-                consumer.delivered()
-                await handler(AmqpDelivery(message))
-
-            await queue.consume(on_message)
+            # Bounded: a connection that stops answering mid-setup (its replies lost, or
+            # closed by a connection error that leaves the RPC waiting) must not hold the
+            # caller, which holds the lock every other lane's consume waits for.
+            async with asyncio.timeout(self._timeout):
+                await channel.set_qos(prefetch_count=prefetch)
+                queue = await channel.declare_queue(lane_queue(user_id), passive=True)
+                underlay = await channel.get_underlay_channel()
+                underlay.on_consumer_cancel_callbacks.add(consumer._on_broker_cancel)
+                await queue.consume(on_message)
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             raise LaneMissing(f"lane {user_id} does not exist") from exc
         except _PUBLISH_ERRORS as exc:
-            with contextlib.suppress(*_PUBLISH_ERRORS):
-                await channel.close()
+            await _close_quietly(channel, self._timeout)
             raise BrokerError(f"cannot consume lane {user_id}: {exc}") from exc
         return consumer
 

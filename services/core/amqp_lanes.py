@@ -10,7 +10,13 @@ it back in order). Two limits of one AMQP connection matter then:
 - aiormq numbers a new channel one above the highest open one, so on a connection whose
   lanes come and go (rebalancing, idle lanes deleted and re-created) the numbers climb
   past channel_max after a couple of thousand changes, with the same result. The pool
-  gives each channel the lowest free number instead.
+  numbers channels itself, within channel_max.
+- A number must not be reused the moment its channel closes. When the broker closes a
+  channel (a passive declare of a lane not declared yet), aiormq frees the number on the
+  broker's Channel.Close, before its own CloseOk is written; a Channel.Open with that
+  number sent in between is "second 'channel.open' seen", a connection error that takes
+  every lane on the connection down (seen at 1,000 new lanes). So numbers go round: a
+  freed number comes back only after every other free number was handed out.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from fairlane_server.core.amqp_connection import BrokerUnreachable, NodeConnection
 
 LANES_PER_CONNECTION = 1000  # well below RabbitMQ's default channel_max of 2047
+# A lane connection goes round twice as many channel numbers as the lanes it carries (2,000,
+# within channel_max), so a freed number rests for at least `limit` opens.
+NUMBERS_PER_LANE = 2
 
 
 async def _nothing_to_set_up(_connection: AbstractConnection) -> None:
@@ -35,14 +44,18 @@ async def _nothing_to_set_up(_connection: AbstractConnection) -> None:
 class _LaneConnection:
     node: NodeConnection
     channels: dict[int, AbstractChannel] = field(default_factory=dict)
+    last: int = 0  # the number handed out last
 
-    def free_number(self, limit: int) -> int | None:
+    def next_numbers(self, limit: int, numbers: int) -> list[int]:
+        """Numbers to try for a new channel, in round order after the last one handed
+        out; none when `limit` channels are open."""
         for number, channel in list(self.channels.items()):
             if channel.is_closed:
                 del self.channels[number]
         if len(self.channels) >= limit:
-            return None
-        return next(n for n in range(1, limit + 1) if n not in self.channels)
+            return []
+        order = [(self.last + i) % numbers + 1 for i in range(numbers)]
+        return [n for n in order if n not in self.channels]
 
 
 class LaneChannels:
@@ -77,19 +90,30 @@ class LaneChannels:
                 # open a connection per lane.
                 if not await conn.node.wait_connected(self._timeout):
                     raise BrokerUnreachable(f"lane connection {conn.node.name} is down")
-                number = conn.free_number(self._limit)
-                if number is not None:
-                    return await self._open_on(conn, number)
-            conn = await self._new_connection()
-            return await self._open_on(conn, 1)
+                channel = await self._open_on(conn)
+                if channel is not None:
+                    return channel
+            channel = await self._open_on(await self._new_connection())
+            if channel is None:  # pragma: no cover - a new connection has every number free
+                raise BrokerUnreachable("no free channel number on a new lane connection")
+            return channel
 
-    async def _open_on(self, conn: _LaneConnection, number: int) -> AbstractChannel:
+    async def _open_on(self, conn: _LaneConnection) -> AbstractChannel | None:
         connection = conn.node.connection
         if connection is None:
             raise BrokerUnreachable(f"lane connection {conn.node.name} is down")
-        channel = await connection.channel(channel_number=number, publisher_confirms=False)
-        conn.channels[number] = channel  # under the pool's lock: no other open races it
-        return channel
+        for number in conn.next_numbers(self._limit, NUMBERS_PER_LANE * self._limit):
+            try:
+                async with asyncio.timeout(self._timeout):
+                    channel = await connection.channel(
+                        channel_number=number, publisher_confirms=False
+                    )
+            except ValueError:
+                continue  # aiormq still holds it: the broker has not confirmed its close
+            conn.last = number
+            conn.channels[number] = channel  # under the pool's lock: no other open races it
+            return channel
+        return None
 
     async def _new_connection(self) -> _LaneConnection:
         node = NodeConnection(

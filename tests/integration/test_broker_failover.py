@@ -4,6 +4,7 @@ take one away."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -140,7 +141,8 @@ async def test_lane_consumers_spread_over_connections_and_reuse_channel_numbers(
 ) -> None:
     """A connection carries a bounded number of lane channels (RabbitMQ closes the whole
     connection past channel_max), and lanes that come and go do not walk the channel
-    numbers up to that limit either."""
+    numbers up to that limit either; a number just freed is not taken again at once (the
+    broker may not have seen its close yet)."""
     broker = AmqpBroker(f"{BROKER_ROOT}{vhost}", lane_max_length=100, lanes_per_connection=3)
     await broker.connect()
     reconnects: list[int] = []
@@ -154,10 +156,12 @@ async def test_lane_consumers_spread_over_connections_and_reuse_channel_numbers(
         # Lanes handed back and taken again, many times the channel limit over.
         for round_ in range(10):
             for i, lane in enumerate(lanes):
+                freed = consumers[i].channel_number
                 await consumers[i].cancel()
                 consumers[i] = await broker.consume_lane(lane, Recorder(), prefetch=1)
+                assert consumers[i].channel_number != freed, (round_, i)
             assert broker.lane_connections == 3, round_
-            assert max(c.channel_number for c in consumers) <= 3, round_  # lowest free number
+            assert max(c.channel_number for c in consumers) <= 6, round_  # 2 per lane
         # Every lane is still consumed: a message to each arrives.
         recorders = []
         for i, lane in enumerate(lanes):
@@ -171,4 +175,27 @@ async def test_lane_consumers_spread_over_connections_and_reuse_channel_numbers(
         assert reconnects == []
         assert all(c.alive for c in consumers)
     finally:
+        await broker.close()
+
+
+async def test_a_lane_consume_on_a_connection_that_stopped_answering_fails_in_time(
+    nodes: list[TcpProxy], vhost: str
+) -> None:
+    # The worker consumes lanes one at a time under a lock: a consume that waited forever
+    # for a lost reply would leave every other lane unconsumed.
+    broker = AmqpBroker(cluster_url(nodes, vhost), lane_max_length=100, publish_timeout=1.0)
+    await broker.connect()
+    first, second = unique("lane"), unique("lane")
+    try:
+        await broker.declare_lane(first)
+        await broker.declare_lane(second)
+        consumer = await broker.consume_lane(first, Recorder(), prefetch=1)
+        for proxy in nodes:
+            proxy.hold_replies()
+        with pytest.raises(BrokerError):
+            await asyncio.wait_for(broker.consume_lane(second, Recorder(), prefetch=1), 15)
+        await asyncio.wait_for(consumer.cancel(), 15)
+    finally:
+        for proxy in nodes:
+            proxy.cut()
         await broker.close()
