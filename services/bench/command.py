@@ -104,7 +104,7 @@ def bench_command(  # every option is keyword-only; typer passes them by name
         typer.Option(
             min=1,
             help="Requests to send after the warm-up, in total over all lanes "
-            "(lanes draw from one budget). Exclusive with --duration.",
+            "(each lane sends an equal share; at least --lanes). Exclusive with --duration.",
         ),
     ] = None,
     duration: Annotated[
@@ -230,6 +230,8 @@ def bench_command(  # every option is keyword-only; typer passes them by name
         raise typer.BadParameter("give --requests or --duration, not both")
     if requests is None and duration is None:
         duration = 10.0
+    if requests is not None and requests < lanes:
+        raise typer.BadParameter("--requests must be at least --lanes (each lane sends a share)")
     config = BenchConfig(
         target=target,
         auth_target=auth_target,

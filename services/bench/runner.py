@@ -233,6 +233,9 @@ class BenchRun:
         self.watch = ProcessWatch()
         self.stages = StageWatch(config.metrics)
         self.budget: int | None = config.requests
+        # --requests: each lane's share of it, left to send. One budget drawn from by all
+        # lanes let the first lanes take it all and the last ones send nothing.
+        self.quotas: list[int] | None = None
         self.t_start = 0.0
         self.t_warm_end = 0.0
         self.t_send_end = math.inf
@@ -252,6 +255,11 @@ class BenchRun:
         config = self.config
         if (config.requests is None) == (config.duration is None):
             raise BenchSetupError("give exactly one of --requests and --duration")
+        if config.requests is not None:
+            if config.requests < config.lanes:
+                raise BenchSetupError("--requests must be at least --lanes (a share per lane)")
+            share, extra = divmod(config.requests, config.lanes)
+            self.quotas = [share + (1 if i < extra else 0) for i in range(config.lanes)]
         queues = addresses(config.target)
         self.watch.discover(
             {f"auth{i or ''}": a for i, a in enumerate(addresses(config.auth_target))}
@@ -541,13 +549,15 @@ class BenchRun:
             measured = now >= self.t_warm_end
             batch: list[queue_pb2.EnqueueRequest] = []
             for _ in range(slots):
+                quotas = self.quotas
                 if now >= self.t_send_end or (
-                    measured and self.budget is not None and self.budget <= 0
+                    measured and quotas is not None and quotas[lane.index] <= 0
                 ):
                     done = True
                     window.release()
                     continue
-                if measured and self.budget is not None:
+                if measured and quotas is not None and self.budget is not None:
+                    quotas[lane.index] -= 1
                     self.budget -= 1
                 i = len(lane.sent_at)
                 lane.sent_at.append(now)
@@ -721,6 +731,7 @@ class BenchRun:
                 "user": lane.username,
                 "user_id": lane.user_id,
                 "sent": len(lane.sent_at),
+                "sent_measured": sum(lane.measured),
                 "accepted": lane.accepted,
                 "rejected": dict(lane.rejected),
                 "results": lane.results,
