@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import random
 import secrets
 import time
 from collections import Counter
@@ -29,6 +30,7 @@ MAX_SEND_BATCH = 256  # enqueues per enqueue_batch message
 # A Session that breaks with one of these (its queue replica died or restarted) is resumed:
 # its results are collected from WatchResults on a live replica, like the Python client.
 RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+RETRIED_READS = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 MAX_RESUMES_WITHOUT_PROGRESS = 3
 LIST_PAGE = 500
 ROUND_ROBIN = ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]}))
@@ -403,16 +405,23 @@ class BenchRun:
         return self.progress.phase in ("warm-up", "measuring")
 
     async def _lane_seq_now(self, stub: Any, token: str) -> int:
-        """The lane's newest lane_seq before this run: results after it are this run's."""
-        try:
-            reply = await stub.GetLane(
-                queue_pb2.GetLaneRequest(), metadata=_bearer(token), timeout=30
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return 0  # a new user: no lane yet
-            raise
-        return int(reply.lane.last_lane_seq)
+        """The lane's newest lane_seq before this run: results after it are this run's.
+        A read, so it is asked again while the queue is unavailable or too slow to answer
+        in time (thousands of lanes start at once), for up to the drain timeout."""
+        give_up = time.perf_counter() + self.config.drain_timeout
+        while True:
+            try:
+                reply = await stub.GetLane(
+                    queue_pb2.GetLaneRequest(), metadata=_bearer(token), timeout=30
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    return 0  # a new user: no lane yet
+                if exc.code() not in RETRIED_READS or time.perf_counter() > give_up:
+                    raise
+                await asyncio.sleep(random.uniform(0.1, 1.0))
+                continue
+            return int(reply.lane.last_lane_seq)
 
     async def _session(
         self, lane: LaneRecord, stub: Any, token: str

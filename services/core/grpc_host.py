@@ -32,6 +32,14 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.so_reuseport", 0),
+    # Calls that arrived but that the event loop has not picked up yet. Past the soft
+    # limit grpc refuses a growing share of new calls at random (random early detection),
+    # and the client sees CANCELLED for a call that never ran: with the defaults (1,000 /
+    # 3,000) about a quarter of 3,000 clients reconnecting at once (a replica restart) were
+    # refused so. Pending calls cost little memory; the per-user stream limit and the
+    # Session window bound the work they bring.
+    ("grpc.server.max_pending_requests", 20_000),
+    ("grpc.server.max_pending_requests_hard_limit", 40_000),
 ]
 
 
