@@ -32,7 +32,7 @@ async def test_three_thousand_calls_at_once_are_all_answered() -> None:
             try:
                 await stubs[i % len(stubs)].Check(health_pb2.HealthCheckRequest(), timeout=60)
             except grpc.aio.AioRpcError as exc:
-                return exc.code().name
+                return str(exc.code().name)
             return "OK"
 
         codes = Counter(await asyncio.gather(*(one(i) for i in range(BURST))))
