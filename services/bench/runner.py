@@ -30,6 +30,7 @@ MAX_SEND_BATCH = 256  # enqueues per enqueue_batch message
 # A Session that breaks with one of these (its queue replica died or restarted) is resumed:
 # its results are collected from WatchResults on a live replica, like the Python client.
 RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+STARTING_LANES = 500
 RETRIED_READS = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 MAX_RESUMES_WITHOUT_PROGRESS = 3
 LIST_PAGE = 500
@@ -250,6 +251,10 @@ class BenchRun:
         self.payload = config.payload()
         self.check_echo = config.handler == "echo"
         self.next_slot = 0.0  # --rate: when the next request may be sent
+        # Lanes ask for their lane's state a few hundred at a time, as clients that back
+        # off would: 10,000 first calls at once kept one queue replica on two cores busy
+        # past their deadline.
+        self.starting = asyncio.Semaphore(STARTING_LANES)
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -370,7 +375,8 @@ class BenchRun:
     async def _lane(self, lane: LaneRecord, channel: grpc.aio.Channel, token: str) -> None:
         stub = queue_pb2_grpc.QueueServiceStub(channel)
         try:
-            lane.last_lane_seq = await self._lane_seq_now(stub, token)
+            async with self.starting:
+                lane.last_lane_seq = await self._lane_seq_now(stub, token)
         except grpc.aio.AioRpcError as exc:
             lane.stream_error = f"{exc.code().name}: {exc.details()}"
             return
