@@ -146,6 +146,7 @@ class ProcessWatch:
         self._sys1: Any = None
         self._me0 = 0.0
         self._me1 = 0.0
+        self._follow: list[int] = []
 
     def add(self, label: str, pid: int) -> None:
         if any(pid in w.pids for w in self.watched):
@@ -179,10 +180,15 @@ class ProcessWatch:
         for name, port in local.items():
             if port in by_port:
                 self.add(name, by_port[port])
-        for target in follow_clients_of:
-            if not is_local(target):
-                continue
-            port = split_target(target)[1]
+        self._follow = [split_target(t)[1] for t in follow_clients_of if is_local(t)]
+        self.follow_clients()
+
+    def follow_clients(self) -> None:
+        """Adds the processes now connected to the followed ports. Called again when the
+        measured phase starts (not at its end: a process found then has no CPU baseline),
+        because a worker that started beside its queue may still be
+        in gRPC's reconnect backoff when the bench starts, and connect only later."""
+        for port in self._follow:
             known = {pid for w in self.watched for pid in w.pids} | {os.getpid()}
             for pid in sorted(client_pids(port, known)):
                 try:
@@ -197,6 +203,7 @@ class ProcessWatch:
             w.rss_peak = max(w.rss_peak, total)
 
     def start(self) -> None:
+        self.follow_clients()
         self._t0 = time.monotonic()
         self._sys0 = psutil.cpu_times()
         self._me0 = _cpu(self.me) or 0.0

@@ -77,6 +77,10 @@ async def test_short_run_loses_nothing_and_matches_the_request_log(suite: Suite)
         suite.database_url,
         "--database-schema",
         suite.schema,
+        # By its port: found as a client of the queue only once its channel has connected,
+        # which gRPC's reconnect backoff can delay past the bench's start on a slow machine.
+        "--worker-target",
+        suite.target("worker"),
     )
     assert code == 0, err
     assert report["valid"], report["invalid_reasons"]
