@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 from prometheus_client import Gauge
 
+from fairlane_server.core.audit import audit
+
 BREAKER_STATE = Gauge(
     "fairlane_breaker_state",
     "Circuit breaker state per dependency: 0 closed, 1 half-open, 2 open.",
@@ -45,11 +47,39 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = 0.0
         self._trial_running = False
-        self._set(CLOSED)
+        # When it left CLOSED and how many trials failed since: for the `breaker.closed`
+        # line, so that an outage is two lines however long it lasts.
+        self._outage_started = 0.0
+        self._failed_trials = 0
+        self.state = CLOSED
+        BREAKER_STATE.labels(self.dependency).set(CLOSED)
 
     def _set(self, state: int) -> None:
-        self.state = state
+        before, self.state = self.state, state
         BREAKER_STATE.labels(self.dependency).set(state)
+        if before == CLOSED and state == OPEN:
+            self._outage_started = self._clock()
+            self._failed_trials = 0
+            audit(
+                "breaker.opened",
+                None,
+                peer=None,
+                dependency=self.dependency,
+                failures=self._failures,
+                retry_after_s=self._reset,
+            )
+        elif before == HALF_OPEN and state == OPEN:
+            # The trial failed: the outage goes on. Not a line each (one per reset period).
+            self._failed_trials += 1
+        elif before != CLOSED and state == CLOSED:
+            audit(
+                "breaker.closed",
+                None,
+                peer=None,
+                dependency=self.dependency,
+                open_for_s=round(self._clock() - self._outage_started, 3),
+                failed_trials=self._failed_trials,
+            )
 
     def before_call(self) -> None:
         """Raises CircuitOpen when calls must not go through now."""

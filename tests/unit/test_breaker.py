@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from fairlane_server.core.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, CircuitOpen
 
@@ -107,3 +108,29 @@ def test_its_state_is_exported_per_dependency() -> None:
     assert _exported("test-breaker-export") == CLOSED
     assert other.state == CLOSED
     assert _exported("test-breaker-other") == CLOSED
+
+
+def test_an_outage_is_audited_as_two_lines_however_many_trials_fail() -> None:
+    clock = Clock()
+    breaker = _breaker(clock, "audited-db")
+    with capture_logs() as logs:
+        for _ in range(3):
+            breaker.before_call()
+            breaker.failure()
+        # Calls that were in flight fail after it opened: no new line.
+        breaker.failure()
+        for _ in range(4):
+            clock.now += 2.0
+            breaker.before_call()  # the trial
+            breaker.failure()
+        clock.now += 2.0
+        breaker.before_call()
+        breaker.success()
+    audited = [(e["event"], e) for e in logs if e.get("audit")]
+    assert [name for name, _ in audited] == ["breaker.opened", "breaker.closed"]
+    opened, closed = audited[0][1], audited[1][1]
+    assert opened["dependency"] == closed["dependency"] == "audited-db"
+    assert opened["failures"] == 3
+    assert opened["principal"] is None
+    assert closed["failed_trials"] == 4
+    assert closed["open_for_s"] == 10.0
