@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# A throw-away suite for `fairlane bench`: one replica each of auth, queue and worker
-# against the local PostgreSQL and RabbitMQ, in a schema and a vhost of its own.
+# A throw-away suite for `fairlane bench`: auth, queue and worker replicas (one each, or
+# BENCH_QUEUES and BENCH_WORKERS of the queue and the worker) against the local PostgreSQL
+# and RabbitMQ, in a schema and a vhost of its own.
 #
 #   scripts/bench_suite.sh up              start it (state in $BENCH_STATE, default /tmp/fairlane-bench-suite)
 #   scripts/bench_suite.sh bench ARGS...   run `fairlane bench ARGS` against it (targets,
 #                                          request-log check, --pids and --metrics filled in)
-#   scripts/bench_suite.sh pids            print "auth=PID queue=PID worker=PID"
+#   scripts/bench_suite.sh pids            print "auth=PID queue=PID worker=PID ..." (replicas
+#                                          after the first are queue2, worker2, worker3, ...)
 #   scripts/bench_suite.sh restart NAME... stop and start these services again (after a code
 #                                          change), keeping the schema, vhost and users
 #   scripts/bench_suite.sh down            stop it, drop the schema, delete the vhost
@@ -35,15 +37,59 @@ service_env() {  # the environment every service (and migrate) runs with
   export FAIRLANE_DATABASE_URL="$DB_ROOT" FAIRLANE_DATABASE_SCHEMA="$SCHEMA"
   export FAIRLANE_BROKER_URL="$BROKER_ROOT$VHOST" FAIRLANE_SERVICE_SECRET="bench-service-secret"
   export FAIRLANE_AUTH_LISTEN="127.0.0.1:$AUTH_PORT" FAIRLANE_AUTH_TARGET="127.0.0.1:$AUTH_PORT"
-  export FAIRLANE_QUEUE_LISTEN="127.0.0.1:$QUEUE_PORT" FAIRLANE_QUEUE_TARGET="127.0.0.1:$QUEUE_PORT"
-  export FAIRLANE_WORKER_LISTEN="127.0.0.1:$WORKER_PORT"
-  export FAIRLANE_AUTH_METRICS_PORT=0 FAIRLANE_QUEUE_METRICS_PORT="$QUEUE_METRICS_PORT"
-  export FAIRLANE_WORKER_METRICS_PORT="$WORKER_METRICS_PORT"
+  # Workers (and the bench) use every queue replica, round robin.
+  FAIRLANE_QUEUE_TARGET="$(for n in $(replicas queue); do printf '127.0.0.1:%s,' "$(port_of "$n")"; done)"
+  export FAIRLANE_QUEUE_TARGET="${FAIRLANE_QUEUE_TARGET%,}"
+  export FAIRLANE_AUTH_METRICS_PORT=0
   export FAIRLANE_GRACE_SECONDS=5
   # The bench registers up to thousands of users from this one address.
   export FAIRLANE_REGISTER_PEER_FREE=1000000
   # scripts/auth_bench.py plays callers at many addresses through x-forwarded-for.
   export FAIRLANE_TRUSTED_PROXIES='["127.0.0.1/32"]'
+}
+
+replicas() {  # queue|worker: the replicas' names, "queue queue2 ..."
+  local count=1 i
+  case $1 in queue) count="${QUEUES:-1}" ;; worker) count="${WORKERS:-1}" ;; esac
+  for i in $(seq "$count"); do
+    if [ "$i" = 1 ]; then printf '%s ' "$1"; else printf '%s%s ' "$1" "$i"; fi
+  done
+}
+
+names() { echo "auth $(replicas queue)$(replicas worker)"; }
+
+port_of() {  # name: its gRPC port (the first replicas keep the ports they always had)
+  case $1 in
+    auth) echo "$AUTH_PORT" ;;
+    queue) echo "$QUEUE_PORT" ;;
+    worker) echo "$WORKER_PORT" ;;
+    queue*) echo $((BASE_PORT + 10 + ${1#queue})) ;;
+    worker*) echo $((BASE_PORT + 20 + ${1#worker})) ;;
+  esac
+}
+
+metrics_port_of() {  # name: its Prometheus port (0: none)
+  case $1 in
+    auth) echo 0 ;;
+    queue) echo "$QUEUE_METRICS_PORT" ;;
+    worker) echo "$WORKER_METRICS_PORT" ;;
+    queue*) echo $((BASE_PORT + 30 + ${1#queue})) ;;
+    worker*) echo $((BASE_PORT + 40 + ${1#worker})) ;;
+  esac
+}
+
+start_service() {  # name: start it in the background and wait until it serves
+  local name="$1" service="${1%%[0-9]*}" port metrics
+  port="$(port_of "$name")"
+  metrics="$(metrics_port_of "$name")"
+  (
+    cd "$SRC"
+    upper="$(echo "$service" | tr '[:lower:]' '[:upper:]')"
+    export "FAIRLANE_${upper}_LISTEN=127.0.0.1:$port" "FAIRLANE_${upper}_METRICS_PORT=$metrics"
+    exec "$PY" -m fairlane.cli.main serve "$service"
+  ) >>"$STATE/$name.log" 2>&1 &
+  echo $! >"$STATE/$name.pid"
+  wait_serving "$port" "$name"
 }
 
 wait_serving() {  # port name
@@ -79,6 +125,9 @@ up() {
   cat >"$STATE/suite.env" <<EOF
 SCHEMA=$tag
 VHOST=$tag
+QUEUES=${BENCH_QUEUES:-1}
+WORKERS=${BENCH_WORKERS:-1}
+BASE_PORT=$BASE_PORT
 AUTH_PORT=$BASE_PORT
 QUEUE_PORT=$((BASE_PORT + 1))
 WORKER_PORT=$((BASE_PORT + 2))
@@ -89,27 +138,12 @@ EOF
   rabbitmqctl -q add_vhost "$VHOST"
   rabbitmqctl -q set_permissions -p "$VHOST" guest ".*" ".*" ".*"
   (cd "$SRC" && "$PY" -m fairlane.cli.main migrate)
-  for name in auth queue worker; do
-    (cd "$SRC" && exec "$PY" -m fairlane.cli.main serve "$name") >"$STATE/$name.log" 2>&1 &
-    echo $! >"$STATE/$name.pid"
-    case $name in
-      auth) wait_serving "$AUTH_PORT" auth ;;
-      worker) wait_serving "$QUEUE_PORT" queue && wait_serving "$WORKER_PORT" worker ;;
-    esac
+  for name in $(names); do
+    : >"$STATE/$name.log"
+    start_service "$name"
   done
-  echo "bench suite up: schema/vhost $SCHEMA, auth :$AUTH_PORT queue :$QUEUE_PORT worker :$WORKER_PORT"
+  echo "bench suite up: schema/vhost $SCHEMA, $(for n in $(names); do printf '%s :%s, ' "$n" "$(port_of "$n")"; done | sed 's/, $//')"
   pids
-}
-
-start_service() {  # name: start it in the background and wait until it serves
-  local name="$1"
-  (cd "$SRC" && exec "$PY" -m fairlane.cli.main serve "$name") >>"$STATE/$name.log" 2>&1 &
-  echo $! >"$STATE/$name.pid"
-  case $name in
-    auth) wait_serving "$AUTH_PORT" auth ;;
-    queue) wait_serving "$QUEUE_PORT" queue ;;
-    worker) wait_serving "$WORKER_PORT" worker ;;
-  esac
 }
 
 stop_service() {  # name: SIGTERM, then SIGKILL after 20 s; returns 1 if it had to kill
@@ -135,18 +169,21 @@ restart() {
 
 pids() {
   local out=""
-  for name in auth queue worker; do out+="$name=$(cat "$STATE/$name.pid") "; done
+  for name in $(names); do out+="$name=$(cat "$STATE/$name.pid") "; done
   echo "${out% }"
 }
 
 bench() {
   service_env
-  local pid_list
-  pid_list="$(cat "$STATE"/{auth,queue,worker}.pid | paste -sd,)"
+  local pid_list metrics=""
+  pid_list="$(for n in $(names); do cat "$STATE/$n.pid"; done | paste -sd,)"
+  for n in $(replicas queue)$(replicas worker); do
+    metrics+="http://127.0.0.1:$(metrics_port_of "$n")/metrics,"
+  done
   PYTHONPATH="$ROOT/clients:$ROOT" "$PY" -m fairlane.cli.main bench \
-    --target "127.0.0.1:$QUEUE_PORT" --auth-target "127.0.0.1:$AUTH_PORT" \
+    --target "$FAIRLANE_QUEUE_TARGET" --auth-target "127.0.0.1:$AUTH_PORT" \
     --pids "$pid_list" --database-url "$DB_ROOT" --database-schema "$SCHEMA" \
-    --metrics "http://127.0.0.1:$QUEUE_METRICS_PORT/metrics,http://127.0.0.1:$WORKER_METRICS_PORT/metrics" \
+    --metrics "${metrics%,}" \
     "$@"
 }
 
@@ -202,7 +239,7 @@ down() {
   [ -f "$STATE/suite.env" ] || { echo "no bench suite is up ($STATE)"; return 0; }
   service_env
   local code=0
-  for name in worker queue auth; do
+  for name in $(replicas worker)$(replicas queue)auth; do
     local pid
     pid="$(cat "$STATE/$name.pid" 2>/dev/null || true)"
     [ -n "$pid" ] || continue
