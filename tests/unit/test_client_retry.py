@@ -146,6 +146,23 @@ async def test_not_idempotent_calls_are_not_retried_on_a_bare_unavailable() -> N
     assert call.calls == 1
 
 
+async def test_a_cancelled_from_the_peer_is_retried_only_when_idempotent() -> None:
+    # gRPC answers CANCELLED for a call it refused under a burst, before it ran.
+    refused = grpc.StatusCode.CANCELLED
+    call = Script(rpc_error(refused, "stream reset"), rpc_error(refused, "stream reset"))
+    sleeps = Sleeps()
+    got = await call_with_retry(call, policy=RetryPolicy(), idempotent=True, sleep=sleeps)
+    assert got == "ok"
+    assert call.calls == 3
+    assert len(sleeps.waits) == 2
+
+    once = Script(rpc_error(refused, "stream reset"))
+    with pytest.raises(FairlaneError) as err:
+        await call_with_retry(once, policy=RetryPolicy(), idempotent=False, sleep=Sleeps())
+    assert err.value.code == "CANCELLED"
+    assert once.calls == 1
+
+
 async def test_unauthenticated_reauthenticates_once() -> None:
     refreshed: list[int] = []
 

@@ -17,11 +17,17 @@ T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[object]]
 
 RETRYABLE = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE"})
+# CANCELLED as a call's error (not as asyncio.CancelledError, which is our own caller
+# giving up) came from the other side: a stream reset on the way, or a server refusing
+# the call under a burst before it ran. It may also have cut a call that had acted, so
+# only idempotent calls try again.
+RETRYABLE_IF_IDEMPOTENT = frozenset({"CANCELLED"})
 
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """How unary calls are retried on RESOURCE_EXHAUSTED and UNAVAILABLE.
+    """How unary calls are retried on RESOURCE_EXHAUSTED and UNAVAILABLE (and, when
+    idempotent, on a CANCELLED that came from the peer).
 
     - At most `max_attempts` attempts in all (1 disables retries).
     - The wait before attempt n+1 is the server's RetryInfo delay (if it sent one) plus
@@ -55,7 +61,11 @@ class RetryPolicy:
         rng: random.Random | None = None,
     ) -> float | None:
         """Seconds to wait before the next attempt, or None to give up and raise."""
-        if code not in RETRYABLE or attempt >= self.max_attempts:
+        if attempt >= self.max_attempts:
+            return None
+        if code in RETRYABLE_IF_IDEMPOTENT:
+            return self.backoff(attempt, rng) if idempotent else None
+        if code not in RETRYABLE:
             return None
         if server_delay_ms is None:
             if not idempotent:

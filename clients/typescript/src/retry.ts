@@ -31,11 +31,18 @@ export const STREAM_RECONNECT: RetryPolicy = {
 };
 
 const RETRYABLE = new Set<Code>([Code.ResourceExhausted, Code.Unavailable]);
+/**
+ * A unary call here takes no AbortSignal, so CANCELLED came from the other side: a stream
+ * reset on the way, or a server refusing the call under a burst before it ran. It may also
+ * have cut a call that had acted, so only idempotent calls try again.
+ */
+const RETRYABLE_IF_IDEMPOTENT = new Set<Code>([Code.Canceled]);
 
 /**
  * Milliseconds to wait before attempt `attempt + 1`, or undefined to give up.
  *
- * Only RESOURCE_EXHAUSTED and UNAVAILABLE are retried. The wait is the server's delay
+ * Only RESOURCE_EXHAUSTED and UNAVAILABLE are retried (and CANCELLED from the peer, for
+ * idempotent calls, after the backoff alone). The wait is the server's delay
  * (if it sent one) plus the jittered backoff, so a client never comes back earlier than
  * asked and clients told the same delay do not all come back at once. A call that is not
  * idempotent is retried only when the server sent RetryInfo, which it does only when it
@@ -49,10 +56,16 @@ export function retryDelay(
   idempotent: boolean,
   random: () => number = Math.random,
 ): number | undefined {
-  if (!RETRYABLE.has(error.code) || attempt >= policy.maxAttempts) {
+  if (attempt >= policy.maxAttempts) {
     return undefined;
   }
   const cap = Math.min(policy.maxBackoffMs, policy.baseBackoffMs * 2 ** (attempt - 1));
+  if (RETRYABLE_IF_IDEMPOTENT.has(error.code)) {
+    return idempotent ? random() * cap : undefined;
+  }
+  if (!RETRYABLE.has(error.code)) {
+    return undefined;
+  }
   const backoff = random() * cap;
   if (error.retryAfterMs === undefined) {
     return idempotent ? backoff : undefined;

@@ -25,6 +25,13 @@ test("without RetryInfo only idempotent calls are retried", () => {
   assert.equal(retryDelay(DEFAULT_RETRY, 1, bare, true, half), 50);
 });
 
+test("a CANCELLED from the peer is retried only when idempotent", () => {
+  const reset = errorWith(Code.Canceled, undefined);
+  assert.equal(retryDelay(DEFAULT_RETRY, 1, reset, true, half), 50);
+  assert.equal(retryDelay(DEFAULT_RETRY, 1, reset, false, half), undefined);
+  assert.equal(retryDelay(DEFAULT_RETRY, DEFAULT_RETRY.maxAttempts, reset, true, half), undefined);
+});
+
 test("other codes, exhausted attempts and huge server delays give up", () => {
   assert.equal(
     retryDelay(DEFAULT_RETRY, 1, new FairlaneError("x", Code.InvalidArgument), true),
