@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 
 import sqlalchemy as sa
@@ -15,6 +14,7 @@ from fairlane_server.core import metrics
 from fairlane_server.core.broker import Broker
 from fairlane_server.core.grpc_host import GrpcHost
 from fairlane_server.core.logging import get_logger
+from fairlane_server.core.tasks import cancel_and_wait
 
 log = get_logger(__name__)
 
@@ -73,7 +73,4 @@ class DependencyMonitor:
             await asyncio.sleep(self._interval)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)

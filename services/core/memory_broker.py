@@ -27,6 +27,7 @@ from fairlane_server.core.broker import (
     LaneStats,
     ResultsUnroutable,
 )
+from fairlane_server.core.tasks import cancel_and_wait
 
 
 @dataclass(order=True, slots=True)
@@ -129,9 +130,7 @@ class _LaneQueue:
         for consumer in self.consumers:
             consumer.active = False
         self.consumers.clear()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await cancel_and_wait(self._task)
 
 
 class MemoryLaneConsumer:

@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from fairlane_server.core import batching, dberrors, metrics, tracing
 from fairlane_server.core.breaker import CircuitBreaker, CircuitOpen
 from fairlane_server.core.logging import get_logger
+from fairlane_server.core.tasks import cancel_and_wait
 from fairlane_server.queue.relay import LaneRelay
 from fairlane_server.queue.store import CommitUnknown, NewRequest, OutboxItem, RequestStore
 
@@ -106,9 +107,7 @@ class Intake:
         self._task = asyncio.create_task(self._run(), name="intake")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait(self._task)
         shutdown = Rejection("shutdown", "the server is shutting down", self._retry_after_ms)
         while not self._pending.empty():
             _reject(self._pending.get_nowait(), shutdown)

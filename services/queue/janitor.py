@@ -17,7 +17,6 @@ the lane again (see Intake) and announces it to the workers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import uuid
 
@@ -27,6 +26,7 @@ from fairlane.common.v1 import lane_pb2
 from fairlane_server.core import metrics
 from fairlane_server.core.broker import Broker, BrokerError
 from fairlane_server.core.logging import get_logger
+from fairlane_server.core.tasks import cancel_and_wait
 from fairlane_server.queue.hub import Hub
 from fairlane_server.queue.lane_store import IdleLane, LaneHousekeepingStore
 from fairlane_server.queue.store import RequestStore
@@ -66,10 +66,7 @@ class LaneJanitor:
         self._task = asyncio.create_task(self._run(), name="lane-janitor")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         interval = min(max(self._idle / 3, 0.2), 15.0)

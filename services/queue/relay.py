@@ -26,6 +26,7 @@ from fairlane.common.v1 import lane_pb2
 from fairlane_server.core import dberrors, metrics, tracing
 from fairlane_server.core.broker import Broker, BrokerError, LaneMissing, lane_queue
 from fairlane_server.core.logging import get_logger
+from fairlane_server.core.tasks import cancel_and_wait
 from fairlane_server.queue.outbox_store import LaneOutbox, OutboxStore
 from fairlane_server.queue.store import OutboxItem
 
@@ -160,9 +161,7 @@ class LaneRelay:
                 while self.backlog and self._task is not None and not self._task.done():
                     self._wake.set()
                     await asyncio.sleep(0.02)
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait(self._task)
         with contextlib.suppress(Exception):
             await self._store.close()
 

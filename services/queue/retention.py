@@ -9,7 +9,6 @@ services/queue/retention_store.py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 import uuid
@@ -21,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fairlane_server.core import metrics
 from fairlane_server.core.logging import get_logger
+from fairlane_server.core.tasks import cancel_and_wait
 from fairlane_server.queue.retention_store import (
     Partition,
     Report,
@@ -57,10 +57,7 @@ class Retention:
         self._task = asyncio.create_task(self._run(), name="log-retention")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         while True:

@@ -14,6 +14,7 @@ from fairlane_server.core.auth_client import AuthClient
 from fairlane_server.core.broker import Broker, BrokerError, LaneMissing
 from fairlane_server.core.grpc_host import channel
 from fairlane_server.core.logging import get_logger
+from fairlane_server.core.tasks import cancel_and_wait
 from fairlane_server.core.transport import Transport
 from fairlane_server.worker.runner import Runner
 
@@ -48,10 +49,7 @@ class LaneDiscovery:
         self._task = asyncio.create_task(self._poll(), name="lane-discovery")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         await self._channel.close()
 
     async def _on_control(self, body: bytes) -> None:

@@ -39,6 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from fairlane_server.core import metrics
 from fairlane_server.core.broker import BrokerError
 from fairlane_server.core.logging import get_logger
+from fairlane_server.core.tasks import cancel_and_wait
 from fairlane_server.worker.presence import PresenceStore
 from fairlane_server.worker.runner import Runner, RunnerState
 
@@ -88,10 +89,7 @@ class Rebalancer:
         self._task = asyncio.create_task(self._run(), name="lane-rebalancer")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         with contextlib.suppress(SQLAlchemyError, OSError):
             await self._presence.leave(self._worker_id)
 

@@ -20,6 +20,7 @@ from fairlane.common.v1 import common_pb2, lane_pb2
 from fairlane_server.core import batching, dberrors, metrics, status, tracing
 from fairlane_server.core.broker import Broker, BrokerError, ResultsUnroutable
 from fairlane_server.core.logging import get_logger
+from fairlane_server.core.tasks import cancel_and_wait
 from fairlane_server.worker.store import Attempt, Outcome, WorkerStore
 
 log = get_logger(__name__)
@@ -71,9 +72,7 @@ class ResultWriter:
         """Writes what is queued (up to `timeout`), then stops."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._queue.join(), timeout)
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait(self._task)
 
     def finish(
         self, outcome: Outcome, *, route: str, client_ref: str, handler: str
