@@ -15,11 +15,14 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-# (histogram family, label to split by or "", name in the report), in a request's order.
+# (histogram family, label to split by or "", name in the report, or the prefix of the
+# label's value when split), in a request's order.
 STAGES: list[tuple[str, str, str]] = [
     ("fairlane_stage_seconds", "stage", ""),  # intake, relay, results
     ("fairlane_queue_wait_seconds", "", "accepted to first attempt"),
     ("fairlane_handler_duration_seconds", "", "handler"),
+    # Not a stage: how long a collection stood the process still, by generation.
+    ("fairlane_gc_pause_seconds", "generation", "gc pause, generation "),
 ]
 ORDER = ["intake", "relay", "accepted to first attempt", "handler", "results"]
 
@@ -72,7 +75,7 @@ def parse(texts: list[str]) -> dict[str, Histogram]:
                 continue
             label, fixed = wanted[family.name]
             for sample in family.samples:
-                stage = sample.labels.get(label, "") if label else fixed
+                stage = fixed + sample.labels.get(label, "") if label else fixed
                 h = found[stage]
                 if sample.name.endswith("_bucket"):
                     h.buckets[float(sample.labels["le"])] += sample.value

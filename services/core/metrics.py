@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import time
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 REQUESTS = Counter(
@@ -106,7 +109,38 @@ LANE_FAILURES = Counter(
 )
 
 
+GC_PAUSE_SECONDS = Histogram(
+    "fairlane_gc_pause_seconds",
+    "Time the process stood still in one garbage collection, by generation: every task of "
+    "the event loop waits for it, so long ones show in every stage's tail latency.",
+    ["generation"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1),
+)
+
+
+class _GcTimer:
+    """prometheus-client counts collections (python_gc_collections_total) but not how long
+    they stop the process; gc.callbacks is the one place that sees both ends of one."""
+
+    def __init__(self) -> None:
+        self._started = 0.0
+        self._children = [GC_PAUSE_SECONDS.labels(str(g)) for g in range(3)]
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self._children[info["generation"]].observe(time.perf_counter() - self._started)
+
+
+def time_gc() -> None:
+    """Observes every garbage collection of this process in GC_PAUSE_SECONDS (once)."""
+    if not any(isinstance(cb, _GcTimer) for cb in gc.callbacks):
+        gc.callbacks.append(_GcTimer())
+
+
 def serve_metrics(host: str, port: int) -> None:
     """Expose /metrics; port 0 disables it (embedded runs and tests)."""
+    time_gc()
     if port:
         start_http_server(port, addr=host)
