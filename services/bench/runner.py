@@ -243,6 +243,7 @@ class BenchRun:
         self.t_warm_end = 0.0
         self.t_send_end = math.inf
         self.t_measure_end = 0.0
+        self._stages_stop: asyncio.Task[None] | None = None
         self.t_done = 0.0
         self.measured_results = 0
         self.last_result_at = 0.0
@@ -332,6 +333,8 @@ class BenchRun:
             ticker.cancel()
             await asyncio.gather(ticker, return_exceptions=True)
         self.t_done = time.perf_counter()
+        if self._stages_stop is not None:
+            await self._stages_stop
         if config.duration is None or self.t_measure_end == 0.0:
             # --requests (or a run that ended early): measured up to the last result.
             self.t_measure_end = max(self.last_result_at, self.t_warm_end)
@@ -354,7 +357,10 @@ class BenchRun:
                 self.progress.phase = "draining"
                 self.t_measure_end = self.t_send_end
                 self.watch.stop()
-                await self.stages.stop()
+                # A task of its own: this ticker is cancelled as soon as the last lane has
+                # drained, which at high rates comes while the services are still being
+                # scraped, and the run's stage figures were lost with it.
+                self._stages_stop = asyncio.create_task(self.stages.stop())
             if self.progress.phase == "measuring" and self.budget is not None and self.budget <= 0:
                 self.progress.phase = "draining"
             if now >= next_rss:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import signal
 import sys
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -144,6 +147,71 @@ async def test_short_run_loses_nothing_and_matches_the_request_log(suite: Suite)
     assert code == 1
     assert not broken["valid"]
     assert broken["counts"]["stream_errors"] == 1
+
+
+class _SlowMetrics(http.server.BaseHTTPRequestHandler):
+    """A /metrics page whose scrapes after the first take 2 s: the bench's scrape at the end
+    of the measured phase is still running when its last lane has drained."""
+
+    scrapes = 0
+    PAGE = (
+        "# TYPE fairlane_stage_seconds histogram\n"
+        'fairlane_stage_seconds_bucket{{stage="intake",le="0.01"}} {n}\n'
+        'fairlane_stage_seconds_bucket{{stage="intake",le="+Inf"}} {n}\n'
+        'fairlane_stage_seconds_count{{stage="intake"}} {n}\n'
+        'fairlane_stage_seconds_sum{{stage="intake"}} {total}\n'
+    )
+
+    def do_GET(self) -> None:
+        type(self).scrapes += 1
+        n = self.scrapes
+        if n > 1:
+            time.sleep(2.0)
+        body = self.PAGE.format(n=10 * n, total=0.01 * n).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+async def test_stage_figures_survive_a_scrape_slower_than_the_drain(suite: Suite) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowMetrics)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        code, report, err = await _bench(
+            suite,
+            # At the end of sending each lane still has 0.5-1 s of work in flight (one
+            # request running, one behind it): long enough for the bench to see the end
+            # and start its scrape, short enough to drain while the scrape runs.
+            "--lanes",
+            "2",
+            "--duration",
+            "1",
+            "--warmup",
+            "0",
+            "--window",
+            "2",
+            "--handler",
+            "sleep",
+            "--sleep",
+            "0.5",
+            "--metrics",
+            f"http://127.0.0.1:{server.server_address[1]}/metrics",
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert code == 0, err
+    assert report["valid"], report["invalid_reasons"]
+    # Scraped once as measuring began (10 intake observations) and once as it ended (20).
+    assert report["stages"] == {
+        "intake": {"count": 10, "mean_ms": 1.0, "p50_ms": 5.0, "p99_ms": 9.9}
+    }
 
 
 def test_the_checks_see_what_they_should() -> None:
