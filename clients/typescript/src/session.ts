@@ -18,6 +18,7 @@ import {
   SessionRequestSchema,
   type SessionResponse,
 } from "./gen/fairlane/queue/v1/queue_pb.js";
+import { Outbox } from "./outbox.js";
 
 /** One server message of a Session, batches unwrapped: accepted, rejected, progress or result. */
 export type SessionEvent = Exclude<
@@ -50,64 +51,6 @@ interface Pending {
 // A stream that broke this way may have left accepted requests running: their results are
 // durable and WatchResults finds them.
 const RESUMABLE = new Set<Code>([Code.Unavailable, Code.Canceled, Code.Internal, Code.Unknown]);
-
-/**
- * An async iterable the transport reads requests from: writes never wait (the Session's
- * window bounds them), close() half-closes. Hand-written because connect's
- * createWritableIterable makes every write wait for the transport.
- */
-class Outbox implements AsyncIterable<SessionRequest> {
-  #items: SessionRequest[] = [];
-  #waiter: ((result: IteratorResult<SessionRequest>) => void) | undefined;
-  #closed = false;
-
-  push(message: SessionRequest): void {
-    if (this.#closed) {
-      return;
-    }
-    const waiter = this.#waiter;
-    if (waiter !== undefined) {
-      this.#waiter = undefined;
-      waiter({ done: false, value: message });
-    } else {
-      this.#items.push(message);
-    }
-  }
-
-  close(): void {
-    this.#closed = true;
-    if (this.#items.length === 0) {
-      this.#waiter?.({ done: true, value: undefined });
-      this.#waiter = undefined;
-    }
-  }
-
-  [Symbol.asyncIterator](): AsyncIterator<SessionRequest> {
-    return {
-      next: () => {
-        const item = this.#items.shift();
-        if (item !== undefined) {
-          return Promise.resolve({ done: false, value: item });
-        }
-        if (this.#closed) {
-          return Promise.resolve({ done: true, value: undefined });
-        }
-        return new Promise((resolve) => {
-          this.#waiter = resolve;
-        });
-      },
-      // The transport stops reading (the call ended): drop what was not sent.
-      return: () => this.#stop(),
-      throw: () => this.#stop(),
-    };
-  }
-
-  #stop(): Promise<IteratorResult<SessionRequest>> {
-    this.#closed = true;
-    this.#items = [];
-    return Promise.resolve({ done: true, value: undefined });
-  }
-}
 
 export class Session {
   readonly #client: Client;
@@ -354,7 +297,7 @@ export class Session {
   #handle(response: SessionResponse): void {
     const kind = response.kind;
     if (kind.case === "batch") {
-      // Only after an enqueue_batch, which this client does not send; handled all the same.
+      // The server packs answers this way once the outbox has sent an enqueue_batch.
       for (const inner of kind.value.responses) {
         this.#handle(inner);
       }
