@@ -210,6 +210,77 @@ async def test_refused_token_refreshes_and_resends_everything(
     assert [(await one).lane_seq, (await two).lane_seq] == [1, 2]
 
 
+# grpc.aio's own status when a write fails because the server has just ended the stream
+# (grpc/grpc#36066): the server's status is lost.
+CORE_WRITE_RACE = "Internal error from Core"
+
+
+async def test_a_status_lost_in_a_write_before_any_answer_is_resent_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client, queue, auth = _client(monkeypatch)
+    async with client.session() as session:
+        one = await session.submit("echo", b"1", client_ref="a")
+        queue.calls[0].end(rpc_error(grpc.StatusCode.INTERNAL, CORE_WRITE_RACE))
+        await settle()
+        # Most likely a refused token: refreshed, and everything sent again with the same
+        # idempotency key, so a request the server did take cannot run twice.
+        assert auth.refreshes == ["refresh-0"]
+        second = queue.calls[1]
+        assert sent(second) == ["a"]
+        assert second.written[0].enqueue.idempotency_key == one.idempotency_key
+        second.feed(accepted=accepted("a", "r1"))
+        second.feed(result=result("r1", 1))
+        await session.close()
+        second.end()
+    assert (await one).lane_seq == 1
+
+
+async def test_a_status_lost_twice_fails_the_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    client, queue, _ = _client(monkeypatch)
+    session = client.session()
+    await session.open()
+    pending = await session.submit("echo", client_ref="a")
+    queue.calls[0].end(rpc_error(grpc.StatusCode.INTERNAL, CORE_WRITE_RACE))
+    await settle()
+    queue.calls[1].end(rpc_error(grpc.StatusCode.INTERNAL, CORE_WRITE_RACE))
+    await settle()
+    assert len(queue.calls) == 2
+    with pytest.raises(FairlaneError):
+        await pending
+
+
+async def test_a_status_lost_with_accepted_requests_is_resumed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client, queue, _ = _client(monkeypatch)
+    session = client.session()
+    await session.open()
+    call = queue.calls[0]
+    running = await session.submit("echo", client_ref="a")
+    call.feed(accepted=accepted("a", "r1"))
+    call.end(rpc_error(grpc.StatusCode.INTERNAL, CORE_WRITE_RACE))
+    await settle()
+    assert [after for after, _ in queue.watches] == [0]
+    watch = queue.watches[0][1]
+    watch._responses.put_nowait(queue_pb2.WatchResultsResponse(result=result("r1", 1, b"a")))
+    await settle()
+    assert (await running).output == b"a"
+    assert len(queue.calls) == 1  # resumed, not resent: "a" was accepted
+
+
+async def test_any_other_internal_error_is_not_resent(monkeypatch: pytest.MonkeyPatch) -> None:
+    client, queue, _ = _client(monkeypatch)
+    session = client.session()
+    await session.open()
+    pending = await session.submit("echo", client_ref="a")
+    queue.calls[0].end(rpc_error(grpc.StatusCode.INTERNAL, "internal error (id 1f2e)"))
+    await settle()
+    assert len(queue.calls) == 1
+    with pytest.raises(FairlaneError, match="id 1f2e"):
+        await pending
+
+
 async def test_a_broken_stream_fails_what_is_pending_and_is_raised(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -47,6 +47,16 @@ class _Unanswered:
 
 _END: Final = object()
 _RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+# What grpc.aio reports in place of the server's status when a write fails because the
+# server has just ended the stream (grpc/grpc#36066): the stream is over, what the server
+# said is lost. Most often it was a refused token, ending the stream as it opened.
+_CORE_WRITE_RACE = "Internal error from Core"
+
+
+def _status_lost(err: grpc.aio.AioRpcError) -> bool:
+    code: grpc.StatusCode = err.code()
+    details: str | None = err.details()
+    return code == grpc.StatusCode.INTERNAL and details == _CORE_WRITE_RACE
 
 
 class Session:
@@ -299,11 +309,13 @@ class Session:
                     self._handle(response)
             except grpc.aio.AioRpcError as err:
                 if (
-                    err.code() == grpc.StatusCode.UNAUTHENTICATED
+                    (err.code() == grpc.StatusCode.UNAUTHENTICATED or _status_lost(err))
                     and not self._answered_any
                     and not reauthenticated
                 ):
-                    # Refused before reading anything: refresh and send it all again.
+                    # Refused before reading anything: refresh and send it all again (once;
+                    # every enqueue carries an idempotency key, so a resend cannot run one
+                    # twice, whatever the lost status was).
                     reauthenticated = True
                     try:
                         if await self._reopen():
@@ -312,7 +324,11 @@ class Session:
                         self._finish(exc)
                         return
                 error = error_from_rpc(err)
-                if self._resume and err.code() in _RESUMABLE and self._by_request:
+                if (
+                    self._resume
+                    and (err.code() in _RESUMABLE or _status_lost(err))
+                    and self._by_request
+                ):
                     await self._resume_with_watch(error)
                 else:
                     self._finish(error)
