@@ -176,7 +176,10 @@ class Settings(BaseSettings):
         default=366 * 24 * 3600.0, description="Farthest a request deadline may lie ahead."
     )
     relay_hold_seconds: float = Field(
-        default=0.2, description="How long the relay keeps an idle lane's publish lock."
+        default=2.0,
+        gt=0,
+        description="How long the relay keeps an idle lane's publish lock; another replica "
+        "that needs the lane asks for it and gets it at once (lane-wanted notifications).",
     )
     outbox_stale_seconds: float = Field(
         default=10.0,

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from fairlane_server.core.models import lanes, outbox, requests
+from fairlane_server.core.notify import notify_statements
 from fairlane_server.queue.store import OutboxItem
 
 # Advisory lock keys live in one namespace per database; this tag keeps the relay's keys
@@ -66,10 +67,16 @@ _PG_RELEASE = sa.text(
 )
 
 
+_PG_WANTED = sa.text("SELECT pg_notify(:channel, :payload)")
+
+
 class OutboxStore:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, wanted_channel: str | None = None) -> None:
+        """`wanted_channel`: where lanes whose lock another replica holds are named, so
+        that it lets go of them (services/core/notify.py)."""
         self._engine = engine
         self._pg = engine.dialect.name == "postgresql"
+        self._wanted_channel = wanted_channel
         self._conn: AsyncConnection | None = None
         self._local_locks: set[uuid.UUID] = set()
 
@@ -101,7 +108,15 @@ class OutboxStore:
         result = await conn.execute(
             _PG_LOCK, {"users": list(users), "keys": [lock_key(u) for u in users]}
         )
-        return set(result.scalars())
+        locked = set(result.scalars())
+        if self._wanted_channel is not None and len(locked) < len(users):
+            # Autocommit: the holder hears it at once, and lets go once it has published.
+            wanted = [str(u) for u in users if u not in locked]
+            for payload in notify_statements(wanted):
+                await conn.execute(
+                    _PG_WANTED, {"channel": self._wanted_channel, "payload": payload}
+                )
+        return locked
 
     async def pending(self, users: Sequence[uuid.UUID]) -> dict[uuid.UUID, LaneOutbox]:
         """What each lane has in the outbox, read after its lock was taken (a statement of

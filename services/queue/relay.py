@@ -6,6 +6,11 @@ while it holds the lane's publish lock, so replicas never interleave one lane. B
 faults are retried on fresh channels, with backoff, for as long as they last: nothing
 accepted is dropped, and nothing is published ahead of an older request of its lane.
 
+A lane's lock is kept while the lane is busy and for `hold_seconds` after (taking it again
+costs a lock and a read of the lane's outbox rows); a replica that fails to take it names
+the lane on the lane-wanted channel, and the holder lets go as soon as it has published
+what it has of it (`wanted`).
+
 What a replica left behind (it died, or a commit's outcome was unknown to it) is found in
 the outbox: by the next holder of the lane's lock, which reads the lane's rows before
 publishing, and by a periodic sweep for rows older than `stale_after`.
@@ -48,6 +53,8 @@ class _Lane:
     retry_at: float = 0.0
     failures: int = 0
     idle_since: float = field(default_factory=time.monotonic)
+    # Another replica failed to take the lock: let go as soon as nothing is left to publish.
+    wanted: bool = False
 
 
 def lane_item(item: OutboxItem) -> lane_pb2.LaneItem:
@@ -73,7 +80,7 @@ class LaneRelay:
         store: OutboxStore,
         broker: Broker,
         *,
-        hold_seconds: float = 0.2,
+        hold_seconds: float = 2.0,
         max_locks: int = 2000,
         sweep_seconds: float = 5.0,
         stale_after: float = 10.0,
@@ -126,6 +133,19 @@ class LaneRelay:
         """The commit of these requests is over: handed, refused, or (after a bug) left
         in the outbox, where the sweep finds them."""
         self._expected.difference_update(request_ids)
+
+    def wanted(self, user_ids: list[str]) -> None:
+        """Other replicas could not take these lanes' locks (they have requests of them to
+        publish): the ones held here are let go once what this replica has of them is
+        published, without waiting for the hold time. Names of lanes not held are ignored."""
+        for name in user_ids:
+            try:
+                lane = self._lanes.get(uuid.UUID(name))
+            except ValueError:
+                continue
+            if lane is not None and lane.locked:
+                lane.wanted = True
+                self._wake.set()
 
     def forget_lane(self, user_id: uuid.UUID) -> None:
         """The lane queue was deleted (idle): declare and announce it again on next use."""
@@ -196,7 +216,7 @@ class LaneRelay:
             if lane.items or lane.needs_reading:
                 wake_at = min(wake_at, max(lane.retry_at, now))
             elif lane.locked:
-                wake_at = min(wake_at, lane.idle_since + self._hold)
+                wake_at = min(wake_at, now if lane.wanted else lane.idle_since + self._hold)
         if wake_at <= now:
             return
         with contextlib.suppress(TimeoutError):
@@ -241,8 +261,8 @@ class LaneRelay:
         self._recount()
 
     def _releasable(self) -> list[uuid.UUID]:
-        """Held lanes with nothing left to publish, idle for the hold time (or at once when
-        too many locks are held): another replica may be waiting for them."""
+        """Held lanes with nothing left to publish, idle for the hold time, or at once when
+        another replica asked for them or too many locks are held."""
         now = time.monotonic()
         held = [lane for lane in self._lanes.values() if lane.locked]
         crowded = len(held) > self._max_locks
@@ -253,7 +273,7 @@ class LaneRelay:
         for lane in held:
             if lane.items or lane.needs_reading:
                 continue
-            if crowded or now - lane.idle_since >= self._hold:
+            if crowded or lane.wanted or now - lane.idle_since >= self._hold:
                 lane.locked, lane.next_pos = False, None
                 out.append(lane.user_id)
                 del self._lanes[lane.user_id]

@@ -16,7 +16,7 @@ from fairlane_server.core.db import create_engine
 from fairlane_server.core.grpc_host import GrpcHost
 from fairlane_server.core.health import DependencyMonitor
 from fairlane_server.core.logging import get_logger
-from fairlane_server.core.notify import ResultListener, results_channel
+from fairlane_server.core.notify import NotifyListener, lane_wanted_channel, results_channel
 from fairlane_server.core.settings import Settings
 from fairlane_server.core.transport import Transport
 from fairlane_server.queue.admission import Admission
@@ -59,8 +59,12 @@ class QueueService:
         self._auth = AuthClient(s.auth_target, transport=transport)
         self.hub = Hub()
         store = RequestStore(self.engine)
+        postgres = self.engine.dialect.name == "postgresql"
         self.relay = LaneRelay(
-            OutboxStore(self.engine),
+            OutboxStore(
+                self.engine,
+                wanted_channel=lane_wanted_channel(s.database_schema) if postgres else None,
+            ),
             self.broker,
             hold_seconds=s.relay_hold_seconds,
             stale_after=s.outbox_stale_seconds,
@@ -97,13 +101,15 @@ class QueueService:
             interval_seconds=s.maintenance_interval_seconds,
         )
         self._listener = (
-            ResultListener(
+            NotifyListener(
                 s.database_url,
-                results_channel(s.database_schema),
-                self.hub.wake,
+                {
+                    results_channel(s.database_schema): self.hub.wake,
+                    lane_wanted_channel(s.database_schema): self.relay.wanted,
+                },
                 self.hub.wake_all,
             )
-            if self.engine.dialect.name == "postgresql"
+            if postgres
             else None
         )
         self._verifier = self._auth.token_verifier(s)

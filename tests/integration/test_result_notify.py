@@ -1,5 +1,6 @@
-"""A result written by a worker wakes the queue replicas' listeners (LISTEN/NOTIFY), in
-the same transaction, for exactly the users that have new results."""
+"""LISTEN/NOTIFY between services: a result written by a worker wakes the queue replicas'
+listeners in the same transaction, for exactly the users that have new results; a queue
+replica that cannot take a lane's publish lock names that lane to the one holding it."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from uuid_utils.compat import uuid7
 
 from fairlane_server.core.db import create_engine
 from fairlane_server.core.models import users
-from fairlane_server.core.notify import ResultListener, results_channel
+from fairlane_server.core.notify import NotifyListener, lane_wanted_channel, results_channel
+from fairlane_server.queue.outbox_store import OutboxStore
 from fairlane_server.queue.store import NewRequest, RequestStore
 from fairlane_server.worker.store import Outcome, WorkerStore
 from tests.conftest import DATABASE_URL, unique
@@ -39,7 +41,7 @@ async def test_finishing_notifies_the_users_with_new_results(pg_schema: str) -> 
         heard.extend(names)
         got.set()
 
-    listener = ResultListener(DATABASE_URL, channel, on_users, connected.set)
+    listener = NotifyListener(DATABASE_URL, {channel: on_users}, connected.set)
     listener.start()
     try:
         await asyncio.wait_for(connected.wait(), 10)
@@ -69,4 +71,36 @@ async def test_finishing_notifies_the_users_with_new_results(pg_schema: str) -> 
         assert heard == [str(a), str(b)]
     finally:
         await listener.stop()
+        await engine.dispose()
+
+
+async def test_a_lock_held_elsewhere_names_the_lane_to_its_holder(pg_schema: str) -> None:
+    engine = create_engine(DATABASE_URL, schema=pg_schema, pool_size=2)
+    channel = lane_wanted_channel(pg_schema)
+    heard: list[str] = []
+    connected = asyncio.Event()
+    got = asyncio.Event()
+
+    def on_lanes(names: list[str]) -> None:
+        heard.extend(names)
+        got.set()
+
+    listener = NotifyListener(DATABASE_URL, {channel: on_lanes}, connected.set)
+    listener.start()
+    holder = OutboxStore(engine, wanted_channel=channel)
+    other = OutboxStore(engine, wanted_channel=channel)
+    try:
+        await asyncio.wait_for(connected.wait(), 10)
+        held, free = uuid.uuid4(), uuid.uuid4()
+        assert await holder.lock([held]) == {held}
+        # Taking a lock that was free names nothing; failing to take one names that lane.
+        assert await other.lock([held, free]) == {free}
+        await asyncio.wait_for(got.wait(), 10)
+        assert heard == [str(held)]
+        await holder.release([], [held])
+        assert await other.lock([held]) == {held}
+    finally:
+        await listener.stop()
+        await holder.close()
+        await other.close()
         await engine.dispose()

@@ -231,6 +231,36 @@ async def test_a_lane_held_by_another_replica_waits_for_it(broker: FlakyBroker) 
     assert [i.payload for i in await consume(broker, user)] == [b"1", b"2"]
 
 
+async def test_a_lane_wanted_elsewhere_is_let_go_once_published_not_after_the_hold(
+    broker: FlakyBroker,
+) -> None:
+    outbox = FakeOutbox()
+    relay = LaneRelay(outbox, broker, hold_seconds=3600, sweep_seconds=3600)  # type: ignore[arg-type]
+    relay.start()
+    idle, busy, other = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    try:
+        relay.hand(outbox.commit(idle, 2))
+        await until(lambda: not outbox.rows)
+        assert idle in outbox.mine  # idle, but held: the hold is an hour
+        relay.wanted([str(idle), str(other), "not-a-uuid"])  # names not held are ignored
+        await until(lambda: idle not in outbox.mine)
+
+        # A lane with requests still to publish is let go only once they are published.
+        broker.failures = 1000
+        relay.hand(outbox.commit(busy, 2))
+        await until(lambda: busy in outbox.mine)
+        relay.wanted([str(busy)])
+        await until(lambda: broker.failures <= 998)  # two more rounds with the lane wanted
+        assert outbox.rows
+        assert busy in outbox.mine, "let go with requests of its own unpublished"
+        broker.failures = 0
+        await until(lambda: not outbox.rows and busy not in outbox.mine)
+    finally:
+        await relay.stop()
+    assert [i.payload for i in await consume(broker, busy)] == [b"1", b"2"]
+    assert relay.backlog == 0
+
+
 async def test_rows_another_holder_published_meanwhile_are_not_sent_again(
     broker: FlakyBroker,
 ) -> None:
