@@ -6,7 +6,7 @@ import asyncio
 import gc
 import signal
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from fairlane_server.core.logging import get_logger
 
@@ -48,11 +48,56 @@ async def run_until_signalled(
         # Stop in reverse start order: workers first hand lanes back, auth goes last.
         for component in reversed(started):
             try:
-                await asyncio.wait_for(component.stop(grace), grace + 5)
+                await stop_component(component, grace)
             except Exception:
                 log.exception("stop_failed", component=component.name)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+# A component's stop normally takes well under a second; past this, what it waits on is
+# logged, so that a shutdown that hangs names its cause in the first place anyone looks.
+SLOW_STOP_SECONDS = 5.0
+
+
+async def stop_component(
+    component: Component, grace: float, *, slow_after: float = SLOW_STOP_SECONDS
+) -> None:
+    """component.stop(grace), given up after grace + 5 s; logs what it waits on if it
+    is still stopping after `slow_after` seconds."""
+    stopping = asyncio.ensure_future(asyncio.wait_for(component.stop(grace), grace + 5))
+    try:
+        done, _ = await asyncio.wait({stopping}, timeout=slow_after)
+        if not done:
+            log.warning(
+                "stop_slow", component=component.name, seconds=slow_after, waiting=waiting_tasks()
+            )
+        await stopping
+    except asyncio.CancelledError:
+        stopping.cancel()
+        raise
+
+
+def waiting_tasks() -> list[str]:
+    """Each unfinished task of the loop with the chain of awaits it is suspended in.
+
+    Task.get_stack shows only a suspended task's outermost coroutine; the await chain
+    (cr_await) is what says where it waits."""
+    current = asyncio.current_task()
+    lines = []
+    for task in asyncio.all_tasks():
+        if task is current or task.done():
+            continue
+        chain = []
+        awaited: Any = task.get_coro()
+        while awaited is not None:
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+            if frame is None:
+                break
+            chain.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
+        lines.append(f"{task.get_name()} " + " > ".join(chain))
+    return sorted(lines)
 
 
 def freeze_startup_objects() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,23 @@ import pytest
 from tests.e2e.suite import ROOT, free_port
 
 pytestmark = pytest.mark.e2e
+
+
+def _stacks(pid: int) -> str:
+    """Every thread's Python stack of a process that will not stop (py-spy, a dev
+    dependency), so that a rare hang is diagnosed from the first failure."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    try:
+        dump = subprocess.run(
+            [spy, "dump", "--pid", str(pid), "--locals"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"(no stacks: {exc})"
+    return dump.stdout + dump.stderr
 
 
 def test_dev_demo_round_trip_and_clean_ctrl_c(tmp_path: Path) -> None:
@@ -60,7 +78,13 @@ def test_dev_demo_round_trip_and_clean_ctrl_c(tmp_path: Path) -> None:
             assert (tmp_path / "data" / "fairlane.db").exists()
             started = time.monotonic()
             proc.send_signal(signal.SIGINT)
-            code = proc.wait(timeout=10)
+            try:
+                code = proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                stacks = _stacks(proc.pid)  # the output has the services' stop_slow lines
+                pytest.fail(
+                    f"running 10 s after Ctrl-C:\n{stacks}\n{out.read_text(errors='replace')}"
+                )
         finally:
             if proc.poll() is None:
                 proc.kill()
