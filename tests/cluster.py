@@ -20,22 +20,17 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.ports import free_port
+
 RABBITMQ_HOME = Path(os.environ.get("FAIRLANE_RABBITMQ_HOME", "/usr/lib/rabbitmq"))
 SERVER = RABBITMQ_HOME / "bin" / "rabbitmq-server"
 CTL = RABBITMQ_HOME / "bin" / "rabbitmqctl"
 EPMD = shutil.which("epmd") or "/usr/bin/epmd"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def available() -> bool:

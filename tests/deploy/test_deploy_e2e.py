@@ -32,13 +32,13 @@ from tests.deploy.support import (
     DEPLOY,
     Backends,
     fairlane_bin,
-    free_ports,
     metric_families,
     run,
     service_env,
     tool,
     wait_serving,
 )
+from tests.ports import free_ports
 
 pytestmark = pytest.mark.e2e
 

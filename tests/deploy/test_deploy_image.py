@@ -17,7 +17,8 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tests.certs import Authority
-from tests.deploy.support import DEPLOY, REPO, free_ports, run, tool
+from tests.deploy.support import DEPLOY, REPO, run, tool
+from tests.ports import free_ports
 
 HEALTHCHECK = DEPLOY / "docker" / "healthcheck.py"
 

@@ -28,7 +28,8 @@ from tests.deploy.lb import (
     start_fake_queue,
     wait_grpc,
 )
-from tests.deploy.support import free_ports, load_yaml, run, tool
+from tests.deploy.support import load_yaml, run, tool
+from tests.ports import free_ports
 
 
 def test_envoy_validates_shipped_config() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from tests.e2e.suite import free_port
+from tests.ports import free_port
 
 
 class Collector(trace_service_pb2_grpc.TraceServiceServicer):

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.certs import Authority, Issued
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE_SECRET = "e2e-service-secret"
@@ -30,12 +30,6 @@ async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float = 30) 
             if await check():
                 return
             await asyncio.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fairlane.client import Client, Status
 from tests.conftest import DATABASE_URL, broker_url
-from tests.e2e.suite import Suite, free_port
+from tests.e2e.suite import Suite
+from tests.ports import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -38,8 +38,9 @@ from fairlane_server.core.db import create_engine
 from fairlane_server.core.models import lanes, requests
 from tests.cluster import RabbitCluster
 from tests.conftest import DATABASE_URL
-from tests.e2e.suite import Suite, free_port, wait_until
+from tests.e2e.suite import Suite, wait_until
 from tests.e2e.users import bearer, new_user
+from tests.ports import free_port
 from tests.proxy import TcpProxy
 
 pytestmark = pytest.mark.e2e

@@ -24,8 +24,9 @@ from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
 from fairlane_server.core.db import create_engine
 from fairlane_server.core.models import outbox, request_events, requests
 from tests.conftest import DATABASE_URL, broker_url
-from tests.e2e.suite import Suite, free_port, wait_until
+from tests.e2e.suite import Suite, wait_until
 from tests.e2e.users import admin_token, bearer, new_user
+from tests.ports import free_port
 from tests.proxy import TcpProxy
 
 pytestmark = pytest.mark.e2e

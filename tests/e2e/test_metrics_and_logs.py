@@ -26,7 +26,6 @@ import base64
 import contextlib
 import json
 import re
-import socket
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -43,6 +42,7 @@ from fairlane_server.core.db import drop_schema, migrate
 from tests.conftest import DATABASE_URL, broker_url, unique
 from tests.e2e.suite import ROOT, Suite
 from tests.e2e.users import PASSWORD, bearer, new_user, run_session
+from tests.ports import free_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -111,15 +111,6 @@ class Run:
     scrapes: dict[str, Scrape] = field(repr=False)
     logs: dict[str, str] = field(repr=False)
     exit_codes: dict[str, int]
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free TCP ports on 127.0.0.1 (all held open while choosing)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
 
 
 def rabbitmqctl(*args: str) -> None:
