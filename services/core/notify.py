@@ -21,7 +21,7 @@ import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy.engine import make_url
 
 from fairlane_server.core.logging import get_logger
-from fairlane_server.core.tasks import cancel_and_wait
+from fairlane_server.core.tasks import cancel_and_wait, wait_event
 
 log = get_logger(__name__)
 
@@ -94,9 +94,7 @@ class NotifyListener:
                 delay = 0.2
                 while not lost.is_set():
                     # A dead peer is noticed by this probe even when no FIN arrived.
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(lost.wait(), 15)
-                    if not lost.is_set():
+                    if not await wait_event(lost, 15):
                         await conn.execute("SELECT 1", timeout=10)
             except asyncio.CancelledError:
                 raise

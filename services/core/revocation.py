@@ -77,5 +77,6 @@ class RevokedFamilies:
             if age > self._max_age and now - self._failed_at > _RETRY_AFTER_FAILURE:
                 # When auth is slow, go on with the last list; the fetch continues.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(task), _WAIT_FOR_FETCH)
+                    async with asyncio.timeout(_WAIT_FOR_FETCH):
+                        await asyncio.shield(task)
         return family in self._families

@@ -65,7 +65,12 @@ async def stop_component(
 ) -> None:
     """component.stop(grace), given up after grace + 5 s; logs what it waits on if it
     is still stopping after `slow_after` seconds."""
-    stopping = asyncio.ensure_future(asyncio.wait_for(component.stop(grace), grace + 5))
+
+    async def bounded() -> None:
+        async with asyncio.timeout(grace + 5):
+            await component.stop(grace)
+
+    stopping = asyncio.ensure_future(bounded())
     try:
         done, _ = await asyncio.wait({stopping}, timeout=slow_after)
         if not done:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from fairlane_server.core.logging import get_logger
@@ -30,3 +31,18 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
             error_type=type(error).__name__,
             error=str(error),
         )
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Waits until `event` is set or `timeout` seconds have passed; returns whether it is set.
+
+    Not `asyncio.wait_for(event.wait(), timeout)`: on Python 3.11 that swallows a
+    cancellation which arrives in the same turn of the loop as the event is set (it
+    returns the result instead, cpython gh-86296), so a loop waiting that way carried on
+    after its stop() cancelled it, and stop() waited for it forever. `asyncio.timeout`
+    delivers the cancellation; ruff bans `asyncio.wait_for` in this code base for this.
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    return event.is_set()

@@ -31,7 +31,7 @@ from fairlane.common.v1 import lane_pb2
 from fairlane_server.core import dberrors, metrics, tracing
 from fairlane_server.core.broker import Broker, BrokerError, LaneMissing, lane_queue
 from fairlane_server.core.logging import get_logger
-from fairlane_server.core.tasks import cancel_and_wait
+from fairlane_server.core.tasks import cancel_and_wait, wait_event
 from fairlane_server.queue.outbox_store import LaneOutbox, OutboxStore
 from fairlane_server.queue.store import OutboxItem
 
@@ -219,8 +219,7 @@ class LaneRelay:
                 wake_at = min(wake_at, now if lane.wanted else lane.idle_since + self._hold)
         if wake_at <= now:
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), wake_at - now)
+        await wait_event(self._wake, wake_at - now)
         self._wake.clear()
 
     # -- one round ---------------------------------------------------------------------------

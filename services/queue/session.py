@@ -18,7 +18,6 @@ and forwards the results of what it accepted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections import Counter
@@ -34,6 +33,7 @@ from fairlane.queue.v1 import queue_pb2
 from fairlane_server.core import tracing
 from fairlane_server.core.broker import BrokerError
 from fairlane_server.core.logging import get_logger
+from fairlane_server.core.tasks import wait_event
 from fairlane_server.core.tokens import Principal
 from fairlane_server.queue.domain import LogUnavailable, QueueDomain
 from fairlane_server.queue.intake import Admitted, Rejection
@@ -363,8 +363,7 @@ class SessionStream:
         the grace time, and the older ones a held-back result waits for."""
         wait = self._grace
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._look.wait(), wait)
+            await wait_event(self._look, wait)
             self._look.clear()
             now = time.monotonic()
             early = list(self._early)  # held before this read; later ones wait for the next

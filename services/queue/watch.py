@@ -40,11 +40,8 @@ async def watch_results(
         while True:
             batch: list[lane_pb2.LaneEvent] = []
             with contextlib.suppress(TimeoutError):
-                batch.append(
-                    await asyncio.wait_for(
-                        events.get(), random.uniform(0.5, 1.0) * SAFETY_READ_SECONDS
-                    )
-                )
+                async with asyncio.timeout(random.uniform(0.5, 1.0) * SAFETY_READ_SECONDS):
+                    batch.append(await events.get())
             while not events.empty():
                 batch.append(events.get_nowait())
             if not batch or any(e.WhichOneof("kind") is None for e in batch):

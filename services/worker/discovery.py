@@ -4,7 +4,6 @@ event is caught up), and fairlane.control events as they happen."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import grpc
 
@@ -14,7 +13,7 @@ from fairlane_server.core.auth_client import AuthClient
 from fairlane_server.core.broker import Broker, BrokerError, LaneMissing
 from fairlane_server.core.grpc_host import channel
 from fairlane_server.core.logging import get_logger
-from fairlane_server.core.tasks import cancel_and_wait
+from fairlane_server.core.tasks import cancel_and_wait, wait_event
 from fairlane_server.core.transport import Transport
 from fairlane_server.worker.runner import Runner
 
@@ -105,6 +104,5 @@ class LaneDiscovery:
                 log.warning("lane_sync_failed", error=str(exc))
                 delay = min(max(delay * 2, 0.2), self._interval)
             # After a broker reconnect, sync at once: lanes whose consumer died come back.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+            await wait_event(self._wake, delay)
             self._wake.clear()

@@ -94,7 +94,8 @@ class ConsumedLane:
             return True
         self._stopping = True
         try:
-            await asyncio.wait_for(asyncio.shield(self.task), within)
+            async with asyncio.timeout(within):
+                await asyncio.shield(self.task)
         except TimeoutError:
             self._stopping = False
             return False

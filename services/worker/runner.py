@@ -157,9 +157,8 @@ class Runner:
         self._resumed.clear()
         abandoned = 0
         try:
-            await asyncio.wait_for(
-                asyncio.gather(*(lane.settled() for lane in list(self.lanes.values()))), timeout
-            )
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(lane.settled() for lane in list(self.lanes.values())))
         except TimeoutError:
             abandoned = self.in_flight
         for user_id in list(self.lanes):

@@ -71,7 +71,8 @@ class ResultWriter:
     async def stop(self, timeout: float = 10.0) -> None:
         """Writes what is queued (up to `timeout`), then stops."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._queue.join(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._queue.join()
         await cancel_and_wait(self._task)
 
     def finish(

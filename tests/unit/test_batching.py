@@ -6,6 +6,7 @@ import asyncio
 import time
 
 from fairlane_server.core.batching import Batcher
+from fairlane_server.core.tasks import cancel_and_wait
 
 
 async def test_an_idle_stage_takes_a_lone_item_at_once() -> None:
@@ -50,3 +51,22 @@ async def test_a_busy_stage_lingers_for_late_arrivals() -> None:
     started = time.monotonic()
     assert await batcher.next() == [5]
     assert time.monotonic() - started < 1.0
+
+
+async def test_a_lingering_stage_cancelled_as_an_item_arrives_ends_and_leaves_the_item() -> None:
+    """Stopping a stage cancels its batcher; an item put in that same turn of the loop
+    must neither keep it running (asyncio.wait_for on Python 3.11 did) nor vanish."""
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    batcher = Batcher(queue, max_size=10, linger=3600.0, busy_size=1)
+    queue.put_nowait(0)
+    assert await batcher.next() == [0]  # busy from now on: the next batch lingers
+    queue.put_nowait(1)
+    task = asyncio.create_task(batcher.next())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    queue.put_nowait(2)
+    task.cancel()
+    async with asyncio.timeout(5):
+        await cancel_and_wait(task)
+    assert task.cancelled()
+    assert queue.get_nowait() == 2

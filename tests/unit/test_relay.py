@@ -368,3 +368,18 @@ async def test_a_batch_handed_over_while_the_outbox_is_read_is_kept(broker: Flak
         await relay.stop()
     got = await consume(broker, user)
     assert [(i.payload, i.recovered) for i in got] == _fresh(4)
+
+
+async def test_stop_ends_the_relay_even_when_it_is_woken_at_that_moment(
+    broker: FlakyBroker,
+) -> None:
+    """asyncio.wait_for on Python 3.11 swallows a cancellation that arrives as the awaited
+    event is set: the relay then carried on, and stop() waited for it forever (a unit
+    test hung in CI; `fairlane dev` once did not stop on Ctrl-C)."""
+    relay = relay_for(FakeOutbox(), broker)
+    relay.start()
+    for _ in range(10):
+        await asyncio.sleep(0)  # the relay is idle, waiting for work
+    relay.hand([])  # wakes it, and stop() cancels it in the same turn of the loop
+    async with asyncio.timeout(5):
+        await relay.stop()

@@ -1,4 +1,5 @@
-"""cancel_and_wait: how every stage and monitor ends its background task."""
+"""cancel_and_wait and wait_event: how every stage and monitor waits, and how its
+background task is ended."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import pytest
 from structlog.testing import capture_logs
 
-from fairlane_server.core.tasks import cancel_and_wait
+from fairlane_server.core.tasks import cancel_and_wait, wait_event
 
 
 async def test_it_returns_once_the_task_has_ended() -> None:
@@ -74,3 +75,32 @@ async def test_a_cancelled_caller_stays_cancelled() -> None:
     release.set()
     await asyncio.wait([task])
     assert task.cancelled()
+
+
+async def test_wait_event_says_whether_the_event_was_set_in_time() -> None:
+    event = asyncio.Event()
+    assert not await wait_event(event, 0.01)
+    asyncio.get_running_loop().call_soon(event.set)
+    assert await wait_event(event, 5)
+
+
+async def _loop_until_cancelled(event: asyncio.Event, waits: list[bool]) -> None:
+    while True:
+        waits.append(await wait_event(event, 3600))
+        event.clear()
+
+
+async def test_a_loop_cancelled_as_its_event_is_set_ends() -> None:
+    """The turn of the loop in which asyncio.wait_for (Python 3.11) swallowed the
+    cancellation: the event is set and the task cancelled together."""
+    event = asyncio.Event()
+    waits: list[bool] = []
+    task = asyncio.create_task(_loop_until_cancelled(event, waits))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    event.set()
+    task.cancel()
+    async with asyncio.timeout(5):
+        await cancel_and_wait(task)
+    assert task.cancelled()
+    assert waits == []
