@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -83,13 +84,16 @@ async def stop_component(
         raise
 
 
-def waiting_tasks() -> list[str]:
-    """Each unfinished task of the loop with the chain of awaits it is suspended in.
+def waiting_tasks(limit: int = 40) -> list[str]:
+    """Where the loop's unfinished tasks wait: the chain of awaits each is suspended in.
 
     Task.get_stack shows only a suspended task's outermost coroutine; the await chain
-    (cr_await) is what says where it waits."""
+    (cr_await) is what says where it waits. Tasks waiting at the same place are counted
+    together, since a service can hold thousands of Session tasks, and only the `limit`
+    most common places are listed, so that the log line stays small."""
     current = asyncio.current_task()
-    lines = []
+    places: Counter[str] = Counter()
+    named: dict[str, str] = {}
     for task in asyncio.all_tasks():
         if task is current or task.done():
             continue
@@ -101,8 +105,16 @@ def waiting_tasks() -> list[str]:
                 break
             chain.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
             awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
-        lines.append(f"{task.get_name()} " + " > ".join(chain))
-    return sorted(lines)
+        place = " > ".join(chain)
+        places[place] += 1
+        named.setdefault(place, task.get_name())
+    lines = [
+        f"{count} tasks like {named[place]}: {place}" if count > 1 else f"{named[place]}: {place}"
+        for place, count in places.most_common(limit)
+    ]
+    if len(places) > limit:
+        lines.append(f"and {len(places) - limit} more places")
+    return lines
 
 
 def freeze_startup_objects() -> int:

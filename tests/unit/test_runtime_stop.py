@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from structlog.testing import capture_logs
 
-from fairlane_server.core.runtime import stop_component
+from fairlane_server.core.runtime import stop_component, waiting_tasks
 
 
 class _Stubborn:
@@ -65,3 +65,22 @@ async def test_a_stop_past_its_grace_is_given_up() -> None:
     with capture_logs(), pytest.raises(TimeoutError):
         await stop_component(component, -4.95, slow_after=5.0)  # gives up after grace + 5 s
     assert not component.stopped
+
+
+async def test_tasks_waiting_at_one_place_make_one_line() -> None:
+    release = asyncio.Event()
+
+    async def session() -> None:
+        await release.wait()
+
+    sessions = [asyncio.create_task(session(), name=f"session-{i}") for i in range(500)]
+    await asyncio.sleep(0)
+    try:
+        waiting = waiting_tasks()
+        (line,) = [w for w in waiting if "session:" in w]
+        assert line.startswith("500 tasks like session-")
+        assert "> wait:" in line  # down to the Event.wait each one is suspended in
+        assert len(waiting_tasks(limit=0)) == 1  # only the "and N more places" line
+    finally:
+        release.set()
+        await asyncio.gather(*sessions)
