@@ -36,16 +36,21 @@ def free_ports(count: int) -> list[int]:
     with _lock:
         while len(chosen) < count:
             port = _rng.randrange(low, high)
-            if port in _given:
+            if port in _given or not is_free(port):
                 continue
-            with socket.socket() as probe:
-                try:
-                    probe.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
             _given.add(port)
             chosen.append(port)
     return chosen
+
+
+def is_free(port: int) -> bool:
+    """Whether a server could bind `port` on 127.0.0.1 now."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def free_port() -> int:

@@ -71,7 +71,7 @@ async def stop_component(
         async with asyncio.timeout(grace + 5):
             await component.stop(grace)
 
-    stopping = asyncio.ensure_future(bounded())
+    stopping = asyncio.create_task(bounded(), name=f"stop {component.name}")
     try:
         done, _ = await asyncio.wait({stopping}, timeout=slow_after)
         if not done:

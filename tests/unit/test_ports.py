@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 
 from tests import ports
-from tests.ports import free_port, free_ports
+from tests.ports import free_port, free_ports, is_free
 
 
 def test_ports_are_distinct_free_and_below_the_ephemeral_range() -> None:
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    ports = free_ports(50) + [free_port() for _ in range(50)]
-    assert len(set(ports)) == 100
-    assert all(port < low for port in ports)
-    for port in ports[:10]:
+    chosen = free_ports(50) + [free_port() for _ in range(50)]
+    assert len(set(chosen)) == 100
+    assert all(port < low for port in chosen)
+    for port in chosen[:10]:
         with socket.socket() as server:
             server.bind(("127.0.0.1", port))
 
@@ -38,16 +38,7 @@ def test_a_port_in_use_or_handed_out_before_is_skipped(monkeypatch: pytest.Monke
         taken.listen()
         in_use = taken.getsockname()[1]
         # A port below the range that nothing holds and nobody was given.
-        fresh = next(p for p in range(20000, 30000) if p not in ports._given and _free(p))
+        fresh = next(p for p in range(20000, 30000) if p not in ports._given and is_free(p))
         monkeypatch.setattr(ports, "_rng", _Draws(in_use, given, fresh))
         assert free_ports(1) == [fresh]
     assert fresh in ports._given
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
