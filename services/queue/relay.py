@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import time
 import uuid
@@ -84,6 +85,7 @@ class LaneRelay:
         max_locks: int = 2000,
         sweep_seconds: float = 5.0,
         stale_after: float = 10.0,
+        delete_after: float = 0.05,
     ) -> None:
         self._store = store
         self._broker = broker
@@ -91,12 +93,24 @@ class LaneRelay:
         self._max_locks = max_locks
         self._sweep_every = sweep_seconds
         self._stale_after = stale_after
+        self._delete_after = delete_after
         self._lanes: dict[uuid.UUID, _Lane] = {}
+        # Lanes with something to do (items, or a read): a round costs O(these), not
+        # O(lanes held); a lane idle under its lock is looked at by the idle scan only.
+        self._busy: set[uuid.UUID] = set()
+        self._held: set[uuid.UUID] = set()
+        self._publishing: dict[uuid.UUID, asyncio.Task[None]] = {}
+        # Confirmed requests whose outbox rows are not deleted yet: deleted together, at
+        # most `delete_after` later, and always before a read or a lock is given up.
+        self._confirmed: list[uuid.UUID] = []
+        self._confirmed_since = 0.0
         self._announced: set[uuid.UUID] = set()
         self._expected: set[uuid.UUID] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._next_sweep = time.monotonic() + sweep_seconds
+        self._next_idle_scan = 0.0
+        self._scan_now = False
         self._last_progress = time.monotonic()
         self._store_failures = 0
         self._backlog = 0
@@ -110,14 +124,13 @@ class LaneRelay:
         now = time.perf_counter()
         for item in items:
             item.handed_at = now
-            lane = self._lanes.get(item.user_id)
-            if lane is None:
-                lane = self._lanes[item.user_id] = _Lane(item.user_id)
+            lane = self._lane(item.user_id)
             if lane.next_pos is not None and item.lane_pos < lane.next_pos:
                 continue  # published already, by a holder that found it in the outbox
             if item.request_id not in lane.items:
                 lane.items[item.request_id] = item
                 self._backlog += 1
+                self._busy.add(lane.user_id)
             if not lane.failures:
                 lane.retry_at = 0.0  # a gap this item fills is waited for no longer
         metrics.OUTBOX_BACKLOG.set(self._backlog)
@@ -145,6 +158,7 @@ class LaneRelay:
                 continue
             if lane is not None and lane.locked:
                 lane.wanted = True
+                self._scan_now = True
                 self._wake.set()
 
     def forget_lane(self, user_id: uuid.UUID) -> None:
@@ -159,7 +173,8 @@ class LaneRelay:
         return self._backlog
 
     def _recount(self) -> None:
-        self._backlog = sum(len(lane.items) for lane in self._lanes.values())
+        # Only busy lanes hold items, so this costs O(lanes with work).
+        self._backlog = sum(len(self._lanes[u].items) for u in self._busy)
         metrics.OUTBOX_BACKLOG.set(self._backlog)
 
     def stalled_for(self) -> float:
@@ -167,6 +182,21 @@ class LaneRelay:
         if not self.backlog:
             return 0.0
         return time.monotonic() - self._last_progress
+
+    def _lane(self, user_id: uuid.UUID) -> _Lane:
+        lane = self._lanes.get(user_id)
+        if lane is None:
+            lane = self._lanes[user_id] = _Lane(user_id)
+        return lane
+
+    def _settle(self, lane: _Lane) -> None:
+        """Files the lane as busy or not after its state changed."""
+        if lane.items or lane.needs_reading:
+            self._busy.add(lane.user_id)
+        else:
+            self._busy.discard(lane.user_id)
+            if lane.wanted:
+                self._scan_now = True  # let go now, not at the next idle scan
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -182,6 +212,13 @@ class LaneRelay:
                     self._wake.set()
                     await asyncio.sleep(0.02)
         await cancel_and_wait(self._task)
+        # Before the locks go: a publish still in flight could otherwise land after the
+        # next holder's publishes of later requests of its lane.
+        for task in list(self._publishing.values()):
+            await cancel_and_wait(task)
+        with contextlib.suppress(Exception):
+            if self._confirmed:
+                await self._store.release(self._confirmed, [])
         with contextlib.suppress(Exception):
             await self._store.close()
 
@@ -196,15 +233,19 @@ class LaneRelay:
             except Exception as exc:
                 # The lock connection or the database failed: every lock may be gone, so
                 # nothing is published again before the locks are retaken and the rows
-                # reread.
+                # reread, and the publishes in flight end before that (a new holder must
+                # not overtake them). What they confirm is deleted by a later round.
                 self._store_failures += 1
                 if dberrors.is_database_error(exc):
                     log.warning("relay_store_failed", error=str(exc)[:200])
                 else:
                     log.exception("relay_round_failed")
+                if self._publishing:
+                    await asyncio.wait(list(self._publishing.values()))
                 for lane in self._lanes.values():
                     lane.locked = False
                     lane.next_pos = None
+                self._held.clear()
                 with contextlib.suppress(Exception):
                     await self._store.reset()
                 await asyncio.sleep(_backoff(self._store_failures))
@@ -212,11 +253,14 @@ class LaneRelay:
     async def _sleep_until_work(self) -> None:
         now = time.monotonic()
         wake_at = self._next_sweep
-        for lane in self._lanes.values():
-            if lane.items or lane.needs_reading:
+        if self._held:
+            wake_at = min(wake_at, now if self._scan_now else self._next_idle_scan)
+        if self._confirmed:
+            wake_at = min(wake_at, self._confirmed_since + self._delete_after)
+        for user in self._busy:
+            lane = self._lanes[user]
+            if user not in self._publishing:
                 wake_at = min(wake_at, max(lane.retry_at, now))
-            elif lane.locked:
-                wake_at = min(wake_at, now if lane.wanted else lane.idle_since + self._hold)
         if wake_at <= now:
             return
         await wait_event(self._wake, wake_at - now)
@@ -229,10 +273,14 @@ class LaneRelay:
         if now >= self._next_sweep:
             self._next_sweep = now + self._sweep_every
             await self._sweep()
+        # Lanes ready to publish go first: the lock and read below wait for the database.
+        self._start_publishing(now)
         due = [
             lane
-            for lane in self._lanes.values()
-            if (lane.items or lane.needs_reading) and lane.retry_at <= now
+            for user in self._busy
+            if user not in self._publishing
+            and (lane := self._lanes[user]).retry_at <= now
+            and (not lane.locked or lane.needs_reading)
         ]
         wanted = [lane for lane in due if not lane.locked]
         if wanted:
@@ -240,6 +288,7 @@ class LaneRelay:
             for lane in wanted:
                 if lane.user_id in locked:
                     lane.locked, lane.needs_reading, lane.failures = True, True, 0
+                    self._held.add(lane.user_id)
                 else:
                     # Another replica holds it; it publishes what it has, then lets go.
                     lane.failures += 1
@@ -248,32 +297,70 @@ class LaneRelay:
                     )
         reading = [lane for lane in due if lane.locked and lane.needs_reading]
         if reading:
+            # The read must not see rows of requests published already: it would load
+            # them again as another replica's leftovers.
+            await self._delete_confirmed()
             await self._read([lane.user_id for lane in reading])
-        ready = [lane for lane in due if lane.locked and not lane.needs_reading and lane.items]
-        published: list[uuid.UUID] = []
-        if ready:
-            for ids in await asyncio.gather(*(self._publish_lane(lane) for lane in ready)):
-                published.extend(ids)
-        if published:
-            self._last_progress = time.monotonic()
-        await self._store.release(published, self._releasable())
+        self._start_publishing(time.monotonic())
+        await self._release()
         self._recount()
 
-    def _releasable(self) -> list[uuid.UUID]:
-        """Held lanes with nothing left to publish, idle for the hold time, or at once when
-        another replica asked for them or too many locks are held."""
-        now = time.monotonic()
-        held = [lane for lane in self._lanes.values() if lane.locked]
-        crowded = len(held) > self._max_locks
-        out: list[uuid.UUID] = []
-        for lane in [x for x in self._lanes.values() if not x.locked]:
-            if not lane.items and not lane.needs_reading:
-                del self._lanes[lane.user_id]
-        for lane in held:
-            if lane.items or lane.needs_reading:
+    def _start_publishing(self, now: float) -> None:
+        """Starts a publish for every held, read lane with items and none in flight. One
+        publish per lane at a time keeps its order; lanes do not wait for each other's
+        confirms (a lane whose queue is slow to confirm delays only itself)."""
+        for user in list(self._busy):
+            if user in self._publishing:
                 continue
-            if crowded or lane.wanted or now - lane.idle_since >= self._hold:
+            lane = self._lanes[user]
+            if not lane.locked or lane.needs_reading or lane.retry_at > now:
+                continue
+            run = self._run_of(lane)
+            if run:
+                task = asyncio.create_task(self._publish_run(lane, run))
+                self._publishing[user] = task
+                task.add_done_callback(functools.partial(self._published, user))
+            self._settle(lane)
+
+    def _published(self, user: uuid.UUID, _: asyncio.Task[None]) -> None:
+        self._publishing.pop(user, None)
+        lane = self._lanes.get(user)
+        if lane is not None:
+            self._settle(lane)
+        self._wake.set()
+
+    async def _delete_confirmed(self, unlock: list[uuid.UUID] | None = None) -> None:
+        ids = list(self._confirmed)
+        if not ids and not unlock:
+            return
+        await self._store.release(ids, unlock or [])
+        del self._confirmed[: len(ids)]
+
+    async def _release(self) -> None:
+        """Deletes the rows of confirmed requests when due, and gives up idle lanes."""
+        now = time.monotonic()
+        unlock = self._releasable(now)
+        if unlock or (self._confirmed and now >= self._confirmed_since + self._delete_after):
+            await self._delete_confirmed(unlock)
+
+    def _releasable(self, now: float) -> list[uuid.UUID]:
+        """Held lanes with nothing left to publish, idle for the hold time, or at once when
+        another replica asked for them or too many locks are held. Walks the held lanes,
+        so only every quarter of the hold time or when a lane is wanted."""
+        crowded = len(self._held) > self._max_locks
+        if not (crowded or self._scan_now or now >= self._next_idle_scan):
+            return []
+        self._scan_now = False
+        self._next_idle_scan = now + max(self._hold / 4, 0.01)
+        out: list[uuid.UUID] = []
+        for lane in list(self._lanes.values()):
+            if lane.user_id in self._busy or lane.user_id in self._publishing:
+                continue
+            if not lane.locked:
+                del self._lanes[lane.user_id]
+            elif crowded or lane.wanted or now - lane.idle_since >= self._hold:
                 lane.locked, lane.next_pos = False, None
+                self._held.discard(lane.user_id)
                 out.append(lane.user_id)
                 del self._lanes[lane.user_id]
         return out
@@ -303,25 +390,27 @@ class LaneRelay:
             )
             lane.next_pos = state.next_pos
             lane.needs_reading = False
+            self._settle(lane)
         if unknown:
             recovered = await self._store.load(unknown)
             metrics.OUTBOX_RECOVERED.inc(len(recovered))
             log.info("outbox_recovered", count=len(recovered))
             for item in recovered:
-                self._lanes[item.user_id].items.setdefault(item.request_id, item)
+                lane = self._lanes[item.user_id]
+                lane.items.setdefault(item.request_id, item)
+                self._settle(lane)
         self._recount()
 
     async def _sweep(self) -> None:
         """Finds lanes whose outbox rows nobody is publishing."""
         for user in await self._store.stale_lanes(self._stale_after):
-            lane = self._lanes.get(user)
-            if lane is None:
-                lane = self._lanes[user] = _Lane(user)
+            lane = self._lane(user)
             if not lane.locked:
                 lane.needs_reading = True
+                self._settle(lane)
 
-    async def _publish_lane(self, lane: _Lane) -> list[uuid.UUID]:
-        """Publishes the lane's contiguous run from next_pos; returns what was confirmed."""
+    def _run_of(self, lane: _Lane) -> list[OutboxItem]:
+        """The lane's contiguous run of items from next_pos (empty at a gap)."""
         assert lane.next_pos is not None
         run: list[OutboxItem] = []
         expected = lane.next_pos
@@ -333,16 +422,18 @@ class LaneRelay:
                 break
             run.append(item)
             expected += 1
-        if not run:
-            if lane.items:
-                # A gap: a request of this lane accepted on another replica sits between
-                # what was published and what this replica holds, or one of this replica's
-                # own is between its commit and its handover. Read the outbox again
-                # shortly; the handover wakes the relay sooner.
-                lane.needs_reading = True
-                lane.retry_at = time.monotonic() + 0.01
-            return []
-        published: list[uuid.UUID] = []
+        if not run and lane.items:
+            # A gap: a request of this lane accepted on another replica sits between what
+            # was published and what this replica holds, or one of this replica's own is
+            # between its commit and its handover. Read the outbox again shortly; the
+            # handover wakes the relay sooner.
+            lane.needs_reading = True
+            lane.retry_at = time.monotonic() + 0.01
+        return run
+
+    async def _publish_run(self, lane: _Lane, run: list[OutboxItem]) -> None:
+        """Publishes a lane's run in order; what the broker confirmed is queued for
+        deletion from the outbox."""
         user_id = str(lane.user_id)
         try:
             await self._declare(lane.user_id)
@@ -350,12 +441,16 @@ class LaneRelay:
                 chunk = run[start : start + MAX_ITEMS_PER_MESSAGE]
                 await self._publish_chunk(lane.user_id, chunk)
                 now = time.perf_counter()
+                if not self._confirmed:
+                    self._confirmed_since = time.monotonic()
                 for item in chunk:
-                    del lane.items[item.request_id]
-                    published.append(item.request_id)
+                    if lane.items.pop(item.request_id, None) is not None:
+                        self._backlog -= 1
+                    self._confirmed.append(item.request_id)
                     if item.handed_at:
                         _RELAY_SECONDS.observe(now - item.handed_at)
                 lane.next_pos = chunk[-1].lane_pos + 1
+                self._last_progress = time.monotonic()
         except BrokerError as exc:
             lane.failures += 1
             lane.retry_at = time.monotonic() + _backoff(lane.failures)
@@ -371,7 +466,6 @@ class LaneRelay:
         else:
             lane.failures = 0
         lane.idle_since = time.monotonic()
-        return published
 
     async def _declare(self, user: uuid.UUID) -> None:
         # The broker caches declarations; a deleted lane is declared again on LaneMissing.

@@ -192,6 +192,91 @@ async def test_broker_failures_are_retried_without_loss_or_reordering(broker: Fl
     assert [i.payload for i in await consume(broker, user)] == [b"%d" % n for n in range(1, 7)]
 
 
+class HeldBroker(FlakyBroker):
+    """Holds back the confirm of every publish to the lanes in `held` until `go` is set,
+    as a lane queue that is slow to confirm (a crashed queue process, a busy node)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: set[str] = set()
+        self.go = asyncio.Event()
+        self.waiting = 0
+        self.events: list[str] = []
+
+    async def publish_lane(self, user_id: str, body: bytes, headers: dict[str, str]) -> None:
+        if user_id in self.held:
+            self.waiting += 1
+            await self.go.wait()
+        await super().publish_lane(user_id, body, headers)
+        self.events.append(f"confirmed {user_id}")
+
+
+async def test_a_lane_slow_to_confirm_does_not_hold_back_the_others() -> None:
+    broker = HeldBroker()
+    await broker.connect()
+    outbox = FakeOutbox()
+    relay = relay_for(outbox, broker)
+    slow, fast = uuid.uuid4(), uuid.uuid4()
+    broker.held.add(str(slow))
+    relay.start()
+    try:
+        relay.hand(outbox.commit(slow, 2) + outbox.commit(fast, 2))
+        await until(lambda: broker.waiting == 1)
+        # The fast lane's requests, and those handed over after them, go out while the
+        # slow lane's publish waits for its confirm.
+        await until(lambda: not any(i.user_id == fast for i in outbox.rows.values()))
+        relay.hand(outbox.commit(fast, 2))
+        relay.hand(outbox.commit(slow, 1))
+        await until(lambda: not any(i.user_id == fast for i in outbox.rows.values()))
+        assert [i.payload for i in await consume(broker, fast)] == [b"1", b"2", b"3", b"4"]
+        assert broker.waiting == 1, "a second publish of the slow lane went out meanwhile"
+        broker.go.set()
+        await until(lambda: not outbox.rows)
+    finally:
+        await relay.stop()
+    assert [i.payload for i in await consume(broker, slow)] == [b"1", b"2", b"3"]
+    assert relay.backlog == 0
+
+
+async def test_a_store_failure_gives_up_the_locks_only_after_the_publishes_in_flight() -> None:
+    """Another replica takes the lanes once the locks are gone; a publish of this replica
+    still in flight then could land after its publishes of later requests."""
+    broker = HeldBroker()
+    await broker.connect()
+    outbox = FakeOutbox()
+    relay = relay_for(outbox, broker)
+    slow, other = uuid.uuid4(), uuid.uuid4()
+    broker.held.add(str(slow))
+    release, reset = outbox.release, outbox.reset
+    failed = False
+
+    async def failing_release(published: Sequence[uuid.UUID], unlock: Sequence[uuid.UUID]) -> None:
+        nonlocal failed
+        if not failed:
+            failed = True
+            raise ConnectionResetError("lock connection lost")
+        await release(published, unlock)
+
+    async def logged_reset() -> None:
+        broker.events.append("locks given up")
+        await reset()
+
+    outbox.release = failing_release  # type: ignore[method-assign]
+    outbox.reset = logged_reset  # type: ignore[method-assign]
+    relay.start()
+    try:
+        relay.hand(outbox.commit(slow, 1) + outbox.commit(other, 1))
+        await until(lambda: broker.waiting == 1 and failed)
+        await asyncio.sleep(0.05)
+        assert "locks given up" not in broker.events
+        broker.go.set()
+        await until(lambda: not outbox.rows)
+    finally:
+        await relay.stop()
+    assert broker.events.index(f"confirmed {slow}") < broker.events.index("locks given up")
+    assert [i.payload for i in await consume(broker, slow)] == [b"1"]
+
+
 async def test_rows_of_another_replica_in_between_are_published_in_their_place(
     broker: FlakyBroker,
 ) -> None:
