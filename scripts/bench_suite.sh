@@ -113,12 +113,24 @@ sys.exit(f"{name} not SERVING on {port} after 60 s")
 EOF
 }
 
+rabbitmq_fd_check() {  # warns when a local RabbitMQ cannot open a file per lane
+  local pid limit
+  pid="$(pgrep -f 'beam.smp.*rabbit' | head -1 || true)"
+  [ -n "$pid" ] && [ -r "/proc/$pid/limits" ] || return 0
+  limit="$(awk '/^Max open files/ {print $4}' "/proc/$pid/limits")"
+  if [ -n "$limit" ] && [ "$limit" != unlimited ] && [ "$limit" -lt 20000 ]; then
+    echo "warning: RabbitMQ may open only $limit files: runs with more than about" \
+      "$((limit - 100)) lanes crash lane queues (emfile); see docs/deploy.md, Scaling" >&2
+  fi
+}
+
 up() {
   if [ -f "$STATE/suite.env" ]; then
     echo "a bench suite is already up ($STATE); run '$0 down' first" >&2
     exit 1
   fi
   "$ROOT/scripts/ensure_services.sh" >/dev/null
+  rabbitmq_fd_check
   mkdir -p "$STATE"
   local tag
   tag="bench_$(head -c 6 /dev/urandom | od -An -tx1 | tr -d ' \n')"
