@@ -6,6 +6,11 @@ while it holds the lane's publish lock, so replicas never interleave one lane. B
 faults are retried on fresh channels, with backoff, for as long as they last: nothing
 accepted is dropped, and nothing is published ahead of an older request of its lane.
 
+Each lane has at most one publish in flight, which keeps its order, and lanes do not wait
+for each other's confirms: a lane queue slow to confirm (a crashed queue process, a busy
+node) delays its own lane only. The relay's loop only takes locks, reads and deletes (one
+statement for many lanes each); publishes run in a task per lane.
+
 A lane's lock is kept while the lane is busy and for `hold_seconds` after (taking it again
 costs a lock and a read of the lane's outbox rows); a replica that fails to take it names
 the lane on the lane-wanted channel, and the holder lets go as soon as it has published
