@@ -327,9 +327,21 @@ class LaneRelay:
                 task.add_done_callback(functools.partial(self._published, user))
             self._settle(lane)
 
-    def _published(self, user: uuid.UUID, _: asyncio.Task[None]) -> None:
+    def _published(self, user: uuid.UUID, task: asyncio.Task[None]) -> None:
         self._publishing.pop(user, None)
         lane = self._lanes.get(user)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # Not a broker error (those are retried in _publish_run): a fault in this code
+            # or a library. The lane is tried again after a backoff, not in a tight loop.
+            log.error(
+                "lane_publish_failed",
+                lane=str(user),
+                error_type=type(error).__name__,
+                error=str(error)[:200],
+            )
+            if lane is not None:
+                lane.failures += 1
+                lane.retry_at = time.monotonic() + _backoff(lane.failures)
         if lane is not None:
             self._settle(lane)
         self._wake.set()

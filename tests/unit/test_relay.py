@@ -277,6 +277,33 @@ async def test_a_store_failure_gives_up_the_locks_only_after_the_publishes_in_fl
     assert [i.payload for i in await consume(broker, slow)] == [b"1"]
 
 
+async def test_an_unexpected_publish_error_is_retried_for_that_lane_alone() -> None:
+    class BuggyBroker(FlakyBroker):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bugs = 2
+
+        async def publish_lane(self, user_id: str, body: bytes, headers: dict[str, str]) -> None:
+            if self.bugs:
+                self.bugs -= 1
+                raise RuntimeError("a bug, not a broker fault")
+            await super().publish_lane(user_id, body, headers)
+
+    broker = BuggyBroker()
+    await broker.connect()
+    outbox = FakeOutbox()
+    relay = relay_for(outbox, broker)
+    user = uuid.uuid4()
+    relay.start()
+    try:
+        relay.hand(outbox.commit(user, 2))
+        await until(lambda: not outbox.rows)
+    finally:
+        await relay.stop()
+    assert broker.bugs == 0
+    assert [i.payload for i in await consume(broker, user)] == [b"1", b"2"]
+
+
 async def test_rows_of_another_replica_in_between_are_published_in_their_place(
     broker: FlakyBroker,
 ) -> None:
