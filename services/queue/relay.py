@@ -105,6 +105,7 @@ class LaneRelay:
         self._busy: set[uuid.UUID] = set()
         self._held: set[uuid.UUID] = set()
         self._publishing: dict[uuid.UUID, asyncio.Task[None]] = {}
+        self._halted = False
         # Confirmed requests whose outbox rows are not deleted yet: deleted together, at
         # most `delete_after` later, and always before a read or a lock is given up.
         self._confirmed: list[uuid.UUID] = []
@@ -245,8 +246,10 @@ class LaneRelay:
                     log.warning("relay_store_failed", error=str(exc)[:200])
                 else:
                     log.exception("relay_round_failed")
+                self._halted = True  # lane tasks end after the publish they are in
                 if self._publishing:
                     await asyncio.wait(list(self._publishing.values()))
+                self._halted = False
                 for lane in self._lanes.values():
                     lane.locked = False
                     lane.next_pos = None
@@ -322,7 +325,7 @@ class LaneRelay:
                 continue
             run = self._run_of(lane)
             if run:
-                task = asyncio.create_task(self._publish_run(lane, run))
+                task = asyncio.create_task(self._publish_lane(lane, run))
                 self._publishing[user] = task
                 task.add_done_callback(functools.partial(self._published, user))
             self._settle(lane)
@@ -344,7 +347,8 @@ class LaneRelay:
                 lane.retry_at = time.monotonic() + _backoff(lane.failures)
         if lane is not None:
             self._settle(lane)
-        self._wake.set()
+            if user in self._busy or self._scan_now:
+                self._wake.set()  # a read, a retry, or a release for the loop to do
 
     async def _delete_confirmed(self, unlock: list[uuid.UUID] | None = None) -> None:
         ids = list(self._confirmed)
@@ -448,9 +452,21 @@ class LaneRelay:
             lane.retry_at = time.monotonic() + 0.01
         return run
 
-    async def _publish_run(self, lane: _Lane, run: list[OutboxItem]) -> None:
+    async def _publish_lane(self, lane: _Lane, run: list[OutboxItem]) -> None:
+        """Publishes the lane's runs for as long as one is ready: requests handed over
+        while a publish was in flight go out after its confirm without waiting for a
+        round of the relay (a round per confirm walked every busy lane: 6 % of the queue's
+        CPU at 1,000 lanes)."""
+        while await self._publish_run(lane, run):
+            if self._halted or lane.needs_reading or not lane.locked:
+                return
+            run = self._run_of(lane)
+            if not run:
+                return
+
+    async def _publish_run(self, lane: _Lane, run: list[OutboxItem]) -> bool:
         """Publishes a lane's run in order; what the broker confirmed is queued for
-        deletion from the outbox."""
+        deletion from the outbox. False if the broker failed (retried later)."""
         user_id = str(lane.user_id)
         try:
             # No declare first: a lane that does not exist (new, or deleted while idle)
@@ -463,6 +479,7 @@ class LaneRelay:
                 now = time.perf_counter()
                 if not self._confirmed:
                     self._confirmed_since = time.monotonic()
+                    self._wake.set()  # the relay's loop deletes them within delete_after
                 for item in chunk:
                     if lane.items.pop(item.request_id, None) is not None:
                         self._backlog -= 1
@@ -483,9 +500,11 @@ class LaneRelay:
                     waiting=len(lane.items),
                     error=str(exc)[:200],
                 )
-        else:
-            lane.failures = 0
+            lane.idle_since = time.monotonic()
+            return False
+        lane.failures = 0
         lane.idle_since = time.monotonic()
+        return True
 
     async def _declare(self, user: uuid.UUID) -> None:
         await self._broker.declare_lane(str(user))
