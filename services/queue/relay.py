@@ -223,8 +223,7 @@ class LaneRelay:
         for task in list(self._publishing.values()):
             await cancel_and_wait(task)
         with contextlib.suppress(Exception):
-            if self._confirmed:
-                await self._store.release(self._confirmed, [])
+            await self._delete_confirmed()
         with contextlib.suppress(Exception):
             await self._store.close()
 
