@@ -233,24 +233,27 @@ class Attempts:
             self.stats.running[spec.name] += 1
             metrics.IN_FLIGHT.inc()
             started = time.perf_counter()
-            mark = asyncio.get_running_loop().call_later(
-                RUNNING_MARK_SECONDS, self._mark_running, request_id, number
-            )
             running = asyncio.ensure_future(self._start(spec, ctx, payload))
             self._running[ctx.request_id] = running
+            watch = _Watch(
+                running,
+                spec.timeout,
+                functools.partial(self._mark_running, request_id, number),
+            )
             try:
-                async with asyncio.timeout(spec.timeout):
-                    result = await running
+                result = await running
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     raise  # the worker itself is stopping
+                if watch.timed_out:
+                    raise TimeoutError(f"handler timed out after {spec.timeout} s") from None
                 # Only the handler was cancelled: the client asked for it. A thread or
                 # process keeps running to its end; its result is discarded.
                 raise RequestCancelled from None
             finally:
+                watch.cancel()
                 del self._running[ctx.request_id]
-                mark.cancel()
                 _handler_seconds(spec.name).observe(time.perf_counter() - started)
                 metrics.IN_FLIGHT.dec()
                 self.stats.running[spec.name] -= 1
@@ -294,6 +297,47 @@ class Attempts:
                 log.exception("on_shutdown_hook_failed")
         if self._processes is not None:
             self._processes.shutdown(wait=False, cancel_futures=True)
+
+
+class _Watch:
+    """One timer per attempt for both things that happen to a handler that runs long: the
+    RUNNING mark after RUNNING_MARK_SECONDS, then its timeout, which cancels it.
+
+    Written out rather than `asyncio.timeout` plus a `call_later` for the mark: those are
+    two timers and a context manager per request, and py-spy put them at a fifth of the
+    worker's per-request handler path with a noop handler. Most handlers finish before
+    either, and then the one timer is cancelled."""
+
+    __slots__ = ("_deadline", "_handle", "_mark", "_task", "timed_out")
+
+    def __init__(
+        self, task: asyncio.Future[Any], timeout: float | None, mark: Callable[[], None]
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self.timed_out = False
+        self._task = task
+        self._mark: Callable[[], None] | None = mark
+        self._deadline = None if timeout is None else loop.time() + timeout
+        first = loop.time() + RUNNING_MARK_SECONDS
+        if self._deadline is not None:
+            first = min(first, self._deadline)
+        self._handle = loop.call_at(first, self._fire)
+
+    def _fire(self) -> None:
+        loop = asyncio.get_running_loop()
+        # A timer may fire a hair before its time (the loop rounds to its clock's tick).
+        if self._deadline is not None and loop.time() >= self._deadline - 0.001:
+            self.timed_out = True
+            self._task.cancel()
+            return
+        if self._mark is not None:
+            mark, self._mark = self._mark, None
+            mark()
+        if self._deadline is not None:
+            self._handle = loop.call_at(self._deadline, self._fire)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 @functools.cache

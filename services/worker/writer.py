@@ -35,9 +35,8 @@ class _Pending:
     event: lane_pb2.LaneEvent | None = None
     running: tuple[uuid.UUID, int, datetime] | None = None
     queued_at: float = field(default_factory=time.perf_counter)
-    future: asyncio.Future[None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+    # Only a final outcome has one: a lane acks its message once it resolves.
+    future: asyncio.Future[None] | None = None
 
 
 class WriteFailed(Exception):
@@ -79,21 +78,22 @@ class ResultWriter:
         self, outcome: Outcome, *, route: str, client_ref: str, handler: str
     ) -> asyncio.Future[None]:
         """Queues a final outcome; the future resolves once it is in the log."""
-        item = _Pending(route=route, client_ref=client_ref, handler=handler, outcome=outcome)
+        future = asyncio.get_running_loop().create_future()
+        item = _Pending(
+            route=route, client_ref=client_ref, handler=handler, outcome=outcome, future=future
+        )
         self._queue.put_nowait(item)
-        return item.future
+        return future
 
     def running(self, request_id: uuid.UUID, attempt: int, at: datetime) -> None:
         """Queues a RUNNING mark, written with the next batch (skipped if the outcome of
         the same request is in that batch)."""
         item = _Pending(route="", client_ref="", handler="", running=(request_id, attempt, at))
-        item.future.set_result(None)
         self._queue.put_nowait(item)
 
     def publish(self, event: lane_pb2.LaneEvent, *, route: str) -> None:
         """Queues an event (progress, or a stored result sent again) for publishing only."""
         item = _Pending(route=route, client_ref="", handler="", event=event)
-        item.future.set_result(None)
         self._queue.put_nowait(item)
 
     async def _run(self) -> None:
@@ -105,7 +105,7 @@ class ResultWriter:
             except Exception as exc:
                 log.exception("result_batch_failed", size=len(batch))
                 for item in batch:
-                    if not item.future.done():
+                    if item.future is not None and not item.future.done():
                         item.future.set_exception(WriteFailed(str(exc)))
             finally:
                 self._busy = False
@@ -296,7 +296,7 @@ class ResultWriter:
             *(self._publish_events(route, events) for route, events in by_route.items())
         )
         for item in batch:
-            if not item.future.done():
+            if item.future is not None and not item.future.done():
                 item.future.set_result(None)
 
 

@@ -31,6 +31,8 @@ class MemoryLog:
     def __init__(self) -> None:
         self.rows: dict[uuid.UUID, StoredState] = {}
         self.outcomes: list[Outcome] = []
+        self.running_marks: list[tuple[uuid.UUID, int]] = []
+        self.marked = asyncio.Event()
         self.last_seq: dict[uuid.UUID, int] = {}
         self.fail_reads = 0
 
@@ -46,6 +48,9 @@ class MemoryLog:
     async def finish(
         self, outcomes: Sequence[Outcome], running: Sequence[tuple[uuid.UUID, int, datetime]] = ()
     ) -> list[Outcome]:
+        self.running_marks.extend((rid, attempt) for rid, attempt, _ in running)
+        if running:
+            self.marked.set()
         written = []
         for o in outcomes:
             row = self.rows.get(o.request_id)
@@ -61,8 +66,10 @@ class MemoryLog:
         return written
 
 
-def handler(name: str, fn: Callable[..., Any], attempts: int = 3) -> Handler:
-    return Handler(name, fn, asyncio.iscoroutinefunction(fn), attempts, None, "")
+def handler(
+    name: str, fn: Callable[..., Any], attempts: int = 3, timeout: float | None = None
+) -> Handler:
+    return Handler(name, fn, asyncio.iscoroutinefunction(fn), attempts, timeout, "")
 
 
 class World:
@@ -222,6 +229,64 @@ async def test_a_cancelled_running_request_ends_cancelled_and_the_lane_goes_on(u
         ("CANCELLED", b""),
         ("SUCCEEDED", b"next"),
     ]
+
+
+async def test_a_handler_past_its_timeout_fails_that_attempt_and_the_lane_goes_on(
+    user: str,
+) -> None:
+    calls = 0
+
+    async def stuck_once(ctx: Any, payload: bytes) -> bytes:
+        nonlocal calls
+        calls += 1
+        if payload == b"stuck" and calls == 1:
+            await asyncio.sleep(30)
+        return payload
+
+    world = World({"h": handler("h", stuck_once, attempts=2, timeout=0.2)})
+    await world.start(user)
+    await world.publish(user, [b"stuck", b"next"], handler="h")
+    await world.until_finished(2)
+    await world.stop()
+    first, second = world.log.outcomes
+    assert (first.status, first.output, first.attempt_count) == ("SUCCEEDED", b"stuck", 2)
+    assert first.attempts[0].error == "TimeoutError: handler timed out after 0.2 s"
+    assert (second.status, second.output, second.attempt_count) == ("SUCCEEDED", b"next", 1)
+
+
+async def test_only_a_handler_that_runs_past_the_mark_is_marked_running(user: str) -> None:
+    release = asyncio.Event()
+
+    async def wait(ctx: Any, payload: bytes) -> bytes:
+        if payload == b"slow":
+            await release.wait()
+        return payload
+
+    world = World({"h": handler("h", wait)})
+    await world.start(user)
+    fast, slow = await world.publish(user, [b"fast", b"slow"], handler="h")
+    await asyncio.wait_for(world.log.marked.wait(), 5)
+    release.set()
+    await world.until_finished(2)
+    await world.stop()
+    assert world.log.running_marks == [(slow, 1)]
+    assert [o.request_id for o in world.log.outcomes] == [fast, slow]
+
+
+async def test_a_long_handler_is_marked_running_then_timed_out_by_one_timer(user: str) -> None:
+    async def forever(ctx: Any, payload: bytes) -> bytes:
+        await asyncio.sleep(30)
+        return payload
+
+    world = World({"h": handler("h", forever, attempts=1, timeout=0.3)})
+    await world.start(user)
+    (rid,) = await world.publish(user, [b"x"], handler="h")
+    await world.until_finished(1)
+    await world.stop()
+    assert world.log.running_marks == [(rid, 1)]
+    (outcome,) = world.log.outcomes
+    assert outcome.status == "DEAD"
+    assert outcome.attempts[0].error == "TimeoutError: handler timed out after 0.3 s"
 
 
 async def test_a_recovered_copy_of_a_finished_request_is_not_run_again(user: str) -> None:
