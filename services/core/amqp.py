@@ -431,7 +431,7 @@ class AmqpBroker:
         try:
             # Bounded: a connection that stops answering mid-setup (its replies lost, or
             # closed by a connection error that leaves the RPC waiting) must not hold the
-            # caller, which holds the lock every other lane's consume waits for.
+            # caller, which holds the lane's lock (its next consume or hand-back waits for it).
             async with asyncio.timeout(self._timeout):
                 await channel.set_qos(prefetch_count=prefetch)
                 queue = await channel.declare_queue(lane_queue(user_id), passive=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fairlane_server.core import metrics
 from fairlane_server.core.broker import Broker, BrokerError, Delivery, LaneConsumer, LaneMissing
@@ -121,6 +121,36 @@ class ConsumedLane:
             await self.consumer.cancel()
 
 
+class _LaneLocks:
+    """An asyncio.Lock per lane, kept only while someone holds or waits for it.
+
+    A lock per lane, not one for the set: a lane's consume is four round trips to the
+    broker (channel, prefetch, passive declare, consume), and a burst of new lanes (thousands
+    announced at once) waited for each other's under one lock. Counted, so that a lock is
+    dropped only when nobody waits for it: a waiter on a dropped lock and a newcomer with a
+    fresh one would both hold the lane."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, user_id: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(user_id) or (asyncio.Lock(), 0)
+        self._locks[user_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[user_id]
+            if users == 1:
+                del self._locks[user_id]
+            else:
+                self._locks[user_id] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
 class LaneSet:
     """The lanes of one worker replica, keyed by user id."""
 
@@ -136,14 +166,14 @@ class LaneSet:
         self._process = process
         self.lanes: dict[str, ConsumedLane] = {}
         self.accepting = True  # False once the worker drains: no lane is taken again
-        self._lock = asyncio.Lock()
+        self._locks = _LaneLocks()
         self._failures: dict[str, int] = {}
         self._rebuilds: set[asyncio.Task[None]] = set()
 
     async def add(self, user_id: str) -> None:
         """Consumes the lane; a lane whose consumer died (broker connection lost) or whose
         task ended is consumed again from scratch."""
-        async with self._lock:
+        async with self._locks.hold(user_id):
             if not self.accepting:
                 return
             existing = self.lanes.get(user_id)
@@ -160,13 +190,18 @@ class LaneSet:
             except BrokerError:
                 await lane.release()
                 raise
+            if not self.accepting:
+                # The worker began to drain during the consume, and may have listed its
+                # lanes to hand back already: this one goes back at once.
+                await lane.release()
+                return
             self.lanes[user_id] = lane
             metrics.ACTIVE_LANES.set(len(self.lanes))
 
     async def remove(self, user_id: str, *, finish_current: float = 30.0) -> None:
         """Hands the lane back between messages (see ConsumedLane.release): its unacked
         messages return to the lane in order, for the next consumer."""
-        async with self._lock:
+        async with self._locks.hold(user_id):
             lane = self.lanes.pop(user_id, None)
             metrics.ACTIVE_LANES.set(len(self.lanes))
         if lane is not None:
