@@ -72,7 +72,9 @@ CLOSE_TIMEOUT = 10.0
 DECLARE_CHANNELS = 8
 
 
-async def _close_quietly(channel: AbstractChannel, timeout: float) -> None:
+async def _close_quietly(
+    channel: AbstractChannel | aiormq.abc.AbstractChannel, timeout: float
+) -> None:
     with contextlib.suppress(*_PUBLISH_ERRORS):
         async with asyncio.timeout(timeout):
             await channel.close()
@@ -87,27 +89,34 @@ _EXCHANGES = (
 
 
 class AmqpDelivery:
+    """A lane message as aiormq delivers it (lane channels are aiormq's; see
+    amqp_lanes.LaneChannels)."""
+
     __slots__ = ("_message", "body", "headers", "redelivered")
 
-    def __init__(self, message: AbstractIncomingMessage) -> None:
+    def __init__(self, message: aiormq.abc.DeliveredMessage) -> None:
         self._message = message
         self.body = message.body
-        self.headers = {k: str(v) for k, v in (message.headers or {}).items()}
-        self.redelivered = bool(message.redelivered)
+        headers = message.header.properties.headers or {}
+        self.headers = {k: str(v) for k, v in headers.items()}
+        self.redelivered = bool(getattr(message.delivery, "redelivered", False))
 
     @property
     def stale(self) -> bool:
         """The channel it came on is gone: the broker has requeued it for redelivery."""
-        try:
-            return bool(self._message.channel.is_closed)
-        except aiormq.exceptions.ChannelInvalidStateError:
-            return True
+        return bool(self._message.channel.is_closed)
 
     async def ack(self) -> None:
-        await self._message.ack()
+        await self._message.channel.basic_ack(self._tag())
 
     async def reject(self, *, requeue: bool) -> None:
-        await self._message.reject(requeue=requeue)
+        await self._message.channel.basic_reject(self._tag(), requeue=requeue)
+
+    def _tag(self) -> int:
+        tag = getattr(self._message.delivery, "delivery_tag", None)
+        if tag is None:  # pragma: no cover - a Basic.Deliver always carries one
+            raise BrokerError("lane message without a delivery tag")
+        return int(tag)
 
 
 class AmqpLaneConsumer:
@@ -119,7 +128,7 @@ class AmqpLaneConsumer:
     messages while ours are still unacked, breaking the lane's order.
     """
 
-    def __init__(self, channel: AbstractChannel) -> None:
+    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
         self._channel = channel
         self.cancelled_by_broker = False  # the lane queue was deleted under us
         self.last_delivery = 0.0
@@ -423,8 +432,9 @@ class AmqpBroker:
         except (*_PUBLISH_ERRORS, BrokerUnreachable) as exc:
             raise BrokerError(f"cannot consume lane {user_id}: {exc}") from exc
         consumer = AmqpLaneConsumer(channel)
+        queue = lane_queue(user_id)
 
-        async def on_message(message: AbstractIncomingMessage) -> None:
+        async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
             consumer.delivered()
             await handler(AmqpDelivery(message))
 
@@ -433,11 +443,10 @@ class AmqpBroker:
             # closed by a connection error that leaves the RPC waiting) must not hold the
             # caller, which holds the lane's lock (its next consume or hand-back waits for it).
             async with asyncio.timeout(self._timeout):
-                await channel.set_qos(prefetch_count=prefetch)
-                queue = await channel.declare_queue(lane_queue(user_id), passive=True)
-                underlay = await channel.get_underlay_channel()
-                underlay.on_consumer_cancel_callbacks.add(consumer._on_broker_cancel)
-                await queue.consume(on_message)
+                await channel.basic_qos(prefetch_count=prefetch)
+                await channel.queue_declare(queue, passive=True)
+                channel.on_consumer_cancel_callbacks.add(consumer._on_broker_cancel)
+                await channel.basic_consume(queue, on_message, no_ack=False)
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             raise LaneMissing(f"lane {user_id} does not exist") from exc
         except _PUBLISH_ERRORS as exc:

@@ -26,7 +26,8 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aio_pika.abc import AbstractChannel, AbstractConnection
+import aiormq.abc
+from aio_pika.abc import AbstractConnection
 
 from fairlane_server.core.amqp_connection import BrokerUnreachable, NodeConnection
 
@@ -43,7 +44,7 @@ async def _nothing_to_set_up(_connection: AbstractConnection) -> None:
 @dataclass
 class _LaneConnection:
     node: NodeConnection
-    channels: dict[int, AbstractChannel] = field(default_factory=dict)
+    channels: dict[int, aiormq.abc.AbstractChannel] = field(default_factory=dict)
     last: int = 0  # the number handed out last
 
     def next_numbers(self, limit: int, numbers: int) -> list[int]:
@@ -82,7 +83,7 @@ class LaneChannels:
         for conn in self._connections:
             conn.node.on_reconnected(listener)
 
-    async def open(self) -> AbstractChannel:
+    async def open(self) -> aiormq.abc.AbstractChannel:
         """A new channel for one lane, on a connection with room for it."""
         async with self._lock:
             for conn in self._connections:
@@ -98,14 +99,19 @@ class LaneChannels:
                 raise BrokerUnreachable("no free channel number on a new lane connection")
             return channel
 
-    async def _open_on(self, conn: _LaneConnection) -> AbstractChannel | None:
+    async def _open_on(self, conn: _LaneConnection) -> aiormq.abc.AbstractChannel | None:
         connection = conn.node.connection
-        if connection is None:
+        underlay = connection.transport if connection is not None else None
+        if underlay is None:
             raise BrokerUnreachable(f"lane connection {conn.node.name} is down")
         for number in conn.next_numbers(self._limit, NUMBERS_PER_LANE * self._limit):
             try:
                 async with asyncio.timeout(self._timeout):
-                    channel = await connection.channel(
+                    # aiormq's channel, not aio-pika's: an aio-pika channel leaves two
+                    # callbacks on its connection's close future when it closes (aio-pika
+                    # removes them from another of the observers aiormq's `closing` hands
+                    # out), about 4 KB a channel, and a worker opens one per lane consume.
+                    channel = await underlay.connection.channel(
                         channel_number=number, publisher_confirms=False
                     )
             except ValueError:

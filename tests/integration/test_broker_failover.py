@@ -5,6 +5,7 @@ take one away."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -198,4 +199,41 @@ async def test_a_lane_consume_on_a_connection_that_stopped_answering_fails_in_ti
     finally:
         for proxy in nodes:
             proxy.cut()
+        await broker.close()
+
+
+async def test_a_lane_handed_back_leaves_nothing_of_its_channel_behind(vhost: str) -> None:
+    """A worker consumes and hands back lanes for as long as it runs (rebalancing, idle
+    lanes deleted and declared again). An aio-pika channel left two callbacks and what
+    they hold on its connection's close future when it closed: 4 KB per consume, without
+    end (its removal asked another of the observers aiormq's `closing` hands out)."""
+    broker = AmqpBroker(f"{BROKER_ROOT}{vhost}", lane_max_length=100)
+    await broker.connect()
+    try:
+        lanes = [unique("lane") for _ in range(20)]
+        for lane in lanes:
+            await broker.declare_lane(lane)
+
+        async def consume_and_hand_back(rounds: int) -> None:
+            for _ in range(rounds):
+                consumers = [await broker.consume_lane(u, Recorder(), prefetch=1) for u in lanes]
+                for consumer in consumers:
+                    await consumer.cancel()
+
+        await consume_and_hand_back(3)  # the pool's connections, caches and numbers settle
+        gc.collect()
+        before = len(gc.get_objects())
+        await consume_and_hand_back(10)
+        gc.collect()
+        grown = len(gc.get_objects()) - before
+        # 200 consumes: the leak kept about 40 objects each; a few stragglers are fine.
+        assert grown < 200, grown
+        # And the lanes still work: one consumed again receives a message.
+        rec = Recorder()
+        consumer = await broker.consume_lane(lanes[0], rec, prefetch=1)
+        await broker.publish_lane(lanes[0], b"after", {})
+        assert await rec.wait_for(1) == [b"after"]
+        await rec.deliveries[0].ack()
+        await consumer.cancel()
+    finally:
         await broker.close()
