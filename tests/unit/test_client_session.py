@@ -451,3 +451,39 @@ async def test_a_failing_writer_fails_the_session_instead_of_hanging(
     assert queue.calls[0].cancelled
     with pytest.raises(FairlaneError, match="session writer failed"):
         await session.submit("echo")
+
+
+async def test_a_stream_broken_before_any_answer_is_sent_again_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client, queue, auth = _client(monkeypatch)
+    async with client.session() as session:
+        one = await session.submit("echo", b"1", client_ref="a")
+        queue.calls[0].end(rpc_error(grpc.StatusCode.UNAVAILABLE, "Stream removed"))
+        await settle()
+        # The token was fine: not refreshed. Everything goes again, with the same key.
+        assert auth.refreshes == []
+        second = queue.calls[1]
+        assert sent(second) == ["a"]
+        assert second.written[0].enqueue.idempotency_key == one.idempotency_key
+        second.feed(accepted=accepted("a", "r1"))
+        second.feed(result=result("r1", 1))
+        await session.close()
+        second.end()
+    assert (await one).lane_seq == 1
+
+
+async def test_a_stream_broken_twice_before_any_answer_fails_the_session(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client, queue, _ = _client(monkeypatch)
+    session = client.session()
+    await session.open()
+    pending = await session.submit("echo", client_ref="a")
+    queue.calls[0].end(rpc_error(grpc.StatusCode.UNAVAILABLE, "Stream removed"))
+    await settle()
+    queue.calls[1].end(rpc_error(grpc.StatusCode.UNAVAILABLE, "connection refused"))
+    await settle()
+    assert len(queue.calls) == 2
+    with pytest.raises(Unavailable, match="connection refused"):
+        await pending

@@ -299,6 +299,7 @@ class Session:
 
     async def _read_loop(self) -> None:
         reauthenticated = False
+        reconnected = False
         while True:
             try:
                 while True:
@@ -319,6 +320,23 @@ class Session:
                     reauthenticated = True
                     try:
                         if await self._reopen():
+                            continue
+                    except FairlaneError as exc:
+                        self._finish(exc)
+                        return
+                if (
+                    err.code() == grpc.StatusCode.UNAVAILABLE
+                    and not self._answered_any
+                    and not reconnected
+                ):
+                    # Broken before the server answered anything: most often the stream
+                    # went out on a connection that had just dropped, before the channel
+                    # noticed. A new call goes out once on the reconnected channel with
+                    # everything again (idempotency keys: a resend cannot run one twice);
+                    # if that one breaks too, the error stands.
+                    reconnected = True
+                    try:
+                        if await self._reopen(refresh=False):
                             continue
                     except FairlaneError as exc:
                         self._finish(exc)
@@ -365,9 +383,9 @@ class Session:
             self._error = None  # every request of the session got its result
         self._finish(None)
 
-    async def _reopen(self) -> bool:
+    async def _reopen(self, *, refresh: bool = True) -> bool:
         async with self._write_lock:
-            if not await self._tokens.refresh_if_current(self._token):
+            if refresh and not await self._tokens.refresh_if_current(self._token):
                 return False
             self._call = await self._new_call()
             # Everything sent on the refused call goes again, then what was still waiting.
