@@ -317,8 +317,9 @@ class _Watch:
         self.timed_out = False
         self._task = task
         self._mark: Callable[[], None] | None = mark
-        self._deadline = None if timeout is None else loop.time() + timeout
-        first = loop.time() + RUNNING_MARK_SECONDS
+        now = loop.time()
+        self._deadline = None if timeout is None else now + timeout
+        first = now + RUNNING_MARK_SECONDS
         if self._deadline is not None:
             first = min(first, self._deadline)
         self._handle = loop.call_at(first, self._fire)

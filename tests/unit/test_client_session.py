@@ -215,17 +215,27 @@ async def test_refused_token_refreshes_and_resends_everything(
 CORE_WRITE_RACE = "Internal error from Core"
 
 
-async def test_a_status_lost_in_a_write_before_any_answer_is_resent_once(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(
+    ("code", "details", "refreshes"),
+    [
+        # Most likely a refused token: refreshed first.
+        (grpc.StatusCode.INTERNAL, CORE_WRITE_RACE, ["refresh-0"]),
+        # Most likely a connection that had just dropped: the token was fine.
+        (grpc.StatusCode.UNAVAILABLE, "Stream removed", []),
+    ],
+    ids=["status lost in a write", "stream broken"],
+)
+async def test_a_stream_ended_before_any_answer_is_sent_again_once(
+    monkeypatch: pytest.MonkeyPatch, code: grpc.StatusCode, details: str, refreshes: list[str]
 ) -> None:
     client, queue, auth = _client(monkeypatch)
     async with client.session() as session:
         one = await session.submit("echo", b"1", client_ref="a")
-        queue.calls[0].end(rpc_error(grpc.StatusCode.INTERNAL, CORE_WRITE_RACE))
+        queue.calls[0].end(rpc_error(code, details))
         await settle()
-        # Most likely a refused token: refreshed, and everything sent again with the same
-        # idempotency key, so a request the server did take cannot run twice.
-        assert auth.refreshes == ["refresh-0"]
+        # Everything sent again with the same idempotency key, so a request the server
+        # did take cannot run twice.
+        assert auth.refreshes == refreshes
         second = queue.calls[1]
         assert sent(second) == ["a"]
         assert second.written[0].enqueue.idempotency_key == one.idempotency_key
@@ -236,17 +246,31 @@ async def test_a_status_lost_in_a_write_before_any_answer_is_resent_once(
     assert (await one).lane_seq == 1
 
 
-async def test_a_status_lost_twice_fails_the_session(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("code", "first", "second", "raised"),
+    [
+        (grpc.StatusCode.INTERNAL, CORE_WRITE_RACE, CORE_WRITE_RACE, FairlaneError),
+        (grpc.StatusCode.UNAVAILABLE, "Stream removed", "connection refused", Unavailable),
+    ],
+    ids=["status lost", "stream broken"],
+)
+async def test_a_stream_ended_twice_before_any_answer_fails_the_session(
+    monkeypatch: pytest.MonkeyPatch,
+    code: grpc.StatusCode,
+    first: str,
+    second: str,
+    raised: type[FairlaneError],
+) -> None:
     client, queue, _ = _client(monkeypatch)
     session = client.session()
     await session.open()
     pending = await session.submit("echo", client_ref="a")
-    queue.calls[0].end(rpc_error(grpc.StatusCode.INTERNAL, CORE_WRITE_RACE))
+    queue.calls[0].end(rpc_error(code, first))
     await settle()
-    queue.calls[1].end(rpc_error(grpc.StatusCode.INTERNAL, CORE_WRITE_RACE))
+    queue.calls[1].end(rpc_error(code, second))
     await settle()
     assert len(queue.calls) == 2
-    with pytest.raises(FairlaneError):
+    with pytest.raises(raised, match=None if raised is FairlaneError else second):
         await pending
 
 
@@ -451,39 +475,3 @@ async def test_a_failing_writer_fails_the_session_instead_of_hanging(
     assert queue.calls[0].cancelled
     with pytest.raises(FairlaneError, match="session writer failed"):
         await session.submit("echo")
-
-
-async def test_a_stream_broken_before_any_answer_is_sent_again_once(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    client, queue, auth = _client(monkeypatch)
-    async with client.session() as session:
-        one = await session.submit("echo", b"1", client_ref="a")
-        queue.calls[0].end(rpc_error(grpc.StatusCode.UNAVAILABLE, "Stream removed"))
-        await settle()
-        # The token was fine: not refreshed. Everything goes again, with the same key.
-        assert auth.refreshes == []
-        second = queue.calls[1]
-        assert sent(second) == ["a"]
-        assert second.written[0].enqueue.idempotency_key == one.idempotency_key
-        second.feed(accepted=accepted("a", "r1"))
-        second.feed(result=result("r1", 1))
-        await session.close()
-        second.end()
-    assert (await one).lane_seq == 1
-
-
-async def test_a_stream_broken_twice_before_any_answer_fails_the_session(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    client, queue, _ = _client(monkeypatch)
-    session = client.session()
-    await session.open()
-    pending = await session.submit("echo", client_ref="a")
-    queue.calls[0].end(rpc_error(grpc.StatusCode.UNAVAILABLE, "Stream removed"))
-    await settle()
-    queue.calls[1].end(rpc_error(grpc.StatusCode.UNAVAILABLE, "connection refused"))
-    await settle()
-    assert len(queue.calls) == 2
-    with pytest.raises(Unavailable, match="connection refused"):
-        await pending

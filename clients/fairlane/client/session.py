@@ -309,34 +309,25 @@ class Session:
                         return
                     self._handle(response)
             except grpc.aio.AioRpcError as err:
-                if (
-                    (err.code() == grpc.StatusCode.UNAUTHENTICATED or _status_lost(err))
-                    and not self._answered_any
-                    and not reauthenticated
-                ):
-                    # Refused before reading anything: refresh and send it all again (once;
-                    # every enqueue carries an idempotency key, so a resend cannot run one
-                    # twice, whatever the lost status was).
-                    reauthenticated = True
+                refresh: bool | None = None  # reopen, and whether with a new token first
+                if not self._answered_any:
+                    if (
+                        err.code() == grpc.StatusCode.UNAUTHENTICATED or _status_lost(err)
+                    ) and not reauthenticated:
+                        # Refused before reading anything: refresh and send it all again
+                        # (once; every enqueue carries an idempotency key, so a resend
+                        # cannot run one twice, whatever the lost status was).
+                        reauthenticated, refresh = True, True
+                    elif err.code() == grpc.StatusCode.UNAVAILABLE and not reconnected:
+                        # Broken before the server answered anything: most often the stream
+                        # went out on a connection that had just dropped, before the
+                        # channel noticed. A new call goes out once on the reconnected
+                        # channel with everything again; if that one breaks too, the error
+                        # stands.
+                        reconnected, refresh = True, False
+                if refresh is not None:
                     try:
-                        if await self._reopen():
-                            continue
-                    except FairlaneError as exc:
-                        self._finish(exc)
-                        return
-                if (
-                    err.code() == grpc.StatusCode.UNAVAILABLE
-                    and not self._answered_any
-                    and not reconnected
-                ):
-                    # Broken before the server answered anything: most often the stream
-                    # went out on a connection that had just dropped, before the channel
-                    # noticed. A new call goes out once on the reconnected channel with
-                    # everything again (idempotency keys: a resend cannot run one twice);
-                    # if that one breaks too, the error stands.
-                    reconnected = True
-                    try:
-                        if await self._reopen(refresh=False):
+                        if await self._reopen(refresh=refresh):
                             continue
                     except FairlaneError as exc:
                         self._finish(exc)
