@@ -223,11 +223,13 @@ async def test_a_lane_handed_back_leaves_nothing_of_its_channel_behind(vhost: st
         await consume_and_hand_back(3)  # the pool's connections, caches and numbers settle
         gc.collect()
         before = len(gc.get_objects())
-        await consume_and_hand_back(10)
+        await consume_and_hand_back(25)
         gc.collect()
         grown = len(gc.get_objects()) - before
-        # 200 consumes: the leak kept about 40 objects each; a few stragglers are fine.
-        assert grown < 200, grown
+        # 500 consumes: the leak kept about 33 objects each (16,000 here). The rest of the
+        # process allocates too (a CI run saw 259 objects of that noise over 200 consumes),
+        # so the bound is 2 objects a consume: 8 times under the leak, 4 times over the noise.
+        assert grown < 1_000, grown
         # And the lanes still work: one consumed again receives a message.
         rec = Recorder()
         consumer = await broker.consume_lane(lanes[0], rec, prefetch=1)
