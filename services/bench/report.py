@@ -39,6 +39,17 @@ def render(report: dict[str, Any], console: Console) -> None:
     summary.add_row("results/s", _fmt(throughput["results_per_s"]))
     summary.add_row("sent/s", _fmt(throughput["sent_per_s"]))
     summary.add_row("measured seconds", _fmt(report["seconds"]["measured"]))
+    started = report["seconds"].get("lanes_started")
+    summary.add_row(
+        "every lane answering after s",
+        "never" if started is None else _fmt(started),
+    )
+    if report["lanes_started_when_measuring"] < config["lanes"] and config["warmup"] > 0:
+        # The warm-up waits for every lane up to the drain timeout, then measures anyway.
+        summary.add_row(
+            "lanes answering when measuring began",
+            f"{report['lanes_started_when_measuring']:,} of {config['lanes']:,}",
+        )
     for key in (
         "sent",
         "accepted",

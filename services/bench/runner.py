@@ -240,7 +240,12 @@ class BenchRun:
         # lanes let the first lanes take it all and the last ones send nothing.
         self.quotas: list[int] | None = None
         self.t_start = 0.0
-        self.t_warm_end = 0.0
+        self.t_warm_planned = 0.0
+        # Measuring begins after the warm-up and once every lane has had its first answer
+        # (see _ticker): until then, inf.
+        self.t_warm_end = math.inf
+        self.t_lanes_started: float | None = None
+        self.lanes_started_when_measuring = 0
         self.t_send_end = math.inf
         self.t_measure_end = 0.0
         self._stages_stop: asyncio.Task[None] | None = None
@@ -311,17 +316,16 @@ class BenchRun:
         config = self.config
         self.t_start = time.perf_counter()
         self.progress.started = self.t_start
-        self.t_warm_end = self.t_start + config.warmup
+        self.t_warm_planned = self.t_start + config.warmup
         if config.duration is not None:
-            self.t_send_end = self.t_warm_end + config.duration
             self.progress.total = config.warmup + config.duration
         else:
             self.progress.total = config.requests
         self.last_activity = self.t_start
-        self.progress.phase = "warm-up" if config.warmup > 0 else "measuring"
+        self.progress.phase = "warm-up"
         if config.warmup <= 0:
-            self.watch.start()
-            await self.stages.start()
+            # No warm-up: the lanes' start is part of what is measured (new-lane runs).
+            await self._start_measuring(self.t_start)
         tasks = [
             asyncio.create_task(self._lane(lane, channels[lane.index % len(channels)], token))
             for lane, token in zip(self.lanes, tokens, strict=True)
@@ -333,6 +337,8 @@ class BenchRun:
             ticker.cancel()
             await asyncio.gather(ticker, return_exceptions=True)
         self.t_done = time.perf_counter()
+        if math.isinf(self.t_warm_end):  # ended before measuring began (lanes that failed)
+            self.t_warm_end = self.t_done
         if self._stages_stop is not None:
             await self._stages_stop
         if config.duration is None or self.t_measure_end == 0.0:
@@ -349,10 +355,17 @@ class BenchRun:
         while True:
             await asyncio.sleep(0.2)
             now = time.perf_counter()
-            if self.progress.phase == "warm-up" and now >= self.t_warm_end:
-                self.progress.phase = "measuring"
-                self.watch.start()
-                await self.stages.start()
+            if self.t_lanes_started is None and self._started_lanes() == len(self.lanes):
+                self.t_lanes_started = now
+            if (
+                self.progress.phase == "warm-up"
+                and now >= self.t_warm_planned
+                and (
+                    self.t_lanes_started is not None
+                    or now >= self.t_warm_planned + self.config.drain_timeout
+                )
+            ):
+                await self._start_measuring(now)
             if self.progress.phase == "measuring" and now >= self.t_send_end:
                 self.progress.phase = "draining"
                 self.t_measure_end = self.t_send_end
@@ -373,6 +386,22 @@ class BenchRun:
                 for task in tasks:
                     task.cancel()
                 return
+
+    def _started_lanes(self) -> int:
+        """Lanes whose Session has had an answer (or that ended): a lane still waiting
+        for its first answer is not running yet. Many lanes at once take seconds to open
+        their Sessions on a busy queue, and a rate measured before then is not the rate
+        of that many lanes."""
+        return sum(1 for lane in self.lanes if lane.last_answer >= 0 or lane.stream_error)
+
+    async def _start_measuring(self, now: float) -> None:
+        self.progress.phase = "measuring"
+        self.t_warm_end = now
+        if self.config.duration is not None:
+            self.t_send_end = now + self.config.duration
+        self.lanes_started_when_measuring = self._started_lanes()
+        self.watch.start()
+        await self.stages.start()
 
     def _tick(self) -> None:
         if self.on_tick is not None:
@@ -778,6 +807,12 @@ class BenchRun:
             "config": config_out,
             "seconds": {
                 "warmup": round(min(self.t_warm_end, self.t_done) - self.t_start, 3),
+                # When the last lane had its first answer (None: some never did).
+                "lanes_started": (
+                    None
+                    if self.t_lanes_started is None
+                    else round(self.t_lanes_started - self.t_start, 3)
+                ),
                 "measured": round(measured_s, 3),
                 "total": round(self.t_done - self.t_start, 3),
             },
@@ -791,6 +826,7 @@ class BenchRun:
                 "accepted_to_result": summarize(self.queue_latency),
             },
             "counts": counts,
+            "lanes_started_when_measuring": self.lanes_started_when_measuring,
             "rejections": dict(rejections),
             "results_by_status": dict(by_status),
             "lanes": lane_rows,

@@ -118,6 +118,10 @@ async def test_short_run_loses_nothing_and_matches_the_request_log(suite: Suite)
     # The services under test were found as local processes.
     assert {"auth", "queue", "worker"} <= {p["label"] for p in report["processes"]}
     assert report["latency_ms"]["send_to_result"]["count"] == 300
+    # Measuring began only once every lane's Session had answered, not at a fixed time.
+    assert report["lanes_started_when_measuring"] == 4
+    assert report["seconds"]["lanes_started"] is not None
+    assert report["seconds"]["lanes_started"] <= report["seconds"]["warmup"]
 
     # A second run reuses the bench users and is told apart in the log by its run tag.
     code, again, err = await _bench(
