@@ -23,6 +23,8 @@ STAGES: list[tuple[str, str, str]] = [
     ("fairlane_handler_duration_seconds", "", "handler"),
     # Not a stage: how long a collection stood the process still, by generation.
     ("fairlane_gc_pause_seconds", "generation", "gc pause, generation "),
+    # Not a stage either: how late each process's event loop ran a timer (4 samples/s).
+    ("fairlane_event_loop_lag_seconds", "", "event loop lag"),
 ]
 ORDER = ["intake", "relay", "accepted to first attempt", "handler", "results"]
 

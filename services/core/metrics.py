@@ -109,6 +109,13 @@ LANE_FAILURES = Counter(
 )
 
 
+LOOP_LAG_SECONDS = Histogram(
+    "fairlane_event_loop_lag_seconds",
+    "How late the event loop ran a timer, sampled four times a second: how long any task "
+    "of this process waits for its turn. High while the database, the broker and the "
+    "service's own RPC handling times stay low: the process's CPU is the bottleneck.",
+    buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
 GC_PAUSE_SECONDS = Histogram(
     "fairlane_gc_pause_seconds",
     "Time the process stood still in one garbage collection, by generation: every task of "

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
+from fairlane_server.core import metrics
 from fairlane_server.core.logging import get_logger
 
 log = get_logger(__name__)
@@ -35,6 +37,7 @@ async def run_until_signalled(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     started: list[Component] = []
+    lag = asyncio.create_task(watch_loop_lag(), name="loop-lag")
     try:
         for component in components:
             await component.start()
@@ -54,6 +57,24 @@ async def run_until_signalled(
                 log.exception("stop_failed", component=component.name)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        lag.cancel()
+        await asyncio.gather(lag, return_exceptions=True)
+
+
+LOOP_LAG_INTERVAL = 0.25
+
+
+async def watch_loop_lag(
+    interval: float = LOOP_LAG_INTERVAL,
+    observe: Callable[[float], None] = metrics.LOOP_LAG_SECONDS.observe,
+) -> None:
+    """Observes how late a timer fires (`fairlane_event_loop_lag_seconds`), for as long as
+    it runs. Every task waits that long for its turn: a new RPC needs several turns before
+    its handler runs, so a lag of a few milliseconds already shows in every latency."""
+    while True:
+        started = time.perf_counter()
+        await asyncio.sleep(interval)
+        observe(max(0.0, time.perf_counter() - started - interval))
 
 
 # A component's stop normally takes well under a second; past this, what it waits on is

@@ -29,12 +29,18 @@ fairlane_gc_pause_seconds_bucket{generation="2",le="0.05"} 1.0
 fairlane_gc_pause_seconds_bucket{generation="2",le="+Inf"} 2.0
 fairlane_gc_pause_seconds_count{generation="2"} 2.0
 fairlane_gc_pause_seconds_sum{generation="2"} 0.2
+# TYPE fairlane_event_loop_lag_seconds histogram
+fairlane_event_loop_lag_seconds_bucket{le="0.01"} 7.0
+fairlane_event_loop_lag_seconds_bucket{le="+Inf"} 8.0
+fairlane_event_loop_lag_seconds_count 8.0
+fairlane_event_loop_lag_seconds_sum 0.3
 """
 
 
 def test_stages_keep_their_label_and_gc_pauses_are_named_by_generation() -> None:
     found = parse([QUEUE, WORKER])
-    assert sorted(found) == ["gc pause, generation 2", "intake"]
+    assert sorted(found) == ["event loop lag", "gc pause, generation 2", "intake"]
+    assert (found["event loop lag"].count, found["event loop lag"].buckets[0.01]) == (8, 7)
     assert found["intake"].count == 4
     gc2 = found["gc pause, generation 2"]
     assert (gc2.count, round(gc2.total, 3)) == (3, 0.24)
