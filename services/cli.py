@@ -51,7 +51,11 @@ def serve_one(service: str, handlers: list[str], hooks: list[str], *, json_logs:
         # gRPC aio objects bind to the running loop, so build them inside it.
         component, metrics_port = _build(service, settings)
         metrics.serve_metrics(settings.metrics_host, metrics_port)
-        await run_until_signalled([component], grace=settings.grace_seconds)
+        await run_until_signalled(
+            [component],
+            grace=settings.grace_seconds,
+            gc_full_every=settings.gc_full_collection_every,
+        )
 
     try:
         run(main())

@@ -78,7 +78,12 @@ def run_dev(*, broker: str, database: str, data_dir: str, demo: bool, trace_cons
                 await demo_round_trip(settings, console)
 
         try:
-            await run_until_signalled(components, grace=settings.grace_seconds, on_started=started)
+            await run_until_signalled(
+                components,
+                grace=settings.grace_seconds,
+                on_started=started,
+                gc_full_every=settings.gc_full_collection_every,
+            )
         finally:
             await shared.close()
             await engine.dispose()

@@ -239,6 +239,12 @@ class Settings(BaseSettings):
         description="How often a worker lists the lanes (ListLanes) besides the lane events.",
     )
     grace_seconds: float = 20.0
+    gc_full_collection_every: int = Field(
+        default=100,
+        ge=1,
+        description="Generation 1 collections between two full (generation 2) collections "
+        "(Python's default: 10).",
+    )
     rebalance_interval_seconds: float = Field(
         default=2.0,
         description="How often a worker compares its busy lanes with its fair share; 0: never.",

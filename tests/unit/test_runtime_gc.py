@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 import weakref
 
-from fairlane_server.core.runtime import freeze_startup_objects
+from fairlane_server.core.runtime import freeze_startup_objects, space_full_collections
 
 
 class _Node:
@@ -35,3 +35,12 @@ def test_survivors_are_frozen_and_startup_garbage_is_collected() -> None:
     finally:
         gc.unfreeze()
     assert _tracked(survivor)
+
+
+def test_full_collections_are_spaced_and_the_young_generations_kept() -> None:
+    before = gc.get_threshold()
+    try:
+        space_full_collections(100)
+        assert gc.get_threshold() == (before[0], before[1], 100)
+    finally:
+        gc.set_threshold(*before)
