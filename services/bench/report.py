@@ -39,7 +39,7 @@ def render(report: dict[str, Any], console: Console) -> None:
     summary.add_row("results/s", _fmt(throughput["results_per_s"]))
     summary.add_row("sent/s", _fmt(throughput["sent_per_s"]))
     summary.add_row("measured seconds", _fmt(report["seconds"]["measured"]))
-    started = report["seconds"].get("lanes_started")
+    started = report["seconds"]["lanes_started"]
     summary.add_row(
         "every lane answering after s",
         "never" if started is None else _fmt(started),

@@ -388,11 +388,11 @@ class BenchRun:
                 return
 
     def _started_lanes(self) -> int:
-        """Lanes whose Session has had an answer (or that ended): a lane still waiting
+        """Lanes whose Session has had an answer (or that failed): a lane still waiting
         for its first answer is not running yet. Many lanes at once take seconds to open
         their Sessions on a busy queue, and a rate measured before then is not the rate
         of that many lanes."""
-        return sum(1 for lane in self.lanes if lane.last_answer >= 0 or lane.stream_error)
+        return sum(1 for lane in self.lanes if lane.answered or lane.stream_error)
 
     async def _start_measuring(self, now: float) -> None:
         self.progress.phase = "measuring"

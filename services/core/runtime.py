@@ -31,7 +31,7 @@ async def run_until_signalled(
     *,
     grace: float,
     on_started: Callable[[], Awaitable[None]] | None = None,
-    gc_full_every: int = 10,
+    gc_full_every: int | None = None,
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -47,7 +47,8 @@ async def run_until_signalled(
         if on_started is not None:
             await on_started()
         log.info("gc_frozen", objects=freeze_startup_objects(), full_every=gc_full_every)
-        space_full_collections(gc_full_every)
+        if gc_full_every is not None:
+            space_full_collections(gc_full_every)
         await stop.wait()
         log.info("shutdown_requested", grace=grace)
     finally:
