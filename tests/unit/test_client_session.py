@@ -24,6 +24,7 @@ from fairlane.client import (
     Unavailable,
 )
 from fairlane.client.channels import Channels
+from fairlane.client.retry import RetryPolicy
 from fairlane.common.v1 import common_pb2
 from fairlane.queue.v1 import queue_pb2
 from tests.unit.test_client_retry import FakeAuthStub, rpc_error
@@ -85,13 +86,20 @@ class FakeQueueStub:
         return self.calls[-1]
 
 
-def _client(monkeypatch: pytest.MonkeyPatch) -> tuple[Client, FakeQueueStub, FakeAuthStub]:
+def _client(
+    monkeypatch: pytest.MonkeyPatch, reconnect: RetryPolicy | None = None
+) -> tuple[Client, FakeQueueStub, FakeAuthStub]:
     """A logged-in Client whose channels hand out the fake stubs."""
     tokens = Tokens("access-0", "refresh-0", time.time() + 3600, 3600, "alice")
     queue, auth = FakeQueueStub(), FakeAuthStub()
     monkeypatch.setattr(Channels, "queue", lambda self: queue)
     monkeypatch.setattr(Channels, "auth", lambda self: auth)
-    return Client("auth:1", "queue:1", tokens=tokens), queue, auth
+    client = Client("auth:1", "queue:1", tokens=tokens, reconnect=reconnect)
+    return client, queue, auth
+
+
+# Reopens at once (no backoff), so that settle() sees each one.
+NO_WAIT = RetryPolicy(max_attempts=3, base_backoff=0.0, max_backoff=0.0)
 
 
 def accepted(ref: str, rid: str) -> queue_pb2.Accepted:
@@ -228,7 +236,7 @@ CORE_WRITE_RACE = "Internal error from Core"
 async def test_a_stream_ended_before_any_answer_is_sent_again_once(
     monkeypatch: pytest.MonkeyPatch, code: grpc.StatusCode, details: str, refreshes: list[str]
 ) -> None:
-    client, queue, auth = _client(monkeypatch)
+    client, queue, auth = _client(monkeypatch, NO_WAIT)
     async with client.session() as session:
         one = await session.submit("echo", b"1", client_ref="a")
         queue.calls[0].end(rpc_error(code, details))
@@ -246,31 +254,57 @@ async def test_a_stream_ended_before_any_answer_is_sent_again_once(
     assert (await one).lane_seq == 1
 
 
-@pytest.mark.parametrize(
-    ("code", "first", "second", "raised"),
-    [
-        (grpc.StatusCode.INTERNAL, CORE_WRITE_RACE, CORE_WRITE_RACE, FairlaneError),
-        (grpc.StatusCode.UNAVAILABLE, "Stream removed", "connection refused", Unavailable),
-    ],
-    ids=["status lost", "stream broken"],
-)
-async def test_a_stream_ended_twice_before_any_answer_fails_the_session(
+async def test_a_status_lost_twice_before_any_answer_fails_the_session(
     monkeypatch: pytest.MonkeyPatch,
-    code: grpc.StatusCode,
-    first: str,
-    second: str,
-    raised: type[FairlaneError],
 ) -> None:
-    client, queue, _ = _client(monkeypatch)
+    client, queue, _ = _client(monkeypatch, NO_WAIT)
     session = client.session()
     await session.open()
     pending = await session.submit("echo", client_ref="a")
-    queue.calls[0].end(rpc_error(code, first))
+    queue.calls[0].end(rpc_error(grpc.StatusCode.INTERNAL, CORE_WRITE_RACE))
     await settle()
-    queue.calls[1].end(rpc_error(code, second))
+    queue.calls[1].end(rpc_error(grpc.StatusCode.INTERNAL, CORE_WRITE_RACE))
     await settle()
     assert len(queue.calls) == 2
-    with pytest.raises(raised, match=None if raised is FairlaneError else second):
+    with pytest.raises(FairlaneError):
+        await pending
+
+
+async def test_a_stream_broken_again_on_its_new_connection_is_reopened_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The new stream can meet the connection that has just dropped, before the channel
+    # noticed (sendmsg: Broken pipe): the session tries again, per its reconnect policy.
+    client, queue, _ = _client(monkeypatch, NO_WAIT)
+    async with client.session() as session:
+        one = await session.submit("echo", b"1", client_ref="a")
+        queue.calls[0].end(rpc_error(grpc.StatusCode.UNAVAILABLE, "Stream removed"))
+        await settle()
+        queue.calls[1].end(rpc_error(grpc.StatusCode.UNAVAILABLE, "Broken pipe"))
+        await settle()
+        third = queue.calls[2]
+        assert sent(third) == ["a"]
+        assert third.written[0].enqueue.idempotency_key == one.idempotency_key
+        third.feed(accepted=accepted("a", "r1"))
+        third.feed(result=result("r1", 1))
+        await session.close()
+        third.end()
+    assert (await one).lane_seq == 1
+
+
+async def test_a_stream_that_keeps_breaking_fails_once_the_reconnect_policy_gives_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client, queue, _ = _client(monkeypatch, NO_WAIT)
+    session = client.session()
+    await session.open()
+    pending = await session.submit("echo", client_ref="a")
+    for n in range(NO_WAIT.max_attempts):
+        queue.calls[n].end(rpc_error(grpc.StatusCode.UNAVAILABLE, f"connection refused {n}"))
+        await settle()
+    # One first call and a new one for each attempt the policy allows after it.
+    assert len(queue.calls) == NO_WAIT.max_attempts
+    with pytest.raises(Unavailable, match=f"connection refused {NO_WAIT.max_attempts - 1}"):
         await pending
 
 

@@ -65,8 +65,8 @@ class Client:
 
     - Every unary call has a deadline (`timeout` seconds, overridable per call) and is
       retried on RESOURCE_EXHAUSTED/UNAVAILABLE per `retry` (see RetryPolicy). Broken
-      result streams are reopened per `reconnect` (more patient: a replica restart takes
-      seconds).
+      result streams, and Session streams broken before their first answer, are reopened
+      per `reconnect` (more patient: a replica restart takes seconds).
     - After `login`, the access token is refreshed shortly before it expires
       (`refresh_margin` seconds before, by default a fifth of its lifetime, at most 60 s);
       a call answered UNAUTHENTICATED refreshes once and is tried once more.

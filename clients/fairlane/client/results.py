@@ -41,6 +41,15 @@ class ResultWatcher:
         self._sleep = sleep
         self._rng = rng or random.Random()
 
+    async def back_off(self, failures: int, code: str, server_delay_ms: int | None) -> bool:
+        """Waits before reopening a stream that broke `failures` times in a row, per
+        `policy`; returns False, at once, when the policy gives up."""
+        wait = self.policy.delay(failures, code, server_delay_ms, idempotent=True, rng=self._rng)
+        if wait is None:
+            return False
+        await self._sleep(wait)
+        return True
+
     async def watch(
         self, after_lane_seq: int = 0, *, reconnect: bool = True
     ) -> AsyncGenerator[Result, None]:
@@ -81,11 +90,5 @@ class ResultWatcher:
             finally:
                 call.cancel()
             failures += 1
-            wait = (
-                self.policy.delay(failures, code, server_delay, idempotent=True, rng=self._rng)
-                if reconnect
-                else None
-            )
-            if wait is None:
+            if not reconnect or not await self.back_off(failures, code, server_delay):
                 raise ended
-            await self._sleep(wait)

@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING, Any, Final
 import grpc
 
 from fairlane.client._wire import Deadline, Payload, bearer, enqueue_request
-from fairlane.client.errors import FairlaneError, Rejected, SessionClosed, error_from_rpc
+from fairlane.client.errors import (
+    FairlaneError,
+    Rejected,
+    SessionClosed,
+    error_from_rpc,
+    retry_delay_ms,
+)
 from fairlane.client.outbox import Outbox
 from fairlane.client.types import Accepted, Event, Progress, RejectedEvent, Result
 from fairlane.queue.v1 import queue_pb2
@@ -299,7 +305,7 @@ class Session:
 
     async def _read_loop(self) -> None:
         reauthenticated = False
-        reconnected = False
+        reconnects = 0
         while True:
             try:
                 while True:
@@ -318,13 +324,19 @@ class Session:
                         # (once; every enqueue carries an idempotency key, so a resend
                         # cannot run one twice, whatever the lost status was).
                         reauthenticated, refresh = True, True
-                    elif err.code() == grpc.StatusCode.UNAVAILABLE and not reconnected:
+                    elif err.code() == grpc.StatusCode.UNAVAILABLE:
                         # Broken before the server answered anything: most often the stream
                         # went out on a connection that had just dropped, before the
-                        # channel noticed. A new call goes out once on the reconnected
-                        # channel with everything again; if that one breaks too, the error
+                        # channel noticed, and the next call can still meet that dying
+                        # connection. So a new call goes out with everything again after
+                        # the `reconnect` policy's backoff, as often as that policy allows
+                        # (the idempotency keys make every resend safe); then the error
                         # stands.
-                        reconnected, refresh = True, False
+                        reconnects += 1
+                        if await self._results.back_off(
+                            reconnects, err.code().name, retry_delay_ms(err)
+                        ):
+                            refresh = False
                 if refresh is not None:
                     try:
                         if await self._reopen(refresh=refresh):
