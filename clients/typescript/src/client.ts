@@ -76,7 +76,7 @@ export interface ClientOptions {
   refreshMarginMs?: number;
   /** Retries of unary calls (default 5 attempts). */
   retry?: Partial<RetryPolicy>;
-  /** Reopening broken WatchResults streams (default 10 attempts in a row). */
+  /** Reopening broken WatchResults streams, and Session streams broken before their first answer (default 10 attempts in a row). */
   reconnect?: Partial<RetryPolicy>;
   /** Called before each retry wait of a unary call. */
   onRetry?: (event: RetryEvent) => void;

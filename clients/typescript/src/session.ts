@@ -2,6 +2,7 @@
  * A Session stream: one promise per submitted request, resolved with its Result. Results
  * arrive in lane order, so the promises resolve in lane order.
  */
+import { randomUUID } from "node:crypto";
 import { create } from "@bufbuild/protobuf";
 import type { Client, EnqueueOptions, Payload } from "./client.js";
 import { enqueueMessage } from "./client.js";
@@ -19,6 +20,7 @@ import {
   type SessionResponse,
 } from "./gen/fairlane/queue/v1/queue_pb.js";
 import { Outbox } from "./outbox.js";
+import { retryDelay, sleep } from "./retry.js";
 
 /** One server message of a Session, batches unwrapped: accepted, rejected, progress or result. */
 export type SessionEvent = Exclude<
@@ -109,7 +111,15 @@ export class Session {
       return Promise.reject(new SessionClosedError("the session is closed"));
     }
     const message = create(SessionRequestSchema, {
-      kind: { case: "enqueue", value: enqueueMessage(handler, payload, options) },
+      // Every enqueue carries a key (generated when the caller gave none): a stream
+      // reopened before its answers sends it again, and the server must see the same one.
+      kind: {
+        case: "enqueue",
+        value: enqueueMessage(handler, payload, {
+          ...options,
+          idempotencyKey: options.idempotencyKey ?? randomUUID(),
+        }),
+      },
     });
     const promise = new Promise<Result>((resolve, reject) => {
       const pending: Pending = { message, clientRef: options.clientRef ?? "", resolve, reject };
@@ -196,6 +206,7 @@ export class Session {
 
   async #run(): Promise<void> {
     let reauthenticated = false;
+    let reconnects = 0;
     let token: string;
     try {
       token = await this.#client.accessToken();
@@ -229,6 +240,25 @@ export class Session {
           }
           responses = this.#reopen(token);
           continue;
+        }
+        if (error.code === Code.Unavailable && !this.#answeredAny) {
+          // Broken before the server answered anything: most often the stream went out on
+          // a connection that had just dropped, and the next one can meet it too. Send it
+          // all again on a new stream after the reconnect policy's backoff, as often as
+          // that policy allows (every enqueue carries an idempotency key: nothing runs
+          // twice); then the error stands.
+          reconnects += 1;
+          const wait = retryDelay(this.#client.reconnect, reconnects, error, true);
+          if (wait !== undefined) {
+            try {
+              await sleep(wait, this.#abort.signal);
+            } catch {
+              this.#finish(this.#abort.signal.reason as FairlaneError, false);
+              break;
+            }
+            responses = this.#reopen(token);
+            continue;
+          }
         }
         if (this.#resume && RESUMABLE.has(error.code) && this.#byRequest.size > 0) {
           await this.#resumeWithWatch(error);

@@ -4,7 +4,7 @@
  * in the environment; `npm run test:e2e` alone, without them, fails at once.
  */
 import { randomUUID } from "node:crypto";
-import { connect } from "node:net";
+import { type AddressInfo, connect, createServer, type Server, type Socket } from "node:net";
 import { setTimeout as delay } from "node:timers/promises";
 import { Client, type ClientOptions } from "../../src/index.js";
 
@@ -75,4 +75,72 @@ export function restartQueue(): Promise<void> {
       }
     });
   });
+}
+
+/**
+ * A TCP proxy for fault drills: forwards to `target` and lets a test lose the server's
+ * answers (requests still arrive) or cut every connection at once.
+ */
+export class TcpProxy {
+  readonly #server: Server;
+  readonly #pairs = new Set<[Socket, Socket]>();
+  #repliesHeld = false;
+
+  private constructor(target: string) {
+    const [host, port] = target.split(":");
+    this.#server = createServer((client) => {
+      const upstream = connect(Number(port), host);
+      const pair: [Socket, Socket] = [client, upstream];
+      this.#pairs.add(pair);
+      const close = (): void => {
+        this.#pairs.delete(pair);
+        client.destroy();
+        upstream.destroy();
+      };
+      client.on("data", (chunk) => upstream.write(chunk));
+      upstream.on("data", (chunk) => {
+        if (!this.#repliesHeld) {
+          client.write(chunk);
+        }
+      });
+      for (const socket of pair) {
+        socket.on("error", close);
+        socket.on("close", close);
+      }
+    });
+  }
+
+  static async start(target: string): Promise<TcpProxy> {
+    const proxy = new TcpProxy(target);
+    await new Promise<void>((resolve) => proxy.#server.listen(0, "127.0.0.1", resolve));
+    return proxy;
+  }
+
+  get target(): string {
+    const address = this.#server.address() as AddressInfo;
+    return `127.0.0.1:${address.port}`;
+  }
+
+  /** Drops what the server sends from now on, until cut(): its answers are lost. */
+  holdReplies(): void {
+    this.#repliesHeld = true;
+  }
+
+  /** Drops every open connection at once (both directions); returns how many. */
+  cut(): number {
+    this.#repliesHeld = false;
+    const pairs = [...this.#pairs];
+    for (const pair of pairs) {
+      this.#pairs.delete(pair);
+      for (const socket of pair) {
+        socket.resetAndDestroy();
+      }
+    }
+    return pairs.length;
+  }
+
+  async close(): Promise<void> {
+    this.cut();
+    await new Promise<void>((resolve) => this.#server.close(() => resolve()));
+  }
 }
