@@ -98,14 +98,15 @@ class Attempts:
         spec: Handler,
         previous_attempts: int,
         *,
+        request_id: uuid.UUID,
+        user: uuid.UUID,
         gate: Callable[[], Awaitable[None]],
         span: Span | None = None,
     ) -> Outcome:
         """Runs the request until it succeeds, fails for good, is cancelled or has used up
-        its attempts (then it is dead-lettered). `gate` is awaited before each attempt
+        its attempts (then it is dead-lettered). `request_id` and `user` are the item's and
+        the batch's ids, parsed once by the caller. `gate` is awaited before each attempt
         (pause/resume); retries wait in place, so the lane's order holds."""
-        request_id = uuid.UUID(item.request_id)
-        user = uuid.UUID(batch.user_id)
         max_attempts = item.max_attempts or spec.max_attempts
         deadline = item.deadline.ToDatetime(tzinfo=UTC) if item.HasField("deadline") else None
         attempts: list[Attempt] = []

@@ -335,6 +335,8 @@ class Runner:
                 item,
                 spec,
                 state.attempts,
+                request_id=request_id,
+                user=user,
                 gate=functools.partial(self._gate, lane),
                 span=span,
             )
