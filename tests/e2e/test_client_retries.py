@@ -87,8 +87,9 @@ async def test_a_request_whose_answer_was_lost_is_resent_and_runs_once(
         assert stored.idempotency_key == enqueued.idempotency_key
 
         # Session: the stream breaks before any answer (was it stored? the client cannot
-        # know), so the session sends it again once, on a new stream with the same key,
-        # and gets the stored request back instead of a second one.
+        # know), so the session sends it again on a new stream with the same key (after
+        # a backoff, and again if that stream meets the dying connection too), and gets
+        # the stored request back instead of a second one.
         async with client.session() as session:
             queue_proxy.hold_replies()
             lost = await session.submit("echo", b"session", client_ref="session")
