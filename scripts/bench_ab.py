@@ -160,7 +160,7 @@ def main() -> int:
         report = json.loads(_suite(["bench", *bench, "--json", "--no-progress"], sides[side]))
         run = run_of(side, n, report, _floor(args.floor_seconds, bench))
         runs.append(run)
-        cpu = " ".join(f"{k} {v:.0f}" for k, v in run.cpu_us.items() if v)
+        cpu = " ".join(f"{k} {v:.0f}" for k, v in run.cpu_us.items() if v >= 0.5)
         print(
             f"round {n} {side}: {run.results_per_s:,.1f} results/s, floor "
             f"{run.floor_per_s:,.0f} ({run.ratio:.3f}), p50/p99 {run.p50_ms:.1f}/"
@@ -171,7 +171,7 @@ def main() -> int:
     _suite(["restart", *args.services.split()], {})  # back to the suite's own settings
     for side, row in summary(runs).items():
         cpu = " ".join(
-            f"{k.removesuffix('_us')} {v:.0f}" for k, v in row.items() if k.endswith("_us") and v
+X
         )
         print(
             f"{side} [{getattr(args, side.lower())}]: medians of {row['runs']:.0f} runs "
