@@ -171,7 +171,9 @@ def main() -> int:
     _suite(["restart", *args.services.split()], {})  # back to the suite's own settings
     for side, row in summary(runs).items():
         cpu = " ".join(
-X
+            f"{k.removesuffix('_us')} {v:.0f}"
+            for k, v in row.items()
+            if k.endswith("_us") and v >= 0.5
         )
         print(
             f"{side} [{getattr(args, side.lower())}]: medians of {row['runs']:.0f} runs "
