@@ -10,11 +10,15 @@ One interceptor on every server:
   `UNAVAILABLE` with RetryInfo: the call may be retried, nothing is wrong with it;
 - a message that cannot be decoded becomes `INVALID_ARGUMENT "malformed request
   message"`; the log says so once per peer host a minute (with the count held back), not
-  once per call, and has no traceback.
+  once per call, and has no traceback;
+- a call that ended under its handler (the client went away, or its deadline passed,
+  before grpc cancelled the handler) ends as a cancelled call does: grpc could not send
+  an answer, nobody is left to read one, and it is no server error.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -93,6 +97,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 yield _checked(request) if streaming else request
             except (grpc.aio.AbortError, grpc.aio.UsageError):
                 raise  # the servicer answered (abort) or the call is already over
+            except grpc.aio.InternalError as exc:
+                if not context.done():
+                    await self._internal(method, exc, context)
+                # grpc could not send the answer: the call ended under the handler (its
+                # client went away or its deadline passed) before grpc cancelled this task.
+                # Nobody is left to answer, and aborting again fails ("Abort already
+                # called!"): end as grpc ends a cancelled call, without an error report.
+                log.debug("call_ended_under_handler", method=method, error=str(exc)[:200])
+                raise asyncio.CancelledError from exc
             except MalformedMessage as exc:
                 await self._refuse_malformed(method, str(exc), context)
             except PoolTimeout:

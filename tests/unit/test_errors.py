@@ -4,6 +4,8 @@ peer a minute. A real grpc.aio server on loopback, handlers made here."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,7 +20,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from fairlane.client.errors import retry_delay_ms
 from fairlane.worker.v1 import worker_pb2
 from fairlane_server.core.errors import MALFORMED, ErrorInterceptor
-from fairlane_server.core.grpc_host import GrpcHost
+from fairlane_server.core.grpc_host import GrpcHost, abort
 from fairlane_server.core.grpc_metrics import MetricsInterceptor
 
 SERVICE = "fairlane.test.Faulty"
@@ -187,3 +189,40 @@ async def test_health_watch_streams_through_every_interceptor() -> None:
     finally:
         await host.stop(0)
     assert first.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_call_that_ended_under_its_handler_is_no_server_error() -> None:
+    # The race a busy event loop opens: the client's deadline passes, and the handler,
+    # which has not seen its cancellation yet, answers. grpc cannot send that answer; the
+    # call ends as a cancelled one, with no INTERNAL report and no second abort.
+    answered = asyncio.Event()
+
+    async def late(request: Any, context: Any) -> bytes:
+        # Swallowed: stands for a cancellation that has not reached this task yet.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(30)
+        try:
+            await abort(context, grpc.StatusCode.NOT_FOUND, "no lane yet")
+        finally:
+            answered.set()
+
+    server = grpc.aio.server(interceptors=[MetricsInterceptor(), ErrorInterceptor()])
+    handler = grpc.unary_unary_rpc_method_handler(
+        late, request_deserializer=_raw, response_serializer=_raw
+    )
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(SERVICE, {"Late": handler})]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            with structlog.testing.capture_logs() as logs:
+                error = await _fail(ch.unary_unary(f"/{SERVICE}/Late")(b"x", timeout=0.2))
+                await asyncio.wait_for(answered.wait(), 10)
+                # The interceptor ran right after the handler, in the same task step.
+                await asyncio.sleep(0)
+    finally:
+        await server.stop(None)
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert [e for e in logs if e["event"] == "internal_error"] == []
