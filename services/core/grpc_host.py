@@ -40,6 +40,12 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     # Session window bound the work they bring.
     ("grpc.server.max_pending_requests", 20_000),
     ("grpc.server.max_pending_requests_hard_limit", 40_000),
+    # How long such a call may wait before grpc cancels it (CANCELLED at the client, the
+    # servicer never sees it). The default, 30 s, was reached by 2 of 1,000 Sessions
+    # opened at once on a queue whose loop was slowed down (a profiler attached): on a
+    # busy replica grpc.aio takes new calls slowly (docs/scaling.md, Probes). Unary calls
+    # carry their own deadlines; a stream that waits longer still gets served.
+    ("grpc.server_max_unrequested_time_in_server", 300),
 ]
 
 

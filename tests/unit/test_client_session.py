@@ -230,8 +230,10 @@ CORE_WRITE_RACE = "Internal error from Core"
         (grpc.StatusCode.INTERNAL, CORE_WRITE_RACE, ["refresh-0"]),
         # Most likely a connection that had just dropped: the token was fine.
         (grpc.StatusCode.UNAVAILABLE, "Stream removed", []),
+        # A busy server cancelled the call before it ran it.
+        (grpc.StatusCode.CANCELLED, "CANCELLED", []),
     ],
-    ids=["status lost in a write", "stream broken"],
+    ids=["status lost in a write", "stream broken", "cancelled by the server"],
 )
 async def test_a_stream_ended_before_any_answer_is_sent_again_once(
     monkeypatch: pytest.MonkeyPatch, code: grpc.StatusCode, details: str, refreshes: list[str]

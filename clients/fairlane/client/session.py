@@ -53,6 +53,8 @@ class _Unanswered:
 
 _END: Final = object()
 _RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+# Before any answer, a stream that ended so is sent again on a new one.
+_REOPENABLE = _RESUMABLE
 # What grpc.aio reports in place of the server's status when a write fails because the
 # server has just ended the stream (grpc/grpc#36066): the stream is over, what the server
 # said is lost. Most often it was a refused token, ending the stream as it opened.
@@ -324,14 +326,15 @@ class Session:
                         # (once; every enqueue carries an idempotency key, so a resend
                         # cannot run one twice, whatever the lost status was).
                         reauthenticated, refresh = True, True
-                    elif err.code() == grpc.StatusCode.UNAVAILABLE:
+                    elif err.code() in _REOPENABLE and not self._finished:
                         # Broken before the server answered anything: most often the stream
                         # went out on a connection that had just dropped, before the
                         # channel noticed, and the next call can still meet that dying
-                        # connection. So a new call goes out with everything again after
-                        # the `reconnect` policy's backoff, as often as that policy allows
-                        # (the idempotency keys make every resend safe); then the error
-                        # stands.
+                        # connection; or a busy server cancelled the call before it ran
+                        # (CANCELLED from the peer: our own cancel ends the session first).
+                        # So a new call goes out with everything again after the
+                        # `reconnect` policy's backoff, as often as that policy allows (the
+                        # idempotency keys make every resend safe); then the error stands.
                         reconnects += 1
                         if await self._results.back_off(
                             reconnects, err.code().name, retry_delay_ms(err)

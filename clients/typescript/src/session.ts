@@ -53,6 +53,8 @@ interface Pending {
 // A stream that broke this way may have left accepted requests running: their results are
 // durable and WatchResults finds them.
 const RESUMABLE = new Set<Code>([Code.Unavailable, Code.Canceled, Code.Internal, Code.Unknown]);
+/** Before any answer, a stream that ended so is sent again on a new one. */
+const REOPENABLE = new Set<Code>([Code.Unavailable, Code.Canceled]);
 
 export class Session {
   readonly #client: Client;
@@ -241,12 +243,13 @@ export class Session {
           responses = this.#reopen(token);
           continue;
         }
-        if (error.code === Code.Unavailable && !this.#answeredAny) {
+        if (REOPENABLE.has(error.code) && !this.#answeredAny) {
           // Broken before the server answered anything: most often the stream went out on
-          // a connection that had just dropped, and the next one can meet it too. Send it
-          // all again on a new stream after the reconnect policy's backoff, as often as
-          // that policy allows (every enqueue carries an idempotency key: nothing runs
-          // twice); then the error stands.
+          // a connection that had just dropped, and the next one can meet it too; or a
+          // busy server cancelled the call before it ran it (our own abort is handled
+          // above). Send it all again on a new stream after the reconnect policy's
+          // backoff, as often as that policy allows (every enqueue carries an idempotency
+          // key: nothing runs twice); then the error stands.
           reconnects += 1;
           const wait = retryDelay(this.#client.reconnect, reconnects, error, true);
           if (wait !== undefined) {
