@@ -18,8 +18,10 @@ from fairlane.client import (
     Rejected,
     RejectedEvent,
     Result,
+    Session,
     SessionClosed,
     Status,
+    SubmitFuture,
     Tokens,
     Unavailable,
 )
@@ -223,6 +225,17 @@ async def test_refused_token_refreshes_and_resends_everything(
 CORE_WRITE_RACE = "Internal error from Core"
 
 
+async def _answer_the_resend(session: Session, call: FakeCall, one: SubmitFuture) -> None:
+    """The new stream carries request "a" again under its idempotency key; it is answered
+    and the session closed."""
+    assert sent(call) == ["a"]
+    assert call.written[0].enqueue.idempotency_key == one.idempotency_key
+    call.feed(accepted=accepted("a", "r1"))
+    call.feed(result=result("r1", 1))
+    await session.close()
+    call.end()
+
+
 @pytest.mark.parametrize(
     ("code", "details", "refreshes"),
     [
@@ -246,13 +259,7 @@ async def test_a_stream_ended_before_any_answer_is_sent_again_once(
         # Everything sent again with the same idempotency key, so a request the server
         # did take cannot run twice.
         assert auth.refreshes == refreshes
-        second = queue.calls[1]
-        assert sent(second) == ["a"]
-        assert second.written[0].enqueue.idempotency_key == one.idempotency_key
-        second.feed(accepted=accepted("a", "r1"))
-        second.feed(result=result("r1", 1))
-        await session.close()
-        second.end()
+        await _answer_the_resend(session, queue.calls[1], one)
     assert (await one).lane_seq == 1
 
 
@@ -284,13 +291,7 @@ async def test_a_stream_broken_again_on_its_new_connection_is_reopened_again(
         await settle()
         queue.calls[1].end(rpc_error(grpc.StatusCode.UNAVAILABLE, "Broken pipe"))
         await settle()
-        third = queue.calls[2]
-        assert sent(third) == ["a"]
-        assert third.written[0].enqueue.idempotency_key == one.idempotency_key
-        third.feed(accepted=accepted("a", "r1"))
-        third.feed(result=result("r1", 1))
-        await session.close()
-        third.end()
+        await _answer_the_resend(session, queue.calls[2], one)
     assert (await one).lane_seq == 1
 
 
