@@ -31,7 +31,7 @@ MAX_SEND_BATCH = 256  # enqueues per enqueue_batch message
 # its results are collected from WatchResults on a live replica, like the Python client.
 RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 STARTING_LANES = 500
-RETRIED_READS = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+RETRIED_READS = frozenset({grpc.StatusCode.UNAVAILABLE})
 MAX_RESUMES_WITHOUT_PROGRESS = 3
 LIST_PAGE = 500
 ROUND_ROBIN = ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]}))
@@ -447,13 +447,19 @@ class BenchRun:
 
     async def _lane_seq_now(self, stub: Any, token: str) -> int:
         """The lane's newest lane_seq before this run: results after it are this run's.
-        A read, so it is asked again while the queue is unavailable or too slow to answer
-        in time (thousands of lanes start at once), for up to the drain timeout."""
+
+        One call may take the whole drain timeout: a queue busy with the lanes that have
+        started takes new calls slowly (thousands of lanes start at once), and a call given
+        up on still waits in the server's line and takes its turn there, so asking again
+        on a deadline only lengthens that line for every lane behind it. Asked again only
+        while the queue is unavailable, for up to the drain timeout."""
         give_up = time.perf_counter() + self.config.drain_timeout
         while True:
             try:
                 reply = await stub.GetLane(
-                    queue_pb2.GetLaneRequest(), metadata=_bearer(token), timeout=30
+                    queue_pb2.GetLaneRequest(),
+                    metadata=_bearer(token),
+                    timeout=max(1.0, give_up - time.perf_counter()),
                 )
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:

@@ -467,16 +467,26 @@ class AmqpBroker:
         mandatory: bool,
     ) -> Any:
         started = time.perf_counter()
-        try:
-            target = self._exchanges[exchange]
-        except KeyError as exc:
-            raise BrokerError("broker not connected") from exc
-        if not self._data.is_connected:
+        pub = self._pub
+        if pub is None or exchange not in self._exchanges or not self._data.is_connected:
             raise BrokerError("broker not connected")
         try:
-            return await target.publish(
-                _message(body, headers, persistent=persistent),
-                routing_key,
+            # aio-pika's Exchange.publish (every exchange is on `pub`) minus its Message:
+            # building an aio_pika.Message and its properties took 11 us a publish against
+            # 0.9 us for the properties alone, and the relay publishes once per lane per
+            # run (py-spy at 1,000 lanes: 3 % of the queue's samples). Same checks, same
+            # frames.
+            if pub.is_closed:
+                raise aiormq.exceptions.ChannelInvalidStateError(f"{pub!r} closed")
+            channel = await pub.get_underlay_channel()
+            return await channel.basic_publish(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=aiormq.spec.Basic.Properties(
+                    delivery_mode=_PERSISTENT if persistent else _NOT_PERSISTENT,
+                    headers=headers or None,  # type: ignore[arg-type]
+                ),
                 mandatory=mandatory,
                 timeout=self._timeout,
             )
@@ -537,6 +547,10 @@ class AmqpBroker:
             await self._publish(DEAD_EXCHANGE, "", body, headers, persistent=True, mandatory=False)
         except _PUBLISH_ERRORS as exc:
             raise BrokerError(f"publish to {DEAD_EXCHANGE} failed: {exc}") from exc
+
+
+_PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
+_NOT_PERSISTENT = int(aio_pika.DeliveryMode.NOT_PERSISTENT)
 
 
 def _message(body: bytes, headers: dict[str, str] | None, *, persistent: bool) -> aio_pika.Message:
