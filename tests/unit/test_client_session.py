@@ -13,6 +13,7 @@ import pytest
 from fairlane.client import (
     Accepted,
     Client,
+    DeadlineExceeded,
     Event,
     FairlaneError,
     Rejected,
@@ -77,6 +78,7 @@ class FakeQueueStub:
         self.calls: list[FakeCall] = []
         self.metadata: list[Any] = []
         self.watches: list[tuple[int, FakeCall]] = []
+        self.timeouts: list[float | None] = []
 
     def WatchResults(self, request: queue_pb2.WatchResultsRequest, *, metadata: Any) -> FakeCall:
         self.watches.append((request.after_lane_seq, FakeCall()))
@@ -84,6 +86,7 @@ class FakeQueueStub:
 
     def Session(self, *, metadata: Any, timeout: Any) -> FakeCall:
         self.metadata.append(metadata)
+        self.timeouts.append(timeout)
         self.calls.append(FakeCall())
         return self.calls[-1]
 
@@ -308,6 +311,38 @@ async def test_a_stream_that_keeps_breaking_fails_once_the_reconnect_policy_give
     # One first call and a new one for each attempt the policy allows after it.
     assert len(queue.calls) == NO_WAIT.max_attempts
     with pytest.raises(Unavailable, match=f"connection refused {NO_WAIT.max_attempts - 1}"):
+        await pending
+
+
+async def test_a_stream_opened_again_gets_what_is_left_of_the_sessions_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client, queue, _ = _client(monkeypatch, NO_WAIT)
+    async with client.session(timeout=30) as session:
+        one = await session.submit("echo", b"1", client_ref="a")
+        await asyncio.sleep(0.01)
+        queue.calls[0].end(rpc_error(grpc.StatusCode.UNAVAILABLE, "Stream removed"))
+        await settle()
+        await _answer_the_resend(session, queue.calls[1], one)
+    first, second = queue.timeouts
+    assert first is not None
+    assert second is not None
+    assert first <= 30
+    assert 0 < second <= first - 0.01
+
+
+async def test_a_session_whose_timeout_has_passed_is_not_opened_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client, queue, _ = _client(monkeypatch, NO_WAIT)
+    session = client.session(timeout=0.05)
+    await session.open()
+    pending = await session.submit("echo", client_ref="a")
+    await asyncio.sleep(0.06)
+    queue.calls[0].end(rpc_error(grpc.StatusCode.UNAVAILABLE, "Stream removed"))
+    await settle()
+    assert len(queue.calls) == 1
+    with pytest.raises(DeadlineExceeded, match=r"timeout of 0\.05 s passed"):
         await pending
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -14,6 +15,7 @@ import grpc
 
 from fairlane.client._wire import Deadline, Payload, bearer, enqueue_request
 from fairlane.client.errors import (
+    DeadlineExceeded,
     FairlaneError,
     Rejected,
     SessionClosed,
@@ -105,6 +107,9 @@ class Session:
         self._results = results
         self._max_in_flight = max_in_flight
         self._timeout = timeout
+        # When the whole stream must have ended (time.monotonic()), set at open: a stream
+        # opened again after a break gets what is left of the timeout, not all of it.
+        self._deadline: float | None = None
         self._resume = resume
         self._events: asyncio.Queue[Any] | None = asyncio.Queue() if record_events else None
         self._call: Any = None
@@ -154,13 +159,20 @@ class Session:
         """Opens the stream (done by `async with`)."""
         if self._call is not None:
             raise FairlaneError("the session is already open")
+        if self._timeout is not None:
+            self._deadline = time.monotonic() + self._timeout
         self._call = await self._new_call()
         self._reader = asyncio.create_task(self._read_loop(), name="fairlane-session-reader")
         self._writer = asyncio.create_task(self._write_loop(), name="fairlane-session-writer")
 
     async def _new_call(self) -> Any:
+        timeout = None
+        if self._deadline is not None:
+            timeout = self._deadline - time.monotonic()
+            if timeout <= 0:
+                raise DeadlineExceeded(f"the session's timeout of {self._timeout:g} s passed")
         self._token = await self._tokens.access_token()
-        call = self._channels.queue().Session(metadata=bearer(self._token), timeout=self._timeout)
+        call = self._channels.queue().Session(metadata=bearer(self._token), timeout=timeout)
         # The server sends its initial metadata once it has accepted the stream (or ends
         # the call if it refuses it). Writing before then can race a refusal, and grpc
         # reports a write into a refused call as INTERNAL, hiding UNAUTHENTICATED.
