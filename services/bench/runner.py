@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -23,6 +24,7 @@ from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from fairlane_server.bench.procs import ProcessWatch, addresses
 from fairlane_server.bench.stages import StageWatch
 from fairlane_server.bench.stats import LaneRecord, summarize
+from fairlane_server.core.tasks import wait_event
 
 CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 STATUS_PREFIX = "REQUEST_STATUS_"
@@ -261,6 +263,10 @@ class BenchRun:
         # off would: 10,000 first calls at once kept one queue replica on two cores busy
         # past their deadline.
         self.starting = asyncio.Semaphore(STARTING_LANES)
+        # Lanes whose first Session the queue has taken (or that failed before): all of them
+        # begin sending together, once every lane is open (see _open_together).
+        self._open: set[int] = set()
+        self._all_open = asyncio.Event()
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -414,9 +420,11 @@ class BenchRun:
                 lane.last_lane_seq = await self._lane_seq_now(stub, token)
         except grpc.aio.AioRpcError as exc:
             lane.stream_error = f"{exc.code().name}: {exc.details()}"
+            self._lane_open(lane)
             return
         except asyncio.CancelledError:
             lane.stream_error = "stalled: cancelled by the drain timeout"
+            self._lane_open(lane)
             return
         fruitless = 0
         while True:
@@ -477,8 +485,11 @@ class BenchRun:
         call = stub.Session(metadata=_bearer(token))
         window = asyncio.Semaphore(self.config.window)
         pause = [0.0]  # send nothing before this instant (after a rejection with retry_after)
-        sender = asyncio.create_task(self._send(lane, call, window, pause))
+        sender: asyncio.Task[None] | None = None
         try:
+            if lane.index not in self._open:
+                await self._open_together(lane, call)
+            sender = asyncio.create_task(self._send(lane, call, window, pause))
             await self._read(lane, call, window, pause)
             failed = sender.exception() if sender.done() and not sender.cancelled() else None
             if failed is not None:
@@ -491,9 +502,33 @@ class BenchRun:
             lane.stream_error = lane.stream_error or "stalled: cancelled by the drain timeout"
             call.cancel()
         finally:
-            sender.cancel()
-            await asyncio.gather(sender, return_exceptions=True)
+            if sender is not None:
+                sender.cancel()
+                await asyncio.gather(sender, return_exceptions=True)
         return None
+
+    async def _open_together(self, lane: LaneRecord, call: Any) -> None:
+        """Waits until the queue has taken this lane's Session (it then sends its initial
+        metadata), then until every lane's is, up to the drain timeout from the start.
+
+        A queue busy with lanes that send takes new calls slowly (a few turns of its event
+        loop each: docs/scaling.md, Probes), so lanes that began sending as soon as they
+        were open kept the queue from taking the others' calls: the last of 1,000 lanes
+        waited up to 226 s for their first call, and some gave up. Opened on an idle queue,
+        they all are within seconds, and the run measures them all from the start."""
+        try:
+            # A refusal ends the call; its status is read below, as any other error.
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await call.initial_metadata()
+        finally:
+            self._lane_open(lane)
+        remaining = self.t_start + self.config.drain_timeout - time.perf_counter()
+        await wait_event(self._all_open, max(0.0, remaining))
+
+    def _lane_open(self, lane: LaneRecord) -> None:
+        self._open.add(lane.index)
+        if len(self._open) == len(self.lanes):
+            self._all_open.set()
 
     async def _resume(self, lane: LaneRecord, stub: Any, token: str) -> None:
         """The Session broke. Requests it accepted are in the log, so their results are
