@@ -1,9 +1,11 @@
-"""How a bench lane learns where its lane stands before it sends (GetLane), on a queue
-too busy to take new calls quickly."""
+"""How bench lanes start on a queue too busy to take new calls quickly: GetLane (where
+the lane stands before it sends), and every lane open before any sends."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 from typing import Any
 
 import grpc
@@ -11,6 +13,7 @@ import pytest
 
 from fairlane.queue.v1 import queue_pb2
 from fairlane_server.bench.runner import BenchConfig, BenchRun
+from fairlane_server.bench.stats import LaneRecord
 
 
 def _error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
@@ -60,3 +63,62 @@ async def test_an_unavailable_queue_is_asked_again_within_what_is_left() -> None
 async def test_a_new_user_has_no_lane_yet() -> None:
     run = BenchRun(BenchConfig(drain_timeout=5))
     assert await run._lane_seq_now(_Stub(_error(grpc.StatusCode.NOT_FOUND)), "token") == 0
+
+
+class _OpeningCall:
+    """A Session call whose initial metadata (the queue took it) comes when released."""
+
+    def __init__(self) -> None:
+        self.taken = asyncio.Event()
+
+    async def initial_metadata(self) -> tuple[()]:
+        await self.taken.wait()
+        return ()
+
+
+def _run_with_lanes(count: int, drain_timeout: float) -> BenchRun:
+    run = BenchRun(BenchConfig(lanes=count, drain_timeout=drain_timeout))
+    run.lanes = [
+        LaneRecord(index=i, username=f"u{i}", user_id=f"id{i}", prefix=f"p.{i}.")
+        for i in range(count)
+    ]
+    run.t_start = time.perf_counter()
+    return run
+
+
+async def test_no_lane_begins_before_every_lane_is_open() -> None:
+    # A busy queue takes new calls slowly: lanes that sent as soon as they were open kept
+    # it from taking the others' calls for minutes.
+    run = _run_with_lanes(3, drain_timeout=60)
+    calls = [_OpeningCall() for _ in run.lanes]
+    waiting = [
+        asyncio.create_task(run._open_together(lane, call))
+        for lane, call in zip(run.lanes, calls, strict=True)
+    ]
+    calls[0].taken.set()
+    calls[1].taken.set()
+    await asyncio.sleep(0.01)
+    assert not any(task.done() for task in waiting)
+    calls[2].taken.set()
+    await asyncio.wait_for(asyncio.gather(*waiting), 5)
+
+
+async def test_a_lane_that_failed_before_its_session_does_not_hold_the_others() -> None:
+    run = _run_with_lanes(2, drain_timeout=60)
+    call = _OpeningCall()
+    call.taken.set()
+    waiting = asyncio.create_task(run._open_together(run.lanes[0], call))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    run._lane_open(run.lanes[1])  # its GetLane failed
+    await asyncio.wait_for(waiting, 5)
+
+
+async def test_lanes_begin_anyway_once_the_drain_timeout_has_passed() -> None:
+    run = _run_with_lanes(2, drain_timeout=0.05)
+    call = _OpeningCall()
+    call.taken.set()
+    started = time.perf_counter()
+    await run._open_together(run.lanes[0], call)  # lane 1 never opens
+    assert time.perf_counter() - started < 5
+    assert not run._all_open.is_set()
