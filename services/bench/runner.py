@@ -431,12 +431,16 @@ class BenchRun:
             broke = await self._session(lane, stub, token)
             if broke is None:
                 return
-            # Resume only a lane that got answers: a target that never answers is no run.
-            if not lane.answered or fruitless >= MAX_RESUMES_WITHOUT_PROGRESS:
+            # A lane that never had an answer (its Session went to a replica that died under
+            # it) is opened again too, as a client would; a target that never answers is no
+            # run, so only a few times without progress, with a short backoff.
+            if fruitless >= MAX_RESUMES_WITHOUT_PROGRESS:
                 lane.stream_error = f"{broke.code().name}: {broke.details()}"
                 return
             before = lane.results
             try:
+                if not lane.answered:
+                    await asyncio.sleep(random.uniform(0.05, 0.2 * 2**fruitless))
                 await self._resume(lane, stub, token)
             except _ResumeFailed as exc:
                 lane.stream_error = f"{broke.code().name}: {broke.details()}; {exc}"

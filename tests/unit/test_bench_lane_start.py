@@ -7,12 +7,13 @@ import asyncio
 import random
 import time
 from typing import Any
+from unittest.mock import MagicMock
 
 import grpc
 import pytest
 
 from fairlane.queue.v1 import queue_pb2
-from fairlane_server.bench.runner import BenchConfig, BenchRun
+from fairlane_server.bench.runner import MAX_RESUMES_WITHOUT_PROGRESS, BenchConfig, BenchRun
 from fairlane_server.bench.stats import LaneRecord
 
 
@@ -122,3 +123,58 @@ async def test_lanes_begin_anyway_once_the_drain_timeout_has_passed() -> None:
     await run._open_together(run.lanes[0], call)  # lane 1 never opens
     assert time.perf_counter() - started < 5
     assert not run._all_open.is_set()
+
+
+def _lane_run() -> BenchRun:
+    run = _run_with_lanes(1, drain_timeout=60)
+    run.progress.phase = "measuring"
+    return run
+
+
+async def test_a_lane_whose_session_broke_before_any_answer_is_opened_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Its Session went to a replica that died under it: a client opens it again (round
+    # robin takes it to a live replica), it does not count the lane as failed.
+    run = _lane_run()
+    lane = run.lanes[0]
+    outcomes: list[grpc.aio.AioRpcError | None] = [
+        _error(grpc.StatusCode.UNAVAILABLE),
+        None,
+    ]
+    sessions: list[int] = []
+
+    async def session(lane_: LaneRecord, stub: Any, token: str) -> grpc.aio.AioRpcError | None:
+        sessions.append(1)
+        return outcomes.pop(0)
+
+    async def lane_seq_now(stub: Any, token: str) -> int:
+        return 0
+
+    monkeypatch.setattr(run, "_session", session)
+    monkeypatch.setattr(run, "_lane_seq_now", lane_seq_now)
+    await run._lane(lane, MagicMock(), "token")
+    assert len(sessions) == 2
+    assert lane.stream_error == ""
+    assert lane.resumes == 1
+
+
+async def test_a_target_that_never_answers_fails_the_lane_after_a_few_tries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    run = _lane_run()
+    lane = run.lanes[0]
+    sessions: list[int] = []
+
+    async def session(lane_: LaneRecord, stub: Any, token: str) -> grpc.aio.AioRpcError | None:
+        sessions.append(1)
+        return _error(grpc.StatusCode.UNAVAILABLE)
+
+    async def lane_seq_now(stub: Any, token: str) -> int:
+        return 0
+
+    monkeypatch.setattr(run, "_session", session)
+    monkeypatch.setattr(run, "_lane_seq_now", lane_seq_now)
+    await run._lane(lane, MagicMock(), "token")
+    assert len(sessions) == MAX_RESUMES_WITHOUT_PROGRESS + 1
+    assert lane.stream_error.startswith("UNAVAILABLE")
