@@ -49,6 +49,13 @@ class TooManyStreams(Exception):
         self.limit = limit
 
 
+# Sessions read overdue results from the log each on its own. Thousands waiting at once
+# (10,000 Sessions of one request each, opened together) held every connection of the pool
+# with those reads, so the intake and the relay, which bring the results, waited behind
+# them and fell further behind. At most this many such reads run at once.
+CATCH_UP_READS = 2
+
+
 class QueueDomain:
     def __init__(
         self,
@@ -75,6 +82,7 @@ class QueueDomain:
         self._reply_route = reply_route
         self.retry_after_ms = retry_after_ms  # the RetryInfo delay of transient refusals
         self._open: Counter[str] = Counter()
+        self._catch_up = asyncio.Semaphore(CATCH_UP_READS)
 
     # -- enqueue ---------------------------------------------------------------------------
 
@@ -166,8 +174,10 @@ class QueueDomain:
         return result_from_row(row)
 
     async def finished(self, user: uuid.UUID, ids: list[uuid.UUID]) -> list[common_pb2.Result]:
-        """Results of those requests that have finished, in lane order."""
-        rows = await self.store.finished(user, ids)
+        """Results of those requests that have finished, in lane order (a Session's read
+        of its overdue results: at most CATCH_UP_READS at once per replica)."""
+        async with self._catch_up:
+            rows = await self.store.finished(user, ids)
         return [result_from_row(r) for r in rows]
 
     async def results_after(

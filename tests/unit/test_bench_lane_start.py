@@ -178,3 +178,46 @@ async def test_a_target_that_never_answers_fails_the_lane_after_a_few_tries(
     await run._lane(lane, MagicMock(), "token")
     assert len(sessions) == MAX_RESUMES_WITHOUT_PROGRESS + 1
     assert lane.stream_error.startswith("UNAVAILABLE")
+
+
+class _EndedCall:
+    """A Session the server ended at once, whose initial metadata never comes."""
+
+    def __init__(self) -> None:
+        self.written: list[Any] = []
+
+    async def initial_metadata(self) -> tuple[()]:
+        await asyncio.Event().wait()
+        return ()
+
+    async def read(self) -> Any:
+        return grpc.aio.EOF
+
+    async def write(self, message: Any) -> None:
+        self.written.append(message)
+
+    async def done_writing(self) -> None:
+        return None
+
+    def cancel(self) -> bool:
+        return True
+
+
+class _SessionStub:
+    def Session(self, *, metadata: Any) -> _EndedCall:
+        return _EndedCall()
+
+
+@pytest.mark.parametrize(("warmup", "waits"), [(2.0, True), (0.0, False)])
+async def test_only_runs_with_a_warm_up_open_their_lanes_together(
+    warmup: float, waits: bool
+) -> None:
+    # Without a warm-up a run measures the lanes' start (new lanes): each lane goes as soon
+    # as its Session is open, and 10,000 Sessions are never held open together for it.
+    run = _run_with_lanes(2, drain_timeout=60)
+    run.config.warmup = warmup
+    session = asyncio.create_task(run._session(run.lanes[0], _SessionStub(), "token"))
+    done, _ = await asyncio.wait({session}, timeout=1.0)
+    assert bool(done) is not waits
+    session.cancel()
+    await asyncio.gather(session, return_exceptions=True)
