@@ -493,7 +493,7 @@ class BenchRun:
         try:
             # Runs without a warm-up measure the lanes' start (new lanes): each lane sends
             # as soon as its Session is open, and no more Sessions are open at once than
-            # that takes (10,000 held open together cost the queue 60-75 KB each).
+            # that takes (10,000 held open together took the queue to 767 MB).
             if self.config.warmup > 0 and lane.index not in self._open:
                 await self._open_together(lane, call)
             sender = asyncio.create_task(self._send(lane, call, window, pause))
