@@ -1,0 +1,55 @@
+"""Sessions reading overdue results from the real request log share at most a few pooled
+connections, so the intake and the relay always find one."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+from unittest.mock import MagicMock
+
+from sqlalchemy import event
+
+from fairlane_server.core.db import create_engine
+from fairlane_server.queue.domain import CATCH_UP_READS, QueueDomain
+from fairlane_server.queue.store import RequestStore
+from tests.conftest import DATABASE_URL
+
+
+async def test_overdue_result_reads_never_hold_more_than_a_few_connections(
+    pg_schema: str,
+) -> None:
+    # A pool of 4 (2 + 2 overflow): 40 Sessions reading at once would take all of it.
+    engine = create_engine(DATABASE_URL, schema=pg_schema, pool_size=2)
+    out = [0]
+    most = [0]
+
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _out(*_: Any) -> None:
+        out[0] += 1
+        most[0] = max(most[0], out[0])
+
+    @event.listens_for(engine.sync_engine, "checkin")
+    def _in(*_: Any) -> None:
+        out[0] -= 1
+
+    other = MagicMock()
+    domain = QueueDomain(
+        store=RequestStore(engine),
+        intake=other,
+        hub=other,
+        catalog=other,
+        broker=other,
+        admission=other,
+        limits=other,
+        streams=other,
+        reply_route="route",
+    )
+    try:
+        found = await asyncio.gather(
+            *(domain.finished(uuid.uuid4(), [uuid.uuid4(), uuid.uuid4()]) for _ in range(40))
+        )
+    finally:
+        await engine.dispose()
+    assert found == [[]] * 40
+    assert 1 <= most[0] <= CATCH_UP_READS
