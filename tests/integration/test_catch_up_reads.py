@@ -6,14 +6,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 from typing import Any
-from unittest.mock import MagicMock
 
 from sqlalchemy import event
 
 from fairlane_server.core.db import create_engine
-from fairlane_server.queue.domain import CATCH_UP_READS, QueueDomain
+from fairlane_server.queue.domain import CATCH_UP_READS
 from fairlane_server.queue.store import RequestStore
 from tests.conftest import DATABASE_URL
+from tests.unit.test_queue_catch_up import domain_on
 
 
 async def test_overdue_result_reads_never_hold_more_than_a_few_connections(
@@ -33,18 +33,7 @@ async def test_overdue_result_reads_never_hold_more_than_a_few_connections(
     def _in(*_: Any) -> None:
         out[0] -= 1
 
-    other = MagicMock()
-    domain = QueueDomain(
-        store=RequestStore(engine),
-        intake=other,
-        hub=other,
-        catalog=other,
-        broker=other,
-        admission=other,
-        limits=other,
-        streams=other,
-        reply_route="route",
-    )
+    domain = domain_on(RequestStore(engine))
     try:
         found = await asyncio.gather(
             *(domain.finished(uuid.uuid4(), [uuid.uuid4(), uuid.uuid4()]) for _ in range(40))

@@ -29,10 +29,11 @@ class _Store:
         return []
 
 
-def _domain(store: _Store) -> QueueDomain:
+def domain_on(store: Any) -> QueueDomain:
+    """A QueueDomain whose store is `store`; nothing else of it is used here."""
     other = MagicMock()
     return QueueDomain(
-        store=store,  # type: ignore[arg-type]
+        store=store,
         intake=other,
         hub=other,
         catalog=other,
@@ -46,7 +47,7 @@ def _domain(store: _Store) -> QueueDomain:
 
 async def test_at_most_a_few_sessions_read_the_log_at_once() -> None:
     store = _Store()
-    domain = _domain(store)
+    domain = domain_on(store)
     reads = [asyncio.create_task(domain.finished(uuid.uuid4(), [uuid.uuid4()])) for _ in range(50)]
     for _ in range(10):
         await asyncio.sleep(0)
