@@ -23,6 +23,7 @@ from fairlane_server.core.broker import Broker, BrokerError, lane_queue
 from fairlane_server.core.tokens import Principal
 from fairlane_server.queue.admission import Admission
 from fairlane_server.queue.catalog import HandlerCatalog
+from fairlane_server.queue.catch_up import CatchUpReader
 from fairlane_server.queue.convert import result_from_row
 from fairlane_server.queue.hub import Hub
 from fairlane_server.queue.intake import Admitted, Intake, Rejection, Submission
@@ -49,13 +50,6 @@ class TooManyStreams(Exception):
         self.limit = limit
 
 
-# Sessions read overdue results from the log each on its own. Thousands waiting at once
-# (10,000 Sessions of one request each, opened together) held every connection of the pool
-# with those reads, so the intake and the relay, which bring the results, waited behind
-# them and fell further behind. At most this many such reads run at once.
-CATCH_UP_READS = 2
-
-
 class QueueDomain:
     def __init__(
         self,
@@ -64,6 +58,7 @@ class QueueDomain:
         intake: Intake,
         hub: Hub,
         catalog: HandlerCatalog,
+        catch_up: CatchUpReader,
         broker: Broker,
         admission: Admission,
         limits: Limits,
@@ -76,13 +71,13 @@ class QueueDomain:
         self.streams = streams
         self._intake = intake
         self._catalog = catalog
+        self._catch_up = catch_up
         self._broker = broker
         self._admission = admission
         self._limits = limits
         self._reply_route = reply_route
         self.retry_after_ms = retry_after_ms  # the RetryInfo delay of transient refusals
         self._open: Counter[str] = Counter()
-        self._catch_up = asyncio.Semaphore(CATCH_UP_READS)
 
     # -- enqueue ---------------------------------------------------------------------------
 
@@ -175,9 +170,8 @@ class QueueDomain:
 
     async def finished(self, user: uuid.UUID, ids: list[uuid.UUID]) -> list[common_pb2.Result]:
         """Results of those requests that have finished, in lane order (a Session's read
-        of its overdue results: at most CATCH_UP_READS at once per replica)."""
-        async with self._catch_up:
-            rows = await self.store.finished(user, ids)
+        of its overdue results, batched with the other Sessions' of this replica)."""
+        rows = await self._catch_up.finished(user, ids)
         return [result_from_row(r) for r in rows]
 
     async def results_after(

@@ -21,6 +21,7 @@ from fairlane_server.core.settings import Settings
 from fairlane_server.core.transport import Transport
 from fairlane_server.queue.admission import Admission
 from fairlane_server.queue.catalog import HandlerCatalog
+from fairlane_server.queue.catch_up import CatchUpReader
 from fairlane_server.queue.domain import QueueDomain, StreamLimits
 from fairlane_server.queue.hub import Hub
 from fairlane_server.queue.intake import Intake
@@ -114,11 +115,13 @@ class QueueService:
         )
         self._verifier = self._auth.token_verifier(s)
         self.host.authz.use(self._verifier)
+        self.catch_up = CatchUpReader(store)
         self.domain = QueueDomain(
             store=store,
             intake=self.intake,
             hub=self.hub,
             catalog=HandlerCatalog(store, max_age_seconds=s.handler_cache_seconds),
+            catch_up=self.catch_up,
             broker=self.broker,
             admission=Admission(
                 rate=s.user_rate_per_second,
@@ -182,6 +185,7 @@ class QueueService:
             self._listener.start()
         self.relay.start()
         self.intake.start()
+        self.catch_up.start()
         self.janitor.start()
         self.retention.start()
         await self.host.start()
@@ -191,6 +195,7 @@ class QueueService:
     async def stop(self, grace: float) -> None:
         await self._monitor.stop()
         await self.host.stop(grace)
+        await self.catch_up.stop()
         await self.janitor.stop()
         await self.retention.stop()
         await self.intake.stop()

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fairlane_server.core import status
@@ -145,6 +146,10 @@ _PG_ACCEPT = sa.text(
     """
 )
 
+
+_UUID_ARRAY = postgresql.ARRAY(sa.Uuid)
+# SQLite's older builds allow 999 bound parameters per statement.
+_SQLITE_IDS_PER_QUERY = 900
 
 # Implied by QUEUED and RUNNING (a request gets its lane_seq when it finishes), and said
 # so the planner can use the small partial index of unfinished requests
@@ -400,21 +405,30 @@ class RequestStore:
         async with self._engine.connect() as conn:
             return list((await conn.execute(query)).all())
 
-    async def finished(self, user_id: uuid.UUID, ids: Sequence[uuid.UUID]) -> list[Any]:
-        """Those of the requests that have finished (have a lane_seq), in lane order."""
+    async def finished_of(self, asks: Sequence[tuple[uuid.UUID, Sequence[uuid.UUID]]]) -> list[Any]:
+        """The finished (sequenced) requests among those of several users' asks, in one
+        statement: rows of RESULT_COLUMNS and user_id, in no particular order. A row is
+        found by its id alone; callers match it to the user who asked."""
+        ids = list({i for _, wanted in asks for i in wanted})
         if not ids:
             return []
-        query = (
-            sa.select(*RESULT_COLUMNS)
-            .where(
-                requests.c.user_id == user_id,
-                requests.c.id.in_(list(ids)),
-                requests.c.lane_seq.is_not(None),
-            )
-            .order_by(requests.c.lane_seq)
-        )
+        columns = (*RESULT_COLUMNS, requests.c.user_id)
         async with self._engine.connect() as conn:
-            return list((await conn.execute(query)).all())
+            if self._dialect == "postgresql":
+                # One array parameter: one prepared statement whatever the number of ids.
+                query = sa.select(*columns).where(
+                    requests.c.id == sa.any_(sa.bindparam("ids", ids, type_=_UUID_ARRAY)),
+                    requests.c.lane_seq.is_not(None),
+                )
+                return list((await conn.execute(query)).all())
+            rows: list[Any] = []
+            for start in range(0, len(ids), _SQLITE_IDS_PER_QUERY):
+                query = sa.select(*columns).where(
+                    requests.c.id.in_(ids[start : start + _SQLITE_IDS_PER_QUERY]),
+                    requests.c.lane_seq.is_not(None),
+                )
+                rows.extend((await conn.execute(query)).all())
+            return rows
 
     async def cancel_queued(self, user_id: uuid.UUID, request_id: uuid.UUID) -> str | None:
         """Marks a QUEUED request CANCELLED; returns the status it has afterwards."""

@@ -115,6 +115,26 @@ async def test_batch_insert_finish_and_replay(engine: AsyncEngine) -> None:
     assert [r.lane_seq for r in await store.results_after(a, 0, upto=3)] == [1, 2]
 
 
+async def test_finished_of_reads_several_users_asks_in_one_statement(
+    engine: AsyncEngine,
+) -> None:
+    store, worker = RequestStore(engine), WorkerStore(engine)
+    a, b = await _user(engine), await _user(engine)
+    a1, a2, a3, b1, b2 = batch = [_request(a), _request(a), _request(a), _request(b), _request(b)]
+    await _accept(store, batch)
+    await worker.finish([Outcome(r.id, r.user_id, "SUCCEEDED", output=b"o") for r in (a2, a1, b2)])
+    # More ids than SQLite takes in one statement: the store reads them in pieces there.
+    unknown = [uuid7() for _ in range(1500)]
+    rows = await store.finished_of([(a, [a1.id, a2.id, a3.id, *unknown]), (b, [b1.id, b2.id])])
+    found = {r.id: (r.user_id, r.lane_seq, r.status, r.output) for r in rows}
+    assert found == {
+        a2.id: (a, 1, "SUCCEEDED", b"o"),
+        a1.id: (a, 2, "SUCCEEDED", b"o"),
+        b2.id: (b, 1, "SUCCEEDED", b"o"),
+    }
+    assert await store.finished_of([(a, [])]) == []
+
+
 async def test_duplicate_idempotency_key_is_refused_by_the_log(engine: AsyncEngine) -> None:
     store = RequestStore(engine)
     user = await _user(engine)
