@@ -497,17 +497,30 @@ class AmqpBroker:
         if channel.is_closed:
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
         underlay = await channel.get_underlay_channel()
-        return await underlay.basic_publish(
-            body,
-            exchange=exchange,
-            routing_key=routing_key,
-            properties=aiormq.spec.Basic.Properties(
-                delivery_mode=_PERSISTENT if persistent else _NOT_PERSISTENT,
-                headers=headers or None,  # type: ignore[arg-type]
-            ),
-            mandatory=mandatory,
-            timeout=self._timeout,
+        # aiormq's publish is never cancelled, only waited for up to the timeout: aiormq
+        # 7.2.4 kills the channel's reader when RabbitMQ returns (mandatory, unroutable) a
+        # message whose publish was cancelled (it sets a result on the cancelled
+        # confirmation), and the connection's reader then blocks for good on that channel:
+        # no confirm or delivery of the connection arrives until the heartbeat drops it.
+        # Left running, the publish ends with the broker's answer or the channel's close.
+        publish = asyncio.ensure_future(
+            underlay.basic_publish(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=aiormq.spec.Basic.Properties(
+                    delivery_mode=_PERSISTENT if persistent else _NOT_PERSISTENT,
+                    headers=headers or None,  # type: ignore[arg-type]
+                ),
+                mandatory=mandatory,
+            )
         )
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await asyncio.shield(publish)
+        except BaseException:
+            publish.add_done_callback(_retrieved)
+            raise
 
     async def publish_results(self, route: str, body: bytes) -> None:
         """Confirmed and mandatory: returns once the broker holds the event for the queue
@@ -563,6 +576,12 @@ class AmqpBroker:
             await self._publish(DEAD_EXCHANGE, "", body, headers, persistent=True, mandatory=False)
         except _PUBLISH_ERRORS as exc:
             raise BrokerError(f"publish to {DEAD_EXCHANGE} failed: {exc}") from exc
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Marks the outcome of a publish nobody waits for any more as seen."""
+    if not task.cancelled():
+        task.exception()
 
 
 _PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)

@@ -488,6 +488,11 @@ class LaneRelay:
                 lane.next_pos = chunk[-1].lane_pos + 1
                 self._last_progress = time.monotonic()
         except BrokerError as exc:
+            # The broker may hold a copy even so (a confirm that came too late, a publish
+            # that went out after its caller gave up): the copy published next is checked
+            # in the log by the worker, so that a request is never run twice.
+            for item in run:
+                item.recovered = True
             lane.failures += 1
             lane.retry_at = time.monotonic() + _backoff(lane.failures)
             metrics.RELAY_PUBLISH_FAILURES.labels(type(exc).__name__).inc()

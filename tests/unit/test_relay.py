@@ -191,7 +191,11 @@ async def test_broker_failures_are_retried_without_loss_or_reordering(broker: Fl
         await until(lambda: not outbox.rows)
     finally:
         await relay.stop()
-    assert [i.payload for i in await consume(broker, user)] == [b"%d" % n for n in range(1, 7)]
+    # The broker may hold a copy of a publish it did not confirm: what is published again
+    # is flagged for the worker to check in the log first; what came later is not.
+    assert [(i.payload, i.recovered) for i in await consume(broker, user)] == [
+        (b"%d" % n, n <= 3) for n in range(1, 7)
+    ]
 
 
 class HeldBroker(FlakyBroker):

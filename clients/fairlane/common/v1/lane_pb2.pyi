@@ -53,8 +53,9 @@ class LaneItem(_message.Message):
     """W3C traceparent of the span that accepted the request."""
     recovered: _builtins.bool
     """Published from the outbox by a replica that did not accept it (its own replica died
-    or could not publish): it may have been published before, so the worker reads the
-    request log before running it, as for a redelivery.
+    or could not publish), or published again after a publish the broker did not
+    confirm: it may have been published before, so the worker reads the request log
+    before running it, as for a redelivery.
     """
     @_builtins.property
     def deadline(self) -> _timestamp_pb2.Timestamp:
