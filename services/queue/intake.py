@@ -113,6 +113,10 @@ class Intake:
             _reject(self._pending.get_nowait(), shutdown)
 
     def submit(self, sub: Submission) -> asyncio.Future[Admitted]:
+        if not self._in_batch and self._pending.empty():
+            # Idle until now: a stall counts from here, not from the last batch (the first
+            # request after seven idle minutes read as a 412 s stall, and health flapped).
+            self._last_progress = time.monotonic()
         self._pending.put_nowait(sub)
         return sub.future
 

@@ -127,6 +127,8 @@ class LaneRelay:
 
     def hand(self, items: list[OutboxItem]) -> None:
         """Takes over committed requests (each lane's in position order) for publishing."""
+        if not self._backlog:
+            self._last_progress = time.monotonic()  # idle until now: a stall counts from here
         now = time.perf_counter()
         for item in items:
             item.handed_at = now

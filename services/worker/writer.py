@@ -82,18 +82,23 @@ class ResultWriter:
         item = _Pending(
             route=route, client_ref=client_ref, handler=handler, outcome=outcome, future=future
         )
-        self._queue.put_nowait(item)
+        self._put(item)
         return future
 
     def running(self, request_id: uuid.UUID, attempt: int, at: datetime) -> None:
         """Queues a RUNNING mark, written with the next batch (skipped if the outcome of
         the same request is in that batch)."""
         item = _Pending(route="", client_ref="", handler="", running=(request_id, attempt, at))
-        self._queue.put_nowait(item)
+        self._put(item)
 
     def publish(self, event: lane_pb2.LaneEvent, *, route: str) -> None:
         """Queues an event (progress, or a stored result sent again) for publishing only."""
         item = _Pending(route=route, client_ref="", handler="", event=event)
+        self._put(item)
+
+    def _put(self, item: _Pending) -> None:
+        if not self._busy and self._queue.empty():
+            self._last_progress = time.monotonic()  # idle until now: a stall counts from here
         self._queue.put_nowait(item)
 
     async def _run(self) -> None:
