@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -497,12 +498,15 @@ class AmqpBroker:
         if channel.is_closed:
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
         underlay = await channel.get_underlay_channel()
-        # aiormq's publish is never cancelled, only waited for up to the timeout: aiormq
-        # 7.2.4 kills the channel's reader when RabbitMQ returns (mandatory, unroutable) a
-        # message whose publish was cancelled (it sets a result on the cancelled
-        # confirmation), and the connection's reader then blocks for good on that channel:
-        # no confirm or delivery of the connection arrives until the heartbeat drops it.
-        # Left running, the publish ends with the broker's answer or the channel's close.
+        # Our own message id, so that a publish given up on can be forgotten before it is
+        # cancelled. aiormq 7.2.4 finds a returned message's publish by its message id and
+        # sets the result on that publish's confirmation; if the publish was cancelled (a
+        # timeout) just before, that raises in the channel's reader and kills it, and the
+        # connection's reader then blocks for good on the channel's full frame queue: no
+        # confirm or delivery of the connection arrives until the heartbeat drops it, and
+        # the next late return does it again. Forgotten first, a late return is only
+        # logged. The publish runs shielded, so that forgetting comes before cancelling.
+        message_id = uuid.uuid4().hex
         publish = asyncio.ensure_future(
             underlay.basic_publish(
                 body,
@@ -511,6 +515,7 @@ class AmqpBroker:
                 properties=aiormq.spec.Basic.Properties(
                     delivery_mode=_PERSISTENT if persistent else _NOT_PERSISTENT,
                     headers=headers or None,  # type: ignore[arg-type]
+                    message_id=message_id,
                 ),
                 mandatory=mandatory,
             )
@@ -519,6 +524,11 @@ class AmqpBroker:
             async with asyncio.timeout(self._timeout):
                 return await asyncio.shield(publish)
         except BaseException:
+            if not publish.done():
+                pending: dict[str, int] | None = getattr(underlay, "message_id_delivery_tag", None)
+                if pending is not None:
+                    pending.pop(message_id, None)
+                publish.cancel()
             publish.add_done_callback(_retrieved)
             raise
 
