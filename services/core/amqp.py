@@ -508,7 +508,7 @@ class AmqpBroker:
         # logged. The publish runs shielded, so that forgetting comes before cancelling.
         message_id = uuid.uuid4().hex
         publish = asyncio.ensure_future(
-            underlay.basic_publish(
+            underlay.basic_publish(  # type: ignore[call-arg]  # wait: aiormq.Channel's own
                 body,
                 exchange=exchange,
                 routing_key=routing_key,
@@ -518,6 +518,10 @@ class AmqpBroker:
                     message_id=message_id,
                 ),
                 mandatory=mandatory,
+                # Not waiting for the socket write: a publish holds the channel's lock
+                # until then, so publishes of many lanes went out one per several turns
+                # of the loop. The connection's bounded write queue still pushes back.
+                wait=False,
             )
         )
         try:
