@@ -24,6 +24,22 @@ def _add_trace_ids(
 LIBRARY_LOGGERS = ("aiormq", "aio_pika", "grpc", "sqlalchemy", "asyncio", "alembic")
 
 
+class _ReturnedMessageFilter(logging.Filter):
+    """aiormq logs a message RabbitMQ returned (mandatory, unroutable) that it cannot match
+    to a publish as an error with the whole message, body included: a user's payload in
+    the log. Those are returns of publishes the broker code gave up on after a timeout
+    (`AmqpBroker._basic_publish` forgets them on purpose); they go out as a warning with
+    the exchange and routing key only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "Unhandled message %r returning" and isinstance(record.args, tuple):
+            delivery = getattr(record.args[0] if record.args else None, "delivery", None)
+            record.msg = "returned message of a publish given up on: exchange %r, routing key %r"
+            record.args = (getattr(delivery, "exchange", ""), getattr(delivery, "routing_key", ""))
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def configure(service: str, *, json: bool = True, level: str = "INFO") -> None:
     renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
     structlog.configure(
@@ -65,6 +81,9 @@ def configure(service: str, *, json: bool = True, level: str = "INFO") -> None:
     root.setLevel(logging.WARNING)
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    channel_log = logging.getLogger("aiormq.channel")
+    if not any(isinstance(f, _ReturnedMessageFilter) for f in channel_log.filters):
+        channel_log.addFilter(_ReturnedMessageFilter())
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -21,6 +21,12 @@ try:
 except RuntimeError:
     logging.getLogger("grpc._cython.cygrpc").exception("callback failed")
 fl_logging.get_logger("own").warning("own_event", n=1)
+from types import SimpleNamespace
+returned = SimpleNamespace(
+    delivery=SimpleNamespace(exchange="fairlane.requests", routing_key="lane-1"),
+    body=b"a user's secret payload",
+)
+logging.getLogger("aiormq.channel").error("Unhandled message %r returning", returned)
 """
 
 
@@ -38,6 +44,13 @@ def test_library_records_are_json_lines() -> None:
         ("connection lost x", "warning", "svc"),
         ("callback failed", "error", "svc"),
         ("own_event", "warning", "svc"),
+        (
+            "returned message of a publish given up on: exchange 'fairlane.requests', "
+            "routing key 'lane-1'",
+            "warning",
+            "svc",
+        ),
     ]
+    assert "secret payload" not in proc.stderr
     assert lines[0]["logger"] == "aiormq.connection"
     assert "RuntimeError: inner" in lines[1]["exception"]
