@@ -103,9 +103,9 @@ class LaneRelay:
         self._lanes: dict[uuid.UUID, _Lane] = {}
         # Lanes with something to do (items, or a read): a round costs O(these), not
         # O(lanes held); a lane idle under its lock is looked at by the idle scan only.
-        # Lanes with items or a read to do. Walked every round: the lanes themselves, so
-        # that a walk hashes no UUIDs (a Python-level __hash__; with 10,000 lanes busy the
-        # walks took a third of the queue's CPU).
+        # Kept as the lanes themselves, so that a round's walks hash no UUIDs (a
+        # Python-level __hash__: with 10,000 lanes busy they took a third of the queue's
+        # CPU).
         self._busy: dict[uuid.UUID, _Lane] = {}
         self._held: set[uuid.UUID] = set()
         self._publishing: dict[uuid.UUID, asyncio.Task[None]] = {}
