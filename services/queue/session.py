@@ -115,11 +115,10 @@ class SessionStream:
         self._batching = False  # set once the client sends an enqueue_batch
 
     async def run(self) -> AsyncGenerator[queue_pb2.SessionResponse, None]:
-        events = self._d.hub.subscribe(self._principal.user_id)
+        self._d.hub.listen(self._principal.user_id, self._on_event)
         tasks = [
             asyncio.create_task(self._guard(self._read())),
             asyncio.create_task(self._guard(self._answer())),
-            asyncio.create_task(self._guard(self._pump(events))),
             asyncio.create_task(self._guard(self._from_log())),
         ]
         try:
@@ -154,7 +153,7 @@ class SessionStream:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self._d.hub.unsubscribe(self._principal.user_id, events)
+            self._d.hub.unlisten(self._principal.user_id, self._on_event)
 
     def _release(self, n: int) -> None:
         for _ in range(n):
@@ -311,17 +310,19 @@ class SessionStream:
 
     # -- results -----------------------------------------------------------------------------
 
-    async def _pump(self, events: asyncio.Queue[lane_pb2.LaneEvent]) -> None:
-        while True:
-            event = await events.get()
+    def _on_event(self, event: lane_pb2.LaneEvent) -> None:
+        """An event of this user from the hub, handled as it arrives."""
+        try:
             kind = event.WhichOneof("kind")
             rid = event.result.request_id if kind == "result" else event.progress.request_id
             if rid not in self._mine:
-                continue
+                return
             if self._mine[rid] is not None:
                 self._deliver(event)
             elif kind == "result" or len(self._stash.get(rid, ())) < 16:
                 self._stash.setdefault(rid, []).append(event)
+        except Exception as exc:
+            self._out.put_nowait(exc)  # ends this stream with the error, as _guard does
 
     def _deliver(self, event: lane_pb2.LaneEvent) -> None:
         if event.WhichOneof("kind") == "progress":

@@ -94,3 +94,40 @@ async def test_wake_all_reaches_every_subscriber() -> None:
     queues = [hub.subscribe("alice"), hub.subscribe("alice"), hub.subscribe("bob")]
     hub.wake_all()
     assert [len(_drain(q)) for q in queues] == [1, 1, 1]
+
+
+async def test_a_listener_is_called_with_each_event_and_a_failing_one_harms_no_other() -> None:
+    hub = Hub()
+    got: list[str] = []
+
+    def session(event: lane_pb2.LaneEvent) -> None:
+        got.append(event.result.request_id)
+
+    def broken(event: lane_pb2.LaneEvent) -> None:
+        raise RuntimeError("a bug in one subscriber")
+
+    hub.listen("alice", broken)
+    hub.listen("alice", session)
+    watcher = hub.subscribe("alice")
+    await hub.on_message(_body(_result("alice", "a1", 1), _result("alice", "a2", 2)))
+    assert got == ["a1", "a2"]
+    assert [e.result.request_id for e in _drain(watcher)] == ["a1", "a2"]
+    hub.unlisten("alice", session)
+    hub.unlisten("alice", broken)
+    hub.unsubscribe("alice", watcher)
+    assert not hub.has_subscribers("alice")
+
+
+async def test_a_listener_that_leaves_while_called_does_not_upset_the_fan_out() -> None:
+    hub = Hub()
+    got: list[str] = []
+
+    def last_result(event: lane_pb2.LaneEvent) -> None:
+        got.append(event.result.request_id)
+        hub.unlisten("alice", last_result)  # a Session ending on its last result
+
+    hub.listen("alice", last_result)
+    other = hub.subscribe("alice")
+    await hub.on_message(_body(_result("alice", "a1", 1), _result("alice", "a2", 2)))
+    assert got == ["a1"]
+    assert [e.result.request_id for e in _drain(other)] == ["a1", "a2"]
