@@ -33,6 +33,15 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
         )
 
 
+def fail_quietly(future: asyncio.Future[Any], exc: BaseException) -> None:
+    """Fails `future` with `exc` unless it is done, and marks the exception retrieved: the
+    caller waiting for it may have gone away (a cancelled RPC), and asyncio would log an
+    unretrieved exception when the future is collected."""
+    if not future.done():
+        future.set_exception(exc)
+        future.exception()
+
+
 async def wait_event(event: asyncio.Event, timeout: float) -> bool:
     """Waits until `event` is set or `timeout` seconds have passed; returns whether it is set.
 

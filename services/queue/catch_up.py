@@ -18,7 +18,7 @@ from typing import Any
 
 from fairlane_server.core import dberrors
 from fairlane_server.core.logging import get_logger
-from fairlane_server.core.tasks import cancel_and_wait
+from fairlane_server.core.tasks import cancel_and_wait, fail_quietly
 from fairlane_server.queue.store import RequestStore
 
 log = get_logger(__name__)
@@ -70,7 +70,7 @@ class CatchUpReader:
         self._tasks = []
         stopped = CatchUpStopped("the server is shutting down")
         while self._asks:
-            _fail(self._asks.popleft(), stopped)
+            fail_quietly(self._asks.popleft().future, stopped)
 
     async def finished(self, user: uuid.UUID, ids: list[uuid.UUID]) -> list[Any]:
         """Those of the user's requests `ids` that have finished, in lane order. A caller
@@ -96,13 +96,13 @@ class CatchUpReader:
                 await self._answer(batch)
             except asyncio.CancelledError:
                 for ask in batch:
-                    _fail(ask, CatchUpStopped("the server is shutting down"))
+                    fail_quietly(ask.future, CatchUpStopped("the server is shutting down"))
                 raise
             except Exception as exc:
                 # A bug, not the database's answer: these asks fail, the reader goes on.
                 log.exception("catch_up_read_failed", size=len(batch))
                 for ask in batch:
-                    _fail(ask, exc)
+                    fail_quietly(ask.future, exc)
 
     def _take(self) -> list[_Ask]:
         batch: list[_Ask] = []
@@ -121,7 +121,7 @@ class CatchUpReader:
         except Exception as exc:
             if dberrors.is_transient(exc) or len(batch) == 1:
                 for ask in batch:
-                    _fail(ask, exc)
+                    fail_quietly(ask.future, exc)
                 return
             # Not the database being away: one ask may be what it refuses. Each is read
             # on its own, so that it fails alone.
@@ -137,9 +137,3 @@ class CatchUpReader:
             mine = [r for i in ask.ids if (r := by_id.get(i)) is not None and r.user_id == ask.user]
             mine.sort(key=lambda r: r.lane_seq)
             ask.future.set_result(mine)
-
-
-def _fail(ask: _Ask, exc: BaseException) -> None:
-    if not ask.future.done():
-        ask.future.set_exception(exc)
-        ask.future.exception()  # retrieved: the Session may be gone already

@@ -20,6 +20,7 @@ from fairlane.common.v1 import common_pb2, lane_pb2
 from fairlane.queue.v1 import queue_pb2
 from fairlane_server.core import dberrors, status, tracing
 from fairlane_server.core.broker import Broker, BrokerError, lane_queue
+from fairlane_server.core.tasks import fail_quietly
 from fairlane_server.core.tokens import Principal
 from fairlane_server.queue.admission import Admission
 from fairlane_server.queue.catalog import HandlerCatalog
@@ -130,8 +131,7 @@ class QueueDomain:
         try:
             self._admission.check(principal.user_id, self._intake.pending)
         except Rejection as rejection:
-            sub.future.set_exception(rejection)
-            sub.future.exception()  # retrieved: the caller may be gone already
+            fail_quietly(sub.future, rejection)
             return request_id, sub.future
         return request_id, self._intake.submit(sub)
 

@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from fairlane_server.core import batching, dberrors, metrics, tracing
 from fairlane_server.core.breaker import CircuitBreaker, CircuitOpen
 from fairlane_server.core.logging import get_logger
-from fairlane_server.core.tasks import cancel_and_wait
+from fairlane_server.core.tasks import cancel_and_wait, fail_quietly
 from fairlane_server.queue.relay import LaneRelay
 from fairlane_server.queue.store import CommitUnknown, NewRequest, OutboxItem, RequestStore
 
@@ -65,10 +65,7 @@ def _resolve(sub: Submission, admitted: Admitted) -> None:
 
 
 def _reject(sub: Submission, rejection: Rejection) -> None:
-    if not sub.future.done():
-        sub.future.set_exception(rejection)
-        # Nobody may be waiting any more (the caller left): mark it retrieved.
-        sub.future.exception()
+    fail_quietly(sub.future, rejection)
     metrics.REJECTIONS.labels(rejection.reason).inc()
 
 
