@@ -20,6 +20,9 @@ from fairlane_server.worker.registry import Handler
 
 log = get_logger(__name__)
 
+# What an outcome becomes when the client cancelled its request while the handler ran.
+CANCELLED_BY_CLIENT = "cancelled by the client"
+
 
 @dataclass(slots=True)
 class Attempt:
@@ -114,14 +117,8 @@ class WorkerStore:
 
         Lane rows are locked first in user-id order, the order the queue's intake locks
         them in, so the two services never deadlock on them."""
-        users = sorted(counts)
-        if self._dialect == "postgresql":
-            rows = await conn.execute(
-                _PG_ASSIGN_SEQS, {"users": users, "counts": [counts[u] for u in users]}
-            )
-            return {r.user_id: r.last_seq for r in rows}
         last: dict[uuid.UUID, int] = {}
-        for user in users:
+        for user in sorted(counts):
             row = await conn.execute(
                 lanes.update()
                 .values(last_seq=lanes.c.last_seq + counts[user])
@@ -134,11 +131,8 @@ class WorkerStore:
         return last
 
     async def _lock_requests(self, conn: Any, ids: list[uuid.UUID]) -> Any:
-        """Locks the requests' rows (in id order, as before partitioning) and returns
-        (id, status, lane_seq) of those in the log."""
-        if self._dialect == "postgresql":
-            ordered = sorted(set(ids))
-            return await conn.execute(_PG_LOCK_REQUESTS, {"ids": ordered, **_id_range(ordered)})
+        """Returns (id, status, lane_seq) of the requests in the log. SQLite: the write
+        transaction's lock (BEGIN IMMEDIATE) already keeps everyone else out."""
         return await conn.execute(
             sa.select(requests.c.id, requests.c.status, requests.c.lane_seq)
             .where(requests.c.id.in_(ids))
@@ -186,12 +180,15 @@ class WorkerStore:
         running: Sequence[tuple[uuid.UUID, int, datetime]] = (),
     ) -> list[Outcome]:
         """Marks `running` requests RUNNING, then writes the outcomes and gives each its
-        lane_seq, in one transaction. Returns the outcomes written: one whose request is
+        lane_seq, the outcomes all or none (one statement on PostgreSQL; one transaction,
+        the marks included, on SQLite). Returns the outcomes written: one whose request is
         not in the log or already finished (it finished before, or earlier in this very
         batch) is left out.
 
         Outcomes of one lane must come in lane order; they are numbered in that order.
         """
+        if self._dialect == "postgresql":
+            return await self._finish_in_one_statement(outcomes, running)
         async with write_transaction(self._engine) as conn:
             if running:
                 await self._mark_running(conn, running)
@@ -213,7 +210,7 @@ class WorkerStore:
                     continue
                 taken.add(o.request_id)
                 if current[0] == status.CANCELLED and o.status != status.CANCELLED:
-                    o.status, o.output, o.error = status.CANCELLED, b"", "cancelled by the client"
+                    o.status, o.output, o.error = status.CANCELLED, b"", CANCELLED_BY_CLIENT
                 kept.append(o)
             if not kept:
                 return []
@@ -238,6 +235,77 @@ class WorkerStore:
                 next_seq[o.user_id] += 1
             await self._write_outcomes(conn, outcomes, counts)
         return outcomes
+
+    async def _finish_in_one_statement(
+        self, outcomes: Sequence[Outcome], running: Sequence[tuple[uuid.UUID, int, datetime]]
+    ) -> list[Outcome]:
+        """PostgreSQL: the locks, the checks, the numbering and the writes in one statement,
+        outside an explicit transaction (the statement is its own). As BEGIN, four
+        statements and COMMIT it took six round trips, each waiting for a turn of a busy
+        event loop while the batch's lane rows stayed locked against the intake: 4.6 ms a
+        batch for one request on an idle suite, 48 ms for 71 at 1,000 lanes."""
+        async with self._engine.connect() as plain:
+            conn = await plain.execution_options(isolation_level="AUTOCOMMIT")
+            if running:
+                # Their own statement: a mark only ever moves a request to RUNNING, so it
+                # needs nothing of the outcomes' statement (the writer keeps a batch's
+                # marks and outcomes to different requests).
+                await self._mark_running(conn, running)
+            if not outcomes:
+                return []
+            rows = (await conn.execute(_PG_FINISH, self._finish_params(outcomes))).all()
+        written: list[Outcome] = []
+        for k, seq, cancelled in sorted(rows, key=lambda row: int(row[0])):
+            o = outcomes[k]
+            if seq is None:
+                # The lane's row is gone (its user was deleted): nothing to number it by,
+                # and nobody to send it to. Left out; the others are written.
+                log.warning("outcome_without_lane", request_id=str(o.request_id))
+                continue
+            if cancelled:
+                o.status, o.output, o.error = status.CANCELLED, b"", CANCELLED_BY_CLIENT
+            o.lane_seq = seq
+            written.append(o)
+        return written
+
+    def _finish_params(self, outcomes: Sequence[Outcome]) -> dict[str, Any]:
+        ks = list(range(len(outcomes)))
+        ids = [o.request_id for o in outcomes]
+        # (outcome index, at, status, attempt, detail, final): every attempt, then the end.
+        events = [
+            (k, a.started_at, status.RUNNING, a.number, clean_text(a.error), False)
+            for k, o in enumerate(outcomes)
+            for a in o.attempts
+        ]
+        events += [
+            (k, o.finished_at, o.status, o.attempt_count, clean_text(o.error), True)
+            for k, o in enumerate(outcomes)
+        ]
+        users = {o.user_id for o in outcomes}
+        return {
+            "ks": ks,
+            "ids": ids,
+            "lock_ids": sorted(set(ids)),
+            **_id_range(ids),
+            "users": [o.user_id for o in outcomes],
+            "statuses": [o.status for o in outcomes],
+            "outputs": [o.output or None for o in outcomes],
+            "errors": [clean_text(o.error) or None for o in outcomes],
+            "attempts": [o.attempt_count for o in outcomes],
+            "started": [o.attempts[-1].started_at if o.attempts else None for o in outcomes],
+            "finished": [o.finished_at for o in outcomes],
+            "e_ks": [e[0] for e in events],
+            "e_ats": [e[1] for e in events],
+            "e_statuses": [e[2] for e in events],
+            "e_attempts": [e[3] for e in events],
+            "e_details": [e[4] for e in events],
+            "e_final": [e[5] for e in events],
+            # Watchers on any replica learn at commit that these users have results (a
+            # user none of whose outcomes is written costs a watcher one read).
+            "channel": self._notify_channel,
+            "notes": notify_statements([str(u) for u in users]) if self._notify_channel else [],
+            "cancelled_detail": CANCELLED_BY_CLIENT,
+        }
 
     async def _write_outcomes(
         self, conn: Any, outcomes: list[Outcome], counts: dict[uuid.UUID, int]
@@ -264,32 +332,6 @@ class WorkerStore:
             (o.request_id, o.finished_at, o.status, o.attempt_count, clean_text(o.error))
             for o in outcomes
         ]
-        if self._dialect == "postgresql":
-            await conn.execute(
-                _PG_WRITE_OUTCOMES,
-                {
-                    "ids": [r["b_id"] for r in rows],
-                    **_id_range([o.request_id for o in outcomes]),
-                    "statuses": [r["b_status"] for r in rows],
-                    "outputs": [r["b_output"] for r in rows],
-                    "errors": [r["b_error"] for r in rows],
-                    "attempts": [r["b_attempts"] for r in rows],
-                    "started": [r["b_started"] for r in rows],
-                    "finished": [r["b_finished"] for r in rows],
-                    "seqs": [r["b_seq"] for r in rows],
-                    "e_ids": [e[0] for e in events],
-                    "e_ats": [e[1] for e in events],
-                    "e_statuses": [e[2] for e in events],
-                    "e_attempts": [e[3] for e in events],
-                    "e_details": [e[4] for e in events],
-                    # Watchers on any replica learn at commit that these users have results.
-                    "channel": self._notify_channel,
-                    "notes": (
-                        notify_statements([str(u) for u in counts]) if self._notify_channel else []
-                    ),
-                },
-            )
-            return
         await conn.execute(
             requests.update()
             .where(requests.c.id == sa.bindparam("b_id"))
@@ -319,25 +361,6 @@ def clean_text(text: str) -> str:
     return text.replace("\x00", "\\x00") if "\x00" in text else text
 
 
-# The lane rows are locked in user-id order by the sub-select (the order the queue's intake
-# locks them in, so the two never deadlock), then numbered: one round trip.
-_PG_ASSIGN_SEQS = sa.text(
-    """
-    UPDATE lanes SET last_seq = lanes.last_seq + v.n
-    FROM (
-      SELECT l.user_id, w.n
-      FROM lanes AS l
-      JOIN unnest(CAST(:users AS uuid[]), CAST(:counts AS bigint[])) AS w(u, n)
-        ON l.user_id = w.u
-      ORDER BY l.user_id
-      FOR UPDATE OF l
-    ) AS v
-    WHERE lanes.user_id = v.user_id
-    RETURNING lanes.user_id, lanes.last_seq
-    """
-)
-
-
 def _id_range(ids: Sequence[uuid.UUID]) -> dict[str, uuid.UUID]:
     """Bounds of a batch's ids for the statements below. On PostgreSQL the log is split into
     day partitions of the ids (migration 0005); a range on the key lets the planner (or the
@@ -348,15 +371,6 @@ def _id_range(ids: Sequence[uuid.UUID]) -> dict[str, uuid.UUID]:
 
 
 # The statements on `requests` carry `id BETWEEN :lo AND :hi`; see _id_range.
-_PG_LOCK_REQUESTS = sa.text(
-    """
-    SELECT r.id, r.status, r.lane_seq
-    FROM unnest(CAST(:ids AS uuid[])) AS v(i) JOIN requests AS r ON r.id = v.i
-    WHERE r.id BETWEEN CAST(:lo AS uuid) AND CAST(:hi AS uuid)
-    FOR UPDATE OF r
-    """
-)
-
 _PG_MARK_RUNNING = sa.text(
     """
     UPDATE requests SET status = 'RUNNING', attempts = v.a, started_at = v.t
@@ -367,27 +381,84 @@ _PG_MARK_RUNNING = sa.text(
     """
 )
 
-# One statement for the outcomes, their events and the change notification: one round
-# trip per batch. A plain SELECT in a WITH runs only if referenced, hence the `nt` check in
-# the WHERE clause (an uncorrelated sub-select: evaluated once).
-_PG_WRITE_OUTCOMES = sa.text(
+# A batch's outcomes in one statement (one round trip), in this order:
+# - `cur` locks the requests' rows in id order (as before partitioning) and leaves out those
+#   not in the log or finished already (EvalPlanQual re-checks `lane_seq IS NULL` on the
+#   newest row after waiting for a lock, so a writer that finished one meanwhile wins);
+# - `kept`: of a request twice in the batch (a redelivery ran it again), the first outcome;
+# - `ln` numbers each lane's outcomes in batch order, its rows locked in user-id order (the
+#   order the queue's intake locks them in, so the two never deadlock); an outcome whose
+#   lane row is gone (its user was deleted) drops out here, and comes back with a NULL seq;
+# - `fin`: an outcome whose request the client cancelled while it ran becomes CANCELLED
+#   (the cancel's answer is the truth);
+# - the events, the change notification and the request rows.
+# A plain SELECT in a WITH runs only if referenced, hence the `nt` check in the WHERE clause
+# (an uncorrelated sub-select: evaluated once).
+_PG_FINISH = sa.text(
     """
-    WITH ev AS (
+    WITH o AS (
+      SELECT * FROM unnest(CAST(:ks AS int[]), CAST(:ids AS uuid[]), CAST(:users AS uuid[]))
+             AS o(k, i, u)
+    ), cur AS (
+      SELECT r.id, r.status
+      FROM unnest(CAST(:lock_ids AS uuid[])) AS v(i) JOIN requests AS r ON r.id = v.i
+      WHERE r.id BETWEEN CAST(:lo AS uuid) AND CAST(:hi AS uuid) AND r.lane_seq IS NULL
+      ORDER BY r.id
+      FOR UPDATE OF r
+    ), kept AS (
+      SELECT DISTINCT ON (o.i) o.k, o.i, o.u, cur.status AS was
+      FROM o JOIN cur ON cur.id = o.i
+      ORDER BY o.i, o.k
+    ), numbered AS (
+      SELECT k, i, u, was, row_number() OVER (PARTITION BY u ORDER BY k) AS rn
+      FROM kept
+    ), ln AS (
+      UPDATE lanes SET last_seq = lanes.last_seq + v.n
+      FROM (
+        SELECT l.user_id, c.n
+        FROM lanes AS l
+        JOIN (SELECT u, count(*) AS n FROM kept GROUP BY u) AS c ON l.user_id = c.u
+        ORDER BY l.user_id
+        FOR UPDATE OF l
+      ) AS v
+      WHERE lanes.user_id = v.user_id
+      RETURNING lanes.user_id, lanes.last_seq - v.n AS base
+    ), fin AS (
+      SELECT nb.k, nb.i, ln.base + nb.rn AS seq, (nb.was = 'CANCELLED' AND x.s <> 'CANCELLED')
+             AS cancelled, x.s, x.o, x.e, x.a, x.st, x.f
+      FROM numbered AS nb
+      JOIN ln ON ln.user_id = nb.u
+      JOIN unnest(CAST(:ks AS int[]), CAST(:statuses AS text[]), CAST(:outputs AS bytea[]),
+                  CAST(:errors AS text[]), CAST(:attempts AS int[]),
+                  CAST(:started AS timestamptz[]), CAST(:finished AS timestamptz[]))
+           AS x(k, s, o, e, a, st, f) ON x.k = nb.k
+    ), ev AS (
       INSERT INTO request_events (request_id, at, status, attempt, detail)
-      SELECT * FROM unnest(CAST(:e_ids AS uuid[]), CAST(:e_ats AS timestamptz[]),
-                           CAST(:e_statuses AS text[]), CAST(:e_attempts AS int[]),
-                           CAST(:e_details AS text[]))
+      SELECT fin.i, e.at,
+             CASE WHEN e.final AND fin.cancelled THEN 'CANCELLED' ELSE e.s END,
+             e.a,
+             CASE WHEN e.final AND fin.cancelled THEN CAST(:cancelled_detail AS text)
+                  ELSE e.d END
+      FROM unnest(CAST(:e_ks AS int[]), CAST(:e_ats AS timestamptz[]),
+                  CAST(:e_statuses AS text[]), CAST(:e_attempts AS int[]),
+                  CAST(:e_details AS text[]), CAST(:e_final AS boolean[]))
+           AS e(k, at, s, a, d, final)
+      JOIN fin ON fin.k = e.k
     ), nt AS (
       SELECT pg_notify(CAST(:channel AS text), p) FROM unnest(CAST(:notes AS text[])) AS p
+    ), up AS (
+      UPDATE requests
+      SET status = CASE WHEN fin.cancelled THEN 'CANCELLED' ELSE fin.s END,
+          output = CASE WHEN fin.cancelled THEN NULL ELSE fin.o END,
+          error = CASE WHEN fin.cancelled THEN CAST(:cancelled_detail AS text) ELSE fin.e END,
+          attempts = fin.a, started_at = fin.st, finished_at = fin.f, lane_seq = fin.seq
+      FROM fin
+      WHERE requests.id = fin.i AND (SELECT count(*) FROM nt) >= 0
+        AND requests.id BETWEEN CAST(:lo AS uuid) AND CAST(:hi AS uuid)
+      RETURNING fin.k, fin.seq, fin.cancelled
     )
-    UPDATE requests
-    SET status = v.s, output = v.o, error = v.e, attempts = v.a, started_at = v.st,
-        finished_at = v.f, lane_seq = v.q
-    FROM unnest(CAST(:ids AS uuid[]), CAST(:statuses AS text[]), CAST(:outputs AS bytea[]),
-                CAST(:errors AS text[]), CAST(:attempts AS int[]),
-                CAST(:started AS timestamptz[]), CAST(:finished AS timestamptz[]),
-                CAST(:seqs AS bigint[])) AS v(i, s, o, e, a, st, f, q)
-    WHERE requests.id = v.i AND (SELECT count(*) FROM nt) >= 0
-      AND requests.id BETWEEN CAST(:lo AS uuid) AND CAST(:hi AS uuid)
+    SELECT k, seq, cancelled FROM up
+    UNION ALL
+    SELECT k, NULL, NULL FROM kept WHERE NOT EXISTS (SELECT 1 FROM ln WHERE ln.user_id = kept.u)
     """
 )
