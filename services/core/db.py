@@ -76,7 +76,7 @@ def create_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        pool_pre_ping=False,
         pool_recycle=1800,
         pool_timeout=timeout,
         connect_args=connect_args,
