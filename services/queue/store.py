@@ -111,38 +111,81 @@ _PG_LOCK_LANES = sa.text(
     """
 )
 
-# One statement (one round trip, one plan) for the whole batch, whatever its size.
+# A whole batch in one statement, whatever its size, in this order:
+# - `fresh` creates the lanes seen for the first time, their first requests counted;
+# - `held` locks the others in user-id order (the worker locks lane rows in the same order,
+#   so the two never deadlock); EvalPlanQual hands it the newest version of a row it had to
+#   wait for, so another replica's accepts just committed are counted;
+# - `placed` gives each request its lane position, and says whether its lane had room
+#   (`lane_limit` unfinished requests at most: accepted minus finished);
+# - the lanes' counts, and the rows of the requests that fit: request, QUEUED event,
+#   idempotency key, outbox.
+# A lane created by another transaction after this statement began is in neither `fresh`
+# nor `held`: its requests are left out of the answer, for the caller to run again.
+# A key another transaction holds makes the statement fail (the intake then finds the
+# request that holds it); one still uncommitted makes it wait for that outcome.
 _PG_ACCEPT = sa.text(
     """
-    WITH r AS (
+    WITH x AS (
+      SELECT * FROM unnest(CAST(:ks AS int[]), CAST(:users AS uuid[])) AS x(k, u)
+    ), asked AS (
+      SELECT u, count(*) AS n FROM x GROUP BY u
+    ), fresh AS (
+      INSERT INTO lanes (user_id, created_at, last_active_at, last_seq, accepted)
+      SELECT u, :now, :now, 0, LEAST(n, CAST(:lane_limit AS bigint)) FROM asked ORDER BY u
+      ON CONFLICT (user_id) DO NOTHING
+      RETURNING user_id, CAST(0 AS bigint) AS accepted, CAST(0 AS bigint) AS last_seq
+    ), held AS (
+      SELECT l.user_id, l.accepted, l.last_seq
+      FROM lanes AS l
+      WHERE l.user_id IN (SELECT u FROM asked)
+      ORDER BY l.user_id
+      FOR UPDATE
+    ), cur AS (
+      SELECT * FROM fresh UNION ALL SELECT * FROM held
+    ), placed AS (
+      SELECT x.k, x.u, cur.accepted + row_number() OVER w AS pos,
+             row_number() OVER w
+               <= GREATEST(0, CAST(:lane_limit AS bigint) - (cur.accepted - cur.last_seq))
+             AS fits
+      FROM x JOIN cur ON cur.user_id = x.u
+      WINDOW w AS (PARTITION BY x.u ORDER BY x.k)
+    ), kept AS (
+      SELECT k, pos FROM placed WHERE fits
+    ), counted AS (
+      UPDATE lanes SET accepted = lanes.accepted + c.n, last_active_at = :now
+      FROM (
+        SELECT held.user_id, count(kept.k) AS n
+        FROM held LEFT JOIN placed ON placed.u = held.user_id
+                  LEFT JOIN kept ON kept.k = placed.k
+        GROUP BY held.user_id
+      ) AS c
+      WHERE lanes.user_id = c.user_id
+    ), v AS (
+      SELECT y.*, kept.pos
+      FROM unnest(CAST(:ks AS int[]), CAST(:ids AS uuid[]), CAST(:users AS uuid[]),
+                  CAST(:handlers AS text[]), CAST(:payloads AS bytea[]),
+                  CAST(:keys AS text[]), CAST(:refs AS text[]), CAST(:max_attempts AS int[]),
+                  CAST(:enqueued AS timestamptz[]), CAST(:deadlines AS timestamptz[]),
+                  CAST(:traces AS text[]), CAST(:routes AS text[]), CAST(:parents AS text[]))
+           AS y(k, id, uid, h, p, key, c, m, e, d, t, route, parent)
+      JOIN kept ON kept.k = y.k
+    ), r AS (
       INSERT INTO requests (id, user_id, handler, payload, idempotency_key, client_ref,
                             status, attempts, max_attempts, enqueued_at, deadline, trace_id)
-      SELECT id, uid, h, p, k, c, 'QUEUED', 0, m, e, d, t
-      FROM unnest(CAST(:ids AS uuid[]), CAST(:users AS uuid[]), CAST(:handlers AS text[]),
-                  CAST(:payloads AS bytea[]), CAST(:keys AS text[]), CAST(:refs AS text[]),
-                  CAST(:max_attempts AS int[]), CAST(:enqueued AS timestamptz[]),
-                  CAST(:deadlines AS timestamptz[]), CAST(:traces AS text[]))
-           AS x(id, uid, h, p, k, c, m, e, d, t)
+      SELECT id, uid, h, p, key, c, 'QUEUED', 0, m, e, d, t FROM v
       RETURNING id, enqueued_at
     ), ev AS (
       INSERT INTO request_events (request_id, at, status, attempt, detail)
       SELECT id, enqueued_at, 'QUEUED', 0, '' FROM r
     ), ik AS (
-      -- A key another transaction holds makes the statement fail (the intake then finds
-      -- the request that holds it); one still uncommitted makes it wait for that outcome.
       INSERT INTO idempotency_keys (user_id, idempotency_key, request_id)
-      SELECT u, k, i FROM unnest(CAST(:users AS uuid[]), CAST(:keys AS text[]),
-                                 CAST(:ids AS uuid[])) AS y(u, k, i)
-      WHERE k IS NOT NULL
+      SELECT uid, key, id FROM v WHERE key IS NOT NULL
     ), ob AS (
       INSERT INTO outbox (request_id, user_id, lane_pos, reply_route, traceparent, created_at)
-      SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:users AS uuid[]),
-                           CAST(:positions AS bigint[]), CAST(:routes AS text[]),
-                           CAST(:parents AS text[]), CAST(:enqueued AS timestamptz[]))
+      SELECT id, uid, pos, route, parent, e FROM v
     )
-    UPDATE lanes SET accepted = lanes.accepted + v.n
-    FROM unnest(CAST(:lane_users AS uuid[]), CAST(:lane_counts AS bigint[])) AS v(u, n)
-    WHERE lanes.user_id = v.u
+    SELECT k, CASE WHEN fits THEN pos END AS pos FROM placed
     """
 )
 
@@ -222,6 +265,8 @@ class RequestStore:
                 # The log is partitioned by the time in the id (see migration 0005).
                 raise ValueError(f"request id {p.request.id} is not a UUIDv7")
             by_lane.setdefault(p.request.user_id, []).append(p)
+        if self._dialect == "postgresql":
+            return await self._accept_placed(batch, lane_limit, now)
         users = sorted(by_lane)
         async with self._engine.connect() as conn:
             tx = await conn.begin()
@@ -246,13 +291,77 @@ class RequestStore:
                 raise CommitUnknown(exc, kept, refused) from exc
         return kept, refused
 
+    async def _accept_placed(
+        self, batch: Sequence[Pending], lane_limit: int, now: datetime
+    ) -> tuple[list[OutboxItem], list[Pending]]:
+        """PostgreSQL: the lanes' locks, the room and positions, and every row in one
+        statement (_PG_ACCEPT), then COMMIT: three round trips, where locking the lanes
+        first and writing after took four, with the lanes locked over two of them."""
+        placed: dict[int, int | None] = {}
+        async with self._engine.connect() as conn:
+            tx = await conn.begin()
+            placed.update(await self._place(conn, batch, range(len(batch)), lane_limit, now))
+            missing = [k for k in range(len(batch)) if k not in placed]
+            if missing:
+                # Their lanes were created (or deleted) by another transaction after the
+                # statement's snapshot was taken, so it neither saw them nor could create
+                # them. Created or locked here, they are there for the second statement.
+                users = sorted({batch[k].request.user_id for k in missing})
+                await conn.execute(_PG_LOCK_LANES, {"users": users, "now": now})
+                placed.update(await self._place(conn, batch, missing, lane_limit, now))
+                if any(k not in placed for k in missing):
+                    raise RuntimeError("a locked lane was not found by the accept statement")
+            kept = sorted(
+                (_outbox_item(batch[k], pos) for k, pos in placed.items() if pos is not None),
+                key=lambda i: (i.user_id, i.lane_pos),
+            )
+            refused = [batch[k] for k, pos in sorted(placed.items()) if pos is None]
+            try:
+                await tx.commit()
+            except Exception as exc:
+                raise CommitUnknown(exc, kept, refused) from exc
+        return kept, refused
+
+    async def _place(
+        self,
+        conn: Any,
+        batch: Sequence[Pending],
+        ks: Sequence[int],
+        lane_limit: int,
+        now: datetime,
+    ) -> dict[int, int | None]:
+        """Runs _PG_ACCEPT for batch[k] for k in ks: {k: its lane position, or None when
+        its lane had no room}. A k left out had no lane the statement could see."""
+        ks = list(ks)
+        requests_ = [batch[k].request for k in ks]
+        rows = await conn.execute(
+            _PG_ACCEPT,
+            {
+                "ks": ks,
+                "ids": [r.id for r in requests_],
+                "users": [r.user_id for r in requests_],
+                "handlers": [r.handler for r in requests_],
+                "payloads": [r.payload for r in requests_],
+                "keys": [r.idempotency_key for r in requests_],
+                "refs": [r.client_ref for r in requests_],
+                "max_attempts": [r.max_attempts for r in requests_],
+                "enqueued": [r.enqueued_at for r in requests_],
+                "deadlines": [r.deadline for r in requests_],
+                "traces": [r.trace_id for r in requests_],
+                "routes": [batch[k].reply_route for k in ks],
+                "parents": [batch[k].traceparent for k in ks],
+                "lane_limit": lane_limit,
+                "now": now,
+            },
+        )
+        return {int(k): pos for k, pos in rows}
+
     async def _lock_lanes(
         self, conn: Any, users: list[uuid.UUID], now: datetime
     ) -> dict[uuid.UUID, tuple[int, int]]:
-        """Creates missing lanes and locks all of them; (accepted, last_seq) per lane."""
-        if self._dialect == "postgresql":
-            rows = await conn.execute(_PG_LOCK_LANES, {"users": users, "now": now})
-            return {r.user_id: (r.accepted, r.last_seq) for r in rows}
+        """Creates missing lanes; (accepted, last_seq) per lane. SQLite: the transaction's
+        write lock (BEGIN IMMEDIATE is not needed: the first write takes it) keeps the other
+        writers out until commit."""
         out: dict[uuid.UUID, tuple[int, int]] = {}
         for user in users:
             row = (
@@ -279,28 +388,6 @@ class RequestStore:
         added: dict[uuid.UUID, int],
     ) -> None:
         requests_ = [p.request for p in batch if p.request.id in by_id]
-        if self._dialect == "postgresql":
-            await conn.execute(
-                _PG_ACCEPT,
-                {
-                    "ids": [r.id for r in requests_],
-                    "users": [r.user_id for r in requests_],
-                    "handlers": [r.handler for r in requests_],
-                    "payloads": [r.payload for r in requests_],
-                    "keys": [r.idempotency_key for r in requests_],
-                    "refs": [r.client_ref for r in requests_],
-                    "max_attempts": [r.max_attempts for r in requests_],
-                    "enqueued": [r.enqueued_at for r in requests_],
-                    "deadlines": [r.deadline for r in requests_],
-                    "traces": [r.trace_id for r in requests_],
-                    "positions": [by_id[r.id].lane_pos for r in requests_],
-                    "routes": [by_id[r.id].reply_route for r in requests_],
-                    "parents": [by_id[r.id].traceparent for r in requests_],
-                    "lane_users": list(added),
-                    "lane_counts": list(added.values()),
-                },
-            )
-            return
         await conn.execute(
             requests.insert(),
             [

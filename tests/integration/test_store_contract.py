@@ -673,3 +673,57 @@ async def test_a_cancel_committed_between_the_writers_read_and_write_wins_on_sql
             assert await store.cancel_queued(user, r.id) == "SUCCEEDED"
     finally:
         await engine.dispose()
+
+
+async def test_a_lane_another_replica_creates_meanwhile_is_counted_from_its_row(
+    pg_schema: str,
+) -> None:
+    """PostgreSQL accepts a batch in one statement, which creates the lanes it sees for the
+    first time. A lane another transaction creates while the statement waits for it (after
+    the statement's snapshot) is neither created nor seen by it: its requests are placed
+    by a second statement, from the lane's committed row, with the lane limit kept."""
+    engine = create_engine(DATABASE_URL, schema=pg_schema, pool_size=3)
+    try:
+        store = RequestStore(engine)
+        user = await _user(engine)
+        batch = [_request(user) for _ in range(3)]
+        async with engine.connect() as other:
+            # The other replica's transaction: the lane, with 3 accepted and 1 finished.
+            await other.execute(
+                lanes.insert().values(
+                    user_id=user,
+                    created_at=datetime.now(UTC),
+                    last_active_at=datetime.now(UTC),
+                    last_seq=1,
+                    accepted=3,
+                )
+            )
+            accepting = asyncio.create_task(_accept(store, batch, lane_limit=4))
+
+            async def waits_for_the_lane() -> bool:
+                async with engine.connect() as conn:
+                    waiting = await conn.execute(
+                        sa.text(
+                            "SELECT count(*) FROM pg_stat_activity"
+                            " WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO lanes%'"
+                            " AND datname = current_database()"
+                        )
+                    )
+                    return bool(waiting.scalar_one())
+
+            for _ in range(500):
+                if await waits_for_the_lane() or accepting.done():
+                    break
+                await asyncio.sleep(0.01)
+            assert not accepting.done(), "the accept did not wait for the other transaction"
+            await other.commit()
+        kept, refused = await accepting
+        # Room for 4 - (3 - 1) = 2: positions 4 and 5; the third is refused.
+        assert [(i.request_id, i.lane_pos) for i in kept] == [(batch[0].id, 4), (batch[1].id, 5)]
+        assert refused == [batch[2]]
+        async with engine.connect() as conn:
+            lane = (await conn.execute(sa.select(lanes).where(lanes.c.user_id == user))).one()
+        assert (lane.accepted, lane.last_seq) == (5, 1)
+        assert set(await _rows(engine, [r.id for r in batch])) == {batch[0].id, batch[1].id}
+    finally:
+        await engine.dispose()
