@@ -359,9 +359,8 @@ class RequestStore:
     async def _lock_lanes(
         self, conn: Any, users: list[uuid.UUID], now: datetime
     ) -> dict[uuid.UUID, tuple[int, int]]:
-        """Creates missing lanes; (accepted, last_seq) per lane. SQLite: the transaction's
-        write lock (BEGIN IMMEDIATE is not needed: the first write takes it) keeps the other
-        writers out until commit."""
+        """SQLite: creates missing lanes; (accepted, last_seq) per lane. The first upsert
+        takes the database's write lock, which keeps every other writer out until commit."""
         out: dict[uuid.UUID, tuple[int, int]] = {}
         for user in users:
             row = (
