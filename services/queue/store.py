@@ -190,6 +190,14 @@ _PG_ACCEPT = sa.text(
 )
 
 
+async def _commit(tx: Any, kept: list[OutboxItem], refused: list[Any]) -> None:
+    """Commits an accept; a commit that failed in flight may have happened (CommitUnknown)."""
+    try:
+        await tx.commit()
+    except Exception as exc:
+        raise CommitUnknown(exc, kept, refused) from exc
+
+
 _UUID_ARRAY = postgresql.ARRAY(sa.Uuid)
 # SQLite's older builds allow 999 bound parameters per statement.
 _SQLITE_IDS_PER_QUERY = 900
@@ -285,10 +293,7 @@ class RequestStore:
                     added[user] = len(lane[:room])
             if kept:
                 await self._write(conn, kept, {i.request_id: i for i in kept}, batch, added)
-            try:
-                await tx.commit()
-            except Exception as exc:
-                raise CommitUnknown(exc, kept, refused) from exc
+            await _commit(tx, kept, refused)
         return kept, refused
 
     async def _accept_placed(
@@ -316,10 +321,7 @@ class RequestStore:
                 key=lambda i: (i.user_id, i.lane_pos),
             )
             refused = [batch[k] for k, pos in sorted(placed.items()) if pos is None]
-            try:
-                await tx.commit()
-            except Exception as exc:
-                raise CommitUnknown(exc, kept, refused) from exc
+            await _commit(tx, kept, refused)
         return kept, refused
 
     async def _place(

@@ -113,10 +113,8 @@ class WorkerStore:
             return {r.id: StoredState(*r[1:]) for r in rows}
 
     async def _assign_seqs(self, conn: Any, counts: dict[uuid.UUID, int]) -> dict[uuid.UUID, int]:
-        """Reserves `n` consecutive lane_seq values per lane; returns each lane's last one.
-
-        Lane rows are locked first in user-id order, the order the queue's intake locks
-        them in, so the two services never deadlock on them."""
+        """SQLite: reserves `n` consecutive lane_seq values per lane; returns each lane's
+        last one (a lane whose row is gone has none)."""
         last: dict[uuid.UUID, int] = {}
         for user in sorted(counts):
             row = await conn.execute(
@@ -272,15 +270,7 @@ class WorkerStore:
         ks = list(range(len(outcomes)))
         ids = [o.request_id for o in outcomes]
         # (outcome index, at, status, attempt, detail, final): every attempt, then the end.
-        events = [
-            (k, a.started_at, status.RUNNING, a.number, clean_text(a.error), False)
-            for k, o in enumerate(outcomes)
-            for a in o.attempts
-        ]
-        events += [
-            (k, o.finished_at, o.status, o.attempt_count, clean_text(o.error), True)
-            for k, o in enumerate(outcomes)
-        ]
+        events = _events(outcomes)
         users = {o.user_id for o in outcomes}
         return {
             "ks": ks,
@@ -323,15 +313,7 @@ class WorkerStore:
             }
             for o in outcomes
         ]
-        events = [
-            (o.request_id, a.started_at, status.RUNNING, a.number, clean_text(a.error))
-            for o in outcomes
-            for a in o.attempts
-        ]
-        events += [
-            (o.request_id, o.finished_at, o.status, o.attempt_count, clean_text(o.error))
-            for o in outcomes
-        ]
+        events = [(outcomes[k].request_id, *rest) for k, *rest, _final in _events(outcomes)]
         await conn.execute(
             requests.update()
             .where(requests.c.id == sa.bindparam("b_id"))
@@ -353,6 +335,21 @@ class WorkerStore:
                 for e in events
             ],
         )
+
+
+def _events(outcomes: Sequence[Outcome]) -> list[tuple[int, datetime, str, int, str, bool]]:
+    """(outcome index, at, status, attempt, detail, final) of each outcome's log events:
+    every attempt's start, then its end."""
+    events = [
+        (k, a.started_at, status.RUNNING, a.number, clean_text(a.error), False)
+        for k, o in enumerate(outcomes)
+        for a in o.attempts
+    ]
+    events += [
+        (k, o.finished_at, o.status, o.attempt_count, clean_text(o.error), True)
+        for k, o in enumerate(outcomes)
+    ]
+    return events
 
 
 def clean_text(text: str) -> str:
