@@ -141,17 +141,31 @@ class RabbitCluster:
     async def actl(self, *args: str, node: Node | None = None, timeout: float = 60) -> str:
         return await asyncio.to_thread(self.ctl, *args, node=node, timeout=timeout)
 
-    async def _await_node(self, node: Node, timeout: float = 90) -> None:
+    async def _await_node(self, node: Node, timeout: float = 240) -> None:
+        # A node killed with -9 replays its quorum logs and syncs its tables with the others
+        # before it is up: seconds here, but past 90 s once on a CI host that ran three times
+        # slower. rabbitmqctl waits itself (--timeout) so that one call covers a slow boot.
         deadline = time.monotonic() + timeout
         while True:
             if node.proc is not None and node.proc.poll() is not None:
                 raise RuntimeError(f"{node.name} exited:\n{self.node_log(node)}")
+            left = deadline - time.monotonic()
             try:
-                await self.actl("await_startup", node=node, timeout=30)
+                await self.actl(
+                    "await_startup",
+                    "--timeout",
+                    str(max(int(left), 1)),
+                    node=node,
+                    timeout=left + 15,
+                )
                 return
-            except (RuntimeError, subprocess.TimeoutExpired):
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                # Before the VM listens, rabbitmqctl fails at once: try again until the deadline.
                 if time.monotonic() > deadline:
-                    raise
+                    raise RuntimeError(
+                        f"{node.name} not started after {timeout:.0f} s ({e}):\n"
+                        f"{self.node_log(node)}"
+                    ) from e
                 await asyncio.sleep(0.5)
 
     async def start(self) -> None:

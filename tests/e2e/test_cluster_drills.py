@@ -311,7 +311,9 @@ async def leader_kill(d: Drill, run: BenchRun) -> None:
     await wait_until(moved, 60)
     d.notes["leaders_moved_s"] = round(time.monotonic() - killed_at, 1)
     await asyncio.sleep(3)  # traffic on the two remaining nodes for a while
+    restarted_at = time.monotonic()
     await d.cluster.restart(victim)
+    d.notes["restart_s"] = round(time.monotonic() - restarted_at, 1)
 
 
 async def node_behind_queue(d: Drill, run: BenchRun) -> None:
