@@ -61,7 +61,7 @@ services:
 	scripts/ensure_services.sh
 
 pytest: tools services
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 # The TypeScript unit tests; its end-to-end tests run in pytest (tests/e2e), on real services.
 tstest: install
