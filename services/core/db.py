@@ -7,14 +7,15 @@ import contextlib
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -84,6 +85,8 @@ def create_engine(
 
 
 def _alembic_config(connection: Connection) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["connection"] = connection
@@ -92,6 +95,10 @@ def _alembic_config(connection: Connection) -> Config:
 
 async def migrate(url: str, *, schema: str = "", revision: str = "head") -> None:
     """Bring the database to `revision` (Alembic), creating the schema first if needed."""
+    # Imported here: only `migrate` and `dev` need Alembic, and importing it costs every
+    # service process about a quarter of a second at start.
+    from alembic import command
+
     engine = create_engine(url, schema=schema, pool_size=1)
     try:
         if schema and not is_sqlite(url):

@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fairlane.client.channels import CHANNEL_OPTIONS
 from tests.certs import Authority, Issued
 from tests.ports import free_port
 
@@ -139,8 +140,8 @@ class Suite:
         """A test client's channel to `target`: TLS with the client certificate when the
         suite runs on TLS."""
         if self.tls is None:
-            return grpc.aio.insecure_channel(target)
-        return grpc.aio.secure_channel(target, self.tls.credentials())
+            return grpc.aio.insecure_channel(target, CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(target, self.tls.credentials(), CHANNEL_OPTIONS)
 
     def start_worker(self, name: str, **env: str) -> str:
         """Another worker replica on its own port; returns its target."""

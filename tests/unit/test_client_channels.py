@@ -90,6 +90,8 @@ def test_options_override_the_defaults_and_credentials_make_it_secure(
     assert options["grpc.keepalive_time_ms"] == 5_000  # overridden
     assert options["grpc.primary_user_agent"] == "test"  # added
     assert options["grpc.max_receive_message_length"] == 8 * 1024 * 1024  # default kept
+    # A server back after an outage is dialed again within seconds, not gRPC's 120 s.
+    assert options["grpc.max_reconnect_backoff_ms"] == 5_000
 
 
 def test_grpc_target_accepts_one_address_a_uri_or_a_list_of_ips() -> None:

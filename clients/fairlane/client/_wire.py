@@ -22,6 +22,13 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # Reconnect soon after a server comes back. gRPC's defaults (1 s, growing 1.6 times
+    # per failed attempt up to 120 s) leave a client, or a service dialing auth while both
+    # start, waiting long after the server is up: a suite starting took 5 s where its
+    # servers were ready in 3. Up to 5 s between attempts (gRPC adds 20 % jitter), a
+    # refused connect to a down server costs it little.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
     # With several addresses behind a target (a list, or DNS with many records), spread
     # calls over all of them instead of gRPC's default of sticking to the first.
     ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
