@@ -38,6 +38,19 @@ async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnectio
             yield conn
 
 
+@contextlib.asynccontextmanager
+async def one_statement(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection for work that is one statement, which on PostgreSQL is its own
+    transaction (autocommit): one round trip where SQLAlchemy's implicit transaction
+    costs three (BEGIN, the statement, COMMIT or ROLLBACK), each waiting for a turn of a
+    busy event loop. SQLite gets a plain connection: its BEGIN is ours (create_engine)."""
+    async with engine.connect() as plain:
+        if engine.dialect.name == "postgresql":
+            yield await plain.execution_options(isolation_level="AUTOCOMMIT")
+        else:
+            yield plain
+
+
 def create_engine(
     url: str, *, schema: str = "", pool_size: int = 10, timeout: float = 10.0
 ) -> AsyncEngine:

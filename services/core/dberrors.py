@@ -61,6 +61,23 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, sa_exc.DisconnectionError)
 
 
+def answer_lost(error: BaseException) -> bool:
+    """True when a statement that was sent may have been carried out although it failed:
+    the connection broke (class 08, which asyncpg also gives its own "connection was
+    closed in the middle of operation") or the wait for the answer timed out. Any other
+    error the server sent back means the statement did nothing; so does one raised
+    before sending (a value the driver cannot encode, which is not transient)."""
+    if not is_transient(error):
+        return False
+    cause = getattr(getattr(error, "orig", None), "__cause__", None)
+    if type(cause).__name__ == "InterfaceError":
+        # asyncpg refused before sending: a connection it already knew closed (a pooled
+        # one the database dropped while idle), or one busy with another operation.
+        return False
+    state = sqlstate(error)
+    return state is None or state[:2] == "08"
+
+
 def is_database_error(error: BaseException) -> bool:
     """Errors a request-log call can raise, transient or not (anything else is a bug)."""
     return isinstance(error, sa_exc.SQLAlchemyError | OSError | TimeoutError | CircuitOpen)

@@ -332,16 +332,31 @@ class Intake:
                     log.warning("intake_commit_still_unknown", error=str(err)[:200])
                 await asyncio.sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, 2.0)
-        if found:
-            self._accepted(subs, exc.kept, exc.refused)
-            return
-        rejection = Rejection(
+        nothing = Rejection(
             "database_unavailable",
             "the request log is unavailable; nothing was stored",
             self._retry_after_ms,
         )
-        for sub in subs:
-            _reject(sub, rejection)
+        if exc.unplaced is None:
+            # A transaction: all of it was committed, or none.
+            if found:
+                self._accepted(subs, exc.kept, exc.refused)
+            else:
+                for sub in subs:
+                    _reject(sub, nothing)
+            return
+        # Statements of their own: what came back is certain, and each of the rest was
+        # stored or not. A stored one waits in the outbox, not handed over (its position
+        # is not known here): the relay reads its lane's outbox for it.
+        self._accepted(subs, exc.kept, exc.refused)
+        stored = [p for p in exc.unplaced if p.request.id in found]
+        self._relay.look([p.request.user_id for p in stored])
+        for sub in exc.unplaced:
+            if sub.request.id in found:
+                _resolve(sub, Admitted(sub.request.id, duplicate=False))
+            else:
+                _reject(sub, nothing)
+        metrics.ACCEPTED.inc(len(stored))
 
     async def _refuse_one(self, sub: Submission, exc: BaseException) -> None:
         """One request the database refuses on its own."""

@@ -159,6 +159,16 @@ class LaneRelay:
         in the outbox, where the sweep finds them."""
         self._expected.difference_update(request_ids)
 
+    def look(self, user_ids: list[uuid.UUID]) -> None:
+        """These lanes have rows in the outbox that were not handed over (a commit whose
+        answer was lost): read them at the next round, as the sweep would later."""
+        for user in user_ids:
+            lane = self._lane(user)
+            lane.needs_reading = True
+            self._settle(lane)
+        if user_ids:
+            self._wake.set()
+
     def wanted(self, user_ids: list[str]) -> None:
         """Other replicas could not take these lanes' locks (they have requests of them to
         publish): the ones held here are let go once what this replica has of them is

@@ -12,8 +12,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from fairlane_server.core import status
-from fairlane_server.core.db import upsert
+from fairlane_server.core import dberrors, status
+from fairlane_server.core.db import one_statement, upsert
 from fairlane_server.core.models import (
     handlers,
     idempotency_keys,
@@ -90,14 +90,26 @@ def _outbox_item(p: Pending, lane_pos: int) -> OutboxItem:
 
 
 class CommitUnknown(Exception):
-    """The commit failed in flight: the transaction may or may not have been committed.
-    Carries what the transaction would have accepted and refused, for when it was."""
+    """A write's answer was lost in flight: it may or may not have been committed.
 
-    def __init__(self, cause: BaseException, kept: list[OutboxItem], refused: list[Any]) -> None:
+    `unplaced` is None after a transaction's COMMIT failed: `kept` and `refused` are what
+    it accepted and refused, if it committed. Otherwise a statement that is its own
+    transaction lost its answer: `kept` and `refused` are certain (earlier statements of
+    the same accept, committed), and each of `unplaced` is in the log or not; one that is
+    was accepted, and its outbox row waits for a relay."""
+
+    def __init__(
+        self,
+        cause: BaseException,
+        kept: list[OutboxItem],
+        refused: list[Any],
+        unplaced: list[Any] | None = None,
+    ) -> None:
         super().__init__(str(cause))
         self.cause = cause
         self.kept = kept
         self.refused = refused
+        self.unplaced = unplaced
 
 
 # Lanes are created if missing and locked in user-id order (ORDER BY feeds the upsert in
@@ -190,6 +202,18 @@ _PG_ACCEPT = sa.text(
 )
 
 
+def _outcome(
+    batch: Sequence[Pending], placed: dict[int, int | None]
+) -> tuple[list[OutboxItem], list[Pending]]:
+    """(accepted items in lane order, refused requests) from each placed k's position,
+    or None for no room."""
+    kept = sorted(
+        (_outbox_item(batch[k], pos) for k, pos in placed.items() if pos is not None),
+        key=lambda i: (i.user_id, i.lane_pos),
+    )
+    return kept, [batch[k] for k, pos in sorted(placed.items()) if pos is None]
+
+
 async def _commit(tx: Any, kept: list[OutboxItem], refused: list[Any]) -> None:
     """Commits an accept; a commit that failed in flight may have happened (CommitUnknown)."""
     try:
@@ -246,7 +270,7 @@ class RequestStore:
     ) -> dict[tuple[uuid.UUID, str], uuid.UUID]:
         if not keys:
             return {}
-        async with self._engine.connect() as conn:
+        async with one_statement(self._engine) as conn:
             k = idempotency_keys.c
             rows = await conn.execute(
                 sa.select(k.user_id, k.idempotency_key, k.request_id).where(
@@ -300,29 +324,49 @@ class RequestStore:
         self, batch: Sequence[Pending], lane_limit: int, now: datetime
     ) -> tuple[list[OutboxItem], list[Pending]]:
         """PostgreSQL: the lanes' locks, the room and positions, and every row in one
-        statement (_PG_ACCEPT), then COMMIT: three round trips, where locking the lanes
-        first and writing after took four, with the lanes locked over two of them."""
+        statement (_PG_ACCEPT) that is its own transaction: one round trip, the lanes
+        locked only while it runs. (Inside BEGIN and COMMIT it took three, the lanes
+        locked until COMMIT arrived.)"""
         placed: dict[int, int | None] = {}
-        async with self._engine.connect() as conn:
-            tx = await conn.begin()
-            placed.update(await self._place(conn, batch, range(len(batch)), lane_limit, now))
-            missing = [k for k in range(len(batch)) if k not in placed]
+        ks = range(len(batch))
+        async with one_statement(self._engine) as conn:
+            try:
+                placed.update(await self._place(conn, batch, ks, lane_limit, now))
+            except Exception as exc:
+                if dberrors.answer_lost(exc):
+                    raise CommitUnknown(exc, [], [], list(batch)) from exc
+                raise  # the server said no: nothing was written
+            missing = [k for k in ks if k not in placed]
             if missing:
                 # Their lanes were created (or deleted) by another transaction after the
                 # statement's snapshot was taken, so it neither saw them nor could create
-                # them. Created or locked here, they are there for the second statement.
-                users = sorted({batch[k].request.user_id for k in missing})
-                await conn.execute(_PG_LOCK_LANES, {"users": users, "now": now})
-                placed.update(await self._place(conn, batch, missing, lane_limit, now))
-                if any(k not in placed for k in missing):
-                    raise RuntimeError("a locked lane was not found by the accept statement")
-            kept = sorted(
-                (_outbox_item(batch[k], pos) for k, pos in placed.items() if pos is not None),
-                key=lambda i: (i.user_id, i.lane_pos),
-            )
-            refused = [batch[k] for k, pos in sorted(placed.items()) if pos is None]
-            await _commit(tx, kept, refused)
-        return kept, refused
+                # them. Created here, they are there for a second statement. What the
+                # first one placed is committed: whatever happens to the second, the
+                # caller must know it (an error here leaves `missing` unknown, and the
+                # caller reads the log for them).
+                try:
+                    placed.update(await self._place_missing(conn, batch, missing, lane_limit, now))
+                except Exception as exc:
+                    kept, refused = _outcome(batch, placed)
+                    unknown = [batch[k] for k in missing if k not in placed]
+                    raise CommitUnknown(exc, kept, refused, unknown) from exc
+        return _outcome(batch, placed)
+
+    async def _place_missing(
+        self,
+        conn: Any,
+        batch: Sequence[Pending],
+        missing: list[int],
+        lane_limit: int,
+        now: datetime,
+    ) -> dict[int, int | None]:
+        """Creates the lanes of batch[k] for k in `missing`, then places them."""
+        users = sorted({batch[k].request.user_id for k in missing})
+        await conn.execute(_PG_LOCK_LANES, {"users": users, "now": now})
+        placed = await self._place(conn, batch, missing, lane_limit, now)
+        if any(k not in placed for k in missing):
+            raise RuntimeError("a created lane was not found by the accept statement")
+        return placed
 
     async def _place(
         self,
@@ -443,7 +487,7 @@ class RequestStore:
         """Which of these requests are in the log (after a commit whose outcome is unknown)."""
         if not ids:
             return set()
-        async with self._engine.connect() as conn:
+        async with one_statement(self._engine) as conn:
             rows = await conn.execute(sa.select(requests.c.id).where(requests.c.id.in_(list(ids))))
             return set(rows.scalars())
 
@@ -453,7 +497,7 @@ class RequestStore:
             return {r.name: HandlerSpec(r.name, r.max_attempts) for r in rows}
 
     async def get(self, user_id: uuid.UUID, request_id: uuid.UUID) -> Any:
-        async with self._engine.connect() as conn:
+        async with one_statement(self._engine) as conn:
             return (
                 await conn.execute(
                     sa.select(requests).where(
@@ -490,7 +534,7 @@ class RequestStore:
         if upto is not None:
             query = query.where(requests.c.lane_seq < upto)
         query = query.order_by(requests.c.lane_seq).limit(limit)
-        async with self._engine.connect() as conn:
+        async with one_statement(self._engine) as conn:
             return list((await conn.execute(query)).all())
 
     async def finished_of(self, asks: Sequence[tuple[uuid.UUID, Sequence[uuid.UUID]]]) -> list[Any]:
@@ -501,7 +545,7 @@ class RequestStore:
         if not ids:
             return []
         columns = (*RESULT_COLUMNS, requests.c.user_id)
-        async with self._engine.connect() as conn:
+        async with one_statement(self._engine) as conn:
             if self._dialect == "postgresql":
                 # One array parameter: one prepared statement whatever the number of ids.
                 query = sa.select(*columns).where(

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fairlane_server.core import status
-from fairlane_server.core.db import upsert, write_transaction
+from fairlane_server.core.db import one_statement, upsert, write_transaction
 from fairlane_server.core.logging import get_logger
 from fairlane_server.core.models import handlers, lanes, request_events, requests
 from fairlane_server.core.notify import notify_statements
@@ -242,8 +242,7 @@ class WorkerStore:
         statements and COMMIT it took five round trips, each waiting for a turn of a busy
         event loop while the batch's lane rows stayed locked against the intake: 4.6 ms a
         batch for one request on an idle suite, 48 ms for 71 at 1,000 lanes."""
-        async with self._engine.connect() as plain:
-            conn = await plain.execution_options(isolation_level="AUTOCOMMIT")
+        async with one_statement(self._engine) as conn:
             if running:
                 # Their own statement: a mark only ever moves a request to RUNNING, so it
                 # needs nothing of the outcomes' statement (the writer keeps a batch's

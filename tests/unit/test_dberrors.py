@@ -15,7 +15,7 @@ from sqlalchemy.dialects.postgresql.asyncpg import (
 )
 
 from fairlane_server.core.breaker import CircuitOpen
-from fairlane_server.core.dberrors import is_database_error, is_transient, sqlstate
+from fairlane_server.core.dberrors import answer_lost, is_database_error, is_transient, sqlstate
 
 _DBAPI: Any = PGDialect_asyncpg.import_dbapi()  # type: ignore[no-untyped-call]
 
@@ -151,3 +151,35 @@ def test_anything_else_is_a_bug_not_a_database_answer(error: Exception) -> None:
     assert not is_transient(error)
     assert not is_database_error(error)
     assert sqlstate(error) is None
+
+
+# A statement whose answer never came may have run (the intake then reads the log);
+# one the server answered with an error, or the driver refused to send, did nothing.
+ANSWER_LOST = [
+    over_asyncpg(asyncpg.exceptions.ConnectionDoesNotExistError("closed mid-operation")),
+    over_asyncpg(asyncpg.exceptions.ConnectionFailureError("connection failure")),
+    TimeoutError(),
+    ConnectionResetError("connection reset by peer"),
+]
+ANSWERED = [
+    *(over_asyncpg(e) for e in TRANSIENT_POSTGRES[:6]),  # deadlock ... too many clients
+    *(over_asyncpg(e) for e in DETERMINISTIC_POSTGRES),
+    over_asyncpg(
+        asyncpg.exceptions.InterfaceError("cannot perform operation: connection is closed")
+    ),
+    over_asyncpg(asyncpg.exceptions.UniqueViolationError("duplicate key"), invalidated=True),
+]
+
+
+@pytest.mark.parametrize("error", ANSWER_LOST, ids=repr)
+def test_a_broken_connection_or_a_timeout_mid_statement_leaves_its_outcome_unknown(
+    error: Exception,
+) -> None:
+    assert answer_lost(error)
+
+
+@pytest.mark.parametrize("error", ANSWERED, ids=repr)
+def test_an_error_the_server_sent_or_a_refusal_to_send_means_nothing_ran(
+    error: Exception,
+) -> None:
+    assert not answer_lost(error)
