@@ -21,7 +21,6 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
-from uuid_utils.compat import uuid7
 
 from fairlane.common.v1 import lane_pb2
 from fairlane_server.core.db import create_engine
@@ -32,24 +31,10 @@ from fairlane_server.queue.outbox_store import OutboxStore
 from fairlane_server.queue.relay import LaneRelay
 from fairlane_server.queue.store import NewRequest, RequestStore
 from tests.conftest import DATABASE_URL, unique
+from tests.integration.test_store_contract import new_request
 from tests.proxy import TcpProxy
 
 PATIENCE = 30.0  # far longer than the one-second statement timeout and the settle
-
-
-def _request(user: uuid.UUID) -> NewRequest:
-    return NewRequest(
-        id=uuid7(),
-        user_id=user,
-        handler="echo",
-        payload=b"p",
-        idempotency_key=None,
-        client_ref="",
-        max_attempts=3,
-        deadline=None,
-        trace_id="",
-        enqueued_at=datetime.now(UTC),
-    )
 
 
 @dataclass
@@ -116,11 +101,11 @@ async def test_a_lost_answer_is_settled_from_the_log_and_its_requests_published(
     # Prepared on the intake's connection while answers come back: the next accept is
     # sent whole (bind and execute) and runs although its answer is lost.
     await RequestStore(rig.through_proxy).accept(
-        [Submission(request=_request(await rig.user()), reply_route="queue.test")],
+        [Submission(request=new_request(await rig.user()), reply_route="queue.test")],
         lane_limit=1000,
     )
     user = await rig.user()
-    batch = [_request(user) for _ in range(3)]
+    batch = [new_request(user) for _ in range(3)]
     rig.proxy.hold_replies()
     stored = sa.select(sa.func.count()).where(requests.c.id.in_([r.id for r in batch]))
 
@@ -173,7 +158,7 @@ async def test_a_lost_answer_before_the_statement_ran_refuses_as_not_stored(rig:
     async with rig.through_proxy.connect() as conn:
         await conn.execute(sa.text("SELECT 1"))  # the connection, not the statement, ready
     user = await rig.user()
-    batch = [_request(user) for _ in range(2)]
+    batch = [new_request(user) for _ in range(2)]
     rig.proxy.hold_replies()  # asyncpg prepares the statement first: it waits for that answer
 
     async def cut_soon() -> None:

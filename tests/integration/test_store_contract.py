@@ -61,7 +61,7 @@ async def _user(engine: AsyncEngine) -> uuid.UUID:
     return uid
 
 
-def _request(user: uuid.UUID, key: str | None = None) -> NewRequest:
+def new_request(user: uuid.UUID, key: str | None = None) -> NewRequest:
     return NewRequest(
         # Request ids are UUIDv7, as the queue makes them: the log is partitioned by their time.
         id=uuid7(),
@@ -94,7 +94,7 @@ async def _accept(
 async def test_batch_insert_finish_and_replay(engine: AsyncEngine) -> None:
     store, worker = RequestStore(engine), WorkerStore(engine)
     a, b = await _user(engine), await _user(engine)
-    batch = [_request(a), _request(b), _request(a), _request(a, key="k1")]
+    batch = [new_request(a), new_request(b), new_request(a), new_request(a, key="k1")]
     await _accept(store, batch)
     assert await store.find_idempotent([(a, "k1"), (b, "k1")]) == {(a, "k1"): batch[3].id}
 
@@ -120,7 +120,13 @@ async def test_finished_of_reads_several_users_asks_in_one_statement(
 ) -> None:
     store, worker = RequestStore(engine), WorkerStore(engine)
     a, b = await _user(engine), await _user(engine)
-    a1, a2, a3, b1, b2 = batch = [_request(a), _request(a), _request(a), _request(b), _request(b)]
+    a1, a2, a3, b1, b2 = batch = [
+        new_request(a),
+        new_request(a),
+        new_request(a),
+        new_request(b),
+        new_request(b),
+    ]
     await _accept(store, batch)
     await worker.finish([Outcome(r.id, r.user_id, "SUCCEEDED", output=b"o") for r in (a2, a1, b2)])
     # More ids than SQLite takes in one statement: the store reads them in pieces there.
@@ -138,15 +144,15 @@ async def test_finished_of_reads_several_users_asks_in_one_statement(
 async def test_duplicate_idempotency_key_is_refused_by_the_log(engine: AsyncEngine) -> None:
     store = RequestStore(engine)
     user = await _user(engine)
-    await _accept(store, [_request(user, key="same")])
+    await _accept(store, [new_request(user, key="same")])
     with pytest.raises(IntegrityError):
-        await _accept(store, [_request(user, key="same")])
+        await _accept(store, [new_request(user, key="same")])
 
 
 async def test_accept_numbers_lanes_and_fills_the_outbox(engine: AsyncEngine) -> None:
     store, outbox = RequestStore(engine), OutboxStore(engine)
     a, b = await _user(engine), await _user(engine)
-    first = [_request(a), _request(b), _request(a)]
+    first = [new_request(a), new_request(b), new_request(a)]
     kept, refused = await _accept(store, first)
     assert refused == []
     # Each lane's requests keep their batch order and get the lane's next positions.
@@ -155,7 +161,7 @@ async def test_accept_numbers_lanes_and_fills_the_outbox(engine: AsyncEngine) ->
         (first[2].id, 2),
     ]
     assert [(i.request_id, i.lane_pos) for i in kept if i.user_id == b] == [(first[1].id, 1)]
-    kept, _ = await _accept(store, [_request(a)])
+    kept, _ = await _accept(store, [new_request(a)])
     assert [i.lane_pos for i in kept] == [3]
     lanes = await outbox.pending([a, b])
     assert [r.lane_pos for r in lanes[a].rows] == [1, 2, 3]
@@ -173,13 +179,13 @@ async def test_accept_numbers_lanes_and_fills_the_outbox(engine: AsyncEngine) ->
 async def test_the_lane_bound_is_counted_from_the_log(engine: AsyncEngine) -> None:
     store, worker = RequestStore(engine), WorkerStore(engine)
     user = await _user(engine)
-    batch = [_request(user) for _ in range(4)]
+    batch = [new_request(user) for _ in range(4)]
     kept, refused = await _accept(store, batch, lane_limit=3)
     assert [i.request_id for i in kept] == [r.id for r in batch[:3]]
     assert refused == [batch[3]]
     assert await store.get(user, batch[3].id) is None  # nothing stored for it
     await worker.finish([Outcome(batch[0].id, user, "SUCCEEDED")])
-    kept, refused = await _accept(store, [_request(user), _request(user)], lane_limit=3)
+    kept, refused = await _accept(store, [new_request(user), new_request(user)], lane_limit=3)
     assert (len(kept), len(refused)) == (1, 1)
     assert kept[0].lane_pos == 4
 
@@ -187,7 +193,7 @@ async def test_the_lane_bound_is_counted_from_the_log(engine: AsyncEngine) -> No
 async def test_cancel_only_while_queued(engine: AsyncEngine) -> None:
     store, worker = RequestStore(engine), WorkerStore(engine)
     user = await _user(engine)
-    queued, done = _request(user), _request(user)
+    queued, done = new_request(user), new_request(user)
     await _accept(store, [queued, done])
     await worker.finish([Outcome(done.id, user, "SUCCEEDED")])
     assert await store.cancel_queued(user, queued.id) == "CANCELLED"
@@ -202,7 +208,7 @@ async def test_an_outcome_written_twice_keeps_the_first_and_no_seq_is_lost(
     # outcomes may then reach the writer, even in one batch.
     store, worker = RequestStore(engine), WorkerStore(engine)
     user = await _user(engine)
-    a, b = _request(user), _request(user)
+    a, b = new_request(user), new_request(user)
     await _accept(store, [a, b])
     first = Outcome(a.id, user, "SUCCEEDED", output=b"first")
     again = Outcome(a.id, user, "SUCCEEDED", output=b"again")
@@ -377,7 +383,7 @@ async def test_cancels_racing_outcomes(engine: AsyncEngine) -> None:
     at = datetime.now(UTC)
 
     # Cancelled first: the outcome that follows becomes CANCELLED and keeps its place.
-    a, b = _request(user), _request(user)
+    a, b = new_request(user), new_request(user)
     await store_requests(store, [a, b])
     assert await store.cancel_queued(user, a.id) == "CANCELLED"
     _ok(
@@ -394,7 +400,7 @@ async def test_cancels_racing_outcomes(engine: AsyncEngine) -> None:
     assert (rows[b.id].status, rows[b.id].lane_seq) == ("SUCCEEDED", 2)
 
     # Written first: the cancel finds it finished.
-    c = _request(user)
+    c = new_request(user)
     await store_requests(store, [c])
     _ok(await write_results(worker, [Outcome(c.id, user, "SUCCEEDED", output=b"c")]))
     assert await store.cancel_queued(user, c.id) == "SUCCEEDED"
@@ -402,7 +408,7 @@ async def test_cancels_racing_outcomes(engine: AsyncEngine) -> None:
     # At once, many times over: cancels of some of a batch's requests race its write,
     # and a mark of a cancelled request does not make it RUNNING again.
     for _ in range(10):
-        batch = [_request(user) for _ in range(4)]
+        batch = [new_request(user) for _ in range(4)]
         await store_requests(store, batch)
         outcomes = [
             Outcome(r.id, user, "SUCCEEDED", output=b"o", attempts=[Attempt(1, at)])
@@ -431,7 +437,7 @@ async def test_cancels_racing_outcomes(engine: AsyncEngine) -> None:
 async def test_several_running_marks_in_one_batch(engine: AsyncEngine) -> None:
     store, worker = RequestStore(engine), WorkerStore(engine)
     user = await _user(engine)
-    batch = [_request(user) for _ in range(4)]
+    batch = [new_request(user) for _ in range(4)]
     await store_requests(store, batch)
     at = datetime.now(UTC)
     marks = [(r.id, 1, at) for r in batch[:3]]
@@ -452,8 +458,8 @@ async def test_marks_together_with_outcomes_in_one_batch(engine: AsyncEngine) ->
     store, worker = RequestStore(engine), WorkerStore(engine)
     a, b = await _user(engine), await _user(engine)
     # Two lanes, four requests each: lane a's first two finish while its others start.
-    ra = [_request(a) for _ in range(4)]
-    rb = [_request(b) for _ in range(4)]
+    ra = [new_request(a) for _ in range(4)]
+    rb = [new_request(b) for _ in range(4)]
     await store_requests(store, ra + rb)
     at = datetime.now(UTC)
     outcomes = [
@@ -507,7 +513,7 @@ async def test_marks_together_with_outcomes_in_one_batch(engine: AsyncEngine) ->
 async def test_the_same_request_twice_in_one_batch(engine: AsyncEngine) -> None:
     store, worker = RequestStore(engine), WorkerStore(engine)
     user = await _user(engine)
-    a, b, c = _request(user), _request(user), _request(user)
+    a, b, c = new_request(user), new_request(user), new_request(user)
     await store_requests(store, [a, b, c])
     at = datetime.now(UTC)
     # Two marks of one request (attempt 1, then its retry), and a mark beside the outcome
@@ -544,14 +550,20 @@ async def test_one_bad_request_fails_alone_in_an_intake_batch(
 ) -> None:
     store = RequestStore(engine)
     a, b = await _user(engine), await _user(engine)
-    poison = _request(a)
+    poison = new_request(a)
     if kind == "nul_in_client_ref":
         poison.client_ref = "ref\x00nul"
     elif kind == "nul_in_idempotency_key":
         poison.idempotency_key = "key\x00nul"
     else:
         poison.deadline = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
-    batch = [_request(a), _request(b, key="k1"), poison, _request(a, key="k2"), _request(b)]
+    batch = [
+        new_request(a),
+        new_request(b, key="k1"),
+        poison,
+        new_request(a, key="k2"),
+        new_request(b),
+    ]
 
     errors = await through_intake(store, batch)
 
@@ -582,9 +594,9 @@ async def test_one_bad_outcome_fails_alone_in_a_result_batch(engine: AsyncEngine
     keep the other lanes' outcomes, or the marks beside them, out of the log."""
     store, worker = RequestStore(engine), WorkerStore(engine)
     a, b, gone = await _user(engine), await _user(engine), await _user(engine)
-    ra = [_request(a) for _ in range(3)]
-    rb = [_request(b) for _ in range(2)]
-    rg = _request(gone)
+    ra = [new_request(a) for _ in range(3)]
+    rb = [new_request(b) for _ in range(2)]
+    rg = new_request(gone)
     await store_requests(store, [*ra, *rb, rg])
     async with engine.begin() as conn:
         await conn.execute(users.delete().where(users.c.id == gone))
@@ -640,7 +652,7 @@ async def test_a_cancel_committed_between_the_writers_read_and_write_wins_on_sql
     try:
         store, worker = RequestStore(engine), WorkerStore(engine)
         user = await _user(engine)
-        r = _request(user)
+        r = new_request(user)
         await store_requests(store, [r])
         cancelled: list[int] = []
 
@@ -686,7 +698,7 @@ async def test_a_lane_another_replica_creates_meanwhile_is_counted_from_its_row(
     try:
         store = RequestStore(engine)
         user = await _user(engine)
-        batch = [_request(user) for _ in range(3)]
+        batch = [new_request(user) for _ in range(3)]
         async with engine.connect() as other:
             # The other replica's transaction: the lane, with 3 accepted and 1 finished.
             await other.execute(
