@@ -214,14 +214,6 @@ def _outcome(
     return kept, [batch[k] for k, pos in sorted(placed.items()) if pos is None]
 
 
-async def _commit(tx: Any, kept: list[OutboxItem], refused: list[Any]) -> None:
-    """Commits an accept; a commit that failed in flight may have happened (CommitUnknown)."""
-    try:
-        await tx.commit()
-    except Exception as exc:
-        raise CommitUnknown(exc, kept, refused) from exc
-
-
 _UUID_ARRAY = postgresql.ARRAY(sa.Uuid)
 # SQLite's older builds allow 999 bound parameters per statement.
 _SQLITE_IDS_PER_QUERY = 900
@@ -282,23 +274,25 @@ class RequestStore:
     async def accept(
         self, batch: Sequence[Pending], *, lane_limit: int
     ) -> tuple[list[OutboxItem], list[Pending]]:
-        """Stores a batch in one transaction: request rows, QUEUED events, outbox rows and
-        each lane's acceptance count. Returns (accepted items in lane order, requests refused
-        because their lane already holds `lane_limit` unfinished requests).
+        """Stores a batch all or nothing (one statement on PostgreSQL, one transaction on
+        SQLite): request rows, QUEUED events, outbox rows and each lane's acceptance count.
+        Returns (accepted items in lane order, requests refused because their lane already
+        holds `lane_limit` unfinished requests).
 
-        The lane rows are locked first, in user-id order (the worker locks them in the same
+        The lane rows are locked in user-id order (the worker locks them in the same
         order), and give each accepted request its lane position. Raises CommitUnknown when
-        the commit itself failed, so the caller can find out whether it happened.
+        the answer was lost in flight, so the caller can find out what happened.
         """
         now = datetime.now(UTC)
-        by_lane: dict[uuid.UUID, list[Pending]] = {}
         for p in batch:
             if p.request.id.version != 7:
                 # The log is partitioned by the time in the id (see migration 0005).
                 raise ValueError(f"request id {p.request.id} is not a UUIDv7")
-            by_lane.setdefault(p.request.user_id, []).append(p)
         if self._dialect == "postgresql":
             return await self._accept_placed(batch, lane_limit, now)
+        by_lane: dict[uuid.UUID, list[Pending]] = {}
+        for p in batch:
+            by_lane.setdefault(p.request.user_id, []).append(p)
         users = sorted(by_lane)
         async with self._engine.connect() as conn:
             tx = await conn.begin()
@@ -317,7 +311,11 @@ class RequestStore:
                     added[user] = len(lane[:room])
             if kept:
                 await self._write(conn, kept, {i.request_id: i for i in kept}, batch, added)
-            await _commit(tx, kept, refused)
+            try:
+                await tx.commit()
+            except Exception as exc:
+                # It may have happened: the caller reads the log to find out.
+                raise CommitUnknown(exc, kept, refused) from exc
         return kept, refused
 
     async def _accept_placed(
