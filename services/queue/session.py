@@ -21,7 +21,7 @@ import asyncio
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -50,9 +50,9 @@ class _Mailbox(Generic[T]):
     """An unbounded queue with one consumer: a deque and a waiter.
 
     Written out rather than asyncio.Queue, which keeps three deques and serves many
-    getters and putters: a Session has two of these, and with thousands of Sessions open
-    the queues were 5.0 of its 31.6 KiB of Python objects (tracemalloc; see
-    docs/performance.md, "What an open Session costs in memory")."""
+    getters and putters: with thousands of Sessions open, a Session's two asyncio.Queues
+    were 5.0 of its 31.6 KiB of Python objects (tracemalloc; see docs/performance.md,
+    "What an open Session costs in memory"). The responses going out are the one left."""
 
     __slots__ = ("_items", "_waiter")
 
@@ -142,7 +142,7 @@ class SessionStream:
         self._max_batch = limits.max_batch_items
         self._grace = limits.result_grace_seconds
         self._out: _Mailbox[Any] = _Mailbox()
-        self._answers: _Mailbox[_Enqueued | _Cancel | None] = _Mailbox()
+        self._answers: deque[_Enqueued | _Cancel | None] = deque()
         # request id -> monotonic time its accepted was queued, or None before that.
         self._mine: dict[str, float | None] = {}
         # Window slots held by accepted enqueues of each request (a repeated idempotency
@@ -153,16 +153,16 @@ class SessionStream:
         self._early: dict[str, lane_pb2.LaneEvent] = {}
         self._early_since = 0.0
         self._look = asyncio.Event()  # wakes the log reader at once
+        # Started when there is work for them and ended when there is none: an idle
+        # Session holds only its reader of the client's messages.
+        self._answerer: asyncio.Task[None] | None = None
+        self._log_reader: asyncio.Task[None] | None = None
         self._reading = True
         self._batching = False  # set once the client sends an enqueue_batch
 
     async def run(self) -> AsyncGenerator[queue_pb2.SessionResponse, None]:
         self._d.hub.listen(self._principal.user_id, self._on_event)
-        tasks = [
-            asyncio.create_task(self._guard(self._read())),
-            asyncio.create_task(self._guard(self._answer())),
-            asyncio.create_task(self._guard(self._from_log())),
-        ]
+        reader = asyncio.create_task(self._guard(self._read))
         try:
             while True:
                 item = await self._out.get()
@@ -192,18 +192,22 @@ class SessionStream:
                 if ended is not None:
                     raise ended
         finally:
+            # No event may start a log reader once the tasks are being ended.
+            self._d.hub.unlisten(self._principal.user_id, self._on_event)
+            tasks = [t for t in (reader, self._answerer, self._log_reader) if t is not None]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self._d.hub.unlisten(self._principal.user_id, self._on_event)
 
     def _release(self, n: int) -> None:
         for _ in range(n):
             self._window.release()
 
-    async def _guard(self, coro: Awaitable[None]) -> None:
+    async def _guard(self, work: Callable[[], Awaitable[None]]) -> None:
+        # Takes the function, not its coroutine: a task cancelled before it first runs
+        # (the stream ended meanwhile) then leaves no coroutine that was never awaited.
         try:
-            await coro
+            await work()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -253,27 +257,39 @@ class SessionStream:
                     await self._enqueue(enqueue)
             elif kind == "cancel":
                 await self._window.acquire()
-                self._answers.put_nowait(_Cancel(msg.cancel.request_id))
+                self._to_answer(_Cancel(msg.cancel.request_id))
             else:
                 await self._window.acquire()
-                self._answers.put_nowait(_Enqueued(None, "", None, "empty SessionRequest"))
-        self._answers.put_nowait(None)
+                self._to_answer(_Enqueued(None, "", None, "empty SessionRequest"))
+        self._to_answer(None)
 
     async def _enqueue(self, enqueue: queue_pb2.EnqueueRequest) -> None:
         await self._window.acquire()
         try:
             request_id, future = await self._d.admit(enqueue, self._principal)
         except InvalidEnqueue as exc:
-            self._answers.put_nowait(_Enqueued(enqueue.client_ref, "", None, str(exc)))
+            self._to_answer(_Enqueued(enqueue.client_ref, "", None, str(exc)))
             return
         rid = str(request_id)
         self._mine[rid] = None
-        self._answers.put_nowait(_Enqueued(enqueue.client_ref, rid, future))
+        self._to_answer(_Enqueued(enqueue.client_ref, rid, future))
 
     # -- answering, in order -----------------------------------------------------------------
 
+    def _to_answer(self, item: _Enqueued | _Cancel | None) -> None:
+        self._answers.append(item)
+        if self._answerer is None:
+            self._answerer = asyncio.create_task(self._guard(self._answer))
+
     async def _answer(self) -> None:
-        while (item := await self._answers.get()) is not None:
+        """Answers what is in the mailbox, in order, and ends when it is empty (the next
+        message starts another): one answerer at a time, so the order holds."""
+        while self._answers:
+            item = self._answers.popleft()
+            if item is None:
+                self._reading = False
+                self._maybe_done()
+                break
             if isinstance(item, _Cancel):
                 await self._cancel(item.request_id)
                 continue
@@ -294,6 +310,7 @@ class SessionStream:
                 self._stash.pop(item.request_id, None)
             self._mine[rid] = time.monotonic()
             self._held[rid] += 1
+            self._watch_log()
             self._send(
                 queue_pb2.SessionResponse(
                     accepted=queue_pb2.Accepted(
@@ -309,8 +326,7 @@ class SessionStream:
                 result = await self._d.stored_result(self._user, admitted.request_id)
                 if result is not None:
                     self._deliver(lane_pb2.LaneEvent(result=result))
-        self._reading = False
-        self._maybe_done()
+        self._answerer = None
 
     async def _cancel(self, request_id: str) -> None:
         try:
@@ -383,6 +399,7 @@ class SessionStream:
                 self._early_since = time.monotonic()
             self._early[rid] = event
             self._look.set()
+            self._watch_log()
             return
         self._send_result(event)
 
@@ -401,11 +418,16 @@ class SessionStream:
         self._send(queue_pb2.SessionResponse(result=event.result), self._held.pop(rid, 0))
         self._maybe_done()
 
+    def _watch_log(self) -> None:
+        if self._log_reader is None:
+            self._log_reader = asyncio.create_task(self._guard(self._from_log))
+
     async def _from_log(self) -> None:
         """Reads from the log the results the fan-out has not brought: those overdue by
-        the grace time, and the older ones a held-back result waits for."""
+        the grace time, and the older ones a held-back result waits for. Runs while an
+        accepted request waits for its result; the next accepted starts it again."""
         wait = self._grace
-        while True:
+        while self._early or any(at is not None for at in self._mine.values()):
             await wait_event(self._look, wait)
             self._look.clear()
             now = time.monotonic()
@@ -438,6 +460,7 @@ class SessionStream:
                 self._look.set()
             # Long handlers: look less often while nothing turns up, at most every 30 s.
             wait = self._grace if found or not wanted else min(wait * 2, 30.0)
+        self._log_reader = None
 
     def _maybe_done(self) -> None:
         if not self._reading and not self._mine:

@@ -16,6 +16,7 @@ from fairlane_server.core.memory_broker import MemoryBroker
 from fairlane_server.queue.outbox_store import LaneOutbox, OutboxRow
 from fairlane_server.queue.relay import LaneRelay
 from fairlane_server.queue.store import OutboxItem
+from tests.polling import until
 
 
 class FakeOutbox:
@@ -130,15 +131,6 @@ async def consume(broker: MemoryBroker, user: uuid.UUID) -> list[lane_pb2.LaneIt
         await asyncio.sleep(0)
     await consumer.cancel()
     return got
-
-
-async def until(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Polls in-memory state the relay changes from its own task."""
-    async with asyncio.timeout(timeout):
-        while True:
-            if check():
-                return
-            await asyncio.sleep(0.005)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from fairlane_server.queue.hub import Hub
 from fairlane_server.queue.intake import Admitted, Rejection
 from fairlane_server.queue.session import SessionStream, StreamError
 from fairlane_server.queue.validation import InvalidEnqueue
+from tests.polling import until
 
 USER = str(uuid.uuid4())
 
@@ -190,6 +191,30 @@ async def test_a_result_that_never_arrives_is_read_from_the_log() -> None:
     # Half-closed and every result delivered: the stream ends.
     with pytest.raises(StopAsyncIteration):
         await anext(out)
+
+
+async def test_an_idle_session_holds_one_task_and_starts_the_others_for_work() -> None:
+    """Thousands of Sessions sit idle at once: each keeps only the reader of its client's
+    messages. The answerer and the log reader start again with the next enqueue, and the
+    log reader still finds a result the fan-out never brought."""
+    domain, client = Domain(grace=0.05), Client()
+    before = len(asyncio.all_tasks())
+    out = stream(domain, client)
+    client.enqueue("a")
+    (a,) = await _accept_all(out, 1)
+    await domain.result(a, 1)
+    assert kind(await anext(out)) == "result 1"
+    await until(lambda: len(asyncio.all_tasks()) - before == 1)
+
+    client.enqueue("b")
+    client.close()
+    (b,) = await _accept_all(out, 1)
+    domain.in_log[b] = common_pb2.Result(request_id=b, lane_seq=2)
+    result = await asyncio.wait_for(anext(out), 5)
+    assert (result.result.request_id, result.result.lane_seq) == (b, 2)
+    with pytest.raises(StopAsyncIteration):
+        await anext(out)
+    await until(lambda: len(asyncio.all_tasks()) == before)
 
 
 async def test_an_oversized_batch_ends_the_stream_with_invalid_argument() -> None:
