@@ -32,6 +32,7 @@ from fairlane.common.v1 import lane_pb2
 from fairlane.queue.v1 import queue_pb2
 from fairlane_server.core import tracing
 from fairlane_server.core.broker import BrokerError
+from fairlane_server.core.grpc_host import MAX_MESSAGE_BYTES
 from fairlane_server.core.logging import get_logger
 from fairlane_server.core.tasks import wait_event
 from fairlane_server.core.tokens import Principal
@@ -42,6 +43,13 @@ from fairlane_server.queue.validation import InvalidEnqueue
 log = get_logger(__name__)
 
 MAX_RESPONSES_PER_MESSAGE = 512  # responses coalesced into one batch message
+# Bytes of one coalesced message, framing included: well under the 8 MiB gRPC send limit
+# of the server (and the receive limit of the clients). A response larger than this goes
+# out alone, in a message of its own.
+MAX_BATCH_BYTES = MAX_MESSAGE_BYTES // 4
+# A response's framing inside SessionResponseBatch (tag and length), and the batch's own
+# inside SessionResponse: at most 1 + 5 bytes each for messages under 4 GiB.
+_FRAMING_BYTES = 6
 
 T = TypeVar("T")
 
@@ -68,6 +76,10 @@ class _Mailbox(Generic[T]):
 
     def get_nowait(self) -> T:
         return self._items.popleft()
+
+    def peek(self) -> T:
+        """The next item, left in place."""
+        return self._items[0]
 
     async def get(self) -> T:
         while not self._items:
@@ -174,18 +186,27 @@ class SessionStream:
                     yield item.response
                     self._release(item.releases)
                     continue
-                # Coalesce what is ready into one message: one gRPC write instead of many.
+                # Coalesce what is ready into one message: one gRPC write instead of many,
+                # bounded by count and by bytes (results carry payloads of up to 1 MiB).
                 batch = [item]
+                size = 2 * _FRAMING_BYTES + item.response.ByteSize()
                 ended: Any = None
                 while len(batch) < MAX_RESPONSES_PER_MESSAGE and not self._out.empty():
-                    nxt = self._out.get_nowait()
+                    nxt = self._out.peek()
                     if nxt is _DONE or isinstance(nxt, BaseException):
-                        ended = nxt
+                        ended = self._out.get_nowait()
                         break
-                    batch.append(nxt)
-                yield queue_pb2.SessionResponse(
-                    batch=queue_pb2.SessionResponseBatch(responses=[b.response for b in batch])
-                )
+                    more = _FRAMING_BYTES + nxt.response.ByteSize()
+                    if size + more > MAX_BATCH_BYTES:
+                        break  # it starts the next message
+                    batch.append(self._out.get_nowait())
+                    size += more
+                if len(batch) == 1:
+                    yield item.response
+                else:
+                    yield queue_pb2.SessionResponse(
+                        batch=queue_pb2.SessionResponseBatch(responses=[b.response for b in batch])
+                    )
                 self._release(sum(b.releases for b in batch))
                 if ended is _DONE:
                     return

@@ -17,7 +17,7 @@ from fairlane_server.core.tokens import Principal
 from fairlane_server.queue.domain import StreamLimits
 from fairlane_server.queue.hub import Hub
 from fairlane_server.queue.intake import Admitted, Rejection
-from fairlane_server.queue.session import SessionStream, StreamError
+from fairlane_server.queue.session import MAX_BATCH_BYTES, SessionStream, StreamError
 from fairlane_server.queue.validation import InvalidEnqueue
 from tests.polling import until
 
@@ -27,11 +27,11 @@ USER = str(uuid.uuid4())
 class Domain:
     """Admits everything at once unless told otherwise; results come only when sent."""
 
-    def __init__(self, *, window: int = 8, grace: float = 30.0) -> None:
+    def __init__(self, *, window: int = 8, grace: float = 30.0, max_batch: int = 4) -> None:
         self.hub = Hub()
         self.streams = StreamLimits(
             session_window=window,
-            max_batch_items=4,
+            max_batch_items=max_batch,
             max_streams_per_user=2,
             results_page=100,
             result_grace_seconds=grace,
@@ -68,12 +68,12 @@ class Domain:
     async def finished(self, user: uuid.UUID, ids: list[uuid.UUID]) -> list[common_pb2.Result]:
         return [self.in_log[str(i)] for i in ids if str(i) in self.in_log]
 
-    async def result(self, request_id: str, seq: int) -> None:
+    async def result(self, request_id: str, seq: int, output: bytes = b"") -> None:
         batch = lane_pb2.LaneEventBatch(
             events=[
                 lane_pb2.LaneEvent(
                     user_id=USER,
-                    result=common_pb2.Result(request_id=request_id, lane_seq=seq),
+                    result=common_pb2.Result(request_id=request_id, lane_seq=seq, output=output),
                 )
             ]
         )
@@ -273,3 +273,67 @@ async def test_a_result_ahead_of_an_unfinished_older_request_is_not_held() -> No
     await domain.result(cancelled, 1)
     with pytest.raises(StopAsyncIteration):
         await anext(out)
+
+
+def _flat(response: queue_pb2.SessionResponse) -> list[queue_pb2.SessionResponse]:
+    if response.WhichOneof("kind") == "batch":
+        return list(response.batch.responses)
+    return [response]
+
+
+async def test_large_results_ready_at_once_are_split_into_messages_under_the_byte_bound() -> None:
+    """Responses ready together are coalesced once the client sends enqueue_batch, but a
+    message never grows past MAX_BATCH_BYTES (gRPC's send limit is 8 MiB; ten 1 MiB
+    results in one message failed the whole stream with RESOURCE_EXHAUSTED)."""
+    n = 10
+    domain, client = Domain(window=2 * n, max_batch=n), Client()
+    client.outbox.put_nowait(
+        queue_pb2.SessionRequest(
+            enqueue_batch=queue_pb2.EnqueueBatch(
+                requests=[
+                    queue_pb2.EnqueueRequest(handler="echo", client_ref=str(i)) for i in range(n)
+                ]
+            )
+        )
+    )
+    client.close()
+    out = stream(domain, client)
+    accepted: list[str] = []
+    while len(accepted) < n:
+        accepted.extend(r.accepted.request_id for r in _flat(await anext(out)))
+    # Every result is ready before the stream writes any: three fit in one message.
+    output = b"x" * (MAX_BATCH_BYTES // 3 - 100)
+    for seq, rid in enumerate(accepted, 1):
+        await domain.result(rid, seq, output)
+    messages = [m async for m in out]  # the stream ends after the last result
+    results = [r.result for m in messages for r in _flat(m)]
+    assert [(r.request_id, r.lane_seq) for r in results] == [
+        (rid, seq) for seq, rid in enumerate(accepted, 1)
+    ]
+    assert all(r.output == output for r in results)
+    assert all(m.ByteSize() <= MAX_BATCH_BYTES for m in messages)
+    assert [len(_flat(m)) for m in messages] == [3, 3, 3, 1]
+
+
+async def test_a_response_larger_than_the_byte_bound_goes_out_alone() -> None:
+    domain, client = Domain(window=8), Client()
+    client.outbox.put_nowait(
+        queue_pb2.SessionRequest(
+            enqueue_batch=queue_pb2.EnqueueBatch(
+                requests=[
+                    queue_pb2.EnqueueRequest(handler="echo", client_ref=str(i)) for i in range(3)
+                ]
+            )
+        )
+    )
+    client.close()
+    out = stream(domain, client)
+    accepted: list[str] = []
+    while len(accepted) < 3:
+        accepted.extend(r.accepted.request_id for r in _flat(await anext(out)))
+    sizes = [10, MAX_BATCH_BYTES + 1, 10]
+    for seq, (rid, size) in enumerate(zip(accepted, sizes, strict=True), 1):
+        await domain.result(rid, seq, b"y" * size)
+    messages = [m async for m in out]
+    assert [m.WhichOneof("kind") for m in messages] == ["result"] * 3
+    assert [len(m.result.output) for m in messages] == sizes
