@@ -146,6 +146,14 @@ class Settings(BaseSettings):
 
     # Queue.
     max_payload_bytes: int = 1024 * 1024
+    max_output_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        gt=0,
+        # Under gRPC's 8 MiB message limit with room for the rest of a response: a
+        # result travels whole in one message (a Session's, WatchResults', GetRequest's).
+        le=7 * 1024 * 1024,
+        description="Largest handler output; a larger one fails its request (FAILED).",
+    )
     default_max_attempts: int = 3
     lane_max_length: int = Field(
         default=10_000,

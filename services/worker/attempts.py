@@ -27,7 +27,7 @@ from fairlane_server.worker.context import AttemptContext
 from fairlane_server.worker.dead_letters import DeadLetters
 from fairlane_server.worker.registry import Handler
 from fairlane_server.worker.store import Attempt, Outcome
-from fairlane_server.worker.writer import ResultWriter
+from fairlane_server.worker.writer import ResultWriter, WriteFailed
 
 log = get_logger(__name__)
 
@@ -37,6 +37,23 @@ CANCELLED_MEMORY = 10_000  # recent cancel requests remembered for requests not 
 
 class RequestCancelled(Exception):
     pass
+
+
+class HandlerExit(Exception):
+    """A handler raised SystemExit or KeyboardInterrupt: its attempt failed.
+
+    Left as they are, asyncio re-raises both out of the event loop, and one handler's
+    `sys.exit()` stopped the whole worker (and, redelivered, the next one)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(f"the handler raised {type(exc).__name__}({exc})")
+
+
+async def _contained(coro: Awaitable[Any]) -> Any:
+    try:
+        return await coro
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise HandlerExit(exc) from None
 
 
 class Stats:
@@ -56,6 +73,7 @@ class Attempts:
         concurrency: int,
         retry_base: float,
         retry_max: float,
+        max_output_bytes: int = 4 * 1024 * 1024,
         hooks: list[Hooks] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
@@ -66,6 +84,7 @@ class Attempts:
         self._slots = asyncio.Semaphore(concurrency)
         self._retry_base = retry_base
         self._retry_max = retry_max
+        self._max_output = max_output_bytes
         self._hooks = hooks or []
         self._sleep = sleep
         self._rng = rng or random.Random()
@@ -102,15 +121,30 @@ class Attempts:
         user: uuid.UUID,
         gate: Callable[[], Awaitable[None]],
         span: Span | None = None,
+        interrupted: bool = False,
+        redelivered: bool = False,
     ) -> Outcome:
         """Runs the request until it succeeds, fails for good, is cancelled or has used up
         its attempts (then it is dead-lettered). `request_id` and `user` are the item's and
         the batch's ids, parsed once by the caller. `gate` is awaited before each attempt
-        (pause/resume); retries wait in place, so the lane's order holds."""
+        (pause/resume); retries wait in place, so the lane's order holds.
+
+        `interrupted`: the log shows attempt `previous_attempts` started and never
+        finished, so the worker running it stopped (it crashed, was killed, or was stopped
+        before the handler ended): that attempt counts as used. `redelivered`: the message
+        came back from the broker, so a worker may have died running it; each attempt's
+        start is then written to the log before the handler runs. Together they end a
+        request whose handler kills the worker process (os._exit, a segfault, the OOM
+        killer) DEAD after at most `max_attempts` + 1 runs (the first, unrecorded, one
+        included), instead of killing every worker that takes its lane, forever."""
         max_attempts = item.max_attempts or spec.max_attempts
         deadline = item.deadline.ToDatetime(tzinfo=UTC) if item.HasField("deadline") else None
         attempts: list[Attempt] = []
         number = previous_attempts + 1
+        if interrupted and previous_attempts >= max_attempts:
+            return await self._give_up_interrupted(
+                batch, item, spec, Outcome(request_id, user, status.DEAD), previous_attempts
+            )
         if number == 1:
             # UUIDv7 ids carry their acceptance time (ms since the epoch, top 48 bits).
             accepted_ms = request_id.int >> 80
@@ -125,8 +159,18 @@ class Attempts:
                     error="cancelled by the client",
                     attempts=attempts,
                 )
+            if not attempts and deadline is not None and deadline <= datetime.now(UTC):
+                # Checked again after the gate: a paused worker or lane held it past its
+                # deadline, and a request not started by then ends EXPIRED.
+                return Outcome(
+                    request_id, user, status.EXPIRED, error="deadline passed before start"
+                )
             attempt = Attempt(number, datetime.now(UTC))
             attempts.append(attempt)
+            if redelivered or number > 1:
+                # In the log before the handler runs: retries are rare, and a redelivered
+                # request may be the one that killed the last worker (see above).
+                await self._mark_written(request_id, attempt)
             ctx = AttemptContext(
                 request_id=item.request_id,
                 user_id=batch.user_id,
@@ -160,7 +204,7 @@ class Attempts:
                 outcome = Outcome(
                     request_id, user, status.FAILED, error=attempt.error, attempts=attempts
                 )
-            except Exception as exc:
+            except (Exception, HandlerExit) as exc:
                 attempt.error = f"{exc.__class__.__name__}: {exc}"
                 with tracing.current(attempt_span):
                     log.warning(
@@ -203,12 +247,35 @@ class Attempts:
             await self._sleep(self._rng.uniform(0, cap))
             number += 1
 
+    async def _give_up_interrupted(
+        self,
+        batch: lane_pb2.LaneBatch,
+        item: lane_pb2.LaneItem,
+        spec: Handler,
+        dead: Outcome,
+        used: int,
+    ) -> Outcome:
+        error = (
+            f"the worker stopped during attempt {used} (it crashed, was killed or was "
+            "stopped before the handler ended)"
+        )
+        log.error(
+            "attempts_used_by_stopped_workers",
+            request_id=item.request_id,
+            handler=spec.name,
+            attempts=used,
+        )
+        dead.attempts = [Attempt(used, datetime.now(UTC), error)]
+        dead.error = f"gave up after {used} attempts: {error}"
+        self.stats.failed[spec.name] += 1
+        await self._dead.request(batch, item, dead.attempts)
+        return dead
+
     # -- one attempt -----------------------------------------------------------------------
 
     def _start(self, spec: Handler, ctx: AttemptContext, payload: bytes) -> Awaitable[Any]:
         if spec.is_async:
-            coro: Awaitable[Any] = spec.fn(ctx, payload)
-            return asyncio.ensure_future(coro)
+            return asyncio.ensure_future(_contained(spec.fn(ctx, payload)))
         loop = asyncio.get_running_loop()
         if spec.executor == "process":
             if self._processes is None:
@@ -243,6 +310,9 @@ class Attempts:
             )
             try:
                 result = await running
+            except (SystemExit, KeyboardInterrupt) as exc:
+                # From a thread or process handler: the attempt fails, the worker lives.
+                raise HandlerExit(exc) from None
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
@@ -262,10 +332,26 @@ class Attempts:
         if result is None:
             return b""
         if isinstance(result, str):
-            return result.encode()
-        if not isinstance(result, bytes | bytearray | memoryview):
+            output = result.encode()
+        elif isinstance(result, bytes | bytearray | memoryview):
+            output = bytes(result)
+        else:
             raise PermanentError(f"handler returned {type(result).__name__}, not bytes")
-        return bytes(result)
+        if len(output) > self._max_output:
+            # Stored, it would be a result no response can carry: GetRequest, WatchResults
+            # and the Session would fail on it for good (gRPC's message limit).
+            raise PermanentError(
+                f"handler output is {len(output)} bytes; the limit is {self._max_output} "
+                "(FAIRLANE_MAX_OUTPUT_BYTES)"
+            )
+        return output
+
+    async def _mark_written(self, request_id: uuid.UUID, attempt: Attempt) -> None:
+        try:
+            await self._writer.running_written(request_id, attempt.number, attempt.started_at)
+        except WriteFailed as exc:
+            # Only a safeguard: the attempt runs unrecorded rather than not at all.
+            log.warning("running_mark_failed", request_id=str(request_id), error=str(exc)[:200])
 
     def _mark_running(self, request_id: uuid.UUID, number: int) -> None:
         self._writer.running(request_id, number, datetime.now(UTC))

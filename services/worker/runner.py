@@ -65,6 +65,7 @@ class Runner:
         retry_base: float,
         retry_max: float,
         worker_id: str,
+        max_output_bytes: int = 4 * 1024 * 1024,
         hooks: list[Hooks] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
@@ -78,6 +79,7 @@ class Runner:
             concurrency=concurrency,
             retry_base=retry_base,
             retry_max=retry_max,
+            max_output_bytes=max_output_bytes,
             hooks=hooks,
             sleep=sleep,
             rng=rng,
@@ -339,6 +341,8 @@ class Runner:
                 user=user,
                 gate=functools.partial(self._gate, lane),
                 span=span,
+                interrupted=state is not FRESH and state.status == status.RUNNING,
+                redelivered=state is not FRESH,
             )
             if span is not None:
                 outcome.traceparent = tracing.traceparent(span)

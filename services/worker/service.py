@@ -51,6 +51,7 @@ class WorkerService:
             prefetch=settings.lane_prefetch,
             retry_base=settings.retry_base_seconds,
             retry_max=settings.retry_max_seconds,
+            max_output_bytes=settings.max_output_bytes,
             worker_id=settings.instance_id,
             hooks=registry.load_hooks(settings.hooks),
         )

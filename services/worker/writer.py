@@ -35,7 +35,8 @@ class _Pending:
     event: lane_pb2.LaneEvent | None = None
     running: tuple[uuid.UUID, int, datetime] | None = None
     queued_at: float = field(default_factory=time.perf_counter)
-    # Only a final outcome has one: a lane acks its message once it resolves.
+    # A final outcome has one (a lane acks its message once it resolves), and a mark
+    # that must be in the log before its handler runs.
     future: asyncio.Future[None] | None = None
 
 
@@ -90,6 +91,14 @@ class ResultWriter:
         the same request is in that batch)."""
         item = _Pending(route="", client_ref="", handler="", running=(request_id, attempt, at))
         self._put(item)
+
+    async def running_written(self, request_id: uuid.UUID, attempt: int, at: datetime) -> None:
+        """A RUNNING mark, returning once its batch is written. WriteFailed if the batch
+        failed; a mark the log refuses on its own is dropped, as `running`'s are."""
+        future = asyncio.get_running_loop().create_future()
+        mark = (request_id, attempt, at)
+        self._put(_Pending(route="", client_ref="", handler="", running=mark, future=future))
+        await future
 
     def publish(self, event: lane_pb2.LaneEvent, *, route: str) -> None:
         """Queues an event (progress, or a stored result sent again) for publishing only."""

@@ -213,6 +213,57 @@ async def test_kill_9_of_the_running_worker_hands_the_lane_over(cluster: Suite) 
     assert [r.status for r in rows] == ["SUCCEEDED"] * 11
 
 
+async def test_a_handler_that_ends_the_worker_process_ends_dead_not_every_worker(
+    cluster: Suite,
+) -> None:
+    """A handler calling os._exit (or segfaulting) killed each worker that took its lane,
+    forever; one raising SystemExit stopped the worker. Now the attempts a dead worker
+    started count, each recorded before it runs: the request ends DEAD after at most
+    max_attempts + 1 runs, and the lane goes on. The test restarts the worker each time
+    it dies, as a supervisor would."""
+    crashing = json.dumps(
+        ["tests.e2e.crash_handlers:exit_process", "tests.e2e.crash_handlers:system_exit"]
+    )
+    await workers(cluster, 1)
+    # The first replica registers the handlers only after its restart with them.
+    cluster.stop("worker0")
+    cluster.start_worker("worker0", FAIRLANE_HANDLERS=crashing)
+    await cluster.wait_serving("worker0")
+    user_id, token = await new_user(cluster.target("auth"))
+    sent = [
+        queue_pb2.EnqueueRequest(handler="exit_process", client_ref="exits"),
+        queue_pb2.EnqueueRequest(handler="system_exit", client_ref="raises"),
+        queue_pb2.EnqueueRequest(handler="echo", payload=b"after", client_ref="after"),
+    ]
+    session = asyncio.create_task(run_session(cluster.target("queue"), token, sent))
+    deaths: list[int] = []
+    async with asyncio.timeout(120):
+        while not session.done():
+            code = cluster.procs["worker0"].poll()
+            if code is not None:
+                deaths.append(code)
+                cluster.start_worker("worker0", FAIRLANE_HANDLERS=crashing)
+            await asyncio.sleep(0.05)
+    results = _results(await session)
+    assert [r.client_ref for r in results] == ["exits", "raises", "after"]
+    exits, raises, after = results
+    assert exits.status == common_pb2.REQUEST_STATUS_DEAD
+    assert exits.attempts == 2
+    assert "the worker stopped during attempt 2" in exits.error
+    assert deaths == [7, 7, 7]  # the first run, unrecorded, and the two attempts
+    assert raises.status == common_pb2.REQUEST_STATUS_DEAD
+    assert raises.attempts == 2
+    assert "SystemExit(3)" in raises.error
+    assert (after.status, after.output) == (SUCCEEDED, b"after")
+    rows = await _query(
+        cluster,
+        sa.select(requests.c.status, requests.c.attempts)
+        .where(requests.c.user_id == uuid.UUID(user_id))
+        .order_by(requests.c.lane_seq),
+    )
+    assert [tuple(r) for r in rows] == [("DEAD", 2), ("DEAD", 2), ("SUCCEEDED", 1)]
+
+
 async def test_fail_is_retried_then_dead_lettered_and_replayed(cluster: Suite) -> None:
     await workers(cluster, 1)
     user_id, token = await new_user(cluster.target("auth"))

@@ -9,10 +9,11 @@ import json
 import random
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from fairlane.common.v1 import lane_pb2
 from fairlane.handlers import PermanentError
@@ -73,7 +74,7 @@ def handler(
 
 
 class World:
-    def __init__(self, handlers: dict[str, Handler]) -> None:
+    def __init__(self, handlers: dict[str, Handler], *, max_output_bytes: int = 1 << 20) -> None:
         self.broker = MemoryBroker(lane_max_length=100)
         self.log = MemoryLog()
         self.sleeps: list[float] = []
@@ -93,6 +94,7 @@ class World:
             retry_base=0.5,
             retry_max=30.0,
             worker_id="w1",
+            max_output_bytes=max_output_bytes,
             sleep=sleep,
             rng=random.Random(7),
         )
@@ -379,3 +381,168 @@ async def test_a_lane_is_handed_back_between_messages(user: str) -> None:
     await world.stop()
     assert [o.request_id for o in world.log.outcomes] == first + second
     assert [o.lane_seq for o in world.log.outcomes] == [1, 2, 3, 4]
+
+
+# -- handlers that stop the worker, and the attempts they use up ----------------------------
+
+
+async def test_a_handler_raising_system_exit_or_keyboard_interrupt_fails_only_its_attempt(
+    user: str,
+) -> None:
+    """asyncio lets SystemExit and KeyboardInterrupt out of the event loop: one handler's
+    sys.exit() stopped the worker, and the next one that took the lane."""
+
+    async def leave(ctx: Any, payload: bytes) -> bytes:
+        raise SystemExit(3)
+
+    def interrupt(ctx: Any, payload: bytes) -> bytes:  # runs in a thread
+        raise KeyboardInterrupt
+
+    async def fine(ctx: Any, payload: bytes) -> bytes:
+        return payload
+
+    world = World(
+        {
+            "leave": handler("leave", leave, attempts=2),
+            "interrupt": handler("interrupt", interrupt, attempts=2),
+            "fine": handler("fine", fine),
+        }
+    )
+    await world.start(user)
+    await world.publish(user, [b"a"], handler="leave")
+    await world.publish(user, [b"b"], handler="interrupt")
+    await world.publish(user, [b"c"], handler="fine")
+    await world.until_finished(3)
+    await world.stop()
+    left, interrupted, fine_one = world.log.outcomes
+    assert (left.status, left.attempt_count) == ("DEAD", 2)
+    assert "SystemExit(3)" in left.error
+    assert (interrupted.status, interrupted.attempt_count) == ("DEAD", 2)
+    assert "KeyboardInterrupt" in interrupted.error
+    assert (fine_one.status, fine_one.output) == ("SUCCEEDED", b"c")
+
+
+async def test_a_request_whose_every_attempt_stopped_a_worker_ends_dead_without_running(
+    user: str,
+) -> None:
+    """The log says its last attempt started and never finished (the worker running it
+    died: os._exit, a segfault, the OOM killer), and it has no attempt left."""
+    calls = 0
+
+    async def crash(ctx: Any, payload: bytes) -> bytes:
+        nonlocal calls
+        calls += 1
+        return b""
+
+    world = World({"crash": handler("crash", crash, attempts=2)})
+    await world.start(user)
+    rid = uuid.uuid4()
+    world.log.rows[rid] = StoredState("RUNNING", None, 2, None, None, "", "crash")
+    batch = lane_pb2.LaneBatch(
+        user_id=user,
+        reply_route=ROUTE,
+        items=[lane_pb2.LaneItem(request_id=str(rid), handler="crash", recovered=True)],
+    )
+    await world.broker.publish_lane(user, batch.SerializeToString(), {})
+    await world.until_finished(1)
+    await world.stop()
+    (outcome,) = world.log.outcomes
+    assert (outcome.status, outcome.attempt_count) == ("DEAD", 2)
+    assert "the worker stopped during attempt 2" in outcome.error
+    assert calls == 0
+    assert len(world.broker.dead) == 1
+
+
+async def test_a_redelivered_request_is_marked_running_in_the_log_before_its_handler_runs(
+    user: str,
+) -> None:
+    """So a handler that kills the worker at once still leaves its attempt counted."""
+    marks_seen: list[list[tuple[uuid.UUID, int]]] = []
+
+    async def look(ctx: Any, payload: bytes) -> bytes:
+        marks_seen.append(list(world.log.running_marks))
+        return b"ok"
+
+    world = World({"look": handler("look", look, attempts=3)})
+    await world.start(user)
+    rid = uuid.uuid4()
+    # Attempt 1 started on a worker that died; attempt 2 runs here.
+    world.log.rows[rid] = StoredState("RUNNING", None, 1, None, None, "", "look")
+    batch = lane_pb2.LaneBatch(
+        user_id=user,
+        reply_route=ROUTE,
+        items=[lane_pb2.LaneItem(request_id=str(rid), handler="look", recovered=True)],
+    )
+    await world.broker.publish_lane(user, batch.SerializeToString(), {})
+    await world.until_finished(1)
+    await world.stop()
+    assert marks_seen == [[(rid, 2)]]
+    (outcome,) = world.log.outcomes
+    assert (outcome.status, outcome.attempt_count) == ("SUCCEEDED", 2)
+
+
+async def test_retries_are_marked_running_in_the_log_before_they_run(user: str) -> None:
+    calls = 0
+
+    async def twice(ctx: Any, payload: bytes) -> bytes:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ValueError("first")
+        return b"ok"
+
+    world = World({"twice": handler("twice", twice, attempts=3)})
+    await world.start(user)
+    (rid,) = await world.publish(user, [b"x"], handler="twice")
+    await world.until_finished(1)
+    await world.stop()
+    assert (rid, 2) in world.log.running_marks
+    assert world.log.outcomes[0].status == "SUCCEEDED"
+
+
+async def test_an_output_over_the_limit_fails_the_request_at_once(user: str) -> None:
+    async def big(ctx: Any, payload: bytes) -> bytes:
+        return b"x" * 101
+
+    world = World({"big": handler("big", big)}, max_output_bytes=100)
+    await world.start(user)
+    await world.publish(user, [b""], handler="big")
+    await world.publish(user, [b""], handler="big", max_attempts=1)
+    await world.until_finished(2)
+    await world.stop()
+    for outcome in world.log.outcomes:
+        assert (outcome.status, outcome.attempt_count, outcome.output) == ("FAILED", 1, b"")
+        assert (
+            outcome.error
+            == "handler output is 101 bytes; the limit is 100 (FAIRLANE_MAX_OUTPUT_BYTES)"
+        )
+
+
+async def test_a_deadline_that_passes_while_the_worker_is_paused_expires_the_request(
+    user: str,
+) -> None:
+    calls = 0
+
+    async def work(ctx: Any, payload: bytes) -> bytes:
+        nonlocal calls
+        calls += 1
+        return b""
+
+    world = World({"work": handler("work", work)})
+    await world.start(user)
+    world.runner.pause()
+    deadline = datetime.now(UTC) + timedelta(milliseconds=200)
+    stamp = Timestamp()
+    stamp.FromDatetime(deadline)
+    await world.publish(user, [b""], handler="work", deadline=stamp)
+    lane = world.runner.lanes[user]
+    await asyncio.wait_for(lane.quiet.wait(), 5)  # it waits at the gate, not yet expired
+    assert datetime.now(UTC) < deadline
+    while datetime.now(UTC) <= deadline:  # noqa: ASYNC110 (the wall clock, not an event)
+        await asyncio.sleep(0.01)
+    world.runner.resume()
+    await world.until_finished(1)
+    await world.stop()
+    (outcome,) = world.log.outcomes
+    assert (outcome.status, outcome.error) == ("EXPIRED", "deadline passed before start")
+    assert calls == 0
