@@ -672,7 +672,7 @@ class Lane(_message.Message):
     last_lane_seq: _builtins.int
     """lane_seq of the newest result (uint64: see fairlane.common.v1.Result.lane_seq)."""
     pending: _builtins.int
-    """Requests accepted but not finished."""
+    """Requests accepted but not finished (counted by GetLane; 0 in ListLanes)."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When the lane was first used."""

@@ -169,7 +169,10 @@ class QueueServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListLanes(self, request, context):
-        """Lists every lane. Needs a service token (AuthService.IssueServiceToken).
+        """Lists the lanes in use: those with an enqueue or a result within the queue's
+        FAIRLANE_LANE_IDLE_TTL_SECONDS, whose RabbitMQ queues exist (workers consume these).
+        An idle lane is left out until its next enqueue. `pending` is not counted here (0).
+        Needs a service token (AuthService.IssueServiceToken).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -73,7 +73,11 @@ class QueueServiceStub:
     GetLane: _grpc.UnaryUnaryMultiCallable[_queue_pb2.GetLaneRequest, _queue_pb2.GetLaneResponse]
     """Describes the caller's lane."""
     ListLanes: _grpc.UnaryUnaryMultiCallable[_queue_pb2.ListLanesRequest, _queue_pb2.ListLanesResponse]
-    """Lists every lane. Needs a service token (AuthService.IssueServiceToken)."""
+    """Lists the lanes in use: those with an enqueue or a result within the queue's
+    FAIRLANE_LANE_IDLE_TTL_SECONDS, whose RabbitMQ queues exist (workers consume these).
+    An idle lane is left out until its next enqueue. `pending` is not counted here (0).
+    Needs a service token (AuthService.IssueServiceToken).
+    """
     ListDeadRequests: _grpc.UnaryUnaryMultiCallable[_queue_pb2.ListDeadRequestsRequest, _queue_pb2.ListDeadRequestsResponse]
     """Lists the caller's dead-lettered requests."""
     ReplayDeadRequest: _grpc.UnaryUnaryMultiCallable[_queue_pb2.ReplayDeadRequestRequest, _queue_pb2.ReplayDeadRequestResponse]
@@ -124,7 +128,11 @@ class QueueServiceAsyncStub(QueueServiceStub):
     GetLane: _aio.UnaryUnaryMultiCallable[_queue_pb2.GetLaneRequest, _queue_pb2.GetLaneResponse]  # type: ignore[assignment]
     """Describes the caller's lane."""
     ListLanes: _aio.UnaryUnaryMultiCallable[_queue_pb2.ListLanesRequest, _queue_pb2.ListLanesResponse]  # type: ignore[assignment]
-    """Lists every lane. Needs a service token (AuthService.IssueServiceToken)."""
+    """Lists the lanes in use: those with an enqueue or a result within the queue's
+    FAIRLANE_LANE_IDLE_TTL_SECONDS, whose RabbitMQ queues exist (workers consume these).
+    An idle lane is left out until its next enqueue. `pending` is not counted here (0).
+    Needs a service token (AuthService.IssueServiceToken).
+    """
     ListDeadRequests: _aio.UnaryUnaryMultiCallable[_queue_pb2.ListDeadRequestsRequest, _queue_pb2.ListDeadRequestsResponse]  # type: ignore[assignment]
     """Lists the caller's dead-lettered requests."""
     ReplayDeadRequest: _aio.UnaryUnaryMultiCallable[_queue_pb2.ReplayDeadRequestRequest, _queue_pb2.ReplayDeadRequestResponse]  # type: ignore[assignment]
@@ -220,7 +228,11 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _queue_pb2.ListLanesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_queue_pb2.ListLanesResponse, _abc.Awaitable[_queue_pb2.ListLanesResponse]]:
-        """Lists every lane. Needs a service token (AuthService.IssueServiceToken)."""
+        """Lists the lanes in use: those with an enqueue or a result within the queue's
+        FAIRLANE_LANE_IDLE_TTL_SECONDS, whose RabbitMQ queues exist (workers consume these).
+        An idle lane is left out until its next enqueue. `pending` is not counted here (0).
+        Needs a service token (AuthService.IssueServiceToken).
+        """
 
     @_abc_1.abstractmethod
     def ListDeadRequests(

@@ -716,7 +716,7 @@ export type Lane = Message<"fairlane.queue.v1.Lane"> & {
   lastLaneSeq: bigint;
 
   /**
-   * Requests accepted but not finished.
+   * Requests accepted but not finished (counted by GetLane; 0 in ListLanes).
    *
    * @generated from field: uint64 pending = 6;
    */
@@ -932,7 +932,10 @@ export const QueueService: GenService<{
     output: typeof GetLaneResponseSchema;
   },
   /**
-   * Lists every lane. Needs a service token (AuthService.IssueServiceToken).
+   * Lists the lanes in use: those with an enqueue or a result within the queue's
+   * FAIRLANE_LANE_IDLE_TTL_SECONDS, whose RabbitMQ queues exist (workers consume these).
+   * An idle lane is left out until its next enqueue. `pending` is not counted here (0).
+   * Needs a service token (AuthService.IssueServiceToken).
    *
    * @generated from rpc fairlane.queue.v1.QueueService.ListLanes
    */
