@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import secrets
@@ -18,13 +19,16 @@ from fairlane_server.auth.keys import SigningKey
 from fairlane_server.auth.passwords import MAX_PASSWORD, WeakPassword, check_new_password
 from fairlane_server.auth.sealing import seal, unseal
 from fairlane_server.auth.store import AuthStore, NewRefresh, RefreshRecord, UsernameTaken
-from fairlane_server.auth.throttle import Rule, Throttle, Trip
+from fairlane_server.auth.throttle import Hold, Rule, Throttle, Trip
+from fairlane_server.core.logging import get_logger
 from fairlane_server.core.tokens import FAMILY_CLAIM, ROLE_SERVICE, ROLE_USER
 
 USERNAME = re.compile(r"[A-Za-z0-9._-]{3,64}")
 # Access tokens issued just before a revocation may carry an `iat` a little after it on a
 # replica whose clock runs ahead; keep revoked families listed this much longer.
 CLOCK_SKEW = timedelta(seconds=60)
+
+log = get_logger(__name__)
 
 
 class InvalidInput(Exception):
@@ -146,9 +150,8 @@ class Auth:
             check_new_password(password, username=username, min_length=self._p.password_min_length)
         except WeakPassword as exc:
             raise InvalidInput(str(exc)) from None
-        rule = self._p.register_peer
-        await self._throttle.check((rule, peer))
-        _tripped(await self._throttle.hit(rule, peer), peer=peer)
+        (hold,) = await self._throttle.take((self._p.register_peer, peer))
+        _tripped(hold.trip, peer=peer)
         # Checked before hashing, so that a taken name costs no hash.
         if await self._store.username_taken(username):
             raise UsernameTaken(username)
@@ -159,16 +162,24 @@ class Auth:
 
     async def login(self, username: str, password: str, peer: str) -> TokenPair:
         subjects = ((self._p.login_user, username), (self._p.login_peer, peer))
+        # Counts this login as failed before the password is checked, so that logins
+        # arriving together cannot all pass the throttle; a success gives it back.
         state = await self._throttle.before_login(*subjects)
         user = None
         verified = False
-        # A name that cannot exist is not looked up; it fails like a wrong password.
-        if USERNAME.fullmatch(username) and password and len(password) <= MAX_PASSWORD:
-            user = await self._store.user_by_name(username)
-            stored = user.password_hash if user else self._dummy_hash
-            # Returning addresses go first when checks queue up. It depends on the address
-            # alone, so it tells nothing about whether the username exists.
-            verified = await self._hashing.verify(stored, password, priority=state.trusted)
+        try:
+            # A name that cannot exist is not looked up; it fails like a wrong password.
+            if USERNAME.fullmatch(username) and password and len(password) <= MAX_PASSWORD:
+                user = await self._store.user_by_name(username)
+                stored = user.password_hash if user else self._dummy_hash
+                # Returning addresses go first when checks queue up. It depends on the
+                # address alone, so it tells nothing about whether the username exists.
+                verified = await self._hashing.verify(stored, password, priority=state.trusted)
+        except BaseException:
+            # No verdict reaches the caller (the check queue was full, the caller left, the
+            # database failed), so the attempt does not count.
+            await _give_back(self._throttle, state.holds)
+            raise
         if user is None or not verified:
             audit.event(
                 audit.LOGIN_FAILED,
@@ -176,12 +187,8 @@ class Auth:
                 peer=peer,
                 user_known=user is not None,
             )
-            for rule, subject in subjects:
-                _tripped(
-                    await self._throttle.hit(rule, subject),
-                    username=audit.username_field(username),
-                    peer=peer,
-                )
+            for hold in state.holds:
+                _tripped(hold.trip, username=audit.username_field(username), peer=peer)
             raise BadCredentials("wrong username or password")
         await self._throttle.after_login(state)
         if self._hashing.needs_rehash(user.password_hash):
@@ -275,15 +282,25 @@ class Auth:
             raise InvalidInput(
                 "service must be 3-64 characters of letters, digits, '.', '_' or '-'"
             )
-        rule = self._p.service_peer
-        await self._throttle.check((rule, peer))
+        # Counted as wrong until the secret is compared, like a login's password.
+        (hold,) = await self._throttle.take((self._p.service_peer, peer))
         if not secrets.compare_digest(secret.encode(), self._p.service_secret.encode()):
             audit.event(audit.SERVICE_TOKEN_REFUSED, token_service=service, peer=peer)
-            _tripped(await self._throttle.hit(rule, peer), peer=peer)
+            _tripped(hold.trip, peer=peer)
             raise BadCredentials("wrong service secret")
+        await _give_back(self._throttle, [hold])
         audit.event(audit.SERVICE_TOKEN_ISSUED, token_service=service, peer=peer, token_role=role)
         token = self._access_token(f"{role}:{service}", service, role)
         return token, self._p.access_ttl
+
+
+async def _give_back(throttle: Throttle, holds: tuple[Hold, ...] | list[Hold]) -> None:
+    """Gives back events that did not count; shielded, so that a caller who leaves does not
+    leave them counted. Should the database fail, they stay counted: the safe side."""
+    try:
+        await asyncio.shield(throttle.give_back(holds))
+    except Exception as exc:
+        log.warning("throttle_give_back_failed", error=type(exc).__name__)
 
 
 def _pair_dict(pair: TokenPair) -> dict[str, str | int]:

@@ -7,6 +7,12 @@ before any password is hashed. A count starts again after `window` seconds witho
 event. The counters live in the database (services/auth/throttle_store.py), so they hold
 across auth replicas.
 
+An event is counted before its outcome is known, by the same statement that checks the
+block (`take`): a login counts as failed while its password is being checked, and is given
+back if it succeeds. So concurrent calls cannot all pass the check before any of them is
+counted: however many arrive at once, at most the free ones and the one that starts the
+block are let through.
+
 The same table remembers, for `TRUST_DAYS`, which addresses logged in successfully: their
 logins go first when password checks queue up (services/auth/hashing.py).
 """
@@ -14,10 +20,11 @@ logins go first when password checks queue up (services/auth/hashing.py).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from fairlane_server.auth.throttle_store import ThrottleStore
+from fairlane_server.auth.throttle_store import Blocked, Claim, ThrottleStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,10 +55,31 @@ TRUSTED_PEER = Rule("login-ok", free=2**62)
 
 
 @dataclass(frozen=True, slots=True)
+class Hold:
+    """An event counted before its outcome is known (Throttle.take)."""
+
+    rule: str
+    key: str
+    events: int
+    # The end of the block this event started, if it started one.
+    block: datetime | None
+    delay: float
+
+    @property
+    def trip(self) -> Trip | None:
+        return Trip(self.rule, self.events, self.delay) if self.block is not None else None
+
+
+@dataclass(frozen=True, slots=True)
 class LoginState:
     trusted: bool
-    clear_key: str | None
+    user: Hold
+    peer: Hold
     trust_key: str | None
+
+    @property
+    def holds(self) -> tuple[Hold, Hold]:
+        return self.user, self.peer
 
 
 def _aware(value: datetime) -> datetime:
@@ -80,49 +108,69 @@ class Throttle:
         # min() first keeps 2**over from growing without bound on a long attack.
         return float(min(self._max, self._base * 2.0 ** min(over - 1, 62)))
 
-    async def check(self, *subjects: tuple[Rule, str]) -> None:
-        """Raises Throttled while any of the subjects is blocked."""
-        now = datetime.now(UTC)
-        until = await self._store.blocked_until([_key(r, s) for r, s in subjects], now)
-        if until is not None:
-            raise Throttled((_aware(until) - now).total_seconds())
+    def _claim(self, rule: Rule, subject: str, now: datetime) -> Claim:
+        # The ends of the blocks the next events could start, up to the cap: the store
+        # picks one by the count it reaches (about 11 with the default settings).
+        ends: list[datetime] = []
+        over = 1
+        while True:
+            delay = self.delay(rule, rule.free + over)
+            ends.append(now + timedelta(seconds=delay))
+            if delay >= self._max or over > 62:
+                return Claim(_key(rule, subject), rule.free, ends)
+            over += 1
 
-    async def hit(self, rule: Rule, subject: str) -> Trip | None:
-        """Counts one event; returns the block it started, if any."""
+    async def _take(
+        self, subjects: Sequence[tuple[Rule, str]], read: Sequence[str] = ()
+    ) -> tuple[list[Hold], dict[str, tuple[datetime | None, datetime]]]:
         now = datetime.now(UTC)
-        key = _key(rule, subject)
-        events = await self._store.count(key, now, now - self._window)
-        delay = self.delay(rule, events)
-        if delay <= 0:
-            return None
-        await self._store.block(key, now + timedelta(seconds=delay))
-        return Trip(rule.name, events, delay)
+        claims = [self._claim(rule, subject, now) for rule, subject in subjects]
+        try:
+            counts, rows = await self._store.claim(claims, now, now - self._window, read)
+        except Blocked as exc:
+            raise Throttled((_aware(exc.until) - now).total_seconds()) from None
+        holds = [
+            Hold(rule.name, claim.key, n, claim.block_after(n), self.delay(rule, n))
+            for (rule, _), claim, n in zip(subjects, claims, counts, strict=True)
+        ]
+        return holds, rows
+
+    async def take(self, *subjects: tuple[Rule, str]) -> list[Hold]:
+        """Raises Throttled while any of the subjects is blocked, counting nothing;
+        otherwise counts one event on each, atomically with that check, starting the
+        block an event earns. An event that turns out not to count is given back."""
+        holds, _ = await self._take(subjects)
+        return holds
+
+    async def give_back(self, holds: Sequence[Hold]) -> None:
+        """Uncounts events taken by take(), and ends the blocks they started."""
+        await self._store.give_back([(h.key, h.block) for h in holds])
 
     async def before_login(self, user: tuple[Rule, str], peer: tuple[Rule, str]) -> LoginState:
-        """Raises Throttled while the username or the address is blocked; otherwise tells
-        whether the address is trusted. One query, on the path of every login."""
-        now = datetime.now(UTC)
-        user_key, peer_key = _key(*user), _key(*peer)
+        """Raises Throttled while the username or the address is blocked; otherwise counts
+        the login as a failure of both until it succeeds (after_login), and tells whether
+        the address is trusted. One transaction, on the path of every login."""
         trust_key = _key(TRUSTED_PEER, peer[1])
-        rows = await self._store.read([user_key, peer_key, trust_key])
-        ends = [rows[k][0] for k in (user_key, peer_key) if k in rows]
-        until = max((_aware(end) for end in ends if end is not None), default=now)
-        if until > now:
-            raise Throttled((until - now).total_seconds())
+        (user_hold, peer_hold), rows = await self._take((user, peer), [trust_key])
+        now = datetime.now(UTC)
         seen = _aware(rows[trust_key][1]) if trust_key in rows else None
         return LoginState(
             trusted=seen is not None and seen >= now - timedelta(days=TRUST_DAYS),
-            clear_key=user_key if user_key in rows else None,
+            user=user_hold,
+            peer=peer_hold,
             # Refreshed at most daily: a returning user's login writes nothing here.
             trust_key=trust_key if seen is None or seen < now - TRUST_REFRESH else None,
         )
 
     async def after_login(self, state: LoginState) -> None:
-        """A successful login: its username count restarts, its address is trusted."""
-        if state.clear_key or state.trust_key:
-            await self._store.settle(
-                clear=state.clear_key, touch=state.trust_key, now=datetime.now(UTC)
-            )
+        """A successful login: its username count restarts, its address gets its event
+        back and is trusted."""
+        await self._store.settle(
+            clear=state.user.key,
+            returned=[(state.peer.key, state.peer.block)],
+            touch=state.trust_key,
+            now=datetime.now(UTC),
+        )
 
     async def trusted(self, peer: str) -> bool:
         """Whether `peer` logged in successfully within the last TRUST_DAYS."""

@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 from fairlane.client.errors import retry_delay_ms
 from fairlane_server.auth.service import AuthService
-from fairlane_server.auth.throttle_store import ThrottleStore
+from fairlane_server.auth.throttle_store import Claim, ThrottleStore
 from fairlane_server.core.db import migrate
 from fairlane_server.core.settings import Settings
 from tests.conftest import DATABASE_URL, unique
@@ -336,10 +336,12 @@ async def test_prune_keeps_blocks_and_recent_trust(start_auth: Start) -> None:
     store = ThrottleStore(auth.service.engine)
     now = datetime.now(UTC)
     hours, days = timedelta(hours=2), timedelta(days=31)
-    await store.count("login-user:stale", now - hours, now - hours - timedelta(hours=1))
-    await store.count("login-user:blocked", now - hours, now - hours - timedelta(hours=1))
-    await store.block("login-user:blocked", now + timedelta(minutes=5))
-    await store.count("login-user:recent", now, now - timedelta(hours=1))
+    earlier, window = now - hours, timedelta(hours=1)
+    await store.claim([Claim("login-user:stale", 5, [now])], earlier, earlier - window)
+    # No free events: the first one blocks, for longer than the window.
+    blocked = Claim("login-user:blocked", 0, [now + timedelta(minutes=5)])
+    await store.claim([blocked], earlier, earlier - window)
+    await store.claim([Claim("login-user:recent", 5, [now])], now, now - window)
     await store.settle(clear=None, touch="login-ok:recent-trust", now=now - hours)
     await store.settle(clear=None, touch="login-ok:old-trust", now=now - days)
     await auth.service.throttle.prune()
@@ -376,3 +378,126 @@ async def test_service_tokens_are_audited(start_auth: Start) -> None:
         ("auth.service_token.issued", "operator", "admin", "198.51.100.30"),
         ("auth.service_token.refused", "worker", None, "198.51.100.31"),
     ]
+
+
+async def _parallel_wrong_logins(
+    stubs: list[auth_pb2_grpc.AuthServiceStub], names: list[str], addresses: list[str]
+) -> list[str]:
+    calls = [
+        _outcome(_login(stubs[i % len(stubs)], name, f"wrong guess {i}", address))
+        for i, (name, address) in enumerate(zip(names, addresses, strict=True))
+    ]
+    return [o.code for o in await asyncio.gather(*calls)]
+
+
+async def test_parallel_guesses_at_one_username_get_only_the_free_failures(
+    start_auth: Start,
+) -> None:
+    # Two replicas, 40 guesses at once, each from its own address: the count is taken
+    # before a password is checked, so only the free failures and the one that starts the
+    # block are checked; the others are refused unchecked, whichever replica they reach.
+    settings = {"login_user_free_failures": 5, "throttle_base_delay_seconds": 120}
+    first, second = await start_auth(**settings), await start_auth(**settings)
+    name = await _register(first.stub, "besieged")
+    with capture_logs() as logs:
+        codes = await _parallel_wrong_logins(
+            [first.stub, second.stub], [name] * 40, [f"198.51.100.{100 + i}" for i in range(40)]
+        )
+    assert codes.count("UNAUTHENTICATED") == 6, codes
+    assert codes.count("RESOURCE_EXHAUSTED") == 34, codes
+    assert [e["event"] for e in logs].count("auth.login.failed") == 6
+    trips = [(e["rule"], e["events"]) for e in logs if e["event"] == "auth.throttle.tripped"]
+    assert trips == [("login-user", 6)]
+    # Blocked: the right password is refused unchecked too.
+    assert (await _outcome(_login(first.stub, name, PASSWORD))).code == "RESOURCE_EXHAUSTED"
+
+
+async def test_parallel_guesses_from_one_address_get_only_the_free_failures(
+    start_auth: Start,
+) -> None:
+    auth = await start_auth(login_peer_free_failures=10, throttle_base_delay_seconds=120)
+    names = [unique(f"spray{i}") for i in range(40)]
+    codes = await _parallel_wrong_logins([auth.stub], names, ["203.0.113.40"] * 40)
+    assert codes.count("UNAUTHENTICATED") == 11, codes
+    assert codes.count("RESOURCE_EXHAUSTED") == 29, codes
+
+
+async def test_parallel_wrong_service_secrets_get_only_the_free_failures(
+    start_auth: Start,
+) -> None:
+    auth = await start_auth(service_token_peer_free_failures=2, throttle_base_delay_seconds=120)
+
+    def service_token(secret: str) -> Awaitable[object]:
+        request = auth_pb2.IssueServiceTokenRequest(service="worker", secret=secret)
+        return auth.stub.IssueServiceToken(  # type: ignore[no-any-return]
+            request, metadata=_from("198.51.100.60")
+        )
+
+    # The right secret gives its event back, so these cost nothing.
+    for _ in range(3):
+        assert (await _outcome(service_token("the-secret"))).code == "OK"
+    outcomes = await asyncio.gather(*(_outcome(service_token(f"guess {i}")) for i in range(20)))
+    codes = [o.code for o in outcomes]
+    assert (codes.count("UNAUTHENTICATED"), codes.count("RESOURCE_EXHAUSTED")) == (3, 17)
+
+
+async def test_successful_logins_do_not_count_against_their_address(start_auth: Start) -> None:
+    auth = await start_auth(login_peer_free_failures=2, throttle_base_delay_seconds=120)
+    name = await _register(auth.stub, "officemate")
+    # Counted while their passwords are checked, given back when they succeed.
+    await asyncio.gather(*(_login(auth.stub, name, PASSWORD, "203.0.113.70") for _ in range(2)))
+    for _ in range(4):
+        await _login(auth.stub, name, PASSWORD, "203.0.113.70")
+    others = [unique(f"other{i}") for i in range(4)]
+    codes = [(await _outcome(_login(auth.stub, n, "nope", "203.0.113.70"))).code for n in others]
+    assert codes == ["UNAUTHENTICATED"] * 3 + ["RESOURCE_EXHAUSTED"]
+
+
+async def test_after_the_block_the_right_password_logs_in_and_restarts_the_count(
+    start_auth: Start,
+) -> None:
+    delay = 1.0
+    auth = await start_auth(login_user_free_failures=2, throttle_base_delay_seconds=delay)
+    name = await _register(auth.stub, "patient2")
+    addresses = [f"198.51.100.{150 + i}" for i in range(10)]
+    codes = await _parallel_wrong_logins([auth.stub], [name] * 10, addresses)
+    assert (codes.count("UNAUTHENTICATED"), codes.count("RESOURCE_EXHAUSTED")) == (3, 7)
+    assert (await _outcome(_login(auth.stub, name, PASSWORD))).code == "RESOURCE_EXHAUSTED"
+    await asyncio.sleep(delay + 0.2)
+    await _login(auth.stub, name, PASSWORD)
+    # A fresh count: two free failures, a third that starts a block, then refusals.
+    codes = [(await _outcome(_login(auth.stub, name, "still wrong"))).code for _ in range(4)]
+    assert codes == ["UNAUTHENTICATED"] * 3 + ["RESOURCE_EXHAUSTED"]
+
+
+async def test_parallel_guesses_are_limited_on_the_embedded_database(
+    start_auth: Start, tmp_path: Path
+) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/auth.db"
+    await migrate(url)
+    auth = await start_auth(url, login_user_free_failures=3, throttle_base_delay_seconds=120)
+    name = await _register(auth.stub, "embedded")
+    addresses = [f"198.51.100.{200 + i}" for i in range(20)]
+    codes = await _parallel_wrong_logins([auth.stub], [name] * 20, addresses)
+    assert (codes.count("UNAUTHENTICATED"), codes.count("RESOURCE_EXHAUSTED")) == (4, 16)
+
+
+async def test_a_login_refused_for_a_full_check_queue_does_not_count(start_auth: Start) -> None:
+    auth = await start_auth(
+        hash_concurrency=1,
+        hash_queue_limit=1,
+        argon2_time_cost=12,
+        argon2_memory_kib=65536,
+        login_user_free_failures=3,
+        throttle_base_delay_seconds=120,
+    )
+    name = await _register(auth.stub, "crowded")
+    logins = [
+        asyncio.ensure_future(_outcome(_login(auth.stub, name, "wrong!", f"192.0.2.{50 + i}")))
+        for i in range(3)
+    ]
+    codes = sorted(o.code for o in await asyncio.gather(*logins))
+    assert codes == ["RESOURCE_EXHAUSTED", "UNAUTHENTICATED", "UNAUTHENTICATED"]
+    # Two failures counted, not three: one more is free, the next starts the block.
+    later = [(await _outcome(_login(auth.stub, name, "wrong!"))).code for _ in range(3)]
+    assert later == ["UNAUTHENTICATED", "UNAUTHENTICATED", "RESOURCE_EXHAUSTED"]
