@@ -20,6 +20,14 @@ from fairlane_server.core.peer import Network, client_address
 from fairlane_server.core.rich_status import abort_retry
 from fairlane_server.core.tokens import ROLE_ADMIN, ROLE_SERVICE
 
+# IssueServiceToken's roles. The proto makes UNSPECIFIED the default (a service); any other
+# number is one this server does not know, and is refused rather than read as a service.
+_SERVICE_TOKEN_ROLES = {
+    auth_pb2.SERVICE_TOKEN_ROLE_UNSPECIFIED: ROLE_SERVICE,
+    auth_pb2.SERVICE_TOKEN_ROLE_SERVICE: ROLE_SERVICE,
+    auth_pb2.SERVICE_TOKEN_ROLE_ADMIN: ROLE_ADMIN,
+}
+
 # What a caller refused for a full password-check queue is told to wait.
 BUSY_RETRY_MS = 1000
 
@@ -119,12 +127,17 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def IssueServiceToken(
         self, request: auth_pb2.IssueServiceTokenRequest, context: ServicerContext
     ) -> auth_pb2.IssueServiceTokenResponse:
+        role = _SERVICE_TOKEN_ROLES.get(request.role)
+        if role is None:
+            await abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown role {request.role}: use SERVICE_TOKEN_ROLE_SERVICE (1) or "
+                "SERVICE_TOKEN_ROLE_ADMIN (2), or leave it unset for a service token",
+            )
         try:
             token, ttl = await self._auth.service_token(
-                request.service,
-                request.secret,
-                self._peer(context),
-                ROLE_ADMIN if request.role == auth_pb2.SERVICE_TOKEN_ROLE_ADMIN else ROLE_SERVICE,
+                request.service, request.secret, self._peer(context), role
             )
         except InvalidInput as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))

@@ -135,6 +135,31 @@ async def test_service_token_needs_the_secret(auth: auth_pb2_grpc.AuthServiceStu
     assert await _code(bad) == grpc.StatusCode.UNAUTHENTICATED
 
 
+@pytest.mark.parametrize(
+    ("role", "issued"),
+    [
+        (auth_pb2.SERVICE_TOKEN_ROLE_UNSPECIFIED, "service"),
+        (auth_pb2.SERVICE_TOKEN_ROLE_SERVICE, "service"),
+        (auth_pb2.SERVICE_TOKEN_ROLE_ADMIN, "admin"),
+        (7, None),
+        (-1, None),
+    ],
+)
+async def test_service_token_roles_are_known_ones(
+    auth: auth_pb2_grpc.AuthServiceStub, role: int, issued: str | None
+) -> None:
+    request = auth_pb2.IssueServiceTokenRequest(service="worker", secret="the-secret", role=role)  # type: ignore[arg-type]
+    if issued is not None:
+        reply = await auth.IssueServiceToken(request)
+        claims = jwt.decode(reply.access_token, options={"verify_signature": False})
+        assert (claims["role"], claims["sub"]) == (issued, f"{issued}:worker")
+        return
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await auth.IssueServiceToken(request)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"unknown role {role}" in (refused.value.details() or "")
+
+
 def _handled(method: str, code: str) -> float:
     value = REGISTRY.get_sample_value(
         "fairlane_grpc_server_handled_total",
