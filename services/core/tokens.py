@@ -7,7 +7,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 
@@ -21,11 +21,30 @@ ROLE_ADMIN = "admin"
 FAMILY_CLAIM = "fam"
 
 
+# Why an open stream's token no longer holds (the stream was authenticated when it opened).
+EXPIRED_ON_STREAM = "access token expired; refresh it and open a new stream"
+REVOKED_ON_STREAM = "login revoked; log in again and open a new stream"
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     user_id: str
     username: str
     role: str
+    # The token's `exp` (seconds since the epoch) and login family (`fam`), for streams
+    # that outlive the check made when they opened. None: not known (not from a token).
+    expires_at: float | None = None
+    family: str | None = None
+
+
+class TokenCheck(Protocol):
+    """What an open stream asks about the token it was opened with."""
+
+    async def refusal(self, principal: Principal) -> str | None: ...
+
+    def watch(
+        self, principal: Principal, on_refused: Callable[[str], None]
+    ) -> Callable[[], None]: ...
 
 
 class InvalidToken(Exception):
@@ -130,7 +149,57 @@ class TokenVerifier:
             user_id=str(claims["sub"]),
             username=str(claims.get("name", "")),
             role=str(claims.get("role", ROLE_USER)),
+            expires_at=float(claims["exp"]),
+            family=family if isinstance(family, str) else None,
         )
+
+    async def refusal(self, principal: Principal) -> str | None:
+        """Why the token `principal` was verified from no longer holds (it has expired, or
+        its login has been revoked since), or None. For open streams, per message: a clock
+        comparison and a look in the revocation list (refetched as `verify` does)."""
+        if principal.expires_at is not None and time.time() >= principal.expires_at:
+            return EXPIRED_ON_STREAM
+        if (
+            self._revoked is not None
+            and principal.family is not None
+            and await self._revoked.contains(principal.family)
+        ):
+            return REVOKED_ON_STREAM
+        return None
+
+    def watch(self, principal: Principal, on_refused: Callable[[str], None]) -> Callable[[], None]:
+        """Calls `on_refused(reason)` once, when the token expires or when a refetch of the
+        revocation list (at most the revocation bound apart while anything watches) holds
+        its login; returns the function that stops watching. For streams that wait."""
+        loop = asyncio.get_running_loop()
+        called = False
+
+        def refused(reason: str) -> None:
+            nonlocal called
+            if not called:
+                called = True
+                on_refused(reason)
+
+        timer = None
+        if principal.expires_at is not None:
+            timer = loop.call_later(
+                max(0.0, principal.expires_at - time.time()), refused, EXPIRED_ON_STREAM
+            )
+        unwatch_family = None
+        if self._revoked is not None and principal.family is not None:
+            unwatch_family = self._revoked.watch(
+                principal.family, lambda: refused(REVOKED_ON_STREAM)
+            )
+
+        def unwatch() -> None:
+            nonlocal called
+            called = True
+            if timer is not None:
+                timer.cancel()
+            if unwatch_family is not None:
+                unwatch_family()
+
+        return unwatch
 
 
 def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:

@@ -19,7 +19,7 @@ from fairlane_server.core.grpc_host import ServicerContext, abort
 from fairlane_server.core.metrics import OPEN_SESSIONS
 from fairlane_server.core.rich_status import abort_retry
 from fairlane_server.core.settings import Settings
-from fairlane_server.core.tokens import Principal, TokenVerifier
+from fairlane_server.core.tokens import InvalidToken, Principal, TokenVerifier
 from fairlane_server.queue.convert import request_from_row, timestamp
 from fairlane_server.queue.domain import LogUnavailable, QueueDomain, StreamSlot, TooManyStreams
 from fairlane_server.queue.intake import Rejection
@@ -146,7 +146,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
             # this before writing never writes into a stream the server already refused
             # (grpc would then report INTERNAL instead of the refusal's status).
             await context.send_initial_metadata(())
-            session = SessionStream(self._d, principal, request_iterator)
+            session = SessionStream(self._d, principal, request_iterator, self._verifier)
             OPEN_SESSIONS.inc()
             try:
                 async for response in session.run():
@@ -183,8 +183,18 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         slot = await self._stream_slot(principal, context)
         with slot:
             await context.send_initial_metadata(())
-            async for result in watch_results(self._d, principal.user_id, request.after_lane_seq):
-                yield queue_pb2.WatchResultsResponse(result=result)
+            results = watch_results(
+                self._d,
+                principal.user_id,
+                request.after_lane_seq,
+                token=self._verifier,
+                principal=principal,
+            )
+            try:
+                async for result in results:
+                    yield queue_pb2.WatchResultsResponse(result=result)
+            except InvalidToken as exc:  # expired or revoked while open
+                await abort(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
 
     async def GetRequest(
         self, request: queue_pb2.GetRequestRequest, context: ServicerContext

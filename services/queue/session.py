@@ -13,6 +13,11 @@ and forwards the results of what it accepted.
   has none yet (its event is late or was lost in a broker fault, or this one was cancelled
   ahead of it) is held while the log is asked about the older ones: what has finished goes
   out first, in lane_seq order; what has not will finish with a greater lane_seq.
+- The stream was authenticated when it opened; its token is checked again with every
+  message, and watched while the stream waits (services/core/tokens.py, `watch`). Once it
+  has expired or its login has been revoked, nothing more is taken in: the requests
+  admitted before get their answers, then the stream ends with UNAUTHENTICATED. Results not sent
+  by then are not sent on this stream (they are in the log, for a new login to read).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from fairlane_server.core.broker import BrokerError
 from fairlane_server.core.grpc_host import MAX_MESSAGE_BYTES
 from fairlane_server.core.logging import get_logger
 from fairlane_server.core.tasks import wait_event
-from fairlane_server.core.tokens import Principal
+from fairlane_server.core.tokens import Principal, TokenCheck
 from fairlane_server.queue.domain import LogUnavailable, QueueDomain
 from fairlane_server.queue.intake import Admitted, Rejection
 from fairlane_server.queue.validation import InvalidEnqueue
@@ -129,6 +134,11 @@ class _Cancel:
 
 
 @dataclass(slots=True)
+class _Refused:
+    reason: str
+
+
+@dataclass(slots=True)
 class _Out:
     response: queue_pb2.SessionResponse
     releases: int = 0  # window slots given back once it has been written
@@ -143,9 +153,11 @@ class SessionStream:
         domain: QueueDomain,
         principal: Principal,
         requests: AsyncIterator[queue_pb2.SessionRequest],
+        token: TokenCheck | None = None,
     ) -> None:
         self._d = domain
         self._principal = principal
+        self._token = token
         self._user = uuid.UUID(principal.user_id)
         self._requests = requests
         limits = domain.streams
@@ -154,7 +166,7 @@ class SessionStream:
         self._max_batch = limits.max_batch_items
         self._grace = limits.result_grace_seconds
         self._out: _Mailbox[Any] = _Mailbox()
-        self._answers: deque[_Enqueued | _Cancel | None] = deque()
+        self._answers: deque[_Enqueued | _Cancel | _Refused | None] = deque()
         # request id -> monotonic time its accepted was queued, or None before that.
         self._mine: dict[str, float | None] = {}
         # Window slots held by accepted enqueues of each request (a repeated idempotency
@@ -171,10 +183,16 @@ class SessionStream:
         self._log_reader: asyncio.Task[None] | None = None
         self._reading = True
         self._batching = False  # set once the client sends an enqueue_batch
+        self._reader: asyncio.Task[None] | None = None
+        # The reader waits for the client or for a window slot: ending it there loses
+        # nothing. Elsewhere (admitting) it stops by itself at the next message.
+        self._at_rest = False
+        self._refused: str | None = None  # why the token no longer holds
 
     async def run(self) -> AsyncGenerator[queue_pb2.SessionResponse, None]:
         self._d.hub.listen(self._principal.user_id, self._on_event)
-        reader = asyncio.create_task(self._guard(self._read))
+        reader = self._reader = asyncio.create_task(self._guard(self._read))
+        unwatch = self._token.watch(self._principal, self._on_refused) if self._token else None
         try:
             while True:
                 item = await self._out.get()
@@ -215,6 +233,8 @@ class SessionStream:
         finally:
             # No event may start a log reader once the tasks are being ended.
             self._d.hub.unlisten(self._principal.user_id, self._on_event)
+            if unwatch is not None:
+                unwatch()
             tasks = [t for t in (reader, self._answerer, self._log_reader) if t is not None]
             for task in tasks:
                 task.cancel()
@@ -261,7 +281,18 @@ class SessionStream:
     # -- reading ---------------------------------------------------------------------------
 
     async def _read(self) -> None:
-        async for msg in self._requests:
+        messages = aiter(self._requests)
+        while True:
+            try:
+                msg = await self._at_rest_on(anext(messages))
+            except StopAsyncIteration:
+                break
+            if self._token is not None and self._refused is None:
+                reason = await self._token.refusal(self._principal)
+                if self._refused is None:  # the watch may have said so meanwhile
+                    self._refused = reason
+            if self._stopped():
+                return
             kind = msg.WhichOneof("kind")
             if kind == "enqueue":
                 await self._enqueue(msg.enqueue)
@@ -275,17 +306,48 @@ class SessionStream:
                     )
                 self._batching = True
                 for enqueue in items:
+                    if self._stopped():
+                        return
                     await self._enqueue(enqueue)
             elif kind == "cancel":
-                await self._window.acquire()
+                await self._at_rest_on(self._window.acquire())
                 self._to_answer(_Cancel(msg.cancel.request_id))
             else:
-                await self._window.acquire()
+                await self._at_rest_on(self._window.acquire())
                 self._to_answer(_Enqueued(None, "", None, "empty SessionRequest"))
+            if self._stopped():
+                return
         self._to_answer(None)
 
+    async def _at_rest_on(self, waiting: Awaitable[T]) -> T:
+        self._at_rest = True
+        try:
+            return await waiting
+        finally:
+            self._at_rest = False
+
+    def _stopped(self) -> bool:
+        """Whether the token no longer holds: then the reader reads no more, and the
+        stream ends once what was read has been answered."""
+        if self._refused is None:
+            return False
+        self._to_answer(_Refused(self._refused))
+        return True
+
+    def _on_refused(self, reason: str) -> None:
+        """The token expired or its login was revoked while the stream was open."""
+        if self._refused is not None:
+            return
+        self._refused = reason
+        reader = self._reader
+        if reader is not None and (self._at_rest or reader.done()):
+            # Waiting for the client or a window slot (or done reading): end it here.
+            reader.cancel()
+            self._to_answer(_Refused(reason))
+        # Otherwise it is admitting a request: it stops by itself (`_stopped`) after that.
+
     async def _enqueue(self, enqueue: queue_pb2.EnqueueRequest) -> None:
-        await self._window.acquire()
+        await self._at_rest_on(self._window.acquire())
         try:
             request_id, future = await self._d.admit(enqueue, self._principal)
         except InvalidEnqueue as exc:
@@ -297,7 +359,7 @@ class SessionStream:
 
     # -- answering, in order -----------------------------------------------------------------
 
-    def _to_answer(self, item: _Enqueued | _Cancel | None) -> None:
+    def _to_answer(self, item: _Enqueued | _Cancel | _Refused | None) -> None:
         self._answers.append(item)
         if self._answerer is None:
             self._answerer = asyncio.create_task(self._guard(self._answer))
@@ -310,6 +372,10 @@ class SessionStream:
             if item is None:
                 self._reading = False
                 self._maybe_done()
+                break
+            if isinstance(item, _Refused):
+                self._answers.clear()
+                self._out.put_nowait(StreamError(grpc.StatusCode.UNAUTHENTICATED, item.reason))
                 break
             if isinstance(item, _Cancel):
                 await self._cancel(item.request_id)

@@ -6,6 +6,10 @@ notifications (results of requests accepted elsewhere), and reads the log only t
 listener wakes every watcher whenever it (re)connects, since notifications may have been
 missed meanwhile; a rare safety read (every 2.5 to 5 minutes, spread so that watchers opened
 together do not read together) is the last line behind that.
+
+The stream was authenticated when it opened. With `token`, it is watched while the stream
+is open: once it expires or its login is revoked, the stream ends with InvalidToken (the
+servicer answers UNAUTHENTICATED), before the next result it would have sent.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ import asyncio
 import contextlib
 import random
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fairlane.common.v1 import common_pb2, lane_pb2
+from fairlane_server.core.tokens import InvalidToken, Principal, TokenCheck
 from fairlane_server.queue.convert import result_from_row
 from fairlane_server.queue.domain import QueueDomain
 
@@ -26,15 +31,35 @@ SAFETY_READ_SECONDS = 300.0
 
 
 async def watch_results(
-    domain: QueueDomain, user_id: str, after: int
+    domain: QueueDomain,
+    user_id: str,
+    after: int,
+    *,
+    token: TokenCheck | None = None,
+    principal: Principal | None = None,
 ) -> AsyncIterator[common_pb2.Result]:
     user = uuid.UUID(user_id)
     # Subscribe before reading the log: a result committed after the read is then certain
     # to arrive live (or to wake the watcher), and one seen twice is dropped by lane_seq.
     events = domain.hub.subscribe(user_id)
+    refused: list[str] = []
+
+    def on_refused(reason: str) -> None:
+        refused.append(reason)
+        events.put_nowait(lane_pb2.LaneEvent(user_id=user_id))  # wakes the wait below
+
+    unwatch: Callable[[], None] | None = None
+    if token is not None and principal is not None:
+        unwatch = token.watch(principal, on_refused)
+
+    def check() -> None:
+        if refused:
+            raise InvalidToken(refused[0])
+
     last = after
     try:
         async for result in _stored(domain, user, last, None):
+            check()
             yield result
             last = result.lane_seq
         while True:
@@ -44,10 +69,12 @@ async def watch_results(
                     batch.append(await events.get())
             while not events.empty():
                 batch.append(events.get_nowait())
+            check()
             if not batch or any(e.WhichOneof("kind") is None for e in batch):
                 # A wake-up, or the safety read: the log has everything these events carry
                 # (results are committed before they are published), so one read covers it.
                 async for result in _stored(domain, user, last, None):
+                    check()
                     yield result
                     last = result.lane_seq
                 continue
@@ -59,11 +86,15 @@ async def watch_results(
                     continue
                 if seq > last + 1:
                     async for result in _stored(domain, user, last, seq):
+                        check()
                         yield result
                         last = result.lane_seq
+                check()
                 yield event.result
                 last = seq
     finally:
+        if unwatch is not None:
+            unwatch()
         domain.hub.unsubscribe(user_id, events)
 
 

@@ -1,9 +1,12 @@
 """A revoked login is refused by the queue service within the revocation bound, whether it
-was revoked by Revoke or by the late reuse of a spent refresh token."""
+was revoked by Revoke or by the late reuse of a spent refresh token; and streams opened
+before the revocation (or before the token expired) end with UNAUTHENTICATED instead of
+going on with the credentials they were opened with."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from fairlane_server.core.settings import Settings
 from tests.conftest import DATABASE_URL, broker_url, unique
-from tests.e2e.suite import Suite, wait_until
+from tests.e2e.suite import Suite, serving, wait_until
 from tests.e2e.users import PASSWORD, bearer
 
 pytestmark = pytest.mark.e2e
@@ -86,3 +89,147 @@ async def test_revoked_logins_are_refused_by_the_queue_within_the_bound(suite: S
         await wait_until(lambda: refused(rotated.access_token), timeout=BOUND + SLACK)
 
         assert await _accepted(queue, kept.access_token) == grpc.StatusCode.OK
+
+
+# The stream checks (services/core/tokens.py).
+REVOKED_ON_STREAM = "login revoked; log in again and open a new stream"
+EXPIRED_ON_STREAM = "access token expired; refresh it and open a new stream"
+TOKEN_TTL = 4  # seconds, for the suite whose tokens expire while a stream is open
+
+
+@pytest.fixture
+async def full_suite(pg_schema: str, vhost: str, tmp_path: Path) -> AsyncIterator[Suite]:
+    """Auth, queue and a worker (the worker registers the handlers an enqueue names)."""
+    async with serving(Suite(DATABASE_URL, pg_schema, broker_url(vhost), tmp_path)) as s:
+        yield s
+
+
+@pytest.fixture
+async def short_ttl_suite(pg_schema: str, vhost: str, tmp_path: Path) -> AsyncIterator[Suite]:
+    s = Suite(DATABASE_URL, pg_schema, broker_url(vhost), tmp_path)
+    s.extra_env["FAIRLANE_ACCESS_TOKEN_TTL_SECONDS"] = str(TOKEN_TTL)
+    async with serving(s):
+        yield s
+
+
+class OpenSession:
+    """A raw Session stream whose requests are written one by one, when the test says."""
+
+    def __init__(self, queue: queue_pb2_grpc.QueueServiceStub, token: str) -> None:
+        self.call = queue.Session(metadata=bearer(token), timeout=60)
+
+    async def enqueue(self, client_ref: str, handler: str = "echo") -> None:
+        request = queue_pb2.EnqueueRequest(handler=handler, client_ref=client_ref)
+        # A stream the server has ended already refuses the write; its status is read.
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await self.call.write(queue_pb2.SessionRequest(enqueue=request))
+
+    async def read(self) -> queue_pb2.SessionResponse:
+        response = await self.call.read()
+        assert response is not grpc.aio.EOF
+        return response  # type: ignore[no-any-return]
+
+    async def until_ended(self) -> tuple[list[queue_pb2.SessionResponse], grpc.aio.AioRpcError]:
+        """Every response left, then the error that ended the stream."""
+        responses = []
+        try:
+            while (response := await self.call.read()) is not grpc.aio.EOF:
+                responses.append(response)
+        except grpc.aio.AioRpcError as ended:
+            return responses, ended
+        raise AssertionError(f"the stream ended with OK after {responses}")
+
+
+async def _two_logins(
+    auth: auth_pb2_grpc.AuthServiceStub,
+) -> tuple[auth_pb2.LoginResponse, auth_pb2.LoginResponse]:
+    name = unique("open")
+    await auth.Register(auth_pb2.RegisterRequest(username=name, password=PASSWORD))
+    login = auth_pb2.LoginRequest(username=name, password=PASSWORD)
+    return await auth.Login(login), await auth.Login(login)
+
+
+async def _client_refs(queue: queue_pb2_grpc.QueueServiceStub, token: str) -> list[str]:
+    page = await queue.ListRequests(
+        queue_pb2.ListRequestsRequest(page_size=100), metadata=bearer(token), timeout=10
+    )
+    return sorted(r.client_ref for r in page.requests)
+
+
+async def test_an_open_session_ends_unauthenticated_once_its_login_is_revoked(
+    full_suite: Suite,
+) -> None:
+    suite = full_suite
+    async with (
+        grpc.aio.insecure_channel(suite.target("auth")) as auth_channel,
+        grpc.aio.insecure_channel(suite.target("queue")) as queue_channel,
+    ):
+        auth = auth_pb2_grpc.AuthServiceStub(auth_channel)
+        queue = queue_pb2_grpc.QueueServiceStub(queue_channel)
+        revoked, kept = await _two_logins(auth)
+        session = OpenSession(queue, revoked.access_token)
+        await session.enqueue("before")
+        assert (await session.read()).accepted.client_ref == "before"
+
+        await auth.Revoke(auth_pb2.RevokeRequest(refresh_token=revoked.refresh_token))
+        # The open stream learns of it when the queue does (the fetch that lists the
+        # family ends it), so within the bound, whether or not the client writes.
+        async with asyncio.timeout(BOUND + SLACK):
+            responses, ended = await session.until_ended()
+        assert ended.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert ended.details() == REVOKED_ON_STREAM
+        assert all(r.WhichOneof("kind") == "result" for r in responses)  # before's, if it came
+        assert await _accepted(queue, revoked.access_token) == grpc.StatusCode.UNAUTHENTICATED
+        await session.enqueue("after")  # the ended stream takes nothing more
+        # Only what was sent before the revocation was stored; the user's other login
+        # still works.
+        assert await _client_refs(queue, kept.access_token) == ["before"]
+
+
+async def test_an_open_watch_ends_once_its_login_is_revoked(full_suite: Suite) -> None:
+    suite = full_suite
+    async with (
+        grpc.aio.insecure_channel(suite.target("auth")) as auth_channel,
+        grpc.aio.insecure_channel(suite.target("queue")) as queue_channel,
+    ):
+        auth = auth_pb2_grpc.AuthServiceStub(auth_channel)
+        queue = queue_pb2_grpc.QueueServiceStub(queue_channel)
+        revoked, kept = await _two_logins(auth)
+        watch = queue.WatchResults(
+            queue_pb2.WatchResultsRequest(after_lane_seq=0),
+            metadata=bearer(revoked.access_token),
+        )
+        await watch.initial_metadata()  # open (and idle: the user has no results)
+        await auth.Revoke(auth_pb2.RevokeRequest(refresh_token=revoked.refresh_token))
+        # Idle, so only the revocation can end it: within the bound (and one fetch).
+        async with asyncio.timeout(BOUND + SLACK):
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await watch.read()
+        assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert ended.value.details() == REVOKED_ON_STREAM
+        assert await _accepted(queue, kept.access_token) == grpc.StatusCode.OK
+
+
+async def test_an_open_session_ends_when_its_access_token_expires(
+    short_ttl_suite: Suite,
+) -> None:
+    suite = short_ttl_suite
+    async with (
+        grpc.aio.insecure_channel(suite.target("auth")) as auth_channel,
+        grpc.aio.insecure_channel(suite.target("queue")) as queue_channel,
+    ):
+        auth = auth_pb2_grpc.AuthServiceStub(auth_channel)
+        queue = queue_pb2_grpc.QueueServiceStub(queue_channel)
+        expiring, _ = await _two_logins(auth)
+        session = OpenSession(queue, expiring.access_token)
+        await session.enqueue("before")
+        assert (await session.read()).accepted.client_ref == "before"
+        assert (await session.read()).result.client_ref == "before"
+        # Open and waiting for nothing: the token's expiry ends it.
+        async with asyncio.timeout(TOKEN_TTL + SLACK):
+            responses, ended = await session.until_ended()
+        assert responses == []
+        assert ended.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert ended.details() == EXPIRED_ON_STREAM
+        fresh = await auth.Refresh(auth_pb2.RefreshRequest(refresh_token=expiring.refresh_token))
+        assert await _client_refs(queue, fresh.access_token) == ["before"]

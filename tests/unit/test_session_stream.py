@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
+import grpc
 import pytest
 
 from fairlane.common.v1 import common_pb2, lane_pb2
@@ -106,9 +107,36 @@ class Client:
             yield msg
 
 
-def stream(domain: Domain, client: Client) -> AsyncGenerator[queue_pb2.SessionResponse, None]:
+class Token:
+    """The stream's token: good until told otherwise (`refuse` for the per-message check,
+    `fire` for what the watch reports while the stream waits)."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.on_refused: Callable[[str], None] | None = None
+        self.unwatched = False
+
+    async def refusal(self, principal: Principal) -> str | None:
+        return self.reason
+
+    def watch(self, principal: Principal, on_refused: Callable[[str], None]) -> Callable[[], None]:
+        self.on_refused = on_refused
+
+        def unwatch() -> None:
+            self.unwatched = True
+
+        return unwatch
+
+    def fire(self, reason: str) -> None:
+        assert self.on_refused is not None
+        self.on_refused(reason)
+
+
+def stream(
+    domain: Domain, client: Client, token: Token | None = None
+) -> AsyncGenerator[queue_pb2.SessionResponse, None]:
     principal = Principal(user_id=USER, username="u", role="user")
-    return SessionStream(domain, principal, client.requests()).run()  # type: ignore[arg-type]
+    return SessionStream(domain, principal, client.requests(), token).run()  # type: ignore[arg-type]
 
 
 def kind(response: queue_pb2.SessionResponse) -> str:
@@ -337,3 +365,52 @@ async def test_a_response_larger_than_the_byte_bound_goes_out_alone() -> None:
     messages = [m async for m in out]
     assert [m.WhichOneof("kind") for m in messages] == ["result"] * 3
     assert [len(m.result.output) for m in messages] == sizes
+
+
+async def test_a_message_after_the_token_stopped_holding_ends_the_stream_unauthenticated() -> None:
+    domain, client, token = Domain(), Client(), Token()
+    out = stream(domain, client, token)
+    client.enqueue("a")
+    assert kind(await anext(out)) == "accepted a"
+    token.reason = "login revoked; log in again and open a new stream"
+    client.enqueue("b")
+    with pytest.raises(StreamError) as err:
+        await anext(out)
+    assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert str(err.value) == "login revoked; log in again and open a new stream"
+    assert domain.admitted == ["a"]  # b was never admitted
+    assert token.unwatched
+
+
+async def test_an_idle_session_ends_when_its_token_expires() -> None:
+    domain, client, token = Domain(), Client(), Token()
+    before = len(asyncio.all_tasks())
+    out = stream(domain, client, token)
+    client.enqueue("a")
+    assert kind(await anext(out)) == "accepted a"  # its result never comes
+    token.fire("access token expired; refresh it and open a new stream")
+    with pytest.raises(StreamError) as err:
+        await anext(out)
+    assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert "expired" in str(err.value)
+    client.enqueue("b")  # too late: nothing reads it
+    await until(lambda: len(asyncio.all_tasks()) == before)
+    assert domain.admitted == ["a"]
+    assert token.unwatched
+
+
+async def test_what_was_read_before_the_token_stopped_holding_is_answered_first() -> None:
+    domain, client, token = Domain(), Client(), Token()
+    domain.hold.add("a")
+    client.enqueue("a")
+    client.enqueue("b", handler="full")
+    out = stream(domain, client, token)
+    first = asyncio.ensure_future(anext(out))
+    await until(lambda: domain.admitted == ["a", "b"])
+    token.fire("login revoked; log in again and open a new stream")
+    domain.release("a")
+    assert kind(await first) == "accepted a"
+    assert kind(await anext(out)) == "rejected b 8"
+    with pytest.raises(StreamError) as err:
+        await anext(out)
+    assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
