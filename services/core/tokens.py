@@ -21,8 +21,7 @@ ROLE_ADMIN = "admin"
 FAMILY_CLAIM = "fam"
 
 
-# Why an open stream's token no longer holds (the stream was authenticated when it opened).
-EXPIRED_ON_STREAM = "access token expired; refresh it and open a new stream"
+# Why an open stream's login no longer holds (the stream was authenticated when it opened).
 REVOKED_ON_STREAM = "login revoked; log in again and open a new stream"
 
 
@@ -31,9 +30,8 @@ class Principal:
     user_id: str
     username: str
     role: str
-    # The token's `exp` (seconds since the epoch) and login family (`fam`), for streams
-    # that outlive the check made when they opened. None: not known (not from a token).
-    expires_at: float | None = None
+    # The token's login family (`fam`), for streams that outlive the check made when they
+    # opened. None: not known (not from a token).
     family: str | None = None
 
 
@@ -149,16 +147,19 @@ class TokenVerifier:
             user_id=str(claims["sub"]),
             username=str(claims.get("name", "")),
             role=str(claims.get("role", ROLE_USER)),
-            expires_at=float(claims["exp"]),
             family=family if isinstance(family, str) else None,
         )
 
     async def refusal(self, principal: Principal) -> str | None:
-        """Why the token `principal` was verified from no longer holds (it has expired, or
-        its login has been revoked since), or None. For open streams, per message: a clock
-        comparison and a look in the revocation list (refetched as `verify` does)."""
-        if principal.expires_at is not None and time.time() >= principal.expires_at:
-            return EXPIRED_ON_STREAM
+        """Why the login `principal` was verified from no longer holds (it has been revoked
+        since), or None. For open streams, per message: a look in the revocation list
+        (refetched as `verify` does).
+
+        An open stream answers to its login, not to its access token's expiry: the token's
+        short life bounds how long a copied token can open calls, and an open stream is
+        held to the login instead, through the revocation list. Ended at the token's
+        expiry, every long-lived Session would break each 15 minutes, with nothing a
+        client could do but open another."""
         if (
             self._revoked is not None
             and principal.family is not None
@@ -168,34 +169,24 @@ class TokenVerifier:
         return None
 
     def watch(self, principal: Principal, on_refused: Callable[[str], None]) -> Callable[[], None]:
-        """Calls `on_refused(reason)` once, when the token expires or when a refetch of the
-        revocation list (at most the revocation bound apart while anything watches) holds
-        its login; returns the function that stops watching. For streams that wait."""
-        loop = asyncio.get_running_loop()
+        """Calls `on_refused(reason)` once, when a refetch of the revocation list (at most
+        the revocation bound apart while anything watches) holds the principal's login;
+        returns the function that stops watching. For streams that wait."""
         called = False
 
-        def refused(reason: str) -> None:
+        def refused() -> None:
             nonlocal called
             if not called:
                 called = True
-                on_refused(reason)
+                on_refused(REVOKED_ON_STREAM)
 
-        timer = None
-        if principal.expires_at is not None:
-            timer = loop.call_later(
-                max(0.0, principal.expires_at - time.time()), refused, EXPIRED_ON_STREAM
-            )
         unwatch_family = None
         if self._revoked is not None and principal.family is not None:
-            unwatch_family = self._revoked.watch(
-                principal.family, lambda: refused(REVOKED_ON_STREAM)
-            )
+            unwatch_family = self._revoked.watch(principal.family, refused)
 
         def unwatch() -> None:
             nonlocal called
             called = True
-            if timer is not None:
-                timer.cancel()
             if unwatch_family is not None:
                 unwatch_family()
 

@@ -193,7 +193,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
             try:
                 async for result in results:
                     yield queue_pb2.WatchResultsResponse(result=result)
-            except InvalidToken as exc:  # expired or revoked while open
+            except InvalidToken as exc:  # the login was revoked while open
                 await abort(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
 
     async def GetRequest(

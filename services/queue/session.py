@@ -13,11 +13,12 @@ and forwards the results of what it accepted.
   has none yet (its event is late or was lost in a broker fault, or this one was cancelled
   ahead of it) is held while the log is asked about the older ones: what has finished goes
   out first, in lane_seq order; what has not will finish with a greater lane_seq.
-- The stream was authenticated when it opened; its token is checked again with every
-  message, and watched while the stream waits (services/core/tokens.py, `watch`). Once it
-  has expired or its login has been revoked, nothing more is taken in: the requests
-  admitted before get their answers, then the stream ends with UNAUTHENTICATED. Results not sent
-  by then are not sent on this stream (they are in the log, for a new login to read).
+- The stream was authenticated when it opened; its login is checked again with every
+  message, and watched while the stream waits (services/core/tokens.py, `watch`). Once the
+  login has been revoked, nothing more is taken in: the requests admitted before get their
+  answers, then the stream ends with UNAUTHENTICATED. Results not sent by then are not sent
+  on this stream (they are in the log, for a new login to read). The access token's expiry
+  does not end an open stream (see `TokenVerifier.refusal`).
 """
 
 from __future__ import annotations
@@ -335,7 +336,7 @@ class SessionStream:
         return True
 
     def _on_refused(self, reason: str) -> None:
-        """The token expired or its login was revoked while the stream was open."""
+        """The login was revoked while the stream was open."""
         if self._refused is not None:
             return
         self._refused = reason

@@ -7,9 +7,9 @@ listener wakes every watcher whenever it (re)connects, since notifications may h
 missed meanwhile; a rare safety read (every 2.5 to 5 minutes, spread so that watchers opened
 together do not read together) is the last line behind that.
 
-The stream was authenticated when it opened. With `token`, it is watched while the stream
-is open: once it expires or its login is revoked, the stream ends with InvalidToken (the
-servicer answers UNAUTHENTICATED), before the next result it would have sent.
+The stream was authenticated when it opened. With `token`, its login is watched while the
+stream is open: once the login is revoked, the stream ends with InvalidToken (the servicer
+answers UNAUTHENTICATED), before the next result it would have sent.
 """
 
 from __future__ import annotations

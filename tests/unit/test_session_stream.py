@@ -382,17 +382,17 @@ async def test_a_message_after_the_token_stopped_holding_ends_the_stream_unauthe
     assert token.unwatched
 
 
-async def test_an_idle_session_ends_when_its_token_expires() -> None:
+async def test_an_idle_session_ends_when_its_login_is_revoked() -> None:
     domain, client, token = Domain(), Client(), Token()
     before = len(asyncio.all_tasks())
     out = stream(domain, client, token)
     client.enqueue("a")
     assert kind(await anext(out)) == "accepted a"  # its result never comes
-    token.fire("access token expired; refresh it and open a new stream")
+    token.fire("login revoked; log in again and open a new stream")
     with pytest.raises(StreamError) as err:
         await anext(out)
     assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
-    assert "expired" in str(err.value)
+    assert "revoked" in str(err.value)
     client.enqueue("b")  # too late: nothing reads it
     await until(lambda: len(asyncio.all_tasks()) == before)
     assert domain.admitted == ["a"]
