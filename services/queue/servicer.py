@@ -15,7 +15,7 @@ from fairlane.common.v1 import common_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from fairlane_server.core import authz, status
 from fairlane_server.core.broker import BrokerError, lane_queue
-from fairlane_server.core.grpc_host import ServicerContext, abort
+from fairlane_server.core.grpc_host import MAX_MESSAGE_BYTES, ServicerContext, abort
 from fairlane_server.core.metrics import OPEN_SESSIONS
 from fairlane_server.core.rich_status import abort_retry
 from fairlane_server.core.settings import Settings
@@ -44,6 +44,9 @@ class PageSize:
 
 REQUESTS_PAGE = PageSize(default=50, maximum=500)  # ListRequests, ListDeadRequests
 LANES_PAGE = PageSize(default=1000, maximum=10_000)  # ListLanes
+# A page of requests with their payloads (ListDeadRequests) ends early, its token set, once
+# it holds this many bytes: 500 payloads of 1 MiB would not fit in gRPC's 8 MiB message.
+PAGE_BYTES = MAX_MESSAGE_BYTES // 2
 
 
 def _decode_token(token: str) -> uuid.UUID | None:
@@ -114,8 +117,16 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
             before=before,
             with_bodies=with_bodies,
         )
+        page: list[common_pb2.Request] = []
+        size = 0
+        for row in rows:
+            item = request_from_row(row)
+            size += item.ByteSize() + 6  # and the field's tag and length
+            if page and size > PAGE_BYTES:
+                return page, _encode_token(rows[len(page) - 1].id)
+            page.append(item)
         token = _encode_token(rows[-1].id) if len(rows) == limit else ""
-        return [request_from_row(r) for r in rows], token
+        return page, token
 
     # -- enqueue paths ---------------------------------------------------------------------
 

@@ -342,6 +342,42 @@ async def test_fail_is_retried_then_dead_lettered_and_replayed(cluster: Suite) -
     _ = user_id
 
 
+async def test_dead_requests_with_large_payloads_are_listed_in_pages_under_the_limit(
+    cluster: Suite,
+) -> None:
+    """ListDeadRequests returns payloads: ten dead requests of almost 1 MiB each made one
+    page of 10 MB, over gRPC's 8 MiB message limit, so none of them could be listed."""
+    await workers(cluster, 1)
+    _, token = await new_user(cluster.target("auth"))
+    payload = json.dumps({"times": 9, "pad": "x" * 1_000_000}).encode()
+    sent = [
+        queue_pb2.EnqueueRequest(
+            handler="fail", payload=payload, max_attempts=1, client_ref=f"d{i}"
+        )
+        for i in range(10)
+    ]
+    results = _results(await run_session(cluster.target("queue"), token, sent))
+    assert [r.status for r in results] == [common_pb2.REQUEST_STATUS_DEAD] * 10
+    async with grpc.aio.insecure_channel(cluster.target("queue")) as channel:
+        queue = queue_pb2_grpc.QueueServiceStub(channel)
+        pages: list[queue_pb2.ListDeadRequestsResponse] = []
+        page_token = ""
+        while True:
+            page = await queue.ListDeadRequests(
+                queue_pb2.ListDeadRequestsRequest(page_size=50, page_token=page_token),
+                metadata=bearer(token),
+            )
+            pages.append(page)
+            page_token = page.next_page_token
+            if not page_token:
+                break
+    listed = [r for page in pages for r in page.requests]
+    assert sorted(r.request_id for r in listed) == sorted(r.request_id for r in results)
+    assert all(r.payload == payload for r in listed)
+    assert len(pages) > 1
+    assert all(page.ByteSize() <= 4 * 1024 * 1024 for page in pages)
+
+
 async def test_progress_deadline_and_cancel(cluster: Suite) -> None:
     await workers(cluster, 1)
     _, token = await new_user(cluster.target("auth"))

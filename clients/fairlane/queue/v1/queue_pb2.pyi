@@ -708,7 +708,9 @@ class ListDeadRequestsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """At most this many (default 50, at most 500)."""
+    """At most this many (default 50, at most 500). A page holds at most 4 MiB of requests
+    (they carry their payloads): it may hold fewer, with next_page_token set.
+    """
     page_token: _builtins.str
     """From a previous response's next_page_token; empty for the first page."""
     def __init__(

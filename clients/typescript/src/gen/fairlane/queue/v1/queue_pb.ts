@@ -737,7 +737,8 @@ export const LaneSchema: GenMessage<Lane> = /*@__PURE__*/
  */
 export type ListDeadRequestsRequest = Message<"fairlane.queue.v1.ListDeadRequestsRequest"> & {
   /**
-   * At most this many (default 50, at most 500).
+   * At most this many (default 50, at most 500). A page holds at most 4 MiB of requests
+   * (they carry their payloads): it may hold fewer, with next_page_token set.
    *
    * @generated from field: uint32 page_size = 1;
    */
