@@ -301,16 +301,17 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         self, request: queue_pb2.ReplayDeadRequestRequest, context: ServicerContext
     ) -> queue_pb2.ReplayDeadRequestResponse:
         principal = authz.principal()
-        row = await self._own_request(principal, request.request_id, context)
-        if row.status != status.DEAD:
-            await abort(
-                context, grpc.StatusCode.FAILED_PRECONDITION, f"request is {row.status}, not DEAD"
-            )
         if request.max_attempts > MAX_ATTEMPTS_LIMIT:
+            # The request itself is checked before anything is looked up.
             await abort(
                 context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"max_attempts must be at most {MAX_ATTEMPTS_LIMIT}",
+            )
+        row = await self._own_request(principal, request.request_id, context)
+        if row.status != status.DEAD:
+            await abort(
+                context, grpc.StatusCode.FAILED_PRECONDITION, f"request is {row.status}, not DEAD"
             )
         replay = queue_pb2.EnqueueRequest(
             handler=row.handler,

@@ -6,6 +6,7 @@ principal (lane ids and the host name only for operators) and audits every contr
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import grpc
@@ -96,7 +97,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             **fields,
         )
 
-    async def _check_lane(self, event: str, lane: str, context: ServicerContext) -> None:
+    async def _check_lane(self, event: str, lane: str, context: ServicerContext) -> str:
+        """The lane in canonical form ("" for the whole replica), or the call is refused."""
+        if lane:
+            try:
+                lane = str(uuid.UUID(lane))
+            except ValueError:
+                await self._refuse(
+                    event,
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "lane must be a user id (a UUID)",
+                    lane=lane[:64],
+                )
         if self._runner.state in _FINISHED:
             await self._refuse(
                 event,
@@ -113,21 +126,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 "this replica does not consume that lane",
                 lane=lane,
             )
+        return lane
 
     async def Pause(
         self, request: worker_pb2.PauseRequest, context: ServicerContext
     ) -> worker_pb2.PauseResponse:
-        await self._check_lane("worker.pause", request.lane, context)
-        self._runner.pause(request.lane)
-        self._audit("worker.pause", context, outcome="OK", lane=request.lane)
+        lane = await self._check_lane("worker.pause", request.lane, context)
+        self._runner.pause(lane)
+        self._audit("worker.pause", context, outcome="OK", lane=lane)
         return worker_pb2.PauseResponse(state=_wire(self._runner.state))
 
     async def Resume(
         self, request: worker_pb2.ResumeRequest, context: ServicerContext
     ) -> worker_pb2.ResumeResponse:
-        await self._check_lane("worker.resume", request.lane, context)
-        self._runner.resume(request.lane)
-        self._audit("worker.resume", context, outcome="OK", lane=request.lane)
+        lane = await self._check_lane("worker.resume", request.lane, context)
+        self._runner.resume(lane)
+        self._audit("worker.resume", context, outcome="OK", lane=lane)
         return worker_pb2.ResumeResponse(state=_wire(self._runner.state))
 
     async def Drain(

@@ -339,6 +339,14 @@ async def test_fail_is_retried_then_dead_lettered_and_replayed(cluster: Suite) -
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await not_dead
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        # The request is checked before anything is looked up: a bad max_attempts is the
+        # caller's mistake whatever the id names.
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await queue.ReplayDeadRequest(
+                queue_pb2.ReplayDeadRequestRequest(request_id=str(uuid.uuid4()), max_attempts=101),
+                metadata=bearer(token),
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     _ = user_id
 
 
@@ -472,6 +480,11 @@ async def test_pause_resume_and_drain(cluster: Suite) -> None:
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await control
                 assert refused.value.code() == code
+        # A lane is named by its user id: anything else is refused as such, not as unknown
+        # (the id's upper-case spelling names the same lane: below).
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await worker.Pause(worker_pb2.PauseRequest(lane="not-a-uuid\0"), metadata=admin)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         paused = await worker.Pause(worker_pb2.PauseRequest(), metadata=admin)
         assert paused.state == worker_pb2.WORKER_STATE_PAUSED
         assert (await _status(cluster, first)).state == worker_pb2.WORKER_STATE_PAUSED
@@ -496,6 +509,10 @@ async def test_pause_resume_and_drain(cluster: Suite) -> None:
         assert seen.state == worker_pb2.WORKER_STATE_PAUSED
         assert (seen.worker_id, list(seen.lanes), list(seen.paused_lanes)) == ("", [], [])
         assert user_id in (await _status(cluster, first)).lanes
+        await worker.Pause(worker_pb2.PauseRequest(lane=user_id.upper()), metadata=admin)
+        assert list((await _status(cluster, first)).paused_lanes) == [user_id]
+        await worker.Resume(worker_pb2.ResumeRequest(lane=user_id), metadata=admin)
+        assert list((await _status(cluster, first)).paused_lanes) == []
 
         resumed = await worker.Resume(worker_pb2.ResumeRequest(), metadata=admin)
         assert resumed.state == worker_pb2.WORKER_STATE_RUNNING
