@@ -371,9 +371,10 @@ class SessionStream:
         while self._answers:
             item = self._answers.popleft()
             if item is None:
+                # The client half-closed; a revocation seen since may still follow it.
                 self._reading = False
                 self._maybe_done()
-                break
+                continue
             if isinstance(item, _Refused):
                 self._answers.clear()
                 self._out.put_nowait(StreamError(grpc.StatusCode.UNAUTHENTICATED, item.reason))

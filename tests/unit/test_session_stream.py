@@ -414,3 +414,24 @@ async def test_what_was_read_before_the_token_stopped_holding_is_answered_first(
     with pytest.raises(StreamError) as err:
         await anext(out)
     assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_half_closed_session_still_ends_when_its_login_is_revoked() -> None:
+    """The client's half-close and the revocation wait together behind an answer: the
+    revocation is not dropped with the half-close (the stream would have gone on sending
+    the revoked login its results)."""
+    domain, client, token = Domain(), Client(), Token()
+    domain.hold.add("a")
+    client.enqueue("a")
+    client.close()
+    principal = Principal(user_id=USER, username="u", role="user")
+    session = SessionStream(domain, principal, client.requests(), token)  # type: ignore[arg-type]
+    out = session.run()
+    first = asyncio.ensure_future(anext(out))
+    await until(lambda: session._reader is not None and session._reader.done())
+    token.fire("login revoked; log in again and open a new stream")
+    domain.release("a")
+    assert kind(await first) == "accepted a"
+    with pytest.raises(StreamError) as err:
+        await asyncio.wait_for(anext(out), 5)  # a's result never comes
+    assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
