@@ -125,6 +125,16 @@ class World:
         await self.broker.publish_lane(user, batch.SerializeToString(), {})
         return ids
 
+    async def running_on_a_dead_worker(self, user: str, handler: str, attempts: int) -> uuid.UUID:
+        """A request the log shows RUNNING its `attempts`-th attempt, whose worker died: its
+        message comes again (flagged, so the runner reads its state)."""
+        rid = uuid.uuid4()
+        self.log.rows[rid] = StoredState("RUNNING", None, attempts, None, None, "", handler)
+        item = lane_pb2.LaneItem(request_id=str(rid), handler=handler, recovered=True)
+        batch = lane_pb2.LaneBatch(user_id=user, reply_route=ROUTE, items=[item])
+        await self.broker.publish_lane(user, batch.SerializeToString(), {})
+        return rid
+
     async def until_finished(self, n: int) -> None:
         async with asyncio.timeout(5):
             while True:
@@ -436,14 +446,7 @@ async def test_a_request_whose_every_attempt_stopped_a_worker_ends_dead_without_
 
     world = World({"crash": handler("crash", crash, attempts=2)})
     await world.start(user)
-    rid = uuid.uuid4()
-    world.log.rows[rid] = StoredState("RUNNING", None, 2, None, None, "", "crash")
-    batch = lane_pb2.LaneBatch(
-        user_id=user,
-        reply_route=ROUTE,
-        items=[lane_pb2.LaneItem(request_id=str(rid), handler="crash", recovered=True)],
-    )
-    await world.broker.publish_lane(user, batch.SerializeToString(), {})
+    await world.running_on_a_dead_worker(user, "crash", attempts=2)
     await world.until_finished(1)
     await world.stop()
     (outcome,) = world.log.outcomes
@@ -465,15 +468,8 @@ async def test_a_redelivered_request_is_marked_running_in_the_log_before_its_han
 
     world = World({"look": handler("look", look, attempts=3)})
     await world.start(user)
-    rid = uuid.uuid4()
     # Attempt 1 started on a worker that died; attempt 2 runs here.
-    world.log.rows[rid] = StoredState("RUNNING", None, 1, None, None, "", "look")
-    batch = lane_pb2.LaneBatch(
-        user_id=user,
-        reply_route=ROUTE,
-        items=[lane_pb2.LaneItem(request_id=str(rid), handler="look", recovered=True)],
-    )
-    await world.broker.publish_lane(user, batch.SerializeToString(), {})
+    rid = await world.running_on_a_dead_worker(user, "look", attempts=1)
     await world.until_finished(1)
     await world.stop()
     assert marks_seen == [[(rid, 2)]]
