@@ -242,7 +242,8 @@ async def test_cli_commands_against_the_suite(suite: Suite, tmp_path: Path) -> N
     assert "PAUSED" in await admin.ok("worker", "pause")
     assert (await admin.json("worker", "status"))["state"] == "PAUSED"
     assert "RUNNING" in await admin.ok("worker", "resume")
-    assert "NOT_FOUND" in await admin.fails("worker", "pause", "--lane", "no-such-lane")
+    assert "NOT_FOUND" in await admin.fails("worker", "pause", "--lane", str(uuid.uuid4()))
+    assert "INVALID_ARGUMENT" in await admin.fails("worker", "pause", "--lane", "no-such-lane")
     assert "DRAINED" in await admin.ok("worker", "drain", "--grace", "2")
     assert "FAILED_PRECONDITION" in await admin.fails("worker", "resume")
 
