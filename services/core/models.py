@@ -117,6 +117,9 @@ requests = sa.Table(
     sa.Column("finished_at", Timestamp),
     sa.Column("deadline", Timestamp),
     sa.Column("trace_id", sa.String(32), nullable=False, server_default=""),
+    # The client cancelled it while it ran (CancelRequest answered RUNNING): whatever the
+    # handler returns, it ends CANCELLED, and a worker that takes it over does not run it.
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Index(None, "user_id", "status"),
     sa.Index(None, "user_id", "lane_seq"),
 )

@@ -561,7 +561,8 @@ class RequestStore:
             return rows
 
     async def cancel_queued(self, user_id: uuid.UUID, request_id: uuid.UUID) -> str | None:
-        """Marks a QUEUED request CANCELLED; returns the status it has afterwards."""
+        """Marks a QUEUED request CANCELLED, a RUNNING one cancel_requested; returns the
+        status it has afterwards."""
         now = datetime.now(UTC)
         async with self._engine.begin() as conn:
             updated = await conn.execute(
@@ -580,6 +581,20 @@ class RequestStore:
                     )
                 )
                 return status.CANCELLED
+            running = await conn.execute(
+                requests.update()
+                .where(
+                    requests.c.id == request_id,
+                    requests.c.user_id == user_id,
+                    requests.c.status == status.RUNNING,
+                    requests.c.lane_seq.is_(None),
+                )
+                .values(cancel_requested=True)
+            )
+            if running.rowcount:
+                # Kept in the log, not only sent to the worker running it: a worker that
+                # dies meanwhile leaves it to the next, which must not run it again.
+                return status.RUNNING
             current = await conn.execute(
                 sa.select(requests.c.status).where(
                     requests.c.id == request_id, requests.c.user_id == user_id

@@ -300,7 +300,11 @@ class Runner:
                 route=batch.reply_route,
             )
             return None
-        if state.status == status.CANCELLED or self._attempts.cancelled(item.request_id):
+        if (
+            state.status == status.CANCELLED
+            or state.cancel_requested
+            or self._attempts.cancelled(item.request_id)
+        ):
             outcome = Outcome(request_id, user, status.CANCELLED, error="cancelled by the client")
         elif item.HasField("deadline") and item.deadline.ToDatetime(tzinfo=UTC) <= datetime.now(
             UTC

@@ -60,6 +60,7 @@ class StoredState:
     error: str | None
     client_ref: str
     handler: str
+    cancel_requested: bool = False  # the client cancelled it while it ran
 
 
 class WorkerStore:
@@ -108,6 +109,7 @@ class WorkerStore:
                     requests.c.error,
                     requests.c.client_ref,
                     requests.c.handler,
+                    requests.c.cancel_requested,
                 ).where(requests.c.id.in_(list(ids)))
             )
             return {r.id: StoredState(*r[1:]) for r in rows}
@@ -129,10 +131,13 @@ class WorkerStore:
         return last
 
     async def _lock_requests(self, conn: Any, ids: list[uuid.UUID]) -> Any:
-        """Returns (id, status, lane_seq) of the requests in the log. SQLite: the write
-        transaction's lock (BEGIN IMMEDIATE) already keeps everyone else out."""
+        """Returns (id, status, lane_seq, cancel_requested) of the requests in the log.
+        SQLite: the write transaction's lock (BEGIN IMMEDIATE) already keeps everyone else
+        out."""
         return await conn.execute(
-            sa.select(requests.c.id, requests.c.status, requests.c.lane_seq)
+            sa.select(
+                requests.c.id, requests.c.status, requests.c.lane_seq, requests.c.cancel_requested
+            )
             .where(requests.c.id.in_(ids))
             .with_for_update()
         )
@@ -195,7 +200,7 @@ class WorkerStore:
             # Lock the rows: a client's cancel that landed while the handler ran wins, and
             # one that comes later finds the request finished.
             found = {
-                r.id: (r.status, r.lane_seq)
+                r.id: (r.status, r.lane_seq, r.cancel_requested)
                 for r in await self._lock_requests(conn, [o.request_id for o in outcomes])
             }
             kept: list[Outcome] = []
@@ -207,7 +212,8 @@ class WorkerStore:
                 if current is None or current[1] is not None or o.request_id in taken:
                     continue
                 taken.add(o.request_id)
-                if current[0] == status.CANCELLED and o.status != status.CANCELLED:
+                cancelled = current[0] == status.CANCELLED or current[2]
+                if cancelled and o.status != status.CANCELLED:
                     o.status, o.output, o.error = status.CANCELLED, b"", CANCELLED_BY_CLIENT
                 kept.append(o)
             if not kept:
@@ -386,7 +392,8 @@ _PG_MARK_RUNNING = sa.text(
 #   order the queue's intake locks them in, so the two never deadlock); an outcome whose
 #   lane row is gone (its user was deleted) drops out here, and comes back with a NULL seq;
 # - `fin`: an outcome whose request the client cancelled while it ran becomes CANCELLED
-#   (the cancel's answer is the truth);
+#   (the cancel's answer is the truth: CANCELLED in the log when the log still said
+#   QUEUED, cancel_requested when it said RUNNING);
 # - the events, the change notification and the request rows.
 # A plain SELECT in a WITH runs only if referenced, hence the `nt` check in the WHERE clause
 # (an uncorrelated sub-select: evaluated once).
@@ -396,13 +403,14 @@ _PG_FINISH = sa.text(
       SELECT * FROM unnest(CAST(:ks AS int[]), CAST(:ids AS uuid[]), CAST(:users AS uuid[]))
              AS o(k, i, u)
     ), cur AS (
-      SELECT r.id, r.status
+      SELECT r.id, r.status, r.cancel_requested
       FROM unnest(CAST(:lock_ids AS uuid[])) AS v(i) JOIN requests AS r ON r.id = v.i
       WHERE r.id BETWEEN CAST(:lo AS uuid) AND CAST(:hi AS uuid) AND r.lane_seq IS NULL
       ORDER BY r.id
       FOR UPDATE OF r
     ), kept AS (
-      SELECT DISTINCT ON (o.i) o.k, o.i, o.u, cur.status AS was
+      SELECT DISTINCT ON (o.i) o.k, o.i, o.u,
+             CASE WHEN cur.cancel_requested THEN 'CANCELLED' ELSE cur.status END AS was
       FROM o JOIN cur ON cur.id = o.i
       ORDER BY o.i, o.k
     ), numbered AS (

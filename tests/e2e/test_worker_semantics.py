@@ -264,6 +264,50 @@ async def test_a_handler_that_ends_the_worker_process_ends_dead_not_every_worker
     assert [tuple(r) for r in rows] == [("DEAD", 2), ("DEAD", 2), ("SUCCEEDED", 1)]
 
 
+async def test_a_cancel_that_finds_its_worker_dead_is_not_lost(cluster: Suite) -> None:
+    """The cancel of a running request was a message to the worker running it: if that
+    worker had died, the next one ran the request again from the start. The log keeps it
+    now; the worker that takes the lane over ends the request CANCELLED without running
+    it, and the lane goes on."""
+    await workers(cluster, 1)
+    user_id, token = await new_user(cluster.target("auth"))
+    sent = [
+        queue_pb2.EnqueueRequest(handler="sleep", payload=b"30", client_ref="long"),
+        queue_pb2.EnqueueRequest(handler="echo", payload=b"after", client_ref="after"),
+    ]
+    session = asyncio.create_task(run_session(cluster.target("queue"), token, sent))
+    running = sa.select(requests.c.id).where(
+        requests.c.user_id == uuid.UUID(user_id), requests.c.status == "RUNNING"
+    )
+
+    async def is_running() -> bool:
+        return bool(await _query(cluster, running))
+
+    await wait_until(is_running, 20)
+    (long_id,) = [r.id for r in await _query(cluster, running)]
+    cluster.stop("worker0", signal.SIGKILL)
+    async with grpc.aio.insecure_channel(cluster.target("queue")) as channel:
+        queue = queue_pb2_grpc.QueueServiceStub(channel)
+        answer = await queue.CancelRequest(
+            queue_pb2.CancelRequestRequest(request_id=str(long_id)), metadata=bearer(token)
+        )
+    assert answer.status == common_pb2.REQUEST_STATUS_RUNNING
+    cluster.start_worker("worker0")
+    results = _results(await asyncio.wait_for(session, 60))
+    assert [(r.client_ref, r.status) for r in results] == [
+        ("long", common_pb2.REQUEST_STATUS_CANCELLED),
+        ("after", SUCCEEDED),
+    ]
+    events = await _query(
+        cluster,
+        sa.select(request_events.c.status, request_events.c.attempt)
+        .where(request_events.c.request_id == long_id)
+        .order_by(request_events.c.id),
+    )
+    # Not run again: a run on the new worker would have logged its attempt (RUNNING).
+    assert [e.status for e in events] == ["QUEUED", "CANCELLED"]
+
+
 async def test_fail_is_retried_then_dead_lettered_and_replayed(cluster: Suite) -> None:
     await workers(cluster, 1)
     user_id, token = await new_user(cluster.target("auth"))

@@ -201,6 +201,38 @@ async def test_cancel_only_while_queued(engine: AsyncEngine) -> None:
     assert await store.cancel_queued(user, uuid.uuid4()) is None
 
 
+async def test_a_cancel_of_a_running_request_is_kept_in_the_log_and_wins(
+    engine: AsyncEngine,
+) -> None:
+    """CancelRequest answers RUNNING and the worker running it is asked to stop; the log
+    keeps the cancel too, so a worker that takes the request over (its first one died)
+    sees it, and an outcome the handler produced anyway is written CANCELLED."""
+    store, worker = RequestStore(engine), WorkerStore(engine)
+    user = await _user(engine)
+    at = datetime.now(UTC)
+    running, other = new_request(user), new_request(user)
+    await store_requests(store, [running, other])
+    await worker.finish([], [(running.id, 1, at), (other.id, 1, at)])
+    assert await store.cancel_queued(user, running.id) == "RUNNING"
+    states = await worker.states([running.id, other.id])
+    assert (states[running.id].status, states[running.id].cancel_requested) == ("RUNNING", True)
+    assert states[other.id].cancel_requested is False
+    _ok(
+        await write_results(
+            worker,
+            [
+                Outcome(running.id, user, "SUCCEEDED", output=b"x", attempts=[Attempt(1, at)]),
+                Outcome(other.id, user, "SUCCEEDED", output=b"y", attempts=[Attempt(1, at)]),
+            ],
+        )
+    )
+    rows = await _rows(engine, [running.id, other.id])
+    assert (rows[running.id].status, rows[running.id].output) == ("CANCELLED", None)
+    assert (rows[other.id].status, rows[other.id].output) == ("SUCCEEDED", b"y")
+    assert [rows[running.id].lane_seq, rows[other.id].lane_seq] == [1, 2]
+    assert await store.cancel_queued(user, running.id) == "CANCELLED"  # finished now
+
+
 async def test_an_outcome_written_twice_keeps_the_first_and_no_seq_is_lost(
     engine: AsyncEngine,
 ) -> None:

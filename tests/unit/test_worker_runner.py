@@ -125,11 +125,15 @@ class World:
         await self.broker.publish_lane(user, batch.SerializeToString(), {})
         return ids
 
-    async def running_on_a_dead_worker(self, user: str, handler: str, attempts: int) -> uuid.UUID:
+    async def running_on_a_dead_worker(
+        self, user: str, handler: str, attempts: int, *, cancel_requested: bool = False
+    ) -> uuid.UUID:
         """A request the log shows RUNNING its `attempts`-th attempt, whose worker died: its
         message comes again (flagged, so the runner reads its state)."""
         rid = uuid.uuid4()
-        self.log.rows[rid] = StoredState("RUNNING", None, attempts, None, None, "", handler)
+        self.log.rows[rid] = StoredState(
+            "RUNNING", None, attempts, None, None, "", handler, cancel_requested
+        )
         item = lane_pb2.LaneItem(request_id=str(rid), handler=handler, recovered=True)
         batch = lane_pb2.LaneBatch(user_id=user, reply_route=ROUTE, items=[item])
         await self.broker.publish_lane(user, batch.SerializeToString(), {})
@@ -541,4 +545,24 @@ async def test_a_deadline_that_passes_while_the_worker_is_paused_expires_the_req
     await world.stop()
     (outcome,) = world.log.outcomes
     assert (outcome.status, outcome.error) == ("EXPIRED", "deadline passed before start")
+    assert calls == 0
+
+
+async def test_a_request_cancelled_while_its_worker_died_is_not_run_again(user: str) -> None:
+    """The cancel reached the log (cancel_requested) but not the worker, which died: the
+    worker that takes the lane over ends it CANCELLED without running it."""
+    calls = 0
+
+    async def work(ctx: Any, payload: bytes) -> bytes:
+        nonlocal calls
+        calls += 1
+        return b""
+
+    world = World({"work": handler("work", work)})
+    await world.start(user)
+    await world.running_on_a_dead_worker(user, "work", attempts=1, cancel_requested=True)
+    await world.until_finished(1)
+    await world.stop()
+    (outcome,) = world.log.outcomes
+    assert outcome.status == "CANCELLED"
     assert calls == 0
