@@ -66,6 +66,20 @@ async def _query(suite: Suite, query: Any) -> list[Any]:
         await engine.dispose()
 
 
+async def _running_request(suite: Suite, user_id: str) -> uuid.UUID:
+    """The id of the user's request the log shows RUNNING, once it does."""
+    running = sa.select(requests.c.id).where(
+        requests.c.user_id == uuid.UUID(user_id), requests.c.status == "RUNNING"
+    )
+
+    async def is_running() -> bool:
+        return bool(await _query(suite, running))
+
+    await wait_until(is_running, 20)
+    (request_id,) = [r.id for r in await _query(suite, running)]
+    return uuid.UUID(str(request_id))
+
+
 def _results(responses: list[queue_pb2.SessionResponse]) -> list[common_pb2.Result]:
     return [r.result for r in responses if r.WhichOneof("kind") == "result"]
 
@@ -182,14 +196,7 @@ async def test_kill_9_of_the_running_worker_hands_the_lane_over(cluster: Suite) 
     session = asyncio.create_task(run_session(cluster.target("queue"), token, sent))
 
     # Once the log shows the slow request RUNNING, find its replica and kill it unwarned.
-    running = sa.select(requests.c.id).where(
-        requests.c.user_id == uuid.UUID(user_id), requests.c.status == "RUNNING"
-    )
-
-    async def is_running() -> bool:
-        return bool(await _query(cluster, running))
-
-    await wait_until(is_running, 20)
+    await _running_request(cluster, user_id)
     victim = None
     deadline = time.monotonic() + 20
     while victim is None:
@@ -276,15 +283,7 @@ async def test_a_cancel_that_finds_its_worker_dead_is_not_lost(cluster: Suite) -
         queue_pb2.EnqueueRequest(handler="echo", payload=b"after", client_ref="after"),
     ]
     session = asyncio.create_task(run_session(cluster.target("queue"), token, sent))
-    running = sa.select(requests.c.id).where(
-        requests.c.user_id == uuid.UUID(user_id), requests.c.status == "RUNNING"
-    )
-
-    async def is_running() -> bool:
-        return bool(await _query(cluster, running))
-
-    await wait_until(is_running, 20)
-    (long_id,) = [r.id for r in await _query(cluster, running)]
+    long_id = await _running_request(cluster, user_id)
     cluster.stop("worker0", signal.SIGKILL)
     async with grpc.aio.insecure_channel(cluster.target("queue")) as channel:
         queue = queue_pb2_grpc.QueueServiceStub(channel)
