@@ -47,6 +47,8 @@ LANES_PAGE = PageSize(default=1000, maximum=10_000)  # ListLanes
 # A page of requests with their payloads (ListDeadRequests) ends early, its token set, once
 # it holds this many bytes: 500 payloads of 1 MiB would not fit in gRPC's 8 MiB message.
 PAGE_BYTES = MAX_MESSAGE_BYTES // 2
+# The idempotency key a replay is enqueued with, followed by the dead request's id.
+REPLAY_KEY_PREFIX = "fairlane.replay:"
 
 
 def _decode_token(token: str) -> uuid.UUID | None:
@@ -318,6 +320,9 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
             payload=row.payload,
             max_attempts=request.max_attempts or row.max_attempts,
             client_ref=row.client_ref,
+            # A key of the dead request's own makes a replay idempotent: a caller who
+            # retries the call (its answer lost) gets the first replay, not a second run.
+            idempotency_key=f"{REPLAY_KEY_PREFIX}{row.id}",
         )
         try:
             _, future = await self._d.admit(replay, principal)

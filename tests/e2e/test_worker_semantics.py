@@ -375,6 +375,21 @@ async def test_fail_is_retried_then_dead_lettered_and_replayed(cluster: Suite) -
         watch.cancel()
         assert (replayed.request_id, replayed.status) == (replay.request_id, SUCCEEDED)
         assert replayed.output == b"succeeded on attempt 5"
+        # A repeated call (its first answer lost, say) names the first replay and runs
+        # nothing more: before, every call enqueued the request once more.
+        again = await queue.ReplayDeadRequest(
+            queue_pb2.ReplayDeadRequestRequest(request_id=doomed.request_id),
+            metadata=bearer(token),
+        )
+        assert again.request_id == replay.request_id
+        ids = await _query(
+            cluster, sa.select(requests.c.id).where(requests.c.user_id == uuid.UUID(user_id))
+        )
+        assert {str(r.id) for r in ids} == {
+            doomed.request_id,
+            following.request_id,
+            replay.request_id,
+        }
         not_dead = queue.ReplayDeadRequest(
             queue_pb2.ReplayDeadRequestRequest(request_id=following.request_id),
             metadata=bearer(token),
@@ -390,7 +405,6 @@ async def test_fail_is_retried_then_dead_lettered_and_replayed(cluster: Suite) -
                 metadata=bearer(token),
             )
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    _ = user_id
 
 
 async def test_dead_requests_with_large_payloads_are_listed_in_pages_under_the_limit(

@@ -789,7 +789,12 @@ class ReplayDeadRequestResponse(_message.Message):
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Id of the new request carrying the same handler and payload."""
+    """Id of the new request carrying the same handler and payload. A dead request is replayed
+    once: calling again (say, after a lost answer) returns the id of that first replay and
+    enqueues nothing. To run it once more after its replay dies too, replay the replay.
+    The replay is enqueued with the idempotency key "fairlane.replay:" followed by the
+    dead request's id.
+    """
     def __init__(
         self,
         *,

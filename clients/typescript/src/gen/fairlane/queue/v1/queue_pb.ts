@@ -822,7 +822,11 @@ export const ReplayDeadRequestRequestSchema: GenMessage<ReplayDeadRequestRequest
  */
 export type ReplayDeadRequestResponse = Message<"fairlane.queue.v1.ReplayDeadRequestResponse"> & {
   /**
-   * Id of the new request carrying the same handler and payload.
+   * Id of the new request carrying the same handler and payload. A dead request is replayed
+   * once: calling again (say, after a lost answer) returns the id of that first replay and
+   * enqueues nothing. To run it once more after its replay dies too, replay the replay.
+   * The replay is enqueued with the idempotency key "fairlane.replay:" followed by the
+   * dead request's id.
    *
    * @generated from field: string request_id = 1;
    */
