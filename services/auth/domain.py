@@ -18,7 +18,7 @@ from fairlane_server.auth.hashing import PasswordHashing
 from fairlane_server.auth.keys import SigningKey
 from fairlane_server.auth.passwords import MAX_PASSWORD, WeakPassword, check_new_password
 from fairlane_server.auth.sealing import seal, unseal
-from fairlane_server.auth.store import AuthStore, NewRefresh, RefreshRecord, UsernameTaken
+from fairlane_server.auth.store import AuthStore, NewRefresh, RefreshRecord, UsernameTaken, fold
 from fairlane_server.auth.throttle import Hold, Rule, Throttle, Trip
 from fairlane_server.core.logging import get_logger
 from fairlane_server.core.tokens import FAMILY_CLAIM, ROLE_SERVICE, ROLE_USER
@@ -161,7 +161,9 @@ class Auth:
         return user_id
 
     async def login(self, username: str, password: str, peer: str) -> TokenPair:
-        subjects = ((self._p.login_user, username), (self._p.login_peer, peer))
+        # Usernames are case-insensitive, so the throttle counts a name in every case as
+        # one: otherwise each case variant of a name would get its own free failures.
+        subjects = ((self._p.login_user, fold(username)), (self._p.login_peer, peer))
         # Counts this login as failed before the password is checked, so that logins
         # arriving together cannot all pass the throttle; a success gives it back.
         state = await self._throttle.before_login(*subjects)
@@ -181,14 +183,11 @@ class Auth:
             await _give_back(self._throttle, state.holds)
             raise
         if user is None or not verified:
-            audit.event(
-                audit.LOGIN_FAILED,
-                username=audit.username_field(username),
-                peer=peer,
-                user_known=user is not None,
-            )
+            # A known user by the name they registered, whatever case was typed.
+            named = user.username if user is not None else audit.username_field(username)
+            audit.event(audit.LOGIN_FAILED, username=named, peer=peer, user_known=user is not None)
             for hold in state.holds:
-                _tripped(hold.trip, username=audit.username_field(username), peer=peer)
+                _tripped(hold.trip, username=named, peer=peer)
             raise BadCredentials("wrong username or password")
         await self._throttle.after_login(state)
         if self._hashing.needs_rehash(user.password_hash):

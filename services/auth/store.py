@@ -18,6 +18,18 @@ class UsernameTaken(Exception):
     pass
 
 
+def fold(username: str) -> str:
+    """The form in which usernames are compared: they are case-insensitive. They are ASCII
+    (fairlane_server.auth.domain.USERNAME), so lower() is the fold, the same as the
+    database's lower()."""
+    return username.lower()
+
+
+def _named(username: str) -> sa.ColumnElement[bool]:
+    # The expression of the unique index ix_users_lower_username, so lookups use it.
+    return sa.func.lower(users.c.username) == fold(username)
+
+
 @dataclass(frozen=True, slots=True)
 class User:
     id: uuid.UUID
@@ -50,6 +62,9 @@ class AuthStore:
         self._engine = engine
 
     async def create_user(self, username: str, password_hash: str, now: datetime) -> uuid.UUID:
+        """Raises UsernameTaken when a user has that name in any case: the unique index on
+        lower(username) decides, so of registrations racing for one name, whatever their
+        cases, exactly one creates a user."""
         user_id = uuid.uuid4()
         try:
             async with self._engine.begin() as conn:
@@ -63,11 +78,12 @@ class AuthStore:
         return user_id
 
     async def user_by_name(self, username: str) -> User | None:
+        """The user of that name whatever its case, with the name as registered."""
         async with self._engine.connect() as conn:
             row = (
                 await conn.execute(
                     sa.select(users.c.id, users.c.username, users.c.password_hash).where(
-                        users.c.username == username
+                        _named(username)
                     )
                 )
             ).first()
@@ -80,10 +96,9 @@ class AuthStore:
             )
 
     async def username_taken(self, username: str) -> bool:
+        """Whether a user has that name in any case."""
         async with self._engine.connect() as conn:
-            found = (
-                await conn.execute(sa.select(users.c.id).where(users.c.username == username))
-            ).first()
+            found = (await conn.execute(sa.select(users.c.id).where(_named(username)))).first()
         return found is not None
 
     @staticmethod

@@ -24,6 +24,10 @@ users = sa.Table(
     sa.Column("password_hash", sa.Text, nullable=False),
     sa.Column("created_at", Timestamp, nullable=False),
 )
+# Usernames are case-insensitive (migration 0008): `username` keeps the spelling the user
+# registered with, this index makes a name unique whatever its case and serves the lookups
+# by lower(username) (usernames are ASCII, so lower() folds them alike in both databases).
+sa.Index("ix_users_lower_username", sa.func.lower(users.c.username), unique=True)
 
 refresh_tokens = sa.Table(
     "refresh_tokens",
