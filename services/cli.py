@@ -8,7 +8,7 @@ from typing import NoReturn
 
 from fairlane_server.core import logging as fl_logging
 from fairlane_server.core import metrics, telemetry
-from fairlane_server.core.db import migrate
+from fairlane_server.core.db import MigrationRefused, migrate
 from fairlane_server.core.runtime import Component, run, run_until_signalled
 from fairlane_server.core.settings import Settings, service_secret_problem
 from fairlane_server.core.transport import TransportError
@@ -72,6 +72,9 @@ def migrate_database() -> None:
         asyncio.run(migrate(settings.database_url, schema=settings.database_schema))
     except OSError as exc:
         print(f"fairlane migrate: cannot reach the database: {exc}", file=sys.stderr)
+        raise SystemExit(1) from exc
+    except MigrationRefused as exc:
+        print(f"fairlane migrate: {exc}", file=sys.stderr)
         raise SystemExit(1) from exc
     print("database is at the newest schema version")
 

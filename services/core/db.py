@@ -21,6 +21,11 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
+class MigrationRefused(RuntimeError):
+    """A migration found data it cannot change safely and changed nothing; the message
+    says what an operator must fix before migrating again."""
+
+
 def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 

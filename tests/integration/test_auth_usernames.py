@@ -5,6 +5,8 @@ refusal of existing names that differ only in case. On PostgreSQL and SQLite ali
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -22,7 +24,13 @@ from structlog.testing import capture_logs
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 from fairlane_server.auth.service import AuthService
 from fairlane_server.auth.store import AuthStore, UsernameTaken
-from fairlane_server.core.db import _alembic_config, create_engine, drop_schema, migrate
+from fairlane_server.core.db import (
+    MigrationRefused,
+    _alembic_config,
+    create_engine,
+    drop_schema,
+    migrate,
+)
 from fairlane_server.core.models import users
 from fairlane_server.core.settings import Settings
 from tests.conftest import DATABASE_URL, unique
@@ -345,7 +353,7 @@ async def test_the_migration_refuses_names_that_already_differ_only_in_case(
     try:
         carol, dave, erin = unique("Carol"), unique("dave"), unique("Erin")
         await _insert_users(db, [carol, carol.lower(), carol.upper(), dave, dave.upper(), erin])
-        with pytest.raises(RuntimeError) as refused:
+        with pytest.raises(MigrationRefused) as refused:
             await migrate(db.url, schema=db.schema)
         message = str(refused.value)
         assert "differ only in case" in message
@@ -353,6 +361,21 @@ async def test_the_migration_refuses_names_that_already_differ_only_in_case(
         for colliding in (carol, carol.lower(), carol.upper(), dave, dave.upper()):
             assert repr(colliding) in message
         assert erin not in message
+        # An operator running `fairlane migrate` reads the message, not a traceback.
+        env = {**os.environ, "FAIRLANE_DATABASE_URL": db.url, "FAIRLANE_DATABASE_SCHEMA": db.schema}
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "fairlane.cli.main",
+            "migrate",
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(cli.communicate(), 120)
+        assert cli.returncode == 1
+        assert err.decode().startswith("fairlane migrate: migration 0008 makes usernames")
+        assert "Traceback" not in err.decode()
         # Nothing changed: still at 0007, no index.
         assert await _revision_and_index(db) == ("0007", False)
 

@@ -194,11 +194,11 @@ async def test_unauthenticated_reauthenticates_once() -> None:
     assert once.calls == 1
 
 
-def _jwt(exp: float) -> str:
+def _jwt(exp: float, **claims: str) -> str:
     def part(data: dict[str, Any]) -> str:
         return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
 
-    return f"{part({'alg': 'EdDSA'})}.{part({'exp': int(exp), 'sub': 'u'})}.sig"
+    return f"{part({'alg': 'EdDSA'})}.{part({'exp': int(exp), 'sub': 'u', **claims})}.sig"
 
 
 def test_tokens_expiry_comes_from_the_jwt_when_earlier() -> None:
@@ -208,6 +208,15 @@ def test_tokens_expiry_comes_from_the_jwt_when_earlier() -> None:
     assert tokens.lifetime == 900
     assert tokens.expires_within(10)
     assert not Tokens.issued("opaque", "refresh", 900).expires_within(10)
+
+
+def test_tokens_name_the_user_as_registered() -> None:
+    """Usernames are case-insensitive: a login typed as ALICE is Alice's, and the client
+    shows the spelling the token names, not the one typed."""
+    now = time.time()
+    assert Tokens.issued(_jwt(now + 900, name="Alice"), "r", 900, "ALICE").username == "Alice"
+    assert Tokens.issued(_jwt(now + 900), "r", 900, "ALICE").username == "ALICE"
+    assert Tokens.issued("opaque", "r", 900, "ALICE").username == "ALICE"
 
 
 def test_status_parse() -> None:

@@ -8,6 +8,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from google.protobuf import timestamp_pb2
 
@@ -92,15 +93,14 @@ def _worker_state(value: int) -> WorkerState:
         return WorkerState.UNSPECIFIED
 
 
-def _jwt_expiry(token: str) -> float | None:
-    """The `exp` claim of a JWT, read without verifying it (the server verifies)."""
+def _jwt_claims(token: str) -> dict[str, Any]:
+    """A JWT's claims, read without verifying them (the server verifies)."""
     try:
         body = token.split(".")[1]
         claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-        exp = claims["exp"]
-    except (IndexError, ValueError, KeyError, TypeError):
-        return None
-    return float(exp) if isinstance(exp, int | float) else None
+    except (IndexError, ValueError, TypeError):
+        return {}
+    return claims if isinstance(claims, dict) else {}
 
 
 def _time(msg: timestamp_pb2.Timestamp, present: bool) -> datetime | None:
@@ -126,16 +126,20 @@ class Tokens:
         cls, access_token: str, refresh_token: str, expires_in: int, username: str = ""
     ) -> Tokens:
         expires_at = time.time() + expires_in
-        claimed = _jwt_expiry(access_token)
-        if claimed is not None:
+        claims = _jwt_claims(access_token)
+        exp = claims.get("exp")
+        if isinstance(exp, int | float):
             # The server rounds `exp` down to whole seconds: trust the earlier of the two.
-            expires_at = min(expires_at, claimed)
+            expires_at = min(expires_at, float(exp))
+        # Usernames are case-insensitive: the token names the user as registered, which
+        # is what a login typed as "ALICE" should show.
+        name = claims.get("name")
         return cls(
             access_token=access_token,
             refresh_token=refresh_token,
             expires_at=expires_at,
             lifetime=float(expires_in),
-            username=username,
+            username=name if isinstance(name, str) and name else username,
         )
 
     def expires_within(self, seconds: float, now: float | None = None) -> bool:

@@ -52,7 +52,10 @@ class RegisterRequest(_message.Message):
     USERNAME_FIELD_NUMBER: _builtins.int
     PASSWORD_FIELD_NUMBER: _builtins.int
     username: _builtins.str
-    """3-64 characters: letters, digits, '.', '_' or '-'; case-sensitive."""
+    """3-64 characters: letters, digits, '.', '_' or '-'. Case-insensitive: a name that
+    differs from a registered one only in case is taken (ALREADY_EXISTS), and Login accepts
+    any case. Tokens and WhoAmI give the name as registered.
+    """
     password: _builtins.str
     """At least 8 characters, at most 1024, and not a common or breached password nor a
     small variation of one (NIST SP 800-63B).
@@ -102,7 +105,7 @@ class LoginRequest(_message.Message):
     USERNAME_FIELD_NUMBER: _builtins.int
     PASSWORD_FIELD_NUMBER: _builtins.int
     username: _builtins.str
-    """The registered username."""
+    """The registered username, in any case."""
     password: _builtins.str
     """The user's password."""
     def __init__(

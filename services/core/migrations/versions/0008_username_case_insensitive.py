@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from fairlane_server.core.db import MigrationRefused
+
 revision: str = "0008"
 down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
@@ -49,7 +51,7 @@ def upgrade() -> None:
     collisions = _collisions()
     if collisions:
         listed = "; ".join(", ".join(repr(n) for n in group) for group in collisions)
-        raise RuntimeError(
+        raise MigrationRefused(
             "migration 0008 makes usernames case-insensitive, but these existing users' "
             f"names differ only in case: {listed}. Rename or delete all but one user of "
             "each group (table users), then migrate again; nothing was changed."

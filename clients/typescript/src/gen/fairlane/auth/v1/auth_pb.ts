@@ -19,7 +19,9 @@ export const file_fairlane_auth_v1_auth: GenFile = /*@__PURE__*/
  */
 export type RegisterRequest = Message<"fairlane.auth.v1.RegisterRequest"> & {
   /**
-   * 3-64 characters: letters, digits, '.', '_' or '-'; case-sensitive.
+   * 3-64 characters: letters, digits, '.', '_' or '-'. Case-insensitive: a name that
+   * differs from a registered one only in case is taken (ALREADY_EXISTS), and Login accepts
+   * any case. Tokens and WhoAmI give the name as registered.
    *
    * @generated from field: string username = 1;
    */
@@ -69,7 +71,7 @@ export const RegisterResponseSchema: GenMessage<RegisterResponse> = /*@__PURE__*
  */
 export type LoginRequest = Message<"fairlane.auth.v1.LoginRequest"> & {
   /**
-   * The registered username.
+   * The registered username, in any case.
    *
    * @generated from field: string username = 1;
    */
