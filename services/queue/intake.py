@@ -6,6 +6,12 @@ lane relay owes it a publish from then on. Nothing after the commit can turn an 
 request into a rejected one. Before the commit every item fails or succeeds on its own:
 transient database errors are retried for the whole batch, anything else splits the batch
 until only the items that cause it fail.
+
+Batches are fair across users and bounded in bytes (services/queue/fair_queue.py): each
+user's submissions wait in order in their own FIFO, a batch takes the users in turn, and
+it holds at most `write_batch_size` requests and BATCH_BYTES of them. A user's requests
+are committed in the order they were submitted (batch after batch, and in order within
+one: the store numbers a lane's requests in batch order); different users' interleave.
 """
 
 from __future__ import annotations
@@ -20,14 +26,26 @@ from typing import Any
 from opentelemetry.trace import Span, SpanKind
 from sqlalchemy.exc import IntegrityError
 
-from fairlane_server.core import batching, dberrors, metrics, tracing
+from fairlane_server.core import dberrors, metrics, tracing
 from fairlane_server.core.breaker import CircuitBreaker, CircuitOpen
 from fairlane_server.core.logging import get_logger
 from fairlane_server.core.tasks import cancel_and_wait, fail_quietly
+from fairlane_server.queue.fair_queue import FairQueue
 from fairlane_server.queue.relay import LaneRelay
 from fairlane_server.queue.store import CommitUnknown, NewRequest, OutboxItem, RequestStore
 
 log = get_logger(__name__)
+
+# A batch is one transaction: at most this many bytes of requests, counted as payload plus
+# ROW_BYTES each (a single larger request still goes, alone). Counted, not sized, batches
+# of 500 took up to 500 MiB, and one user's large payloads held everyone's commits back.
+BATCH_BYTES = 4 * 1024 * 1024
+# What a request costs besides its payload: its rows (request, event, outbox, key) and
+# their statement's work, so that a user's empty payloads are not free.
+ROW_BYTES = 1024
+# What one turn of a user gives them in a batch (deficit round robin, see fair_queue):
+# 64 small requests, or one of 1 MiB every 16 turns.
+TURN_BYTES = 64 * 1024
 
 
 class Rejection(Exception):
@@ -81,6 +99,8 @@ class Intake:
         retry_after_ms: int = 1000,
         breaker: CircuitBreaker | None = None,
         transient_patience: float = 2.0,
+        batch_bytes: int = BATCH_BYTES,
+        turn_bytes: int = TURN_BYTES,
     ) -> None:
         self._store = store
         self._relay = relay
@@ -88,9 +108,10 @@ class Intake:
         self._retry_after_ms = retry_after_ms
         self._breaker = breaker or CircuitBreaker("database")
         self._patience = transient_patience
-        self._pending: asyncio.Queue[Submission] = asyncio.Queue()
-        self._batcher = batching.Batcher(
-            self._pending, max_size=batch_size, linger=linger_ms / 1000
+        # Each user's submissions wait in order in a FIFO of their own; batches take
+        # users in turn, so one user's backlog delays another's request by about one batch.
+        self._pending: FairQueue[Submission] = FairQueue(
+            max_size=batch_size, max_cost=batch_bytes, quantum=turn_bytes, linger=linger_ms / 1000
         )
         self._task: asyncio.Task[None] | None = None
         self._in_batch = 0
@@ -106,31 +127,34 @@ class Intake:
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
         shutdown = Rejection("shutdown", "the server is shutting down", self._retry_after_ms)
-        while not self._pending.empty():
-            _reject(self._pending.get_nowait(), shutdown)
+        for sub in self._pending.drain():
+            _reject(sub, shutdown)
 
     def submit(self, sub: Submission) -> asyncio.Future[Admitted]:
-        if not self._in_batch and self._pending.empty():
+        pending = self._pending
+        if not self._in_batch and not len(pending):
             # Idle until now: a stall counts from here, not from the last batch (the first
             # request after seven idle minutes read as a 412 s stall, and health flapped).
             self._last_progress = time.monotonic()
-        self._pending.put_nowait(sub)
+        request = sub.request
+        # Keyed by the id's int: hashing a UUID is a Python call, an int's is not.
+        pending.put(sub, request.user_id.int, len(request.payload) + ROW_BYTES)
         return sub.future
 
     @property
     def pending(self) -> int:
         """Requests of this replica waiting for their commit or their publish."""
-        return self._pending.qsize() + self._in_batch + self._relay.backlog
+        return len(self._pending) + self._in_batch + self._relay.backlog
 
     def stalled_for(self) -> float:
         """Seconds intake has had work without finishing a batch (0 when fine)."""
-        if not self._in_batch and self._pending.empty():
+        if not self._in_batch and not len(self._pending):
             return 0.0
         return time.monotonic() - self._last_progress
 
     async def _run(self) -> None:
         while True:
-            batch = await self._batcher.next()
+            batch = await self._pending.next()
             self._in_batch = len(batch)
             try:
                 await self._process(batch)
