@@ -15,6 +15,11 @@ class TcpProxy:
         self.blocked = False
         self.replies_held = False
         self.port = 0
+        # AMQP only: the next `_resets_left` connections are reset right after the server's
+        # `_reset_after`-th frame (see reset_during_handshake).
+        self._reset_after = 0
+        self._resets_left = 0
+        self.resets = 0
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -32,8 +37,16 @@ class TcpProxy:
             return
         pair = (writer, up_writer)
         self._pairs.add(pair)
+        reset_after = 0
+        if self._resets_left > 0:
+            self._resets_left -= 1
+            reset_after = self._reset_after
         for src, dst, replies in ((reader, up_writer, False), (up_reader, writer, True)):
-            task = asyncio.create_task(self._pipe(src, dst, pair, replies))
+            if replies and reset_after:
+                pipe = self._amqp_frames(src, dst, pair, reset_after)
+            else:
+                pipe = self._pipe(src, dst, pair, replies)
+            task = asyncio.create_task(pipe)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -54,6 +67,35 @@ class TcpProxy:
             pass
         finally:
             self._close(pair)
+
+    async def _amqp_frames(
+        self,
+        src: asyncio.StreamReader,
+        dst: asyncio.StreamWriter,
+        pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
+        frames: int,
+    ) -> None:
+        """Forwards the server's side frame by frame, then resets the connection after the
+        `frames`-th (an AMQP frame: type, channel, a 4-byte size, the payload, 0xCE)."""
+        try:
+            # The protocol header goes client to server; the server's side is all frames.
+            for _ in range(frames):
+                header = await src.readexactly(7)
+                rest = await src.readexactly(int.from_bytes(header[3:7], "big") + 1)
+                dst.write(header + rest)
+                await dst.drain()
+            self.resets += 1
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._close(pair)
+
+    def reset_during_handshake(self, after_frames: int, connections: int = 1) -> None:
+        """The next `connections` connections die right after the server's `after_frames`-th
+        frame (1: Connection.Start, 2: Tune, 3: OpenOk, 4: the first Channel.OpenOk, ...):
+        a RabbitMQ connection lost at each step of opening it."""
+        self._reset_after = after_frames
+        self._resets_left = connections
 
     def _close(self, pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter]) -> None:
         self._pairs.discard(pair)

@@ -64,6 +64,17 @@ _PUBLISH_ERRORS = (
     ConnectionError,
     asyncio.TimeoutError,
 )
+
+
+def _broker_failure(exc: BaseException) -> bool:
+    """Whether an exception from aio-pika/aiormq means the broker, a connection or a
+    channel failed (to be answered with BrokerError), rather than a bug. Besides the typed
+    errors, aiormq fails every call in flight on a connection that closed without a reason
+    with a bare `Exception` (FutureStore.reject_all): a reset right after the handshake
+    does that, and let through it ended the worker's lane discovery for good."""
+    return isinstance(exc, (*_PUBLISH_ERRORS, BrokerUnreachable)) or type(exc) is Exception
+
+
 # A lane channel's close waits for the broker's CloseOk; on a connection that stopped
 # answering it would wait until the heartbeat gives up on it, holding up the caller.
 CLOSE_TIMEOUT = 10.0
@@ -76,7 +87,7 @@ DECLARE_CHANNELS = 8
 async def _close_quietly(
     channel: AbstractChannel | aiormq.abc.AbstractChannel, timeout: float
 ) -> None:
-    with contextlib.suppress(*_PUBLISH_ERRORS):
+    with contextlib.suppress(Exception):  # closing: whatever it raises, it is gone
         async with asyncio.timeout(timeout):
             await channel.close()
 
@@ -303,7 +314,7 @@ class AmqpBroker:
             yield await channel.get_underlay_channel()
         finally:
             if not channel.is_closed:
-                with contextlib.suppress(*_PUBLISH_ERRORS):
+                with contextlib.suppress(Exception):  # closing: whatever it raises, it is gone
                     await channel.close()
 
     def _data_connection(self) -> AbstractConnection:
@@ -330,7 +341,9 @@ class AmqpBroker:
                 channel = await self._housekeeping()
                 queue = await channel.declare_queue(name, passive=True)
             await queue.bind(REQUESTS_EXCHANGE, routing_key=user_id)
-        except _PUBLISH_ERRORS as exc:
+        except Exception as exc:
+            if not _broker_failure(exc):
+                raise
             raise BrokerError(f"cannot declare lane {name}: {exc}") from exc
         self._declared.add(name)
 
@@ -342,7 +355,9 @@ class AmqpBroker:
                 )
         except aiormq.exceptions.ChannelNotFoundEntity:
             return None
-        except _PUBLISH_ERRORS as exc:
+        except Exception as exc:
+            if not _broker_failure(exc):
+                raise
             raise BrokerError(f"cannot read lane {user_id}: {exc}") from exc
         return LaneStats(messages=int(ok.message_count or 0), consumers=int(ok.consumer_count or 0))
 
@@ -368,7 +383,9 @@ class AmqpBroker:
                 ok = await channel.queue_delete(name, timeout=self._timeout)
         except aiormq.exceptions.ChannelNotFoundEntity:
             pass  # already gone
-        except _PUBLISH_ERRORS as exc:
+        except Exception as exc:
+            if not _broker_failure(exc):
+                raise
             raise BrokerError(f"cannot delete lane {name}: {exc}") from exc
         else:
             if ok.message_count:
@@ -389,7 +406,9 @@ class AmqpBroker:
             # nacking a channel opened before the new leader was known: try once more on a
             # fresh channel before calling the lane full.
             result = await self._publish_on_fresh_channel(user_id, body, headers)
-        except _PUBLISH_ERRORS as exc:
+        except Exception as exc:
+            if not _broker_failure(exc):
+                raise
             raise BrokerError(f"publish to lane failed: {exc}") from exc
         if not isinstance(result, aiormq.spec.Basic.Ack):
             # Returned unroutable: the lane queue is gone (deleted while idle). The caller
@@ -404,7 +423,9 @@ class AmqpBroker:
         await asyncio.sleep(QUORUM_RETRY_DELAY)
         try:
             channel = await connection.channel(publisher_confirms=True)
-        except _PUBLISH_ERRORS as exc:
+        except Exception as exc:
+            if not _broker_failure(exc):
+                raise
             raise BrokerError(f"publish to lane failed: {exc}") from exc
         try:
             return await self._basic_publish(
@@ -412,10 +433,12 @@ class AmqpBroker:
             )
         except aio_pika.exceptions.DeliveryError as exc:
             raise LaneFull(f"lane {user_id} is full") from exc
-        except _PUBLISH_ERRORS as exc:
+        except Exception as exc:
+            if not _broker_failure(exc):
+                raise
             raise BrokerError(f"publish to lane failed: {exc}") from exc
         finally:
-            with contextlib.suppress(*_PUBLISH_ERRORS):
+            with contextlib.suppress(Exception):  # closing: whatever it raises, it is gone
                 await channel.close()
 
     async def consume_lane(
@@ -426,7 +449,9 @@ class AmqpBroker:
         janitor deleted it)."""
         try:
             channel = await self._lanes.open()
-        except (*_PUBLISH_ERRORS, BrokerUnreachable) as exc:
+        except Exception as exc:
+            if not _broker_failure(exc):
+                raise
             raise BrokerError(f"cannot consume lane {user_id}: {exc}") from exc
         consumer = AmqpLaneConsumer(channel)
         queue = lane_queue(user_id)
@@ -446,7 +471,9 @@ class AmqpBroker:
                 await channel.basic_consume(queue, on_message, no_ack=False)
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             raise LaneMissing(f"lane {user_id} does not exist") from exc
-        except _PUBLISH_ERRORS as exc:
+        except Exception as exc:
+            if not _broker_failure(exc):
+                raise
             await _close_quietly(channel, self._timeout)
             raise BrokerError(f"cannot consume lane {user_id}: {exc}") from exc
         return consumer
@@ -546,7 +573,9 @@ class AmqpBroker:
             )
         except aio_pika.exceptions.DeliveryError as exc:
             raise BrokerError(f"results for {route} were not confirmed: {exc}") from exc
-        except _PUBLISH_ERRORS as exc:
+        except Exception as exc:
+            if not _broker_failure(exc):
+                raise
             raise BrokerError(f"publish of results failed: {exc}") from exc
         if not isinstance(result, aiormq.spec.Basic.Ack):
             raise ResultsUnroutable(f"no queue replica is bound to results route {route}")
@@ -568,7 +597,9 @@ class AmqpBroker:
             raise BrokerError("broker not connected")
         try:
             await self._bind_subscription(self._consume, self._exchanges[exchange], sub)
-        except _PUBLISH_ERRORS as exc:
+        except Exception as exc:
+            if not _broker_failure(exc):
+                raise
             raise BrokerError(f"cannot subscribe to {exchange}: {exc}") from exc
         # Bound again on every reconnect (the queue is exclusive to the connection).
         self._subscriptions.append(sub)
@@ -579,7 +610,9 @@ class AmqpBroker:
     async def publish_control(self, body: bytes) -> None:
         try:
             await self._publish(CONTROL_EXCHANGE, "", body, persistent=False, mandatory=False)
-        except _PUBLISH_ERRORS as exc:
+        except Exception as exc:
+            if not _broker_failure(exc):
+                raise
             raise BrokerError(f"publish of control event failed: {exc}") from exc
 
     async def consume_control(self, handler: BytesHandler) -> None:
@@ -588,7 +621,9 @@ class AmqpBroker:
     async def publish_dead(self, body: bytes, headers: dict[str, str]) -> None:
         try:
             await self._publish(DEAD_EXCHANGE, "", body, headers, persistent=True, mandatory=False)
-        except _PUBLISH_ERRORS as exc:
+        except Exception as exc:
+            if not _broker_failure(exc):
+                raise
             raise BrokerError(f"publish to {DEAD_EXCHANGE} failed: {exc}") from exc
 
 

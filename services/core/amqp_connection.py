@@ -38,6 +38,8 @@ CONNECT_ERRORS = (
     OSError,
     asyncio.TimeoutError,
 )
+# One attempt (connect, handshake and the owner's set-up) may take this many `timeout`s.
+ATTEMPT_TIMEOUTS = 2
 DEFAULT_HEARTBEAT = 10  # seconds; a node that vanishes without a TCP reset is noticed in ~2x
 _SCHEME = re.compile(r"^amqps?://", re.IGNORECASE)
 
@@ -104,6 +106,14 @@ class BrokerUnreachable(Exception):
     """No node of the list accepted a connection."""
 
 
+class AttemptFailed(Exception):
+    """One connect attempt failed, for whatever reason (`cause`)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(repr(cause))
+        self.cause = cause
+
+
 class NodeConnection:
     """A connection to any node of `urls` that comes back on its own after a loss.
 
@@ -162,11 +172,38 @@ class NodeConnection:
         errors = []
         for _ in range(len(self._urls)):
             try:
-                await self._connect_next()
+                await self._attempt()
                 return
-            except (*CONNECT_ERRORS, BrokerUnreachable) as exc:
-                errors.append(f"{self.node or '?'}: {exc!r}")
+            except AttemptFailed as failed:
+                errors.append(f"{self.node or '?'}: {failed.cause!r}")
         raise BrokerUnreachable("; ".join(errors))
+
+    async def _attempt(self) -> None:
+        """One connect to the next node, bounded in time; AttemptFailed for any way it
+        can fail. A connection that dies during the handshake or the set-up surfaces
+        from aiormq in ways no list of exception types covers: a bare Exception (reset
+        right after Connection.OpenOk, with a channel open under way), a CancelledError
+        from a future aiormq cancelled, or no answer at all (aio-pika's `timeout` does not
+        cover its wait for the connection to be ready). A reconnect loop that let one of
+        them out ended for good, and the service stayed off the broker until restarted."""
+        try:
+            async with asyncio.timeout(ATTEMPT_TIMEOUTS * self._timeout):
+                await self._connect_next()
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if self._closing or (task is not None and task.cancelling()):
+                raise  # our own cancellation (close()), not aiormq's
+            raise AttemptFailed(exc) from exc
+        except Exception as exc:
+            if not isinstance(exc, (*CONNECT_ERRORS, BrokerUnreachable)):
+                log.warning(
+                    "broker_connect_failed_oddly",
+                    connection=self.name,
+                    node=self.node,
+                    error=repr(exc),
+                    exc_info=True,
+                )
+            raise AttemptFailed(exc) from exc
 
     async def _connect_next(self) -> None:
         url = self._urls[self._next]
@@ -199,11 +236,14 @@ class NodeConnection:
         failed_in_row = 0
         while not self._closing:
             try:
-                await self._connect_next()
-            except (*CONNECT_ERRORS, BrokerUnreachable) as exc:
+                await self._attempt()
+            except AttemptFailed as failed:
                 failed_in_row += 1
                 log.info(
-                    "broker_reconnect_failed", connection=self.name, node=self.node, error=repr(exc)
+                    "broker_reconnect_failed",
+                    connection=self.name,
+                    node=self.node,
+                    error=repr(failed.cause),
                 )
                 # Try every node at once; back off only when a whole round failed.
                 if failed_in_row % len(self._urls) == 0:

@@ -77,6 +77,9 @@ class LaneJanitor:
                 await self.sweep()
             except (SQLAlchemyError, OSError, BrokerError) as exc:
                 log.warning("lane_sweep_failed", error=str(exc))
+            except Exception:
+                # A loop that runs for the process's life: one bad pass must not end it.
+                log.exception("lane_sweep_failed_unexpectedly")
 
     async def sweep(self) -> list[str]:
         """One pass over every idle lane; returns the lanes it deleted. Also records lane

@@ -103,6 +103,11 @@ class LaneDiscovery:
             except (grpc.aio.AioRpcError, BrokerError) as exc:
                 log.warning("lane_sync_failed", error=str(exc))
                 delay = min(max(delay * 2, 0.2), self._interval)
+            except Exception:
+                # This loop is what brings lanes back after a broker fault: if it ended,
+                # the worker would stay off every lane whose consumer died, for good.
+                log.exception("lane_sync_failed_unexpectedly")
+                delay = min(max(delay * 2, 0.2), self._interval)
             # After a broker reconnect, sync at once: lanes whose consumer died come back.
             await wait_event(self._wake, delay)
             self._wake.clear()

@@ -187,8 +187,8 @@ class LaneSet:
                 lane.consumer = await self._broker.consume_lane(
                     user_id, lane.on_delivery, prefetch=self._prefetch
                 )
-            except BrokerError:
-                await lane.release()
+            except BaseException:
+                await lane.release()  # whatever failed, its task must not outlive it
                 raise
             if not self.accepting:
                 # The worker began to drain during the consume, and may have listed its

@@ -101,6 +101,9 @@ class Rebalancer:
                 await self.round()
             except (SQLAlchemyError, OSError) as exc:
                 log.warning("rebalance_failed", error=str(exc)[:200])
+            except Exception:
+                # A loop that runs for the process's life: one bad round must not end it.
+                log.exception("rebalance_failed_unexpectedly")
 
     def busy_lanes(self) -> list[str]:
         """Lanes this replica is the active consumer of (a delivery within busy_window)."""

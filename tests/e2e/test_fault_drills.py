@@ -126,6 +126,10 @@ async def test_drill_1_worker_broker_connection_cut(base: Suite) -> None:
         cuts: list[int] = []
 
         async def cut_midway(received: int) -> None:
+            if received == 180:
+                # The second time, the worker's first connections back die right after
+                # the broker's Connection.OpenOk: its reconnects used to end there for good.
+                proxy.reset_during_handshake(3, connections=3)
             if received in (60, 180):
                 cuts.append(proxy.cut())
 
@@ -136,6 +140,7 @@ async def test_drill_1_worker_broker_connection_cut(base: Suite) -> None:
         accepted, results = await stream(base.target("queue"), token, sent, cut_midway)
         assert len(cuts) == 2
         assert all(c > 0 for c in cuts)  # the worker's connection really was cut, twice
+        assert proxy.resets == 3
         assert len(accepted) == 300
         assert_complete(accepted, results, await log_rows(base, user_id))
         print(f"\ndrill 1: 300 accepted, 300 finished, 300 results; {cuts} connections cut")

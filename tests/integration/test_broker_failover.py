@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from fairlane_server.core.amqp import AmqpBroker
+from fairlane_server.core.amqp_connection import NodeConnection
 from fairlane_server.core.broker import BrokerError
 from tests.conftest import BROKER_ROOT, unique
 from tests.e2e.suite import wait_until
@@ -127,6 +128,62 @@ async def test_publishes_fail_fast_while_every_node_is_down_and_recover_after(
         await broker.declare_lane(unique("lane"))
     finally:
         await broker.close()
+
+
+@pytest.mark.parametrize("after_frames", [1, 2, 3, 4, 5, 6])
+async def test_reconnects_when_connections_die_at_any_step_of_opening(
+    nodes: list[TcpProxy], vhost: str, after_frames: int
+) -> None:
+    """A cut broker comes back while the first connections to it die during the handshake
+    or the set-up. Reset right after Connection.OpenOk (3), aiormq failed the channel open
+    with a bare Exception that ended the reconnect loop: the service stayed off the broker
+    for good (an outside review found queues and workers NOT_SERVING minutes after an 8 s
+    cut)."""
+    proxy = nodes[0]
+    broker = AmqpBroker(cluster_url([proxy], vhost), lane_max_length=100, publish_timeout=3)
+    await broker.connect()
+    lane = unique("lane")
+    try:
+        await broker.declare_lane(lane)
+        proxy.reset_during_handshake(after_frames, connections=3)
+        proxy.cut()
+        await until(lambda: proxy.resets == 3 and broker.is_connected, timeout=40)
+        await broker.publish_lane(lane, b"after", {})
+        stats = await broker.lane_stats(lane)  # housekeeping is back too
+        assert stats is not None
+        assert stats.messages == 1
+    finally:
+        await broker.close()
+
+
+async def test_a_set_up_failing_in_any_way_is_retried_and_close_still_stops_it(
+    nodes: list[TcpProxy], vhost: str
+) -> None:
+    """aiormq can fail an attempt with a CancelledError of its own (a future it cancelled
+    when its reader died) or an exception of no known type: each is one failed attempt.
+    The loop's own cancellation (close) still ends it."""
+    proxy = nodes[0]
+    failures: list[BaseException] = [asyncio.CancelledError(), RuntimeError("odd")]
+
+    async def set_up(_connection: object) -> None:
+        if failures and started.is_set():
+            raise failures.pop(0)
+
+    started = asyncio.Event()
+    node = NodeConnection(cluster_url([proxy], vhost).split(","), name="t", on_connected=set_up)
+    await node.start()
+    started.set()
+    try:
+        proxy.cut()
+        await until(lambda: not failures and node.is_connected)
+        # close() during a reconnect's backoff ends the loop.
+        proxy.block()
+        proxy.cut()
+        await until(lambda: not node.is_connected)
+    finally:
+        await node.close()
+    assert node._recover is not None
+    assert node._recover.done()
 
 
 async def test_no_node_answers_at_start(nodes: list[TcpProxy], vhost: str) -> None:
