@@ -20,6 +20,13 @@
 #
 # FAIRLANE_SRC picks the source tree the services run from (default: this repository), so
 # a baseline can be measured from a `git worktree` of another commit with the same bench.
+#
+# FAIRLANE_TEST_DATABASE_URL and FAIRLANE_TEST_BROKER_ROOT (the database URL without a
+# schema, the broker URL without a vhost) pick the servers, read from the environment by
+# every command: suite.env holds the schema, vhost and ports only, and editing its URLs has
+# no effect. A fault drill points the services at a proxy with `restart NAME...` under
+# these variables, and runs `down` without them, so the schema and the vhost are dropped
+# on the servers directly.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
