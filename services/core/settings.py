@@ -167,6 +167,13 @@ class Settings(BaseSettings):
         description="Requests one Session may have unanswered (until their result is sent) "
         "before it stops reading.",
     )
+    session_buffer_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        gt=0,
+        description="Bytes of result outputs one Session holds for a client that does not "
+        "read; past them a result waits without its output, which is read from the log "
+        "when its turn to be written comes.",
+    )
     max_batch_items: int = Field(
         default=1000, description="Most requests one enqueue_batch message may carry."
     )

@@ -39,6 +39,8 @@ class StreamLimits:
     max_streams_per_user: int
     results_page: int
     result_grace_seconds: float
+    # Bytes of result outputs a Session holds before it holds results without them.
+    session_buffer_bytes: int = 8 * 1024 * 1024
 
 
 class LogUnavailable(Exception):

@@ -19,7 +19,8 @@ class Hub:
     """Routes LaneEvents by user id to every subscriber of that user on this replica.
 
     A subscriber is a sink, called with each event as it arrives. A Session's sink handles
-    the event on the spot; a watcher's is its queue's put_nowait (`subscribe`). A Session
+    the event on the spot; a watcher's keeps it in a bounded inbox (services/queue/watch.py);
+    `subscribe` gives an unbounded queue's put_nowait instead (the tests use it). A Session
     used to take its events through a queue and a task of its own: a task, a queue and a
     turn of the loop per event, for work that never waits."""
 

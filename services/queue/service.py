@@ -140,6 +140,7 @@ class QueueService:
                 max_streams_per_user=s.max_streams_per_user,
                 results_page=s.results_page_size,
                 result_grace_seconds=s.result_grace_seconds,
+                session_buffer_bytes=s.session_buffer_bytes,
             ),
             reply_route=s.reply_route,
             retry_after_ms=s.retry_after_ms,

@@ -5,7 +5,16 @@ and forwards the results of what it accepted.
   came in. A result never goes out before the accepted of its request.
 - A window bounds the stream: each enqueue (and cancel) takes a slot, given back when its
   last response has been written to the transport. A client that stops reading stops the
-  server reading (HTTP/2 flow control does the rest), so memory per stream is bounded.
+  server reading (HTTP/2 flow control does the rest), so a stream holds at most
+  FAIRLANE_SESSION_WINDOW requests' answers and results.
+- A byte budget bounds their outputs: the results the stream holds and has not written yet
+  (waiting to be written, held back, or come before their accepted) keep at most
+  FAIRLANE_SESSION_BUFFER_BYTES of outputs. A result that would take them over it is held
+  without its output, which is read from the log when its turn to be written comes (the
+  log has every result before it is published): those next in line are read together, at
+  most a results page and the budget's worth at once. If the log cannot be read for the
+  grace time, the stream ends with UNAVAILABLE; the client reads the results it did not get
+  with WatchResults. A client that reads keeps the buffer near empty: nothing is read back.
 - A result that does not arrive through the replica's fan-out (its publish was lost, or it
   went to a replica that died) is read from the request log, so a Session ends with every
   result or with an error; it never hangs on a result that exists.
@@ -27,14 +36,14 @@ import asyncio
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import grpc
 from google.rpc import code_pb2
 
-from fairlane.common.v1 import lane_pb2
+from fairlane.common.v1 import common_pb2, lane_pb2
 from fairlane.queue.v1 import queue_pb2
 from fairlane_server.core import tracing
 from fairlane_server.core.broker import BrokerError
@@ -42,6 +51,7 @@ from fairlane_server.core.grpc_host import MAX_MESSAGE_BYTES
 from fairlane_server.core.logging import get_logger
 from fairlane_server.core.tasks import wait_event
 from fairlane_server.core.tokens import Principal, TokenCheck
+from fairlane_server.queue.catch_up import CatchUpStopped
 from fairlane_server.queue.domain import LogUnavailable, QueueDomain
 from fairlane_server.queue.intake import Admitted, Rejection
 from fairlane_server.queue.validation import InvalidEnqueue
@@ -86,6 +96,10 @@ class _Mailbox(Generic[T]):
     def peek(self) -> T:
         """The next item, left in place."""
         return self._items[0]
+
+    def waiting(self) -> Iterator[T]:
+        """The items in the order they will be taken, left in place (do not put meanwhile)."""
+        return iter(self._items)
 
     async def get(self) -> T:
         while not self._items:
@@ -143,6 +157,23 @@ class _Refused:
 class _Out:
     response: queue_pb2.SessionResponse
     releases: int = 0  # window slots given back once it has been written
+    size: int = 0  # bytes of the buffer (its result's output) given back then
+    # A result held without its output (this many bytes): read from the log before writing.
+    missing: int = 0
+
+
+@dataclass(slots=True)
+class _Thin:
+    """A result held without its output, which did not fit in the stream's byte budget."""
+
+    result: common_pb2.Result  # its request_id and lane_seq only
+    traceparent: str
+    missing: int  # bytes of the output left out
+
+
+# A worker event held by the stream (a result without its output, or a LaneEvent), and the
+# bytes of the buffer it holds (its output's; 0 for a _Thin or progress).
+_Held = lane_pb2.LaneEvent | _Thin
 
 
 _DONE = object()
@@ -166,6 +197,10 @@ class SessionStream:
         self._window = asyncio.Semaphore(limits.session_window)
         self._max_batch = limits.max_batch_items
         self._grace = limits.result_grace_seconds
+        self._budget = limits.session_buffer_bytes
+        # Bytes of the outputs of the results held in _out, _early and _stash (each counted
+        # once, when it came): at most _budget.
+        self._buffered = 0
         self._out: _Mailbox[Any] = _Mailbox()
         self._answers: deque[_Enqueued | _Cancel | _Refused | None] = deque()
         # request id -> monotonic time its accepted was queued, or None before that.
@@ -173,9 +208,9 @@ class SessionStream:
         # Window slots held by accepted enqueues of each request (a repeated idempotency
         # key on one stream holds more than one), given back with the result.
         self._held: Counter[str] = Counter()
-        self._stash: dict[str, list[lane_pb2.LaneEvent]] = {}
+        self._stash: dict[str, list[tuple[_Held, int]]] = {}
         # Results held back until the log says whether older requests finished before them.
-        self._early: dict[str, lane_pb2.LaneEvent] = {}
+        self._early: dict[str, tuple[_Held, int]] = {}
         self._early_since = 0.0
         self._look = asyncio.Event()  # wakes the log reader at once
         # Started when there is work for them and ended when there is none: an idle
@@ -201,8 +236,11 @@ class SessionStream:
                     return
                 if isinstance(item, BaseException):
                     raise item
+                if item.missing:
+                    await self._fill(item)
                 if not self._batching or self._out.empty():
                     yield item.response
+                    self._buffered -= item.size
                     self._release(item.releases)
                     continue
                 # Coalesce what is ready into one message: one gRPC write instead of many,
@@ -215,6 +253,8 @@ class SessionStream:
                     if nxt is _DONE or isinstance(nxt, BaseException):
                         ended = self._out.get_nowait()
                         break
+                    if nxt.missing:
+                        break  # its output is read first: it starts the next message
                     more = _FRAMING_BYTES + nxt.response.ByteSize()
                     if size + more > MAX_BATCH_BYTES:
                         break  # it starts the next message
@@ -226,6 +266,7 @@ class SessionStream:
                     yield queue_pb2.SessionResponse(
                         batch=queue_pb2.SessionResponseBatch(responses=[b.response for b in batch])
                     )
+                self._buffered -= sum(b.size for b in batch)
                 self._release(sum(b.releases for b in batch))
                 if ended is _DONE:
                     return
@@ -240,6 +281,11 @@ class SessionStream:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of result outputs the stream holds and has not written."""
+        return self._buffered
 
     def _release(self, n: int) -> None:
         for _ in range(n):
@@ -389,14 +435,14 @@ class SessionStream:
                 admitted = await asyncio.shield(item.future)
             except Rejection as rej:
                 self._mine.pop(item.request_id, None)
-                self._stash.pop(item.request_id, None)
+                self._unstash(item.request_id)
                 self._reject(item.client_ref, rejection_code(rej), str(rej), rej.retry_after_ms)
                 continue
             rid = str(admitted.request_id)
             if admitted.duplicate:
                 # The id of the first request with this key stands in for the new one.
                 self._mine.pop(item.request_id, None)
-                self._stash.pop(item.request_id, None)
+                self._unstash(item.request_id)
             self._mine[rid] = time.monotonic()
             self._held[rid] += 1
             self._watch_log()
@@ -409,13 +455,18 @@ class SessionStream:
                     )
                 )
             )
-            for event in self._stash.pop(rid, []):
-                self._deliver(event)
+            for event, size in self._stash.pop(rid, []):
+                self._deliver(event, size)
             if admitted.duplicate:
                 result = await self._d.stored_result(self._user, admitted.request_id)
                 if result is not None:
-                    self._deliver(lane_pb2.LaneEvent(result=result))
+                    self._deliver(*self._keep(lane_pb2.LaneEvent(result=result)))
         self._answerer = None
+
+    def _unstash(self, request_id: str) -> None:
+        """Drops what came for a request before its answer, which was not accepted."""
+        for _, size in self._stash.pop(request_id, ()):
+            self._buffered -= size
 
     async def _cancel(self, request_id: str) -> None:
         try:
@@ -464,15 +515,34 @@ class SessionStream:
             rid = event.result.request_id if kind == "result" else event.progress.request_id
             if rid not in self._mine:
                 return
-            if self._mine[rid] is not None:
-                self._deliver(event)
-            elif kind == "result" or len(self._stash.get(rid, ())) < 16:
-                self._stash.setdefault(rid, []).append(event)
+            if kind == "result":
+                held, size = self._keep(event)
+                if self._mine[rid] is not None:
+                    self._deliver(held, size)
+                else:
+                    self._stash.setdefault(rid, []).append((held, size))
+            elif self._mine[rid] is not None:
+                self._deliver(event, 0)
+            elif len(self._stash.get(rid, ())) < 16:
+                self._stash.setdefault(rid, []).append((event, 0))
         except Exception as exc:
             self._out.put_nowait(exc)  # ends this stream with the error, as _guard does
 
-    def _deliver(self, event: lane_pb2.LaneEvent) -> None:
-        if event.WhichOneof("kind") == "progress":
+    def _keep(self, event: lane_pb2.LaneEvent) -> tuple[_Held, int]:
+        """A result the stream is to hold: counted in the buffer, or held without its output
+        when that would take the buffer over its budget. Returns it and the bytes counted."""
+        size = len(event.result.output)
+        if self._buffered + size <= self._budget:
+            self._buffered += size
+            return event, size
+        result = event.result
+        thin = common_pb2.Result(request_id=result.request_id, lane_seq=result.lane_seq)
+        return _Thin(thin, event.traceparent, size), 0
+
+    def _deliver(self, event: _Held, size: int) -> None:
+        """Sends or holds back a result (or progress) the stream holds, with `size` bytes of
+        its buffer, given back when it goes out or is dropped."""
+        if not isinstance(event, _Thin) and event.WhichOneof("kind") == "progress":
             # Progress is advice: when the client is not reading, it is dropped rather
             # than held, so it cannot grow the stream's memory.
             if event.progress.request_id in self._mine and self._out.qsize() < self._window_size:
@@ -480,21 +550,26 @@ class SessionStream:
             return
         rid = event.result.request_id
         if self._mine.get(rid) is None:
+            self._buffered -= size
             return  # already delivered (a redelivered result)
         # The oldest accepted request of the stream is the first key of _mine: answers go
         # out in the order requests came in, and delivered ones are removed.
         if self._early or next(iter(self._mine)) != rid:
+            if rid in self._early:
+                self._buffered -= size
+                return  # already held back (a redelivered result)
             if not self._early:
                 self._early_since = time.monotonic()
-            self._early[rid] = event
+            self._early[rid] = (event, size)
             self._look.set()
             self._watch_log()
             return
-        self._send_result(event)
+        self._send_result(event, size)
 
-    def _send_result(self, event: lane_pb2.LaneEvent) -> None:
+    def _send_result(self, event: _Held, size: int) -> None:
         rid = event.result.request_id
         if self._mine.pop(rid, None) is None:
+            self._buffered -= size
             return
         if event.traceparent:
             tracing.end(
@@ -504,8 +579,63 @@ class SessionStream:
                     attributes={"fairlane.request_id": rid},
                 )
             )
-        self._send(queue_pb2.SessionResponse(result=event.result), self._held.pop(rid, 0))
+        self._out.put_nowait(
+            _Out(
+                queue_pb2.SessionResponse(result=event.result),
+                self._held.pop(rid, 0),
+                size,
+                event.missing if isinstance(event, _Thin) else 0,
+            )
+        )
         self._maybe_done()
+
+    async def _fill(self, first: _Out) -> None:
+        """Reads from the log the output of a result held without it, with those of the
+        next results so held (one read: at most a results page, and at most the budget's
+        worth unless the first alone is more). Retried while the log fails, for at most
+        the grace time; then the stream ends with UNAVAILABLE (the client reads what it
+        did not get with WatchResults)."""
+        wanted = [first]
+        total = first.missing
+        page = self._d.streams.results_page
+        for nxt in self._out.waiting():
+            if not isinstance(nxt, _Out) or len(wanted) >= page:
+                break  # the end of the stream, or a full read
+            if not nxt.missing:
+                continue  # an answer, or a result held with its output
+            if total + nxt.missing > self._budget:
+                break
+            wanted.append(nxt)
+            total += nxt.missing
+        since = time.monotonic()
+        wait = 0.1
+        while True:
+            ids = [uuid.UUID(out.response.result.request_id) for out in wanted]
+            try:
+                found = await self._d.finished(self._user, ids)
+            except CatchUpStopped as exc:
+                raise StreamError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+            except Exception as exc:
+                log.warning("session_output_read_failed", error=str(exc)[:200])
+            else:
+                by_id = {result.request_id: result for result in found}
+                for out in wanted:
+                    result = by_id.get(out.response.result.request_id)
+                    if result is not None:
+                        out.response = queue_pb2.SessionResponse(result=result)
+                        out.missing = 0
+                if not first.missing:
+                    return
+                # Never so far: results are written to the log before they are published.
+                log.warning("session_output_not_in_log", request_id=str(ids[0]))
+            if time.monotonic() - since >= self._grace:
+                raise StreamError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "cannot read results from the request log now; read the rest with WatchResults",
+                )
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 1.0)
+            wanted = [out for out in wanted if out.missing]
 
     def _watch_log(self) -> None:
         if self._log_reader is None:
@@ -540,10 +670,10 @@ class SessionStream:
                     wait = 0.2  # ask again soon; past the grace time, order yields
                     continue
                 found = []
-            ready = [lane_pb2.LaneEvent(result=r) for r in found]
+            ready = [self._keep(lane_pb2.LaneEvent(result=r)) for r in found]
             ready.extend(self._early.pop(rid) for rid in early if rid in self._early)
-            for event in sorted(ready, key=lambda e: e.result.lane_seq):
-                self._send_result(event)
+            for event, size in sorted(ready, key=lambda held: held[0].result.lane_seq):
+                self._send_result(event, size)
             if self._early:
                 self._early_since = now
                 self._look.set()
