@@ -188,6 +188,9 @@ restart() {
 
 pids() {
   local out=""
+  # The replicas' count is the suite's (suite.env), not this shell's BENCH_QUEUES/WORKERS.
+  # shellcheck disable=SC1091
+  source "$STATE/suite.env"
   for name in $(names); do out+="$name=$(cat "$STATE/$name.pid") "; done
   echo "${out% }"
 }
