@@ -36,7 +36,6 @@ from hypothesis.stateful import (
     Bundle,
     RuleBasedStateMachine,
     invariant,
-    precondition,
     rule,
     run_state_machine_as_test,
 )
@@ -592,12 +591,17 @@ class LaneMachine(RuleBasedStateMachine):
         self.faults += 1
         self.stack.faults.fail_next(stage, n)
 
-    @precondition(lambda self: any(s.accepted for s in self.sent.values()))
     @rule(undecodable=st.booleans())
     def corrupt_message_in_the_lane(self, undecodable: bool) -> None:
         """A message no worker can process reaches the lane (undecodable, while the dead
         letter queue refuses it; or an item with an id that is not a UUID). The lane must
         go on with the requests behind it."""
+        # Checked here, not as a precondition: whether a request was accepted depends on
+        # timing (callers give up after 1-10 ms, faults), and a precondition that varies
+        # between replays of the same draws makes Hypothesis fail the test as flaky
+        # (FlakyStrategyDefinition, seen once in CI).
+        if not any(s.accepted for s in self.sent.values()):
+            return  # no lane to publish to yet
         self.faults += 1
         if undecodable:
             body = b"\x0a\xff\x01corrupt"
