@@ -6,6 +6,11 @@ connection with those reads (the intake and the relay, which bring the results, 
 behind them), and a bound on concurrent reads then left a few hundred reads a second to
 answer them all. Here the asks that wait while a read runs are answered together by the
 next read: one statement for up to `max_ids` requests, whichever Sessions asked.
+
+A read loads at most the log's bound of bytes of outputs (RESULT_READ_BYTES, 4 MiB, or
+its first output alone when larger), the asks taking turns: the first request of each,
+then the second of each... Past the bound a finished request comes `withheld`, without its
+output; its Session holds it so and reads the output when its turn to be written comes.
 """
 
 from __future__ import annotations
@@ -73,8 +78,9 @@ class CatchUpReader:
             fail_quietly(self._asks.popleft().future, stopped)
 
     async def finished(self, user: uuid.UUID, ids: list[uuid.UUID]) -> list[Any]:
-        """Those of the user's requests `ids` that have finished, in lane order. A caller
-        that goes away leaves the read to the others who asked."""
+        """Those of the user's requests `ids` that have finished, in lane order, some of
+        them perhaps withheld (RequestStore.finished_of). A caller that goes away leaves
+        the read to the others who asked."""
         if not ids:
             return []
         if self._stopped:

@@ -11,7 +11,6 @@ import asyncio
 import uuid
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
 
 from opentelemetry.trace import SpanKind
 from uuid_utils.compat import uuid7
@@ -28,7 +27,7 @@ from fairlane_server.queue.catch_up import CatchUpReader
 from fairlane_server.queue.convert import result_from_row
 from fairlane_server.queue.hub import Hub
 from fairlane_server.queue.intake import Admitted, Intake, Rejection, Submission
-from fairlane_server.queue.store import RequestStore
+from fairlane_server.queue.store import RequestStore, ResultPage
 from fairlane_server.queue.validation import Limits, build_request
 
 
@@ -41,6 +40,19 @@ class StreamLimits:
     result_grace_seconds: float
     # Bytes of result outputs a Session holds before it holds results without them.
     session_buffer_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Withheld:
+    """A finished result read from the log without its output, which did not fit in the
+    read's bytes (RequestStore.read_bytes): read it again when it is wanted."""
+
+    result: common_pb2.Result  # its request_id and lane_seq only
+    size: int  # bytes of the output left out
+
+    @property
+    def request_id(self) -> str:
+        return self.result.request_id
 
 
 class LogUnavailable(Exception):
@@ -170,15 +182,27 @@ class QueueDomain:
             return None
         return result_from_row(row)
 
-    async def finished(self, user: uuid.UUID, ids: list[uuid.UUID]) -> list[common_pb2.Result]:
+    async def finished(
+        self, user: uuid.UUID, ids: list[uuid.UUID]
+    ) -> list[common_pb2.Result | Withheld]:
         """Results of those requests that have finished, in lane order (a Session's read
-        of its overdue results, batched with the other Sessions' of this replica)."""
+        of its overdue results, batched with the other Sessions' of this replica). The read
+        loads a bounded number of bytes of outputs: past them a result is Withheld. The
+        first of `ids`, when it has finished, comes with its output if no other ask read
+        with it took those bytes first."""
         rows = await self._catch_up.finished(user, ids)
-        return [result_from_row(r) for r in rows]
+        return [
+            Withheld(common_pb2.Result(request_id=str(r.id), lane_seq=r.lane_seq), r.size)
+            if r.withheld
+            else result_from_row(r)
+            for r in rows
+        ]
 
     async def results_after(
         self, user: uuid.UUID, after: int, upto: int | None = None
-    ) -> list[Any]:
+    ) -> ResultPage:
+        """The user's next results after `after` (before `upto`), at most a results page
+        and a bounded number of bytes of outputs; `more` says whether to read again."""
         return await self.store.results_after(
             user, after, upto=upto, limit=self.streams.results_page
         )

@@ -52,7 +52,7 @@ from fairlane_server.core.logging import get_logger
 from fairlane_server.core.tasks import wait_event
 from fairlane_server.core.tokens import Principal, TokenCheck
 from fairlane_server.queue.catch_up import CatchUpStopped
-from fairlane_server.queue.domain import LogUnavailable, QueueDomain
+from fairlane_server.queue.domain import LogUnavailable, QueueDomain, Withheld
 from fairlane_server.queue.intake import Admitted, Rejection
 from fairlane_server.queue.validation import InvalidEnqueue
 
@@ -592,9 +592,10 @@ class SessionStream:
     async def _fill(self, first: _Out) -> None:
         """Reads from the log the output of a result held without it, with those of the
         next results so held (one read: at most a results page, and at most the budget's
-        worth unless the first alone is more). Retried while the log fails, for at most
-        the grace time; then the stream ends with UNAVAILABLE (the client reads what it
-        did not get with WatchResults)."""
+        worth unless the first alone is more; the log loads no more than its read bound of
+        them, and those it leaves out wait for their turn). Retried while the log fails,
+        for at most the grace time; then the stream ends with UNAVAILABLE (the client reads
+        what it did not get with WatchResults)."""
         wanted = [first]
         total = first.missing
         page = self._d.streams.results_page
@@ -618,14 +619,19 @@ class SessionStream:
             except Exception as exc:
                 log.warning("session_output_read_failed", error=str(exc)[:200])
             else:
-                by_id = {result.request_id: result for result in found}
+                by_id = {held.request_id: held for held in found}
                 for out in wanted:
                     result = by_id.get(out.response.result.request_id)
-                    if result is not None:
+                    if isinstance(result, common_pb2.Result):
                         out.response = queue_pb2.SessionResponse(result=result)
                         out.missing = 0
                 if not first.missing:
                     return
+                if isinstance(by_id.get(first.response.result.request_id), Withheld):
+                    # The read's bytes went to other Sessions' asks read with this one (the
+                    # first output of a read always comes): ask again, behind them.
+                    wanted = [out for out in wanted if out.missing]
+                    continue
                 # Never so far: results are written to the log before they are published.
                 log.warning("session_output_not_in_log", request_id=str(ids[0]))
             if time.monotonic() - since >= self._grace:
@@ -659,18 +665,28 @@ class SessionStream:
                     continue
                 if at is not None and (older_than_early > 0 or now - at >= self._grace):
                     wanted.append(uuid.UUID(rid))
-            found: list[Any] = []
+            # Each page read is held as it comes, before the next is read: what does not
+            # fit in the budget is held without its output, as is what the log left out
+            # (a read loads a bounded number of bytes of outputs), so no more than the
+            # budget and one read's outputs are held at once.
+            ready: list[tuple[_Held, int]] = []
             try:
                 page = self._d.streams.results_page
                 for start in range(0, len(wanted), page):
-                    found.extend(await self._d.finished(self._user, wanted[start : start + page]))
+                    for held in await self._d.finished(self._user, wanted[start : start + page]):
+                        if isinstance(held, Withheld):
+                            ready.append((_Thin(held.result, "", held.size), 0))
+                        else:
+                            ready.append(self._keep(lane_pb2.LaneEvent(result=held)))
             except Exception as exc:
                 log.warning("session_catch_up_failed", error=str(exc)[:200])
+                for _, size in ready:
+                    self._buffered -= size  # an older result may be among those not read
+                ready = []
                 if early and now - self._early_since < self._grace:
                     wait = 0.2  # ask again soon; past the grace time, order yields
                     continue
-                found = []
-            ready = [self._keep(lane_pb2.LaneEvent(result=r)) for r in found]
+            found = len(ready)
             ready.extend(self._early.pop(rid) for rid in early if rid in self._early)
             for event, size in sorted(ready, key=lambda held: held[0].result.lane_seq):
                 self._send_result(event, size)

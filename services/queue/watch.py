@@ -12,8 +12,10 @@ does not read (it waits at `yield` under HTTP/2 flow control) keeps at most
 MAX_WAITING_EVENTS results and MAX_WAITING_BYTES of their outputs waiting, besides the
 batch it took before and is sending. Past that, what waits is dropped and one wake-up is
 left in its place: the watcher then reads everything after its last lane_seq from the log,
-which has every dropped result (results are committed before they are published). A page
-of the log (FAIRLANE_RESULTS_PAGE_SIZE results) is bounded by count only.
+which has every dropped result (results are committed before they are published). A read
+of the log brings at most FAIRLANE_RESULTS_PAGE_SIZE results and RESULT_READ_BYTES (4 MiB)
+of their outputs, or one output alone when it is larger (services/queue/store.py): the
+watcher keeps one read while it sends it, and reads again until the log says it is done.
 
 The stream was authenticated when it opened. With `token`, its login is watched while the
 stream is open: once the login is revoked, the stream ends with InvalidToken (the servicer
@@ -166,12 +168,13 @@ async def watch_results(
 async def _stored(
     domain: QueueDomain, user: uuid.UUID, after: int, upto: int | None
 ) -> AsyncIterator[common_pb2.Result]:
-    """Stored results with after < lane_seq (< upto), in order, page by page."""
-    page = domain.streams.results_page
+    """Stored results with after < lane_seq (< upto), in order, page by page. A page is
+    bounded in count and in bytes: one short of its count is the end only when the log
+    says so (a page cut by its bytes is not)."""
     while True:
-        rows = await domain.results_after(user, after, upto)
-        for row in rows:
+        page = await domain.results_after(user, after, upto)
+        for row in page.rows:
             yield result_from_row(row)
             after = row.lane_seq
-        if len(rows) < page:
+        if not page.more:
             return

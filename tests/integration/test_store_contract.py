@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -26,7 +27,12 @@ from fairlane_server.core.models import lanes, request_events, requests, users
 from fairlane_server.queue.intake import Intake, Submission
 from fairlane_server.queue.outbox_store import OutboxStore
 from fairlane_server.queue.relay import LaneRelay
-from fairlane_server.queue.store import NewRequest, OutboxItem, RequestStore
+from fairlane_server.queue.store import (
+    RESULT_READ_BYTES,
+    NewRequest,
+    OutboxItem,
+    RequestStore,
+)
 from fairlane_server.worker.store import Attempt, Outcome, WorkerStore
 from fairlane_server.worker.writer import ResultWriter
 from tests.conftest import DATABASE_URL, unique
@@ -110,9 +116,9 @@ async def test_batch_insert_finish_and_replay(engine: AsyncEngine) -> None:
     states = await worker.states([r.id for r in batch])
     assert {s.status for s in states.values()} == {"SUCCEEDED"}
 
-    replay = await store.results_after(a, 1)
+    replay = (await store.results_after(a, 1)).rows
     assert [(r.id, r.lane_seq) for r in replay] == [(batch[2].id, 2), (batch[3].id, 3)]
-    assert [r.lane_seq for r in await store.results_after(a, 0, upto=3)] == [1, 2]
+    assert [r.lane_seq for r in (await store.results_after(a, 0, upto=3)).rows] == [1, 2]
 
 
 async def test_finished_of_reads_several_users_asks_in_one_statement(
@@ -129,7 +135,7 @@ async def test_finished_of_reads_several_users_asks_in_one_statement(
     ]
     await _accept(store, batch)
     await worker.finish([Outcome(r.id, r.user_id, "SUCCEEDED", output=b"o") for r in (a2, a1, b2)])
-    # More ids than SQLite takes in one statement: the store reads them in pieces there.
+    # More ids than SQLite takes as parameters of one statement (one JSON array there).
     unknown = [uuid7() for _ in range(1500)]
     rows = await store.finished_of([(a, [a1.id, a2.id, a3.id, *unknown]), (b, [b1.id, b2.id])])
     found = {r.id: (r.user_id, r.lane_seq, r.status, r.output) for r in rows}
@@ -139,6 +145,130 @@ async def test_finished_of_reads_several_users_asks_in_one_statement(
         b2.id: (b, 1, "SUCCEEDED", b"o"),
     }
     assert await store.finished_of([(a, [])]) == []
+
+
+def big_output(seq: int, size: int) -> bytes:
+    """An output of `size` bytes that says which result it is (and does not compress)."""
+    return random.Random(seq).randbytes(size)
+
+
+async def _finished(engine: AsyncEngine, user: uuid.UUID, sizes: Sequence[int]) -> list[NewRequest]:
+    """Requests of the user finished in order (lane_seq 1, 2, ...) with outputs of `sizes`."""
+    store, worker = RequestStore(engine), WorkerStore(engine)
+    batch = [new_request(user) for _ in sizes]
+    await _accept(store, batch)
+    for n, (r, size) in enumerate(zip(batch, sizes, strict=True), start=1):
+        await worker.finish([Outcome(r.id, user, "SUCCEEDED", output=big_output(n, size))])
+    return batch
+
+
+def _outputs(rows: Sequence[Any]) -> int:
+    return sum(len(r.output or b"") for r in rows)
+
+
+async def test_results_after_reads_pages_bounded_in_bytes_and_pages_to_the_end(
+    engine: AsyncEngine,
+) -> None:
+    store = RequestStore(engine)
+    user = await _user(engine)
+    size = 512 * 1024
+    n = 40  # 20 MiB of outputs, five times the bound, in far fewer than a page's count
+    batch = await _finished(engine, user, [size] * n)
+
+    first = await store.results_after(user, 0)
+    assert 1 <= len(first.rows) < n
+    assert _outputs(first.rows) <= RESULT_READ_BYTES
+    assert first.more  # short of its count, and not the end
+
+    seen: list[Any] = []
+    after, reads = 0, 0
+    while True:
+        page = await store.results_after(user, after)
+        reads += 1
+        assert page.rows
+        assert _outputs(page.rows) <= RESULT_READ_BYTES
+        seen.extend(page.rows)
+        after = page.rows[-1].lane_seq
+        if not page.more:
+            break
+    assert reads >= n * size // RESULT_READ_BYTES
+    assert [(r.id, r.lane_seq) for r in seen] == [(q.id, i) for i, q in enumerate(batch, 1)]
+    assert all(r.output == big_output(r.lane_seq, size) for r in seen)
+    # The end, and past it: nothing, and nothing more.
+    last = await store.results_after(user, n)
+    assert (last.rows, last.more) == ([], False)
+    # The count still bounds a page of small outputs; a full page may be followed by more.
+    small = await _user(engine)
+    await _finished(engine, small, [10] * 5)
+    full = await store.results_after(small, 0, limit=5)
+    assert (len(full.rows), full.more) == (5, True)
+    assert (await store.results_after(small, 5, limit=5)).more is False
+    short = await store.results_after(small, 0, upto=4, limit=5)
+    assert ([r.lane_seq for r in short.rows], short.more) == ([1, 2, 3], False)
+
+
+async def test_an_output_larger_than_the_bound_comes_alone(engine: AsyncEngine) -> None:
+    store = RequestStore(engine)
+    user = await _user(engine)
+    huge = RESULT_READ_BYTES + 1024
+    await _finished(engine, user, [100, huge, 100, 100])
+    pages = []
+    after = 0
+    while True:
+        page = await store.results_after(user, after)
+        pages.append([(r.lane_seq, len(r.output)) for r in page.rows])
+        after = page.rows[-1].lane_seq
+        if not page.more:
+            break
+    assert pages == [[(1, 100)], [(2, huge)], [(3, 100), (4, 100)]]
+    assert (await store.results_after(user, 1)).rows[0].output == big_output(2, huge)
+
+
+async def test_finished_of_reads_outputs_up_to_the_bound_the_asks_taking_turns(
+    engine: AsyncEngine,
+) -> None:
+    store = RequestStore(engine)
+    a, b = await _user(engine), await _user(engine)
+    mib = 1024 * 1024
+    mine = await _finished(engine, a, [mib] * 12)
+    his = await _finished(engine, b, [mib] * 3)
+    asks = [(a, [r.id for r in mine]), (b, [r.id for r in his])]
+    rows = {r.id: r for r in await store.finished_of(asks)}
+    assert set(rows) == {r.id for r in mine + his}  # every finished one, some withheld
+    read = [r for r in rows.values() if not r.withheld]
+    assert _outputs(read) <= RESULT_READ_BYTES
+    # The first of each ask, then the second of each: the bound is shared in turns.
+    assert {r.id for r in read} == {mine[0].id, his[0].id, mine[1].id, his[1].id}
+    for r in rows.values():
+        seq = r.lane_seq
+        assert r.size == mib
+        assert r.output == (None if r.withheld else big_output(seq, mib))
+        assert r.user_id == (a if r.id in asks[0][1] else b)
+    assert [rows[q.id].lane_seq for q in mine] == list(range(1, 13))
+
+    # Asking again for what was withheld gets every output, a bounded read at a time.
+    wanted = [r.id for r in mine if rows[r.id].withheld]
+    got: dict[uuid.UUID, bytes] = {}
+    while wanted:
+        again = await store.finished_of([(a, wanted)])
+        assert len(again) == len(wanted)
+        assert _outputs(again) <= RESULT_READ_BYTES
+        got.update({r.id: r.output for r in again if not r.withheld})
+        assert wanted[0] in got  # the first asked for always comes
+        wanted = [i for i in wanted if i not in got]
+    assert all(got[q.id] == big_output(n, mib) for n, q in enumerate(mine, 1) if q.id in got)
+
+    # One output larger than the bound comes alone, and first; a result without an output
+    # has nothing to leave out, and comes whole.
+    c = await _user(engine)
+    huge, small, empty = await _finished(engine, c, [RESULT_READ_BYTES + 1, 10, 0])
+    alone = {r.id: r for r in await store.finished_of([(c, [huge.id, small.id, empty.id])])}
+    assert alone[huge.id].output == big_output(1, RESULT_READ_BYTES + 1)
+    assert alone[small.id].withheld
+    assert alone[small.id].output is None
+    assert alone[small.id].lane_seq == 2
+    assert not alone[empty.id].withheld
+    assert (alone[empty.id].lane_seq, alone[empty.id].status) == (3, "SUCCEEDED")
 
 
 async def test_duplicate_idempotency_key_is_refused_by_the_log(engine: AsyncEngine) -> None:
@@ -249,7 +379,7 @@ async def test_an_outcome_written_twice_keeps_the_first_and_no_seq_is_lost(
     assert written == [first, later]
     assert [o.lane_seq for o in written] == [1, 2]
     assert await worker.finish([Outcome(a.id, user, "FAILED")]) == []
-    replay = await store.results_after(user, 0)
+    replay = (await store.results_after(user, 0)).rows
     assert [(r.id, r.lane_seq, r.output) for r in replay] == [(a.id, 1, b"first"), (b.id, 2, b"b")]
 
 

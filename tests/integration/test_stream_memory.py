@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -23,6 +24,7 @@ from fairlane_server.core.memory_broker import MemoryBroker
 from fairlane_server.core.settings import Settings
 from fairlane_server.queue.service import QueueService
 from fairlane_server.queue.session import SessionStream
+from fairlane_server.queue.store import RESULT_READ_BYTES, RequestStore
 from fairlane_server.queue.watch import MAX_WAITING_BYTES, MAX_WAITING_EVENTS
 from fairlane_server.worker.service import WorkerService
 from tests.polling import until
@@ -157,3 +159,55 @@ async def test_streams_that_do_not_read_hold_bounded_outputs_then_give_every_res
         assert stream.buffered_bytes == 0
     finally:
         await channel.close()
+
+
+async def test_a_watcher_from_zero_reads_large_results_from_the_log_in_bounded_pages(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WatchResults(after_lane_seq=0) over echo results of 1 MiB, 20 MiB in all: every
+    result comes, in order, and no read of the log returns more than its bound of outputs
+    (a page of 1000 such results was 1 GB loaded at once)."""
+    reads: list[int] = []
+    real = RequestStore.results_after
+
+    async def counted(self: RequestStore, *args: Any, **kwargs: Any) -> Any:
+        page: Any = await real(self, *args, **kwargs)  # a list before the bound
+        rows = page.rows if hasattr(page, "rows") else page
+        reads.append(sum(len(r.output or b"") for r in rows))
+        return page
+
+    monkeypatch.setattr(RequestStore, "results_after", counted)
+    client = stack.client
+    await client.register("big-watcher", "correct horse battery")
+    await client.login("big-watcher", "correct horse battery")
+    metadata = (("authorization", f"Bearer {await client.access_token()}"),)
+    n, size = 20, 1024 * 1024
+    channel = grpc.aio.insecure_channel(stack.queue.address)
+    stub = queue_pb2_grpc.QueueServiceStub(channel)
+    try:
+        ids = []
+        for i in range(n):
+            answer = await stub.Enqueue(
+                queue_pb2.EnqueueRequest(handler="echo", payload=bytes([i]) * size),
+                metadata=metadata,
+            )
+            ids.append(answer.request_id)
+        for _ in range(1200):
+            if await last_lane_seq(client) == n:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the requests did not finish within 60 s")
+        watch = stub.WatchResults(
+            queue_pb2.WatchResultsRequest(after_lane_seq=0), metadata=metadata
+        )
+        async with asyncio.timeout(30):
+            watched = [(await watch.read()).result for _ in range(n)]
+        watch.cancel()
+    finally:
+        await channel.close()
+    assert [r.lane_seq for r in watched] == list(range(1, n + 1))
+    assert [r.request_id for r in watched] == ids  # one at a time: finished in order
+    assert all(r.output == bytes([i]) * size for i, r in enumerate(watched))
+    assert max(reads) <= RESULT_READ_BYTES
+    assert len(reads) >= n * size // RESULT_READ_BYTES

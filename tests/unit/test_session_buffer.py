@@ -17,7 +17,9 @@ import pytest
 from fairlane.common.v1 import common_pb2
 from fairlane.queue.v1 import queue_pb2
 from fairlane_server.core.tokens import Principal
+from fairlane_server.queue import session as session_module
 from fairlane_server.queue.catch_up import CatchUpStopped
+from fairlane_server.queue.domain import Withheld
 from fairlane_server.queue.intake import Admitted
 from fairlane_server.queue.session import MAX_BATCH_BYTES, SessionStream, StreamError
 from tests.polling import until
@@ -321,3 +323,87 @@ async def _drain(
 ) -> None:
     async for response in out:
         into.append(response)
+
+
+class CappedLogDomain(LogDomain):
+    """A log whose reads load at most `cap` bytes of outputs, the first asked for always,
+    as the request log's do: past that a result comes Withheld. The next `taken` reads
+    lose all their bytes to other Sessions' asks read with them, the first output too."""
+
+    def __init__(self, *, cap: int, window: int, grace: float = 30.0) -> None:
+        super().__init__(window=window, grace=grace)
+        self.cap = cap
+        self.taken = 0
+
+    async def finished(  # type: ignore[override]
+        self, user: uuid.UUID, ids: list[uuid.UUID]
+    ) -> list[common_pb2.Result | Withheld]:
+        found = await super().finished(user, ids)
+        taken = self.taken > 0
+        self.taken -= taken
+        answer: list[common_pb2.Result | Withheld] = []
+        total = 0
+        for k, result in enumerate(found):
+            total += len(result.output)
+            if taken or (k > 0 and total > self.cap):
+                thin = common_pb2.Result(request_id=result.request_id, lane_seq=result.lane_seq)
+                answer.append(Withheld(thin, len(result.output)))
+            else:
+                answer.append(result)
+        return answer
+
+
+async def test_outputs_a_read_of_the_log_leaves_out_are_read_when_their_turn_comes() -> None:
+    n = 30  # 20 held without their outputs; a read loads two of them
+    domain = CappedLogDomain(cap=2 * SIZE, window=n)
+    session, out, responses = await _filled_past_the_budget(domain, n)
+    responses += [r async for r in out]
+    assert_every_result_in_order(responses, domain, n)
+    assert session.buffered_bytes == 0
+    assert len(domain.reads) == (n - BUDGET // SIZE) // 2
+
+
+async def test_a_read_back_whose_bytes_went_to_other_asks_is_asked_again_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    warnings: list[str] = []
+    monkeypatch.setattr(session_module.log, "warning", lambda event, **_: warnings.append(event))
+    n = 20
+    # A grace time shorter than one wait between tries: a result taken for missing from
+    # the log would end the stream UNAVAILABLE.
+    domain = CappedLogDomain(cap=BUDGET, window=n, grace=0.05)
+    session, out, responses = await _filled_past_the_budget(domain, n)
+    domain.taken = 3
+    responses += [r async for r in out]
+    assert_every_result_in_order(responses, domain, n)
+    assert domain.taken == 0
+    assert "session_output_not_in_log" not in warnings
+    assert session.buffered_bytes == 0
+
+
+async def test_a_catch_up_read_that_leaves_outputs_out_holds_those_results_without() -> None:
+    n = 24
+    domain = CappedLogDomain(cap=3 * SIZE, window=n, grace=0.1)
+    client = Client()
+    for i in range(n):
+        client.enqueue(str(i))
+    client.close()
+    session = session_of(domain, client)
+    out, first = await _started(session)
+    await until(lambda: session._out.qsize() == n - 1)
+    # Every result is in the log, none comes through the fan-out: the Session reads them
+    # all from the log, which loads three outputs a read.
+    for i in range(n):
+        rid = domain.rids[str(i)]
+        domain.in_log[rid] = common_pb2.Result(
+            request_id=rid,
+            lane_seq=i + 1,
+            status=common_pb2.REQUEST_STATUS_SUCCEEDED,
+            output=output(i + 1),
+        )
+    await until(lambda: not session._mine)
+    assert session.buffered_bytes <= BUDGET
+    assert held_bytes(session) == session.buffered_bytes
+    responses = [first] + [r async for r in out]
+    assert_every_result_in_order(responses, domain, n)
+    assert session.buffered_bytes == 0

@@ -12,6 +12,7 @@ from typing import Any
 from fairlane.common.v1 import common_pb2, lane_pb2
 from fairlane_server.queue.domain import StreamLimits
 from fairlane_server.queue.hub import Hub
+from fairlane_server.queue.store import ResultPage
 from fairlane_server.queue.watch import MAX_WAITING_BYTES, MAX_WAITING_EVENTS, watch_results
 from tests.polling import until
 
@@ -34,10 +35,11 @@ class Domain:
 
     async def results_after(
         self, user: uuid.UUID, after: int, upto: int | None = None
-    ) -> list[Any]:
+    ) -> ResultPage:
         self.reads += 1
         rows = [r for r in self.log if r.lane_seq > after and (upto is None or r.lane_seq < upto)]
-        return rows[: self.streams.results_page]
+        page = self.streams.results_page
+        return ResultPage(rows[:page], more=len(rows) > page)
 
     async def finish(self, *seqs: int) -> None:
         """Results written to the log, then fanned out in one message."""
