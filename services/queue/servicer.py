@@ -112,13 +112,16 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
         """One page of the caller's requests, newest first, and the token of the next."""
         limit = REQUESTS_PAGE.of(page_size)
         before = await _page_token(page_token, context)
-        rows = await self._store.list_requests(
-            uuid.UUID(principal.user_id),
-            status_name=status_name,
-            limit=limit,
-            before=before,
-            with_bodies=with_bodies,
-        )
+        user = uuid.UUID(principal.user_id)
+        if with_bodies:
+            rows, more = await self._store.list_requests_with_bodies(
+                user, status_name=status_name, limit=limit, before=before, max_bytes=PAGE_BYTES
+            )
+        else:
+            rows = await self._store.list_requests(
+                user, status_name=status_name, limit=limit, before=before
+            )
+            more = len(rows) == limit
         page: list[common_pb2.Request] = []
         size = 0
         for row in rows:
@@ -127,7 +130,7 @@ class QueueServicer(queue_pb2_grpc.QueueServiceServicer):
             if page and size > PAGE_BYTES:
                 return page, _encode_token(rows[len(page) - 1].id)
             page.append(item)
-        token = _encode_token(rows[-1].id) if len(rows) == limit else ""
+        token = _encode_token(rows[-1].id) if rows and more else ""
         return page, token
 
     # -- enqueue paths ---------------------------------------------------------------------

@@ -647,9 +647,9 @@ class RequestStore:
         status_name: str | None,
         limit: int,
         before: uuid.UUID | None,
-        with_bodies: bool = False,
     ) -> list[Any]:
-        columns = [c for c in requests.c if with_bodies or c.name not in ("payload", "output")]
+        """A page of the user's requests, newest first, without payloads and outputs."""
+        columns = [c for c in requests.c if c.name not in ("payload", "output")]
         query = sa.select(*columns).where(requests.c.user_id == user_id)
         if status_name:
             query = query.where(requests.c.status == status_name)
@@ -658,6 +658,43 @@ class RequestStore:
         query = query.order_by(requests.c.id.desc()).limit(limit)
         async with self._engine.connect() as conn:
             return list((await conn.execute(query)).all())
+
+    async def list_requests_with_bodies(
+        self,
+        user_id: uuid.UUID,
+        *,
+        status_name: str | None,
+        limit: int,
+        before: uuid.UUID | None,
+        max_bytes: int,
+    ) -> tuple[list[Any], bool]:
+        """Like list_requests with payloads and outputs, but loading at most `max_bytes` of
+        them (or the first row alone, when it is larger), and whether more rows may follow.
+        The sizes are read first, without the bodies: a page of 500 dead requests of 1 MiB
+        was 500 MB loaded at once, and cut to 4 MiB only afterwards."""
+        r = requests.c
+        size = sa.func.length(r.payload) + sa.func.coalesce(sa.func.length(r.output), 0)
+        where = [r.user_id == user_id]
+        if status_name:
+            where.append(r.status == status_name)
+        if before is not None:
+            where.append(r.id < before)
+        sized = sa.select(r.id, size.label("size")).where(*where).order_by(r.id.desc()).limit(limit)
+        async with self._engine.connect() as conn:
+            sizes = (await conn.execute(sized)).all()
+            kept: list[uuid.UUID] = []
+            total = 0
+            for row in sizes:
+                total += row.size or 0
+                if kept and total > max_bytes:
+                    break
+                kept.append(row.id)
+            if not kept:
+                return [], False
+            rows = (
+                await conn.execute(sa.select(requests).where(r.id.in_(kept)).order_by(r.id.desc()))
+            ).all()
+        return list(rows), len(sizes) == limit or len(kept) < len(sizes)
 
     async def results_after(
         self, user_id: uuid.UUID, after: int, *, upto: int | None = None, limit: int = 1000

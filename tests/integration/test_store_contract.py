@@ -224,6 +224,45 @@ async def test_an_output_larger_than_the_bound_comes_alone(engine: AsyncEngine) 
     assert (await store.results_after(user, 1)).rows[0].output == big_output(2, huge)
 
 
+async def test_a_listing_with_bodies_loads_them_up_to_the_bound(engine: AsyncEngine) -> None:
+    """ListDeadRequests returns payloads and outputs: a page of 500 of 1 MiB was loaded
+    whole (500 MB) and cut to 4 MiB only afterwards. Now the sizes come first."""
+    store = RequestStore(engine)
+    user = await _user(engine)
+    size = 256 * 1024
+    batch = await _finished(engine, user, [size] * 12)  # 3 MiB of outputs
+    loaded: list[int] = []
+    seen: list[Any] = []
+    before = None
+    while True:
+        rows, more = await store.list_requests_with_bodies(
+            user, status_name="SUCCEEDED", limit=500, before=before, max_bytes=1024 * 1024
+        )
+        loaded.append(_outputs(rows))
+        seen.extend(rows)
+        if not more:
+            break
+        before = rows[-1].id
+    assert all(0 < n <= 1024 * 1024 for n in loaded)
+    # Three outputs and their payloads fit under 1 MiB; four outputs alone are 1 MiB.
+    assert loaded == [3 * size] * 4
+    assert [r.id for r in seen] == [r.id for r in reversed(batch)]  # newest first, once each
+    assert all(r.output == big_output(r.lane_seq, size) and r.payload == b"p" for r in seen)
+    # One larger than the bound comes alone; the count still bounds a page.
+    rows, more = await store.list_requests_with_bodies(
+        user, status_name=None, limit=500, before=None, max_bytes=1000
+    )
+    assert ([r.id for r in rows], more) == ([batch[-1].id], True)
+    rows, more = await store.list_requests_with_bodies(
+        user, status_name=None, limit=12, before=None, max_bytes=10 * 1024 * 1024
+    )
+    assert (len(rows), more) == (12, True)
+    rows, more = await store.list_requests_with_bodies(
+        user, status_name="DEAD", limit=12, before=None, max_bytes=10 * 1024 * 1024
+    )
+    assert (rows, more) == ([], False)
+
+
 async def test_finished_of_reads_outputs_up_to_the_bound_the_asks_taking_turns(
     engine: AsyncEngine,
 ) -> None:
