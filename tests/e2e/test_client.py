@@ -15,6 +15,8 @@ from fairlane.client import (
     Accepted,
     AlreadyExists,
     Client,
+    ClientClosed,
+    FairlaneError,
     InvalidArgument,
     NotFound,
     NotLoggedIn,
@@ -26,6 +28,7 @@ from fairlane.client import (
     Result,
     SessionClosed,
     Status,
+    SubmitFuture,
     SyncClient,
     Tokens,
     Unauthenticated,
@@ -34,6 +37,8 @@ from fairlane.client import (
 from tests.conftest import DATABASE_URL, broker_url
 from tests.e2e.suite import Suite, serving
 from tests.e2e.users import admin_token
+from tests.polling import until
+from tests.proxy import TcpProxy
 
 pytestmark = pytest.mark.e2e
 
@@ -235,7 +240,7 @@ async def test_unary_calls_worker_control_and_sync_client(suite: Suite) -> None:
         cancelled = [r async for page in client.requests("cancelled") for r in page]
         assert [r.request_id for r in cancelled] == [waiting.request_id]
 
-        with pytest.raises(ValueError, match="unknown status"):
+        with pytest.raises(InvalidArgument, match="unknown status"):
             async for _ in client.requests("bogus"):
                 pass
 
@@ -359,3 +364,88 @@ async def test_tokens_are_refreshed_before_and_after_expiry(short_token_suite: S
                 break
         assert [r.output for r in got] == [b"after refresh", b"s0", b"s1", b"s2"]
         assert got[0].request_id == enqueued.request_id
+
+
+async def test_a_payload_over_the_message_limit_fails_only_its_own_submit(suite: Suite) -> None:
+    """Callers sharing one Session: one payload is over gRPC's 8 MiB message limit, one
+    over the server's payload limit (1 MiB). Only those two submits fail, each with
+    Rejected (INVALID_ARGUMENT); the stream and every other caller go on."""
+    async with _client(suite) as client:
+        name = _name()
+        await client.register(name, PASSWORD)
+        await client.login(name, PASSWORD)
+        payloads = {i: f"c{i}".encode() for i in range(60)}
+        payloads[20] = b"x" * 9_000_000
+        payloads[30] = b"y" * 1_100_000
+
+        async def caller(i: int) -> Result:
+            return await (await session.submit("echo", payloads[i], client_ref=f"c{i}"))
+
+        async with client.session() as session:
+            outcomes = await asyncio.gather(*map(caller, range(60)), return_exceptions=True)
+        too_large, over_payload_limit = outcomes[20], outcomes[30]
+        assert isinstance(too_large, Rejected)
+        assert too_large.code == "INVALID_ARGUMENT"
+        assert "over the 8388608-byte gRPC message limit" in too_large.message
+        assert isinstance(over_payload_limit, Rejected)
+        assert over_payload_limit.code == "INVALID_ARGUMENT"
+        assert "payload is 1100000 bytes" in over_payload_limit.message
+        results = [o for i, o in enumerate(outcomes) if i not in (20, 30)]
+        assert all(isinstance(r, Result) and r.ok for r in results), results
+        assert [r.output for r in results if isinstance(r, Result)] == [
+            p for i, p in payloads.items() if i not in (20, 30)
+        ]
+        # The unary call is refused at once too (gRPC's own refusal is RESOURCE_EXHAUSTED,
+        # which reads as "slow down and retry").
+        with pytest.raises(InvalidArgument, match="8388608-byte gRPC message limit"):
+            await client.enqueue("echo", payloads[20])
+
+
+async def test_closing_the_client_ends_what_is_in_progress_with_client_closed(
+    suite: Suite,
+) -> None:
+    """Client.close() with a Session waiting for a result, a watch, and a unary call
+    waiting for its answer: each ends with ClientClosed, a FairlaneError. grpc.aio ends
+    them with asyncio.CancelledError, which `except Exception` does not catch and which
+    a TaskGroup reads as the task's own cancellation."""
+    host, port = suite.target("worker").rsplit(":", 1)
+    proxy = TcpProxy(host, int(port))  # holds the worker's answers when told to
+    await proxy.start()
+    name = _name()
+    operator = _client(
+        suite, tokens=Tokens.issued(await admin_token(suite.target("auth")), "", 900)
+    )
+    client = Client(suite.target("auth"), suite.target("queue"), f"127.0.0.1:{proxy.port}")
+    try:
+        await client.register(name, PASSWORD)
+        await client.login(name, PASSWORD)
+        assert await operator.pause() == WorkerState.PAUSED  # the request waits QUEUED
+        await client.worker_status()  # connected through the proxy
+        proxy.hold_replies()
+        submitted: list[SubmitFuture] = []
+
+        async def session() -> None:
+            async with client.session() as s:
+                submitted.append(await s.submit("echo", b"never runs"))
+                await submitted[0]
+
+        async def watch() -> None:
+            async for _ in client.watch():
+                pass
+
+        async def unary() -> None:
+            await client.worker_status(timeout=None)
+
+        tasks = [asyncio.create_task(job()) for job in (session, watch, unary)]
+        await until(lambda: bool(submitted and submitted[0].request_id), timeout=30)
+        await client.close()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        assert [type(o) for o in outcomes] == [ClientClosed] * 3, outcomes
+        assert all(isinstance(o, FairlaneError) for o in outcomes)
+        with pytest.raises(ClientClosed):
+            submitted[0].result()
+    finally:
+        await client.close()
+        await operator.resume()
+        await operator.close()
+        await proxy.close()

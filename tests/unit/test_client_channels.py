@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import pytest
 
-from fairlane.client import FairlaneError
+from fairlane.client import ClientClosed, FairlaneError, SyncClient
 from fairlane.client.channels import Channels, grpc_target
 from fairlane.queue.v1 import queue_pb2_grpc
 
@@ -62,8 +62,15 @@ async def test_services_on_one_target_share_a_channel_and_stubs_are_kept(
 
     await channels.close()
     assert opened.closed == 2
-    with pytest.raises(FairlaneError, match="the client is closed"):
+    with pytest.raises(ClientClosed, match="the client is closed"):
         channels.queue()
+
+
+def test_a_closed_sync_client_says_so() -> None:
+    client = SyncClient("auth:1", "queue:1")
+    client.close()
+    with pytest.raises(ClientClosed, match="the client is closed"):
+        client.whoami()
 
 
 def test_a_missing_target_is_named(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -68,17 +68,54 @@ def test_batches_are_bounded_by_count_and_by_bytes() -> None:
         outbox.enqueue(enqueue(str(i)))
     assert [refs for _, refs in drain(outbox)] == [["0", "1", "2"], ["3", "4", "5"], ["6"]]
 
-    size = enqueue("x", b"p" * 1000).ByteSize()
-    outbox = Outbox(max_bytes=2 * size)
+    # The bound is on the whole message: the enqueues and the framing around each.
+    pair = queue_pb2.SessionRequest(
+        enqueue_batch=queue_pb2.EnqueueBatch(requests=[enqueue("x", b"p" * 1000)] * 2)
+    ).ByteSize()
+    outbox = Outbox(max_bytes=pair)
     for ref in "abcde":
         outbox.enqueue(enqueue(ref, b"p" * 1000))
     assert [refs for _, refs in drain(outbox)] == [["a", "b"], ["c", "d"], ["e"]]
+    outbox = Outbox(max_bytes=pair - 1)
+    for ref in "abc":
+        outbox.enqueue(enqueue(ref, b"p" * 1000))
+    assert [refs for _, refs in drain(outbox)] == [["a"], ["b"], ["c"]]
 
     # One enqueue over the bound still goes, on its own.
     outbox = Outbox(max_bytes=10)
     outbox.enqueue(enqueue("big", b"p" * 100))
     outbox.enqueue(enqueue("next"))
     assert drain(outbox) == [("enqueue", ["big"]), ("enqueue", ["next"])]
+
+
+def requests_of(message: queue_pb2.SessionRequest) -> list[queue_pb2.EnqueueRequest]:
+    if message.WhichOneof("kind") == "enqueue_batch":
+        return list(message.enqueue_batch.requests)
+    return [message.enqueue]
+
+
+@pytest.mark.parametrize("limit", [300, 4_000, 70_000, 2 * 1024 * 1024])
+def test_no_batch_is_over_the_byte_bound_whatever_the_sizes(limit: int) -> None:
+    """Sizes around the varint steps of the length prefixes (127, 16383, ...): a batch
+    is never over max_bytes, counted as gRPC counts it (the serialized message), and it
+    is no smaller than it need be (the next enqueue would not have fitted)."""
+    outbox = Outbox(max_bytes=limit)
+    sizes = [0, 1, 50, 100, 120, 126, 127, 128, 200, 16_000, 16_380, 16_400, 30_000]
+    for n in range(400):
+        outbox.enqueue(enqueue(f"r{n}", b"p" * sizes[n * 7 % len(sizes)]))
+    messages = []
+    while (message := outbox.take()) is not None:
+        messages.append(message)
+    sent = [r for m in messages for r in requests_of(m)]
+    assert [r.client_ref for r in sent] == [f"r{n}" for n in range(400)]
+    for n, message in enumerate(messages):
+        batch = requests_of(message)
+        if len(batch) > 1:
+            assert message.ByteSize() <= limit
+        if n + 1 < len(messages) and len(batch) < 256:
+            grown = [*batch, requests_of(messages[n + 1])[0]]
+            bigger = queue_pb2.SessionRequest(enqueue_batch=queue_pb2.EnqueueBatch(requests=grown))
+            assert bigger.ByteSize() > limit
 
 
 def test_clear_forgets_everything_and_bounds_must_allow_one() -> None:

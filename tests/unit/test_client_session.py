@@ -13,9 +13,11 @@ import pytest
 from fairlane.client import (
     Accepted,
     Client,
+    ClientClosed,
     DeadlineExceeded,
     Event,
     FairlaneError,
+    InvalidArgument,
     Rejected,
     RejectedEvent,
     Result,
@@ -30,6 +32,7 @@ from fairlane.client.channels import Channels
 from fairlane.client.retry import RetryPolicy
 from fairlane.common.v1 import common_pb2
 from fairlane.queue.v1 import queue_pb2
+from tests.polling import until
 from tests.unit.test_client_retry import FakeAuthStub, rpc_error
 
 
@@ -79,6 +82,19 @@ class FakeQueueStub:
         self.metadata: list[Any] = []
         self.watches: list[tuple[int, FakeCall]] = []
         self.timeouts: list[float | None] = []
+        self.unary: list[FakeCall] = []
+        self.enqueued: list[queue_pb2.EnqueueRequest] = []
+
+    async def GetLane(self, request: Any, *, metadata: Any, timeout: Any) -> Any:
+        # A unary call that is answered only when the test feeds it (or cancelled).
+        self.unary.append(FakeCall())
+        return await self.unary[-1].read()
+
+    async def Enqueue(
+        self, request: queue_pb2.EnqueueRequest, *, metadata: Any, timeout: Any
+    ) -> queue_pb2.EnqueueResponse:
+        self.enqueued.append(request)
+        return queue_pb2.EnqueueResponse(request_id=f"u{len(self.enqueued)}")
 
     def WatchResults(self, request: queue_pb2.WatchResultsRequest, *, metadata: Any) -> FakeCall:
         self.watches.append((request.after_lane_seq, FakeCall()))
@@ -92,14 +108,14 @@ class FakeQueueStub:
 
 
 def _client(
-    monkeypatch: pytest.MonkeyPatch, reconnect: RetryPolicy | None = None
+    monkeypatch: pytest.MonkeyPatch, reconnect: RetryPolicy | None = None, **options: Any
 ) -> tuple[Client, FakeQueueStub, FakeAuthStub]:
     """A logged-in Client whose channels hand out the fake stubs."""
     tokens = Tokens("access-0", "refresh-0", time.time() + 3600, 3600, "alice")
     queue, auth = FakeQueueStub(), FakeAuthStub()
     monkeypatch.setattr(Channels, "queue", lambda self: queue)
     monkeypatch.setattr(Channels, "auth", lambda self: auth)
-    client = Client("auth:1", "queue:1", tokens=tokens, reconnect=reconnect)
+    client = Client("auth:1", "queue:1", tokens=tokens, reconnect=reconnect, **options)
     return client, queue, auth
 
 
@@ -354,9 +370,17 @@ async def test_a_status_lost_with_accepted_requests_is_resumed(
     await session.open()
     call = queue.calls[0]
     running = await session.submit("echo", client_ref="a")
+    unanswered = await session.submit("echo", client_ref="b")
     call.feed(accepted=accepted("a", "r1"))
     call.end(rpc_error(grpc.StatusCode.INTERNAL, CORE_WRITE_RACE))
     await settle()
+    # Most often the replica died as a submit was written: the session ended, nobody
+    # knows whether "b" was stored. Unavailable, as for a stream cut on the way (the
+    # usual producer loop catches that), not INTERNAL.
+    with pytest.raises(Unavailable, match="lost the server's status"):
+        await unanswered
+    with pytest.raises(Unavailable, match="lost the server's status"):
+        await session.submit("echo")
     assert [after for after, _ in queue.watches] == [0]
     watch = queue.watches[0][1]
     watch._responses.put_nowait(queue_pb2.WatchResultsResponse(result=result("r1", 1, b"a")))
@@ -445,12 +469,17 @@ async def test_leaving_with_an_exception_cancels_the_stream(
     pending = None
     with contextlib.suppress(RuntimeError):
         async with client.session() as session:
-            pending = await session.submit("echo")
+            pending = await session.submit("echo", client_ref="a")
+            queue.calls[0].feed(accepted=accepted("a", "r1"))
+            await until(lambda: pending is not None and pending.request_id is not None)
             raise RuntimeError("caller gave up")
     assert queue.calls[0].cancelled
     assert pending is not None
-    with pytest.raises(SessionClosed):
+    # Says what happened (nobody cancelled anything) and where the result still is.
+    with pytest.raises(SessionClosed, match=r"left with an exception \(RuntimeError\)") as err:
         await pending
+    assert "still runs" in err.value.message
+    assert "Client.watch" in err.value.message
 
 
 async def test_a_broken_stream_is_resumed_with_watch_results(
@@ -547,3 +576,227 @@ async def test_a_failing_writer_fails_the_session_instead_of_hanging(
     assert queue.calls[0].cancelled
     with pytest.raises(FairlaneError, match="session writer failed"):
         await session.submit("echo")
+
+
+LIMIT = 100_000  # a channel's grpc.max_send_message_length in the tests below
+
+
+async def test_an_enqueue_over_the_message_limit_fails_alone_and_in_its_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gRPC fails a message over the channel's limit on the client side and with it the
+    whole stream: every caller's futures, accepted requests' too. The session refuses
+    such a submit itself: its future fails with Rejected (INVALID_ARGUMENT) when its turn
+    to be answered comes, and no other caller notices. Batches stay under the limit too."""
+    client, queue, _ = _client(
+        monkeypatch, channel_options=[("grpc.max_send_message_length", LIMIT)]
+    )
+    async with client.session() as session:
+        call = queue.calls[0]
+        first = await session.submit("echo", b"a", client_ref="a")
+        big = await session.submit("echo", b"x" * LIMIT, client_ref="big")
+        rest = [await session.submit("echo", b"p" * 30_000, client_ref=f"r{i}") for i in range(6)]
+        await settle()
+        assert sent(call) == ["a", *(f"r{i}" for i in range(6))]
+        assert all(message.ByteSize() <= LIMIT for message in call.written)
+        assert [m.WhichOneof("kind") for m in call.written] == ["enqueue_batch"] * 2
+        assert not big.done()  # answers come in submit order: "a" is answered first
+        call.feed(accepted=accepted("a", "ra"))
+        await settle()
+        with pytest.raises(Rejected) as refused:
+            await big
+        assert refused.value.code == "INVALID_ARGUMENT"
+        assert f"over the {LIMIT}-byte gRPC message limit" in refused.value.message
+        assert "it was not sent" in refused.value.message
+        assert (refused.value.client_ref, big.request_id) == ("big", None)
+        for i in range(6):
+            call.feed(accepted=accepted(f"r{i}", f"r{i}"))
+        call.feed(result=result("ra", 1))
+        for i in range(6):
+            call.feed(result=result(f"r{i}", i + 2))
+        await session.close()
+        call.end()
+    assert (await first).lane_seq == 1
+    assert [(await f).lane_seq for f in rest] == list(range(2, 8))
+    answers = [
+        (type(e).__name__, e.client_ref)
+        async for e in session.events()
+        if isinstance(e, Accepted | RejectedEvent)
+    ]
+    assert answers == [
+        ("Accepted", "a"),
+        ("RejectedEvent", "big"),
+        *(("Accepted", f"r{i}") for i in range(6)),
+    ]
+
+
+async def test_a_refused_enqueue_first_in_line_is_answered_at_once_and_never_resent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client, queue, _ = _client(
+        monkeypatch, NO_WAIT, channel_options=[("grpc.max_send_message_length", LIMIT)]
+    )
+    async with client.session() as session:
+        big = await session.submit("echo", b"x" * LIMIT, client_ref="big")
+        with pytest.raises(Rejected, match="gRPC message limit"):
+            await big
+        assert session.in_flight == 0
+        after = await session.submit("echo", b"1", client_ref="a")
+        too = await session.submit("echo", b"y" * LIMIT, client_ref="too")
+        # A stream broken before any answer is opened again with everything unanswered,
+        # except what was never sent.
+        queue.calls[0].end(rpc_error(grpc.StatusCode.UNAVAILABLE, "Stream removed"))
+        await settle()
+        await _answer_the_resend(session, queue.calls[1], after)
+    with pytest.raises(Rejected, match="gRPC message limit"):
+        await too
+    assert (await after).lane_seq == 1
+
+
+async def test_a_unary_enqueue_over_the_message_limit_is_refused_without_a_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # gRPC would refuse it on the client side as RESOURCE_EXHAUSTED, which the client
+    # retries (in vain) and then reports as "slow down".
+    client, queue, _ = _client(
+        monkeypatch, channel_options=[("grpc.max_send_message_length", LIMIT)]
+    )
+    with pytest.raises(InvalidArgument, match=f"over the {LIMIT}-byte gRPC message limit"):
+        await client.enqueue("echo", b"x" * LIMIT)
+    assert queue.enqueued == []
+    assert (await client.enqueue("echo", b"x" * (LIMIT - 100))).request_id == "u1"
+    # Without options: gRPC's 8 MiB, the servers' limit too.
+    default, queue, _ = _client(monkeypatch)
+    with pytest.raises(InvalidArgument, match="over the 8388608-byte gRPC message limit"):
+        await default.enqueue("echo", b"x" * 8 * 1024 * 1024)
+    assert queue.enqueued == []
+
+
+async def _break_while_submitting(
+    client: Client, queue: FakeQueueStub, futures: list[SubmitFuture]
+) -> None:
+    """The usual producer loop: a request accepted ("b") and unfinished when the stream
+    breaks; the next submit raises the break, which leaves the block."""
+    async with client.session() as session:
+        for ref in "abc":
+            futures.append(await session.submit("echo", client_ref=ref))
+        call = queue.calls[0]
+        call.feed(accepted=accepted("a", "r1"))
+        call.feed(accepted=accepted("b", "r2"))
+        call.feed(result=result("r1", 1))
+        call.end(rpc_error(grpc.StatusCode.UNAVAILABLE, "queue replica died"))
+        await until(lambda: bool(queue.watches))
+        await session.submit("echo", client_ref="d")
+
+
+async def test_leaving_the_block_with_the_break_still_resolves_accepted_futures(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client, queue, _ = _client(monkeypatch)
+    futures: list[SubmitFuture] = []
+    producer = asyncio.create_task(_break_while_submitting(client, queue, futures))
+    await until(lambda: bool(queue.watches))
+    # Not answered before the break: whether it was accepted is unknown.
+    with pytest.raises(Unavailable, match="queue replica died"):
+        await futures[2]
+    await settle()
+    # Leaving the block waits for the results being collected from WatchResults.
+    assert not producer.done()
+    assert not futures[1].done()
+    after, watch = queue.watches[0]
+    assert after == 1
+    watch._responses.put_nowait(queue_pb2.WatchResultsResponse(result=result("r2", 2, b"b")))
+    with pytest.raises(Unavailable, match="queue replica died"):
+        await producer
+    assert (await futures[0]).lane_seq == 1
+    assert (await futures[1]).output == b"b"
+    assert watch.cancelled
+
+
+async def test_cancelling_the_caller_while_it_waits_for_the_resume_cancels_the_session(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client, queue, _ = _client(monkeypatch)
+    futures: list[SubmitFuture] = []
+    producer = asyncio.create_task(_break_while_submitting(client, queue, futures))
+    await until(lambda: bool(queue.watches))
+    await settle()
+    producer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await producer
+    with pytest.raises(SessionClosed, match=r"the session was cancelled; .* still runs"):
+        await futures[1]
+    assert queue.watches[0][1].cancelled
+
+
+async def test_closing_the_client_ends_what_is_in_progress_with_client_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Client.close() while a session, a watch and a unary call are in progress: each
+    ends with ClientClosed (a FairlaneError), not with an asyncio.CancelledError that
+    `except Exception` would not catch and that reads as the task's own cancellation."""
+    client, queue, _ = _client(monkeypatch)
+    close = Channels.close
+
+    async def close_as_grpc_does(self: Channels) -> None:
+        # grpc.aio's channel.close() cancels every call on the channel: whoever awaits
+        # one gets asyncio.CancelledError, though their task was not cancelled.
+        await close(self)
+        for call in [*queue.calls, *(c for _, c in queue.watches), *queue.unary]:
+            call.cancel()
+
+    monkeypatch.setattr(Channels, "close", close_as_grpc_does)
+    submitted: list[SubmitFuture] = []
+    left = asyncio.Event()
+
+    async def wait_for_the_result() -> None:
+        async with client.session() as session:
+            submitted.append(await session.submit("echo", client_ref="a"))
+            await submitted[0]
+
+    async def leave_after_close() -> None:
+        async with client.session() as session:
+            submitted.append(await session.submit("echo", client_ref="b"))
+            await left.wait()
+
+    async def watch() -> None:
+        async for _ in client.watch():
+            pass
+
+    tasks = [
+        asyncio.create_task(job())
+        for job in (wait_for_the_result, leave_after_close, watch, client.lane)
+    ]
+    await until(lambda: len(queue.calls) == 2 and len(queue.watches) == 1 and len(queue.unary) == 1)
+    await settle()
+    await client.close()
+    left.set()
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    assert [type(o).__name__ for o in outcomes] == ["ClientClosed"] * 4
+    assert all(isinstance(o, FairlaneError) and str(o) == "the client is closed" for o in outcomes)
+    for future in submitted:
+        with pytest.raises(ClientClosed):
+            await future
+
+
+async def test_a_callers_own_cancellation_is_still_cancellation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client, queue, _ = _client(monkeypatch)
+
+    async def watch() -> None:
+        async for _ in client.watch():
+            pass
+
+    async def session() -> None:
+        async with client.session() as s:
+            await s.submit("echo")
+            await asyncio.Event().wait()
+
+    tasks = [asyncio.create_task(job()) for job in (watch, session, client.lane)]
+    await until(lambda: bool(queue.calls and queue.watches and queue.unary))
+    await settle()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(task.cancelled() for task in tasks)

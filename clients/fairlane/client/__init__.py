@@ -15,6 +15,7 @@ See docs/client.md.
 from fairlane.client.async_client import Client
 from fairlane.client.errors import (
     AlreadyExists,
+    ClientClosed,
     DeadlineExceeded,
     FailedPrecondition,
     FairlaneError,
@@ -54,6 +55,7 @@ __all__ = [
     "Accepted",
     "AlreadyExists",
     "Client",
+    "ClientClosed",
     "DeadlineExceeded",
     "Enqueued",
     "Event",

@@ -12,9 +12,18 @@ from typing import Any, Literal, TypeVar
 import grpc
 
 from fairlane.auth.v1 import auth_pb2
-from fairlane.client._wire import Deadline, Payload, bearer, enqueue_request
+from fairlane.client._wire import (
+    UINT32_MAX,
+    UINT64_MAX,
+    Deadline,
+    Payload,
+    bearer,
+    enqueue_request,
+    too_large,
+    unsigned,
+)
 from fairlane.client.channels import Channels, ServiceName
-from fairlane.client.errors import NotFound, Unavailable
+from fairlane.client.errors import InvalidArgument, NotFound, Unavailable
 from fairlane.client.results import STREAM_RECONNECT, ResultWatcher
 from fairlane.client.retry import RetryPolicy, Sleep, call_with_retry
 from fairlane.client.session import Session
@@ -76,7 +85,9 @@ class Client:
     - `tls=True` (system roots) or `root_certificates=` (PEM) turn TLS on;
       `client_cert=` and `client_key=` (PEM) present a client certificate to servers that
       require one (mTLS, docs/security.md).
-    - Errors are FairlaneError subclasses (see fairlane.client.errors).
+    - Errors are FairlaneError subclasses (see fairlane.client.errors): also a value
+      that cannot be sent (InvalidArgument), and a call in progress when the client is
+      closed (ClientClosed).
 
     Inside, the client is the API over three parts that Sessions share with it: Channels
     (where each service is and the channels to it), a TokenManager (when to refresh) and
@@ -102,7 +113,7 @@ class Client:
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         if (client_cert is None) != (client_key is None):
-            raise ValueError("client_cert and client_key go together")
+            raise InvalidArgument("client_cert and client_key go together")
         secure = tls or root_certificates is not None or client_cert is not None
         credentials = (
             grpc.ssl_channel_credentials(root_certificates, client_key, client_cert)
@@ -155,7 +166,8 @@ class Client:
         await self.close()
 
     async def close(self) -> None:
-        """Closes every channel; calls in progress are cancelled."""
+        """Closes every channel. Calls, watches and sessions in progress end with
+        ClientClosed (a task that is itself cancelled still gets CancelledError)."""
         await self._channels.close()
 
     # -- tokens ------------------------------------------------------------------------
@@ -210,7 +222,8 @@ class Client:
             if with_token:
                 used.append(await self._tokens.access_token())
                 metadata = bearer(used[-1])
-            return await method(request, metadata=metadata, timeout=deadline)
+            with self._channels.interrupted_by_close():
+                return await method(request, metadata=metadata, timeout=deadline)
 
         async def reauthenticate() -> bool:
             return bool(used) and await self._tokens.refresh_if_current(used[-1])
@@ -325,6 +338,10 @@ class Client:
             max_attempts=max_attempts,
             client_ref=client_ref,
         )
+        # gRPC would fail it on the client side with RESOURCE_EXHAUSTED ("retry"), in vain.
+        why = too_large(request, request.ByteSize(), self._channels.max_message_bytes)
+        if why is not None:
+            raise InvalidArgument(why)
         reply: queue_pb2.EnqueueResponse = await self._unary(
             "queue",
             self._channels.queue().Enqueue,
@@ -357,7 +374,11 @@ class Client:
     ) -> AsyncGenerator[list[Request], None]:
         """The caller's requests, newest first, one page (a list) at a time; payloads
         and outputs are left out (use get)."""
-        wanted = Status.parse(status) if status is not None else None
+        try:
+            wanted = Status.parse(status) if status is not None else None
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        page_size = unsigned("page_size", page_size, UINT32_MAX)
         token = ""
         while True:
             request = queue_pb2.ListRequestsRequest(page_size=page_size, page_token=token)
@@ -399,6 +420,7 @@ class Client:
         live ones, without end. If the stream breaks (UNAVAILABLE), it is reopened after
         the last result seen, with jittered backoff, up to `reconnect.max_attempts` times
         in a row; an expired token is refreshed once."""
+        unsigned("after_lane_seq", after_lane_seq, UINT64_MAX)  # raised here, not at anext
         return self._results.watch(after_lane_seq, reconnect=reconnect)
 
     def session(

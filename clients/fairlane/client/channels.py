@@ -6,15 +6,17 @@ is and how to reach it, and nothing about tokens, retries or the API.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import grpc
 
 from fairlane.auth.v1 import auth_pb2_grpc
-from fairlane.client._wire import CHANNEL_OPTIONS
-from fairlane.client.errors import FairlaneError
+from fairlane.client._wire import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES
+from fairlane.client.errors import ClientClosed, FairlaneError, cancelled_by_caller
 from fairlane.queue.v1 import queue_pb2_grpc
 from fairlane.worker.v1 import worker_pb2_grpc
 
@@ -61,13 +63,47 @@ class Channels:
     def tls(self) -> bool:
         return self._credentials is not None
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest message a call may send: the channels' `grpc.max_send_message_length`
+        (8 MiB unless the options change it), and never more than the servers' own 8 MiB
+        receive limit. gRPC fails a larger message on the client side, and with it the
+        whole call: a Session refuses such an enqueue itself instead."""
+        limit = dict(self._options).get("grpc.max_send_message_length", -1)
+        if not isinstance(limit, int) or limit < 0:  # unlimited on the client side
+            return MAX_MESSAGE_BYTES
+        return min(limit, MAX_MESSAGE_BYTES)
+
+    @contextlib.contextmanager
+    def interrupted_by_close(self) -> Iterator[None]:
+        """Wraps awaiting a call: when the client closes, grpc.aio ends the calls on its
+        channels with asyncio.CancelledError, which would tell the caller it was
+        cancelled; it is raised as ClientClosed instead. The caller's own cancellation
+        goes on as it is."""
+        try:
+            yield
+        except asyncio.CancelledError:
+            if cancelled_by_caller():
+                raise
+            raise self.interrupted() from None
+
+    def interrupted(self) -> FairlaneError:
+        """The error for a call that grpc.aio cancelled without the caller asking."""
+        if self._closed:
+            return ClientClosed()
+        return FairlaneError("the call was cancelled on the client side", code="CANCELLED")
+
     def channel(self, service: ServiceName) -> grpc.aio.Channel:
         """The channel to `service`, opened now if it is the first use of its target."""
         target = self.targets.get(service)
         if not target:
             raise FairlaneError(f"no {service} target configured")
         if self._closed:
-            raise FairlaneError("the client is closed")
+            raise ClientClosed()
         channel = self._channels.get(target)
         if channel is None:
             address = grpc_target(target)
@@ -94,7 +130,8 @@ class Channels:
         return cast("WorkerServiceAsyncStub", self._stub("worker"))
 
     async def close(self) -> None:
-        """Closes every channel; calls in progress are cancelled, new ones refused."""
+        """Closes every channel; calls in progress end (ClientClosed), new ones are
+        refused."""
         self._closed = True
         channels, self._channels = list(self._channels.values()), {}
         self._stubs.clear()

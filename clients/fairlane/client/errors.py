@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -13,6 +14,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AlreadyExists",
+    "ClientClosed",
     "DeadlineExceeded",
     "FailedPrecondition",
     "FairlaneError",
@@ -26,6 +28,7 @@ __all__ = [
     "SessionClosed",
     "Unauthenticated",
     "Unavailable",
+    "cancelled_by_caller",
     "code_name",
     "error_from_rpc",
     "retry_delay_ms",
@@ -129,6 +132,14 @@ class SessionClosed(FairlaneError):
     """The Session stream ended before this request was answered or finished."""
 
 
+class ClientClosed(FairlaneError):
+    """The client was closed (Client.close) while this call was in progress, or before
+    it began."""
+
+    def __init__(self, message: str = "the client is closed") -> None:
+        super().__init__(message)
+
+
 class RequestFailed(FairlaneError):
     """Raised by Result.raise_for_status for a request that did not succeed."""
 
@@ -152,6 +163,16 @@ _BY_CODE: dict[str, type[FairlaneError]] = {
         DeadlineExceeded,
     )
 }
+
+
+def cancelled_by_caller() -> bool:
+    """Whether the running task is being cancelled (someone called its cancel()).
+
+    grpc.aio also raises asyncio.CancelledError from a call that was cancelled under the
+    caller, when its channel is closed: that one is not the caller's and must not look
+    like its cancellation."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def retry_delay_ms(error: grpc.aio.AioRpcError) -> int | None:

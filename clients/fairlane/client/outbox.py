@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 
+from fairlane.client._wire import field_size
 from fairlane.queue.v1 import queue_pb2
 
 __all__ = ["MAX_BATCH_BYTES", "MAX_BATCH_REQUESTS", "Outbox"]
@@ -21,8 +22,9 @@ MAX_BATCH_REQUESTS = 256
 """Enqueues in one message at most (the server handles a batch as one intake step)."""
 
 MAX_BATCH_BYTES = 2 * 1024 * 1024
-"""Serialized enqueues in one message at most: well under gRPC's 8 MiB message limit on
-both ends. A single larger enqueue still goes, alone."""
+"""Bytes of one serialized `enqueue_batch` message at most: well under gRPC's 8 MiB
+message limit on both ends. A single larger enqueue still goes, alone (the Session sends
+none that is over the message limit)."""
 
 _Item = queue_pb2.EnqueueRequest | queue_pb2.CancelRequestRequest
 
@@ -60,16 +62,19 @@ class Outbox:
         if isinstance(first, queue_pb2.CancelRequestRequest):
             return queue_pb2.SessionRequest(cancel=first)
         batch = [first]
-        size = first.ByteSize()
+        # The EnqueueBatch's size; the message is field_size(body) (the SessionRequest
+        # around it), counted whole, framing and all, so that it stays under max_bytes.
+        body = field_size(first.ByteSize())
         while items and len(batch) < self._max_requests:
             head = items[0]
             if not isinstance(head, queue_pb2.EnqueueRequest):
                 break
-            size += head.ByteSize()
-            if size > self._max_bytes:
+            grown = body + field_size(head.ByteSize())
+            if field_size(grown) > self._max_bytes:
                 break
             batch.append(head)
             items.popleft()
+            body = grown
         if len(batch) == 1:
             return queue_pb2.SessionRequest(enqueue=first)
         return queue_pb2.SessionRequest(enqueue_batch=queue_pb2.EnqueueBatch(requests=batch))

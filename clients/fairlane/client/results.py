@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator
 
 import grpc
 
-from fairlane.client._wire import bearer
+from fairlane.client._wire import UINT64_MAX, bearer, unsigned
 from fairlane.client.channels import Channels
 from fairlane.client.errors import FairlaneError, Unavailable, error_from_rpc, retry_delay_ms
 from fairlane.client.retry import RetryPolicy, Sleep
@@ -56,8 +56,9 @@ class ResultWatcher:
         """Results with lane_seq > after_lane_seq, stored ones first, then live ones,
         without end. A broken stream (UNAVAILABLE, or ended by a server shutting down) is
         reopened after the last result seen, with jittered backoff, up to
-        `policy.max_attempts` times in a row; an expired token is refreshed once."""
-        last = after_lane_seq
+        `policy.max_attempts` times in a row; an expired token is refreshed once. If the
+        client is closed meanwhile, raises ClientClosed."""
+        last = unsigned("after_lane_seq", after_lane_seq, UINT64_MAX)
         failures = 0
         reauthenticated = False
         while True:
@@ -67,7 +68,8 @@ class ResultWatcher:
             )
             try:
                 while True:
-                    message = await call.read()
+                    with self._channels.interrupted_by_close():
+                        message = await call.read()
                     if message is grpc.aio.EOF:
                         break
                     result = Result.from_proto(message.result)

@@ -13,16 +13,26 @@ from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
-from fairlane.client._wire import Deadline, Payload, bearer, enqueue_request
+from fairlane.client._wire import (
+    Deadline,
+    Payload,
+    bearer,
+    enqueue_request,
+    field_size,
+    too_large,
+)
 from fairlane.client.errors import (
     DeadlineExceeded,
     FairlaneError,
+    InvalidArgument,
     Rejected,
     SessionClosed,
+    Unavailable,
+    cancelled_by_caller,
     error_from_rpc,
     retry_delay_ms,
 )
-from fairlane.client.outbox import Outbox
+from fairlane.client.outbox import MAX_BATCH_BYTES, Outbox
 from fairlane.client.types import Accepted, Event, Progress, RejectedEvent, Result
 from fairlane.queue.v1 import queue_pb2
 
@@ -51,6 +61,8 @@ class SubmitFuture(asyncio.Future[Result]):
 class _Unanswered:
     request: queue_pb2.EnqueueRequest
     future: SubmitFuture
+    # Refused by the client itself (too large to send): never sent, answered in its turn.
+    refused: Rejected | None = None
 
 
 _END: Final = object()
@@ -69,6 +81,21 @@ def _status_lost(err: grpc.aio.AioRpcError) -> bool:
     return code == grpc.StatusCode.INTERNAL and details == _CORE_WRITE_RACE
 
 
+def _stream_error(err: grpc.aio.AioRpcError) -> FairlaneError:
+    """The error a broken stream ends the session with. A status lost to grpc/grpc#36066
+    is Unavailable, as a stream cut on the way is: the stream ended, nothing says why
+    (most often the replica died while a submit was being written), and whether the
+    submits it had not answered were stored is unknown."""
+    if _status_lost(err):
+        error = Unavailable(
+            "the session stream ended and gRPC lost the server's status "
+            f"({_CORE_WRITE_RACE}, grpc/grpc#36066)"
+        )
+        error.__cause__ = err
+        return error
+    return error_from_rpc(err)
+
+
 class Session:
     """One QueueService.Session stream (create it with Client.session()).
 
@@ -77,7 +104,11 @@ class Session:
     stream can take a write, and those ready together leave as one `enqueue_batch`.
     `close()` (or leaving the `async with` block) half-closes the stream: the server
     still sends the results of everything it accepted, then ends it. Leaving the block
-    waits for that; leaving it with an exception cancels the stream instead.
+    waits for that; leaving it with an exception cancels the stream instead, unless the
+    stream had already broken and the session is collecting results (below).
+
+    An enqueue too large for one gRPC message is not sent: its future fails with
+    Rejected (INVALID_ARGUMENT), in its turn, and the stream and other submits go on.
 
     Rejections are not retried here: resubmitting would reorder the lane. A Rejected
     error carries `retry_after_ms` for callers that want to send it again.
@@ -86,7 +117,8 @@ class Session:
     requests are unfinished, their futures still resolve: with `resume` (the default) the
     session collects their results from WatchResults, reconnecting with jittered backoff.
     Submits not answered before the break fail with the stream's error, and so do new
-    submits.
+    submits; leaving the block with that error (or any exception but a cancellation)
+    waits for the collection before the exception goes on.
     """
 
     def __init__(
@@ -101,7 +133,7 @@ class Session:
         resume: bool = True,
     ) -> None:
         if max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
+            raise InvalidArgument("max_in_flight must be at least 1")
         self._channels = channels
         self._tokens = tokens
         self._results = results
@@ -116,7 +148,10 @@ class Session:
         self._token = ""
         # The writer task holds the lock while it writes; _reopen takes it to swap calls.
         self._write_lock = asyncio.Lock()
-        self._outbox = Outbox()
+        # No message may be over what the channel sends (gRPC would fail the whole
+        # stream for it): a larger enqueue is refused at submit, a batch stays under it.
+        self._max_message = channels.max_message_bytes
+        self._outbox = Outbox(max_bytes=min(MAX_BATCH_BYTES, self._max_message))
         self._wake_writer = asyncio.Event()
         self._done_writing = False  # the half-close was sent on the current call
         self._writing_ended = asyncio.Event()
@@ -131,6 +166,8 @@ class Session:
         self._half_closed = False
         self._finished = False
         self._error: FairlaneError | None = None
+        self._resuming = False  # collecting results from WatchResults after a break
+        self._cancel_reason: SessionClosed | None = None
         self._reader: asyncio.Task[None] | None = None
         self.last_lane_seq = 0
         """lane_seq of the newest result received on this session (for WatchResults)."""
@@ -147,13 +184,31 @@ class Session:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc_type is not None:
-            await self.abort()
+        if exc_type is None:
+            await self.close()
+            await self.wait_closed()
+            if self._error is not None:
+                raise self._error
             return
-        await self.close()
-        await self.wait_closed()
-        if self._error is not None:
-            raise self._error
+        if issubclass(exc_type, Exception) and self._resuming:
+            # The stream broke and its accepted requests' results are being collected from
+            # WatchResults; the exception (most often that break, raised by a submit)
+            # does not make them lost: let the collection finish, then let it go on.
+            self._half_closed = True
+            try:
+                await self._reader_done()
+            except asyncio.CancelledError:
+                await self._abort(_cancelled())
+                raise
+            return
+        if issubclass(exc_type, Exception):
+            reason = SessionClosed(
+                f"the session was left with an exception ({exc_type.__name__}) and "
+                f"cancelled before this request was finished; {_STILL_RUNS}"
+            )
+        else:
+            reason = _cancelled()
+        await self._abort(reason)
 
     async def open(self) -> None:
         """Opens the stream (done by `async with`)."""
@@ -176,7 +231,7 @@ class Session:
         # The server sends its initial metadata once it has accepted the stream (or ends
         # the call if it refuses it). Writing before then can race a refusal, and grpc
         # reports a write into a refused call as INTERNAL, hiding UNAUTHENTICATED.
-        with contextlib.suppress(grpc.aio.AioRpcError):
+        with contextlib.suppress(grpc.aio.AioRpcError), self._channels.interrupted_by_close():
             await call.initial_metadata()
         return call
 
@@ -190,20 +245,33 @@ class Session:
         await self._writing_ended.wait()
 
     async def wait_closed(self) -> None:
-        """Waits until the server has ended the stream."""
+        """Waits until the stream has ended (and a resume after a break with it)."""
+        await self._reader_done()
+        reader = self._reader
+        if reader is not None and not reader.cancelled() and (bug := reader.exception()):
+            raise bug
+
+    async def _reader_done(self) -> None:
+        """Waits for the reader to end, without raising what it raised; the caller's own
+        cancellation leaves the reader running."""
         if self._reader is not None:
-            await asyncio.shield(self._reader)
+            await asyncio.wait((self._reader,))
 
     async def abort(self) -> None:
         """Cancels the stream; unfinished futures fail with SessionClosed."""
+        await self._abort(_cancelled())
+
+    async def _abort(self, reason: SessionClosed) -> None:
         self._half_closed = True
+        if self._cancel_reason is None:
+            self._cancel_reason = reason
         if self._call is not None:
             self._call.cancel()
         tasks = [t for t in (self._reader, self._writer) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._finish(SessionClosed("the session was cancelled"), report=False)
+        self._finish(reason, report=False)
 
     @property
     def in_flight(self) -> int:
@@ -225,7 +293,9 @@ class Session:
         """Queues one enqueue for the stream; returns a future of its Result.
 
         Waits while `max_in_flight` requests are unfinished (those not written yet
-        count). Raises if the session is closed or has failed."""
+        count). Raises if the session is closed or has failed, and InvalidArgument for
+        a value that cannot be sent. An enqueue over the gRPC message limit is not sent:
+        its future fails with Rejected (INVALID_ARGUMENT) in its turn."""
         request = enqueue_request(
             handler,
             payload,
@@ -234,6 +304,10 @@ class Session:
             max_attempts=max_attempts,
             client_ref=client_ref,
         )
+        refused: Rejected | None = None
+        why = too_large(request, field_size(request.ByteSize()), self._max_message)
+        if why is not None:
+            refused = Rejected("INVALID_ARGUMENT", why, client_ref=client_ref)
         while self._in_flight >= self._max_in_flight and not self._finished:
             self._room.clear()
             await self._room.wait()
@@ -244,9 +318,12 @@ class Session:
         future.request_id = None
         future.duplicate = False
         self._in_flight += 1
-        self._unanswered.append(_Unanswered(request, future))
-        self._outbox.enqueue(request)
-        self._wake_writer.set()
+        self._unanswered.append(_Unanswered(request, future, refused))
+        if refused is None:
+            self._outbox.enqueue(request)
+            self._wake_writer.set()
+        else:
+            self._answer_refused()
         return future
 
     async def cancel(self, request_id: str) -> None:
@@ -283,8 +360,13 @@ class Session:
                         await self._write(message)
                     if self._half_closed and not self._done_writing and not self._finished:
                         self._done_writing = True
-                        with contextlib.suppress(Exception):
+                        try:
                             await self._call.done_writing()
+                        except Exception:
+                            pass
+                        except asyncio.CancelledError:  # as in _write
+                            if cancelled_by_caller():
+                                raise
                         self._writing_ended.set()
         except Exception as exc:  # a bug here must not leave futures hanging
             # Reported through the futures and the session's error (nobody awaits this task).
@@ -295,10 +377,15 @@ class Session:
         # If the stream has ended, the reader reports why and fails the future.
         if self._call.done():
             return
-        with contextlib.suppress(
-            grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError
-        ):
+        try:
             await self._call.write(message)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+            pass
+        except asyncio.CancelledError:
+            # grpc.aio's, for a call cancelled under us (the client closed): the reader
+            # reports it. Our own cancellation (abort) goes on.
+            if cancelled_by_caller():
+                raise
 
     # -- receiving ---------------------------------------------------------------------
 
@@ -318,6 +405,23 @@ class Session:
             yield item
 
     async def _read_loop(self) -> None:
+        try:
+            await self._read_stream()
+        except asyncio.CancelledError:
+            if cancelled_by_caller():  # abort(), or the event loop shutting down
+                self._finish(self._cancel_reason or _cancelled(), report=False)
+                raise
+            # grpc.aio's, for a call cancelled under us: the client was closed.
+            self._finish(self._channels.interrupted())
+        except FairlaneError as exc:
+            self._finish(exc)
+        except Exception as exc:  # a bug here must not leave futures hanging
+            self._finish(FairlaneError(f"session reader failed: {exc!r}"))
+            raise
+
+    async def _read_stream(self) -> None:
+        """Reads the stream to its end (and, after a break, resumes); an error it raises
+        ends the session (_read_loop)."""
         reauthenticated = False
         reconnects = 0
         while True:
@@ -352,14 +456,9 @@ class Session:
                             reconnects, err.code().name, retry_delay_ms(err)
                         ):
                             refresh = False
-                if refresh is not None:
-                    try:
-                        if await self._reopen(refresh=refresh):
-                            continue
-                    except FairlaneError as exc:
-                        self._finish(exc)
-                        return
-                error = error_from_rpc(err)
+                if refresh is not None and await self._reopen(refresh=refresh):
+                    continue
+                error = _stream_error(err)
                 if (
                     self._resume
                     and (err.code() in _RESUMABLE or _status_lost(err))
@@ -369,12 +468,6 @@ class Session:
                 else:
                     self._finish(error)
                 return
-            except asyncio.CancelledError:
-                self._finish(SessionClosed("the session was cancelled"), report=False)
-                raise
-            except Exception as exc:  # a bug here must not leave futures hanging
-                self._finish(FairlaneError(f"session reader failed: {exc!r}"))
-                raise
 
     async def _resume_with_watch(self, error: FairlaneError) -> None:
         """The stream broke with accepted requests unfinished: their results are durable,
@@ -383,10 +476,13 @@ class Session:
         the error: whether they were accepted is unknown (idempotency keys make sending
         them again safe)."""
         self._error = error  # from now on, submits raise it
-        lost = list(self._unanswered)
+        self._resuming = True
+        unanswered = list(self._unanswered)
         self._unanswered.clear()
-        for item in lost:
-            _fail(item.future, error)
+        lost = False
+        for item in unanswered:
+            lost = lost or item.refused is None
+            _fail(item.future, item.refused or error)
             self._done_one()
         try:
             async with contextlib.aclosing(self._results.watch(self.last_lane_seq)) as results:
@@ -394,9 +490,8 @@ class Session:
                     self._on_result(result)
                     if not self._by_request:
                         break
-        except FairlaneError as exc:
-            self._finish(exc)
-            return
+        finally:
+            self._resuming = False
         if not lost:
             self._error = None  # every request of the session got its result
         self._finish(None)
@@ -409,7 +504,8 @@ class Session:
             # Everything sent on the refused call goes again, then what was still waiting.
             self._outbox.clear()
             for item in self._unanswered:
-                self._outbox.enqueue(item.request)
+                if item.refused is None:
+                    self._outbox.enqueue(item.request)
             for cancel in self._early_cancels:
                 self._outbox.cancel(cancel)
             self._done_writing = False
@@ -439,6 +535,7 @@ class Session:
                 future.duplicate = accepted.duplicate
                 self._by_request.setdefault(accepted.request_id, []).append(future)
             self._emit(accepted)
+            self._answer_refused()
         elif kind == "rejected":
             rejected = RejectedEvent.from_proto(response.rejected)
             # Only an enqueue's rejection answers the oldest unanswered submit; a refused
@@ -458,11 +555,29 @@ class Session:
                     )
                     future.exception()  # also reported as an event: no "never retrieved"
                 self._done_one()
-            self._emit(rejected)
+                self._emit(rejected)
+                self._answer_refused()
+            else:
+                self._emit(rejected)
         elif kind == "progress":
             self._emit(Progress.from_proto(response.progress))
         elif kind == "result":
             self._on_result(Result.from_proto(response.result))
+
+    def _answer_refused(self) -> None:
+        """Answers the submits the client refused itself that are now first in line (an
+        answer is never given before those of earlier submits)."""
+        while self._unanswered and (refused := self._unanswered[0].refused) is not None:
+            future = self._unanswered.popleft().future
+            if not future.done():
+                future.set_exception(refused)
+                future.exception()  # also reported as an event: no "never retrieved"
+            self._done_one()
+            self._emit(
+                RejectedEvent(
+                    client_ref=refused.client_ref, code=refused.code, message=refused.message
+                )
+            )
 
     def _on_result(self, result: Result) -> None:
         self.last_lane_seq = max(self.last_lane_seq, result.lane_seq)
@@ -482,7 +597,10 @@ class Session:
         if error is not None and report:
             self._error = error
         for item in self._unanswered:
-            _fail(item.future, error or SessionClosed("the stream ended before an answer"))
+            _fail(
+                item.future,
+                item.refused or error or SessionClosed("the stream ended before an answer"),
+            )
         self._unanswered.clear()
         for futures in self._by_request.values():
             for future in futures:
@@ -495,6 +613,16 @@ class Session:
         self._writing_ended.set()
         if self._events is not None:
             self._events.put_nowait(_END)
+
+
+_STILL_RUNS = (
+    "a request it had accepted (future.request_id is set) still runs: find its result "
+    "with Client.get or Client.watch(after_lane_seq=...)"
+)
+
+
+def _cancelled() -> SessionClosed:
+    return SessionClosed(f"the session was cancelled; {_STILL_RUNS}")
 
 
 def _fail(future: SubmitFuture, error: FairlaneError) -> None:

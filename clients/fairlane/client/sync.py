@@ -16,6 +16,7 @@ from typing import Any, Concatenate, ParamSpec, TypedDict, TypeVar, Unpack
 
 from fairlane.client._wire import Deadline, Payload
 from fairlane.client.async_client import Client
+from fairlane.client.errors import ClientClosed
 from fairlane.client.types import Result, Tokens
 
 __all__ = ["SyncClient"]
@@ -104,7 +105,7 @@ class SyncClient:
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         if self._closed:
             coro.close()
-            raise RuntimeError("the client is closed")
+            raise ClientClosed()
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def _iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
