@@ -9,6 +9,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from fairlane.cli import config
 from fairlane.cli.connection import Connection, connected
 from fairlane.cli.main import build_app
 
@@ -80,3 +81,70 @@ def test_a_command_cannot_redefine_a_connection_option() -> None:
 
     with pytest.raises(TypeError, match="timeout"):
         connected(clash)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["enqueue", "echo", "hi", "--deadline", "nan"], 1, "a finite number of seconds, not nan"),
+        (["enqueue", "echo", "hi", "--deadline", "inf"], 1, "a finite number of seconds, not inf"),
+        (
+            ["enqueue", "echo", "hi", "--deadline", "1e12"],
+            1,
+            "deadline 1000000000000.0 is out of range",
+        ),
+        (["enqueue", "echo", "hi", "--max-attempts", "-1"], 2, "--max-attempts"),
+        (["enqueue", "echo", "hi", "--max-attempts", str(10**20)], 1, "max_attempts must be"),
+        (["enqueue", "echo", "hi", "--wait", "--wait-timeout", "0"], 2, "more than 0 seconds"),
+        (["watch", "--after", "-1"], 2, "--after"),
+        (["watch", "--after", str(10**20)], 1, "after_lane_seq must be"),
+        (["requests", "--status", "bogus"], 1, "unknown status 'bogus'"),
+        (["whoami", "--timeout", "0"], 2, "must be more than 0 seconds"),
+        (["whoami", "--timeout", "-1"], 2, "must be more than 0 seconds"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else str(v),
+)
+def test_bad_values_are_told_clearly_before_any_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], code: int, message: str
+) -> None:
+    """Refused on the spot: a usage error (2) for what the option itself rules out, else
+    one `error:` line (1), never "unexpected ValueError" (the targets lead nowhere: no
+    call is made)."""
+    monkeypatch.setenv("FAIRLANE_CONFIG_DIR", str(tmp_path))
+    done = CliRunner().invoke(
+        app,
+        [*args, "--token", "t", "--queue-target", "127.0.0.1:1", "--timeout", "1"]
+        if "--timeout" not in args
+        else [*args, "--token", "t"],
+    )
+    assert done.exit_code == code, done.output
+    assert message in " ".join(done.output.replace("│", " ").split()), done.output
+    assert "unexpected" not in done.output
+    if code == 1:
+        assert done.output.startswith("error: ")
+        assert done.output.count("\n") == 1, done.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["login", ""], "error: the username is empty"),
+        (["register", "", "--password", "long enough password"], "the username is empty"),
+        (["login"], "no username given and no terminal to ask on: give it as the USERNAME"),
+        (["login", "alice"], "no password given and no terminal to ask on: use --password-stdin"),
+        (["enqueue", "echo", "hi", "--token", ""], "--token is empty"),
+    ],
+    ids=lambda v: " ".join(repr(a) for a in v) if isinstance(v, list) else "",
+)
+def test_missing_names_passwords_and_tokens_are_told_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
+) -> None:
+    # With nothing on stdin and no terminal; an empty --token must not fall back on the
+    # login cached here.
+    monkeypatch.setenv("FAIRLANE_CONFIG_DIR", str(tmp_path))
+    config.save(config.Credentials("bob", "bobs-token", "refresh", 2e9, 900, "a:1", "q:1", "w:1"))
+    done = CliRunner().invoke(app, args, input="")
+    assert done.exit_code == 1, done.output
+    assert message in done.output
+    assert "unexpected" not in done.output
+    assert done.output.count("error: ") == 1, done.output

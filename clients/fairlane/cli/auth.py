@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -31,12 +31,36 @@ PasswordStdin = Annotated[
 ]
 
 
+def _ask(what: str, instead: str, **prompt: Any) -> str:
+    """Asks for `what` on the terminal; with nothing to read it from (no terminal, stdin
+    at its end), says what gives it instead."""
+    try:
+        return str(typer.prompt(what.capitalize(), **prompt))
+    except typer.Abort:
+        if sys.stdin.isatty():
+            raise KeyboardInterrupt from None  # Ctrl-C (or Ctrl-D) at the prompt
+        raise FairlaneError(f"no {what} given and no terminal to ask on: {instead}") from None
+
+
+def _username(username: str | None) -> str:
+    if username is None:
+        return _ask("username", "give it as the USERNAME argument")
+    if not username.strip():
+        raise FairlaneError("the username is empty")
+    return username
+
+
 def _password(password: str | None, password_stdin: bool, *, confirm: bool) -> str:
     if password_stdin:
         return sys.stdin.readline().rstrip("\r\n")
     if password is not None:
         return password
-    return str(typer.prompt("Password", hide_input=True, confirmation_prompt=confirm))
+    return _ask(
+        "password",
+        "use --password-stdin or FAIRLANE_PASSWORD",
+        hide_input=True,
+        confirmation_prompt=confirm,
+    )
 
 
 @connected
@@ -51,7 +75,7 @@ async def register(
     ] = True,
 ) -> None:
     """Create a user (and log in as it)."""
-    name = username or str(typer.prompt("Username"))
+    name = _username(username)
     secret = _password(password, password_stdin, confirm=True)
     async with conn.client(use_login=False) as client:
         user_id = await client.register(name, secret)
@@ -70,7 +94,7 @@ async def login(
     password_stdin: PasswordStdin = False,
 ) -> None:
     """Log in; the tokens and targets are cached for the next commands."""
-    name = username or str(typer.prompt("Username"))
+    name = _username(username)
     secret = _password(password, password_stdin, confirm=False)
     async with conn.client(use_login=False) as client:
         tokens = await client.login(name, secret)

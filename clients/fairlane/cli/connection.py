@@ -37,6 +37,13 @@ def _read(path: str, what: str) -> bytes:
         raise FairlaneError(f"cannot read the {what} {path}: {exc.strerror}") from exc
 
 
+def positive_seconds(value: float | None) -> float | None:
+    """Option callback: a time limit must be more than 0 (0 or less would always expire)."""
+    if value is not None and not value > 0:  # also refuses nan
+        raise typer.BadParameter(f"must be more than 0 seconds, not {value:g}")
+    return value
+
+
 def _option(kind: Any, flag: str, envvar: str, help: str) -> Any:
     """A connection option; unset (None) means: as cached by login, else the default."""
     return Annotated[kind | None, typer.Option(flag, envvar=envvar, help=help, show_default=False)]
@@ -86,6 +93,12 @@ class Connection:
         root = _read(ca, "CA file") if ca else None
         if (client_cert is None) != (client_key is None):
             raise FairlaneError("--client-cert and --client-key go together")
+        if token is not None and not token.strip():
+            # Not "no token": falling back to the cached login would act as someone else.
+            raise FairlaneError(
+                "--token is empty: give an access token, or leave --token (and "
+                "FAIRLANE_TOKEN) out to use the cached login"
+            )
         cert = _read(str(client_cert), "client certificate") if client_cert else None
         key = _read(str(client_key), "client key") if client_key else None
         return cls(
@@ -213,7 +226,10 @@ _OPTIONS = tuple(
             Annotated[
                 float,
                 typer.Option(
-                    "--timeout", envvar="FAIRLANE_TIMEOUT", help="Deadline of each call, seconds."
+                    "--timeout",
+                    envvar="FAIRLANE_TIMEOUT",
+                    help="Deadline of each call, seconds (more than 0).",
+                    callback=positive_seconds,
                 ),
             ],
             10.0,

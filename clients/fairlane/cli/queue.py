@@ -17,7 +17,7 @@ from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fairlane.cli.connection import Connection, connected
+from fairlane.cli.connection import Connection, connected, positive_seconds
 from fairlane.cli.rendering import (
     JsonOutput,
     err,
@@ -37,7 +37,8 @@ from fairlane.client import Lane, Rejected, Request, Status, SubmitFuture
 from fairlane.client import Progress as ProgressEvent
 
 MaxAttempts = Annotated[
-    int, typer.Option("--max-attempts", help="Attempts before dead-lettering; 0: default.")
+    int,
+    typer.Option("--max-attempts", min=0, help="Attempts before dead-lettering; 0: default."),
 ]
 
 
@@ -74,7 +75,11 @@ async def enqueue(
     ref: Annotated[str, typer.Option("--ref", help="Client reference, echoed back.")] = "",
     wait_timeout: Annotated[
         float | None,
-        typer.Option("--wait-timeout", help="With --wait: give up after this many seconds."),
+        typer.Option(
+            "--wait-timeout",
+            help="With --wait: give up after this many seconds.",
+            callback=positive_seconds,
+        ),
     ] = None,
     json_output: JsonOutput = False,
 ) -> None:
@@ -223,7 +228,8 @@ async def watch(
     conn: Connection,
     *,
     after: Annotated[
-        int, typer.Option("--after", help="Start after this lane_seq (0: from the first).")
+        int,
+        typer.Option("--after", min=0, help="Start after this lane_seq (0: from the first)."),
     ] = 0,
     count: Annotated[
         int | None, typer.Option("--count", "-n", min=1, help="Stop after N results.")
