@@ -1,15 +1,19 @@
-"""Fixtures of the integration tests: one broker of each kind for the lane contract."""
+"""Fixtures of the integration tests: one broker of each kind for the lane contract, and
+the request log on each database."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fairlane_server.core.amqp import AmqpBroker
 from fairlane_server.core.broker import Broker
+from fairlane_server.core.db import create_engine, drop_schema, migrate
 from fairlane_server.core.memory_broker import MemoryBroker
-from tests.conftest import broker_url
+from tests.conftest import DATABASE_URL, broker_url, unique
 
 MAX_LENGTH = 5
 
@@ -28,3 +32,21 @@ async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
         yield b
     finally:
         await b.close()
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    """The request log, migrated, on PostgreSQL (in a schema of its own, dropped after) and
+    on SQLite. A module that needs another kind of engine defines its own `engine`."""
+    if request.param == "postgresql":
+        url, schema = DATABASE_URL, unique()
+    else:
+        url, schema = f"sqlite+aiosqlite:///{tmp_path}/log.db", ""
+    await migrate(url, schema=schema)
+    e = create_engine(url, schema=schema, pool_size=4)
+    try:
+        yield e
+    finally:
+        await e.dispose()
+        if schema:
+            await drop_schema(url, schema)

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,34 +15,17 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 from uuid_utils.compat import uuid7
 
-from fairlane_server.core.db import create_engine, drop_schema, migrate
 from fairlane_server.core.memory_broker import MemoryBroker
 from fairlane_server.core.models import lanes, outbox, users
 from fairlane_server.queue.intake import BATCH_BYTES, ROW_BYTES, Admitted, Intake, Submission
 from fairlane_server.queue.outbox_store import OutboxStore
 from fairlane_server.queue.relay import LaneRelay
 from fairlane_server.queue.store import NewRequest, OutboxItem, RequestStore
-from tests.conftest import DATABASE_URL, unique
+from tests.conftest import unique
 
 pytestmark = pytest.mark.integration
 
 LARGE = b"x" * 100_000
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    if request.param == "postgresql":
-        url, schema = DATABASE_URL, unique()
-    else:
-        url, schema = f"sqlite+aiosqlite:///{tmp_path}/log.db", ""
-    await migrate(url, schema=schema)
-    e = create_engine(url, schema=schema, pool_size=2)
-    try:
-        yield e
-    finally:
-        await e.dispose()
-        if schema:
-            await drop_schema(url, schema)
 
 
 class HeldStore:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 from unittest.mock import MagicMock
 
@@ -19,7 +18,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fairlane.common.v1 import common_pb2
 from fairlane.queue.v1 import queue_pb2
-from fairlane_server.core.db import create_engine, drop_schema, migrate
 from fairlane_server.core.tokens import Principal
 from fairlane_server.queue.catch_up import CatchUpReader
 from fairlane_server.queue.domain import QueueDomain, StreamLimits
@@ -28,7 +26,6 @@ from fairlane_server.queue.intake import Admitted
 from fairlane_server.queue.session import SessionStream
 from fairlane_server.queue.store import RESULT_READ_BYTES, RequestStore
 from fairlane_server.queue.watch import watch_results
-from tests.conftest import DATABASE_URL, unique
 from tests.integration.test_store_contract import _finished, _user, big_output
 from tests.unit.test_session_stream import Client, Domain
 
@@ -36,22 +33,6 @@ pytestmark = pytest.mark.integration
 
 SIZE = 512 * 1024
 N = 24  # 12 MiB of outputs per user: three times one read's bound
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    if request.param == "postgresql":
-        url, schema = DATABASE_URL, unique()
-    else:
-        url, schema = f"sqlite+aiosqlite:///{tmp_path}/log.db", ""
-    await migrate(url, schema=schema)
-    e = create_engine(url, schema=schema, pool_size=4)
-    try:
-        yield e
-    finally:
-        await e.dispose()
-        if schema:
-            await drop_schema(url, schema)
 
 
 def _rows(answer: Any) -> Sequence[Any]:

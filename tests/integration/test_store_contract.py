@@ -7,7 +7,7 @@ import contextlib
 import random
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from uuid_utils.compat import uuid7
 
 from fairlane_server.core import status
-from fairlane_server.core.db import create_engine, drop_schema, migrate
+from fairlane_server.core.db import create_engine, migrate
 from fairlane_server.core.memory_broker import MemoryBroker
 from fairlane_server.core.models import lanes, request_events, requests, users
 from fairlane_server.queue.intake import Intake, Submission
@@ -38,22 +38,6 @@ from fairlane_server.worker.writer import ResultWriter
 from tests.conftest import DATABASE_URL, unique
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    if request.param == "postgresql":
-        url, schema = DATABASE_URL, unique()
-    else:
-        url, schema = f"sqlite+aiosqlite:///{tmp_path}/log.db", ""
-    await migrate(url, schema=schema)
-    e = create_engine(url, schema=schema, pool_size=2)
-    try:
-        yield e
-    finally:
-        await e.dispose()
-        if schema:
-            await drop_schema(url, schema)
 
 
 async def _user(engine: AsyncEngine) -> uuid.UUID:
