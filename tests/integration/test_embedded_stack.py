@@ -10,13 +10,8 @@ from pathlib import Path
 import pytest
 
 from fairlane.client import Client, Status
-from fairlane_server.auth.service import AuthService
-from fairlane_server.core.backends import Backends
-from fairlane_server.core.db import engine_for, migrate
-from fairlane_server.core.memory_broker import MemoryBroker
 from fairlane_server.core.settings import Settings
-from fairlane_server.queue.service import QueueService
-from fairlane_server.worker.service import WorkerService
+from tests.integration.embedded import embedded_services
 from tests.integration.embedded_handlers import Recorder
 
 pytestmark = pytest.mark.integration
@@ -34,27 +29,8 @@ async def embedded(tmp_path: Path) -> AsyncIterator[Client]:
         service_secret="embedded-secret",
     )
     Recorder.calls.clear()
-    await migrate(settings.database_url)
-    engine = engine_for(settings)
-    broker = MemoryBroker(lane_max_length=100)
-    await broker.connect()
-    auth = AuthService(settings, engine=engine)
-    await auth.start()
-    settings = settings.model_copy(update={"auth_target": auth.address})
-    queue = QueueService(settings, backends=Backends(settings, engine=engine, broker=broker))
-    await queue.start()
-    settings = settings.model_copy(update={"queue_target": queue.address})
-    worker = WorkerService(settings, backends=Backends(settings, engine=engine, broker=broker))
-    await worker.start()
-    try:
-        async with Client(auth.address, queue.address, worker.address) as client:
-            yield client
-    finally:
-        await worker.stop(5)
-        await queue.stop(1)
-        await auth.stop(1)
-        await broker.close()
-        await engine.dispose()
+    async with embedded_services(settings, lane_max_length=100) as (client, _):
+        yield client
     assert Recorder.calls[-1] == "shutdown"
 
 

@@ -17,16 +17,12 @@ import pytest
 
 from fairlane.client import Client, NotFound
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
-from fairlane_server.auth.service import AuthService
-from fairlane_server.core.backends import Backends
-from fairlane_server.core.db import engine_for, migrate
-from fairlane_server.core.memory_broker import MemoryBroker
 from fairlane_server.core.settings import Settings
 from fairlane_server.queue.service import QueueService
 from fairlane_server.queue.session import SessionStream
 from fairlane_server.queue.store import RESULT_READ_BYTES, RequestStore
 from fairlane_server.queue.watch import MAX_WAITING_BYTES, MAX_WAITING_EVENTS
-from fairlane_server.worker.service import WorkerService
+from tests.integration.embedded import embedded_services
 from tests.polling import until
 
 pytestmark = pytest.mark.integration
@@ -52,27 +48,8 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
         service_secret="embedded-secret",
         session_buffer_bytes=BUDGET,
     )
-    await migrate(settings.database_url)
-    engine = engine_for(settings)
-    broker = MemoryBroker(lane_max_length=1000)
-    await broker.connect()
-    auth = AuthService(settings, engine=engine)
-    await auth.start()
-    settings = settings.model_copy(update={"auth_target": auth.address})
-    queue = QueueService(settings, backends=Backends(settings, engine=engine, broker=broker))
-    await queue.start()
-    settings = settings.model_copy(update={"queue_target": queue.address})
-    worker = WorkerService(settings, backends=Backends(settings, engine=engine, broker=broker))
-    await worker.start()
-    try:
-        async with Client(auth.address, queue.address, worker.address) as client:
-            yield Stack(client, queue)
-    finally:
-        await worker.stop(5)
-        await queue.stop(1)
-        await auth.stop(1)
-        await broker.close()
-        await engine.dispose()
+    async with embedded_services(settings, lane_max_length=1000) as (client, queue):
+        yield Stack(client, queue)
 
 
 def payload(i: int) -> bytes:
