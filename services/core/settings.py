@@ -219,7 +219,9 @@ class Settings(BaseSettings):
     )
     user_burst: int = Field(default=10_000, description="Token bucket size per user.")
     max_pending_writes: int = Field(
-        default=20_000, description="Requests waiting for the durable write before UNAVAILABLE."
+        default=20_000,
+        description="Requests waiting for their durable write on a replica before UNAVAILABLE "
+        "(past it, users holding less than their share are still admitted, up to twice it).",
     )
     lane_idle_ttl_seconds: float = Field(
         default=600.0, description="Delete a lane queue idle and empty for this long."

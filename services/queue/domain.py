@@ -143,7 +143,7 @@ class QueueDomain:
         if span is not None:
             sub.future.add_done_callback(lambda f: tracing.end(span, _error(f)))
         try:
-            self._admission.check(principal.user_id, self._intake.pending)
+            self._admission.check(principal.user_id, self._intake.load(request.user_id))
         except Rejection as rejection:
             fail_quietly(sub.future, rejection)
             return request_id, sub.future

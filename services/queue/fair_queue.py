@@ -83,6 +83,16 @@ class FairQueue(Generic[T]):
     def __len__(self) -> int:
         return self._count
 
+    @property
+    def keys(self) -> int:
+        """How many keys (users) have items waiting."""
+        return len(self._lanes)
+
+    def waiting(self, key: Hashable) -> int:
+        """How many of `key`'s items wait."""
+        lane = self._lanes.get(key)
+        return len(lane.items) if lane is not None else 0
+
     def put(self, item: T, key: Hashable, cost: int) -> None:
         """Adds `item` at the end of `key`'s FIFO; `cost` is its size in bytes (positive)."""
         lane = self._lanes.get(key)

@@ -63,6 +63,20 @@ class Admitted:
     duplicate: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Load:
+    """What waits on this replica's intake, as admission sees it for one user."""
+
+    waiting: int  # submissions waiting for a batch, everybody's
+    behind: int  # in the batch being written, or committed and waiting for their publish
+    own: int  # of `waiting`, this user's
+    users: int  # users with submissions waiting
+
+    @property
+    def total(self) -> int:
+        return self.waiting + self.behind
+
+
 @dataclass(slots=True)
 class Submission:
     request: NewRequest
@@ -145,6 +159,15 @@ class Intake:
     def pending(self) -> int:
         """Requests of this replica waiting for their commit or their publish."""
         return len(self._pending) + self._in_batch + self._relay.backlog
+
+    def load(self, user: uuid.UUID) -> Load:
+        pending = self._pending
+        return Load(
+            waiting=len(pending),
+            behind=self._in_batch + self._relay.backlog,
+            own=pending.waiting(user.int),
+            users=pending.keys,
+        )
 
     def stalled_for(self) -> float:
         """Seconds intake has had work without finishing a batch (0 when fine)."""

@@ -331,6 +331,75 @@ async def test_drill_4_flooded_lane_is_bounded_and_others_unaffected(base: Suite
     )
 
 
+async def test_a_user_who_fills_the_write_bound_waits_and_the_others_are_admitted(
+    base: Suite,
+) -> None:
+    """FAIRLANE_MAX_PENDING_WRITES is shared: the user who fills it is refused past their
+    share, another user is still admitted, and everything admitted is stored and runs."""
+    bound = 40
+    await start(base, "queue", "queue", FAIRLANE_MAX_PENDING_WRITES=str(bound))
+    await start(base, "worker", "worker")
+    flooder_id, flooder = await new_user(base.target("auth"))
+    bystander_id, bystander = await new_user(base.target("auth"))
+    engine = create_engine(base.database_url, schema=base.schema, pool_size=1)
+    refusals: list[grpc.aio.AioRpcError] = []
+    try:
+        async with grpc.aio.insecure_channel(base.target("queue")) as channel:
+            queue = queue_pb2_grpc.QueueServiceStub(channel)
+
+            async def enqueue(token: str, payload: bytes) -> str | None:
+                try:
+                    reply = await queue.Enqueue(
+                        queue_pb2.EnqueueRequest(handler="echo", payload=payload),
+                        metadata=bearer(token),
+                        timeout=60,
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    refusals.append(exc)
+                    return None
+                return str(reply.request_id)
+
+            async with engine.connect() as lock:
+                # The log stops taking commits: the intake's statement waits for the lanes.
+                await lock.execute(sa.text(f'LOCK TABLE "{base.schema}".lanes IN EXCLUSIVE MODE'))
+                flood = [
+                    asyncio.create_task(enqueue(flooder, str(i).encode()))
+                    for i in range(bound + 20)
+                ]
+                # Once one of them is refused the bound is full, and stays full while the
+                # lock holds.
+                await wait_until(lambda: _true(bool(refusals)), 30)
+                other = asyncio.create_task(enqueue(bystander, b"b"))
+                again = await enqueue(flooder, b"again")
+                assert again is None
+                # Both were answered: the bystander's waits for the log like the flood's.
+                assert not other.done()
+                await lock.rollback()
+            admitted = [x for x in await asyncio.gather(*flood) if x is not None]
+            assert await other is not None
+    finally:
+        await engine.dispose()
+    # The flooder was refused past their share, UNAVAILABLE with a delay to retry after.
+    assert refusals
+    for exc in refusals:
+        assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+        assert "more than your share" in (exc.details() or ""), exc
+        assert (retry_delay_ms(exc) or 0) > 0
+    assert bound <= len(admitted) < bound + 20
+
+    async def finished() -> bool:
+        rows = await log_rows(base, flooder_id)
+        return len(rows) == len(admitted) and {r.status for r in rows} == {"SUCCEEDED"}
+
+    await wait_until(finished, 60)
+    assert {str(r.id) for r in await log_rows(base, flooder_id)} == set(admitted)
+    assert [r.status for r in await log_rows(base, bystander_id)] == ["SUCCEEDED"]
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
 async def test_drill_5_same_idempotency_key_ten_times(base: Suite) -> None:
     await start(base, "queue", "queue")
     await start(base, "worker", "worker")

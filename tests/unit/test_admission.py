@@ -1,5 +1,5 @@
 """Admission before anything is stored: a token bucket per user, and the bound on requests
-waiting for their durable write on this replica."""
+waiting for their durable write on this replica, shared among the users waiting."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import pytest
 
 from fairlane_server.queue.admission import Admission, TokenBuckets
-from fairlane_server.queue.intake import Rejection
+from fairlane_server.queue.intake import Load, Rejection
 
 
 def test_a_full_bucket_grants_its_burst_then_says_how_long_to_wait() -> None:
@@ -60,29 +60,72 @@ def _admission(*, rate: float = 1000.0, burst: int = 1000, max_pending: int = 10
     return Admission(rate=rate, burst=burst, max_pending=max_pending, overload_retry_after_ms=500)
 
 
-def test_the_pending_bound_refuses_as_overloaded_with_its_own_retry_hint() -> None:
+def _load(waiting: int = 0, *, behind: int = 0, own: int = 0, users: int = 0) -> Load:
+    return Load(waiting=waiting, behind=behind, own=own, users=users)
+
+
+IDLE = _load()
+
+
+def test_under_the_bound_everybody_is_admitted() -> None:
     admission = _admission(max_pending=10)
-    admission.check("alice", pending=9)
+    admission.check("alice", _load(9, own=9, users=1))
+    admission.check("bob", _load(5, behind=4, own=0, users=1))
+
+
+def test_a_replica_behind_on_its_writes_refuses_everybody_as_overloaded() -> None:
+    # Ten requests in a batch or waiting for their publish: the log or the broker is slow,
+    # and nobody's share would help.
+    admission = _admission(max_pending=10)
+    for user, load in [
+        ("alice", _load(0, behind=10)),
+        ("bob", _load(3, behind=10, own=3, users=1)),
+    ]:
+        with pytest.raises(Rejection) as refused:
+            admission.check(user, load)
+        assert (refused.value.reason, refused.value.retry_after_ms) == ("overloaded", 500)
+        assert "overloaded" in str(refused.value)
+
+
+def test_the_user_who_filled_the_bound_waits_and_the_others_are_still_admitted() -> None:
+    admission = _admission(max_pending=10)
+    full = _load(10, own=10, users=1)
     with pytest.raises(Rejection) as refused:
-        admission.check("alice", pending=10)
-    assert (refused.value.reason, refused.value.retry_after_ms) == ("overloaded", 500)
-    assert "overloaded" in str(refused.value)
+        admission.check("alice", full)
+    assert (refused.value.reason, refused.value.retry_after_ms) == ("over_share", 500)
+    assert "you have 10 requests waiting" in str(refused.value)
+    # Bob has nothing waiting: his share is 10 / 2 users, and he is let in up to it.
+    for own in range(5):
+        admission.check("bob", _load(10 + own, own=own, users=2 if own else 1))
+    with pytest.raises(Rejection, match="more than your share"):
+        admission.check("bob", _load(15, own=5, users=2))
+
+
+def test_past_twice_the_bound_everybody_is_refused_so_memory_stays_bounded() -> None:
+    # Many users share the overflow: each holds less than a share, but the sum is bounded.
+    admission = _admission(max_pending=10)
+    admission.check("newcomer", _load(19, own=0, users=50))
+    with pytest.raises(Rejection) as refused:
+        admission.check("newcomer", _load(20, own=0, users=50))
+    assert refused.value.reason == "overloaded"
 
 
 def test_an_overloaded_refusal_takes_no_token_from_the_user() -> None:
     admission = _admission(rate=0.001, burst=1, max_pending=1)
     with pytest.raises(Rejection, match="overloaded"):
-        admission.check("alice", pending=1)
-    admission.check("alice", pending=0)  # the one token is still there
+        admission.check("alice", _load(0, behind=1))
+    with pytest.raises(Rejection, match="more than your share"):
+        admission.check("alice", _load(1, own=1, users=1))
+    admission.check("alice", IDLE)  # the one token is still there
 
 
 def test_a_user_over_their_rate_is_told_when_a_token_comes_back() -> None:
     admission = _admission(rate=0.001, burst=2)  # one token every 1000 s
-    admission.check("alice", pending=0)
-    admission.check("alice", pending=0)
+    admission.check("alice", IDLE)
+    admission.check("alice", IDLE)
     with pytest.raises(Rejection) as refused:
-        admission.check("alice", pending=0)
+        admission.check("alice", IDLE)
     assert refused.value.reason == "rate_limited"
     # About 1000 s, in milliseconds (less the moment since the last take).
     assert 999_000 < refused.value.retry_after_ms <= 1_000_000
-    admission.check("bob", pending=0)  # someone else is not held back
+    admission.check("bob", IDLE)  # someone else is not held back

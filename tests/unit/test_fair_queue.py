@@ -177,3 +177,16 @@ async def test_keys_come_back_after_their_fifo_emptied() -> None:
 def test_sizes_must_be_positive() -> None:
     with pytest.raises(ValueError, match="positive"):
         _queue(quantum=0)
+
+
+async def test_it_counts_what_each_key_has_waiting() -> None:
+    # Admission reads these to share the intake's bound among the users waiting.
+    q = _queue(max_size=3)
+    for i in range(4):
+        q.put(f"a{i}", "a", 10)
+    q.put("b0", "b", 10)
+    assert (q.keys, q.waiting("a"), q.waiting("b"), q.waiting("c")) == (2, 4, 1, 0)
+    assert await q.next() == ["a0", "a1", "a2"]
+    assert (q.keys, q.waiting("a"), q.waiting("b")) == (2, 1, 1)
+    await q.next()
+    assert (q.keys, q.waiting("a"), q.waiting("b"), len(q)) == (0, 0, 0, 0)
