@@ -30,9 +30,9 @@ from fairlane_server.core import dberrors, metrics, tracing
 from fairlane_server.core.breaker import CircuitBreaker, CircuitOpen
 from fairlane_server.core.logging import get_logger
 from fairlane_server.core.tasks import cancel_and_wait, fail_quietly
+from fairlane_server.queue.accept_store import AcceptStore, CommitUnknown, NewRequest, OutboxItem
 from fairlane_server.queue.fair_queue import FairQueue
 from fairlane_server.queue.relay import LaneRelay
-from fairlane_server.queue.store import CommitUnknown, NewRequest, OutboxItem, RequestStore
 
 log = get_logger(__name__)
 
@@ -104,7 +104,7 @@ def _reject(sub: Submission, rejection: Rejection) -> None:
 class Intake:
     def __init__(
         self,
-        store: RequestStore,
+        store: AcceptStore,
         relay: LaneRelay,
         *,
         batch_size: int,

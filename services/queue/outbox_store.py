@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from fairlane_server.core.models import lanes, outbox, requests
 from fairlane_server.core.notify import notify_statements
-from fairlane_server.queue.store import OutboxItem
+from fairlane_server.queue.accept_store import OutboxItem
 
 # Advisory lock keys live in one namespace per database; this tag keeps the relay's keys
 # apart from any other user of advisory locks.

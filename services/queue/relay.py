@@ -38,8 +38,8 @@ from fairlane_server.core import dberrors, metrics, tracing
 from fairlane_server.core.broker import Broker, BrokerError, LaneMissing, lane_queue
 from fairlane_server.core.logging import get_logger
 from fairlane_server.core.tasks import cancel_and_wait, wait_event
+from fairlane_server.queue.accept_store import OutboxItem
 from fairlane_server.queue.outbox_store import LaneOutbox, OutboxStore
-from fairlane_server.queue.store import OutboxItem
 
 log = get_logger(__name__)
 

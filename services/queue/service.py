@@ -19,6 +19,7 @@ from fairlane_server.core.logging import get_logger
 from fairlane_server.core.notify import NotifyListener, lane_wanted_channel, results_channel
 from fairlane_server.core.settings import Settings
 from fairlane_server.core.transport import Transport
+from fairlane_server.queue.accept_store import AcceptStore
 from fairlane_server.queue.admission import Admission
 from fairlane_server.queue.catalog import HandlerCatalog
 from fairlane_server.queue.catch_up import CatchUpReader
@@ -72,7 +73,7 @@ class QueueService:
             sweep_seconds=min(5.0, max(0.2, s.outbox_stale_seconds / 2)),
         )
         self.intake = Intake(
-            store,
+            AcceptStore(self.engine),
             self.relay,
             batch_size=s.write_batch_size,
             linger_ms=s.write_linger_ms,

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from fairlane.queue.v1 import queue_pb2
+from fairlane_server.queue.accept_store import NewRequest
 from fairlane_server.queue.catalog import HandlerCatalog
-from fairlane_server.queue.store import NewRequest
 
 MAX_ATTEMPTS_LIMIT = 100
 MAX_KEY_LENGTH = 200

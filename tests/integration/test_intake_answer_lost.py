@@ -26,10 +26,10 @@ from fairlane.common.v1 import lane_pb2
 from fairlane_server.core.db import create_engine
 from fairlane_server.core.memory_broker import MemoryBroker
 from fairlane_server.core.models import lanes, outbox, requests, users
+from fairlane_server.queue.accept_store import AcceptStore, NewRequest
 from fairlane_server.queue.intake import Admitted, Intake, Rejection, Submission
 from fairlane_server.queue.outbox_store import OutboxStore
 from fairlane_server.queue.relay import LaneRelay
-from fairlane_server.queue.store import NewRequest, RequestStore
 from tests.conftest import DATABASE_URL, unique
 from tests.integration.test_store_contract import new_request
 from tests.proxy import TcpProxy
@@ -75,7 +75,7 @@ async def rig(pg_schema: str) -> AsyncIterator[Rig]:
     await broker.connect()
     # No sweep: only the intake's word can send the relay to the outbox.
     relay = LaneRelay(OutboxStore(direct), broker, sweep_seconds=3600, stale_after=3600)
-    intake = Intake(RequestStore(through_proxy), relay, batch_size=10, linger_ms=0, lane_limit=1000)
+    intake = Intake(AcceptStore(through_proxy), relay, batch_size=10, linger_ms=0, lane_limit=1000)
     rig = Rig(proxy, through_proxy, direct, broker, relay, intake)
     try:
         yield rig
@@ -100,7 +100,7 @@ async def _run(rig: Rig, batch: list[NewRequest]) -> list[object]:
 async def test_a_lost_answer_is_settled_from_the_log_and_its_requests_published(rig: Rig) -> None:
     # Prepared on the intake's connection while answers come back: the next accept is
     # sent whole (bind and execute) and runs although its answer is lost.
-    await RequestStore(rig.through_proxy).accept(
+    await AcceptStore(rig.through_proxy).accept(
         [Submission(request=new_request(await rig.user()), reply_route="queue.test")],
         lane_limit=1000,
     )

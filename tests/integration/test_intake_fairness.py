@@ -17,10 +17,10 @@ from uuid_utils.compat import uuid7
 
 from fairlane_server.core.memory_broker import MemoryBroker
 from fairlane_server.core.models import lanes, outbox, users
+from fairlane_server.queue.accept_store import AcceptStore, NewRequest, OutboxItem
 from fairlane_server.queue.intake import BATCH_BYTES, ROW_BYTES, Admitted, Intake, Submission
 from fairlane_server.queue.outbox_store import OutboxStore
 from fairlane_server.queue.relay import LaneRelay
-from fairlane_server.queue.store import NewRequest, OutboxItem, RequestStore
 from tests.conftest import unique
 
 pytestmark = pytest.mark.integration
@@ -31,7 +31,7 @@ LARGE = b"x" * 100_000
 class HeldStore:
     """The real store, whose accepts wait for `gate` and are recorded as they come."""
 
-    def __init__(self, store: RequestStore) -> None:
+    def __init__(self, store: AcceptStore) -> None:
         self._store = store
         self.dialect = store.dialect
         self.batches: list[list[Any]] = []
@@ -86,7 +86,7 @@ async def test_a_small_enqueue_overtakes_a_large_backlog_and_lanes_keep_their_or
     engine: AsyncEngine,
 ) -> None:
     a, b = await _user(engine), await _user(engine)
-    store = HeldStore(RequestStore(engine))
+    store = HeldStore(AcceptStore(engine))
     broker = MemoryBroker(lane_max_length=1000)
     await broker.connect()
     relay = LaneRelay(OutboxStore(engine), broker)  # not started: the outbox rows stay

@@ -15,8 +15,8 @@ from uuid_utils.compat import uuid7
 from fairlane_server.core.db import create_engine
 from fairlane_server.core.models import users
 from fairlane_server.core.notify import NotifyListener, lane_wanted_channel, results_channel
+from fairlane_server.queue.accept_store import AcceptStore, NewRequest
 from fairlane_server.queue.outbox_store import OutboxStore
-from fairlane_server.queue.store import NewRequest, RequestStore
 from fairlane_server.worker.store import Outcome, WorkerStore
 from tests.conftest import DATABASE_URL, unique
 
@@ -60,7 +60,7 @@ async def test_finishing_notifies_the_users_with_new_results(pg_schema: str) -> 
             NewRequest(uuid7(), u, "echo", b"", None, "", 3, None, "", datetime.now(UTC))
             for u in (a, a, b)
         ]
-        await RequestStore(engine).accept([_Pending(r) for r in requests], lane_limit=10)
+        await AcceptStore(engine).accept([_Pending(r) for r in requests], lane_limit=10)
         worker = WorkerStore(engine, notify_channel=channel)
         await worker.finish([Outcome(r.id, r.user_id, "SUCCEEDED") for r in requests[:2]])
         await asyncio.wait_for(got.wait(), 10)

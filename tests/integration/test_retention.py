@@ -23,6 +23,7 @@ from uuid_utils.compat import uuid7
 
 from fairlane_server.core.db import create_engine, drop_schema, migrate
 from fairlane_server.core.models import idempotency_keys, request_events, requests, users
+from fairlane_server.queue.accept_store import AcceptStore, NewRequest
 from fairlane_server.queue.intake import Intake, Submission
 from fairlane_server.queue.retention import AHEAD_DAYS, Retention
 from fairlane_server.queue.retention_store import (
@@ -32,7 +33,7 @@ from fairlane_server.queue.retention_store import (
     id_day,
     partition_name,
 )
-from fairlane_server.queue.store import NewRequest, RequestStore
+from fairlane_server.queue.store import RequestStore
 from fairlane_server.worker.store import Attempt, Outcome, WorkerStore
 from tests.conftest import DATABASE_URL, unique
 
@@ -87,7 +88,7 @@ def _request(user: uuid.UUID, at: datetime, key: str | None = None) -> NewReques
     )
 
 
-async def _accept(store: RequestStore, *batch: NewRequest) -> None:
+async def _accept(store: AcceptStore, *batch: NewRequest) -> None:
     kept, refused = await store.accept([_Pending(r) for r in batch], lane_limit=1000)
     assert not refused
     assert len(kept) == len(batch)
@@ -144,7 +145,7 @@ async def test_the_migration_makes_partitions_ahead(pg: AsyncEngine) -> None:
 
 
 async def test_retention_drops_finished_days_and_keeps_live_ones(pg: AsyncEngine) -> None:
-    store, worker = RequestStore(pg), WorkerStore(pg)
+    store, worker = AcceptStore(pg), WorkerStore(pg)
     retention = Retention(RetentionStore(pg), days=30)
     user = await _user(pg)
     now = datetime.now(UTC)
@@ -206,7 +207,7 @@ async def test_retention_drops_finished_days_and_keeps_live_ones(pg: AsyncEngine
 
 
 async def test_retention_zero_keeps_everything(pg: AsyncEngine) -> None:
-    store, worker = RequestStore(pg), WorkerStore(pg)
+    store, worker = AcceptStore(pg), WorkerStore(pg)
     user = await _user(pg)
     r = _request(user, datetime.now(UTC))
     await _accept(store, r)
@@ -238,7 +239,7 @@ async def test_an_idempotency_key_is_taken_once_across_replicas(pg_schema: str) 
     engines = [create_engine(DATABASE_URL, schema=pg_schema, pool_size=2) for _ in range(2)]
     try:
         user = await _user(engines[0])
-        stores = [RequestStore(e) for e in engines]
+        stores = [AcceptStore(e) for e in engines]
         for i in range(10):
             key = f"race-{i}"
             batches = [_request(user, datetime.now(UTC), key=key) for _ in stores]
@@ -252,7 +253,9 @@ async def test_an_idempotency_key_is_taken_once_across_replicas(pg_schema: str) 
             winner = batches[outcomes.index(None)]
             assert await stores[0].find_idempotent([(user, key)]) == {(user, key): winner.id}
             loser = batches[1 - outcomes.index(None)]
-            assert await stores[0].get(user, loser.id) is None  # nothing of it was stored
+            assert (
+                await RequestStore(engines[0]).get(user, loser.id) is None
+            )  # nothing of it was stored
     finally:
         for e in engines:
             await e.dispose()
@@ -263,7 +266,7 @@ async def test_sqlite_deletes_finished_requests_past_retention(tmp_path: Path) -
     await migrate(url)
     engine = create_engine(url)
     try:
-        store, worker = RequestStore(engine), WorkerStore(engine)
+        store, worker = AcceptStore(engine), WorkerStore(engine)
         user = await _user(engine)
         now = datetime.now(UTC)
         old = _request(user, now - 50 * DAY, key="old")
@@ -359,7 +362,7 @@ async def test_upgrade_partitions_an_existing_log_and_keeps_its_rows() -> None:
         )
 
         # Keys written before the upgrade still deduplicate.
-        store, worker = RequestStore(engine), WorkerStore(engine)
+        store, worker = AcceptStore(engine), WorkerStore(engine)
         keys = [(user, f"key-{n}") for n in range(1, len(ids) + 1)]
         assert await store.find_idempotent(keys) == dict(zip(keys, ids, strict=True))
         with pytest.raises(IntegrityError):
@@ -389,7 +392,7 @@ async def test_downgrade_flattens_the_log_and_keeps_its_rows() -> None:
     try:
         user = await _user(engine)
         r = _request(user, datetime.now(UTC), key="k")
-        await _accept(RequestStore(engine), r)
+        await _accept(AcceptStore(engine), r)
         await _downgrade(schema, "0004")
         async with engine.connect() as conn:
             row = await conn.execute(
@@ -471,7 +474,7 @@ async def test_two_intakes_agree_on_a_key_sent_to_both(pg_schema: str) -> None:
     engines = [create_engine(DATABASE_URL, schema=pg_schema, pool_size=2) for _ in range(2)]
     intakes = [
         Intake(
-            RequestStore(e),
+            AcceptStore(e),
             _Relay(),  # type: ignore[arg-type]
             batch_size=100,
             linger_ms=20,
@@ -507,7 +510,7 @@ async def test_two_intakes_agree_on_a_key_sent_to_both(pg_schema: str) -> None:
             assert sorted(a.duplicate for a in keyed) == [False, True]
             others = [a for i, a in enumerate(answers) if i not in (1, 5)]
             assert not any(a.duplicate for a in others)
-            stored = await RequestStore(engines[0]).stored(
+            stored = await AcceptStore(engines[0]).stored(
                 [s.request.id for b in batches for s in b]
             )
             assert stored == {a.request_id for a in answers}

@@ -24,15 +24,11 @@ from fairlane_server.core import status
 from fairlane_server.core.db import create_engine, migrate
 from fairlane_server.core.memory_broker import MemoryBroker
 from fairlane_server.core.models import lanes, request_events, requests, users
+from fairlane_server.queue.accept_store import AcceptStore, NewRequest, OutboxItem
 from fairlane_server.queue.intake import Intake, Submission
 from fairlane_server.queue.outbox_store import OutboxStore
 from fairlane_server.queue.relay import LaneRelay
-from fairlane_server.queue.store import (
-    RESULT_READ_BYTES,
-    NewRequest,
-    OutboxItem,
-    RequestStore,
-)
+from fairlane_server.queue.store import RESULT_READ_BYTES, RequestStore
 from fairlane_server.worker.store import Attempt, Outcome, WorkerStore
 from fairlane_server.worker.writer import ResultWriter
 from tests.conftest import DATABASE_URL, unique
@@ -75,9 +71,10 @@ class _Pending:
 
 
 async def _accept(
-    store: RequestStore, batch: list[NewRequest], lane_limit: int = 1000
+    engine: AsyncEngine, batch: list[NewRequest], lane_limit: int = 1000
 ) -> tuple[list[OutboxItem], list[NewRequest]]:
-    kept, refused = await store.accept([_Pending(r) for r in batch], lane_limit=lane_limit)
+    pending = [_Pending(r) for r in batch]
+    kept, refused = await AcceptStore(engine).accept(pending, lane_limit=lane_limit)
     return kept, [p.request for p in refused]
 
 
@@ -85,8 +82,10 @@ async def test_batch_insert_finish_and_replay(engine: AsyncEngine) -> None:
     store, worker = RequestStore(engine), WorkerStore(engine)
     a, b = await _user(engine), await _user(engine)
     batch = [new_request(a), new_request(b), new_request(a), new_request(a, key="k1")]
-    await _accept(store, batch)
-    assert await store.find_idempotent([(a, "k1"), (b, "k1")]) == {(a, "k1"): batch[3].id}
+    await _accept(engine, batch)
+    assert await AcceptStore(engine).find_idempotent([(a, "k1"), (b, "k1")]) == {
+        (a, "k1"): batch[3].id
+    }
 
     now = datetime.now(UTC)
     outcomes = [
@@ -117,7 +116,7 @@ async def test_finished_of_reads_several_users_asks_in_one_statement(
         new_request(b),
         new_request(b),
     ]
-    await _accept(store, batch)
+    await _accept(engine, batch)
     await worker.finish([Outcome(r.id, r.user_id, "SUCCEEDED", output=b"o") for r in (a2, a1, b2)])
     # More ids than SQLite takes as parameters of one statement (one JSON array there).
     unknown = [uuid7() for _ in range(1500)]
@@ -138,9 +137,9 @@ def big_output(seq: int, size: int) -> bytes:
 
 async def _finished(engine: AsyncEngine, user: uuid.UUID, sizes: Sequence[int]) -> list[NewRequest]:
     """Requests of the user finished in order (lane_seq 1, 2, ...) with outputs of `sizes`."""
-    store, worker = RequestStore(engine), WorkerStore(engine)
+    worker = WorkerStore(engine)
     batch = [new_request(user) for _ in sizes]
-    await _accept(store, batch)
+    await _accept(engine, batch)
     for n, (r, size) in enumerate(zip(batch, sizes, strict=True), start=1):
         await worker.finish([Outcome(r.id, user, "SUCCEEDED", output=big_output(n, size))])
     return batch
@@ -295,18 +294,17 @@ async def test_finished_of_reads_outputs_up_to_the_bound_the_asks_taking_turns(
 
 
 async def test_duplicate_idempotency_key_is_refused_by_the_log(engine: AsyncEngine) -> None:
-    store = RequestStore(engine)
     user = await _user(engine)
-    await _accept(store, [new_request(user, key="same")])
+    await _accept(engine, [new_request(user, key="same")])
     with pytest.raises(IntegrityError):
-        await _accept(store, [new_request(user, key="same")])
+        await _accept(engine, [new_request(user, key="same")])
 
 
 async def test_accept_numbers_lanes_and_fills_the_outbox(engine: AsyncEngine) -> None:
-    store, outbox = RequestStore(engine), OutboxStore(engine)
+    outbox = OutboxStore(engine)
     a, b = await _user(engine), await _user(engine)
     first = [new_request(a), new_request(b), new_request(a)]
-    kept, refused = await _accept(store, first)
+    kept, refused = await _accept(engine, first)
     assert refused == []
     # Each lane's requests keep their batch order and get the lane's next positions.
     assert [(i.request_id, i.lane_pos) for i in kept if i.user_id == a] == [
@@ -314,7 +312,7 @@ async def test_accept_numbers_lanes_and_fills_the_outbox(engine: AsyncEngine) ->
         (first[2].id, 2),
     ]
     assert [(i.request_id, i.lane_pos) for i in kept if i.user_id == b] == [(first[1].id, 1)]
-    kept, _ = await _accept(store, [new_request(a)])
+    kept, _ = await _accept(engine, [new_request(a)])
     assert [i.lane_pos for i in kept] == [3]
     lanes = await outbox.pending([a, b])
     assert [r.lane_pos for r in lanes[a].rows] == [1, 2, 3]
@@ -333,12 +331,12 @@ async def test_the_lane_bound_is_counted_from_the_log(engine: AsyncEngine) -> No
     store, worker = RequestStore(engine), WorkerStore(engine)
     user = await _user(engine)
     batch = [new_request(user) for _ in range(4)]
-    kept, refused = await _accept(store, batch, lane_limit=3)
+    kept, refused = await _accept(engine, batch, lane_limit=3)
     assert [i.request_id for i in kept] == [r.id for r in batch[:3]]
     assert refused == [batch[3]]
     assert await store.get(user, batch[3].id) is None  # nothing stored for it
     await worker.finish([Outcome(batch[0].id, user, "SUCCEEDED")])
-    kept, refused = await _accept(store, [new_request(user), new_request(user)], lane_limit=3)
+    kept, refused = await _accept(engine, [new_request(user), new_request(user)], lane_limit=3)
     assert (len(kept), len(refused)) == (1, 1)
     assert kept[0].lane_pos == 4
 
@@ -347,7 +345,7 @@ async def test_cancel_only_while_queued(engine: AsyncEngine) -> None:
     store, worker = RequestStore(engine), WorkerStore(engine)
     user = await _user(engine)
     queued, done = new_request(user), new_request(user)
-    await _accept(store, [queued, done])
+    await _accept(engine, [queued, done])
     await worker.finish([Outcome(done.id, user, "SUCCEEDED")])
     assert await store.cancel_queued(user, queued.id) == "CANCELLED"
     assert await store.cancel_queued(user, done.id) == "SUCCEEDED"
@@ -364,7 +362,7 @@ async def test_a_cancel_of_a_running_request_is_kept_in_the_log_and_wins(
     user = await _user(engine)
     at = datetime.now(UTC)
     running, other = new_request(user), new_request(user)
-    await store_requests(store, [running, other])
+    await store_requests(engine, [running, other])
     await worker.finish([], [(running.id, 1, at), (other.id, 1, at)])
     assert await store.cancel_queued(user, running.id) == "RUNNING"
     states = await worker.states([running.id, other.id])
@@ -394,7 +392,7 @@ async def test_an_outcome_written_twice_keeps_the_first_and_no_seq_is_lost(
     store, worker = RequestStore(engine), WorkerStore(engine)
     user = await _user(engine)
     a, b = new_request(user), new_request(user)
-    await _accept(store, [a, b])
+    await _accept(engine, [a, b])
     first = Outcome(a.id, user, "SUCCEEDED", output=b"first")
     again = Outcome(a.id, user, "SUCCEEDED", output=b"again")
     later = Outcome(b.id, user, "SUCCEEDED", output=b"b")
@@ -438,14 +436,14 @@ STAGE_PATIENCE = 15.0  # a batch of a few items settles far sooner; past this it
 
 
 async def through_intake(
-    store: RequestStore, batch: Sequence[NewRequest]
+    engine: AsyncEngine, batch: Sequence[NewRequest]
 ) -> dict[uuid.UUID, BaseException | None]:
     """One intake batch. Maps every request to the error it was answered with (None:
     accepted), or to TimeoutError when the stage never answered it."""
     broker = MemoryBroker(lane_max_length=1000)
     await broker.connect()
-    relay = LaneRelay(OutboxStore(engine_of(store)), broker)
-    intake = Intake(store, relay, batch_size=len(batch), linger_ms=0, lane_limit=1000)
+    relay = LaneRelay(OutboxStore(engine), broker)
+    intake = Intake(AcceptStore(engine), relay, batch_size=len(batch), linger_ms=0, lane_limit=1000)
     futures = [intake.submit(Submission(request=r, reply_route="queue.test")) for r in batch]
     intake.start()
     try:
@@ -485,19 +483,15 @@ async def through_writer(
         await broker.close()
 
 
-def engine_of(store: RequestStore) -> AsyncEngine:
-    return store._engine  # the relay's outbox store shares the request log's engine
-
-
 def _answer(future: asyncio.Future[Any]) -> BaseException | None:
     if not future.done():
         return TimeoutError("the stage never answered")
     return future.exception()
 
 
-async def store_requests(store: RequestStore, batch: Sequence[NewRequest]) -> None:
+async def store_requests(engine: AsyncEngine, batch: Sequence[NewRequest]) -> None:
     """Stores a batch that is accepted whole."""
-    _, refused = await _accept(store, list(batch))
+    _, refused = await _accept(engine, list(batch))
     assert not refused
 
 
@@ -569,7 +563,7 @@ async def test_cancels_racing_outcomes(engine: AsyncEngine) -> None:
 
     # Cancelled first: the outcome that follows becomes CANCELLED and keeps its place.
     a, b = new_request(user), new_request(user)
-    await store_requests(store, [a, b])
+    await store_requests(engine, [a, b])
     assert await store.cancel_queued(user, a.id) == "CANCELLED"
     _ok(
         await write_results(
@@ -586,7 +580,7 @@ async def test_cancels_racing_outcomes(engine: AsyncEngine) -> None:
 
     # Written first: the cancel finds it finished.
     c = new_request(user)
-    await store_requests(store, [c])
+    await store_requests(engine, [c])
     _ok(await write_results(worker, [Outcome(c.id, user, "SUCCEEDED", output=b"c")]))
     assert await store.cancel_queued(user, c.id) == "SUCCEEDED"
 
@@ -594,7 +588,7 @@ async def test_cancels_racing_outcomes(engine: AsyncEngine) -> None:
     # and a mark of a cancelled request does not make it RUNNING again.
     for _ in range(10):
         batch = [new_request(user) for _ in range(4)]
-        await store_requests(store, batch)
+        await store_requests(engine, batch)
         outcomes = [
             Outcome(r.id, user, "SUCCEEDED", output=b"o", attempts=[Attempt(1, at)])
             for r in batch[:3]
@@ -620,10 +614,10 @@ async def test_cancels_racing_outcomes(engine: AsyncEngine) -> None:
 
 
 async def test_several_running_marks_in_one_batch(engine: AsyncEngine) -> None:
-    store, worker = RequestStore(engine), WorkerStore(engine)
+    worker = WorkerStore(engine)
     user = await _user(engine)
     batch = [new_request(user) for _ in range(4)]
-    await store_requests(store, batch)
+    await store_requests(engine, batch)
     at = datetime.now(UTC)
     marks = [(r.id, 1, at) for r in batch[:3]]
     _ok(await write_results(worker, [], marks))
@@ -640,12 +634,12 @@ async def test_several_running_marks_in_one_batch(engine: AsyncEngine) -> None:
 
 
 async def test_marks_together_with_outcomes_in_one_batch(engine: AsyncEngine) -> None:
-    store, worker = RequestStore(engine), WorkerStore(engine)
+    worker = WorkerStore(engine)
     a, b = await _user(engine), await _user(engine)
     # Two lanes, four requests each: lane a's first two finish while its others start.
     ra = [new_request(a) for _ in range(4)]
     rb = [new_request(b) for _ in range(4)]
-    await store_requests(store, ra + rb)
+    await store_requests(engine, ra + rb)
     at = datetime.now(UTC)
     outcomes = [
         Outcome(ra[0].id, a, "SUCCEEDED", output=b"a0", attempts=[Attempt(1, at)]),
@@ -696,10 +690,10 @@ async def test_marks_together_with_outcomes_in_one_batch(engine: AsyncEngine) ->
 
 
 async def test_the_same_request_twice_in_one_batch(engine: AsyncEngine) -> None:
-    store, worker = RequestStore(engine), WorkerStore(engine)
+    worker = WorkerStore(engine)
     user = await _user(engine)
     a, b, c = new_request(user), new_request(user), new_request(user)
-    await store_requests(store, [a, b, c])
+    await store_requests(engine, [a, b, c])
     at = datetime.now(UTC)
     # Two marks of one request (attempt 1, then its retry), and a mark beside the outcome
     # of the same request: the outcome wins whatever the order in the batch.
@@ -733,7 +727,6 @@ INTAKE_POISONS = ["nul_in_client_ref", "nul_in_idempotency_key", "deadline_at_th
 async def test_one_bad_request_fails_alone_in_an_intake_batch(
     engine: AsyncEngine, kind: str
 ) -> None:
-    store = RequestStore(engine)
     a, b = await _user(engine), await _user(engine)
     poison = new_request(a)
     if kind == "nul_in_client_ref":
@@ -750,7 +743,7 @@ async def test_one_bad_request_fails_alone_in_an_intake_batch(
         new_request(b),
     ]
 
-    errors = await through_intake(store, batch)
+    errors = await through_intake(engine, batch)
 
     good = [r for r in batch if r is not poison]
     assert {r.id: errors[r.id] for r in good} == {r.id: None for r in good}
@@ -782,7 +775,7 @@ async def test_one_bad_outcome_fails_alone_in_a_result_batch(engine: AsyncEngine
     ra = [new_request(a) for _ in range(3)]
     rb = [new_request(b) for _ in range(2)]
     rg = new_request(gone)
-    await store_requests(store, [*ra, *rb, rg])
+    await store_requests(engine, [*ra, *rb, rg])
     async with engine.begin() as conn:
         await conn.execute(users.delete().where(users.c.id == gone))
     at = datetime.now(UTC)
@@ -838,7 +831,7 @@ async def test_a_cancel_committed_between_the_writers_read_and_write_wins_on_sql
         store, worker = RequestStore(engine), WorkerStore(engine)
         user = await _user(engine)
         r = new_request(user)
-        await store_requests(store, [r])
+        await store_requests(engine, [r])
         cancelled: list[int] = []
 
         def cancel_in_between(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
@@ -881,7 +874,6 @@ async def test_a_lane_another_replica_creates_meanwhile_is_counted_from_its_row(
     by a second statement, from the lane's committed row, with the lane limit kept."""
     engine = create_engine(DATABASE_URL, schema=pg_schema, pool_size=3)
     try:
-        store = RequestStore(engine)
         user = await _user(engine)
         batch = [new_request(user) for _ in range(3)]
         async with engine.connect() as other:
@@ -895,7 +887,7 @@ async def test_a_lane_another_replica_creates_meanwhile_is_counted_from_its_row(
                     accepted=3,
                 )
             )
-            accepting = asyncio.create_task(_accept(store, batch, lane_limit=4))
+            accepting = asyncio.create_task(_accept(engine, batch, lane_limit=4))
 
             async def waits_for_the_lane() -> bool:
                 async with engine.connect() as conn:

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
+from fairlane_server.queue.accept_store import CommitUnknown, NewRequest, OutboxItem
 from fairlane_server.queue.intake import Admitted, Intake, Rejection, Submission
-from fairlane_server.queue.store import CommitUnknown, NewRequest, OutboxItem
 
 
 class DeadlockError(Exception):

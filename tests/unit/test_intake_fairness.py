@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy.exc import DataError
 
+from fairlane_server.queue.accept_store import NewRequest, OutboxItem
 from fairlane_server.queue.intake import (
     BATCH_BYTES,
     ROW_BYTES,
@@ -24,7 +25,6 @@ from fairlane_server.queue.intake import (
     Rejection,
     Submission,
 )
-from fairlane_server.queue.store import NewRequest, OutboxItem
 from tests.unit.test_intake import Relay
 
 LARGE = b"x" * 100_000  # one object shared by every large request: memory stays small

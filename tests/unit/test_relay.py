@@ -13,9 +13,9 @@ import pytest
 from fairlane.common.v1 import lane_pb2
 from fairlane_server.core.broker import BrokerError, Delivery, LaneMissing
 from fairlane_server.core.memory_broker import MemoryBroker
+from fairlane_server.queue.accept_store import OutboxItem
 from fairlane_server.queue.outbox_store import LaneOutbox, OutboxRow
 from fairlane_server.queue.relay import LaneRelay
-from fairlane_server.queue.store import OutboxItem
 from tests.polling import until
 
 

@@ -11,8 +11,9 @@ import pytest
 from google.protobuf import timestamp_pb2
 
 from fairlane.queue.v1 import queue_pb2
+from fairlane_server.queue.accept_store import NewRequest
 from fairlane_server.queue.catalog import HandlerCatalog
-from fairlane_server.queue.store import HandlerSpec, NewRequest, RequestStore
+from fairlane_server.queue.store import HandlerSpec, RequestStore
 from fairlane_server.queue.validation import (
     ECHO_LENGTH,
     MAX_ATTEMPTS_LIMIT,
