@@ -12,7 +12,9 @@ registered with; its plain unique constraint stays.
 
 Rows that already collide (registered while names were case-sensitive) cannot be merged
 automatically, as they are separate users: the upgrade then stops, naming them, and an
-operator renames or deletes all but one of each group before migrating again.
+operator renames all but one of each group before migrating again (renames, not deletes:
+a user's lane and requests hang on its id, and a deleted user's unfinished requests could
+never finish).
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ def upgrade() -> None:
         listed = "; ".join(", ".join(repr(n) for n in group) for group in collisions)
         raise MigrationRefused(
             "migration 0008 makes usernames case-insensitive, but these existing users' "
-            f"names differ only in case: {listed}. Rename or delete all but one user of "
-            "each group (table users), then migrate again; nothing was changed."
+            f"names differ only in case: {listed}. Rename all but one user of each group "
+            "(UPDATE users SET username = ...; do not delete users: their unfinished requests "
+            "could never finish), then migrate again; nothing was changed."
         )
     op.create_index(INDEX, "users", [sa.text("lower(username)")], unique=True)
 
