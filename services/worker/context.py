@@ -1,8 +1,18 @@
 """The context a worker hands to each handler attempt: its implementation of
-fairlane.handlers.HandlerContext, reporting progress through the result writer."""
+fairlane.handlers.HandlerContext, reporting progress through the result writer.
+
+Progress is advice, and a handler may report it in a tight loop: 200,000 reports from
+three handlers held another user's echo from 26 ms to 0.3-4.3 s, as every report was a
+message through the worker, the broker and the queue, and a report never let the event
+loop run anything else. So an attempt sends at most one report per PROGRESS_INTERVAL: one
+that comes sooner replaces the one waiting, which goes when the interval ends (the latest
+report always goes, unless the result overtakes it); each report lets the loop turn once;
+and a message is cut to MAX_PROGRESS_MESSAGE characters.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 from typing import Any
 
@@ -10,9 +20,22 @@ from fairlane.common.v1 import common_pb2, lane_pb2
 from fairlane_server.core.logging import get_logger
 from fairlane_server.worker.writer import ResultWriter
 
+PROGRESS_INTERVAL = 0.05  # seconds between two reports of one attempt, at least
+MAX_PROGRESS_MESSAGE = 1024  # characters of a report's message
+
 
 class AttemptContext:
-    __slots__ = ("_logger", "_route", "_writer", "attempt", "deadline", "request_id", "user_id")
+    __slots__ = (
+        "_last_sent",
+        "_logger",
+        "_route",
+        "_waiting",
+        "_writer",
+        "attempt",
+        "deadline",
+        "request_id",
+        "user_id",
+    )
 
     def __init__(
         self,
@@ -31,6 +54,9 @@ class AttemptContext:
         self._writer = writer
         self._route = route
         self._logger: Any = None
+        self._last_sent = float("-inf")  # loop time of the last report sent
+        # The report waiting for the interval to end (its timer is running), if any.
+        self._waiting: common_pb2.Progress | None = None
 
     @property
     def logger(self) -> Any:
@@ -42,12 +68,31 @@ class AttemptContext:
         return self._logger
 
     async def progress(self, done: int, total: int = 0, message: str = "") -> None:
+        report = common_pb2.Progress(
+            request_id=self.request_id,
+            done=done,
+            total=total,
+            message=message[:MAX_PROGRESS_MESSAGE],
+        )
+        loop = asyncio.get_running_loop()
+        wait = self._last_sent + PROGRESS_INTERVAL - loop.time()
+        if wait <= 0 and self._waiting is None:
+            self._send(report, loop.time())
+        else:
+            if self._waiting is None:
+                loop.call_later(max(wait, 0.0), self._send_waiting)
+            self._waiting = report
+        # One turn of the loop: a handler reporting in a loop without awaiting anything
+        # else would otherwise hold every other attempt of this worker still.
+        await asyncio.sleep(0)
+
+    def _send_waiting(self) -> None:
+        report, self._waiting = self._waiting, None
+        if report is not None:
+            self._send(report, asyncio.get_running_loop().time())
+
+    def _send(self, report: common_pb2.Progress, now: float) -> None:
+        self._last_sent = now
         self._writer.publish(
-            lane_pb2.LaneEvent(
-                user_id=self.user_id,
-                progress=common_pb2.Progress(
-                    request_id=self.request_id, done=done, total=total, message=message
-                ),
-            ),
-            route=self._route,
+            lane_pb2.LaneEvent(user_id=self.user_id, progress=report), route=self._route
         )
