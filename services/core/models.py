@@ -93,6 +93,11 @@ lanes = sa.Table(
     # When the janitor deleted the lane's queue for idleness; NULL while the queue exists.
     # A lane active again after it (last_active_at > queue_deleted_at) has a queue again.
     sa.Column("queue_deleted_at", Timestamp),
+    # When an operator paused the lane (WorkerService.Pause with a lane, on any worker
+    # replica); NULL while it is not paused. Every worker replica honours it until Resume:
+    # it is announced on fairlane.control and listed by ListLanes. The janitor leaves a
+    # paused lane's queue alone.
+    sa.Column("paused_at", Timestamp),
 )
 
 # On PostgreSQL `requests` is range-partitioned on `id` and `request_events` on

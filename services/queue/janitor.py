@@ -1,4 +1,5 @@
-"""Deletes idle lanes: no open session, nothing pending, no activity for lane_idle_ttl.
+"""Deletes idle lanes: no open session, nothing pending, no activity for lane_idle_ttl,
+and not paused (a lane paused by an operator keeps its queue until it is resumed).
 
 A sweep pages through every idle lane (keyset pagination, PAGE_SIZE rows a query), so it
 holds at any number of lanes; a deletion is recorded in the lane's row

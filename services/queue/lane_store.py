@@ -26,8 +26,10 @@ class LaneHousekeepingStore:
         self._engine = engine
 
     def _idle(self, idle_seconds: float) -> sa.ColumnElement[bool]:
-        """Idle for `idle_seconds`, nothing pending, and a queue that still exists (never
-        deleted, or active again since it was)."""
+        """Idle for `idle_seconds`, nothing pending, not paused, and a queue that still
+        exists (never deleted, or active again since it was). A paused lane is never idle:
+        ListLanes lists it for every worker replica to consume (and to learn of its pause),
+        so its queue stays until it is resumed and idle again."""
         cutoff = datetime.now(UTC) - timedelta(seconds=idle_seconds)
         pending = (
             sa.select(requests.c.id)
@@ -41,6 +43,7 @@ class LaneHousekeepingStore:
         )
         return sa.and_(
             lanes.c.last_active_at <= cutoff,
+            lanes.c.paused_at.is_(None),
             ~pending,
             sa.or_(
                 lanes.c.queue_deleted_at.is_(None),

@@ -345,4 +345,5 @@ def _lane(row: Any, pending: int) -> queue_pb2.Lane:
         last_active_at=timestamp(row.last_active_at),
         last_lane_seq=row.last_seq,
         pending=pending,
+        paused_at=timestamp(row.paused_at),
     )

@@ -379,11 +379,19 @@ class RequestStore:
         )
 
     async def lanes(self, *, after: uuid.UUID | None, limit: int, idle_seconds: float) -> list[Any]:
-        """Live lanes: active within `idle_seconds` or with requests still pending."""
+        """Live lanes: active within `idle_seconds` or with requests still pending; and every
+        paused lane, idle or not, so that every worker replica learns of its pause (and one
+        that is not listed paused is not paused)."""
         cutoff = datetime.now(UTC) - timedelta(seconds=idle_seconds)
         query = (
             sa.select(lanes)
-            .where(sa.or_(lanes.c.last_active_at > cutoff, self._pending_exists()))
+            .where(
+                sa.or_(
+                    lanes.c.last_active_at > cutoff,
+                    lanes.c.paused_at.is_not(None),
+                    self._pending_exists(),
+                )
+            )
             .order_by(lanes.c.user_id)
             .limit(limit)
         )
@@ -393,10 +401,15 @@ class RequestStore:
             return list((await conn.execute(query)).all())
 
     async def idle_lanes(self, idle_seconds: float, limit: int = 100) -> list[uuid.UUID]:
+        """Lanes idle for `idle_seconds` with nothing pending; a paused lane is never idle."""
         cutoff = datetime.now(UTC) - timedelta(seconds=idle_seconds)
         query = (
             sa.select(lanes.c.user_id)
-            .where(lanes.c.last_active_at <= cutoff, ~self._pending_exists())
+            .where(
+                lanes.c.last_active_at <= cutoff,
+                lanes.c.paused_at.is_(None),
+                ~self._pending_exists(),
+            )
             .limit(limit)
         )
         async with self._engine.connect() as conn:

@@ -1,9 +1,12 @@
-"""Finds lanes to consume: QueueService.ListLanes at start and periodically (so a missed
-event is caught up), and fairlane.control events as they happen."""
+"""Finds lanes to consume, and the lanes paused on every replica: QueueService.ListLanes at
+start and periodically (so a missed event is caught up), and fairlane.control events as
+they happen."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
 
 import grpc
 
@@ -44,7 +47,11 @@ class LaneDiscovery:
 
     async def start(self) -> None:
         self._broker.on_reconnect(self._wake.set)
+        # The lanes paused on every replica, before any lane is consumed; and read again
+        # once the announcements reach this replica, for one made in between.
+        await self._runner.load_lane_pauses()
         await self._broker.consume_control(self._on_control)
+        await self._runner.load_lane_pauses()
         self._task = asyncio.create_task(self._poll(), name="lane-discovery")
 
     async def stop(self) -> None:
@@ -65,6 +72,13 @@ class LaneDiscovery:
                 await self._runner.remove_lane(event.lane_deleted)
             elif kind == "cancel_request":
                 self._runner.cancel(event.cancel_request)
+            elif kind in ("lane_paused", "lane_resumed"):
+                try:
+                    lane = str(uuid.UUID(getattr(event, kind)))
+                except ValueError:
+                    log.warning("bad_control_event", kind=kind)
+                    return
+                self._runner.set_lane_paused(lane, kind == "lane_paused")
         except BrokerError as exc:
             log.warning("lane_consume_failed", error=str(exc))
 
@@ -72,6 +86,10 @@ class LaneDiscovery:
         token = await self._auth.service_token("worker", self._secret)
         page = ""
         seen = 0
+        # Every paused lane is listed (Lane.paused_at): one paused here that the whole
+        # listing leaves out, or lists unpaused, was resumed meanwhile.
+        since = time.monotonic()
+        paused: set[str] = set()
         while True:
             response = await self._queue.ListLanes(
                 # No page_size: the queue's own default page.
@@ -79,6 +97,10 @@ class LaneDiscovery:
                 metadata=(("authorization", f"Bearer {token}"),),
                 timeout=10,
             )
+            listed = {lane.user_id for lane in response.lanes if lane.HasField("paused_at")}
+            paused |= listed
+            # Before the lanes are consumed: a paused lane starts paused.
+            self._runner.sync_lane_pauses(listed, since=since, complete=False)
             for lane in response.lanes:
                 try:
                     await self._runner.add_lane(lane.user_id)
@@ -88,6 +110,7 @@ class LaneDiscovery:
                     continue
                 seen += 1
             if not response.next_page_token:
+                self._runner.sync_lane_pauses(paused, since=since, complete=True)
                 return seen
             page = response.next_page_token
 

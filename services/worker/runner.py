@@ -1,6 +1,7 @@
 """Runs a worker replica's lanes: decodes lane messages, skips what is finished or running
 already, hands each request to its attempts, acks a message once its outcomes are durable;
-and the replica's control state (pause, resume, drain).
+and the replica's control state (pause, resume, drain) and the lanes paused on every
+replica.
 
 The lanes themselves (consumers, tasks, supervision) are in lanes.py, one request's
 attempts (retries, executors, hooks) in attempts.py, dead letters in dead_letters.py.
@@ -11,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
+import math
 import random
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -71,6 +74,7 @@ class Runner:
         rng: random.Random | None = None,
     ) -> None:
         self._store = store
+        self._broker = broker
         self._writer = writer
         self._dead = DeadLetters(broker)
         self._attempts = Attempts(
@@ -90,6 +94,13 @@ class Runner:
         self.state = RunnerState.RUNNING
         self._resumed = asyncio.Event()
         self._resumed.set()
+        # Lanes an operator paused, on every replica, as this replica knows them: also lanes
+        # it does not consume (yet), so that a lane it takes later starts paused. The request
+        # log keeps them (lanes.paused_at); see set_lane_paused and sync_lane_pauses.
+        self._paused_lanes: set[str] = set()
+        # When (time.monotonic()) this replica last heard of each lane's pause or resume,
+        # from its own call or an announcement: a lane listing read before that is older.
+        self._pause_heard: dict[str, float] = {}
         # Requests run here whose outcome is not yet written: a copy of one (republished
         # from the outbox) arriving meanwhile is skipped rather than run twice.
         self._inflight: set[uuid.UUID] = set()
@@ -114,12 +125,16 @@ class Runner:
         return self._attempts.stats
 
     def paused_lanes(self) -> list[str]:
-        return self._lanes.paused()
+        """The lanes paused on every replica, as this replica knows them."""
+        return sorted(self._paused_lanes)
 
     # -- lanes -----------------------------------------------------------------------------
 
     async def add_lane(self, user_id: str) -> None:
         await self._lanes.add(user_id)
+        lane = self.lanes.get(user_id)
+        if lane is not None and user_id in self._paused_lanes:
+            lane.resumed.clear()  # the gate checks the set too: nothing ran meanwhile
 
     async def remove_lane(self, user_id: str, *, finish_current: float = 30.0) -> None:
         """Hands the lane back once its current message is done (or `finish_current`
@@ -134,23 +149,77 @@ class Runner:
 
     # -- control ---------------------------------------------------------------------------
 
-    def pause(self, lane: str = "") -> None:
-        if lane:
-            if lane in self.lanes:
-                self.lanes[lane].resumed.clear()
-            return
+    def pause(self) -> None:
+        """Pauses this whole replica (only this one): no new attempt starts here."""
         if self.state == RunnerState.RUNNING:
             self.state = RunnerState.PAUSED
             self._resumed.clear()
 
-    def resume(self, lane: str = "") -> None:
-        if lane:
-            if lane in self.lanes:
-                self.lanes[lane].resumed.set()
-            return
+    def resume(self) -> None:
         if self.state == RunnerState.PAUSED:
             self.state = RunnerState.RUNNING
             self._resumed.set()
+
+    # -- lane pauses, on every replica -----------------------------------------------------
+    #
+    # A lane pause is about the lane, wherever it runs: every replica consumes every lane
+    # and any of them may be its active consumer. So the pause is kept in the request log
+    # (lanes.paused_at), announced on fairlane.control (lane_paused, lane_resumed) for the
+    # replicas running now, and listed by ListLanes (Lane.paused_at) for those that missed
+    # the announcement or start later.
+
+    async def pause_lane(self, lane: str, paused: bool) -> bool:
+        """Pauses (or resumes) a lane on every replica: stores it, applies it here, announces
+        it to the others. False (nothing changed) if the lane does not exist. A BrokerError
+        from the announcement leaves the pause stored and applied here; the other replicas
+        learn it at their next lane listing."""
+        if not await self._store.set_lane_paused(uuid.UUID(lane), paused):
+            return False
+        self.set_lane_paused(lane, paused)
+        event = (
+            lane_pb2.ControlEvent(lane_paused=lane)
+            if paused
+            else lane_pb2.ControlEvent(lane_resumed=lane)
+        )
+        await self._broker.publish_control(event.SerializeToString())
+        return True
+
+    def set_lane_paused(self, lane: str, paused: bool) -> None:
+        """Applies a lane pause or resume this replica heard of: its own call, or another
+        replica's announcement."""
+        self._pause_heard[lane] = time.monotonic()
+        self._apply_lane_pause(lane, paused)
+
+    async def load_lane_pauses(self) -> None:
+        """Reads the lanes paused from the request log (at start, before any lane is
+        consumed, so a replica started later honours pauses from its first request)."""
+        since = time.monotonic()
+        self.sync_lane_pauses(await self._store.paused_lanes(), since=since, complete=True)
+
+    def sync_lane_pauses(self, paused: set[str], *, since: float, complete: bool) -> None:
+        """Makes the lanes in `paused` (read from the request log after `since`, a
+        time.monotonic() value) paused here; with `complete` (every paused lane is in it),
+        also resumes the lanes paused here that are not. A lane this replica heard of at or
+        after `since` is left as it is: that announcement may be newer than the read."""
+        lanes = paused | self._paused_lanes if complete else paused
+        for lane in lanes:
+            if self._pause_heard.get(lane, -math.inf) < since:
+                self._apply_lane_pause(lane, lane in paused)
+        if complete:
+            # What was heard before this read is in it: no longer needed.
+            self._pause_heard = {u: t for u, t in self._pause_heard.items() if t >= since}
+
+    def _apply_lane_pause(self, lane: str, paused: bool) -> None:
+        if paused:
+            self._paused_lanes.add(lane)
+        else:
+            self._paused_lanes.discard(lane)
+        consumed = self.lanes.get(lane)
+        if consumed is not None:
+            if paused:
+                consumed.resumed.clear()
+            else:
+                consumed.resumed.set()
 
     async def drain(self, timeout: float) -> int:
         """Finishes running handlers (up to `timeout`), then hands every lane back."""
@@ -170,6 +239,8 @@ class Runner:
         return abandoned
 
     async def _gate(self, lane: ConsumedLane) -> None:
+        if lane.user_id in self._paused_lanes:
+            lane.resumed.clear()  # paused before the lane was consumed (see add_lane)
         if self._resumed.is_set() and lane.resumed.is_set():
             return
         lane.quiet.set()

@@ -1,4 +1,5 @@
-"""gRPC surface of WorkerService (control of one replica).
+"""gRPC surface of WorkerService: control of one replica, and the pause of a lane on every
+replica (stored in the request log and announced; see Runner.pause_lane).
 
 Who may call what is in fairlane_server.core.authz.POLICY; this module adds what depends on the
 principal (lane ids and the host name only for operators) and audits every control call.
@@ -14,6 +15,7 @@ import grpc
 from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
 from fairlane_server.core import authz
 from fairlane_server.core.audit import audit
+from fairlane_server.core.broker import BrokerError
 from fairlane_server.core.grpc_host import ServicerContext, abort
 from fairlane_server.core.tokens import ROLE_ADMIN
 from fairlane_server.worker.runner import Runner, RunnerState
@@ -98,7 +100,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         )
 
     async def _check_lane(self, event: str, lane: str, context: ServicerContext) -> str:
-        """The lane in canonical form ("" for the whole replica), or the call is refused."""
+        """The lane in canonical form ("" for the whole replica), or the call is refused.
+        Whether the lane exists is for the request log to say (see _control)."""
         if lane:
             try:
                 lane = str(uuid.UUID(lane))
@@ -118,30 +121,51 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 f"the worker is {self._runner.state.name}: restart it to take lanes again",
                 lane=lane,
             )
-        if lane and lane not in self._runner.lanes:
-            await self._refuse(
-                event,
-                context,
-                grpc.StatusCode.NOT_FOUND,
-                "this replica does not consume that lane",
-                lane=lane,
-            )
         return lane
+
+    async def _control(
+        self, event: str, requested: str, paused: bool, context: ServicerContext
+    ) -> None:
+        """Pause (`paused`) or Resume: of this replica without a lane; of the lane, on every
+        replica, with one."""
+        lane = await self._check_lane(event, requested, context)
+        if not lane:
+            if paused:
+                self._runner.pause()
+            else:
+                self._runner.resume()
+        else:
+            try:
+                found = await self._runner.pause_lane(lane, paused)
+            except BrokerError as exc:
+                # Stored and applied here; the other replicas learn it from their next
+                # lane listing. Calling again announces it again.
+                await self._refuse(
+                    event,
+                    context,
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the lane is {'paused' if paused else 'resumed'} in the request log and "
+                    "on this replica, but announcing it to the other replicas failed: they "
+                    "apply it at their next lane listing; call again to announce it now",
+                    lane=lane,
+                    error=str(exc)[:200],
+                )
+            if not found:
+                await self._refuse(
+                    event, context, grpc.StatusCode.NOT_FOUND, "no such lane", lane=lane
+                )
+        self._audit(event, context, outcome="OK", lane=lane)
 
     async def Pause(
         self, request: worker_pb2.PauseRequest, context: ServicerContext
     ) -> worker_pb2.PauseResponse:
-        lane = await self._check_lane("worker.pause", request.lane, context)
-        self._runner.pause(lane)
-        self._audit("worker.pause", context, outcome="OK", lane=lane)
+        await self._control("worker.pause", request.lane, True, context)
         return worker_pb2.PauseResponse(state=_wire(self._runner.state))
 
     async def Resume(
         self, request: worker_pb2.ResumeRequest, context: ServicerContext
     ) -> worker_pb2.ResumeResponse:
-        lane = await self._check_lane("worker.resume", request.lane, context)
-        self._runner.resume(lane)
-        self._audit("worker.resume", context, outcome="OK", lane=lane)
+        await self._control("worker.resume", request.lane, False, context)
         return worker_pb2.ResumeResponse(state=_wire(self._runner.state))
 
     async def Drain(

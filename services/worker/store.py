@@ -97,6 +97,28 @@ class WorkerStore:
                 ],
             )
 
+    async def set_lane_paused(self, user_id: uuid.UUID, paused: bool) -> bool:
+        """Pauses (paused_at: now, or kept from an earlier pause) or resumes (NULL) a lane for
+        every worker replica. False if the lane has no row (its user never enqueued)."""
+        now = sa.literal(datetime.now(UTC), lanes.c.paused_at.type)
+        value: Any = sa.func.coalesce(lanes.c.paused_at, now) if paused else None
+        async with self._engine.begin() as conn:
+            row = await conn.execute(
+                lanes.update()
+                .where(lanes.c.user_id == user_id)
+                .values(paused_at=value)
+                .returning(lanes.c.user_id)
+            )
+            return row.first() is not None
+
+    async def paused_lanes(self) -> set[str]:
+        """User ids of the lanes paused now."""
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(lanes.c.user_id).where(lanes.c.paused_at.is_not(None))
+            )
+            return {str(user_id) for user_id in rows.scalars()}
+
     async def states(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, StoredState]:
         async with self._engine.connect() as conn:
             rows = await conn.execute(

@@ -1,12 +1,14 @@
 """The worker's runner on the in-memory broker with an in-memory request log: the retry loop
 (backoff, dead letters, permanent failures, cancels), lane order, copies of requests that
-are finished or running, and a lane whose task breaks being rebuilt."""
+are finished or running, a lane whose task breaks being rebuilt, and lane pauses (held from
+a lane's first request, stored and announced, kept in step with the lane listing)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import random
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -36,6 +38,22 @@ class MemoryLog:
         self.marked = asyncio.Event()
         self.last_seq: dict[uuid.UUID, int] = {}
         self.fail_reads = 0
+        # The lanes table: the lanes that exist, and those paused.
+        self.lanes: set[str] = set()
+        self.paused: set[str] = set()
+
+    async def set_lane_paused(self, user_id: uuid.UUID, paused: bool) -> bool:
+        lane = str(user_id)
+        if lane not in self.lanes:
+            return False
+        if paused:
+            self.paused.add(lane)
+        else:
+            self.paused.discard(lane)
+        return True
+
+    async def paused_lanes(self) -> set[str]:
+        return set(self.paused)
 
     def queued(self, request_id: uuid.UUID) -> None:
         self.rows[request_id] = StoredState("QUEUED", None, 0, None, None, "", "h")
@@ -559,3 +577,103 @@ async def test_a_request_cancelled_while_its_worker_died_is_not_run_again(user: 
     (outcome,) = world.log.outcomes
     assert outcome.status == "CANCELLED"
     assert work.calls == 0
+
+
+# -- lane pauses, on every replica --------------------------------------------------------
+
+
+async def _waiting_at_the_gate(world: World, user: str) -> None:
+    """Until the lane has taken every message and stands still: at the gate (a handler that
+    ran instead would have counted its call)."""
+    async with asyncio.timeout(5):
+        while True:
+            lane = world.runner.lanes[user]
+            if (
+                world.broker.lane_depth(user) == 0
+                and lane.deliveries.empty()
+                and lane.quiet.is_set()
+            ):
+                return
+            await asyncio.sleep(0.005)
+
+
+async def test_a_lane_paused_before_this_replica_consumes_it_starts_paused(user: str) -> None:
+    """A pause this replica heard of (or read from the log) before it took the lane holds
+    from the lane's first request; the whole replica's resume does not lift it."""
+    work = Counted()
+    world = World({"work": Handler("work", work, True, 3, None, "")})
+    world.runner.set_lane_paused(user, True)
+    await world.start(user)
+    await world.publish(user, [b"1", b"2"], handler="work")
+    await _waiting_at_the_gate(world, user)
+    assert work.calls == 0
+    assert world.runner.paused_lanes() == [user]
+    world.runner.pause()
+    world.runner.resume()  # the replica's own pause: the lane's stays
+    await _waiting_at_the_gate(world, user)
+    assert work.calls == 0
+    world.runner.set_lane_paused(user, False)
+    await world.until_finished(2)
+    await world.stop()
+    assert work.calls == 2
+    assert world.runner.paused_lanes() == []
+
+
+async def test_pause_lane_stores_applies_and_announces_the_pause(user: str) -> None:
+    world = World({"work": handler("work", Counted())})
+    await world.start(user)
+    heard: list[lane_pb2.ControlEvent] = []
+
+    async def on_control(body: bytes) -> None:
+        heard.append(lane_pb2.ControlEvent.FromString(body))
+
+    await world.broker.consume_control(on_control)
+    # A lane without a row in the log: nothing stored, applied or announced.
+    assert not await world.runner.pause_lane(user, True)
+    assert (world.log.paused, world.runner.paused_lanes(), heard) == (set(), [], [])
+
+    world.log.lanes.add(user)
+    assert await world.runner.pause_lane(user, True)
+    assert world.log.paused == {user}
+    assert world.runner.paused_lanes() == [user]
+    assert not world.runner.lanes[user].resumed.is_set()
+    assert await world.runner.pause_lane(user, False)
+    assert world.log.paused == set()
+    assert world.runner.paused_lanes() == []
+    assert world.runner.lanes[user].resumed.is_set()
+    assert heard == [
+        lane_pb2.ControlEvent(lane_paused=user),
+        lane_pb2.ControlEvent(lane_resumed=user),
+    ]
+    await world.stop()
+
+
+async def test_a_listing_lifts_pauses_it_leaves_out_but_not_newer_announcements() -> None:
+    world = World({})
+    runner = world.runner
+    a, b, c = (str(uuid.uuid4()) for _ in range(3))
+    runner.set_lane_paused(a, True)
+    runner.set_lane_paused(b, True)
+    since = time.monotonic()
+    # Heard after the listing began: the listing may have been read before it.
+    runner.set_lane_paused(c, True)
+    runner.set_lane_paused(b, False)
+    # A page of the listing only adds pauses (the lane may be on a later page) ...
+    runner.sync_lane_pauses({b}, since=since, complete=False)
+    assert runner.paused_lanes() == sorted([a, c])
+    # ... the whole listing also lifts those it leaves out, except what came meanwhile.
+    runner.sync_lane_pauses({b}, since=since, complete=True)
+    assert runner.paused_lanes() == [c]
+    # Once a later listing has them, it alone decides.
+    runner.sync_lane_pauses({b}, since=time.monotonic(), complete=True)
+    assert runner.paused_lanes() == [b]
+
+
+async def test_a_replica_loads_the_pauses_of_the_log(user: str) -> None:
+    world = World({})
+    world.log.paused = {user}
+    await world.runner.load_lane_pauses()
+    assert world.runner.paused_lanes() == [user]
+    world.log.paused = set()
+    await world.runner.load_lane_pauses()
+    assert world.runner.paused_lanes() == []

@@ -26,7 +26,7 @@ from fairlane.common.v1 import common_pb2 as fairlane_dot_common_dot_v1_dot_comm
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x61irlane/common/v1/lane.proto\x12\x12\x66\x61irlane.common.v1\x1a\x1f\x66\x61irlane/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc0\x01\n\x08LaneItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07handler\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x14\n\x0cmax_attempts\x18\x04 \x01(\r\x12,\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nclient_ref\x18\x06 \x01(\t\x12\x13\n\x0btraceparent\x18\x07 \x01(\t\x12\x11\n\trecovered\x18\x08 \x01(\x08\"^\n\tLaneBatch\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x13\n\x0breply_route\x18\x02 \x01(\t\x12+\n\x05items\x18\x03 \x03(\x0b\x32\x1c.fairlane.common.v1.LaneItem\"\x99\x01\n\tLaneEvent\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12,\n\x06result\x18\x02 \x01(\x0b\x32\x1a.fairlane.common.v1.ResultH\x00\x12\x30\n\x08progress\x18\x03 \x01(\x0b\x32\x1c.fairlane.common.v1.ProgressH\x00\x12\x13\n\x0btraceparent\x18\x04 \x01(\tB\x06\n\x04kind\"?\n\x0eLaneEventBatch\x12-\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1d.fairlane.common.v1.LaneEvent\"`\n\x0c\x43ontrolEvent\x12\x16\n\x0clane_created\x18\x01 \x01(\tH\x00\x12\x16\n\x0clane_deleted\x18\x02 \x01(\tH\x00\x12\x18\n\x0e\x63\x61ncel_request\x18\x03 \x01(\tH\x00\x42\x06\n\x04kindb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x61irlane/common/v1/lane.proto\x12\x12\x66\x61irlane.common.v1\x1a\x1f\x66\x61irlane/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc0\x01\n\x08LaneItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07handler\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x14\n\x0cmax_attempts\x18\x04 \x01(\r\x12,\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nclient_ref\x18\x06 \x01(\t\x12\x13\n\x0btraceparent\x18\x07 \x01(\t\x12\x11\n\trecovered\x18\x08 \x01(\x08\"^\n\tLaneBatch\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x13\n\x0breply_route\x18\x02 \x01(\t\x12+\n\x05items\x18\x03 \x03(\x0b\x32\x1c.fairlane.common.v1.LaneItem\"\x99\x01\n\tLaneEvent\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12,\n\x06result\x18\x02 \x01(\x0b\x32\x1a.fairlane.common.v1.ResultH\x00\x12\x30\n\x08progress\x18\x03 \x01(\x0b\x32\x1c.fairlane.common.v1.ProgressH\x00\x12\x13\n\x0btraceparent\x18\x04 \x01(\tB\x06\n\x04kind\"?\n\x0eLaneEventBatch\x12-\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1d.fairlane.common.v1.LaneEvent\"\x8f\x01\n\x0c\x43ontrolEvent\x12\x16\n\x0clane_created\x18\x01 \x01(\tH\x00\x12\x16\n\x0clane_deleted\x18\x02 \x01(\tH\x00\x12\x18\n\x0e\x63\x61ncel_request\x18\x03 \x01(\tH\x00\x12\x15\n\x0blane_paused\x18\x04 \x01(\tH\x00\x12\x16\n\x0clane_resumed\x18\x05 \x01(\tH\x00\x42\x06\n\x04kindb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,6 +41,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LANEEVENT']._serialized_end=564
   _globals['_LANEEVENTBATCH']._serialized_start=566
   _globals['_LANEEVENTBATCH']._serialized_end=629
-  _globals['_CONTROLEVENT']._serialized_start=631
-  _globals['_CONTROLEVENT']._serialized_end=727
+  _globals['_CONTROLEVENT']._serialized_start=632
+  _globals['_CONTROLEVENT']._serialized_end=775
 # @@protoc_insertion_point(module_scope)

@@ -186,24 +186,38 @@ class ControlEvent(_message.Message):
     LANE_CREATED_FIELD_NUMBER: _builtins.int
     LANE_DELETED_FIELD_NUMBER: _builtins.int
     CANCEL_REQUEST_FIELD_NUMBER: _builtins.int
+    LANE_PAUSED_FIELD_NUMBER: _builtins.int
+    LANE_RESUMED_FIELD_NUMBER: _builtins.int
     lane_created: _builtins.str
     """A lane queue was declared for this user id."""
     lane_deleted: _builtins.str
     """A lane queue was deleted for this user id."""
     cancel_request: _builtins.str
     """Stop the handler running this request id, if any (it ends CANCELLED)."""
+    lane_paused: _builtins.str
+    """An operator paused this user id's lane (WorkerService.Pause with a lane, on any
+    worker replica; the request log has it in lanes.paused_at): every worker replica
+    starts no new attempt of the lane until lane_resumed. Sent by the worker replica
+    that stored the pause.
+    """
+    lane_resumed: _builtins.str
+    """An operator lifted the pause of this user id's lane (WorkerService.Resume with a
+    lane): every worker replica runs the lane again.
+    """
     def __init__(
         self,
         *,
         lane_created: _builtins.str = ...,
         lane_deleted: _builtins.str = ...,
         cancel_request: _builtins.str = ...,
+        lane_paused: _builtins.str = ...,
+        lane_resumed: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_request", b"cancel_request", "kind", b"kind", "lane_created", b"lane_created", "lane_deleted", b"lane_deleted"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_request", b"cancel_request", "kind", b"kind", "lane_created", b"lane_created", "lane_deleted", b"lane_deleted", "lane_paused", b"lane_paused", "lane_resumed", b"lane_resumed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_request", b"cancel_request", "kind", b"kind", "lane_created", b"lane_created", "lane_deleted", b"lane_deleted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_request", b"cancel_request", "kind", b"kind", "lane_created", b"lane_created", "lane_deleted", b"lane_deleted", "lane_paused", b"lane_paused", "lane_resumed", b"lane_resumed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["lane_created", "lane_deleted", "cancel_request"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["lane_created", "lane_deleted", "cancel_request", "lane_paused", "lane_resumed"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

@@ -665,6 +665,7 @@ class Lane(_message.Message):
     LAST_ACTIVE_AT_FIELD_NUMBER: _builtins.int
     LAST_LANE_SEQ_FIELD_NUMBER: _builtins.int
     PENDING_FIELD_NUMBER: _builtins.int
+    PAUSED_AT_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """Owner."""
     queue_name: _builtins.str
@@ -681,6 +682,14 @@ class Lane(_message.Message):
     def last_active_at(self) -> _timestamp_pb2.Timestamp:
         """Last enqueue or result."""
 
+    @_builtins.property
+    def paused_at(self) -> _timestamp_pb2.Timestamp:
+        """When an operator paused the lane (fairlane.worker.v1.WorkerService.Pause with this
+        lane); unset while it is not paused. A paused lane starts no new request on any worker
+        replica until WorkerService.Resume: its requests wait, in order, and its enqueues are
+        still accepted (up to the lane's bound).
+        """
+
     def __init__(
         self,
         *,
@@ -690,10 +699,11 @@ class Lane(_message.Message):
         last_active_at: _timestamp_pb2.Timestamp | None = ...,
         last_lane_seq: _builtins.int = ...,
         pending: _builtins.int = ...,
+        paused_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "last_active_at", b"last_active_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "last_active_at", b"last_active_at", "paused_at", b"paused_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "last_active_at", b"last_active_at", "last_lane_seq", b"last_lane_seq", "pending", b"pending", "queue_name", b"queue_name", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "last_active_at", b"last_active_at", "last_lane_seq", b"last_lane_seq", "paused_at", b"paused_at", "pending", b"pending", "queue_name", b"queue_name", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

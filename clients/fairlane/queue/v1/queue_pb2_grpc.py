@@ -171,7 +171,9 @@ class QueueServiceServicer:
     def ListLanes(self, request, context):
         """Lists the lanes in use: those with an enqueue or a result within the queue's
         FAIRLANE_LANE_IDLE_TTL_SECONDS, whose RabbitMQ queues exist (workers consume these).
-        An idle lane is left out until its next enqueue. `pending` is not counted here (0).
+        An idle lane is left out until its next enqueue; a paused lane is always listed (see
+        Lane.paused_at), so every worker replica learns of its pause. `pending` is not counted
+        here (0).
         Needs a service token (AuthService.IssueServiceToken).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -75,7 +75,9 @@ class QueueServiceStub:
     ListLanes: _grpc.UnaryUnaryMultiCallable[_queue_pb2.ListLanesRequest, _queue_pb2.ListLanesResponse]
     """Lists the lanes in use: those with an enqueue or a result within the queue's
     FAIRLANE_LANE_IDLE_TTL_SECONDS, whose RabbitMQ queues exist (workers consume these).
-    An idle lane is left out until its next enqueue. `pending` is not counted here (0).
+    An idle lane is left out until its next enqueue; a paused lane is always listed (see
+    Lane.paused_at), so every worker replica learns of its pause. `pending` is not counted
+    here (0).
     Needs a service token (AuthService.IssueServiceToken).
     """
     ListDeadRequests: _grpc.UnaryUnaryMultiCallable[_queue_pb2.ListDeadRequestsRequest, _queue_pb2.ListDeadRequestsResponse]
@@ -130,7 +132,9 @@ class QueueServiceAsyncStub(QueueServiceStub):
     ListLanes: _aio.UnaryUnaryMultiCallable[_queue_pb2.ListLanesRequest, _queue_pb2.ListLanesResponse]  # type: ignore[assignment]
     """Lists the lanes in use: those with an enqueue or a result within the queue's
     FAIRLANE_LANE_IDLE_TTL_SECONDS, whose RabbitMQ queues exist (workers consume these).
-    An idle lane is left out until its next enqueue. `pending` is not counted here (0).
+    An idle lane is left out until its next enqueue; a paused lane is always listed (see
+    Lane.paused_at), so every worker replica learns of its pause. `pending` is not counted
+    here (0).
     Needs a service token (AuthService.IssueServiceToken).
     """
     ListDeadRequests: _aio.UnaryUnaryMultiCallable[_queue_pb2.ListDeadRequestsRequest, _queue_pb2.ListDeadRequestsResponse]  # type: ignore[assignment]
@@ -230,7 +234,9 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_queue_pb2.ListLanesResponse, _abc.Awaitable[_queue_pb2.ListLanesResponse]]:
         """Lists the lanes in use: those with an enqueue or a result within the queue's
         FAIRLANE_LANE_IDLE_TTL_SECONDS, whose RabbitMQ queues exist (workers consume these).
-        An idle lane is left out until its next enqueue. `pending` is not counted here (0).
+        An idle lane is left out until its next enqueue; a paused lane is always listed (see
+        Lane.paused_at), so every worker replica learns of its pause. `pending` is not counted
+        here (0).
         Needs a service token (AuthService.IssueServiceToken).
         """
 

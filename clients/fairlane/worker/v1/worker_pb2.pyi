@@ -135,7 +135,10 @@ class GetStatusResponse(_message.Message):
 
     @_builtins.property
     def paused_lanes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Lanes paused individually."""
+        """User ids of the lanes paused (Pause with a lane, on any replica), as this replica knows
+        them: also those it does not consume. A lane pause holds on every replica, so every
+        replica lists it. The pause of the whole replica is `state`, not listed here.
+        """
 
     def __init__(
         self,
@@ -239,7 +242,9 @@ class PauseRequest(_message.Message):
 
     LANE_FIELD_NUMBER: _builtins.int
     lane: _builtins.str
-    """Pause only this user's lane; empty pauses the whole replica."""
+    """Pause only this user's lane, on every worker replica until Resume of the lane; empty
+    pauses this whole replica (only this one).
+    """
     def __init__(
         self,
         *,
@@ -261,7 +266,7 @@ class PauseResponse(_message.Message):
 
     STATE_FIELD_NUMBER: _builtins.int
     state: Global___WorkerState.ValueType
-    """State after the call."""
+    """State of this replica after the call (a lane pause leaves it as it was)."""
     def __init__(
         self,
         *,
@@ -283,7 +288,9 @@ class ResumeRequest(_message.Message):
 
     LANE_FIELD_NUMBER: _builtins.int
     lane: _builtins.str
-    """Resume only this user's lane; empty resumes the whole replica."""
+    """Resume only this user's lane, on every worker replica; empty resumes this whole replica
+    (a lane paused by lane stays paused).
+    """
     def __init__(
         self,
         *,
@@ -305,7 +312,7 @@ class ResumeResponse(_message.Message):
 
     STATE_FIELD_NUMBER: _builtins.int
     state: Global___WorkerState.ValueType
-    """State after the call."""
+    """State of this replica after the call."""
     def __init__(
         self,
         *,

@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class WorkerServiceStub:
-    """Control of one worker replica.
+    """Control of worker replicas: GetStatus, ListHandlers, Drain and the pause of the whole
+    replica (Pause and Resume without a lane) are about the replica that answers; the pause
+    of one lane (Pause and Resume with a lane) is about the lane, on every replica.
     """
 
     def __init__(self, channel):
@@ -63,7 +65,9 @@ class WorkerServiceStub:
 
 
 class WorkerServiceServicer:
-    """Control of one worker replica.
+    """Control of worker replicas: GetStatus, ListHandlers, Drain and the pause of the whole
+    replica (Pause and Resume without a lane) are about the replica that answers; the pause
+    of one lane (Pause and Resume with a lane) is about the lane, on every replica.
     """
 
     def GetStatus(self, request, context):
@@ -82,14 +86,22 @@ class WorkerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Pause(self, request, context):
-        """Stops taking new requests (of one lane, or all); running ones finish.
+        """Stops starting new requests; running ones finish. Without a lane: this replica only
+        (the others go on). With a lane: that lane on every worker replica, those running now
+        and those started later, until Resume of the lane on any replica; the request log keeps
+        the pause, so it outlives restarts. Any replica may be asked, whichever runs the lane.
+        Replicas running now apply it as soon as its announcement reaches them (normally at
+        once); one that missed it, at its next lane listing (FAIRLANE_LANE_DISCOVERY_SECONDS).
+        NOT_FOUND for a lane that does not exist (a user who never enqueued); UNAVAILABLE when
+        the pause was stored but could not be announced (call again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Resume(self, request, context):
-        """Undoes Pause.
+        """Undoes Pause: without a lane, of this replica; with a lane, of that lane on every
+        replica, the same way.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -139,7 +151,9 @@ def add_WorkerServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class WorkerService:
-    """Control of one worker replica.
+    """Control of worker replicas: GetStatus, ListHandlers, Drain and the pause of the whole
+    replica (Pause and Resume without a lane) are about the replica that answers; the pause
+    of one lane (Pause and Resume with a lane) is about the lane, on every replica.
     """
 
     @staticmethod

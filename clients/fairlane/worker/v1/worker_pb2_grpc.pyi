@@ -27,7 +27,10 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class WorkerServiceStub:
-    """Control of one worker replica."""
+    """Control of worker replicas: GetStatus, ListHandlers, Drain and the pause of the whole
+    replica (Pause and Resume without a lane) are about the replica that answers; the pause
+    of one lane (Pause and Resume with a lane) is about the lane, on every replica.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -40,15 +43,28 @@ class WorkerServiceStub:
     fail) and their payload formats are described at fairlane.queue.v1.EnqueueRequest.handler.
     """
     Pause: _grpc.UnaryUnaryMultiCallable[_worker_pb2.PauseRequest, _worker_pb2.PauseResponse]
-    """Stops taking new requests (of one lane, or all); running ones finish."""
+    """Stops starting new requests; running ones finish. Without a lane: this replica only
+    (the others go on). With a lane: that lane on every worker replica, those running now
+    and those started later, until Resume of the lane on any replica; the request log keeps
+    the pause, so it outlives restarts. Any replica may be asked, whichever runs the lane.
+    Replicas running now apply it as soon as its announcement reaches them (normally at
+    once); one that missed it, at its next lane listing (FAIRLANE_LANE_DISCOVERY_SECONDS).
+    NOT_FOUND for a lane that does not exist (a user who never enqueued); UNAVAILABLE when
+    the pause was stored but could not be announced (call again).
+    """
     Resume: _grpc.UnaryUnaryMultiCallable[_worker_pb2.ResumeRequest, _worker_pb2.ResumeResponse]
-    """Undoes Pause."""
+    """Undoes Pause: without a lane, of this replica; with a lane, of that lane on every
+    replica, the same way.
+    """
     Drain: _grpc.UnaryUnaryMultiCallable[_worker_pb2.DrainRequest, _worker_pb2.DrainResponse]
     """Finishes in-flight requests, then releases every lane to other replicas."""
 
 @_typing.type_check_only
 class WorkerServiceAsyncStub(WorkerServiceStub):
-    """Control of one worker replica."""
+    """Control of worker replicas: GetStatus, ListHandlers, Drain and the pause of the whole
+    replica (Pause and Resume without a lane) are about the replica that answers; the pause
+    of one lane (Pause and Resume with a lane) is about the lane, on every replica.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetStatus: _aio.UnaryUnaryMultiCallable[_worker_pb2.GetStatusRequest, _worker_pb2.GetStatusResponse]  # type: ignore[assignment]
@@ -58,14 +74,27 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     fail) and their payload formats are described at fairlane.queue.v1.EnqueueRequest.handler.
     """
     Pause: _aio.UnaryUnaryMultiCallable[_worker_pb2.PauseRequest, _worker_pb2.PauseResponse]  # type: ignore[assignment]
-    """Stops taking new requests (of one lane, or all); running ones finish."""
+    """Stops starting new requests; running ones finish. Without a lane: this replica only
+    (the others go on). With a lane: that lane on every worker replica, those running now
+    and those started later, until Resume of the lane on any replica; the request log keeps
+    the pause, so it outlives restarts. Any replica may be asked, whichever runs the lane.
+    Replicas running now apply it as soon as its announcement reaches them (normally at
+    once); one that missed it, at its next lane listing (FAIRLANE_LANE_DISCOVERY_SECONDS).
+    NOT_FOUND for a lane that does not exist (a user who never enqueued); UNAVAILABLE when
+    the pause was stored but could not be announced (call again).
+    """
     Resume: _aio.UnaryUnaryMultiCallable[_worker_pb2.ResumeRequest, _worker_pb2.ResumeResponse]  # type: ignore[assignment]
-    """Undoes Pause."""
+    """Undoes Pause: without a lane, of this replica; with a lane, of that lane on every
+    replica, the same way.
+    """
     Drain: _aio.UnaryUnaryMultiCallable[_worker_pb2.DrainRequest, _worker_pb2.DrainResponse]  # type: ignore[assignment]
     """Finishes in-flight requests, then releases every lane to other replicas."""
 
 class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Control of one worker replica."""
+    """Control of worker replicas: GetStatus, ListHandlers, Drain and the pause of the whole
+    replica (Pause and Resume without a lane) are about the replica that answers; the pause
+    of one lane (Pause and Resume with a lane) is about the lane, on every replica.
+    """
 
     @_abc_1.abstractmethod
     def GetStatus(
@@ -91,7 +120,15 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _worker_pb2.PauseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_worker_pb2.PauseResponse, _abc.Awaitable[_worker_pb2.PauseResponse]]:
-        """Stops taking new requests (of one lane, or all); running ones finish."""
+        """Stops starting new requests; running ones finish. Without a lane: this replica only
+        (the others go on). With a lane: that lane on every worker replica, those running now
+        and those started later, until Resume of the lane on any replica; the request log keeps
+        the pause, so it outlives restarts. Any replica may be asked, whichever runs the lane.
+        Replicas running now apply it as soon as its announcement reaches them (normally at
+        once); one that missed it, at its next lane listing (FAIRLANE_LANE_DISCOVERY_SECONDS).
+        NOT_FOUND for a lane that does not exist (a user who never enqueued); UNAVAILABLE when
+        the pause was stored but could not be announced (call again).
+        """
 
     @_abc_1.abstractmethod
     def Resume(
@@ -99,7 +136,9 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _worker_pb2.ResumeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_worker_pb2.ResumeResponse, _abc.Awaitable[_worker_pb2.ResumeResponse]]:
-        """Undoes Pause."""
+        """Undoes Pause: without a lane, of this replica; with a lane, of that lane on every
+        replica, the same way.
+        """
 
     @_abc_1.abstractmethod
     def Drain(

@@ -125,7 +125,9 @@ export type GetStatusResponse = Message<"fairlane.worker.v1.GetStatusResponse"> 
   handlers: HandlerStats[];
 
   /**
-   * Lanes paused individually.
+   * User ids of the lanes paused (Pause with a lane, on any replica), as this replica knows
+   * them: also those it does not consume. A lane pause holds on every replica, so every
+   * replica lists it. The pause of the whole replica is `state`, not listed here.
    *
    * @generated from field: repeated string paused_lanes = 7;
    */
@@ -224,7 +226,8 @@ export const ListHandlersResponseSchema: GenMessage<ListHandlersResponse> = /*@_
  */
 export type PauseRequest = Message<"fairlane.worker.v1.PauseRequest"> & {
   /**
-   * Pause only this user's lane; empty pauses the whole replica.
+   * Pause only this user's lane, on every worker replica until Resume of the lane; empty
+   * pauses this whole replica (only this one).
    *
    * @generated from field: string lane = 1;
    */
@@ -245,7 +248,7 @@ export const PauseRequestSchema: GenMessage<PauseRequest> = /*@__PURE__*/
  */
 export type PauseResponse = Message<"fairlane.worker.v1.PauseResponse"> & {
   /**
-   * State after the call.
+   * State of this replica after the call (a lane pause leaves it as it was).
    *
    * @generated from field: fairlane.worker.v1.WorkerState state = 1;
    */
@@ -266,7 +269,8 @@ export const PauseResponseSchema: GenMessage<PauseResponse> = /*@__PURE__*/
  */
 export type ResumeRequest = Message<"fairlane.worker.v1.ResumeRequest"> & {
   /**
-   * Resume only this user's lane; empty resumes the whole replica.
+   * Resume only this user's lane, on every worker replica; empty resumes this whole replica
+   * (a lane paused by lane stays paused).
    *
    * @generated from field: string lane = 1;
    */
@@ -287,7 +291,7 @@ export const ResumeRequestSchema: GenMessage<ResumeRequest> = /*@__PURE__*/
  */
 export type ResumeResponse = Message<"fairlane.worker.v1.ResumeResponse"> & {
   /**
-   * State after the call.
+   * State of this replica after the call.
    *
    * @generated from field: fairlane.worker.v1.WorkerState state = 1;
    */
@@ -397,7 +401,9 @@ export const WorkerStateSchema: GenEnum<WorkerState> = /*@__PURE__*/
   enumDesc(file_fairlane_worker_v1_worker, 0);
 
 /**
- * Control of one worker replica.
+ * Control of worker replicas: GetStatus, ListHandlers, Drain and the pause of the whole
+ * replica (Pause and Resume without a lane) are about the replica that answers; the pause
+ * of one lane (Pause and Resume with a lane) is about the lane, on every replica.
  *
  * @generated from service fairlane.worker.v1.WorkerService
  */
@@ -424,7 +430,14 @@ export const WorkerService: GenService<{
     output: typeof ListHandlersResponseSchema;
   },
   /**
-   * Stops taking new requests (of one lane, or all); running ones finish.
+   * Stops starting new requests; running ones finish. Without a lane: this replica only
+   * (the others go on). With a lane: that lane on every worker replica, those running now
+   * and those started later, until Resume of the lane on any replica; the request log keeps
+   * the pause, so it outlives restarts. Any replica may be asked, whichever runs the lane.
+   * Replicas running now apply it as soon as its announcement reaches them (normally at
+   * once); one that missed it, at its next lane listing (FAIRLANE_LANE_DISCOVERY_SECONDS).
+   * NOT_FOUND for a lane that does not exist (a user who never enqueued); UNAVAILABLE when
+   * the pause was stored but could not be announced (call again).
    *
    * @generated from rpc fairlane.worker.v1.WorkerService.Pause
    */
@@ -434,7 +447,8 @@ export const WorkerService: GenService<{
     output: typeof PauseResponseSchema;
   },
   /**
-   * Undoes Pause.
+   * Undoes Pause: without a lane, of this replica; with a lane, of that lane on every
+   * replica, the same way.
    *
    * @generated from rpc fairlane.worker.v1.WorkerService.Resume
    */
