@@ -14,13 +14,20 @@ from fairlane.cli.rendering import JsonOutput, out, show
 from fairlane.client import Client, HandlerInfo, WorkerState, WorkerStatus
 
 app = typer.Typer(
-    name="worker", help="Control one worker replica (--worker-target).", no_args_is_help=True
+    name="worker",
+    help="Control a worker replica (--worker-target); a lane's pause holds on every replica.",
+    no_args_is_help=True,
 )
 
 T = TypeVar("T")
 
 LaneOption = Annotated[
-    str, typer.Option("--lane", help="Only this lane (a user id); default: the whole worker.")
+    str,
+    typer.Option(
+        "--lane",
+        help="Only this lane (a user id), on every worker replica, whichever one is asked; "
+        "default: this whole replica, and only it.",
+    ),
 ]
 
 
@@ -86,9 +93,15 @@ _lane_switch(
     "pause",
     Client.pause,
     "paused",
-    "Stop taking new requests (of one lane, or all); running ones finish.",
+    "Stop starting new requests; running ones finish. With --lane: that lane on every worker "
+    "replica until it is resumed (on any replica). Without: this replica only.",
 )
-_lane_switch("resume", Client.resume, "resumed", "Undo pause.")
+_lane_switch(
+    "resume",
+    Client.resume,
+    "resumed",
+    "Undo pause: with --lane, of that lane on every worker replica; without, of this replica.",
+)
 
 
 @app.command("drain")
