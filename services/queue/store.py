@@ -16,7 +16,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fairlane_server.core import status
-from fairlane_server.core.db import one_statement, upsert
+from fairlane_server.core.db import one_statement
 from fairlane_server.core.models import (
     handlers,
     lanes,
@@ -191,12 +191,6 @@ class RequestStore:
             for upto in (False, True)
         }
         self._finished_of = _finished_of(postgres, read_bytes=self.read_bytes)
-        # Built once: a statement built per call costs compile time on the hot path.
-        lane_upsert = upsert(self._dialect, lanes)
-        self._touch_lane = lane_upsert.on_conflict_do_update(
-            index_elements=[lanes.c.user_id],
-            set_={"last_active_at": lane_upsert.excluded.last_active_at},
-        )
 
     @property
     def dialect(self) -> str:

@@ -234,6 +234,3 @@ class LaneSet:
         task = asyncio.create_task(rebuild(), name=f"rebuild-{user_id}")
         self._rebuilds.add(task)
         task.add_done_callback(self._rebuilds.discard)
-
-    def paused(self) -> list[str]:
-        return [u for u, lane in self.lanes.items() if not lane.resumed.is_set()]
