@@ -3,13 +3,16 @@ call, never a bare ValueError or OverflowError from protobuf or datetime."""
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
 from typing import Any
 
 import pytest
 
 from fairlane.client import Client, InvalidArgument
+from fairlane.client.async_client import MAX_TIMEOUT
 from fairlane.client.channels import Channels
+from tests.unit.test_client_retry import _recording
 from tests.unit.test_client_session import _client
 
 BAD_ENQUEUES: list[dict[str, Any]] = [
@@ -73,3 +76,40 @@ def test_the_message_limit_is_the_channels_and_never_over_the_servers() -> None:
     assert Channels({}, options=higher).max_message_bytes == eight
     unlimited = [("grpc.max_send_message_length", -1)]
     assert Channels({}, options=unlimited).max_message_bytes == eight
+
+
+@pytest.mark.parametrize("timeout", [math.nan, -1, 0, -math.inf, "10"], ids=repr)
+async def test_a_timeout_not_more_than_0_is_invalid_argument(
+    monkeypatch: pytest.MonkeyPatch, timeout: Any
+) -> None:
+    """gRPC would fail the call at once as DEADLINE_EXCEEDED (nan and 0 or less)."""
+    with pytest.raises(InvalidArgument, match="timeout must be"):
+        Client("auth:1", "queue:1", timeout=timeout)
+    client, queue, _ = _client(monkeypatch)
+    with pytest.raises(InvalidArgument, match="timeout must be"):
+        await client.enqueue("echo", b"x", timeout=timeout)
+    assert queue.enqueued == []
+    with pytest.raises(InvalidArgument, match="timeout must be"):
+        client.session(timeout=timeout)
+    assert queue.calls == []
+
+
+async def test_an_infinite_timeout_is_none_and_a_huge_one_the_longest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gRPC fails a call at once (DEADLINE_EXCEEDED) for a deadline past the year 2262."""
+    client, queue, _ = _client(monkeypatch, timeout=math.inf)
+    assert client.timeout is None
+    method, calls = _recording(["one", "two", "three"])
+    await client._unary("queue", method, object())
+    await client._unary("queue", method, object(), timeout=1e12)
+    client.timeout = 1e20
+    await client._unary("queue", method, object())
+    assert [timeout for _, timeout in calls] == [None, MAX_TIMEOUT, MAX_TIMEOUT]
+    for timeout in (math.inf, 1e12):
+        async with client.session(timeout=timeout) as session:
+            await session.close()
+            queue.calls[-1].end()
+    assert queue.timeouts[0] is None
+    assert queue.timeouts[1] is not None
+    assert MAX_TIMEOUT - 60 < queue.timeouts[1] <= MAX_TIMEOUT

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import numbers
 import random
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from types import TracebackType
@@ -44,9 +46,32 @@ from fairlane.common.v1 import common_pb2
 from fairlane.queue.v1 import queue_pb2
 from fairlane.worker.v1 import worker_pb2
 
-__all__ = ["Client"]
+__all__ = ["MAX_TIMEOUT", "Client", "checked_timeout"]
 
 R = TypeVar("R")
+
+MAX_TIMEOUT = 365 * 24 * 3600.0
+"""The longest deadline the client gives a call or a stream: a year. A longer `timeout`
+is cut to it (gRPC reads a deadline past the year 2262 as one already passed)."""
+
+
+def checked_timeout(timeout: float | None, name: str = "timeout") -> float | None:
+    """`timeout` (seconds) as the deadline to give gRPC: None or inf is no deadline, a
+    value over MAX_TIMEOUT is MAX_TIMEOUT. InvalidArgument for nan, 0 or less (they would
+    fail every call at once, as DEADLINE_EXCEEDED) or anything but a number."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise InvalidArgument(f"{name} must be a number of seconds or None, not {timeout!r}")
+    seconds = float(timeout)
+    if not seconds > 0:  # also nan
+        raise InvalidArgument(
+            f"{name} must be more than 0 seconds (None or inf: no deadline), not {timeout!r}"
+        )
+    if math.isinf(seconds):
+        return None
+    return min(seconds, MAX_TIMEOUT)
+
 
 AuthMode = Literal["none", "required", "optional"]
 
@@ -72,7 +97,8 @@ class Client:
             result = await future
     ```
 
-    - Every unary call has a deadline (`timeout` seconds, overridable per call) and is
+    - Every unary call has a deadline (`timeout` seconds, overridable per call; None or
+      inf: none; at most MAX_TIMEOUT, a year; nan, 0 or less: InvalidArgument) and is
       retried on RESOURCE_EXHAUSTED/UNAVAILABLE per `retry` (see RetryPolicy). Broken
       result streams, and Session streams broken before their first answer, are reopened
       per `reconnect` (more patient: a replica restart takes seconds).
@@ -128,7 +154,7 @@ class Client:
         self._tokens = TokenManager(
             self._exchange, tokens, on_tokens=on_tokens, refresh_margin=refresh_margin
         )
-        self.timeout = timeout
+        self.timeout = checked_timeout(timeout)
         self.retry = retry or RetryPolicy()
         self._sleep: Sleep = asyncio.sleep
         self._rng = random.Random()
@@ -213,7 +239,7 @@ class Client:
     ) -> R:
         """One unary call with a deadline, the bearer token (refreshed once after
         UNAUTHENTICATED) and retries per `self.retry`."""
-        deadline = self.timeout if timeout is _UNSET else timeout
+        deadline = checked_timeout(self.timeout if timeout is _UNSET else timeout)
         used: list[str] = []
         with_token = auth == "required" or (auth == "optional" and self.tokens is not None)
 
@@ -435,8 +461,10 @@ class Client:
 
         `max_in_flight` bounds the requests submitted and not yet finished (submit waits
         for room); `record_events` keeps every event for `s.events()`; `timeout` is a
-        deadline for the whole stream (None: no deadline); `resume` collects the results
-        of accepted requests from WatchResults if the stream breaks."""
+        deadline for the whole stream (None or inf: no deadline; at most MAX_TIMEOUT);
+        `resume` collects the results of accepted requests from WatchResults if the
+        stream breaks."""
+        timeout = checked_timeout(timeout)
         return Session(
             self._channels,
             self._tokens,
