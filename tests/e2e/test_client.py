@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
+import subprocess
+import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -449,3 +453,160 @@ async def test_closing_the_client_ends_what_is_in_progress_with_client_closed(
         await operator.resume()
         await operator.close()
         await proxy.close()
+
+
+def _call_until_closed(
+    client: SyncClient, i: int, calls: threading.Semaphore, ends: list[BaseException]
+) -> None:
+    try:
+        while True:
+            if i % 2:
+                client.whoami()
+            else:
+                client.enqueue("noop", b"")
+            calls.release()
+    except BaseException as exc:
+        ends.append(exc)
+
+
+async def test_sync_client_closed_under_calls_from_many_threads(
+    suite: Suite, caplog: pytest.LogCaptureFixture
+) -> None:
+    """8 threads call one SyncClient (whoami, enqueue) while another thread closes it, over
+    several rounds: every thread's call returns (ClientClosed) within a bound, later calls
+    raise ClientClosed at once, and nothing is logged ('Event loop is closed' from grpc's
+    poller, 'Task was destroyed but it is pending!')."""
+    async with _client(suite) as client:
+        name = _name()
+        await client.register(name, PASSWORD)
+        tokens = await client.login(name, PASSWORD)
+
+    def rounds() -> list[str]:
+        endings: list[str] = []
+        for round_ in range(6):
+            sync = SyncClient(
+                suite.target("auth"), suite.target("queue"), suite.target("worker"), tokens=tokens
+            )
+            calls = threading.Semaphore(0)
+            ends: list[BaseException] = []
+            threads = [
+                threading.Thread(
+                    target=_call_until_closed, args=(sync, i, calls, ends), daemon=True
+                )
+                for i in range(8)
+            ]
+            for thread in threads:
+                thread.start()
+            for _ in range(8 + 8 * round_):  # close at a later point each round
+                assert calls.acquire(timeout=30)
+            closer = threading.Thread(target=sync.close, daemon=True)
+            closer.start()
+            deadline = time.monotonic() + 15
+            for thread in [closer, *threads]:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            assert not [t for t in [closer, *threads] if t.is_alive()], f"round {round_}"
+            started = time.monotonic()
+            with pytest.raises(ClientClosed):
+                sync.whoami()
+            sync.close()
+            assert time.monotonic() - started < 1
+            endings.extend(type(e).__name__ for e in ends)
+        return endings
+
+    with caplog.at_level(logging.WARNING, logger="asyncio"):
+        endings = await asyncio.to_thread(rounds)
+    assert endings == ["ClientClosed"] * 48
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+
+
+# Blocks in a SyncClient call until SIGINT; then the client must still work, and nothing of
+# the interrupted call may be left on its loop.
+INTERRUPTED = """
+import asyncio, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # even where SIGINT is ignored
+from fairlane.client import SyncClient, Tokens
+
+auth, queue, token, mode = sys.argv[1:]
+client = SyncClient(auth, queue, tokens=Tokens.issued(token, "", 900))
+try:
+    if mode == "watch":
+        for result in client.watch():
+            print("result", result.lane_seq, flush=True)
+    else:
+        client.submit_and_wait("sleep", b"60")
+    print("returned", flush=True)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt", flush=True)
+print("lane", client.lane().last_lane_seq, flush=True)
+
+async def left():
+    me = asyncio.current_task()
+    return [
+        t for t in asyncio.all_tasks()
+        if t is not me and not t.done()
+        and t.get_coro().__qualname__ != "SyncClient._until_closed"
+    ]
+
+deadline = time.monotonic() + 5
+while (tasks := asyncio.run_coroutine_threadsafe(left(), client._loop).result()) and (
+    time.monotonic() < deadline
+):
+    time.sleep(0.01)
+print("left", len(tasks), tasks, flush=True)
+client.close()
+print("closed", flush=True)
+"""
+
+
+def _interrupt_sync_call(suite: Suite, tokens: Tokens, mode: str) -> tuple[int, str, str]:
+    """Runs INTERRUPTED and sends it SIGINT once it is in the call: a watch has printed
+    the stored result, or submit_and_wait's request is RUNNING."""
+    auth, queue = suite.target("auth"), suite.target("queue")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPTED, auth, queue, tokens.access_token, mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=suite.env(GRPC_VERBOSITY="ERROR"),
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        if mode == "watch":
+            assert proc.stdout.readline() == "result 1\n"
+        else:
+            with SyncClient(auth, queue, tokens=tokens) as observer:
+                deadline = time.monotonic() + 30
+                while not [r for page in observer.requests("running") for r in page]:
+                    assert time.monotonic() < deadline, "the request never ran"
+                    time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, out, err
+
+
+@pytest.mark.parametrize("mode", ["watch", "submit_and_wait"])
+async def test_ctrl_c_in_a_sync_client_call(suite: Suite, mode: str) -> None:
+    """Ctrl-C in a SyncClient watch() or submit_and_wait (its request running): the caller
+    gets KeyboardInterrupt, the client still works, nothing of the call is left on its
+    loop, and closing it is silent."""
+    async with _client(suite) as client:
+        await client.register(name := _name(), PASSWORD)
+        tokens = await client.login(name, PASSWORD)
+        if mode == "watch":
+            await _wait_final(client, (await client.enqueue("echo", b"before")).request_id)
+        code, out, err = await asyncio.to_thread(_interrupt_sync_call, suite, tokens, mode)
+        # A request that was accepted runs on (the session was cancelled, not the request).
+        for request in [r async for page in client.requests("running") for r in page]:
+            await client.cancel(request.request_id)
+    assert code == 0, (out, err)
+    lines = out.splitlines()
+    assert lines[0] == "KeyboardInterrupt", out
+    assert lines[1].startswith("lane "), out
+    assert lines[2].startswith("left 0 "), out
+    assert lines[3:] == ["closed"], out
+    for noise in ("Traceback", "Event loop is closed", "Task was destroyed", "Exception"):
+        assert noise not in err, err
