@@ -100,6 +100,26 @@ def _interrupted_watch(cli: Cli) -> tuple[int, bytes]:
     return proc.returncode, stderr
 
 
+def _into_a_closed_pipe(cli: Cli, *args: str) -> tuple[int, bytes]:
+    """Runs a command whose stdout is a pipe nobody reads any more (`... | true`)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "fairlane.cli.main", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            env=cli.env,
+            cwd=ROOT,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    return done.returncode, done.stderr
+
+
 def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
@@ -151,6 +171,11 @@ async def test_cli_commands_against_the_suite(suite: Suite, tmp_path: Path) -> N
     waited = await cli("enqueue", "echo", "-", "--wait", stdin=b"bytes\x00\xff")
     assert waited.returncode == 0, waited.stderr
     assert waited.stdout == b"bytes\x00\xff"
+    # An infinite or huge time limit is none (or a year), not an instant DEADLINE_EXCEEDED.
+    for limit in ("inf", "1e20"):
+        waited = await cli("enqueue", "echo", limit, "--wait", "--wait-timeout", limit)
+        assert (waited.returncode, waited.stdout) == (0, limit.encode()), waited.stderr
+        assert (await cli.json("whoami", "--timeout", limit))["username"] == name
     waited_json = await cli.json("enqueue", "echo", "json please", "--wait")
     assert waited_json["status"] == "SUCCEEDED"
     assert waited_json["output"] == "json please"
@@ -203,11 +228,15 @@ async def test_cli_commands_against_the_suite(suite: Suite, tmp_path: Path) -> N
 
     # Ctrl-C ends watch quietly with exit code 0.
     assert await asyncio.to_thread(_interrupted_watch, cli) == (0, b"")
+    # A closed stdout ends a command quietly, 141 as SIGPIPE would (not `error: Broken pipe`).
+    for args in (("watch", "--json"), ("watch",), ("requests",), ("get", request_id)):
+        assert await asyncio.to_thread(_into_a_closed_pipe, cli, *args) == (141, b"")
 
     listed = await cli.json("requests", "--status", "succeeded", "--limit", "5")
     assert len(listed) == 5
     assert all(r["status"] == "SUCCEEDED" for r in listed)
     assert "FAILED" in await cli.ok("requests", "-s", "failed")
+    assert await cli.ok("requests", "-s", "cancelled") == "0 requests\n"  # and no empty table
     assert "unknown status" in await cli.fails("requests", "--status", "bogus")
     lane = await cli.json("lanes")
     assert lane["last_lane_seq"] == seqs[-1] + 2  # the two lines of mixed.txt

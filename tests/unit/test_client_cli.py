@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from fairlane.cli import config
 from fairlane.cli.connection import Connection, connected
 from fairlane.cli.main import build_app
+from tests.unit.loopback_services import LoopbackServices
 
 app = build_app()
 
@@ -86,11 +87,11 @@ def test_a_command_cannot_redefine_a_connection_option() -> None:
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["enqueue", "echo", "hi", "--deadline", "nan"], 1, "a finite number of seconds, not nan"),
-        (["enqueue", "echo", "hi", "--deadline", "inf"], 1, "a finite number of seconds, not inf"),
+        (["enqueue", "echo", "hi", "--deadline", "nan"], 2, "a finite number of seconds, not nan"),
+        (["enqueue", "echo", "hi", "--deadline", "inf"], 2, "a finite number of seconds, not inf"),
         (
             ["enqueue", "echo", "hi", "--deadline", "1e12"],
-            1,
+            2,
             "deadline 1000000000000.0 is out of range",
         ),
         (["enqueue", "echo", "hi", "--max-attempts", "-1"], 2, "--max-attempts"),
@@ -101,6 +102,8 @@ def test_a_command_cannot_redefine_a_connection_option() -> None:
         (["requests", "--status", "bogus"], 1, "unknown status 'bogus'"),
         (["whoami", "--timeout", "0"], 2, "must be more than 0 seconds"),
         (["whoami", "--timeout", "-1"], 2, "must be more than 0 seconds"),
+        (["whoami", "--timeout", "nan"], 2, "must be more than 0 seconds"),
+        (["enqueue", "echo", "hi", "--wait", "--wait-timeout", "nan"], 2, "more than 0 seconds"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else str(v),
 )
@@ -148,3 +151,38 @@ def test_missing_names_passwords_and_tokens_are_told_clearly(
     assert message in done.output
     assert "unexpected" not in done.output
     assert done.output.count("error: ") == 1, done.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["whoami", "--timeout", "inf"],
+        ["whoami", "--timeout", "1e20"],
+        ["enqueue", "echo", "hi", "--wait", "--wait-timeout", "inf"],
+        ["enqueue", "echo", "hi", "--wait", "--wait-timeout", "1e20", "--timeout", "1e12"],
+    ],
+    ids=" ".join,
+)
+def test_an_infinite_or_huge_timeout_waits_instead_of_failing_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    """inf is no deadline, a huge value the longest one (a year); gRPC would fail the call
+    at once (DEADLINE_EXCEEDED) for either."""
+    monkeypatch.setenv("FAIRLANE_CONFIG_DIR", str(tmp_path))
+    with LoopbackServices() as services:
+        targets = ["--auth-target", services.target, "--queue-target", services.target]
+        done = CliRunner().invoke(app, [*args, "--token", "t", *targets])
+    assert done.exit_code == 0, done.output
+    assert ("alice" if args[0] == "whoami" else "hi") in done.output
+
+
+def test_requests_with_no_matches_print_the_count_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAIRLANE_CONFIG_DIR", str(tmp_path))
+    with LoopbackServices(listed=0) as services:
+        targets = ["--token", "t", "--queue-target", services.target]
+        done = CliRunner().invoke(app, ["requests", *targets])
+        assert (done.exit_code, done.output) == (0, "0 requests\n")
+        done = CliRunner().invoke(app, ["requests", "--json", *targets])
+        assert (done.exit_code, done.output) == (0, "[]\n")

@@ -38,7 +38,8 @@ def _read(path: str, what: str) -> bytes:
 
 
 def positive_seconds(value: float | None) -> float | None:
-    """Option callback: a time limit must be more than 0 (0 or less would always expire)."""
+    """Option callback: a time limit must be more than 0 (0 or less would always expire);
+    inf is no limit, and the client cuts one over a year (MAX_TIMEOUT) to a year."""
     if value is not None and not value > 0:  # also refuses nan
         raise typer.BadParameter(f"must be more than 0 seconds, not {value:g}")
     return value
@@ -228,7 +229,7 @@ _OPTIONS = tuple(
                 typer.Option(
                     "--timeout",
                     envvar="FAIRLANE_TIMEOUT",
-                    help="Deadline of each call, seconds (more than 0).",
+                    help="Deadline of each call, seconds (more than 0; inf: none).",
                     callback=positive_seconds,
                 ),
             ],

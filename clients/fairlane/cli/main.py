@@ -4,16 +4,23 @@ bench through the `fairlane.cli` entry-point group."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
-from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
 
-try:
+if TYPE_CHECKING:
     import typer
-except ImportError:  # the client installed without its `cli` extra
-    typer = None  # type: ignore[assignment]
+
+# Ctrl-C while the command starts (it imports typer, rich, grpc and the plugins: about
+# half a second) exits with this code and prints nothing, as it does once running.
+EXIT_INTERRUPTED = 130
 
 
 def build_app() -> typer.Typer:
+    from importlib.metadata import entry_points
+
+    import typer
+
     from fairlane.cli.commands import register_commands
 
     app = typer.Typer(
@@ -29,9 +36,16 @@ def build_app() -> typer.Typer:
 
 
 def main() -> None:
-    if typer is None:
-        sys.exit("fairlane: the command line needs the cli extra: pip install 'fairlane[cli]'")
-    build_app()()
+    # The imports happen here, not at the top of the module, so that a Ctrl-C during
+    # them is caught (the console script imports this module before calling main).
+    try:
+        if importlib.util.find_spec("typer") is None:  # installed without its `cli` extra
+            sys.exit("fairlane: the command line needs the cli extra: pip install 'fairlane[cli]'")
+        app = build_app()
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
+    # From here on typer exits 130 on Ctrl-C, and each command reports it (see connected).
+    app()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import sys
 import time
 from collections import Counter
@@ -14,6 +15,7 @@ from typing import Annotated, Any, BinaryIO
 
 import typer
 from rich import box
+from rich.console import RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -33,13 +35,28 @@ from fairlane.cli.rendering import (
     styled_status,
     when,
 )
-from fairlane.client import Lane, Rejected, Request, Status, SubmitFuture
+from fairlane.client import InvalidArgument, Lane, Rejected, Request, Status, SubmitFuture
 from fairlane.client import Progress as ProgressEvent
+from fairlane.client._wire import deadline_timestamp
 
 MaxAttempts = Annotated[
     int,
     typer.Option("--max-attempts", min=0, help="Attempts before dead-lettering; 0: default."),
 ]
+
+
+def _request_deadline(value: float | None) -> float | None:
+    """Option callback for --deadline: a value the client could not send (nan, inf, past
+    the year 9999) is a usage error, like any option value out of its range."""
+    if value is None:
+        return None
+    if not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number of seconds, not {value:g}")
+    try:
+        deadline_timestamp(value)
+    except InvalidArgument as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
 
 
 def _read_payload(payload: str | None) -> bytes:
@@ -69,7 +86,11 @@ async def enqueue(
     ] = None,
     deadline: Annotated[
         float | None,
-        typer.Option("--deadline", help="Expire unless started within this many seconds."),
+        typer.Option(
+            "--deadline",
+            help="Expire unless started within this many seconds.",
+            callback=_request_deadline,
+        ),
     ] = None,
     max_attempts: MaxAttempts = 0,
     ref: Annotated[str, typer.Option("--ref", help="Client reference, echoed back.")] = "",
@@ -77,7 +98,7 @@ async def enqueue(
         float | None,
         typer.Option(
             "--wait-timeout",
-            help="With --wait: give up after this many seconds.",
+            help="With --wait: give up after this many seconds (inf: never).",
             callback=positive_seconds,
         ),
     ] = None,
@@ -307,7 +328,9 @@ async def requests(
     show(found[:limit], json_output, _requests_view)
 
 
-def _requests_view(found: list[Request]) -> Table:
+def _requests_view(found: list[Request]) -> RenderableType:
+    if not found:
+        return "0 requests"  # the count alone: no empty table under it
     table = Table(title=f"{len(found)} requests", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("request", no_wrap=True, min_width=36)
     table.add_column("handler", min_width=8)

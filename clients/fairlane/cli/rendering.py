@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import enum
+import errno
 import functools
 import json
 import os
@@ -23,9 +25,20 @@ from fairlane.client import FairlaneError, NotLoggedIn, Rejected, Result, Status
 P = ParamSpec("P")
 T = TypeVar("T")
 
+# A command whose stdout is closed under it (`fairlane watch | head -1`) ends quietly with
+# this exit code, as a Unix tool killed by SIGPIPE does (128 + 13).
+EXIT_BROKEN_PIPE = 141
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # Rich's own exits 1 on the spot; cli_errors ends the command instead.
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
 # Piped output is not cut to 80 columns: tables keep whole ids.
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = _Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+err = _Console(stderr=True, highlight=False, soft_wrap=True)
 
 JsonOutput = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 
@@ -50,8 +63,21 @@ def describe(exc: FairlaneError) -> str:
     return f"{exc.message}{code}{retry}"
 
 
+def output_closed() -> typer.Exit:
+    """The output was closed under the command (its reader is gone): nothing more can be
+    printed, and there is nothing to say. Points stdout at /dev/null so that Python's
+    last flush at exit cannot fail again; raise what it returns."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    out.quiet = True
+    return typer.Exit(EXIT_BROKEN_PIPE)
+
+
 def cli_errors(fn: Callable[P, T]) -> Callable[P, T]:
-    """Turns every failure into one `error: ...` line and a non-zero exit code."""
+    """Turns every failure into one `error: ...` line and a non-zero exit code; a closed
+    stdout ends the command quietly (EXIT_BROKEN_PIPE)."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
@@ -59,6 +85,8 @@ def cli_errors(fn: Callable[P, T]) -> Callable[P, T]:
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
+        except BrokenPipeError:
+            raise output_closed() from None
         except FairlaneError as exc:
             raise fail(describe(exc)) from None
         except config.ConfigError as exc:
