@@ -3,6 +3,11 @@
 A handler is `async def name(ctx: HandlerContext, payload: bytes) -> bytes` (or a plain
 function, which the worker runs in a thread), registered through the `fairlane.handlers`
 entry-point group or `fairlane serve worker --handlers module:attr`.
+
+A cancel or a timeout stops an async handler (it gets CancelledError) but cannot stop a
+plain function's thread or process: its request ends at once, and the call runs on,
+holding its concurrency slot and its lane (the lane's next request, or the retry, starts
+once it has returned). Plain functions that may block should bound their own waits.
 """
 
 from __future__ import annotations
@@ -81,7 +86,11 @@ def handler(
     """Declares a handler's defaults: its name, attempts before dead-lettering, a
     per-attempt time limit in seconds, and where a plain (sync) function runs: "auto" and
     "thread" use a thread, "process" a process pool for CPU-bound work (the function must
-    be importable at module level, and receives a PlainContext)."""
+    be importable at module level, and receives a PlainContext).
+
+    Past the time limit the attempt fails (and is retried, if attempts are left). An async
+    handler is cancelled; a plain function's thread or process cannot be, and keeps its
+    concurrency slot and its lane until it returns: the retry starts only then."""
 
     def mark(fn: F) -> F:
         fn.__fairlane__ = {  # type: ignore[attr-defined]

@@ -1,6 +1,10 @@
 """Attempts of one request: the retry loop (backoff with full jitter, in place so the
 lane's order holds), timeouts, executors for sync and CPU-bound handlers, lifecycle hooks,
-tracing and dead-lettering once the attempts are used up."""
+tracing and dead-lettering once the attempts are used up.
+
+A sync handler runs in a thread (threads.py) or a process, which nothing can stop: when
+its attempt is cancelled or times out, the attempt ends at once, but the call keeps its
+concurrency slot and its lane until it has returned (see `_abandon`)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future as CallFuture
 from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -27,6 +32,7 @@ from fairlane_server.worker.context import AttemptContext
 from fairlane_server.worker.dead_letters import DeadLetters
 from fairlane_server.worker.registry import Handler
 from fairlane_server.worker.store import Attempt, Outcome
+from fairlane_server.worker.threads import HandlerThreads
 from fairlane_server.worker.writer import ResultWriter, WriteFailed
 
 log = get_logger(__name__)
@@ -93,6 +99,11 @@ class Attempts:
         self._running: dict[str, asyncio.Future[Any]] = {}
         self._cancelled: dict[str, None] = {}  # insertion-ordered, bounded
         self._processes: ProcessPoolExecutor | None = None
+        self._process_calls: set[asyncio.Future[Any]] = set()  # submitted, not returned
+        self._threads = HandlerThreads()
+        # Per lane: the call (thread or process) of an attempt that was cancelled or timed
+        # out and has not returned yet. The lane's next attempt waits for it.
+        self._abandoned: dict[str, asyncio.Future[Any]] = {}
 
     # -- cancels ---------------------------------------------------------------------------
 
@@ -151,6 +162,8 @@ class Attempts:
             metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, time.time() - accepted_ms / 1000))
         while True:
             await gate()
+            if self._abandoned:
+                await self._lane_free(batch.user_id, item.request_id, gate)
             if item.request_id in self._cancelled:
                 return Outcome(
                     request_id,
@@ -273,20 +286,26 @@ class Attempts:
 
     # -- one attempt -----------------------------------------------------------------------
 
-    def _start(self, spec: Handler, ctx: AttemptContext, payload: bytes) -> Awaitable[Any]:
-        if spec.is_async:
-            return asyncio.ensure_future(_contained(spec.fn(ctx, payload)))
-        loop = asyncio.get_running_loop()
-        if spec.executor == "process":
-            if self._processes is None:
-                # Forkserver, not fork: a child forked from this process would inherit
-                # gRPC's and asyncio's threads mid-state, and dies at random under load.
-                self._processes = ProcessPoolExecutor(
-                    mp_context=multiprocessing.get_context("forkserver")
-                )
-            plain = PlainContext(ctx.request_id, ctx.user_id, ctx.attempt, ctx.deadline)
-            return loop.run_in_executor(self._processes, spec.fn, plain, payload)
-        return loop.run_in_executor(None, functools.partial(spec.fn, ctx, payload))
+    def _elsewhere(
+        self, spec: Handler, ctx: AttemptContext, payload: bytes
+    ) -> tuple[asyncio.Future[Any], CallFuture[Any] | None]:
+        """Starts a sync handler in a thread or a process. Returns the future of its call,
+        done once the call has returned (nobody cancels it), and for a process the pool's
+        own future (cancelling it drops a call still queued for a process)."""
+        if spec.executor != "process":
+            return self._threads.run(spec.fn, ctx, payload), None
+        if self._processes is None:
+            # Forkserver, not fork: a child forked from this process would inherit
+            # gRPC's and asyncio's threads mid-state, and dies at random under load.
+            self._processes = ProcessPoolExecutor(
+                mp_context=multiprocessing.get_context("forkserver")
+            )
+        plain = PlainContext(ctx.request_id, ctx.user_id, ctx.attempt, ctx.deadline)
+        submitted = self._processes.submit(spec.fn, plain, payload)
+        call = asyncio.wrap_future(submitted)
+        self._process_calls.add(call)
+        call.add_done_callback(self._process_calls.discard)
+        return call, submitted
 
     async def _call(
         self,
@@ -296,12 +315,25 @@ class Attempts:
         request_id: uuid.UUID,
         number: int,
     ) -> bytes:
-        async with self._slots:
-            self.in_flight += 1
-            self.stats.running[spec.name] += 1
-            metrics.IN_FLIGHT.inc()
-            started = time.perf_counter()
-            running = asyncio.ensure_future(self._start(spec, ctx, payload))
+        await self._slots.acquire()
+        self.in_flight += 1
+        self.stats.running[spec.name] += 1
+        metrics.IN_FLIGHT.inc()
+        started = time.perf_counter()
+        # A sync handler's call, which runs on when its attempt is cancelled or times out.
+        call: asyncio.Future[Any] | None = None
+        queued: CallFuture[Any] | None = None
+        watch: _Watch | None = None
+        reason = "the worker stopped"  # why an attempt ends while its call runs on
+        try:
+            if spec.is_async:
+                running: asyncio.Future[Any] = asyncio.ensure_future(
+                    _contained(spec.fn(ctx, payload))
+                )
+            else:
+                call, queued = self._elsewhere(spec, ctx, payload)
+                # Cancelling the attempt stops the waiting, not the call.
+                running = asyncio.shield(call)
             self._running[ctx.request_id] = running
             watch = _Watch(
                 running,
@@ -318,17 +350,21 @@ class Attempts:
                 if task is not None and task.cancelling():
                     raise  # the worker itself is stopping
                 if watch.timed_out:
+                    reason = "timed out"
                     raise TimeoutError(f"handler timed out after {spec.timeout} s") from None
                 # Only the handler was cancelled: the client asked for it. A thread or
-                # process keeps running to its end; its result is discarded.
+                # process runs on to its end (see _abandon); its result is discarded.
+                reason = "cancelled"
                 raise RequestCancelled from None
-            finally:
+        finally:
+            if watch is not None:
                 watch.cancel()
-                del self._running[ctx.request_id]
-                _handler_seconds(spec.name).observe(time.perf_counter() - started)
-                metrics.IN_FLIGHT.dec()
-                self.stats.running[spec.name] -= 1
-                self.in_flight -= 1
+            self._running.pop(ctx.request_id, None)
+            _handler_seconds(spec.name).observe(time.perf_counter() - started)
+            if call is None or call.done():
+                self._free(spec.name)
+            else:
+                self._abandon(ctx, spec.name, call, queued, reason)
         if result is None:
             return b""
         if isinstance(result, str):
@@ -345,6 +381,70 @@ class Attempts:
                 "(FAIRLANE_MAX_OUTPUT_BYTES)"
             )
         return output
+
+    def _free(self, handler: str) -> None:
+        metrics.IN_FLIGHT.dec()
+        self.stats.running[handler] -= 1
+        self.in_flight -= 1
+        self._slots.release()
+
+    def _abandon(
+        self,
+        ctx: AttemptContext,
+        handler: str,
+        call: asyncio.Future[Any],
+        queued: CallFuture[Any] | None,
+        reason: str,
+    ) -> None:
+        """An attempt ended (cancelled, timed out, or the worker stops) while its thread
+        or process still runs, which nothing can stop. The call keeps the attempt's
+        concurrency slot, and counts in flight, until it returns: a free slot always has a
+        free thread (threads.py), and one user cancelling hung handlers in a loop holds at
+        most one of them per lane. The lane's next attempt (its next request, or a retry of
+        this one) waits for it too (`_lane_free`), so no two requests of a lane run at once
+        here."""
+        if queued is not None:
+            queued.cancel()  # a process call still queued in the pool never starts
+        lane = ctx.user_id
+        self._abandoned[lane] = call
+        log.warning(
+            "handler_abandoned",
+            request_id=ctx.request_id,
+            handler=handler,
+            lane=lane,
+            reason=reason,
+        )
+        call.add_done_callback(
+            functools.partial(self._abandoned_returned, lane, handler, ctx.request_id)
+        )
+
+    def _abandoned_returned(
+        self, lane: str, handler: str, request_id: str, call: asyncio.Future[Any]
+    ) -> None:
+        if not call.cancelled():
+            call.exception()  # retrieved: the attempt's outcome was decided without it
+        if self._abandoned.get(lane) is call:
+            del self._abandoned[lane]
+        self._free(handler)
+        log.info("abandoned_handler_returned", request_id=request_id, handler=handler, lane=lane)
+
+    async def _lane_free(
+        self, lane: str, request_id: str, gate: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Waits until no abandoned call of `lane` runs (then through the gate again). A
+        cancel of `request_id` ends the wait at once: a request waiting here has not
+        started, and ends CANCELLED without waiting for the call before it."""
+        while (call := self._abandoned.get(lane)) is not None:
+            if request_id in self._cancelled:
+                return
+            cancelled = asyncio.get_running_loop().create_future()
+            self._running[request_id] = cancelled  # what cancel() cancels
+            try:
+                await asyncio.wait((call, cancelled), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                del self._running[request_id]
+                cancelled.cancel()
+            await gate()
 
     async def _mark_written(self, request_id: uuid.UUID, attempt: Attempt) -> None:
         try:
@@ -383,7 +483,20 @@ class Attempts:
             except Exception:
                 log.exception("on_shutdown_hook_failed")
         if self._processes is not None:
+            processes = list((self._processes._processes or {}).values())
             self._processes.shutdown(wait=False, cancel_futures=True)
+            running = sum(1 for call in self._process_calls if not call.done())
+            if running:
+                # The interpreter's exit waits for the pool, and the pool for its calls:
+                # a hung process handler held the worker after its grace period. Drained
+                # already (within the grace), so what still runs is cut off, as threads are.
+                log.warning("handler_processes_stopped_at_exit", calls=running)
+                for process in processes:
+                    process.terminate()
+        running = self._threads.close()
+        if running:
+            # Daemon threads (threads.py): the process exits without them, cutting them off.
+            log.warning("handler_threads_abandoned_at_exit", threads=running)
 
 
 class _Watch:
