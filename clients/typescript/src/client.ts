@@ -5,13 +5,22 @@
 
 import { randomUUID } from "node:crypto";
 import type * as http2 from "node:http2";
-import { create, type MessageInitShape } from "@bufbuild/protobuf";
-import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { create } from "@bufbuild/protobuf";
 import { type CallOptions, type Client as ConnectClient, createClient } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import {
+  type EnqueueOptions,
+  enqueueMessage,
+  enqueueSize,
+  MAX_MESSAGE_BYTES,
+  type Payload,
+  tooLarge,
+} from "./enqueue.js";
+import {
+  ClientClosedError,
   Code,
   type FairlaneError,
+  InvalidArgumentError,
   NotLoggedInError,
   toFairlaneError,
   UnauthenticatedError,
@@ -20,18 +29,22 @@ import {
 import { AuthService } from "./gen/fairlane/auth/v1/auth_pb.js";
 import type { Request, RequestStatus, Result } from "./gen/fairlane/common/v1/common_pb.js";
 import {
-  type EnqueueRequestSchema,
   type Lane,
   ListRequestsRequestSchema,
   QueueService,
 } from "./gen/fairlane/queue/v1/queue_pb.js";
 import { type HandlerInfo, WorkerService } from "./gen/fairlane/worker/v1/worker_pb.js";
 import { Health, type HealthCheckResponse_ServingStatus } from "./gen/grpc/health/v1/health_pb.js";
-import { DEFAULT_RETRY, type RetryPolicy, retryDelay, STREAM_RECONNECT, sleep } from "./retry.js";
-import { Session, type SessionOptions } from "./session.js";
-
-/** Handler input: bytes, or a string sent UTF-8 encoded. */
-export type Payload = Uint8Array | string;
+import {
+  checkPolicy,
+  DEFAULT_RETRY,
+  type RetryPolicy,
+  retryDelay,
+  STREAM_RECONNECT,
+  sleep,
+} from "./retry.js";
+import { Session, type SessionHost, type SessionOptions } from "./session.js";
+import { linkedAbort, sharedAbortController } from "./signals.js";
 
 /** A login: keep `refreshToken` secret, and persist the newest one (they rotate). */
 export interface Tokens {
@@ -66,7 +79,11 @@ export interface ClientOptions {
   queue: string;
   /** Worker service, for worker control and ListHandlers. */
   worker?: string;
-  /** Deadline of every unary call in milliseconds (default 10 s). Streams have none. */
+  /**
+   * Deadline of every unary call in milliseconds (default 10 s): more than 0, Infinity for
+   * none; values above MAX_TIMEOUT_MS (about 27.8 hours) count as MAX_TIMEOUT_MS. Streams
+   * have none.
+   */
   timeoutMs?: number;
   /** Start from a login saved earlier. */
   tokens?: Tokens;
@@ -82,17 +99,6 @@ export interface ClientOptions {
   onRetry?: (event: RetryEvent) => void;
   /** Options for node:http2 connect(), e.g. `ca` for a private certificate authority. */
   http2Options?: http2.SecureClientSessionOptions;
-}
-
-export interface EnqueueOptions {
-  /** Unique per user; a repeat returns the first request. Generated when not given. */
-  idempotencyKey?: string;
-  /** If the request has not started by then it becomes EXPIRED. */
-  deadline?: Date;
-  /** Attempts before dead-lettering; 0 or unset: the handler's default. */
-  maxAttempts?: number;
-  /** Echoed in the result. */
-  clientRef?: string;
 }
 
 export interface Enqueued {
@@ -113,73 +119,109 @@ export interface WatchOptions {
 type Service = "auth" | "queue" | "worker";
 type UnaryOptions = { auth: boolean; idempotent: boolean; method: string };
 
-// The servers' limits (services/core/grpc_host.py) and keepalive: a half-open connection
-// under a long-lived stream is noticed within 40 s.
-const MAX_MESSAGE_BYTES = 8 * 1024 * 1024;
+// Keepalive: a half-open connection under a long-lived stream is noticed within 40 s.
+// (The message limit, MAX_MESSAGE_BYTES, is the servers' own: services/core/grpc_host.py.)
 const PING_INTERVAL_MS = 30_000;
 const PING_TIMEOUT_MS = 10_000;
+
+/**
+ * The longest unary deadline, in milliseconds (about 27.8 hours): gRPC's grpc-timeout
+ * header carries at most 8 digits. A longer ClientOptions.timeoutMs counts as this one.
+ */
+export const MAX_TIMEOUT_MS = 99_999_999;
 
 function baseUrl(target: string): string {
   return /^https?:\/\//.test(target) ? target : `http://${target}`;
 }
 
-export function payloadBytes(payload: Payload | undefined): Uint8Array {
-  if (payload === undefined) {
-    return new Uint8Array();
-  }
-  return typeof payload === "string" ? new TextEncoder().encode(payload) : payload;
+function invalidOption(message: string): InvalidArgumentError {
+  return new InvalidArgumentError(message, Code.InvalidArgument);
 }
 
-/** The wire form of an enqueue, shared by Client.enqueue and Session.submit. */
-export function enqueueMessage(
-  handler: string,
-  payload: Payload | undefined,
-  options: EnqueueOptions,
-): MessageInitShape<typeof EnqueueRequestSchema> {
-  return {
-    handler,
-    payload: payloadBytes(payload),
-    idempotencyKey: options.idempotencyKey ?? "",
-    deadline: options.deadline === undefined ? undefined : timestampFromDate(options.deadline),
-    maxAttempts: options.maxAttempts ?? 0,
-    clientRef: options.clientRef ?? "",
-  };
+/** ClientOptions.timeoutMs checked: Infinity (no deadline), or at most MAX_TIMEOUT_MS. */
+function checkTimeout(timeoutMs: unknown): number {
+  if (typeof timeoutMs !== "number" || Number.isNaN(timeoutMs) || timeoutMs <= 0) {
+    throw invalidOption(
+      `timeoutMs must be a number of milliseconds above 0 (Infinity: no deadline), not ${String(timeoutMs)}`,
+    );
+  }
+  return timeoutMs === Number.POSITIVE_INFINITY
+    ? timeoutMs
+    : Math.min(Math.ceil(timeoutMs), MAX_TIMEOUT_MS);
 }
 
 export class Client {
+  /** Deadline of each unary call in milliseconds; Infinity: none. */
   readonly timeoutMs: number;
   readonly retry: RetryPolicy;
   readonly reconnect: RetryPolicy;
+  /** The largest message a call sends, in bytes (the servers' limit, 8 MiB). */
+  readonly maxMessageBytes = MAX_MESSAGE_BYTES;
   readonly #targets: Record<Service, string | undefined>;
   readonly #options: ClientOptions;
   readonly #managers = new Map<string, Http2SessionManager>();
+  /** Aborted by close(), with a ClientClosedError: every call, watch and Session listens. */
+  readonly #closing = sharedAbortController();
   #tokens: Tokens | undefined;
   #refreshing: Promise<void> | undefined;
   #auth: ConnectClient<typeof AuthService> | undefined;
   #queue: ConnectClient<typeof QueueService> | undefined;
   #worker: ConnectClient<typeof WorkerService> | undefined;
+  #host: SessionHost | undefined;
 
+  /** Options that make no sense (a timeoutMs of NaN, a negative backoff, ...) throw InvalidArgumentError. */
   constructor(options: ClientOptions) {
     this.#options = options;
     this.#targets = { auth: options.auth, queue: options.queue, worker: options.worker };
-    this.timeoutMs = options.timeoutMs ?? 10_000;
-    this.retry = { ...DEFAULT_RETRY, ...options.retry };
-    this.reconnect = { ...STREAM_RECONNECT, ...options.reconnect };
+    this.timeoutMs = checkTimeout(options.timeoutMs ?? 10_000);
+    this.retry = checkPolicy("retry", { ...DEFAULT_RETRY, ...options.retry });
+    this.reconnect = checkPolicy("reconnect", { ...STREAM_RECONNECT, ...options.reconnect });
+    const margin = options.refreshMarginMs;
+    if (
+      margin !== undefined &&
+      (typeof margin !== "number" || !Number.isFinite(margin) || margin < 0)
+    ) {
+      throw invalidOption(
+        `refreshMarginMs must be a finite number, 0 or more, not ${String(margin)}`,
+      );
+    }
     this.#tokens = options.tokens;
   }
 
-  /** Closes every connection; calls still running fail. */
+  /**
+   * Closes every connection. Calls, watch() iterators and Sessions still in progress end
+   * with ClientClosedError (a Session's accepted requests with OutcomeUnknownError, whose
+   * reason is the ClientClosedError), and so does every call made after.
+   */
   close(): void {
+    if (this.#closing.signal.aborted) {
+      return;
+    }
+    const reason = new ClientClosedError();
+    // First the calls (they end with the signal's reason), then the connections under them.
+    this.#closing.abort(reason);
     for (const manager of this.#managers.values()) {
-      manager.abort();
+      manager.abort(reason);
     }
     this.#managers.clear();
     this.#auth = this.#queue = this.#worker = undefined;
   }
 
+  /** Whether close() was called. */
+  get closed(): boolean {
+    return this.#closing.signal.aborted;
+  }
+
+  #checkOpen(): void {
+    if (this.#closing.signal.aborted) {
+      throw new ClientClosedError();
+    }
+  }
+
   // -- transports --------------------------------------------------------------------------
 
   #transport(service: Service) {
+    this.#checkOpen();
     const target = this.#targets[service];
     if (target === undefined) {
       throw new Error(`no ${service} target configured`);
@@ -203,20 +245,23 @@ export class Client {
     });
   }
 
-  /** The generated QueueService client (no retries, no token handling). */
+  /** The generated QueueService client (no retries, no token handling). ClientClosedError once closed. */
   get queueService(): ConnectClient<typeof QueueService> {
+    this.#checkOpen();
     this.#queue ??= createClient(QueueService, this.#transport("queue"));
     return this.#queue;
   }
 
-  /** The generated AuthService client. */
+  /** The generated AuthService client. ClientClosedError once closed. */
   get authService(): ConnectClient<typeof AuthService> {
+    this.#checkOpen();
     this.#auth ??= createClient(AuthService, this.#transport("auth"));
     return this.#auth;
   }
 
-  /** The generated WorkerService client. */
+  /** The generated WorkerService client. ClientClosedError once closed. */
   get workerService(): ConnectClient<typeof WorkerService> {
+    this.#checkOpen();
     this.#worker ??= createClient(WorkerService, this.#transport("worker"));
     return this.#worker;
   }
@@ -239,6 +284,7 @@ export class Client {
 
   /** A valid access token: the current one, refreshed first when it is about to expire. */
   async accessToken(): Promise<string> {
+    this.#checkOpen();
     const tokens = this.#tokens;
     if (tokens === undefined) {
       throw new NotLoggedInError();
@@ -302,16 +348,24 @@ export class Client {
   async #unary<T>(call: (options: CallOptions) => Promise<T>, how: UnaryOptions): Promise<T> {
     let attempt = 0;
     let reauthenticated = false;
+    const closing = this.#closing.signal;
     for (;;) {
       attempt += 1;
+      this.#checkOpen();
       const token = how.auth ? await this.accessToken() : undefined;
-      const options: CallOptions = { timeoutMs: this.timeoutMs };
+      const options: CallOptions = { signal: closing };
+      if (this.timeoutMs !== Number.POSITIVE_INFINITY) {
+        options.timeoutMs = this.timeoutMs;
+      }
       if (token !== undefined) {
         options.headers = { authorization: `Bearer ${token}` };
       }
       try {
         return await call(options);
       } catch (thrown) {
+        if (closing.aborted) {
+          throw new ClientClosedError();
+        }
         const error = toFairlaneError(thrown);
         if (error.code === Code.Unauthenticated && token !== undefined && !reauthenticated) {
           reauthenticated = true;
@@ -324,7 +378,7 @@ export class Client {
           throw error;
         }
         this.#options.onRetry?.({ method: how.method, attempt, delayMs, error });
-        await sleep(delayMs);
+        await sleep(delayMs, closing);
       }
     }
   }
@@ -391,14 +445,22 @@ export class Client {
    * Enqueues one request and returns once it is durable. An idempotency key is generated
    * when none is given, so RESOURCE_EXHAUSTED/UNAVAILABLE (and a lost answer) are retried
    * without the risk of running it twice.
+   *
+   * A value that cannot be sent rejects with InvalidArgumentError at once, before any
+   * call and without retries: a maxAttempts or deadline out of range, or a request over
+   * the gRPC message limit (maxMessageBytes), which the transport would refuse.
    */
   async enqueue(
     handler: string,
     payload?: Payload,
     options: EnqueueOptions = {},
   ): Promise<Enqueued> {
-    const idempotencyKey = options.idempotencyKey ?? randomUUID();
+    const idempotencyKey = options?.idempotencyKey ?? randomUUID();
     const message = enqueueMessage(handler, payload, { ...options, idempotencyKey });
+    const why = tooLarge(message, enqueueSize(message), this.maxMessageBytes);
+    if (why !== undefined) {
+      throw invalidOption(why);
+    }
     const reply = await this.#unary((call) => this.queueService.enqueue(message, call), {
       auth: true,
       idempotent: true,
@@ -498,65 +560,106 @@ export class Client {
    * they finish, in lane order, without end. A broken stream is reopened after the last
    * result seen (per ClientOptions.reconnect); an expired token is refreshed once.
    */
-  async *watch(
-    afterLaneSeq = 0n,
-    options: WatchOptions = {},
+  watch(afterLaneSeq = 0n, options: WatchOptions = {}): AsyncGenerator<Result, void, undefined> {
+    if (typeof afterLaneSeq !== "bigint" || afterLaneSeq < 0n || afterLaneSeq >= 2n ** 64n) {
+      throw invalidOption(
+        `afterLaneSeq must be a bigint from 0n to 2n ** 64n - 1n, not ${String(afterLaneSeq)}`,
+      );
+    }
+    return this.#watch(afterLaneSeq, options);
+  }
+
+  async *#watch(
+    afterLaneSeq: bigint,
+    options: WatchOptions,
   ): AsyncGenerator<Result, void, undefined> {
-    const { signal } = options;
+    const user = options.signal;
+    // One signal for the caller's and close(); aborted at the end, which cancels the
+    // stream when the caller stops reading early.
+    const { controller, unlink } = linkedAbort(user, this.#closing.signal);
+    const signal = controller.signal;
+    const stopped = (): unknown => (this.closed ? new ClientClosedError() : user?.reason);
     let last = afterLaneSeq;
     let failures = 0;
     let reauthenticated = false;
-    for (;;) {
-      const token = await this.accessToken();
-      let ended: FairlaneError;
-      try {
-        const stream = this.queueService.watchResults(
-          { afterLaneSeq: last },
-          { headers: { authorization: `Bearer ${token}` }, signal },
-        );
-        for await (const message of stream) {
-          const result = message.result;
-          if (result === undefined || result.laneSeq <= last) {
+    try {
+      for (;;) {
+        const token = await this.accessToken();
+        let ended: FairlaneError;
+        try {
+          const stream = this.queueService.watchResults(
+            { afterLaneSeq: last },
+            { headers: { authorization: `Bearer ${token}` }, signal },
+          );
+          for await (const message of stream) {
+            const result = message.result;
+            if (result === undefined || result.laneSeq <= last) {
+              continue;
+            }
+            last = result.laneSeq;
+            failures = 0;
+            reauthenticated = false;
+            yield result;
+          }
+          // The server ended the stream (it is shutting down): reopen, maybe elsewhere.
+          ended = new UnavailableError("the server ended the result stream", Code.Unavailable);
+        } catch (thrown) {
+          if (signal.aborted) {
+            throw stopped();
+          }
+          ended = toFairlaneError(thrown);
+          if (ended.code === Code.Canceled) {
+            // Not our signal (checked above): the peer reset the stream, e.g. a queue replica
+            // killed mid-watch. Reopening after the last result seen is always safe.
+            ended = new UnavailableError(ended.message, Code.Unavailable);
+          }
+          if (ended.code === Code.Unauthenticated && !reauthenticated) {
+            reauthenticated = true;
+            await this.refreshAfter(token);
             continue;
           }
-          last = result.laneSeq;
-          failures = 0;
-          reauthenticated = false;
-          yield result;
         }
-        // The server ended the stream (it is shutting down): reopen, maybe elsewhere.
-        ended = new UnavailableError("the server ended the result stream", Code.Unavailable);
-      } catch (thrown) {
-        if (signal?.aborted) {
-          throw signal.reason;
+        failures += 1;
+        const delayMs =
+          options.reconnect === false
+            ? undefined
+            : retryDelay(this.reconnect, failures, ended, true);
+        if (delayMs === undefined) {
+          throw ended;
         }
-        ended = toFairlaneError(thrown);
-        if (ended.code === Code.Canceled) {
-          // Not our signal (checked above): the peer reset the stream, e.g. a queue replica
-          // killed mid-watch. Reopening after the last result seen is always safe.
-          ended = new UnavailableError(ended.message, Code.Unavailable);
-        }
-        if (ended.code === Code.Unauthenticated && !reauthenticated) {
-          reauthenticated = true;
-          await this.refreshAfter(token);
-          continue;
+        try {
+          await sleep(delayMs, signal);
+        } catch {
+          throw stopped();
         }
       }
-      failures += 1;
-      const delayMs =
-        options.reconnect === false ? undefined : retryDelay(this.reconnect, failures, ended, true);
-      if (delayMs === undefined) {
-        throw ended;
-      }
-      await sleep(delayMs, signal);
+    } finally {
+      unlink();
+      controller.abort();
     }
   }
 
   /**
    * Opens a Session stream: `submit()` returns a promise per request, resolved with its
-   * Result in lane order. `await session.close()` when done.
+   * Result in lane order. `await session.close()` when done. ClientClosedError once the
+   * client is closed; InvalidArgumentError for a maxInFlight that is not a whole number
+   * of at least 1.
    */
   session(options: SessionOptions = {}): Session {
-    return new Session(this, options);
+    this.#checkOpen();
+    this.#host ??= {
+      reconnect: this.reconnect,
+      maxMessageBytes: this.maxMessageBytes,
+      closed: this.#closing.signal,
+      accessToken: () => this.accessToken(),
+      refreshAfter: (stale) => this.refreshAfter(stale),
+      openSession: (requests, { token, signal }) =>
+        this.queueService.session(requests, {
+          headers: { authorization: `Bearer ${token}` },
+          signal,
+        }),
+      watch: (after, { signal }) => this.watch(after, { signal }),
+    };
+    return new Session(this.#host, options);
   }
 }

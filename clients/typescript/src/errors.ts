@@ -92,6 +92,45 @@ export class SessionClosedError extends FairlaneError {
   }
 }
 
+/**
+ * The client was closed (Client.close) while this call, watch or Session was in progress,
+ * or before it began.
+ */
+export class ClientClosedError extends FairlaneError {
+  override name = "ClientClosedError";
+  constructor(message = "the client is closed") {
+    super(message, Code.Canceled);
+  }
+}
+
+/**
+ * A Session request the server accepted (it is stored: it runs, or ran) whose result the
+ * session could not collect: the stream ended and reading WatchResults failed too, or the
+ * session was aborted, or the client closed. Its outcome is unknown here, which is not a
+ * failure: read it with `client.get(requestId)` or `client.watch()`. `reason` (also
+ * `cause`) is what ended the session; `code` is its code.
+ */
+export class OutcomeUnknownError extends FairlaneError {
+  override name = "OutcomeUnknownError";
+  /** Always true: the server accepted this request. */
+  readonly accepted = true;
+  /** The accepted request's id. */
+  readonly requestId: string;
+  /** What ended the session before the request's result arrived. */
+  readonly reason: FairlaneError;
+
+  constructor(requestId: string, reason: FairlaneError) {
+    super(
+      `request ${requestId} was accepted (it is stored and runs or ran), but its outcome is ` +
+        `unknown: ${reason.message}. Read it with client.get("${requestId}") or client.watch()`,
+      reason.code,
+      { cause: reason },
+    );
+    this.requestId = requestId;
+    this.reason = reason;
+  }
+}
+
 const BY_CODE: Partial<
   Record<Code, new (m: string, c: Code, o: FairlaneErrorOptions) => FairlaneError>
 > = {
@@ -155,6 +194,10 @@ function lostConnection(error: unknown): boolean {
   return false;
 }
 
+// connect's own refusal to send a message over the transport's writeMaxBytes: the client's
+// fault, not the server's RESOURCE_EXHAUSTED ("slow down"), so never retried.
+const OVER_WRITE_LIMIT = /message size (\d+) is larger than configured writeMaxBytes (\d+)/;
+
 /** Any thrown value as a FairlaneError, keeping the server's message and RetryInfo. */
 export function toFairlaneError(error: unknown): FairlaneError {
   if (error instanceof FairlaneError) {
@@ -162,6 +205,15 @@ export function toFairlaneError(error: unknown): FairlaneError {
   }
   const connect = ConnectError.from(error);
   let code = connect.code;
+  const over = code === Code.ResourceExhausted ? OVER_WRITE_LIMIT.exec(connect.rawMessage) : null;
+  if (over !== null) {
+    return new InvalidArgumentError(
+      `the message is ${over[1]} bytes serialized, over the ${over[2]}-byte gRPC message ` +
+        "limit; it was not sent",
+      Code.InvalidArgument,
+      { cause: error },
+    );
+  }
   // connect-node reports a reset connection as ABORTED (a server's reading: the client
   // hung up). To a client it means the server or the path to it went away, which gRPC
   // calls UNAVAILABLE, and which retries and Session resume rightly treat as transient.

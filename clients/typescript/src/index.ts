@@ -9,15 +9,16 @@ export {
   Client,
   type ClientOptions,
   type Enqueued,
-  type EnqueueOptions,
   type Identity,
-  type Payload,
+  MAX_TIMEOUT_MS,
   type RetryEvent,
   type Tokens,
   type WatchOptions,
 } from "./client.js";
+export { type EnqueueOptions, MAX_MESSAGE_BYTES, type Payload } from "./enqueue.js";
 export {
   AlreadyExistsError,
+  ClientClosedError,
   Code,
   DeadlineExceededError,
   FailedPreconditionError,
@@ -25,6 +26,7 @@ export {
   InvalidArgumentError,
   NotFoundError,
   NotLoggedInError,
+  OutcomeUnknownError,
   PermissionDeniedError,
   RejectedError,
   ResourceExhaustedError,
@@ -52,4 +54,10 @@ export {
   retryDelay,
   STREAM_RECONNECT,
 } from "./retry.js";
-export { Session, type SessionEvent, type SessionOptions, type SubmitOptions } from "./session.js";
+export {
+  Session,
+  type SessionEvent,
+  type SessionHost,
+  type SessionOptions,
+  type SubmitOptions,
+} from "./session.js";

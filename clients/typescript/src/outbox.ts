@@ -12,6 +12,7 @@
  * for the transport: writes here never wait (the Session's window bounds them).
  */
 import { create } from "@bufbuild/protobuf";
+import { enqueueSize, fieldSize } from "./enqueue.js";
 import {
   type EnqueueRequest,
   type SessionRequest,
@@ -22,25 +23,11 @@ import {
 export const MAX_BATCH_REQUESTS = 256;
 
 /**
- * Serialized enqueues in one message at most, estimated: well under gRPC's message limit
- * on both ends. A single larger enqueue still goes, alone.
+ * Bytes of one serialized `enqueue_batch` SessionRequest at most, framing included: well
+ * under gRPC's 8 MiB message limit on both ends. A single larger enqueue still goes, alone
+ * (the Session sends none that is over the message limit).
  */
 export const MAX_BATCH_BYTES = 2 * 1024 * 1024;
-
-// Tag, length and the small fields of one EnqueueRequest inside a batch, at most.
-const PER_REQUEST_OVERHEAD = 64;
-
-function estimatedSize(request: EnqueueRequest): number {
-  // Strings count once per UTF-16 unit: at most a third of their UTF-8 size for
-  // characters beyond ASCII, which the overhead and the limit's margin absorb.
-  return (
-    request.payload.byteLength +
-    request.handler.length +
-    request.idempotencyKey.length +
-    request.clientRef.length +
-    PER_REQUEST_OVERHEAD
-  );
-}
 
 export class Outbox implements AsyncIterable<SessionRequest> {
   #items: SessionRequest[] = [];
@@ -107,17 +94,20 @@ export class Outbox implements AsyncIterable<SessionRequest> {
       return first;
     }
     const batch: EnqueueRequest[] = [first.kind.value];
-    let size = estimatedSize(first.kind.value);
+    // The EnqueueBatch's size; the message is fieldSize(body) (the SessionRequest around
+    // it), counted whole, framing and all, so that it stays under maxBytes.
+    let body = fieldSize(enqueueSize(first.kind.value));
     let taken = 0;
     for (const head of this.#items) {
       if (batch.length >= this.#maxRequests || head.kind.case !== "enqueue") {
         break;
       }
-      size += estimatedSize(head.kind.value);
-      if (size > this.#maxBytes) {
+      const grown = body + fieldSize(enqueueSize(head.kind.value));
+      if (fieldSize(grown) > this.#maxBytes) {
         break;
       }
       batch.push(head.kind.value);
+      body = grown;
       taken += 1;
     }
     if (taken === 0) {

@@ -2,7 +2,7 @@
  * Bounded retries with full jitter that honour the server's RetryInfo delay (the same
  * policy as the Python client's RetryPolicy).
  */
-import { Code, type FairlaneError } from "./errors.js";
+import { Code, type FairlaneError, InvalidArgumentError } from "./errors.js";
 
 export interface RetryPolicy {
   /** Attempts in all, the first included; 1 disables retries. */
@@ -22,13 +22,57 @@ export const DEFAULT_RETRY: RetryPolicy = {
   maxServerDelayMs: 30_000,
 };
 
-/** Reopening WatchResults: 10 attempts in a row, about 28 s of waits at most (a replica restart takes seconds). */
+/**
+ * Reopening WatchResults (and a Session stream broken before its first answer): 10
+ * attempts in a row, so 9 waits, each uniform between 0 and its cap (0.25, 0.5, 1, 2, 4,
+ * then 5 s four times): 27.75 s at most, about 13.9 s on average, plus the time the
+ * attempts themselves take (a replica restart takes seconds).
+ */
 export const STREAM_RECONNECT: RetryPolicy = {
   maxAttempts: 10,
   baseBackoffMs: 250,
   maxBackoffMs: 5_000,
   maxServerDelayMs: 30_000,
 };
+
+/**
+ * `policy` if every field makes sense (maxAttempts a whole number of at least 1, or
+ * Infinity; backoffs finite and not negative; maxServerDelayMs not negative), else
+ * InvalidArgumentError naming the option.
+ */
+export function checkPolicy(name: string, policy: RetryPolicy): RetryPolicy {
+  const bad = (field: string, rule: string, value: unknown): InvalidArgumentError =>
+    new InvalidArgumentError(
+      `${name}.${field} must be ${rule}, not ${String(value)}`,
+      Code.InvalidArgument,
+    );
+  const { maxAttempts, baseBackoffMs, maxBackoffMs, maxServerDelayMs } = policy;
+  if (
+    typeof maxAttempts !== "number" ||
+    !(
+      maxAttempts === Number.POSITIVE_INFINITY ||
+      (Number.isInteger(maxAttempts) && maxAttempts >= 1)
+    )
+  ) {
+    throw bad("maxAttempts", "a whole number of at least 1 (or Infinity)", maxAttempts);
+  }
+  for (const [field, value] of [
+    ["baseBackoffMs", baseBackoffMs],
+    ["maxBackoffMs", maxBackoffMs],
+  ] as const) {
+    if (typeof value !== "number" || !Number.isFinite(value) || value < 0) {
+      throw bad(field, "a finite number of milliseconds, 0 or more", value);
+    }
+  }
+  if (
+    typeof maxServerDelayMs !== "number" ||
+    Number.isNaN(maxServerDelayMs) ||
+    maxServerDelayMs < 0
+  ) {
+    throw bad("maxServerDelayMs", "a number of milliseconds, 0 or more", maxServerDelayMs);
+  }
+  return policy;
+}
 
 const RETRYABLE = new Set<Code>([Code.ResourceExhausted, Code.Unavailable]);
 /**
@@ -76,21 +120,38 @@ export function retryDelay(
   return error.retryAfterMs + backoff;
 }
 
-/** Resolves after `ms`, or rejects with the signal's reason once it aborts. */
+/** The longest delay one Node timer takes (a longer one fires at once, with a warning). */
+export const MAX_TIMER_MS = 2 ** 31 - 1;
+
+/**
+ * Resolves after `ms` (chained timers beyond MAX_TIMER_MS), or rejects with the signal's
+ * reason once it aborts.
+ */
 export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   return new Promise((resolve, reject) => {
     if (signal?.aborted) {
       reject(signal.reason);
       return;
     }
+    let left = Number.isFinite(ms) ? Math.max(0, ms) : MAX_TIMER_MS;
+    let timer: ReturnType<typeof setTimeout>;
     const onAbort = (): void => {
       clearTimeout(timer);
       reject(signal?.reason);
     };
-    const timer = setTimeout(() => {
-      signal?.removeEventListener("abort", onAbort);
-      resolve();
-    }, ms);
+    const wait = (): void => {
+      const step = Math.min(left, MAX_TIMER_MS);
+      left -= step;
+      timer = setTimeout(() => {
+        if (left > 0) {
+          wait();
+          return;
+        }
+        signal?.removeEventListener("abort", onAbort);
+        resolve();
+      }, step);
+    };
+    wait();
     signal?.addEventListener("abort", onAbort, { once: true });
   });
 }

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { create } from "@bufbuild/protobuf";
+import { create, toBinary } from "@bufbuild/protobuf";
 import {
   type SessionRequest,
   SessionRequestSchema,
@@ -97,4 +97,43 @@ test("nothing is read after the transport stops reading", async () => {
 test("limits below one are refused", () => {
   assert.throws(() => new Outbox(0), RangeError);
   assert.throws(() => new Outbox(1, 0), RangeError);
+});
+
+test("a batch never exceeds the byte limit, framing and multi-byte characters counted", async () => {
+  for (const limit of [1_000, 4_096, 70_000]) {
+    const outbox = new Outbox(1_000, limit);
+    // Client refs of 3-byte characters: a count of UTF-16 units sees a third of them.
+    for (let i = 0; i < 400; i++) {
+      const message = enqueue("€".repeat(40 + (i % 40)), (i * 37) % 300);
+      outbox.push(message);
+    }
+    outbox.close();
+    let messages = 0;
+    let batched = 0;
+    for await (const message of outbox) {
+      messages += 1;
+      const size = toBinary(SessionRequestSchema, message).byteLength;
+      if (message.kind.case === "enqueueBatch") {
+        batched += message.kind.value.requests.length;
+        assert.ok(size <= limit, `a batch of ${size} bytes under a limit of ${limit}`);
+      }
+    }
+    assert.ok(messages < 400 && batched > 0, `limit ${limit}: ${messages} messages`);
+  }
+});
+
+test("a batch fills up to the limit exactly", async () => {
+  const one = toBinary(SessionRequestSchema, enqueue("r", 100)).byteLength; // 1 + 1 + body
+  // Two enqueues in a batch: the EnqueueBatch holds two such fields, and the
+  // SessionRequest frames it once more (a tag, the length as a varint).
+  const body = 2 * one;
+  const two = 1 + (body < 128 ? 1 : 2) + body;
+  const exact = new Outbox(100, two);
+  const under = new Outbox(100, two - 1);
+  for (const outbox of [exact, under]) {
+    outbox.push(enqueue("r", 100));
+    outbox.push(enqueue("r", 100));
+  }
+  assert.deepEqual(await drain(exact), ["[r r]"]);
+  assert.deepEqual(await drain(under), ["r", "r"]);
 });
