@@ -800,3 +800,42 @@ async def test_a_callers_own_cancellation_is_still_cancellation(
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     assert all(task.cancelled() for task in tasks)
+
+
+class HeldCall(FakeCall):
+    """A Session call the server has not accepted yet: no initial metadata comes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = asyncio.Event()
+
+    async def initial_metadata(self) -> tuple[()]:
+        self.waiting.set()
+        await asyncio.Event().wait()
+        return ()
+
+
+async def test_cancelled_before_the_server_took_the_stream_cancels_the_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C or a task cancel while the stream waits to be accepted: the call is
+    cancelled, rather than left open on the server until the client closes."""
+    client, queue, _ = _client(monkeypatch)
+    held = HeldCall()
+
+    def session_call(*, metadata: Any, timeout: Any) -> FakeCall:
+        queue.calls.append(held)
+        return held
+
+    monkeypatch.setattr(queue, "Session", session_call)
+
+    async def open_session() -> None:
+        async with client.session():
+            pass
+
+    task = asyncio.create_task(open_session())
+    await asyncio.wait_for(held.waiting.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert held.cancelled

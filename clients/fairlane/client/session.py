@@ -231,8 +231,14 @@ class Session:
         # The server sends its initial metadata once it has accepted the stream (or ends
         # the call if it refuses it). Writing before then can race a refusal, and grpc
         # reports a write into a refused call as INTERNAL, hiding UNAUTHENTICATED.
-        with contextlib.suppress(grpc.aio.AioRpcError), self._channels.interrupted_by_close():
-            await call.initial_metadata()
+        try:
+            with contextlib.suppress(grpc.aio.AioRpcError), self._channels.interrupted_by_close():
+                await call.initial_metadata()
+        except BaseException:
+            # Cancelled (Ctrl-C, a task cancel) or closed while waiting: the stream would
+            # otherwise stay open on the server until the channel closes.
+            call.cancel()
+            raise
         return call
 
     async def close(self) -> None:
