@@ -18,6 +18,7 @@ from fairlane.client import (
     Event,
     FairlaneError,
     InvalidArgument,
+    OutcomeUnknown,
     Rejected,
     RejectedEvent,
     Result,
@@ -417,9 +418,18 @@ async def test_a_broken_stream_fails_what_is_pending_and_is_raised(
     call.end(rpc_error(grpc.StatusCode.UNAVAILABLE, "connection reset"))
     await settle()
     assert (await done).lane_seq == 1
-    for future in (running, unanswered):
-        with pytest.raises(Unavailable):
-            await future
+    # Not answered: the stream's error (whether it was stored is unknown; its idempotency
+    # key makes sending it again safe).
+    with pytest.raises(Unavailable):
+        await unanswered
+    # Accepted: never the bare stream error, which would read as if it had failed.
+    with pytest.raises(OutcomeUnknown) as unknown:
+        await running
+    assert (unknown.value.request_id, unknown.value.code) == ("r2", "UNAVAILABLE")
+    assert isinstance(unknown.value.reason, Unavailable)
+    assert isinstance(unknown.value, SessionClosed)
+    assert "accepted" in str(unknown.value)
+    assert "Client.get('r2')" in str(unknown.value)
     assert running.request_id == "r2"
     assert unanswered.request_id is None
     assert len(queue.calls) == 1  # not reopened: only a refused token is resent

@@ -132,6 +132,24 @@ class SessionClosed(FairlaneError):
     """The Session stream ended before this request was answered or finished."""
 
 
+class OutcomeUnknown(SessionClosed):
+    """The server accepted this request (it is stored, and runs or ran), but the Session
+    ended, for `reason`, before its result arrived and the results could not be collected
+    from WatchResults either. Its result is in the log: read it with Client.get or
+    Client.watch. Never resubmit it as if it had failed."""
+
+    def __init__(self, request_id: str, reason: FairlaneError) -> None:
+        super().__init__(
+            f"request {request_id} was accepted (it is stored, and runs or ran), but the "
+            f"session ended before its result: {reason.message}; read the result with "
+            f"Client.get({request_id!r}) or Client.watch(after_lane_seq=...)",
+            code=reason.code,
+            retry_after_ms=reason.retry_after_ms,
+        )
+        self.request_id = request_id
+        self.reason = reason
+
+
 class ClientClosed(FairlaneError):
     """The client was closed (Client.close) while this call was in progress, or before
     it began."""

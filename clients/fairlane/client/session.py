@@ -22,9 +22,11 @@ from fairlane.client._wire import (
     too_large,
 )
 from fairlane.client.errors import (
+    ClientClosed,
     DeadlineExceeded,
     FairlaneError,
     InvalidArgument,
+    OutcomeUnknown,
     Rejected,
     SessionClosed,
     Unavailable,
@@ -608,9 +610,9 @@ class Session:
                 item.refused or error or SessionClosed("the stream ended before an answer"),
             )
         self._unanswered.clear()
-        for futures in self._by_request.values():
+        for request_id, futures in self._by_request.items():
             for future in futures:
-                _fail(future, error or SessionClosed("the stream ended before the result"))
+                _fail(future, _accepted_error(request_id, error))
         self._by_request.clear()
         self._in_flight = 0
         self._room.set()
@@ -629,6 +631,16 @@ _STILL_RUNS = (
 
 def _cancelled() -> SessionClosed:
     return SessionClosed(f"the session was cancelled; {_STILL_RUNS}")
+
+
+def _accepted_error(request_id: str, error: FairlaneError | None) -> FairlaneError:
+    """What an accepted request's future fails with when the session ends before its
+    result: never the stream's bare error, which would read as if the request had failed."""
+    if error is None:
+        return SessionClosed("the stream ended before the result")
+    if isinstance(error, SessionClosed | ClientClosed):
+        return error  # the caller's own doing: cancelled, left, or the client closed
+    return OutcomeUnknown(request_id, error)
 
 
 def _fail(future: SubmitFuture, error: FairlaneError) -> None:
