@@ -364,6 +364,7 @@ def _lane_view(lane: Lane) -> Table:
             ("last lane_seq", str(lane.last_lane_seq)),
             ("created", when(lane.created_at)),
             ("last active", when(lane.last_active_at)),
+            *([("paused", when(lane.paused_at))] if lane.paused_at is not None else []),
         ]
     )
 

@@ -313,6 +313,9 @@ class Lane:
     last_active_at: datetime | None
     last_lane_seq: int
     pending: int
+    # When an operator paused the lane (no new request of it starts on any worker until
+    # it is resumed), or None.
+    paused_at: datetime | None = None
 
     @classmethod
     def from_proto(cls, msg: queue_pb2.Lane) -> Lane:
@@ -323,6 +326,7 @@ class Lane:
             last_active_at=_time(msg.last_active_at, msg.HasField("last_active_at")),
             last_lane_seq=msg.last_lane_seq,
             pending=msg.pending,
+            paused_at=_time(msg.paused_at, msg.HasField("paused_at")),
         )
 
 
