@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import multiprocessing
+import os
 import random
 import time
 import uuid
@@ -83,6 +84,7 @@ class Attempts:
         hooks: list[Hooks] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
+        processes: int | None = None,
     ) -> None:
         self._writer = writer
         self._dead = dead_letters
@@ -99,6 +101,10 @@ class Attempts:
         self._running: dict[str, asyncio.Future[Any]] = {}
         self._cancelled: dict[str, None] = {}  # insertion-ordered, bounded
         self._processes: ProcessPoolExecutor | None = None
+        self._process_count = processes or os.cpu_count() or 1
+        # One per process of the pool, held by a call until it returns (also one whose
+        # attempt was abandoned): a call is submitted only when a process is free.
+        self._process_slots = asyncio.Semaphore(self._process_count)
         self._process_calls: set[asyncio.Future[Any]] = set()  # submitted, not returned
         self._threads = HandlerThreads()
         # Per lane: the call (thread or process) of an attempt that was cancelled or timed
@@ -298,14 +304,40 @@ class Attempts:
             # Forkserver, not fork: a child forked from this process would inherit
             # gRPC's and asyncio's threads mid-state, and dies at random under load.
             self._processes = ProcessPoolExecutor(
-                mp_context=multiprocessing.get_context("forkserver")
+                max_workers=self._process_count,
+                mp_context=multiprocessing.get_context("forkserver"),
             )
         plain = PlainContext(ctx.request_id, ctx.user_id, ctx.attempt, ctx.deadline)
-        submitted = self._processes.submit(spec.fn, plain, payload)
+        try:
+            submitted = self._processes.submit(spec.fn, plain, payload)
+        except BaseException:
+            self._process_slots.release()
+            raise
         call = asyncio.wrap_future(submitted)
         self._process_calls.add(call)
         call.add_done_callback(self._process_calls.discard)
+        call.add_done_callback(lambda _: self._process_slots.release())
         return call, submitted
+
+    async def _process_slot(self, request_id: str) -> None:
+        """Waits for a free process of the pool (the caller then submits, see _elsewhere).
+        Submitted to a busy pool, a call waited in its queue with its timeout running and
+        its RUNNING mark written: a user's hung process handlers made other users'
+        requests time out, and end DEAD, without ever starting. A cancel of `request_id`
+        ends the wait at once (RequestCancelled)."""
+        waiting = asyncio.ensure_future(self._process_slots.acquire())
+        self._running[request_id] = waiting  # what cancel() cancels
+        try:
+            await waiting
+        except asyncio.CancelledError:
+            if waiting.done() and not waiting.cancelled():
+                self._process_slots.release()  # taken just as this task was cancelled
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the worker itself is stopping
+            raise RequestCancelled from None
+        finally:
+            self._running.pop(request_id, None)
 
     async def _call(
         self,
@@ -331,6 +363,8 @@ class Attempts:
                     _contained(spec.fn(ctx, payload))
                 )
             else:
+                if spec.executor == "process":
+                    await self._process_slot(ctx.request_id)
                 call, queued = self._elsewhere(spec, ctx, payload)
                 # Cancelling the attempt stops the waiting, not the call.
                 running = asyncio.shield(call)

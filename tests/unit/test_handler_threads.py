@@ -131,7 +131,7 @@ class Lane:
 class Lanes:
     """Attempts, and the lanes that run requests through them."""
 
-    def __init__(self, concurrency: int) -> None:
+    def __init__(self, concurrency: int, processes: int | None = None) -> None:
         self.writer = Writer()
         self.sleeps: list[float] = []
 
@@ -145,6 +145,7 @@ class Lanes:
             retry_base=0.1,
             retry_max=1.0,
             sleep=sleep,
+            processes=processes,
         )
         self.outcomes: dict[bytes, Outcome] = {}
         self.ids: dict[bytes, uuid.UUID] = {}
@@ -355,6 +356,44 @@ async def test_a_cancelled_process_call_keeps_its_lane_and_is_stopped_at_shutdow
     finally:
         hang.touch()
         (tmp_path / "stuck").touch()
+
+
+async def test_a_request_waits_for_a_free_process_without_its_timeout_running(
+    tmp_path: Path,
+) -> None:
+    """Process handlers: one user's hung, cancelled call holds the pool's only process.
+    Another lane's request (timeout 1 s, one attempt) waits for a process without its
+    timeout running and without being marked RUNNING, then runs and succeeds (submitted
+    to the busy pool, it used to time out, DEAD, without ever starting). A request
+    cancelled while it waits for a process ends CANCELLED at once."""
+    lanes = Lanes(concurrency=8, processes=1)
+    hung = Handler("proc", wait_for_file, False, 1, None, "", "process")
+    quick = Handler("quick", wait_for_file, False, 1, 1.0, "", "process")
+    hang, other, gone = tmp_path / "hang", tmp_path / "other", tmp_path / "gone"
+    other.touch()
+    try:
+        lanes.lane(hung, str(hang).encode())
+        await polling.until(hang.with_suffix(".started").exists, timeout=60)
+        lanes.cancel(str(hang).encode())
+        await until(lambda: lanes.status(str(hang).encode()) == "CANCELLED")
+        waiting = lanes.lane(quick, str(other).encode())
+        cancelled = lanes.lane(quick, str(gone).encode())
+        lanes.cancel(str(gone).encode())
+        await asyncio.wait_for(cancelled.task, 10)
+        assert lanes.status(str(gone).encode()) == "CANCELLED"
+        # Well past the 1 s timeout, the request still waits, unstarted and unmarked.
+        await asyncio.sleep(2.5)
+        assert lanes.status(str(other).encode()) is None
+        assert not other.with_suffix(".started").exists()
+        assert all(rid != lanes.ids[str(other).encode()] for rid, _ in lanes.writer.marks)
+        hang.touch()  # the hung call returns: its process is free
+        await asyncio.wait_for(waiting.task, 60)
+        assert lanes.status(str(other).encode()) == "SUCCEEDED"
+        assert other.with_suffix(".started").exists()
+        await until(lambda: lanes.attempts.in_flight == 0)
+    finally:
+        hang.touch()
+        await lanes.attempts.shutdown()
 
 
 # -- the threads themselves -----------------------------------------------------------------
