@@ -78,7 +78,7 @@ class LaneDiscovery:
                 except ValueError:
                     log.warning("bad_control_event", kind=kind)
                     return
-                self._runner.set_lane_paused(lane, kind == "lane_paused")
+                self._runner.heard_lane_pause(lane, kind == "lane_paused")
         except BrokerError as exc:
             log.warning("lane_consume_failed", error=str(exc))
 

@@ -27,6 +27,7 @@ from fairlane.handlers import Hooks
 from fairlane_server.core import dberrors, metrics, status, tracing
 from fairlane_server.core.broker import Broker, Delivery, lane_queue
 from fairlane_server.core.logging import get_logger
+from fairlane_server.core.tasks import cancel_and_wait
 from fairlane_server.worker.attempts import Attempts, Stats
 from fairlane_server.worker.dead_letters import DeadLetters
 from fairlane_server.worker.lanes import ConsumedLane, LaneSet
@@ -101,6 +102,10 @@ class Runner:
         # When (time.monotonic()) this replica last heard of each lane's pause or resume,
         # from its own call or an announcement: a lane listing read before that is older.
         self._pause_heard: dict[str, float] = {}
+        # Per lane, the number of the newest read of its pause from the log that an
+        # announcement started (see heard_lane_pause): only that one may apply its answer.
+        self._pause_reads: dict[str, int] = {}
+        self._pause_reading: set[asyncio.Task[None]] = set()
         # Requests run here whose outcome is not yet written: a copy of one (republished
         # from the outbox) arriving meanwhile is skipped rather than run twice.
         self._inflight: set[uuid.UUID] = set()
@@ -184,6 +189,38 @@ class Runner:
         await self._broker.publish_control(event.SerializeToString())
         return True
 
+    def heard_lane_pause(self, lane: str, paused: bool) -> None:
+        """Another replica's announcement (or this one's own, which the fanout brings back).
+
+        Two replicas pausing and resuming a lane at once commit in one order and may
+        announce in the other: applying announcements as they came left replicas running
+        a lane the log said was paused (or holding one it said was resumed) until their
+        next lane listing. So what the log says decides: it is read after each
+        announcement (announcements are published after their commit, so the read sees
+        at least that one), and only the newest read of a lane applies its answer. A
+        pause is applied at once as well, before the read: stopping a lane a moment early
+        is harmless, starting one a moment late would not be."""
+        if paused:
+            self.set_lane_paused(lane, True)
+        number = self._pause_reads.get(lane, 0) + 1
+        self._pause_reads[lane] = number
+        task = asyncio.create_task(self._read_lane_pause(lane, paused, number))
+        self._pause_reading.add(task)
+        task.add_done_callback(self._pause_reading.discard)
+
+    async def _read_lane_pause(self, lane: str, announced: bool, number: int) -> None:
+        try:
+            stored = await self._store.lane_paused(uuid.UUID(lane))
+        except Exception as exc:
+            # The announcement stands until the next lane listing corrects it.
+            log.warning("lane_pause_read_failed", lane=lane, error=str(exc)[:200])
+            stored = announced
+        if self._pause_reads.get(lane) != number:
+            return  # a newer read decides
+        del self._pause_reads[lane]
+        if stored is not None:  # None: the lane is gone, and so is its pause
+            self.set_lane_paused(lane, stored)
+
     def set_lane_paused(self, lane: str, paused: bool) -> None:
         """Applies a lane pause or resume this replica heard of: its own call, or another
         replica's announcement."""
@@ -255,6 +292,8 @@ class Runner:
         await self._attempts.start()
 
     async def shutdown(self) -> None:
+        for task in list(self._pause_reading):
+            await cancel_and_wait(task)
         await self._attempts.shutdown()
 
     # -- processing ------------------------------------------------------------------------

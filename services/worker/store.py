@@ -111,6 +111,14 @@ class WorkerStore:
             )
             return row.first() is not None
 
+    async def lane_paused(self, user_id: uuid.UUID) -> bool | None:
+        """Whether the lane is paused now; None if it has no row."""
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(sa.select(lanes.c.paused_at).where(lanes.c.user_id == user_id))
+            ).first()
+            return None if row is None else row.paused_at is not None
+
     async def paused_lanes(self) -> set[str]:
         """User ids of the lanes paused now."""
         async with self._engine.connect() as conn:

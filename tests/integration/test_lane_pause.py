@@ -74,6 +74,9 @@ async def test_a_pause_is_stored_listed_while_idle_and_lifted(engine: AsyncEngin
     # Listed although idle, with the time of the pause: every worker replica learns it.
     assert await listed(engine) == {paused: first}
     assert await store.paused_lanes() == {str(paused)}
+    # What a replica reads after an announcement: the lane's state, None for no lane.
+    assert (await store.lane_paused(paused), await store.lane_paused(other)) == (True, False)
+    assert await store.lane_paused(uuid.uuid4()) is None
     # Pausing again keeps the time of the first pause.
     assert await store.set_lane_paused(paused, True)
     assert await paused_at(engine, paused) == first
@@ -82,6 +85,7 @@ async def test_a_pause_is_stored_listed_while_idle_and_lifted(engine: AsyncEngin
     assert await paused_at(engine, paused) is None
     assert await listed(engine) == {}
     assert await store.paused_lanes() == set()
+    assert await store.lane_paused(paused) is False
     assert not await store.set_lane_paused(uuid.uuid4(), False)
 
 

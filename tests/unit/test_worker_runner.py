@@ -24,6 +24,7 @@ from fairlane_server.worker.registry import Handler
 from fairlane_server.worker.runner import Runner, RunnerState
 from fairlane_server.worker.store import Outcome, StoredState
 from fairlane_server.worker.writer import ResultWriter
+from tests.polling import until
 
 ROUTE = "queue.test"
 
@@ -41,6 +42,10 @@ class MemoryLog:
         # The lanes table: the lanes that exist, and those paused.
         self.lanes: set[str] = set()
         self.paused: set[str] = set()
+        self.pause_reads = 0
+        self.pause_read_gate = asyncio.Event()
+        self.pause_read_gate.set()
+        self.fail_pause_reads = False
 
     async def set_lane_paused(self, user_id: uuid.UUID, paused: bool) -> bool:
         lane = str(user_id)
@@ -54,6 +59,14 @@ class MemoryLog:
 
     async def paused_lanes(self) -> set[str]:
         return set(self.paused)
+
+    async def lane_paused(self, user_id: uuid.UUID) -> bool | None:
+        self.pause_reads += 1
+        await self.pause_read_gate.wait()
+        if self.fail_pause_reads:
+            raise RuntimeError("the log is down")
+        lane = str(user_id)
+        return None if lane not in self.lanes else lane in self.paused
 
     def queued(self, request_id: uuid.UUID) -> None:
         self.rows[request_id] = StoredState("QUEUED", None, 0, None, None, "", "h")
@@ -676,4 +689,55 @@ async def test_a_replica_loads_the_pauses_of_the_log(user: str) -> None:
     assert world.runner.paused_lanes() == [user]
     world.log.paused = set()
     await world.runner.load_lane_pauses()
+    assert world.runner.paused_lanes() == []
+
+
+async def _pause_reads_done(runner: Any) -> None:
+    await until(lambda: not runner._pause_reading)  # the reads the announcements started
+
+
+async def test_crossed_announcements_end_as_the_log_says(user: str) -> None:
+    """Two replicas resume and then pause a lane at once: the log ends paused, but the
+    announcements arrive the other way round. The lane ends paused here too (applied
+    as they came, it ended running until the next lane listing)."""
+    world = World({})
+    world.log.lanes.add(user)
+    world.log.paused = {user}
+    world.runner.heard_lane_pause(user, True)
+    world.runner.heard_lane_pause(user, False)
+    await _pause_reads_done(world.runner)
+    assert world.runner.paused_lanes() == [user]
+    # And the other way: the log ends resumed, the pause's announcement comes last.
+    world.log.paused = set()
+    world.runner.heard_lane_pause(user, False)
+    world.runner.heard_lane_pause(user, True)
+    await _pause_reads_done(world.runner)
+    assert world.runner.paused_lanes() == []
+
+
+async def test_a_resume_waits_for_the_log_and_a_pause_does_not(user: str) -> None:
+    world = World({})
+    world.log.lanes.add(user)
+    world.log.pause_read_gate.clear()  # the reads wait
+    world.log.paused = {user}
+    world.runner.heard_lane_pause(user, True)
+    assert world.runner.paused_lanes() == [user]  # at once, before the log is read
+    world.log.paused = set()
+    world.runner.heard_lane_pause(user, False)
+    await until(lambda: world.log.pause_reads == 2)
+    assert world.runner.paused_lanes() == [user]  # a resume: only once the log says so
+    world.log.pause_read_gate.set()
+    await _pause_reads_done(world.runner)
+    assert world.runner.paused_lanes() == []
+
+
+async def test_an_announcement_stands_when_the_log_cannot_be_read(user: str) -> None:
+    world = World({})
+    world.log.lanes.add(user)
+    world.log.fail_pause_reads = True
+    world.runner.heard_lane_pause(user, True)
+    await _pause_reads_done(world.runner)
+    assert world.runner.paused_lanes() == [user]
+    world.runner.heard_lane_pause(user, False)
+    await _pause_reads_done(world.runner)
     assert world.runner.paused_lanes() == []
