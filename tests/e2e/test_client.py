@@ -43,6 +43,7 @@ from tests.e2e.suite import Suite, serving
 from tests.e2e.users import admin_token
 from tests.polling import until
 from tests.proxy import TcpProxy
+from tests.sync_child import AFTER_THE_INTERRUPT
 
 pytestmark = pytest.mark.e2e
 
@@ -521,7 +522,8 @@ async def test_sync_client_closed_under_calls_from_many_threads(
 
 # Blocks in a SyncClient call until SIGINT; then the client must still work, and nothing of
 # the interrupted call may be left on its loop.
-INTERRUPTED = """
+INTERRUPTED = (
+    """
 import asyncio, signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # even where SIGINT is ignored
 from fairlane.client import SyncClient, Tokens
@@ -539,23 +541,9 @@ except KeyboardInterrupt:
     print("KeyboardInterrupt", flush=True)
 print("lane", client.lane().last_lane_seq, flush=True)
 
-async def left():
-    me = asyncio.current_task()
-    return [
-        t for t in asyncio.all_tasks()
-        if t is not me and not t.done()
-        and t.get_coro().__qualname__ != "SyncClient._until_closed"
-    ]
-
-deadline = time.monotonic() + 5
-while (tasks := asyncio.run_coroutine_threadsafe(left(), client._loop).result()) and (
-    time.monotonic() < deadline
-):
-    time.sleep(0.01)
-print("left", len(tasks), tasks, flush=True)
-client.close()
-print("closed", flush=True)
 """
+    + AFTER_THE_INTERRUPT
+)
 
 
 def _interrupt_sync_call(suite: Suite, tokens: Tokens, mode: str) -> tuple[int, str, str]:

@@ -21,6 +21,7 @@ import pytest
 
 from fairlane.client import ClientClosed, InvalidArgument, Status, SyncClient, Tokens
 from fairlane.client.async_client import MAX_TIMEOUT, checked_timeout
+from tests.sync_child import AFTER_THE_INTERRUPT
 from tests.unit.loopback_services import USER, LoopbackServices
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,7 +148,8 @@ def test_close_ends_streams_and_sessions_in_other_threads(noise: list[str]) -> N
 
 # A script that blocks in a SyncClient call until SIGINT, then checks that the client still
 # works and that nothing of the interrupted call is left on its loop.
-INTERRUPTED = """
+INTERRUPTED = (
+    """
 import asyncio, signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # even where SIGINT is ignored
 from fairlane.client import SyncClient, Tokens
@@ -168,23 +170,9 @@ except KeyboardInterrupt:
     print("KeyboardInterrupt", flush=True)
 print("whoami", client.whoami().username, flush=True)
 
-async def left():
-    me = asyncio.current_task()
-    return [
-        t for t in asyncio.all_tasks()
-        if t is not me and not t.done()
-        and t.get_coro().__qualname__ != "SyncClient._until_closed"
-    ]
-
-deadline = time.monotonic() + 5
-while (tasks := asyncio.run_coroutine_threadsafe(left(), client._loop).result()) and (
-    time.monotonic() < deadline
-):
-    time.sleep(0.01)
-print("left", len(tasks), tasks, flush=True)
-client.close()
-print("closed", flush=True)
 """
+    + AFTER_THE_INTERRUPT
+)
 
 
 @pytest.mark.parametrize("mode", ["watch", "requests", "submit_and_wait"])
