@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from fairlane.client import ClientClosed, InvalidArgument, Status, SyncClient, Tokens
+from fairlane.client import ClientClosed, InvalidArgument, Status, SyncClient, Tokens, sync
 from fairlane.client.async_client import MAX_TIMEOUT, checked_timeout
 from tests.sync_child import AFTER_THE_INTERRUPT
 from tests.unit.loopback_services import USER, LoopbackServices
@@ -253,3 +253,45 @@ def test_a_timeout_that_is_not_more_than_0_is_invalid_argument(timeout: Any) -> 
             with pytest.raises(InvalidArgument, match="timeout"):
                 client.submit_and_wait("echo", b"x", timeout=timeout)
             assert client.whoami().username == USER
+
+
+def test_an_iterator_whose_step_still_runs_when_it_is_left_ends_that_step_first(
+    monkeypatch: pytest.MonkeyPatch, noise: list[str]
+) -> None:
+    """Ctrl-C in a watch() loop whose step is still running when the iterator is left (the
+    interrupt came just after the step was handed to the loop, before the caller began to
+    wait and could cancel it; or the step outlasted the wait for its cancel): the
+    iterator's close ends that step on the loop before it closes the generator, so the
+    caller gets KeyboardInterrupt, not "aclose(): asynchronous generator is already
+    running" (seen once in CI)."""
+    # The caller neither cancels the step nor waits for it: as when the interrupt comes
+    # between handing the step to the loop and beginning to wait for it.
+    monkeypatch.setattr(sync, "_CANCEL_WAIT", 0.0)
+    monkeypatch.setattr(sync._Call, "cancel", lambda self: None)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with LoopbackServices(stored=1, more=True) as services, _client(services) as client:
+            main = threading.main_thread().ident
+            assert main is not None
+
+            def interrupt() -> None:
+                # Once the next step runs on the loop (the caller is inside next(watch)) and
+                # the server holds the watch: the interrupt lands in that call, not before.
+                deadline = time.monotonic() + 30
+                while not (services.held.is_set() and client._tasks):
+                    if time.monotonic() > deadline:
+                        return
+                    time.sleep(0.005)
+                # To the main thread itself: a signal raised in this thread would not wake
+                # it from its wait.
+                signal.pthread_kill(main, signal.SIGINT)
+
+            watch = client.watch()
+            assert next(watch).lane_seq == 1
+            threading.Thread(target=interrupt, daemon=True).start()
+            with pytest.raises(KeyboardInterrupt):
+                next(watch)
+            assert client.whoami().username == USER
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert noise == []

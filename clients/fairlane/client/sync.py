@@ -260,26 +260,39 @@ class SyncClient:
                 "await client.aio's coroutine instead"
             )
         call = _Call(coro)
-        with self._lock:
-            if self._closed:
-                coro.close()
-                raise ClientClosed()
-            self._loop.call_soon_threadsafe(call.start, self._tasks)
+        scheduled = False
         try:
-            call.ended.wait()
+            with self._lock:
+                if not self._closed:
+                    self._loop.call_soon_threadsafe(call.start, self._tasks)
+                    scheduled = True
+            if scheduled:
+                call.ended.wait()
         except BaseException:
-            # Interrupted while waiting (KeyboardInterrupt): the call is cancelled on the
-            # loop and ends there (a Session is cancelled, a stream closed) before the
-            # interruption goes on, so nothing of it is left running.
-            with contextlib.suppress(RuntimeError):  # the loop has ended: so has the call
-                self._loop.call_soon_threadsafe(call.cancel)
-            call.ended.wait(_CANCEL_WAIT)
+            # Interrupted (KeyboardInterrupt) once the call was handed to the loop, while
+            # waiting or just before: the call is cancelled on the loop and ends there (a
+            # Session is cancelled, a stream closed) before the interruption goes on, so
+            # nothing of it is left running.
+            if scheduled:
+                with contextlib.suppress(RuntimeError):  # the loop has ended: so has the call
+                    self._loop.call_soon_threadsafe(call.cancel)
+                call.ended.wait(_CANCEL_WAIT)
             raise
+        if not scheduled:
+            coro.close()
+            raise ClientClosed()
         return call.outcome()
 
     def _iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
+        stepping: asyncio.Task[Any] | None = None  # the step running on the loop, if any
+
         async def step() -> T:
-            return await agen.__anext__()
+            nonlocal stepping
+            stepping = asyncio.current_task()
+            try:
+                return await agen.__anext__()
+            finally:
+                stepping = None
 
         try:
             while True:
@@ -289,11 +302,19 @@ class SyncClient:
                     return
                 yield item
         finally:
-            # Not running now: each step has ended (or been cancelled and ended) in _run.
+            # Normally no step runs now: each has ended (or been cancelled and ended) in
+            # _run; close() below ends one that still does.
             aclose = getattr(agen, "aclose", None)
             if aclose is not None:
 
                 async def close() -> None:
+                    # A step still running (the caller was interrupted before it could be
+                    # cancelled, or it outlasted the wait for its cancel) is ended first:
+                    # aclose() of a generator that runs raises RuntimeError.
+                    running = stepping
+                    if running is not None and not running.done():
+                        running.cancel()
+                        await asyncio.wait([running])
                     await aclose()
 
                 with contextlib.suppress(ClientClosed):  # closed: the loop closed it
