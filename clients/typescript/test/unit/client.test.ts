@@ -14,19 +14,7 @@ import {
   toFairlaneError,
 } from "../../src/index.js";
 import { DEFAULT_RETRY, retryDelay } from "../../src/retry.js";
-import { clientOf, FakeQueue, FakeServer, tokens, waitUntil } from "./fake.js";
-
-async function withQueue(
-  body: (queue: FakeQueue, server: FakeServer) => Promise<void>,
-): Promise<void> {
-  const queue = new FakeQueue();
-  const server = await FakeServer.start(queue.routes);
-  try {
-    await body(queue, server);
-  } finally {
-    await server.close();
-  }
-}
+import { clientOf, tokens, waitUntil, withQueue } from "./fake.js";
 
 /** Node's process warnings (TimeoutOverflowWarning, ...) emitted while `body` runs. */
 async function warningsDuring(body: () => Promise<void>): Promise<string[]> {

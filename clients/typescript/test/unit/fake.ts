@@ -342,3 +342,16 @@ export class FakeQueue {
     }
   }
 }
+
+/** A fake QueueService (and AuthService) served for the body, then closed. */
+export async function withQueue(
+  body: (queue: FakeQueue, server: FakeServer) => Promise<void>,
+): Promise<void> {
+  const queue = new FakeQueue();
+  const server = await FakeServer.start(queue.routes);
+  try {
+    await body(queue, server);
+  } finally {
+    await server.close();
+  }
+}

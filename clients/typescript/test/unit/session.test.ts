@@ -13,19 +13,7 @@ import {
   type SessionEvent,
   UnavailableError,
 } from "../../src/index.js";
-import { clientOf, FakeQueue, FakeServer, outcome, waitUntil } from "./fake.js";
-
-async function withQueue(
-  body: (queue: FakeQueue, server: FakeServer) => Promise<void>,
-): Promise<void> {
-  const queue = new FakeQueue();
-  const server = await FakeServer.start(queue.routes);
-  try {
-    await body(queue, server);
-  } finally {
-    await server.close();
-  }
-}
+import { clientOf, outcome, waitUntil, withQueue } from "./fake.js";
 
 /** What each answer event names: the accepted or rejected enqueue's clientRef. */
 function answers(events: SessionEvent[]): string[] {
