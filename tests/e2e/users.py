@@ -2,16 +2,38 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import grpc
 
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
+from fairlane.client.errors import retry_delay_ms
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from tests.e2e.suite import SERVICE_SECRET
 
 PASSWORD = "correct horse battery"
+T = TypeVar("T")
+
+
+async def _as_told(call: Callable[[], Awaitable[T]], attempts: int = 5) -> T:
+    """Makes an auth call as every client does: a refusal that carries RetryInfo is tried
+    again after the delay the server asked for. Logins in flight count against their
+    address until they succeed (services/auth/throttle.py), so a test that logs in more
+    users at once than the address's free failures (20) meets a short block."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as exc:
+            delay = retry_delay_ms(exc)
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or delay is None:
+                raise
+            if attempt == attempts:
+                raise
+            await asyncio.sleep(delay / 1000)
+    raise AssertionError("unreachable")
 
 
 async def new_user(auth_target: str) -> tuple[str, str]:
@@ -19,8 +41,12 @@ async def new_user(auth_target: str) -> tuple[str, str]:
     async with grpc.aio.insecure_channel(auth_target) as channel:
         stub = auth_pb2_grpc.AuthServiceStub(channel)
         name = f"user-{uuid.uuid4().hex[:10]}"
-        reg = await stub.Register(auth_pb2.RegisterRequest(username=name, password=PASSWORD))
-        login = await stub.Login(auth_pb2.LoginRequest(username=name, password=PASSWORD))
+        reg = await _as_told(
+            lambda: stub.Register(auth_pb2.RegisterRequest(username=name, password=PASSWORD))
+        )
+        login = await _as_told(
+            lambda: stub.Login(auth_pb2.LoginRequest(username=name, password=PASSWORD))
+        )
         return reg.user_id, login.access_token
 
 
