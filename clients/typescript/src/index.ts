@@ -59,5 +59,6 @@ export {
   type SessionEvent,
   type SessionHost,
   type SessionOptions,
+  type Submission,
   type SubmitOptions,
 } from "./session.js";

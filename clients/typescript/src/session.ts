@@ -55,6 +55,16 @@ export interface SessionOptions {
 export type SubmitOptions = EnqueueOptions;
 
 /**
+ * What `submit()` returns: the request's promise, with the idempotency key it was sent
+ * under (yours, or the one generated). When the promise rejects with the stream's error,
+ * whether the request was accepted is unknown: submit it again with this key, and one that
+ * was stored comes back instead of running twice.
+ */
+export interface Submission extends Promise<Result> {
+  readonly idempotencyKey: string;
+}
+
+/**
  * What a Session needs from the client that made it (Client provides it): tokens, the
  * Session and WatchResults calls, the reconnect policy, the message limit, and a signal
  * that aborts, with a ClientClosedError as its reason, when the client closes.
@@ -167,18 +177,19 @@ export class Session {
    * A value that cannot be sent (maxAttempts, deadline, ...) throws InvalidArgumentError
    * at once, and nothing is submitted.
    */
-  submit(handler: string, payload?: Payload, options: SubmitOptions = {}): Promise<Result> {
+  submit(handler: string, payload?: Payload, options: SubmitOptions = {}): Submission {
     // Every enqueue carries a key (generated when the caller gave none): a stream reopened
     // before its answers sends it again, and the server must see the same one.
     const request = enqueueMessage(handler, payload, {
       ...options,
       idempotencyKey: options?.idempotencyKey ?? randomUUID(),
     });
+    const key = request.idempotencyKey;
     if (this.#error !== undefined) {
-      return Promise.reject(this.#error);
+      return submission(Promise.reject(this.#error), key);
     }
     if (this.#closing || this.#finished) {
-      return Promise.reject(new SessionClosedError("the session is closed"));
+      return submission(Promise.reject(new SessionClosedError("the session is closed")), key);
     }
     // gRPC would fail the whole stream for a message over its limit: refuse it here.
     const why = tooLarge(request, fieldSize(enqueueSize(request)), this.#maxMessageBytes);
@@ -190,11 +201,8 @@ export class Session {
     const promise = new Promise<Result>((resolve, reject) => {
       this.#waiting.push({ message, refused, resolve, reject });
     });
-    // Rejections are a normal answer here (rate limits), often read only after close():
-    // Node must not report them as unhandled meanwhile. Awaiting the promise still throws.
-    promise.catch(() => undefined);
     this.#pump();
-    return promise;
+    return submission(promise, key);
   }
 
   /**
@@ -574,4 +582,11 @@ export class Session {
     this.#inFlight = 0;
     this.#outbox.close();
   }
+}
+
+function submission(promise: Promise<Result>, idempotencyKey: string): Submission {
+  // A rejection is a normal answer, often read only later (or only the key is): Node must
+  // not report it as unhandled meanwhile. Awaiting the promise still throws.
+  promise.catch(() => undefined);
+  return Object.assign(promise, { idempotencyKey });
 }

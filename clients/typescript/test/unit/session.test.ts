@@ -232,6 +232,36 @@ test("a stream reset by the peer (CANCELLED) ends unanswered submits with Unavai
   });
 });
 
+test("submit() tells the idempotency key it sent; a resend under it is the same request", async () => {
+  await withQueue(async (queue, server) => {
+    const client = clientOf(server);
+    try {
+      const session = client.session();
+      const generated = session.submit("echo", "a");
+      const given = session.submit("echo", "b", { idempotencyKey: "mine-1" });
+      assert.match(generated.idempotencyKey, /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-/);
+      assert.equal(given.idempotencyKey, "mine-1");
+      const first = await generated;
+      await given;
+      await session.close();
+      assert.deepEqual(
+        queue.received.map((r) => r.idempotencyKey),
+        [generated.idempotencyKey, "mine-1"],
+      );
+      // What a caller does with a submit whose outcome it never learned.
+      const resent = await client.enqueue("echo", "a", {
+        idempotencyKey: generated.idempotencyKey,
+      });
+      assert.deepEqual([resent.requestId, resent.duplicate], [first.requestId, true]);
+      // A submit refused before it is sent carries its key too.
+      await assert.rejects(session.submit("echo", "c", { idempotencyKey: "late" }));
+      assert.equal(session.submit("echo", "d", { idempotencyKey: "late" }).idempotencyKey, "late");
+    } finally {
+      client.close();
+    }
+  });
+});
+
 test("accepted requests whose results cannot be collected fail with OutcomeUnknownError", async () => {
   await withQueue(async (queue, server) => {
     const client = clientOf(server, { reconnect: { maxAttempts: 2, baseBackoffMs: 1 } });
