@@ -18,6 +18,7 @@ from fairlane_server.auth.throttle import Rule, Throttle
 from fairlane_server.auth.throttle_store import ThrottleStore
 from fairlane_server.core.db import engine_for
 from fairlane_server.core.grpc_host import GrpcHost
+from fairlane_server.core.health import DependencyMonitor
 from fairlane_server.core.logging import get_logger
 from fairlane_server.core.peer import parse_networks
 from fairlane_server.core.revocation import RevokedFamilies
@@ -77,6 +78,10 @@ class AuthService:
             base_delay=settings.throttle_base_delay_seconds,
             max_delay=settings.throttle_max_delay_seconds,
         )
+        # Readiness follows PostgreSQL, as on the queue and the worker: every Register,
+        # Login, Refresh and service token needs it, so a replica that cannot reach it is
+        # taken out of rotation (liveness stays SERVING: an outage restarts nothing).
+        self._monitor = DependencyMonitor(self.host, engine=self.engine)
         self._pruner: asyncio.Task[None] | None = None
 
     @property
@@ -116,7 +121,8 @@ class AuthService:
             AuthServicer(auth, parse_networks(s.trusted_proxies)), self.host.server
         )
         await self.host.start()
-        await self.host.set_serving(True)
+        await self._monitor.check()
+        self._monitor.start()
         self._pruner = asyncio.create_task(self._prune_throttles())
 
     async def _prune_throttles(self) -> None:
@@ -128,6 +134,7 @@ class AuthService:
                 log.warning("throttle_prune_failed", error=type(exc).__name__)
 
     async def stop(self, grace: float) -> None:
+        await self._monitor.stop()
         if self._pruner is not None:
             self._pruner.cancel()
             with contextlib.suppress(asyncio.CancelledError):

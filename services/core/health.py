@@ -38,28 +38,41 @@ class DependencyMonitor:
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
         self.serving: bool | None = None
+        # The dependencies that failed the last check ("database", "broker", "stage:<name>").
+        self.failed: tuple[str, ...] = ()
 
     async def check(self) -> bool:
-        ok = True
+        # Which dependency failed, and how: the log line of a change names them, so an
+        # operator paged for a NOT_SERVING replica need not guess.
+        failed: dict[str, str] = {}
         if self._broker is not None and not self._broker.is_connected:
-            ok = False
+            failed["broker"] = "disconnected"
         if self._engine is not None:
             try:
                 async with asyncio.timeout(self._interval):
                     async with self._engine.connect() as conn:
                         await conn.execute(sa.text("SELECT 1"))
-            except Exception:
-                ok = False
+            except TimeoutError:
+                failed["database"] = f"no answer within {self._interval:g} s"
+            except Exception as exc:
+                failed["database"] = type(exc).__name__
         for stage, stalled_for in self._stalls.items():
             # A batch stage with work and no progress: requests pile up behind it while the
             # process looks alive. Health says so, and the gauge drives an alert.
             stalled = stalled_for() >= self._stall_seconds
             metrics.STAGE_STALLED.labels(stage).set(1 if stalled else 0)
             if stalled:
-                ok = False
+                failed[f"stage:{stage}"] = f"stalled {round(stalled_for(), 1)} s"
                 log.warning("stage_stalled", stage=stage, seconds=round(stalled_for(), 1))
+        ok = not failed
+        names = tuple(sorted(failed))
+        if ok != self.serving or names != self.failed:
+            if ok:
+                log.info("health_changed", serving=True)
+            else:
+                log.warning("health_changed", serving=False, failed=list(names), reasons=failed)
+            self.failed = names
         if ok != self.serving:
-            log.info("health_changed", serving=ok)
             self.serving = ok
             await self._host.set_serving(ok)
         return ok
