@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
+from typing import IO
 
 from rich.console import Console
+from sqlalchemy.engine import make_url
 
 from fairlane_server.auth.service import AuthService
 from fairlane_server.core import logging as fl_logging
@@ -43,10 +46,34 @@ Try it (grpcurl; the Python CLI has `fairlane register/login/enqueue` too):
 Ctrl-C stops it."""
 
 
+def _lock_sqlite(database: str) -> IO[bytes] | None:
+    """Holds `<database file>.lock` for the life of the process. Two processes on one
+    SQLite file would both run a relay (its lane locks are in-process there) and both
+    consume their own in-memory lanes: requests of one lane would run out of order and at
+    once. flock, not a pid file: the kernel lets go of it however the process ends."""
+    url = make_url(database)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    path = Path(url.database).resolve().with_name(Path(url.database).name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("wb")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        console.print(
+            f"[red]fairlane dev: another process is running on {url.database} "
+            f"(it holds {path}); stop it first, or give this one its own --data-dir[/]"
+        )
+        raise SystemExit(1) from None
+    return handle
+
+
 def run_dev(*, broker: str, database: str, data_dir: str, demo: bool, trace_console: bool) -> None:
     if not database:
         Path(data_dir).mkdir(parents=True, exist_ok=True)
         database = f"sqlite+aiosqlite:///{os.path.abspath(data_dir)}/fairlane.db"
+    lock = _lock_sqlite(database)
     # Reflection on, for the grpcurl lines of the banner; loopback listeners need no TLS.
     settings = Settings(database_url=database, reflection=True)
     if broker != "memory":
@@ -69,7 +96,8 @@ def run_dev(*, broker: str, database: str, data_dir: str, demo: bool, trace_cons
         components: list[Component] = [
             AuthService(settings, engine=engine, dev=True),
             WorkerService(settings, backends=backends),
-            QueueService(settings, backends=backends),
+            # The embedded broker starts empty: the log's unfinished requests go back in.
+            QueueService(settings, backends=backends, rebuild_lanes=broker == "memory"),
         ]
 
         async def started() -> None:
@@ -95,3 +123,5 @@ def run_dev(*, broker: str, database: str, data_dir: str, demo: bool, trace_cons
         raise SystemExit(1) from exc
     finally:
         telemetry.shutdown()
+        if lock is not None:
+            lock.close()

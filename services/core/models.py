@@ -121,6 +121,9 @@ requests = sa.Table(
     sa.Column("output", sa.LargeBinary),
     sa.Column("error", sa.Text),
     sa.Column("lane_seq", sa.BigInteger),
+    # Its place in the lane (the outbox's lane_pos), kept after the outbox row is gone: a
+    # lane the broker lost (the embedded broker after a restart) is rebuilt in this order.
+    sa.Column("lane_pos", sa.BigInteger),
     sa.Column("enqueued_at", Timestamp, nullable=False),
     sa.Column("started_at", Timestamp),
     sa.Column("finished_at", Timestamp),

@@ -183,8 +183,9 @@ _PG_ACCEPT = sa.text(
       JOIN kept ON kept.k = y.k
     ), r AS (
       INSERT INTO requests (id, user_id, handler, payload, idempotency_key, client_ref,
-                            status, attempts, max_attempts, enqueued_at, deadline, trace_id)
-      SELECT id, uid, h, p, key, c, 'QUEUED', 0, m, e, d, t FROM v
+                            status, attempts, max_attempts, enqueued_at, deadline, trace_id,
+                            lane_pos)
+      SELECT id, uid, h, p, key, c, 'QUEUED', 0, m, e, d, t, pos FROM v
       RETURNING id, enqueued_at
     ), ev AS (
       INSERT INTO request_events (request_id, at, status, attempt, detail)
@@ -407,6 +408,7 @@ class AcceptStore:
             [
                 {
                     "id": r.id,
+                    "lane_pos": by_id[r.id].lane_pos,
                     "user_id": r.user_id,
                     "handler": r.handler,
                     "payload": r.payload,

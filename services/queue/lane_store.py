@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fairlane_server.core import status
+from fairlane_server.core.db import write_transaction
 from fairlane_server.core.models import lanes, requests
 
 
@@ -103,11 +104,13 @@ class LaneHousekeepingStore:
     async def touch(self, users: list[uuid.UUID]) -> None:
         """Marks lanes active now (their sessions are open on this replica). The rows are
         locked in user_id order first, the order intake and the result writer lock them
-        in, so this never deadlocks with them."""
+        in, so this never deadlocks with them. On SQLite the transaction takes the write
+        lock at BEGIN: a read that then writes could not wait for another writer (SQLite
+        answers "database is locked" at once rather than risk a deadlock)."""
         if not users:
             return
         ordered = sorted(users)
-        async with self._engine.begin() as conn:
+        async with write_transaction(self._engine) as conn:
             await conn.execute(
                 sa.select(lanes.c.user_id)
                 .where(lanes.c.user_id.in_(ordered))

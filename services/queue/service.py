@@ -27,6 +27,7 @@ from fairlane_server.queue.domain import QueueDomain, StreamLimits
 from fairlane_server.queue.hub import Hub
 from fairlane_server.queue.intake import Intake
 from fairlane_server.queue.janitor import LaneJanitor
+from fairlane_server.queue.lane_rebuild import put_back
 from fairlane_server.queue.lane_store import LaneHousekeepingStore
 from fairlane_server.queue.outbox_store import OutboxStore
 from fairlane_server.queue.relay import LaneRelay
@@ -44,9 +45,15 @@ SERVICE_NAME = queue_pb2.DESCRIPTOR.services_by_name["QueueService"].full_name
 class QueueService:
     name = "queue"
 
-    def __init__(self, settings: Settings, *, backends: Backends | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, backends: Backends | None = None, rebuild_lanes: bool = False
+    ) -> None:
+        """`rebuild_lanes`: the broker starts empty (the embedded one of `fairlane dev`),
+        so the log's unfinished requests are put back in their lanes at start
+        (services/queue/lane_rebuild.py)."""
         s = settings
         self._settings = settings
+        self._rebuild_lanes = rebuild_lanes
         self._backends = backends or Backends(s)
         self.engine, self.broker = self._backends.engine, self._backends.broker
         self._maintenance: AsyncEngine | None = None
@@ -185,7 +192,15 @@ class QueueService:
         await self.broker.consume_control(self._on_control)
         if self._listener is not None:
             self._listener.start()
+        restored = (
+            await put_back(self.engine, reply_route=self._settings.reply_route)
+            if self._rebuild_lanes
+            else {}
+        )
         self.relay.start()
+        if restored:
+            log.info("lanes_rebuilt", lanes=len(restored), requests=sum(restored.values()))
+            self.relay.look(list(restored))
         self.intake.start()
         self.catch_up.start()
         self.janitor.start()
