@@ -187,3 +187,21 @@ async def serving(suite: Suite) -> AsyncIterator[Suite]:
     finally:
         codes = suite.stop_all()
     assert codes == {"worker": 0, "queue": 0, "auth": 0}, {n: suite.log(n) for n in codes}
+
+
+@contextlib.asynccontextmanager
+async def auth_and_queue(suite: Suite, *, kills: bool = False) -> AsyncIterator[Suite]:
+    """Runs auth and one queue replica for the block, and no worker: the test starts the
+    worker replicas it needs (Suite.start_worker). Then stops every process and asserts
+    that each exited cleanly; with `kills`, one the test killed (SIGKILL) may not have."""
+    try:
+        suite.start("auth")
+        suite.start("queue")
+        await suite.wait_serving("auth")
+        await suite.wait_serving("queue")
+        yield suite
+    finally:
+        codes = suite.stop_all()
+    allowed = (0, -signal.SIGKILL) if kills else (0,)
+    bad = {name for name, code in codes.items() if code not in allowed}
+    assert not bad, {name: (codes[name], suite.log(name)) for name in bad}

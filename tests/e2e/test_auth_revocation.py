@@ -19,7 +19,7 @@ from fairlane.client import Client
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from fairlane_server.core.settings import Settings
 from tests.conftest import DATABASE_URL, broker_url, unique
-from tests.e2e.suite import Suite, serving, wait_until
+from tests.e2e.suite import Suite, auth_and_queue, serving, wait_until
 from tests.e2e.users import PASSWORD, bearer
 
 pytestmark = pytest.mark.e2e
@@ -35,15 +35,8 @@ SLACK = 5.0
 async def suite(pg_schema: str, vhost: str, tmp_path: Path) -> AsyncIterator[Suite]:
     s = Suite(DATABASE_URL, pg_schema, broker_url(vhost), tmp_path)
     s.extra_env["FAIRLANE_REFRESH_REUSE_INTERVAL_SECONDS"] = str(REUSE_INTERVAL)
-    try:
-        s.start("auth")
-        await s.wait_serving("auth")
-        s.start("queue")
-        await s.wait_serving("queue")
+    async with auth_and_queue(s):
         yield s
-    finally:
-        codes = s.stop_all()
-    assert codes == {"queue": 0, "auth": 0}, {n: s.log(n) for n in codes}
 
 
 async def _accepted(queue: queue_pb2_grpc.QueueServiceStub, token: str) -> grpc.StatusCode:

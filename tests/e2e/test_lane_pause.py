@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime
@@ -25,7 +24,7 @@ from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
 from fairlane_server.core.db import create_engine
 from fairlane_server.core.models import lanes, request_events, requests
 from tests.conftest import DATABASE_URL, broker_url
-from tests.e2e.suite import Suite, wait_until
+from tests.e2e.suite import Suite, auth_and_queue, wait_until
 from tests.e2e.users import admin_token, bearer, new_user
 
 pytestmark = pytest.mark.e2e
@@ -38,16 +37,8 @@ async def cluster(pg_schema: str, vhost: str, tmp_path: Path) -> AsyncIterator[S
     """auth + queue, and no worker yet; workers get the `hold` handler."""
     s = Suite(DATABASE_URL, pg_schema, broker_url(vhost), tmp_path)
     s.extra_env.update(FAIRLANE_HANDLERS=HOLD)
-    try:
-        s.start("auth")
-        await s.wait_serving("auth")
-        s.start("queue")
-        await s.wait_serving("queue")
+    async with auth_and_queue(s, kills=True):
         yield s
-    finally:
-        codes = s.stop_all()
-    killed = {n for n, c in codes.items() if c == -signal.SIGKILL}
-    assert all(c == 0 for n, c in codes.items() if n not in killed), {n: s.log(n) for n in codes}
 
 
 async def _start_workers(suite: Suite, names: Iterable[str], **env: str) -> dict[str, str]:

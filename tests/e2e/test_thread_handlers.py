@@ -28,7 +28,7 @@ from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from fairlane_server.core.db import create_engine
 from fairlane_server.core.models import requests
 from tests.conftest import DATABASE_URL, broker_url
-from tests.e2e.suite import Suite, wait_until
+from tests.e2e.suite import Suite, auth_and_queue, wait_until
 from tests.e2e.users import bearer, new_user, run_session
 
 pytestmark = pytest.mark.e2e
@@ -44,15 +44,8 @@ async def cluster(pg_schema: str, vhost: str, tmp_path: Path) -> AsyncIterator[S
     """auth + queue; the test starts its workers. Every process must exit with 0."""
     suite = Suite(DATABASE_URL, pg_schema, broker_url(vhost), tmp_path)
     assert suite.env()["FAIRLANE_GRACE_SECONDS"] == str(int(GRACE))
-    try:
-        suite.start("auth")
-        await suite.wait_serving("auth")
-        suite.start("queue")
-        await suite.wait_serving("queue")
+    async with auth_and_queue(suite):
         yield suite
-    finally:
-        codes = suite.stop_all()
-    assert all(code == 0 for code in codes.values()), {n: suite.log(n) for n in codes}
 
 
 class Log:

@@ -26,7 +26,7 @@ from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
 from fairlane_server.core.db import create_engine
 from fairlane_server.core.models import request_events, requests
 from tests.conftest import DATABASE_URL, broker_url
-from tests.e2e.suite import Suite, wait_until
+from tests.e2e.suite import Suite, auth_and_queue, wait_until
 from tests.e2e.users import admin_token, bearer, new_user, run_session
 
 pytestmark = pytest.mark.e2e
@@ -38,16 +38,8 @@ async def cluster(pg_schema: str, vhost: str, tmp_path: Path) -> AsyncIterator[S
     """auth + queue, and no worker yet: each test starts the replicas it needs."""
     s = Suite(DATABASE_URL, pg_schema, broker_url(vhost), tmp_path)
     s.extra_env.update(FAIRLANE_RETRY_BASE_SECONDS="0.05", FAIRLANE_RETRY_MAX_SECONDS="0.4")
-    try:
-        s.start("auth")
-        await s.wait_serving("auth")
-        s.start("queue")
-        await s.wait_serving("queue")
+    async with auth_and_queue(s, kills=True):
         yield s
-    finally:
-        codes = s.stop_all()
-    killed = {n for n, c in codes.items() if c == -signal.SIGKILL}
-    assert all(c == 0 for n, c in codes.items() if n not in killed), {n: s.log(n) for n in codes}
 
 
 async def workers(suite: Suite, count: int) -> list[str]:

@@ -15,14 +15,13 @@ a worker replica with SIGKILL halfway through each.
 from __future__ import annotations
 
 import os
-import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import DATABASE_URL, broker_url
-from tests.e2e.suite import Suite
+from tests.e2e.suite import Suite, auth_and_queue
 from tests.e2e.workload import MAX_PAYLOAD_BYTES, Case, run_case, service_log_excerpt
 
 pytestmark = pytest.mark.e2e
@@ -56,16 +55,8 @@ async def services(pg_schema: str, vhost: str, tmp_path: Path) -> AsyncIterator[
         FAIRLANE_RETRY_BASE_SECONDS="0.05",
         FAIRLANE_RETRY_MAX_SECONDS="0.2",
     )
-    try:
-        s.start("auth")
-        s.start("queue")
-        await s.wait_serving("auth")
-        await s.wait_serving("queue")
+    async with auth_and_queue(s, kills=True):
         yield s
-    finally:
-        codes = s.stop_all()
-    bad = {n: c for n, c in codes.items() if c not in (0, -signal.SIGKILL)}
-    assert not bad, {n: s.log(n) for n in bad}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
