@@ -162,10 +162,6 @@ class Attempts:
             return await self._give_up_interrupted(
                 batch, item, spec, Outcome(request_id, user, status.DEAD), previous_attempts
             )
-        if number == 1:
-            # UUIDv7 ids carry their acceptance time (ms since the epoch, top 48 bits).
-            accepted_ms = request_id.int >> 80
-            metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, time.time() - accepted_ms / 1000))
         while True:
             await gate()
             if self._abandoned:
@@ -184,6 +180,13 @@ class Attempts:
                 return Outcome(
                     request_id, user, status.EXPIRED, error="deadline passed before start"
                 )
+            if number == 1:
+                # Once the first attempt starts, as metrics.md says: not for a request that
+                # is cancelled or expires first, and with any time held at the gate (a
+                # paused worker or lane). UUIDv7 ids carry their acceptance time (ms since
+                # the epoch, top 48 bits).
+                accepted_ms = request_id.int >> 80
+                metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, time.time() - accepted_ms / 1000))
             attempt = Attempt(number, datetime.now(UTC))
             attempts.append(attempt)
             if redelivered or number > 1:

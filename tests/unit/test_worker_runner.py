@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client import REGISTRY
 
 from fairlane.common.v1 import lane_pb2
 from fairlane.handlers import PermanentError
@@ -576,6 +577,47 @@ async def test_a_deadline_that_passes_while_the_worker_is_paused_expires_the_req
     (outcome,) = world.log.outcomes
     assert (outcome.status, outcome.error) == ("EXPIRED", "deadline passed before start")
     assert work.calls == 0
+
+
+def _queue_waits() -> float:
+    return REGISTRY.get_sample_value("fairlane_queue_wait_seconds_count") or 0.0
+
+
+async def test_queue_wait_is_observed_once_per_request_that_starts(user: str) -> None:
+    """metrics.md: once per request, when its first attempt starts. Not for one that
+    expires or is cancelled before it starts, nor again for a retry."""
+    calls = 0
+
+    async def flaky(ctx: Any, payload: bytes) -> bytes:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("the first attempt fails")
+        return b""
+
+    work = Counted()
+    world = World({"work": handler("work", work), "flaky": handler("flaky", flaky)})
+    await world.start(user)
+    before = _queue_waits()
+    world.runner.pause()
+    deadline = datetime.now(UTC) + timedelta(milliseconds=50)
+    stamp = Timestamp()
+    stamp.FromDatetime(deadline)
+    await world.publish(user, [b""], handler="work", deadline=stamp)
+    (cancelled,) = await world.publish(user, [b""], handler="work")
+    await asyncio.wait_for(world.runner.lanes[user].quiet.wait(), 5)
+    while datetime.now(UTC) <= deadline:  # noqa: ASYNC110 (the wall clock, not an event)
+        await asyncio.sleep(0.01)
+    world.runner.cancel(str(cancelled))
+    world.runner.resume()
+    await world.until_finished(2)
+    assert [o.status for o in world.log.outcomes] == ["EXPIRED", "CANCELLED"]
+    assert _queue_waits() == before
+    await world.publish(user, [b""], handler="flaky")
+    await world.until_finished(3)
+    await world.stop()
+    assert (world.log.outcomes[-1].status, calls, work.calls) == ("SUCCEEDED", 2, 0)
+    assert _queue_waits() == before + 1
 
 
 async def test_a_request_cancelled_while_its_worker_died_is_not_run_again(user: str) -> None:
