@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
 from fairlane_server.core import tracing
@@ -31,10 +33,31 @@ def configure(service: str, *, console: bool = False) -> bool:
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     if console:
-        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(formatter=json_line)))
     trace.set_tracer_provider(provider)
     tracing.enable()
     return True
+
+
+_IDS = frozenset({"trace_id", "span_id", "parent_id"})
+
+
+def _bare_ids(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: v[2:] if k in _IDS and isinstance(v, str) and v.startswith("0x") else _bare_ids(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_bare_ids(v) for v in value]
+    return value
+
+
+def json_line(span: ReadableSpan) -> str:
+    """One span as one line of JSON (JSON Lines, as `--trace-console > spans.jsonl`
+    promises), its trace and span ids as the logs print them: bare hex, where the SDK's
+    own format is indented over many lines with 0x-prefixed ids."""
+    return json.dumps(_bare_ids(json.loads(span.to_json(indent=None)))) + os.linesep
 
 
 def shutdown() -> None:

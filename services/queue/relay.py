@@ -32,6 +32,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from google.protobuf import timestamp_pb2
+from opentelemetry.trace import SpanKind
 
 from fairlane.common.v1 import lane_pb2
 from fairlane_server.core import dberrors, metrics, tracing
@@ -540,6 +541,7 @@ class LaneRelay:
             span = tracing.start(
                 f"publish {lane_queue(user_id)}",
                 parent_traceparent=chunk[0].traceparent,
+                kind=SpanKind.CLIENT,
                 attributes={
                     "messaging.system": "rabbitmq",
                     "messaging.operation.type": "publish",

@@ -70,6 +70,11 @@ class WorkerStore:
         # PostgreSQL only: the channel queue replicas listen on for new results.
         self._notify_channel = notify_channel if self._dialect == "postgresql" else ""
 
+    @property
+    def dialect(self) -> str:
+        """The database's kind, as spans name it (db.system): postgresql or sqlite."""
+        return self._dialect
+
     async def register_handlers(self, specs: Sequence[Handler]) -> None:
         now = datetime.now(UTC)
         stmt = upsert(self._dialect, handlers)

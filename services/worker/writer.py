@@ -261,6 +261,7 @@ class ResultWriter:
                     parent_traceparent=first,
                     kind=SpanKind.CLIENT,
                     attributes={
+                        "db.system": self._store.dialect,
                         "db.operation.name": "UPDATE",
                         "db.collection.name": "requests",
                         "fairlane.batch_size": len(outcomes),

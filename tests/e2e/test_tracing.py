@@ -122,6 +122,20 @@ async def test_one_trace_follows_a_request_through_every_hop(
     assert by_name["deliver result"]["service"] == "fairlane-queue"
     assert enqueue["attributes"]["messaging.system"].string_value == "rabbitmq"
     assert by_name["INSERT requests"]["attributes"]["db.system"].string_value == "postgresql"
+    assert by_name["UPDATE requests"]["attributes"]["db.system"].string_value == "postgresql"
+    # The kinds docs/observability.md gives (OTLP numbers them: 2 server, 3 client,
+    # 4 producer, 5 consumer).
+    kinds = {
+        name: by_name[name]["kind"]
+        for name in ("enqueue fail", "INSERT requests", "process fail", "UPDATE requests")
+    }
+    assert kinds == {
+        "enqueue fail": 4,
+        "INSERT requests": 3,
+        "process fail": 5,
+        "UPDATE requests": 3,
+    }
+    assert (session["kind"], publish["kind"]) == (2, 3)
     request_id = enqueue["attributes"]["fairlane.request_id"].string_value
     assert process["attributes"]["fairlane.request_id"].string_value == request_id
     print("\n" + "\n".join(["client submit  [test]", *_tree(spans, client_id, 1)]))
