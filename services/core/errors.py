@@ -121,7 +121,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     # A lost connection, a timeout, a deadlock: the call may pass if tried
                     # again, so it is not a bug (INTERNAL) but UNAVAILABLE with retry advice,
                     # whichever RPC met it.
-                    log.warning("transient_error", method=method, error_type=type(exc).__name__)
+                    log.warning(
+                        "transient_error",
+                        method=method,
+                        error_type=type(exc).__name__,
+                        # Which one (40P01 a deadlock, 40001 a serialization failure, 57P01
+                        # a terminated connection, ...): what an operator needs to act on.
+                        # Not the message: SQLAlchemy's carries the statement's parameters.
+                        sqlstate=dberrors.sqlstate(exc),
+                    )
                     await abort_retry(
                         context,
                         grpc.StatusCode.UNAVAILABLE,

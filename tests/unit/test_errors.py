@@ -156,6 +156,7 @@ async def test_a_transient_database_error_is_unavailable_with_retry_info(
     )
     assert retry_delay_ms(error) == 1000
     assert [e["event"] for e in logs] == ["transient_error"]
+    assert logs[0]["sqlstate"] == "40P01"  # which transient error, for the operator
 
 
 async def test_malformed_messages_are_invalid_argument_logged_once(
