@@ -21,12 +21,18 @@ from fairlane_server.auth.sealing import seal, unseal
 from fairlane_server.auth.store import AuthStore, NewRefresh, RefreshRecord, UsernameTaken, fold
 from fairlane_server.auth.throttle import Hold, Rule, Throttle, Trip
 from fairlane_server.core.logging import get_logger
+from fairlane_server.core.revocation import RevokedPage
 from fairlane_server.core.tokens import FAMILY_CLAIM, ROLE_SERVICE, ROLE_USER
 
 USERNAME = re.compile(r"[A-Za-z0-9._-]{3,64}")
 # Access tokens issued just before a revocation may carry an `iat` a little after it on a
 # replica whose clock runs ahead; keep revoked families listed this much longer.
 CLOCK_SKEW = timedelta(seconds=60)
+# The largest page of revoked families: about 0.5 MB on the wire (a UUID and an expiry each).
+MAX_REVOKED_PAGE = 10_000
+# Page tokens of revoked_families are "r1." and a revocation number (store.revoked_page):
+# opaque to callers; the version lets a later release change them and recognise old ones.
+_REVOKED_TOKEN_PREFIX = "r1."
 
 log = get_logger(__name__)
 
@@ -266,10 +272,23 @@ class Auth:
         if await self._store.revoke_family(family, user_id, datetime.now(UTC), "revoke"):
             audit.event(audit.TOKEN_REVOKED, user_id=str(user_id), family_id=str(family), peer=peer)
 
-    async def revoked_families(self) -> list[str]:
-        """Families whose access tokens may still be unexpired: the deny list."""
-        since = datetime.now(UTC) - timedelta(seconds=self._p.access_ttl) - CLOCK_SKEW
-        return [str(f) for f in await self._store.revoked_since(since)]
+    async def revoked_families(self, page_token: str = "", page_size: int = 0) -> RevokedPage:
+        """A page of the families whose access tokens may still be unexpired: the deny
+        list, in commit order from where `page_token` left off ("" from the start).
+        Raises InvalidInput for a token not made here or a negative page size."""
+        if page_size < 0:
+            raise InvalidInput("page_size must not be negative")
+        size = page_size if 0 < page_size <= MAX_REVOKED_PAGE else MAX_REVOKED_PAGE
+        # A family revoked longer ago than this has no access token left that is valid.
+        lifetime = timedelta(seconds=self._p.access_ttl) + CLOCK_SKEW
+        page = await self._store.revoked_page(
+            _revoked_after(page_token), datetime.now(UTC) - lifetime, size
+        )
+        return RevokedPage(
+            [(str(r.family_id), (r.revoked_at + lifetime).timestamp()) for r in page.families],
+            f"{_REVOKED_TOKEN_PREFIX}{page.last}",
+            page.more,
+        )
 
     # -- services ------------------------------------------------------------------------
 
@@ -291,6 +310,16 @@ class Auth:
         audit.event(audit.SERVICE_TOKEN_ISSUED, token_service=service, peer=peer, token_role=role)
         token = self._access_token(f"{role}:{service}", service, role)
         return token, self._p.access_ttl
+
+
+def _revoked_after(page_token: str) -> int | None:
+    """The revocation number a page token of revoked_families stands for (None: none)."""
+    if not page_token:
+        return None
+    number = page_token.removeprefix(_REVOKED_TOKEN_PREFIX)
+    if number == page_token or not number.isascii() or not number.isdigit():
+        raise InvalidInput("page_token is not one this service gave")
+    return int(number)
 
 
 async def _give_back(throttle: Throttle, holds: tuple[Hold, ...] | list[Hold]) -> None:

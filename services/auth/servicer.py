@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 from fairlane_server.auth.domain import Auth, BadCredentials, InvalidInput
@@ -122,7 +123,17 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def GetRevokedFamilies(
         self, request: auth_pb2.GetRevokedFamiliesRequest, context: ServicerContext
     ) -> auth_pb2.GetRevokedFamiliesResponse:
-        return auth_pb2.GetRevokedFamiliesResponse(family_ids=await self._auth.revoked_families())
+        try:
+            page = await self._auth.revoked_families(request.page_token, request.page_size)
+        except InvalidInput as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return auth_pb2.GetRevokedFamiliesResponse(
+            family_ids=[family for family, _ in page.families],
+            # Whole seconds, rounded up (never earlier than the truth): no nanos to send.
+            expire_times=[Timestamp(seconds=math.ceil(at)) for _, at in page.families],
+            next_page_token=page.next_page_token,
+            more_pages=page.more_pages,
+        )
 
     async def IssueServiceToken(
         self, request: auth_pb2.IssueServiceTokenRequest, context: ServicerContext

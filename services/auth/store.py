@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from fairlane_server.core.db import upsert
+from fairlane_server.core.db import upsert, write_transaction
 from fairlane_server.core.models import refresh_tokens, revoked_families, users
 
 
@@ -55,6 +55,21 @@ class NewRefresh:
     family_id: uuid.UUID
     token_hash: str
     expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Revoked:
+    family_id: uuid.UUID
+    revoked_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RevokedPage:
+    families: list[Revoked]
+    # The number read up to: the next page starts above it.
+    last: int
+    # More families were numbered up to the read than `families` holds.
+    more: bool
 
 
 class AuthStore:
@@ -161,13 +176,47 @@ class AuthStore:
     async def revoke_family(
         self, family_id: uuid.UUID, user_id: uuid.UUID, now: datetime, reason: str
     ) -> bool:
-        """True when this call revoked it, False when it already was."""
-        insert = upsert(self._engine.dialect.name, revoked_families)
-        async with self._engine.begin() as conn:
+        """True when this call revoked it, False when it already was.
+
+        The revocation gets the next `seq`, and numbers are taken in commit order: when a
+        reader sees number n, every revocation numbered below n has committed (or never
+        will). Services read only the numbers above the last they saw, so a revocation
+        that committed after a later-numbered one was read would be missed for good. A
+        sequence alone does not give that order (numbers are drawn when rows are
+        inserted, and transactions commit in any order), nor do timestamps (each auth
+        replica's clock, and the same race). So the number is drawn under a lock held
+        to commit: on PostgreSQL a table lock that only writers of this table take
+        (readers, Refresh's check included, do not wait; the previous release's plain
+        inserts do, which keeps them in order during a rolling update); on SQLite the
+        write lock, which a write transaction holds from BEGIN. Each revocation needs a
+        login's password check, so they come at tens a second per auth replica at most:
+        one at a time (about a millisecond each) costs nothing. A number is never reused
+        on PostgreSQL (identity); SQLite takes max + 1, reused only if the newest
+        revocation's user is deleted before the next.
+        """
+        rf = revoked_families.c
+        dialect = self._engine.dialect.name
+        values: dict[str, object] = {
+            "family_id": family_id,
+            "user_id": user_id,
+            "revoked_at": now,
+            "reason": reason,
+        }
+        async with write_transaction(self._engine) as conn:
+            if dialect == "postgresql":
+                # SHARE ROW EXCLUSIVE conflicts with itself and with the ROW EXCLUSIVE of
+                # any INSERT, not with the ACCESS SHARE of reads; the identity supplies seq.
+                await conn.execute(
+                    sa.text("LOCK TABLE revoked_families IN SHARE ROW EXCLUSIVE MODE")
+                )
+            else:
+                values["seq"] = sa.select(
+                    sa.func.coalesce(sa.func.max(rf.seq), 0) + 1
+                ).scalar_subquery()
             result = await conn.execute(
-                insert.values(
-                    family_id=family_id, user_id=user_id, revoked_at=now, reason=reason
-                ).on_conflict_do_nothing(index_elements=[revoked_families.c.family_id])
+                upsert(dialect, revoked_families)
+                .values(**values)
+                .on_conflict_do_nothing(index_elements=[rf.family_id])
             )
         return bool(result.rowcount)
 
@@ -182,10 +231,34 @@ class AuthStore:
             ).first()
         return (row.family_id, row.user_id) if row else None
 
-    async def revoked_since(self, since: datetime) -> list[uuid.UUID]:
-        """Families revoked after `since`: the deny list services fetch."""
+    async def revoked_page(self, after: int | None, since: datetime, limit: int) -> RevokedPage:
+        """Up to `limit` families revoked after the time `since` and numbered above `after`,
+        in number (commit) order: a page of the deny list services fetch. `after` None
+        starts with the lowest number revoked after `since`, as does an `after` above
+        every number (the table restored from an older backup: starting over repeats
+        families, never skips one)."""
+        rf = revoked_families.c
         async with self._engine.connect() as conn:
-            rows = await conn.execute(
-                sa.select(revoked_families.c.family_id).where(revoked_families.c.revoked_at > since)
-            )
-            return [r.family_id for r in rows]
+            # Read first: every number up to it has committed (revoke_family), so the page
+            # below, read later, sees all of them whatever commits meanwhile.
+            top = (await conn.execute(sa.select(sa.func.max(rf.seq)))).scalar() or 0
+            if after is None or after > top:
+                # From the (revoked_at, seq) index alone, not a walk over expired history.
+                first = (
+                    await conn.execute(sa.select(sa.func.min(rf.seq)).where(rf.revoked_at > since))
+                ).scalar()
+                if first is None:
+                    return RevokedPage([], top, more=False)
+                after = first - 1
+            rows = (
+                await conn.execute(
+                    sa.select(rf.family_id, rf.revoked_at, rf.seq)
+                    .where(rf.seq > after, rf.seq <= top, rf.revoked_at > since)
+                    .order_by(rf.seq)
+                    .limit(limit + 1)
+                )
+            ).all()
+        more = len(rows) > limit
+        families = [Revoked(r.family_id, r.revoked_at) for r in rows[:limit]]
+        # Caught up: everything up to `top` was read (rows not listed had expired).
+        return RevokedPage(families, rows[limit - 1].seq if more else top, more=more)

@@ -4,13 +4,14 @@ tokens for workers."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import grpc
 
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 from fairlane_server.core.grpc_host import channel
-from fairlane_server.core.revocation import RevokedFamilies
+from fairlane_server.core.revocation import RevokedFamilies, RevokedPage
 from fairlane_server.core.settings import Settings
 from fairlane_server.core.tokens import TokenVerifier
 from fairlane_server.core.transport import Transport
@@ -31,11 +32,20 @@ class AuthClient:
         keys: str = response.keys_json
         return keys
 
-    async def revoked_families(self) -> list[str]:
+    async def revoked_families(self, page_token: str, page_size: int) -> RevokedPage:
         response = await self._stub.GetRevokedFamilies(
-            auth_pb2.GetRevokedFamiliesRequest(), timeout=self._timeout
+            auth_pb2.GetRevokedFamiliesRequest(page_token=page_token, page_size=page_size),
+            timeout=self._timeout,
         )
-        return list(response.family_ids)
+        expiries = [t.seconds + t.nanos / 1e9 for t in response.expire_times]
+        if len(expiries) != len(response.family_ids):
+            # An auth of the release before paging: no expiries (nor a page token).
+            expiries = [math.inf] * len(response.family_ids)
+        return RevokedPage(
+            list(zip(response.family_ids, expiries, strict=True)),
+            response.next_page_token,
+            response.more_pages,
+        )
 
     def token_verifier(self, settings: Settings) -> TokenVerifier:
         """The verifier every service uses: keys and revoked families from this auth."""

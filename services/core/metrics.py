@@ -107,6 +107,12 @@ LANE_FAILURES = Counter(
     "fairlane_lane_failures",
     "Lane tasks that ended unexpectedly and were rebuilt (worker).",
 )
+REVOCATION_LIST_AGE = Gauge(
+    "fairlane_revocation_list_age_seconds",
+    "While fetching the revoked token families fails: seconds since this process's list "
+    "was last brought up to date (revocations made since are not enforced). 0 while the "
+    "latest fetch succeeded.",
+)
 
 
 LOOP_LAG_SECONDS = Histogram(

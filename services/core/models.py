@@ -52,8 +52,18 @@ revoked_families = sa.Table(
     metadata,
     sa.Column("family_id", sa.Uuid, primary_key=True),
     sa.Column("user_id", sa.Uuid, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
-    sa.Column("revoked_at", Timestamp, nullable=False, index=True),
+    sa.Column("revoked_at", Timestamp, nullable=False),
     sa.Column("reason", sa.String(16), nullable=False),
+    # Numbers revocations in commit order (migration 0011): services read the list once and
+    # then only the numbers above the last they saw (services/auth/store.py says how the
+    # order is kept). PostgreSQL draws it from the identity; SQLite is given max + 1.
+    sa.Column("seq", sa.BigInteger, sa.Identity(), nullable=False),
+)
+# The incremental read walks seq; the first read starts at the lowest seq revoked after a
+# time, which (revoked_at, seq) answers from the index alone.
+sa.Index("ix_revoked_families_seq", revoked_families.c.seq, unique=True)
+sa.Index(
+    "ix_revoked_families_revoked_at_seq", revoked_families.c.revoked_at, revoked_families.c.seq
 )
 
 # Login, Register and IssueServiceToken throttles, shared by every auth replica. `key` is

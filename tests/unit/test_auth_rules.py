@@ -15,7 +15,7 @@ from fairlane_server.auth.sealing import seal, unseal
 from fairlane_server.auth.throttle import Rule, Throttle
 from fairlane_server.auth.throttle_store import ThrottleStore
 from fairlane_server.core.peer import client_address, parse_networks
-from fairlane_server.core.revocation import RevokedFamilies
+from fairlane_server.core.revocation import RevokedFamilies, RevokedPage
 
 
 def test_delays_double_after_the_free_events_up_to_the_cap() -> None:
@@ -111,13 +111,14 @@ async def test_revoked_families_are_refetched_when_stale_and_kept_when_auth_fail
     lists: list[list[str] | Exception] = [["a"], ["a", "b"], RuntimeError("auth down")]
     calls = 0
 
-    async def fetch() -> list[str]:
+    async def fetch(token: str, size: int) -> RevokedPage:
         nonlocal calls
         item = lists[min(calls, len(lists) - 1)]
         calls += 1
         if isinstance(item, Exception):
             raise item
-        return item
+        new = item[len(item) - 1 :] if token else item  # since the last fetch
+        return RevokedPage([(f, 10.0**10) for f in new], f"r1.{len(item)}", more_pages=False)
 
     now = 100.0
     revoked = RevokedFamilies(fetch, max_age=5.0, clock=lambda: now)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from fairlane_server.core.revocation import RevokedFamilies
+from fairlane_server.core.revocation import RevokedFamilies, RevokedPage
 from tests.polling import until
 
 
@@ -14,9 +14,10 @@ class Auth:
         self.revoked: list[str] = []
         self.fetches = 0
 
-    async def fetch(self) -> list[str]:
+    async def fetch(self, token: str, size: int) -> RevokedPage:
+        # The whole list in one page each time: what a page holds is not at issue here.
         self.fetches += 1
-        return list(self.revoked)
+        return RevokedPage([(f, 10.0**10) for f in self.revoked], "r1.0", more_pages=False)
 
 
 async def test_a_watcher_is_called_once_a_refetch_lists_its_family() -> None:

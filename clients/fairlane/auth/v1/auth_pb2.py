@@ -22,49 +22,50 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x61irlane/auth/v1/auth.proto\x12\x10\x66\x61irlane.auth.v1\"5\n\x0fRegisterRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"#\n\x10RegisterResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"2\n\x0cLoginRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"P\n\rLoginResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\r\"\'\n\x0eRefreshRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"R\n\x0fRefreshResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\r\"&\n\rRevokeRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"\x10\n\x0eRevokeResponse\"\x0f\n\rWhoAmIRequest\"3\n\x0eWhoAmIResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\"\x10\n\x0eGetJwksRequest\"$\n\x0fGetJwksResponse\x12\x11\n\tkeys_json\x18\x01 \x01(\t\"\x1b\n\x19GetRevokedFamiliesRequest\"0\n\x1aGetRevokedFamiliesResponse\x12\x12\n\nfamily_ids\x18\x01 \x03(\t\"m\n\x18IssueServiceTokenRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\x30\n\x04role\x18\x03 \x01(\x0e\x32\".fairlane.auth.v1.ServiceTokenRole\"E\n\x19IssueServiceTokenResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x12\n\nexpires_in\x18\x02 \x01(\r*t\n\x10ServiceTokenRole\x12\"\n\x1eSERVICE_TOKEN_ROLE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aSERVICE_TOKEN_ROLE_SERVICE\x10\x01\x12\x1c\n\x18SERVICE_TOKEN_ROLE_ADMIN\x10\x02\x32\xc3\x05\n\x0b\x41uthService\x12Q\n\x08Register\x12!.fairlane.auth.v1.RegisterRequest\x1a\".fairlane.auth.v1.RegisterResponse\x12H\n\x05Login\x12\x1e.fairlane.auth.v1.LoginRequest\x1a\x1f.fairlane.auth.v1.LoginResponse\x12N\n\x07Refresh\x12 .fairlane.auth.v1.RefreshRequest\x1a!.fairlane.auth.v1.RefreshResponse\x12K\n\x06Revoke\x12\x1f.fairlane.auth.v1.RevokeRequest\x1a .fairlane.auth.v1.RevokeResponse\x12K\n\x06WhoAmI\x12\x1f.fairlane.auth.v1.WhoAmIRequest\x1a .fairlane.auth.v1.WhoAmIResponse\x12N\n\x07GetJwks\x12 .fairlane.auth.v1.GetJwksRequest\x1a!.fairlane.auth.v1.GetJwksResponse\x12l\n\x11IssueServiceToken\x12*.fairlane.auth.v1.IssueServiceTokenRequest\x1a+.fairlane.auth.v1.IssueServiceTokenResponse\x12o\n\x12GetRevokedFamilies\x12+.fairlane.auth.v1.GetRevokedFamiliesRequest\x1a,.fairlane.auth.v1.GetRevokedFamiliesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x61irlane/auth/v1/auth.proto\x12\x10\x66\x61irlane.auth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"5\n\x0fRegisterRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"#\n\x10RegisterResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"2\n\x0cLoginRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"P\n\rLoginResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\r\"\'\n\x0eRefreshRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"R\n\x0fRefreshResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\r\"&\n\rRevokeRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"\x10\n\x0eRevokeResponse\"\x0f\n\rWhoAmIRequest\"3\n\x0eWhoAmIResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\"\x10\n\x0eGetJwksRequest\"$\n\x0fGetJwksResponse\x12\x11\n\tkeys_json\x18\x01 \x01(\t\"B\n\x19GetRevokedFamiliesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\x8f\x01\n\x1aGetRevokedFamiliesResponse\x12\x12\n\nfamily_ids\x18\x01 \x03(\t\x12\x30\n\x0c\x65xpire_times\x18\x02 \x03(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\x12\x12\n\nmore_pages\x18\x04 \x01(\x08\"m\n\x18IssueServiceTokenRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\x30\n\x04role\x18\x03 \x01(\x0e\x32\".fairlane.auth.v1.ServiceTokenRole\"E\n\x19IssueServiceTokenResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x12\n\nexpires_in\x18\x02 \x01(\r*t\n\x10ServiceTokenRole\x12\"\n\x1eSERVICE_TOKEN_ROLE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aSERVICE_TOKEN_ROLE_SERVICE\x10\x01\x12\x1c\n\x18SERVICE_TOKEN_ROLE_ADMIN\x10\x02\x32\xc3\x05\n\x0b\x41uthService\x12Q\n\x08Register\x12!.fairlane.auth.v1.RegisterRequest\x1a\".fairlane.auth.v1.RegisterResponse\x12H\n\x05Login\x12\x1e.fairlane.auth.v1.LoginRequest\x1a\x1f.fairlane.auth.v1.LoginResponse\x12N\n\x07Refresh\x12 .fairlane.auth.v1.RefreshRequest\x1a!.fairlane.auth.v1.RefreshResponse\x12K\n\x06Revoke\x12\x1f.fairlane.auth.v1.RevokeRequest\x1a .fairlane.auth.v1.RevokeResponse\x12K\n\x06WhoAmI\x12\x1f.fairlane.auth.v1.WhoAmIRequest\x1a .fairlane.auth.v1.WhoAmIResponse\x12N\n\x07GetJwks\x12 .fairlane.auth.v1.GetJwksRequest\x1a!.fairlane.auth.v1.GetJwksResponse\x12l\n\x11IssueServiceToken\x12*.fairlane.auth.v1.IssueServiceTokenRequest\x1a+.fairlane.auth.v1.IssueServiceTokenResponse\x12o\n\x12GetRevokedFamilies\x12+.fairlane.auth.v1.GetRevokedFamiliesRequest\x1a,.fairlane.auth.v1.GetRevokedFamiliesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fairlane.auth.v1.auth_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SERVICETOKENROLE']._serialized_start=845
-  _globals['_SERVICETOKENROLE']._serialized_end=961
-  _globals['_REGISTERREQUEST']._serialized_start=49
-  _globals['_REGISTERREQUEST']._serialized_end=102
-  _globals['_REGISTERRESPONSE']._serialized_start=104
-  _globals['_REGISTERRESPONSE']._serialized_end=139
-  _globals['_LOGINREQUEST']._serialized_start=141
-  _globals['_LOGINREQUEST']._serialized_end=191
-  _globals['_LOGINRESPONSE']._serialized_start=193
-  _globals['_LOGINRESPONSE']._serialized_end=273
-  _globals['_REFRESHREQUEST']._serialized_start=275
-  _globals['_REFRESHREQUEST']._serialized_end=314
-  _globals['_REFRESHRESPONSE']._serialized_start=316
-  _globals['_REFRESHRESPONSE']._serialized_end=398
-  _globals['_REVOKEREQUEST']._serialized_start=400
-  _globals['_REVOKEREQUEST']._serialized_end=438
-  _globals['_REVOKERESPONSE']._serialized_start=440
-  _globals['_REVOKERESPONSE']._serialized_end=456
-  _globals['_WHOAMIREQUEST']._serialized_start=458
-  _globals['_WHOAMIREQUEST']._serialized_end=473
-  _globals['_WHOAMIRESPONSE']._serialized_start=475
-  _globals['_WHOAMIRESPONSE']._serialized_end=526
-  _globals['_GETJWKSREQUEST']._serialized_start=528
-  _globals['_GETJWKSREQUEST']._serialized_end=544
-  _globals['_GETJWKSRESPONSE']._serialized_start=546
-  _globals['_GETJWKSRESPONSE']._serialized_end=582
-  _globals['_GETREVOKEDFAMILIESREQUEST']._serialized_start=584
-  _globals['_GETREVOKEDFAMILIESREQUEST']._serialized_end=611
-  _globals['_GETREVOKEDFAMILIESRESPONSE']._serialized_start=613
-  _globals['_GETREVOKEDFAMILIESRESPONSE']._serialized_end=661
-  _globals['_ISSUESERVICETOKENREQUEST']._serialized_start=663
-  _globals['_ISSUESERVICETOKENREQUEST']._serialized_end=772
-  _globals['_ISSUESERVICETOKENRESPONSE']._serialized_start=774
-  _globals['_ISSUESERVICETOKENRESPONSE']._serialized_end=843
-  _globals['_AUTHSERVICE']._serialized_start=964
-  _globals['_AUTHSERVICE']._serialized_end=1671
+  _globals['_SERVICETOKENROLE']._serialized_start=1013
+  _globals['_SERVICETOKENROLE']._serialized_end=1129
+  _globals['_REGISTERREQUEST']._serialized_start=82
+  _globals['_REGISTERREQUEST']._serialized_end=135
+  _globals['_REGISTERRESPONSE']._serialized_start=137
+  _globals['_REGISTERRESPONSE']._serialized_end=172
+  _globals['_LOGINREQUEST']._serialized_start=174
+  _globals['_LOGINREQUEST']._serialized_end=224
+  _globals['_LOGINRESPONSE']._serialized_start=226
+  _globals['_LOGINRESPONSE']._serialized_end=306
+  _globals['_REFRESHREQUEST']._serialized_start=308
+  _globals['_REFRESHREQUEST']._serialized_end=347
+  _globals['_REFRESHRESPONSE']._serialized_start=349
+  _globals['_REFRESHRESPONSE']._serialized_end=431
+  _globals['_REVOKEREQUEST']._serialized_start=433
+  _globals['_REVOKEREQUEST']._serialized_end=471
+  _globals['_REVOKERESPONSE']._serialized_start=473
+  _globals['_REVOKERESPONSE']._serialized_end=489
+  _globals['_WHOAMIREQUEST']._serialized_start=491
+  _globals['_WHOAMIREQUEST']._serialized_end=506
+  _globals['_WHOAMIRESPONSE']._serialized_start=508
+  _globals['_WHOAMIRESPONSE']._serialized_end=559
+  _globals['_GETJWKSREQUEST']._serialized_start=561
+  _globals['_GETJWKSREQUEST']._serialized_end=577
+  _globals['_GETJWKSRESPONSE']._serialized_start=579
+  _globals['_GETJWKSRESPONSE']._serialized_end=615
+  _globals['_GETREVOKEDFAMILIESREQUEST']._serialized_start=617
+  _globals['_GETREVOKEDFAMILIESREQUEST']._serialized_end=683
+  _globals['_GETREVOKEDFAMILIESRESPONSE']._serialized_start=686
+  _globals['_GETREVOKEDFAMILIESRESPONSE']._serialized_end=829
+  _globals['_ISSUESERVICETOKENREQUEST']._serialized_start=831
+  _globals['_ISSUESERVICETOKENREQUEST']._serialized_end=940
+  _globals['_ISSUESERVICETOKENRESPONSE']._serialized_start=942
+  _globals['_ISSUESERVICETOKENRESPONSE']._serialized_end=1011
+  _globals['_AUTHSERVICE']._serialized_start=1132
+  _globals['_AUTHSERVICE']._serialized_end=1839
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -327,16 +328,43 @@ Global___GetJwksResponse: _TypeAlias = GetJwksResponse  # noqa: Y015
 
 @_typing.final
 class GetRevokedFamiliesRequest(_message.Message):
-    """GetRevokedFamilies input."""
+    """GetRevokedFamilies input. To hold the whole list: call with an empty page_token, then
+    with each answer's next_page_token while more_pages is true; from then on call every few
+    seconds with the last next_page_token to learn of the families revoked since, and forget
+    each family at its expire_time.
+
+    Every revocation is numbered when it commits, in commit order, and a token names the
+    last number its caller has seen. Revocations made at the same moment on different auth
+    replicas are therefore never skipped, whatever order their transactions commit in.
+
+    A client built before paging (an empty request, reading family_ids only) gets the
+    first page: the whole list while fewer than 10000 families are revoked and unexpired,
+    otherwise the oldest 10000 of them, and so misses the newer ones. Such clients exist
+    only during a rolling update; replace them before relying on revocation.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Most families to return; 0 or more than 10000 means 10000. A full page is about
+    0.5 MB, far below gRPC's default 4 MiB limit on a received message.
+    """
+    page_token: _builtins.str
+    """Empty: start with the oldest family revoked within the last access-token lifetime
+    (plus the clock-skew allowance). Otherwise a next_page_token from an earlier answer of
+    any auth replica of this deployment: only families revoked after those it covered.
+    """
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -349,18 +377,41 @@ class GetRevokedFamiliesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     FAMILY_IDS_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIMES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    MORE_PAGES_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Never empty: pass it as page_token to continue after this answer, at once when
+    more_pages is true, or later to get only the families revoked since. Opaque.
+    """
+    more_pages: _builtins.bool
+    """True when this answer stopped at page_size and more revoked families follow: ask
+    again at once. False: the caller now has every family revoked before this answer.
+    """
     @_builtins.property
     def family_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Ids (UUID text) of the revoked families, as in the `fam` claim of access tokens."""
+        """Ids (UUID text) of the revoked families, as in the `fam` claim of access tokens, in
+        the order their revocations committed.
+        """
+
+    @_builtins.property
+    def expire_times(self) -> _containers.RepeatedCompositeFieldContainer[_timestamp_pb2.Timestamp]:
+        """One per family_ids entry, in the same order: the time after which no access token of
+        that family is valid any more (its revocation plus the access-token lifetime plus
+        the clock-skew allowance). A client may forget the family then.
+        """
 
     def __init__(
         self,
         *,
         family_ids: _abc.Iterable[_builtins.str] | None = ...,
+        expire_times: _abc.Iterable[_timestamp_pb2.Timestamp] | None = ...,
+        next_page_token: _builtins.str = ...,
+        more_pages: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["family_ids", b"family_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_times", b"expire_times", "family_ids", b"family_ids", "more_pages", b"more_pages", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -156,8 +156,10 @@ class AuthServiceServicer:
 
     def GetRevokedFamilies(self, request, context):
         """Lists the token families revoked recently enough that some of their access tokens
-        may not have expired. Services refetch it every few seconds and refuse access tokens
-        whose `fam` claim is listed.
+        may not have expired, in pages, oldest revocation first. Services read every page
+        once, then every few seconds ask only for the families revoked since (the
+        next_page_token they hold), and refuse access tokens whose `fam` claim is listed.
+        INVALID_ARGUMENT for a negative page_size or a page_token this service did not make.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -72,8 +72,10 @@ class AuthServiceStub:
     """
     GetRevokedFamilies: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetRevokedFamiliesRequest, _auth_pb2.GetRevokedFamiliesResponse]
     """Lists the token families revoked recently enough that some of their access tokens
-    may not have expired. Services refetch it every few seconds and refuse access tokens
-    whose `fam` claim is listed.
+    may not have expired, in pages, oldest revocation first. Services read every page
+    once, then every few seconds ask only for the families revoked since (the
+    next_page_token they hold), and refuse access tokens whose `fam` claim is listed.
+    INVALID_ARGUMENT for a negative page_size or a page_token this service did not make.
     """
 
 @_typing.type_check_only
@@ -120,8 +122,10 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """
     GetRevokedFamilies: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetRevokedFamiliesRequest, _auth_pb2.GetRevokedFamiliesResponse]  # type: ignore[assignment]
     """Lists the token families revoked recently enough that some of their access tokens
-    may not have expired. Services refetch it every few seconds and refuse access tokens
-    whose `fam` claim is listed.
+    may not have expired, in pages, oldest revocation first. Services read every page
+    once, then every few seconds ask only for the families revoked since (the
+    next_page_token they hold), and refuse access tokens whose `fam` claim is listed.
+    INVALID_ARGUMENT for a negative page_size or a page_token this service did not make.
     """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -213,8 +217,10 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.GetRevokedFamiliesResponse, _abc.Awaitable[_auth_pb2.GetRevokedFamiliesResponse]]:
         """Lists the token families revoked recently enough that some of their access tokens
-        may not have expired. Services refetch it every few seconds and refuse access tokens
-        whose `fam` claim is listed.
+        may not have expired, in pages, oldest revocation first. Services read every page
+        once, then every few seconds ask only for the families revoked since (the
+        next_page_token they hold), and refuse access tokens whose `fam` claim is listed.
+        INVALID_ARGUMENT for a negative page_size or a page_token this service did not make.
         """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

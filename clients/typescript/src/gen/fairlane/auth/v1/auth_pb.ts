@@ -4,13 +4,15 @@
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file fairlane/auth/v1/auth.proto.
  */
 export const file_fairlane_auth_v1_auth: GenFile = /*@__PURE__*/
-  fileDesc("ChtmYWlybGFuZS9hdXRoL3YxL2F1dGgucHJvdG8SEGZhaXJsYW5lLmF1dGgudjEiNQoPUmVnaXN0ZXJSZXF1ZXN0EhAKCHVzZXJuYW1lGAEgASgJEhAKCHBhc3N3b3JkGAIgASgJIiMKEFJlZ2lzdGVyUmVzcG9uc2USDwoHdXNlcl9pZBgBIAEoCSIyCgxMb2dpblJlcXVlc3QSEAoIdXNlcm5hbWUYASABKAkSEAoIcGFzc3dvcmQYAiABKAkiUAoNTG9naW5SZXNwb25zZRIUCgxhY2Nlc3NfdG9rZW4YASABKAkSFQoNcmVmcmVzaF90b2tlbhgCIAEoCRISCgpleHBpcmVzX2luGAMgASgNIicKDlJlZnJlc2hSZXF1ZXN0EhUKDXJlZnJlc2hfdG9rZW4YASABKAkiUgoPUmVmcmVzaFJlc3BvbnNlEhQKDGFjY2Vzc190b2tlbhgBIAEoCRIVCg1yZWZyZXNoX3Rva2VuGAIgASgJEhIKCmV4cGlyZXNfaW4YAyABKA0iJgoNUmV2b2tlUmVxdWVzdBIVCg1yZWZyZXNoX3Rva2VuGAEgASgJIhAKDlJldm9rZVJlc3BvbnNlIg8KDVdob0FtSVJlcXVlc3QiMwoOV2hvQW1JUmVzcG9uc2USDwoHdXNlcl9pZBgBIAEoCRIQCgh1c2VybmFtZRgCIAEoCSIQCg5HZXRKd2tzUmVxdWVzdCIkCg9HZXRKd2tzUmVzcG9uc2USEQoJa2V5c19qc29uGAEgASgJIhsKGUdldFJldm9rZWRGYW1pbGllc1JlcXVlc3QiMAoaR2V0UmV2b2tlZEZhbWlsaWVzUmVzcG9uc2USEgoKZmFtaWx5X2lkcxgBIAMoCSJtChhJc3N1ZVNlcnZpY2VUb2tlblJlcXVlc3QSDwoHc2VydmljZRgBIAEoCRIOCgZzZWNyZXQYAiABKAkSMAoEcm9sZRgDIAEoDjIiLmZhaXJsYW5lLmF1dGgudjEuU2VydmljZVRva2VuUm9sZSJFChlJc3N1ZVNlcnZpY2VUb2tlblJlc3BvbnNlEhQKDGFjY2Vzc190b2tlbhgBIAEoCRISCgpleHBpcmVzX2luGAIgASgNKnQKEFNlcnZpY2VUb2tlblJvbGUSIgoeU0VSVklDRV9UT0tFTl9ST0xFX1VOU1BFQ0lGSUVEEAASHgoaU0VSVklDRV9UT0tFTl9ST0xFX1NFUlZJQ0UQARIcChhTRVJWSUNFX1RPS0VOX1JPTEVfQURNSU4QAjLDBQoLQXV0aFNlcnZpY2USUQoIUmVnaXN0ZXISIS5mYWlybGFuZS5hdXRoLnYxLlJlZ2lzdGVyUmVxdWVzdBoiLmZhaXJsYW5lLmF1dGgudjEuUmVnaXN0ZXJSZXNwb25zZRJICgVMb2dpbhIeLmZhaXJsYW5lLmF1dGgudjEuTG9naW5SZXF1ZXN0Gh8uZmFpcmxhbmUuYXV0aC52MS5Mb2dpblJlc3BvbnNlEk4KB1JlZnJlc2gSIC5mYWlybGFuZS5hdXRoLnYxLlJlZnJlc2hSZXF1ZXN0GiEuZmFpcmxhbmUuYXV0aC52MS5SZWZyZXNoUmVzcG9uc2USSwoGUmV2b2tlEh8uZmFpcmxhbmUuYXV0aC52MS5SZXZva2VSZXF1ZXN0GiAuZmFpcmxhbmUuYXV0aC52MS5SZXZva2VSZXNwb25zZRJLCgZXaG9BbUkSHy5mYWlybGFuZS5hdXRoLnYxLldob0FtSVJlcXVlc3QaIC5mYWlybGFuZS5hdXRoLnYxLldob0FtSVJlc3BvbnNlEk4KB0dldEp3a3MSIC5mYWlybGFuZS5hdXRoLnYxLkdldEp3a3NSZXF1ZXN0GiEuZmFpcmxhbmUuYXV0aC52MS5HZXRKd2tzUmVzcG9uc2USbAoRSXNzdWVTZXJ2aWNlVG9rZW4SKi5mYWlybGFuZS5hdXRoLnYxLklzc3VlU2VydmljZVRva2VuUmVxdWVzdBorLmZhaXJsYW5lLmF1dGgudjEuSXNzdWVTZXJ2aWNlVG9rZW5SZXNwb25zZRJvChJHZXRSZXZva2VkRmFtaWxpZXMSKy5mYWlybGFuZS5hdXRoLnYxLkdldFJldm9rZWRGYW1pbGllc1JlcXVlc3QaLC5mYWlybGFuZS5hdXRoLnYxLkdldFJldm9rZWRGYW1pbGllc1Jlc3BvbnNlYgZwcm90bzM");
+  fileDesc("ChtmYWlybGFuZS9hdXRoL3YxL2F1dGgucHJvdG8SEGZhaXJsYW5lLmF1dGgudjEiNQoPUmVnaXN0ZXJSZXF1ZXN0EhAKCHVzZXJuYW1lGAEgASgJEhAKCHBhc3N3b3JkGAIgASgJIiMKEFJlZ2lzdGVyUmVzcG9uc2USDwoHdXNlcl9pZBgBIAEoCSIyCgxMb2dpblJlcXVlc3QSEAoIdXNlcm5hbWUYASABKAkSEAoIcGFzc3dvcmQYAiABKAkiUAoNTG9naW5SZXNwb25zZRIUCgxhY2Nlc3NfdG9rZW4YASABKAkSFQoNcmVmcmVzaF90b2tlbhgCIAEoCRISCgpleHBpcmVzX2luGAMgASgNIicKDlJlZnJlc2hSZXF1ZXN0EhUKDXJlZnJlc2hfdG9rZW4YASABKAkiUgoPUmVmcmVzaFJlc3BvbnNlEhQKDGFjY2Vzc190b2tlbhgBIAEoCRIVCg1yZWZyZXNoX3Rva2VuGAIgASgJEhIKCmV4cGlyZXNfaW4YAyABKA0iJgoNUmV2b2tlUmVxdWVzdBIVCg1yZWZyZXNoX3Rva2VuGAEgASgJIhAKDlJldm9rZVJlc3BvbnNlIg8KDVdob0FtSVJlcXVlc3QiMwoOV2hvQW1JUmVzcG9uc2USDwoHdXNlcl9pZBgBIAEoCRIQCgh1c2VybmFtZRgCIAEoCSIQCg5HZXRKd2tzUmVxdWVzdCIkCg9HZXRKd2tzUmVzcG9uc2USEQoJa2V5c19qc29uGAEgASgJIkIKGUdldFJldm9rZWRGYW1pbGllc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkijwEKGkdldFJldm9rZWRGYW1pbGllc1Jlc3BvbnNlEhIKCmZhbWlseV9pZHMYASADKAkSMAoMZXhwaXJlX3RpbWVzGAIgAygLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIXCg9uZXh0X3BhZ2VfdG9rZW4YAyABKAkSEgoKbW9yZV9wYWdlcxgEIAEoCCJtChhJc3N1ZVNlcnZpY2VUb2tlblJlcXVlc3QSDwoHc2VydmljZRgBIAEoCRIOCgZzZWNyZXQYAiABKAkSMAoEcm9sZRgDIAEoDjIiLmZhaXJsYW5lLmF1dGgudjEuU2VydmljZVRva2VuUm9sZSJFChlJc3N1ZVNlcnZpY2VUb2tlblJlc3BvbnNlEhQKDGFjY2Vzc190b2tlbhgBIAEoCRISCgpleHBpcmVzX2luGAIgASgNKnQKEFNlcnZpY2VUb2tlblJvbGUSIgoeU0VSVklDRV9UT0tFTl9ST0xFX1VOU1BFQ0lGSUVEEAASHgoaU0VSVklDRV9UT0tFTl9ST0xFX1NFUlZJQ0UQARIcChhTRVJWSUNFX1RPS0VOX1JPTEVfQURNSU4QAjLDBQoLQXV0aFNlcnZpY2USUQoIUmVnaXN0ZXISIS5mYWlybGFuZS5hdXRoLnYxLlJlZ2lzdGVyUmVxdWVzdBoiLmZhaXJsYW5lLmF1dGgudjEuUmVnaXN0ZXJSZXNwb25zZRJICgVMb2dpbhIeLmZhaXJsYW5lLmF1dGgudjEuTG9naW5SZXF1ZXN0Gh8uZmFpcmxhbmUuYXV0aC52MS5Mb2dpblJlc3BvbnNlEk4KB1JlZnJlc2gSIC5mYWlybGFuZS5hdXRoLnYxLlJlZnJlc2hSZXF1ZXN0GiEuZmFpcmxhbmUuYXV0aC52MS5SZWZyZXNoUmVzcG9uc2USSwoGUmV2b2tlEh8uZmFpcmxhbmUuYXV0aC52MS5SZXZva2VSZXF1ZXN0GiAuZmFpcmxhbmUuYXV0aC52MS5SZXZva2VSZXNwb25zZRJLCgZXaG9BbUkSHy5mYWlybGFuZS5hdXRoLnYxLldob0FtSVJlcXVlc3QaIC5mYWlybGFuZS5hdXRoLnYxLldob0FtSVJlc3BvbnNlEk4KB0dldEp3a3MSIC5mYWlybGFuZS5hdXRoLnYxLkdldEp3a3NSZXF1ZXN0GiEuZmFpcmxhbmUuYXV0aC52MS5HZXRKd2tzUmVzcG9uc2USbAoRSXNzdWVTZXJ2aWNlVG9rZW4SKi5mYWlybGFuZS5hdXRoLnYxLklzc3VlU2VydmljZVRva2VuUmVxdWVzdBorLmZhaXJsYW5lLmF1dGgudjEuSXNzdWVTZXJ2aWNlVG9rZW5SZXNwb25zZRJvChJHZXRSZXZva2VkRmFtaWxpZXMSKy5mYWlybGFuZS5hdXRoLnYxLkdldFJldm9rZWRGYW1pbGllc1JlcXVlc3QaLC5mYWlybGFuZS5hdXRoLnYxLkdldFJldm9rZWRGYW1pbGllc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp]);
 
 /**
  * Register input.
@@ -299,11 +301,39 @@ export const GetJwksResponseSchema: GenMessage<GetJwksResponse> = /*@__PURE__*/
   messageDesc(file_fairlane_auth_v1_auth, 11);
 
 /**
- * GetRevokedFamilies input.
+ * GetRevokedFamilies input. To hold the whole list: call with an empty page_token, then
+ * with each answer's next_page_token while more_pages is true; from then on call every few
+ * seconds with the last next_page_token to learn of the families revoked since, and forget
+ * each family at its expire_time.
+ *
+ * Every revocation is numbered when it commits, in commit order, and a token names the
+ * last number its caller has seen. Revocations made at the same moment on different auth
+ * replicas are therefore never skipped, whatever order their transactions commit in.
+ *
+ * A client built before paging (an empty request, reading family_ids only) gets the
+ * first page: the whole list while fewer than 10000 families are revoked and unexpired,
+ * otherwise the oldest 10000 of them, and so misses the newer ones. Such clients exist
+ * only during a rolling update; replace them before relying on revocation.
  *
  * @generated from message fairlane.auth.v1.GetRevokedFamiliesRequest
  */
 export type GetRevokedFamiliesRequest = Message<"fairlane.auth.v1.GetRevokedFamiliesRequest"> & {
+  /**
+   * Most families to return; 0 or more than 10000 means 10000. A full page is about
+   * 0.5 MB, far below gRPC's default 4 MiB limit on a received message.
+   *
+   * @generated from field: int32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * Empty: start with the oldest family revoked within the last access-token lifetime
+   * (plus the clock-skew allowance). Otherwise a next_page_token from an earlier answer of
+   * any auth replica of this deployment: only families revoked after those it covered.
+   *
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
 };
 
 /**
@@ -320,11 +350,37 @@ export const GetRevokedFamiliesRequestSchema: GenMessage<GetRevokedFamiliesReque
  */
 export type GetRevokedFamiliesResponse = Message<"fairlane.auth.v1.GetRevokedFamiliesResponse"> & {
   /**
-   * Ids (UUID text) of the revoked families, as in the `fam` claim of access tokens.
+   * Ids (UUID text) of the revoked families, as in the `fam` claim of access tokens, in
+   * the order their revocations committed.
    *
    * @generated from field: repeated string family_ids = 1;
    */
   familyIds: string[];
+
+  /**
+   * One per family_ids entry, in the same order: the time after which no access token of
+   * that family is valid any more (its revocation plus the access-token lifetime plus
+   * the clock-skew allowance). A client may forget the family then.
+   *
+   * @generated from field: repeated google.protobuf.Timestamp expire_times = 2;
+   */
+  expireTimes: Timestamp[];
+
+  /**
+   * Never empty: pass it as page_token to continue after this answer, at once when
+   * more_pages is true, or later to get only the families revoked since. Opaque.
+   *
+   * @generated from field: string next_page_token = 3;
+   */
+  nextPageToken: string;
+
+  /**
+   * True when this answer stopped at page_size and more revoked families follow: ask
+   * again at once. False: the caller now has every family revoked before this answer.
+   *
+   * @generated from field: bool more_pages = 4;
+   */
+  morePages: boolean;
 };
 
 /**
@@ -527,8 +583,10 @@ export const AuthService: GenService<{
   },
   /**
    * Lists the token families revoked recently enough that some of their access tokens
-   * may not have expired. Services refetch it every few seconds and refuse access tokens
-   * whose `fam` claim is listed.
+   * may not have expired, in pages, oldest revocation first. Services read every page
+   * once, then every few seconds ask only for the families revoked since (the
+   * next_page_token they hold), and refuse access tokens whose `fam` claim is listed.
+   * INVALID_ARGUMENT for a negative page_size or a page_token this service did not make.
    *
    * @generated from rpc fairlane.auth.v1.AuthService.GetRevokedFamilies
    */
