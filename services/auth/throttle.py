@@ -14,7 +14,12 @@ counted: however many arrive at once, at most the free ones and the one that sta
 block are let through.
 
 The same table remembers, for `TRUST_DAYS`, which addresses logged in successfully: their
-logins go first when password checks queue up (services/auth/hashing.py).
+logins go first when password checks queue up (services/auth/hashing.py). And which
+username logged in successfully from which address: such a known pair is not counted by
+the address rule, so the users behind one shared address (an office's NAT, a proxy) are
+neither locked out by a colleague's typos or a guesser among them, nor refused when many
+of them log in at once. Their username rule still counts every failure, so a guesser at
+that address gains nothing on those accounts (OWASP's advice for lockouts by address).
 """
 
 from __future__ import annotations
@@ -50,8 +55,11 @@ class Trip:
 
 TRUST_DAYS = 30
 TRUST_REFRESH = timedelta(days=1)
-# Never blocks: it only records that an address logged in successfully.
+# Never block: they only record that an address, and a username at an address, logged in
+# successfully.
 TRUSTED_PEER = Rule("login-ok", free=2**62)
+KNOWN_PAIR = Rule("login-ok-pair", free=2**62)
+KEPT = (f"{TRUSTED_PEER.name}:", f"{KNOWN_PAIR.name}:")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,12 +82,15 @@ class Hold:
 class LoginState:
     trusted: bool
     user: Hold
-    peer: Hold
-    trust_key: str | None
+    # None for a known pair (this username logged in from this address before): the
+    # address rule does not count it.
+    peer: Hold | None
+    # Trust records a success refreshes (each at most daily).
+    refresh: tuple[str, ...]
 
     @property
-    def holds(self) -> tuple[Hold, Hold]:
-        return self.user, self.peer
+    def holds(self) -> tuple[Hold, ...]:
+        return (self.user,) if self.peer is None else (self.user, self.peer)
 
 
 def _aware(value: datetime) -> datetime:
@@ -147,28 +158,43 @@ class Throttle:
         await self._store.give_back([(h.key, h.block) for h in holds])
 
     async def before_login(self, user: tuple[Rule, str], peer: tuple[Rule, str]) -> LoginState:
-        """Raises Throttled while the username or the address is blocked; otherwise counts
-        the login as a failure of both until it succeeds (after_login), and tells whether
-        the address is trusted. One transaction, on the path of every login."""
+        """Raises Throttled while the username, or the address, is blocked; otherwise
+        counts the login as a failure of both until it succeeds (after_login), and tells
+        whether the address is trusted. A known pair (this username logged in from this
+        address within TRUST_DAYS) is neither refused nor counted by the address rule.
+        Two statements on the path of every login: what is known, then the counts."""
         trust_key = _key(TRUSTED_PEER, peer[1])
-        (user_hold, peer_hold), rows = await self._take((user, peer), [trust_key])
+        pair_key = _key(KNOWN_PAIR, f"{user[1]}\n{peer[1]}")
         now = datetime.now(UTC)
-        seen = _aware(rows[trust_key][1]) if trust_key in rows else None
+        seen = {
+            key: _aware(last)
+            for key, (_, last) in (await self._store.read([trust_key, pair_key])).items()
+        }
+        trusted = {key for key, last in seen.items() if last >= now - timedelta(days=TRUST_DAYS)}
+        if pair_key in trusted:
+            (user_hold,), _ = await self._take((user,))
+            peer_hold = None
+        else:
+            (user_hold, peer_hold), _ = await self._take((user, peer))
         return LoginState(
-            trusted=seen is not None and seen >= now - timedelta(days=TRUST_DAYS),
+            trusted=trust_key in trusted,
             user=user_hold,
             peer=peer_hold,
             # Refreshed at most daily: a returning user's login writes nothing here.
-            trust_key=trust_key if seen is None or seen < now - TRUST_REFRESH else None,
+            refresh=tuple(
+                key
+                for key in (trust_key, pair_key)
+                if key not in seen or seen[key] < now - TRUST_REFRESH
+            ),
         )
 
     async def after_login(self, state: LoginState) -> None:
         """A successful login: its username count restarts, its address gets its event
-        back and is trusted."""
+        back, and the address and the pair are trusted."""
         await self._store.settle(
             clear=state.user.key,
-            returned=[(state.peer.key, state.peer.block)],
-            touch=state.trust_key,
+            returned=[] if state.peer is None else [(state.peer.key, state.peer.block)],
+            touch=state.refresh,
             now=datetime.now(UTC),
         )
 
@@ -183,8 +209,5 @@ class Throttle:
     async def prune(self) -> int:
         now = datetime.now(UTC)
         return await self._store.prune(
-            now - self._window,
-            now,
-            kept=f"{TRUSTED_PEER.name}:",
-            kept_since=now - timedelta(days=TRUST_DAYS),
+            now - self._window, now, kept=KEPT, kept_since=now - timedelta(days=TRUST_DAYS)
         )

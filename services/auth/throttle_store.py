@@ -135,12 +135,12 @@ class ThrottleStore:
         self,
         *,
         clear: str | None,
-        touch: str | None,
+        touch: Sequence[str],
         now: datetime,
         returned: Sequence[tuple[str, datetime | None]] = (),
     ) -> None:
         """Deletes `clear`, gives back the `returned` events (see give_back) and records an
-        event now on `touch`, in one transaction."""
+        event now on each key of `touch`, in one transaction."""
         changes: list[tuple[str, datetime | None, bool]] = [(k, b, False) for k, b in returned]
         if clear is not None:
             changes.append((clear, None, True))
@@ -151,20 +151,20 @@ class ThrottleStore:
                     await conn.execute(auth_throttle.delete().where(t.key == key))
                 else:
                     await self._give_back(conn, key, block)
-            if touch is not None:
+            for key in sorted(touch):
                 insert = upsert(self._engine.dialect.name, auth_throttle)
                 await conn.execute(
-                    insert.values(key=touch, events=1, last_event_at=now).on_conflict_do_update(
+                    insert.values(key=key, events=1, last_event_at=now).on_conflict_do_update(
                         index_elements=[t.key], set_={"last_event_at": now}
                     )
                 )
 
     async def prune(
-        self, quiet_since: datetime, now: datetime, *, kept: str, kept_since: datetime
+        self, quiet_since: datetime, now: datetime, *, kept: Sequence[str], kept_since: datetime
     ) -> int:
         """Deletes counters that have restarted anyway and block nothing, and records with
-        the `kept` prefix older than `kept_since`."""
-        long_lived = t.key.startswith(kept, autoescape=True)
+        a `kept` prefix older than `kept_since`."""
+        long_lived = sa.or_(*(t.key.startswith(prefix, autoescape=True) for prefix in kept))
         async with self._engine.begin() as conn:
             result = await conn.execute(
                 auth_throttle.delete().where(

@@ -342,8 +342,12 @@ async def test_prune_keeps_blocks_and_recent_trust(start_auth: Start) -> None:
     blocked = Claim("login-user:blocked", 0, [now + timedelta(minutes=5)])
     await store.claim([blocked], earlier, earlier - window)
     await store.claim([Claim("login-user:recent", 5, [now])], now, now - window)
-    await store.settle(clear=None, touch="login-ok:recent-trust", now=now - hours)
-    await store.settle(clear=None, touch="login-ok:old-trust", now=now - days)
+    await store.settle(
+        clear=None, touch=["login-ok:recent-trust", "login-ok-pair:recent"], now=now - hours
+    )
+    await store.settle(
+        clear=None, touch=["login-ok:old-trust", "login-ok-pair:old"], now=now - days
+    )
     await auth.service.throttle.prune()
     left = await store.read(
         [
@@ -352,9 +356,16 @@ async def test_prune_keeps_blocks_and_recent_trust(start_auth: Start) -> None:
             "login-user:recent",
             "login-ok:recent-trust",
             "login-ok:old-trust",
+            "login-ok-pair:recent",
+            "login-ok-pair:old",
         ]
     )
-    assert sorted(left) == ["login-ok:recent-trust", "login-user:blocked", "login-user:recent"]
+    assert sorted(left) == [
+        "login-ok-pair:recent",
+        "login-ok:recent-trust",
+        "login-user:blocked",
+        "login-user:recent",
+    ]
 
 
 async def test_service_tokens_are_audited(start_auth: Start) -> None:
@@ -451,6 +462,49 @@ async def test_successful_logins_do_not_count_against_their_address(start_auth: 
     others = [unique(f"other{i}") for i in range(4)]
     codes = [(await _outcome(_login(auth.stub, n, "nope", "203.0.113.70"))).code for n in others]
     assert codes == ["UNAUTHENTICATED"] * 3 + ["RESOURCE_EXHAUSTED"]
+
+
+async def test_known_pairs_pass_a_blocked_shared_address_and_a_burst_of_them_is_not_refused(
+    start_auth: Start,
+) -> None:
+    """One address for a whole office (a NAT): a guesser or a colleague's typos there block
+    the address for usernames that never logged in from it, not for those that did; and
+    many of those logging in at once are not refused as if they were failures."""
+    office = "203.0.113.80"
+    auth = await start_auth(
+        login_peer_free_failures=3, login_user_free_failures=2, throttle_base_delay_seconds=120
+    )
+    staff = [await _register(auth.stub, f"staff{i}") for i in range(25)]
+    for name in staff:  # each logs in once from the office
+        await _login(auth.stub, name, PASSWORD, office)
+    newcomer = await _register(auth.stub, "newcomer")
+    guesses = [unique(f"guess{i}") for i in range(4)]
+    codes = [(await _outcome(_login(auth.stub, n, "guess", office))).code for n in guesses]
+    assert codes == ["UNAUTHENTICATED"] * 4  # the 4th started the address's block
+    assert (await _outcome(_login(auth.stub, newcomer, PASSWORD, office))).code == (
+        "RESOURCE_EXHAUSTED"
+    )
+    # 25 known pairs at once (more than the address has free failures): all in.
+    outcomes = await asyncio.gather(
+        *(_outcome(_login(auth.stub, n, PASSWORD, office)) for n in staff)
+    )
+    assert [o.code for o in outcomes] == ["OK"] * 25
+    # A colleague's typos: not refused by the address block, not adding to it; their own
+    # username's rule still counts them (2 free, the 3rd starts its block).
+    typo = staff[0]
+    codes = [
+        (await _outcome(_login(auth.stub, typo, "fat fingers", office))).code for _ in range(3)
+    ]
+    assert codes == ["UNAUTHENTICATED"] * 3
+    assert (await _outcome(_login(auth.stub, typo, PASSWORD, office))).code == "RESOURCE_EXHAUSTED"
+    assert (await _outcome(_login(auth.stub, staff[1], PASSWORD, office))).code == "OK"
+    # Known at the office is not known elsewhere.
+    elsewhere = "198.51.100.200"
+    for n in guesses:
+        await _outcome(_login(auth.stub, n, "guess", elsewhere))
+    assert (await _outcome(_login(auth.stub, staff[1], PASSWORD, elsewhere))).code == (
+        "RESOURCE_EXHAUSTED"
+    )
 
 
 async def test_after_the_block_the_right_password_logs_in_and_restarts_the_count(
