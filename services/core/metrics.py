@@ -23,7 +23,7 @@ LANES_RELEASED = Counter(
     "Lanes this worker handed to another replica to even out the busy lanes.",
 )
 LANE_DEPTH = Gauge("fairlane_lane_depth", "Queued (not yet started) requests in the deepest lane.")
-LANE_DEPTH_TOTAL = Gauge("fairlane_lane_depth_total", "Queued requests across all lanes.")
+QUEUED_REQUESTS = Gauge("fairlane_queued_requests", "Queued requests across all lanes.")
 OPEN_SESSIONS = Gauge("fairlane_open_sessions", "Session streams open on this queue replica.")
 RETRIES = Counter("fairlane_retries", "Handler attempts that failed and were retried.", ["handler"])
 DEAD_LETTERED = Counter("fairlane_dead_lettered", "Requests sent to fairlane.dead.", ["handler"])
@@ -68,8 +68,8 @@ LOG_MAINTENANCE_TIMESTAMP = Gauge(
     "fairlane_log_maintenance_timestamp_seconds",
     "Unix time this queue replica last completed a request-log maintenance pass.",
 )
-LOG_DAYS_KEPT = Gauge(
-    "fairlane_log_days_kept",
+LOG_PARTITIONS_PAST_RETENTION = Gauge(
+    "fairlane_log_partitions_past_retention",
     "Day partitions past retention that the last pass kept (unfinished or recent requests).",
 )
 LOG_REMOVED = Counter(

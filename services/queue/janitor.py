@@ -87,7 +87,7 @@ class LaneJanitor:
         depth."""
         deepest, total = await self._store.queued_depth()
         metrics.LANE_DEPTH.set(deepest)
-        metrics.LANE_DEPTH_TOTAL.set(total)
+        metrics.QUEUED_REQUESTS.set(total)
         # Open sessions on this replica keep their lanes alive for every replica.
         await self._lanes.touch([uuid.UUID(u) for u in self._hub.users()])
         deleted: list[str] = []

@@ -95,7 +95,9 @@ class Retention:
             finally:
                 await self._store.release(conn)
         metrics.LOG_MAINTENANCE_TIMESTAMP.set_to_current_time()
-        metrics.LOG_DAYS_KEPT.set(sum(1 for name, _ in report.kept if name.startswith("requests")))
+        metrics.LOG_PARTITIONS_PAST_RETENTION.set(
+            sum(1 for name, _ in report.kept if name.startswith("requests"))
+        )
         metrics.LOG_REMOVED.inc(
             sum(1 for name in report.dropped if name.startswith("requests")) + report.rows_deleted
         )

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import prometheus_client
 import yaml
 
 from tests.deploy.support import DEPLOY, KNOWN_METRICS, REPO, load_yaml, metric_families, run, tool
@@ -31,6 +32,15 @@ def test_promtool_check_config() -> None:
 def test_promtool_check_rules() -> None:
     out = run([tool("promtool"), "check", "rules", str(PROM / "alerts.yml")])
     assert f"SUCCESS: {len(alert_rules())} rules found" in out.stdout
+
+
+def test_every_exported_family_passes_promtool_lint() -> None:
+    """Names, types and help as Prometheus's own linter wants them (no `_total` on a
+    gauge, base units): what every process exports, from the one registry."""
+    exposition = prometheus_client.generate_latest(prometheus_client.REGISTRY).decode()
+    assert "fairlane_requests_total" in exposition
+    out = run([tool("promtool"), "check", "metrics"], stdin=exposition, check=False)
+    assert (out.returncode, out.stdout + out.stderr) == (0, "")
 
 
 def test_promtool_test_rules() -> None:

@@ -308,7 +308,7 @@ def test_queue_metrics_count_the_run(run: Run) -> None:
     assert q.value("fairlane_breaker_state", dependency="database") == 0
     assert q.value("fairlane_open_sessions") == 0
     assert q.value("fairlane_lane_depth") >= 0
-    assert q.value("fairlane_lane_depth_total") >= 0
+    assert q.value("fairlane_queued_requests") >= 0
     # Final statuses and attempts are the worker's.
     assert q.total("fairlane_requests_total") == 0
     assert q.total("fairlane_handler_duration_seconds_count") == 0

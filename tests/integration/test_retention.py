@@ -168,7 +168,7 @@ async def test_retention_drops_finished_days_and_keeps_live_ones(pg: AsyncEngine
         partition_name("requests", today + 3): "1 unfinished request(s)",
         partition_name("requests", today + 4): "requests finished within the retention period",
     }
-    assert REGISTRY.get_sample_value("fairlane_log_days_kept") == 2
+    assert REGISTRY.get_sample_value("fairlane_log_partitions_past_retention") == 2
     assert "requests_initial" in report.dropped
     assert "request_events_initial" in report.dropped
     assert partition_name("requests", today + 2) in report.dropped
