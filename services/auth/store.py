@@ -220,6 +220,44 @@ class AuthStore:
             )
         return bool(result.rowcount)
 
+    async def prune(
+        self, now: datetime, *, revoked_before: datetime, batch: int = 5000
+    ) -> tuple[int, int]:
+        """Deletes refresh tokens past their expiry, then revoked families that nothing can
+        use any more: revoked before `revoked_before` (so their access tokens have expired
+        too) with no unexpired refresh token left (Refresh reads the revocation through
+        them). The newest revocation is always kept: on SQLite the next number is the
+        highest plus one, and a number used again would be skipped by every reader past
+        it. In batches of `batch` rows, each its own short transaction, so Revoke and the
+        logins wait at most one batch. Returns (tokens, families) deleted."""
+        rt, rf = refresh_tokens.c, revoked_families.c
+        expired = sa.select(rt.id).where(rt.expires_at < now).limit(batch)
+        useless = (
+            sa.select(rf.family_id)
+            .where(
+                rf.revoked_at < revoked_before,
+                rf.seq < sa.select(sa.func.max(rf.seq)).scalar_subquery(),
+                ~sa.exists().where(rt.family_id == rf.family_id, rt.expires_at >= now),
+            )
+            .limit(batch)
+        )
+        counts = []
+        for table, key, chosen in (
+            (refresh_tokens, rt.id, expired),
+            (revoked_families, rf.family_id, useless),
+        ):
+            total = 0
+            while True:
+                async with self._engine.begin() as conn:
+                    result = await conn.execute(
+                        table.delete().where(key.in_(chosen.scalar_subquery()))
+                    )
+                total += result.rowcount
+                if result.rowcount < batch:
+                    break
+            counts.append(total)
+        return counts[0], counts[1]
+
     async def family_of(self, token_hash: str) -> tuple[uuid.UUID, uuid.UUID] | None:
         """(family id, user id) of a refresh token."""
         rt = refresh_tokens.c

@@ -38,7 +38,8 @@ refresh_tokens = sa.Table(
     sa.Column("family_id", sa.Uuid, nullable=False, index=True),
     sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
     sa.Column("created_at", Timestamp, nullable=False),
-    sa.Column("expires_at", Timestamp, nullable=False),
+    # Indexed (migration 0012): the auth service deletes expired tokens (AuthStore.prune).
+    sa.Column("expires_at", Timestamp, nullable=False, index=True),
     sa.Column("used_at", Timestamp),
     # The pair this token was exchanged for, encrypted under a key derived from this token,
     # so a second Refresh with it within the reuse interval returns the same pair.
