@@ -1,4 +1,4 @@
-"""The server's commands of the `fairlane` CLI: serve, migrate, maintain, dev, bench.
+"""The server's commands of the `fairlane` CLI: serve, migrate, maintain, keys, dev, bench.
 
 The client distribution owns the `fairlane` command; the server adds these through the
 `fairlane.cli` entry-point group (see `register`), so the client never imports the server.
@@ -67,6 +67,44 @@ def maintain(
     maintain_database(retention_days=retention_days)
 
 
+keys_app = typer.Typer(
+    help="Signing keys of access tokens: list, rotate, retire (straight on the database, "
+    "like migrate; docs/security.md, 'Signing-key rotation').",
+    no_args_is_help=True,
+)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """Every signing key and what the auth replicas do with it."""
+    from fairlane_server.auth.keys_cli import list_keys
+
+    list_keys()
+
+
+@keys_app.command("rotate")
+def keys_rotate() -> None:
+    """Add a new signing key: published at once, signed with two reloads and 5 s later."""
+    from fairlane_server.auth.keys_cli import rotate_key
+
+    rotate_key()
+
+
+@keys_app.command("retire")
+def keys_retire(
+    kid: Annotated[str, typer.Argument(help="The key's id (`fairlane keys list`).")],
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Retire it even while the replicas still sign with it."),
+    ] = False,
+) -> None:
+    """Stop publishing and signing with a key: tokens it signed are refused from then."""
+    from fairlane_server.auth.keys_cli import retire_key
+
+    retire_key(kid, force=force)
+
+
 @app.command()
 def dev(
     broker: Annotated[
@@ -104,3 +142,4 @@ app.command(name="bench")(bench_command)
 def register(main: typer.Typer) -> None:
     """Adds the server's commands to the `fairlane` app (entry point `fairlane.cli`)."""
     main.registered_commands.extend(app.registered_commands)
+    main.registered_groups.extend(app.registered_groups)

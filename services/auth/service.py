@@ -83,6 +83,7 @@ class AuthService:
         # taken out of rotation (liveness stays SERVING: an outage restarts nothing).
         self._monitor = DependencyMonitor(self.host, engine=self.engine)
         self._pruner: asyncio.Task[None] | None = None
+        self._ring: keys.KeyRing | None = None
 
     @property
     def address(self) -> str:
@@ -96,13 +97,18 @@ class AuthService:
                 "signing_keys_unencrypted",
                 hint="set FAIRLANE_SIGNING_KEY_ENCRYPTION_KEY(_FILE) to encrypt them at rest",
             )
-        key, public = await keys.load_or_create(self.engine, encryption)
+        # Keys are reloaded as often as services refetch the revocation list: a rotation
+        # or a retirement reaches this replica within that bound (keys.py says why a new
+        # key signs only later).
+        ring = keys.KeyRing(self.engine, encryption, reload_seconds=s.revocation_refresh_seconds)
+        await ring.load_first()
+        # Auth keeps the ring's signer and published list, which each reload updates.
         auth = Auth(
             store=AuthStore(self.engine),
             throttle=self.throttle,
             hashing=self.hashing,
-            key=key,
-            public_jwks=public,
+            key=ring.signer,
+            public_jwks=ring.published,
             policy=policy(s),
         )
 
@@ -116,6 +122,11 @@ class AuthService:
             revoked=RevokedFamilies(auth.revoked_families, max_age=s.revocation_refresh_seconds),
         )
         await verifier.refresh()
+        # This replica's own verifier (WhoAmI, every call with a token) follows each change at
+        # once: a retired key is refused here from the reload that drops it.
+        ring.on_change = verifier.refresh
+        self._ring = ring
+        ring.start()
         self.host.authz.use(verifier)
         auth_pb2_grpc.add_AuthServiceServicer_to_server(
             AuthServicer(auth, parse_networks(s.trusted_proxies)), self.host.server
@@ -135,6 +146,8 @@ class AuthService:
 
     async def stop(self, grace: float) -> None:
         await self._monitor.stop()
+        if self._ring is not None:
+            await self._ring.stop()
         if self._pruner is not None:
             self._pruner.cancel()
             with contextlib.suppress(asyncio.CancelledError):

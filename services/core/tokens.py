@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -55,11 +56,20 @@ class KeysUnavailable(InvalidToken):
 
 
 class TokenVerifier:
-    """Verifies JWTs locally with keys from `fetch_jwks`; refetches on an unknown `kid`.
+    """Verifies JWTs locally with keys from `fetch_jwks`.
 
-    Refetches are rate-limited so a flood of tokens with made-up kids cannot turn into a
-    flood of calls to the auth service. With `revoked`, tokens of a revoked login (their
-    `fam` claim) are refused too (services/core/revocation.py).
+    The keys are refetched when they are older than `refresh_seconds` (that is how a
+    retired key stops verifying here), and when a token names a `kid` they do not hold:
+    after a rotation, the first token signed with the new key brings it. Such a token
+    joins the fetch under way, or begins one; should the fetch it joined have begun
+    before the token arrived and lack the key, it waits for one that begins after. At
+    most one fetch begins per `min_refetch_seconds` (1 s), and tokens that miss together
+    share it. So a token signed with a key auth publishes is verified within
+    `min_refetch_seconds` plus two fetches, and a flood of tokens with made-up kids costs
+    auth at most one call per `min_refetch_seconds`. When the fetch fails the token is
+    refused as KeysUnavailable (UNAVAILABLE: try again), not as unknown: it may be fine.
+    With `revoked`, tokens of a revoked login (their `fam` claim) are refused too
+    (services/core/revocation.py).
     """
 
     def __init__(
@@ -69,8 +79,9 @@ class TokenVerifier:
         issuer: str,
         audience: str,
         refresh_seconds: float = 300.0,
-        min_refetch_seconds: float = 5.0,
+        min_refetch_seconds: float = 1.0,
         revoked: RevokedFamilies | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._fetch = fetch_jwks
         self._revoked = revoked
@@ -78,30 +89,75 @@ class TokenVerifier:
         self._audience = audience
         self._refresh = refresh_seconds
         self._min_refetch = min_refetch_seconds
+        self._clock = clock
         # kid -> (key, the one algorithm that key verifies).
         self._keys: dict[str, tuple[Any, str]] = {}
-        self._fetched_at = 0.0
-        self._lock = asyncio.Lock()
+        self._fetched_at = -float("inf")
+        # The fetch under way (shared by every caller that may use it) and when it began;
+        # when the last one began, for the rate limit.
+        self._fetching: asyncio.Task[None] | None = None
+        self._fetch_began = -float("inf")
+        self._last_began = -float("inf")
+        self.fetches = 0
 
     async def refresh(self) -> None:
-        async with self._lock:
-            keys_json = await self._fetch()
-            keys: dict[str, tuple[Any, str]] = {}
-            for jwk in json.loads(keys_json).get("keys", []):
-                parsed = jwt.PyJWK(jwk)
-                if parsed.algorithm_name in ALGORITHMS:
-                    keys[jwk["kid"]] = (parsed.key, parsed.algorithm_name)
-            self._keys = keys
-            self._fetched_at = time.monotonic()
+        """Fetches the keys now, or joins a fetch under way that began no earlier than
+        this call (start-up, and auth's own verifier after each reload of its keys)."""
+        await self._fetched_since(self._clock(), wait=False)
+
+    async def _fetched_since(self, since: float | None, *, wait: bool = True) -> float:
+        """Returns once a fetch that began at or after `since` (any fetch when None) has
+        succeeded, with the time it began; raises what it failed with. With `wait`, a new
+        fetch begins no sooner than `min_refetch_seconds` after the last one began."""
+        while True:
+            task = self._fetching
+            if task is not None and not task.done():
+                began = self._fetch_began
+                if since is None or began >= since:
+                    # Shielded: a caller that leaves does not end the fetch for the others.
+                    await asyncio.shield(task)
+                    return began
+                # It began before the caller needed it: it may lack the key. Let it end.
+                await asyncio.wait([task])
+                continue
+            if wait:
+                pause = self._last_began + self._min_refetch - self._clock()
+                if pause > 0:
+                    await asyncio.sleep(pause)
+                    continue
+            self._fetch_began = self._last_began = self._clock()
+            self._fetching = asyncio.create_task(self._load(), name="jwks-fetch")
+            self._fetching.add_done_callback(_retrieve)
+
+    async def _load(self) -> None:
+        self.fetches += 1
+        keys_json = await self._fetch()
+        keys: dict[str, tuple[Any, str]] = {}
+        for jwk in json.loads(keys_json).get("keys", []):
+            parsed = jwt.PyJWK(jwk)
+            if parsed.algorithm_name in ALGORITHMS:
+                keys[jwk["kid"]] = (parsed.key, parsed.algorithm_name)
+        self._keys = keys
+        self._fetched_at = self._clock()
 
     async def _key(self, kid: str) -> tuple[Any, str]:
-        age = time.monotonic() - self._fetched_at
-        if (kid not in self._keys and age > self._min_refetch) or age > self._refresh:
+        now = self._clock()
+        if kid not in self._keys:
             try:
-                await self.refresh()
+                # A fetch under way most likely brings the key (auth publishes a key well
+                # before any replica signs with it: services/auth/keys.py). If it began
+                # before this token arrived and did not, one more that begins after.
+                began = await self._fetched_since(None)
+                if kid not in self._keys and began < now:
+                    await self._fetched_since(now)
             except Exception as exc:
-                if not self._keys:
-                    raise KeysUnavailable("token keys are unavailable, try again") from exc
+                raise KeysUnavailable("token keys are unavailable, try again") from exc
+        elif now - self._fetched_at > self._refresh and now - self._last_began >= self._min_refetch:
+            # Stale: refetched, so that retired keys stop verifying. A failure keeps the
+            # keys held (auth unreachable must not refuse every token); a call after
+            # `min_refetch_seconds` tries again.
+            with contextlib.suppress(Exception):
+                await self._fetched_since(None, wait=False)
         try:
             return self._keys[kid]
         except KeyError:
@@ -191,6 +247,13 @@ class TokenVerifier:
                 unwatch_family()
 
         return unwatch
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Marks a fetch's failure retrieved: its callers may all have left, and asyncio would
+    log an exception nobody retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:

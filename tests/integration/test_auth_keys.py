@@ -1,10 +1,14 @@
 """Signing keys at rest against real PostgreSQL: clear or encrypted, re-encryption under a
-new encryption key, and signing-key rotation with encrypted keys."""
+new encryption key, signing-key rotation with encrypted keys, and running replicas
+following a rotation and a retirement."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
 from pydantic import SecretStr
+from sqlalchemy.ext.asyncio import AsyncEngine
 from structlog.testing import capture_logs
 
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
@@ -166,30 +171,51 @@ def test_a_short_encryption_key_is_refused() -> None:
         )
 
 
+async def _age(engine: AsyncEngine, kid: str, seconds: float) -> None:
+    """Moves a key's creation back, as if `seconds` had passed since."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            signing_keys.update()
+            .where(signing_keys.c.kid == kid)
+            .values(created_at=signing_keys.c.created_at - timedelta(seconds=seconds))
+        )
+
+
 async def test_signing_key_rotation_with_encrypted_keys(
     with_auth: Run, rows: Callable[[], Awaitable[list[Any]]], pg_schema: str
 ) -> None:
     old_token = await with_auth(_login, signing_key_encryption_key=KEY_A)
     engine = create_engine(DATABASE_URL, schema=pg_schema, pool_size=1)
     try:
-        new_kid = await keys.rotate(engine, keys.KeyEncryption(KEY_A.encode()))
+        rotated = await keys.rotate(engine, keys.KeyEncryption(KEY_A.encode()), reload_seconds=5)
+        new_kid = rotated.kid
+        assert (rotated.signs_from - rotated.created_at).total_seconds() == keys.sign_delay(5)
 
-        async def both_verify(stub: auth_pb2_grpc.AuthServiceStub) -> set[str]:
+        async def signs_with(stub: auth_pb2_grpc.AuthServiceStub) -> tuple[str, set[str]]:
             new_token = await _login(stub)
-            assert jwt.get_unverified_header(new_token)["kid"] == new_kid
             assert await _whoami(stub, old_token)
             assert await _whoami(stub, new_token)
             jwks = json.loads((await stub.GetJwks(auth_pb2.GetJwksRequest())).keys_json)
-            return {k["kid"] for k in jwks["keys"]}
+            return jwt.get_unverified_header(new_token)["kid"], {k["kid"] for k in jwks["keys"]}
 
-        published = await with_auth(both_verify, signing_key_encryption_key=KEY_A)
-        old, new = await rows()
-        assert published == {old.kid, new.kid}
-        for row in (old, new):
+        # Published at once, not signed with before it is ready, even by a replica that
+        # starts after the rotation.
+        old, _ = await rows()
+        assert await with_auth(signs_with, signing_key_encryption_key=KEY_A) == (
+            old.kid,
+            {old.kid, new_kid},
+        )
+        await _age(engine, new_kid, keys.sign_delay(5))
+        assert await with_auth(signs_with, signing_key_encryption_key=KEY_A) == (
+            new_kid,
+            {old.kid, new_kid},
+        )
+        for row in await rows():
             assert _opens(row.private_pem, KEY_A)
             assert not _opens(row.private_pem, None)
 
-        await keys.retire(engine, old.kid)
+        assert await keys.retire(engine, old.kid)
+        assert not await keys.retire(engine, old.kid)  # once
 
         async def old_refused(stub: auth_pb2_grpc.AuthServiceStub) -> set[str]:
             with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -201,3 +227,76 @@ async def test_signing_key_rotation_with_encrypted_keys(
         assert await with_auth(old_refused, signing_key_encryption_key=KEY_A) == {new_kid}
     finally:
         await engine.dispose()
+
+
+async def test_replicas_follow_a_rotation_and_a_retirement_while_running(pg_schema: str) -> None:
+    """Two key rings on one database, as two running replicas: a rotation is published by
+    both within a reload and signed with by both once ready; a retirement is dropped by
+    both within a reload. Each change calls on_change (the replica's own verifier)."""
+    engine = create_engine(DATABASE_URL, schema=pg_schema, pool_size=2)
+    reload = 0.2
+    rings = [keys.KeyRing(engine, keys.KeyEncryption(), reload_seconds=reload) for _ in range(2)]
+    changes = [0, 0]
+    try:
+        for i, ring in enumerate(rings):
+
+            async def changed(i: int = i) -> None:
+                changes[i] += 1
+
+            await ring.load_first()
+            ring.on_change = changed
+            ring.start()
+        first = rings[0].signer.kid
+        assert rings[1].signer.kid == first
+
+        rotated = await keys.rotate(engine, reload_seconds=reload)
+        began = time.monotonic()
+
+        async def published_everywhere() -> bool:
+            return all({k["kid"] for k in r.published} == {first, rotated.kid} for r in rings)
+
+        await wait_for(published_everywhere, 5)
+        published_after = time.monotonic() - began
+        assert published_after < 2 * reload + 1, published_after
+        assert [r.signer.kid for r in rings] == [first, first]  # not ready yet
+
+        async def signing_everywhere() -> bool:
+            return all(r.signer.kid == rotated.kid for r in rings)
+
+        await wait_for(signing_everywhere, keys.sign_delay(reload) + 5)
+        switched_after = time.monotonic() - began
+        assert switched_after >= keys.sign_delay(reload) - 0.5, switched_after
+
+        assert await keys.retire(engine, first)
+
+        async def retired_everywhere() -> bool:
+            return all([k["kid"] for k in r.published] == [rotated.kid] for r in rings)
+
+        await wait_for(retired_everywhere, 2 * reload + 1)
+        assert changes == [2, 2]
+
+        # Every key retired (not through the CLI, which refuses): the replicas make a new
+        # one rather than go on with a retired key, and agree on which to sign with.
+        assert await keys.retire(engine, rotated.kid)
+
+        async def replaced_everywhere() -> bool:
+            kids = {r.signer.kid for r in rings}
+            return (
+                len(kids) == 1
+                and rotated.kid not in kids
+                and (all(rotated.kid not in {k["kid"] for k in r.published} for r in rings))
+            )
+
+        await wait_for(replaced_everywhere, 4 * reload + 2)
+    finally:
+        for ring in rings:
+            await ring.stop()
+        await engine.dispose()
+
+
+async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        while True:
+            if await check():
+                return
+            await asyncio.sleep(0.02)

@@ -16,7 +16,7 @@ from tests.unit.loopback_services import LoopbackServices
 
 app = build_app()
 
-SERVER_COMMANDS = {"serve", "migrate", "maintain", "dev", "bench"}
+SERVER_COMMANDS = {"serve", "migrate", "maintain", "keys", "dev", "bench"}
 CONNECTION_OPTIONS = {
     "--auth-target",
     "--queue-target",
