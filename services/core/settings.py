@@ -88,7 +88,9 @@ class Settings(BaseSettings):
     refresh_token_ttl_seconds: int = 30 * 24 * 3600
     jwt_issuer: str = "fairlane"
     jwt_audience: str = "fairlane"
-    jwks_refresh_seconds: float = 300.0
+    # A token with an unknown key refetches at once; this refetch is what drops a retired
+    # key (a rotation away from a key that may have leaked), so it is short.
+    jwks_refresh_seconds: float = Field(default=30.0, gt=0)
     password_min_length: int = 8
     # Argon2id cost: the OWASP minimum (19 MiB, 2 passes, 1 lane) by default.
     argon2_memory_kib: int = Field(default=19_456, ge=8)
