@@ -14,8 +14,6 @@ from fairlane_server.auth import service as service_module
 from fairlane_server.auth.service import AuthService
 from fairlane_server.auth.store import AuthStore
 from fairlane_server.core.models import refresh_tokens, revoked_families, users
-from fairlane_server.core.settings import Settings
-from tests.conftest import DATABASE_URL
 from tests.e2e.suite import wait_until
 
 pytestmark = pytest.mark.integration
@@ -101,27 +99,21 @@ async def test_expired_tokens_and_useless_revocations_go_the_rest_stays(
     assert seqs[later] > seqs[newest]
 
 
-async def test_the_auth_service_prunes_on_its_own(
-    pg_schema: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def prune_often(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before the service starts: its pass sleeps this long first.
     monkeypatch.setattr(service_module, "PRUNE_EVERY_SECONDS", 0.05)
-    service = AuthService(
-        Settings(
-            database_url=DATABASE_URL,
-            database_schema=pg_schema,
-            auth_listen="127.0.0.1:0",
-            service_secret="the-secret",
-        )
-    )
-    await service.start()
-    try:
-        user = await _user(service.engine)
-        await _token(service.engine, user, uuid.uuid4(), datetime.now(UTC) - HOUR)
-        await _token(service.engine, user, uuid.uuid4(), datetime.now(UTC) + HOUR)
 
-        async def one_left() -> bool:
-            return (await _left(service.engine))[1] == 1
 
-        await wait_until(one_left, timeout=10)
-    finally:
-        await service.stop(1)
+async def test_the_auth_service_prunes_on_its_own(
+    prune_often: None, auth_service: AuthService
+) -> None:
+    service = auth_service
+    user = await _user(service.engine)
+    await _token(service.engine, user, uuid.uuid4(), datetime.now(UTC) - HOUR)
+    await _token(service.engine, user, uuid.uuid4(), datetime.now(UTC) + HOUR)
+
+    async def one_left() -> bool:
+        return (await _left(service.engine))[1] == 1
+
+    await wait_until(one_left, timeout=10)

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import command
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from fairlane_server.core.db import _alembic_config, create_engine, drop_schema, migrate
+from fairlane_server.core.db import _alembic_config, create_engine, migrate
 from fairlane_server.core.memory_broker import MemoryBroker
 from fairlane_server.core.models import lanes, users
 from fairlane_server.queue.hub import Hub
@@ -22,7 +22,8 @@ from fairlane_server.queue.janitor import LaneJanitor
 from fairlane_server.queue.lane_store import LaneHousekeepingStore
 from fairlane_server.queue.store import RequestStore
 from fairlane_server.worker.store import WorkerStore
-from tests.conftest import DATABASE_URL, unique
+from tests.conftest import unique
+from tests.integration.conftest import database_at
 
 pytestmark = pytest.mark.integration
 IDLE = 60.0
@@ -145,16 +146,8 @@ async def test_a_pause_between_the_janitor_read_and_its_claim_keeps_the_lane(
 @pytest.fixture(params=["postgresql", "sqlite"])
 async def at_0008(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[str, str]]:
     """(url, schema) of a database migrated to 0008, of each kind."""
-    if request.param == "postgresql":
-        url, schema = DATABASE_URL, unique()
-    else:
-        url, schema = f"sqlite+aiosqlite:///{tmp_path}/log.db", ""
-    await migrate(url, schema=schema, revision="0008")
-    try:
-        yield url, schema
-    finally:
-        if schema:
-            await drop_schema(url, schema)
+    async with database_at(request.param, tmp_path, "0008") as at:
+        yield at
 
 
 async def _columns_and_revision(engine: AsyncEngine) -> tuple[set[str], str]:

@@ -16,10 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from uuid_utils.compat import uuid7
 
 from fairlane_server.core import status
-from fairlane_server.core.db import _alembic_config, create_engine, drop_schema, migrate
+from fairlane_server.core.db import _alembic_config, create_engine, migrate
 from fairlane_server.core.models import lanes, outbox, requests, users
 from fairlane_server.queue.lane_rebuild import OpenRequest, place, put_back
-from tests.conftest import DATABASE_URL, unique
+from tests.integration.conftest import database_at
 
 pytestmark = pytest.mark.integration
 ROUTE = "results.rebuilt"
@@ -153,16 +153,8 @@ def test_place_leaves_what_finds_no_free_position() -> None:
 @pytest.fixture(params=["postgresql", "sqlite"])
 async def at_0009(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[str, str]]:
     """(url, schema) of a database migrated to 0009, of each kind."""
-    if request.param == "postgresql":
-        url, schema = DATABASE_URL, unique()
-    else:
-        url, schema = f"sqlite+aiosqlite:///{tmp_path}/log.db", ""
-    await migrate(url, schema=schema, revision="0009")
-    try:
-        yield url, schema
-    finally:
-        if schema:
-            await drop_schema(url, schema)
+    async with database_at(request.param, tmp_path, "0009") as at:
+        yield at
 
 
 async def _columns(engine: AsyncEngine) -> set[str]:

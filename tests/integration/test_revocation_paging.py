@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,7 +25,6 @@ from fairlane_server.core.auth_client import AuthClient
 from fairlane_server.core.db import _alembic_config, create_engine, drop_schema, migrate
 from fairlane_server.core.models import users
 from fairlane_server.core.revocation import RevokedFamilies
-from fairlane_server.core.settings import Settings
 from tests.conftest import DATABASE_URL, unique
 from tests.e2e.suite import wait_until
 
@@ -35,20 +33,8 @@ PASSWORD = "correct horse battery"
 
 
 @pytest.fixture
-async def auth(pg_schema: str) -> AsyncIterator[AuthService]:
-    service = AuthService(
-        Settings(
-            database_url=DATABASE_URL,
-            database_schema=pg_schema,
-            auth_listen="127.0.0.1:0",
-            service_secret="the-secret",
-        )
-    )
-    await service.start()
-    try:
-        yield service
-    finally:
-        await service.stop(1)
+async def auth(auth_service: AuthService) -> AuthService:
+    return auth_service
 
 
 async def _user(engine: AsyncEngine) -> uuid.UUID:
