@@ -19,13 +19,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
-import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fairlane_server.core.db import write_transaction
+from fairlane_server.core.logging import get_logger
 from fairlane_server.core.models import lanes, outbox, requests
 
-log = structlog.get_logger()
+log = get_logger(__name__)
+
+_CHUNK = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,15 +76,22 @@ async def put_back(engine: AsyncEngine, *, reply_route: str) -> dict[uuid.UUID, 
             queued[row.user_id].add(row.request_id)
             taken[row.user_id].add(row.lane_pos)
         found: dict[uuid.UUID, list[OpenRequest]] = defaultdict(list)
-        for req in await conn.execute(
-            sa.select(
-                requests.c.id, requests.c.user_id, requests.c.lane_pos, requests.c.enqueued_at
-            ).where(requests.c.lane_seq.is_(None))
-        ):
-            if req.user_id in open_lanes and req.id not in queued[req.user_id]:
-                found[req.user_id].append(
-                    OpenRequest(req.id, req.lane_pos, _aware(req.enqueued_at))
+        users = sorted(open_lanes)
+        # By lane, so the (user_id, lane_seq) index finds them, not a scan of the whole log;
+        # in chunks that stay under SQLite's limit of bound values.
+        for start in range(0, len(users), _CHUNK):
+            for req in await conn.execute(
+                sa.select(
+                    requests.c.id, requests.c.user_id, requests.c.lane_pos, requests.c.enqueued_at
+                ).where(
+                    requests.c.user_id.in_(users[start : start + _CHUNK]),
+                    requests.c.lane_seq.is_(None),
                 )
+            ):
+                if req.id not in queued[req.user_id]:
+                    found[req.user_id].append(
+                        OpenRequest(req.id, req.lane_pos, _aware(req.enqueued_at))
+                    )
         rows: list[dict[str, object]] = []
         for user, items in found.items():
             last_seq, accepted = open_lanes[user]
