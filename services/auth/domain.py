@@ -317,7 +317,14 @@ def _revoked_after(page_token: str) -> int | None:
     if not page_token:
         return None
     number = page_token.removeprefix(_REVOKED_TOKEN_PREFIX)
-    if number == page_token or not number.isascii() or not number.isdigit():
+    # A seq is a bigint: 19 digits at most (checked first: int() refuses past 4,300).
+    if (
+        number == page_token
+        or not number.isascii()
+        or not number.isdigit()
+        or len(number) > 19
+        or int(number) >= 2**63
+    ):
         raise InvalidInput("page_token is not one this service gave")
     return int(number)
 

@@ -402,6 +402,30 @@ class Rotated:
     signs_from: datetime
 
 
+async def check_encryption(engine: AsyncEngine, encryption: KeyEncryption) -> None:
+    """Raises SigningKeyError unless `encryption` stores keys as the replicas do: every key
+    in use opens with its current key (or, with none, is stored in clear). A key added
+    under other settings would become the one to sign with, and no replica could open it:
+    every reload would fail and a restarted replica would not start."""
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            sa.select(signing_keys.c.kid, signing_keys.c.private_pem).where(
+                signing_keys.c.retired_at.is_(None)
+            )
+        )
+        for kid, pem in rows:
+            try:
+                _, stored_otherwise = encryption.decode(kid, pem)
+            except SigningKeyError as exc:
+                raise SigningKeyError(f"{exc}: run this with the auth replicas' settings") from None
+            if stored_otherwise:
+                raise SigningKeyError(
+                    f"signing key {kid} is not stored under this command's encryption key "
+                    "(FAIRLANE_SIGNING_KEY_ENCRYPTION_KEY): run it with the auth replicas' "
+                    "settings, after every replica has restarted with them"
+                )
+
+
 async def rotate(
     engine: AsyncEngine, encryption: KeyEncryption | None = None, *, reload_seconds: float
 ) -> Rotated:

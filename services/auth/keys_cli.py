@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import NoReturn, TypeVar
 
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fairlane_server.auth import keys
@@ -38,6 +39,12 @@ def _run(command: str, settings: Settings, body: Callable[[AsyncEngine], Awaitab
         return asyncio.run(main())
     except OSError as exc:
         _fail(command, f"cannot reach the database: {exc}")
+    except (ArgumentError, NoSuchModuleError) as exc:
+        _fail(command, f"FAIRLANE_DATABASE_URL is not a database URL: {exc}")
+    except DBAPIError as exc:
+        # No signing_keys table (a wrong schema, or `fairlane migrate` not run), no rights.
+        reason = str(exc.orig).splitlines()[0] if exc.orig is not None else type(exc).__name__
+        _fail(command, f"the database refused: {reason} (the services' settings, migrated?)")
 
 
 def _at(value: datetime) -> str:
@@ -90,6 +97,10 @@ def rotate_key() -> None:
         _fail("rotate", str(exc))
 
     async def body(engine: AsyncEngine) -> tuple[keys.Rotated, str | None]:
+        try:
+            await keys.check_encryption(engine, encryption)
+        except keys.SigningKeyError as exc:
+            _fail("rotate", str(exc))
         rows, now = await keys.read(engine)
         before = keys.choose(rows, now, keys.sign_delay(reload))
         rotated = await keys.rotate(engine, encryption, reload_seconds=reload)

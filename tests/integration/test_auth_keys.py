@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
@@ -28,6 +30,7 @@ from fairlane_server.core.db import create_engine
 from fairlane_server.core.models import signing_keys
 from fairlane_server.core.settings import Settings
 from tests.conftest import DATABASE_URL, unique
+from tests.e2e.suite import ROOT
 
 pytestmark = pytest.mark.integration
 PASSWORD = "correct horse battery"
@@ -300,3 +303,56 @@ async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float) -> None
             if await check():
                 return
             await asyncio.sleep(0.02)
+
+
+async def _cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "fairlane.cli.main",
+        "keys",
+        *args,
+        env=env,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_rotate_refuses_settings_the_replicas_cannot_open(
+    with_auth: Run, rows: Callable[[], Awaitable[list[Any]]], pg_schema: str
+) -> None:
+    """A key added under another encryption key than the replicas' would become the one
+    they sign with and could not open: `fairlane keys rotate` refuses, adding nothing."""
+
+    async def nothing(stub: auth_pb2_grpc.AuthServiceStub) -> None:
+        return None
+
+    await with_auth(nothing, signing_key_encryption_key=SecretStr(KEY_A))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "clients"), str(ROOT)]),
+        "FAIRLANE_DATABASE_URL": DATABASE_URL,
+        "FAIRLANE_DATABASE_SCHEMA": pg_schema,
+    }
+    for other in ({}, {"FAIRLANE_SIGNING_KEY_ENCRYPTION_KEY": KEY_B}):
+        code, _, err = await _cli({**env, **other}, "rotate")
+        assert code == 1, err
+        assert "the auth replicas' settings" in err, err
+        assert "Traceback" not in err
+    assert len(await rows()) == 1
+    code, _, err = await _cli({**env, "FAIRLANE_SIGNING_KEY_ENCRYPTION_KEY": KEY_A}, "rotate")
+    assert code == 0, err
+    assert len(await rows()) == 2
+    # A wrong schema, or a URL that is none: one line, no traceback.
+    for bad in (
+        {"FAIRLANE_DATABASE_SCHEMA": unique("none")},
+        {"FAIRLANE_DATABASE_URL": "bogus://"},
+    ):
+        code, _, err = await _cli({**env, **bad}, "list")
+        assert code == 1, err
+        assert err.startswith("fairlane keys list: "), err
+        assert "Traceback" not in err
