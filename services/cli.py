@@ -12,6 +12,7 @@ from fairlane_server.core.db import MigrationRefused, migrate
 from fairlane_server.core.runtime import Component, run, run_until_signalled
 from fairlane_server.core.settings import Settings, service_secret_problem
 from fairlane_server.core.transport import TransportError
+from fairlane_server.worker.registry import HandlerError
 
 log = fl_logging.get_logger(__name__)
 
@@ -59,7 +60,7 @@ def serve_one(service: str, handlers: list[str], hooks: list[str], *, json_logs:
 
     try:
         run(main())
-    except TransportError as exc:
+    except (TransportError, HandlerError) as exc:
         _refuse(str(exc))
     finally:
         telemetry.shutdown()

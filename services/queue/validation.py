@@ -103,7 +103,11 @@ async def build_request(
         payload=msg.payload,
         idempotency_key=msg.idempotency_key or None,
         client_ref=msg.client_ref,
-        max_attempts=msg.max_attempts or spec.max_attempts or limits.default_max_attempts,
+        max_attempts=msg.max_attempts
+        # A handler's own value, if it is one an enqueue could carry: a worker of a
+        # release that did not check its handlers may have registered any number.
+        or (spec.max_attempts if 1 <= spec.max_attempts <= MAX_ATTEMPTS_LIMIT else 0)
+        or limits.default_max_attempts,
         deadline=deadline,
         trace_id=trace_id,
         enqueued_at=now,

@@ -46,20 +46,48 @@ class RequestCancelled(Exception):
     pass
 
 
-class HandlerExit(Exception):
-    """A handler raised SystemExit or KeyboardInterrupt: its attempt failed.
+# An attempt's error as stored and sent: a message of megabytes (a payload in an
+# exception) made the request unreadable (every reply carrying it passed gRPC's limit).
+MAX_ERROR_CHARS = 4096
 
-    Left as they are, asyncio re-raises both out of the event loop, and one handler's
-    `sys.exit()` stopped the whole worker (and, redelivered, the next one)."""
+
+def _text(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # a __str__ of the handler's own that fails
+        return "(its message could not be read)"
+
+
+def describe(exc: BaseException, *, kind: bool = True) -> str:
+    """What a handler's exception says, fit to store: whatever its __str__ does (raise,
+    return megabytes, NULs or lone surrogates, which PostgreSQL refuses)."""
+    text = _text(exc)
+    if kind:
+        text = f"{type(exc).__name__}: {text}"
+    text = text or type(exc).__name__
+    if len(text) > MAX_ERROR_CHARS:
+        text = f"{text[:MAX_ERROR_CHARS]}... ({len(text)} characters in all)"
+    return text.replace("\x00", "\\0").encode("utf-8", "replace").decode("utf-8")
+
+
+class HandlerExit(Exception):
+    """A handler raised a BaseException that is not an Exception (SystemExit,
+    KeyboardInterrupt, GeneratorExit, its own): its attempt failed.
+
+    Left as they are, asyncio re-raises the first two out of the event loop (one handler's
+    `sys.exit()` stopped the whole worker, and, redelivered, the next one), and the others
+    ended the lane's task (its requests then ended DEAD as if a worker had died)."""
 
     def __init__(self, exc: BaseException) -> None:
-        super().__init__(f"the handler raised {type(exc).__name__}({exc})")
+        super().__init__(f"the handler raised {type(exc).__name__}({_text(exc)[:MAX_ERROR_CHARS]})")
 
 
 async def _contained(coro: Awaitable[Any]) -> Any:
     try:
         return await coro
-    except (SystemExit, KeyboardInterrupt) as exc:
+    except (Exception, asyncio.CancelledError):
+        raise
+    except BaseException as exc:
         raise HandlerExit(exc) from None
 
 
@@ -221,13 +249,13 @@ class Attempts:
                     request_id, user, status.CANCELLED, error=attempt.error, attempts=attempts
                 )
             except PermanentError as exc:
-                attempt.error = str(exc) or exc.__class__.__name__
+                attempt.error = describe(exc, kind=False)
                 self.stats.failed[spec.name] += 1
                 outcome = Outcome(
                     request_id, user, status.FAILED, error=attempt.error, attempts=attempts
                 )
             except (Exception, HandlerExit) as exc:
-                attempt.error = f"{exc.__class__.__name__}: {exc}"
+                attempt.error = describe(exc)
                 with tracing.current(attempt_span):
                     log.warning(
                         "attempt_failed",
@@ -379,9 +407,6 @@ class Attempts:
             )
             try:
                 result = await running
-            except (SystemExit, KeyboardInterrupt) as exc:
-                # From a thread or process handler: the attempt fails, the worker lives.
-                raise HandlerExit(exc) from None
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
@@ -389,10 +414,21 @@ class Attempts:
                 if watch.timed_out:
                     reason = "timed out"
                     raise TimeoutError(f"handler timed out after {spec.timeout} s") from None
+                if ctx.request_id not in self._cancelled:
+                    # Nobody cancelled it: the handler raised CancelledError itself (a task
+                    # of its own that was cancelled, say). A failed attempt, not the
+                    # client's cancel.
+                    raise RuntimeError("the handler raised CancelledError") from None
                 # Only the handler was cancelled: the client asked for it. A thread or
                 # process runs on to its end (see _abandon); its result is discarded.
                 reason = "cancelled"
                 raise RequestCancelled from None
+            except Exception:
+                raise
+            except BaseException as exc:
+                # From a thread or process handler (SystemExit, KeyboardInterrupt,
+                # GeneratorExit, its own): the attempt fails, the worker and lane live.
+                raise HandlerExit(exc) from None
         finally:
             if watch is not None:
                 watch.cancel()

@@ -40,7 +40,9 @@ class Handlers:
 
 async def build(*, limits: Limits = LIMITS, **fields: Any) -> NewRequest:
     fields.setdefault("handler", "echo")
-    catalog = HandlerCatalog(cast(RequestStore, Handlers(echo=5, plain=0)), max_age_seconds=60)
+    catalog = HandlerCatalog(
+        cast(RequestStore, Handlers(echo=5, plain=0, negative=-3, many=1000)), max_age_seconds=60
+    )
     return await build_request(
         queue_pb2.EnqueueRequest(**fields),
         user_id=USER,
@@ -116,6 +118,10 @@ async def test_attempts_come_from_the_request_then_the_handler_then_the_default(
     assert (await build(max_attempts=7)).max_attempts == 7
     assert (await build()).max_attempts == 5  # echo's own
     assert (await build(handler="plain")).max_attempts == LIMITS.default_max_attempts
+    # Registered by a worker that did not check its handlers: not passed on to requests
+    # (a negative one stopped their lanes: a lane message cannot carry it).
+    assert (await build(handler="negative")).max_attempts == LIMITS.default_max_attempts
+    assert (await build(handler="many")).max_attempts == LIMITS.default_max_attempts
 
 
 # -- deadlines ---------------------------------------------------------------------------------

@@ -783,3 +783,78 @@ async def test_an_announcement_stands_when_the_log_cannot_be_read(user: str) -> 
     world.runner.heard_lane_pause(user, False)
     await _pause_reads_done(world.runner)
     assert world.runner.paused_lanes() == []
+
+
+class _Own(BaseException):
+    pass
+
+
+class _Unreadable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no message for you")
+
+
+async def test_odd_exceptions_fail_only_their_attempt_with_a_message_fit_to_store(
+    user: str,
+) -> None:
+    """GeneratorExit or a BaseException of the handler's own (async or in a thread) ended
+    the lane's task; a CancelledError nobody asked for read as the client's cancel; a
+    message of megabytes, with NULs or lone surrogates, or a __str__ that raises made the
+    request unreadable or its outcome refused."""
+
+    async def generator_exit(ctx: Any, payload: bytes) -> bytes:
+        raise GeneratorExit
+
+    def own(ctx: Any, payload: bytes) -> bytes:  # runs in a thread
+        raise _Own("mine")
+
+    async def cancelled(ctx: Any, payload: bytes) -> bytes:
+        raise asyncio.CancelledError
+
+    async def huge(ctx: Any, payload: bytes) -> bytes:
+        raise PermanentError("x" * 10_000_000)
+
+    async def dirty(ctx: Any, payload: bytes) -> bytes:
+        raise ValueError("nul \x00 and a lone \udc80 surrogate")
+
+    async def unreadable(ctx: Any, payload: bytes) -> bytes:
+        raise _Unreadable
+
+    async def fine(ctx: Any, payload: bytes) -> bytes:
+        return payload
+
+    bad = {
+        "generator_exit": generator_exit,
+        "own": own,
+        "cancelled": cancelled,
+        "huge": huge,
+        "dirty": dirty,
+        "unreadable": unreadable,
+    }
+    world = World(
+        {name: handler(name, fn, attempts=2) for name, fn in bad.items()}
+        | {"fine": handler("fine", fine)}
+    )
+    await world.start(user)
+    for name in bad:
+        await world.publish(user, [b""], handler=name)
+    await world.publish(user, [b"ok"], handler="fine")
+    await world.until_finished(len(bad) + 1)
+    await world.stop()
+    got = dict(zip([*bad, "fine"], world.log.outcomes, strict=True))
+    assert [o.lane_seq for o in world.log.outcomes] == list(range(1, len(bad) + 2))
+    assert (got["generator_exit"].status, got["generator_exit"].attempt_count) == ("DEAD", 2)
+    assert "GeneratorExit" in got["generator_exit"].error
+    assert (got["own"].status, got["own"].attempt_count) == ("DEAD", 2)
+    assert "_Own(mine)" in got["own"].error
+    assert (got["cancelled"].status, got["cancelled"].attempt_count) == ("DEAD", 2)
+    assert "the handler raised CancelledError" in got["cancelled"].error
+    assert got["huge"].status == "FAILED"
+    assert len(got["huge"].error) < 5000
+    assert got["huge"].error.endswith("(10000000 characters in all)")
+    assert got["dirty"].status == "DEAD"
+    assert "\x00" not in got["dirty"].error
+    got["dirty"].error.encode("utf-8")  # no lone surrogate left
+    assert (got["unreadable"].status, got["unreadable"].attempt_count) == ("DEAD", 2)
+    assert "_Unreadable: (its message could not be read)" in got["unreadable"].error
+    assert (got["fine"].status, got["fine"].output) == ("SUCCEEDED", b"ok")
