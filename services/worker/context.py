@@ -25,16 +25,19 @@ MAX_PROGRESS_MESSAGE = 1024  # characters of a report's message
 
 
 class AttemptContext:
+    # The identity is read-only: the worker keys the attempt's lane and its progress on it,
+    # and a handler that wrote ctx.user_id let the next request of its lane start beside an
+    # abandoned one, or sent its progress to another user's Session.
     __slots__ = (
+        "_attempt",
+        "_deadline",
         "_last_sent",
         "_logger",
+        "_request_id",
         "_route",
+        "_user_id",
         "_waiting",
         "_writer",
-        "attempt",
-        "deadline",
-        "request_id",
-        "user_id",
     )
 
     def __init__(
@@ -47,16 +50,32 @@ class AttemptContext:
         writer: ResultWriter,
         route: str,
     ) -> None:
-        self.request_id = request_id
-        self.user_id = user_id
-        self.attempt = attempt
-        self.deadline = deadline
+        self._request_id = request_id
+        self._user_id = user_id
+        self._attempt = attempt
+        self._deadline = deadline
         self._writer = writer
         self._route = route
         self._logger: Any = None
         self._last_sent = float("-inf")  # loop time of the last report sent
         # The report waiting for the interval to end (its timer is running), if any.
         self._waiting: common_pb2.Progress | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self._request_id
+
+    @property
+    def user_id(self) -> str:
+        return self._user_id
+
+    @property
+    def attempt(self) -> int:
+        return self._attempt
+
+    @property
+    def deadline(self) -> datetime | None:
+        return self._deadline
 
     @property
     def logger(self) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fairlane_server.core import metrics
@@ -12,6 +13,9 @@ from fairlane_server.core.broker import Broker, BrokerError, Delivery, LaneConsu
 from fairlane_server.core.logging import get_logger
 
 log = get_logger(__name__)
+
+
+FAILURES_FORGOTTEN = 300.0
 
 
 class ConsumedLane:
@@ -167,7 +171,8 @@ class LaneSet:
         self.lanes: dict[str, ConsumedLane] = {}
         self.accepting = True  # False once the worker drains: no lane is taken again
         self._locks = _LaneLocks()
-        self._failures: dict[str, int] = {}
+        # lane -> (task failures in a row, loop time of the last one)
+        self._failures: dict[str, tuple[int, float]] = {}
         self._rebuilds: set[asyncio.Task[None]] = set()
 
     async def add(self, user_id: str) -> None:
@@ -220,8 +225,12 @@ class LaneSet:
     def rebuild_later(self, user_id: str) -> None:
         """Consumes a lane again whose task ended unexpectedly, after a growing delay (a
         message that breaks processing every time must not spin the worker)."""
-        failures = self._failures.get(user_id, 0) + 1
-        self._failures[user_id] = failures
+        now = time.monotonic()
+        count, last = self._failures.get(user_id, (0, now))
+        # A lane quiet for FAILURES_FORGOTTEN since its last failure starts again at the
+        # shortest delay: one bad message must not slow its rebuilds for the process's life.
+        failures = count + 1 if now - last < FAILURES_FORGOTTEN else 1
+        self._failures[user_id] = (failures, now)
         delay = min(30.0, 0.25 * 2 ** (failures - 1))
 
         async def rebuild() -> None:

@@ -858,3 +858,28 @@ async def test_odd_exceptions_fail_only_their_attempt_with_a_message_fit_to_stor
     assert (got["unreadable"].status, got["unreadable"].attempt_count) == ("DEAD", 2)
     assert "_Unreadable: (its message could not be read)" in got["unreadable"].error
     assert (got["fine"].status, got["fine"].output) == ("SUCCEEDED", b"ok")
+
+
+async def test_a_handler_cannot_rename_its_context(user: str) -> None:
+    """The worker keys the attempt's lane and its progress on the context's ids: writing
+    them let the next request of the lane start beside an abandoned one, or sent progress
+    to another user's Session."""
+    seen: list[str] = []
+
+    async def rename(ctx: Any, payload: bytes) -> bytes:
+        for field in ("user_id", "request_id", "attempt", "deadline"):
+            try:
+                setattr(ctx, field, "00000000-0000-0000-0000-000000000000")
+            except AttributeError:
+                seen.append(field)
+        user_id: str = ctx.user_id
+        return user_id.encode()
+
+    world = World({"rename": handler("rename", rename)})
+    await world.start(user)
+    await world.publish(user, [b""], handler="rename")
+    await world.until_finished(1)
+    await world.stop()
+    (outcome,) = world.log.outcomes
+    assert (outcome.status, outcome.output) == ("SUCCEEDED", user.encode())
+    assert seen == ["user_id", "request_id", "attempt", "deadline"]
