@@ -65,19 +65,32 @@ async def run_until_signalled(
 
 
 LOOP_LAG_INTERVAL = 0.25
+# A loop held up this long was blocked by something (an async handler that sleeps or
+# computes, most often): said in the log, since it stalls every lane of the process.
+LOOP_BLOCKED_SECONDS = 1.0
 
 
 async def watch_loop_lag(
     interval: float = LOOP_LAG_INTERVAL,
     observe: Callable[[float], None] = metrics.LOOP_LAG_SECONDS.observe,
+    blocked_after: float = LOOP_BLOCKED_SECONDS,
 ) -> None:
     """Observes how late a timer fires (`fairlane_event_loop_lag_seconds`), for as long as
     it runs. Every task waits that long for its turn: a new RPC needs several turns before
-    its handler runs, so a lag of a few milliseconds already shows in every latency."""
+    its handler runs, so a lag of a few milliseconds already shows in every latency. A lag
+    past `blocked_after` is also logged (event_loop_blocked)."""
     while True:
         started = time.perf_counter()
         await asyncio.sleep(interval)
-        observe(max(0.0, time.perf_counter() - started - interval))
+        lag = max(0.0, time.perf_counter() - started - interval)
+        observe(lag)
+        if lag >= blocked_after:
+            log.warning(
+                "event_loop_blocked",
+                seconds=round(lag, 3),
+                hint="an async handler or hook that blocks (time.sleep, a CPU loop, blocking "
+                "I/O) stalls every lane of this process; run such work in a thread or process",
+            )
 
 
 # A component's stop normally takes well under a second; past this, what it waits on is

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from fairlane_server.core.runtime import watch_loop_lag
 
@@ -49,3 +50,20 @@ async def test_by_default_it_feeds_the_histogram() -> None:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
     assert (REGISTRY.get_sample_value("fairlane_event_loop_lag_seconds_count") or 0.0) > count
+
+
+async def test_a_loop_blocked_past_the_bound_is_logged() -> None:
+    lags = _Lags()
+    watcher = asyncio.create_task(
+        watch_loop_lag(interval=0.02, observe=lags.observe, blocked_after=0.3)
+    )
+    try:
+        await lags.next()
+        with capture_logs() as logs:
+            asyncio.get_running_loop().call_soon(time.sleep, 0.4)
+            assert await lags.next() >= 0.35
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+    blocked = [e["seconds"] for e in logs if e["event"] == "event_loop_blocked"]
+    assert any(seconds >= 0.35 for seconds in blocked), logs
