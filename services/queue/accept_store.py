@@ -88,6 +88,23 @@ def _outbox_item(p: Pending, lane_pos: int) -> OutboxItem:
     )
 
 
+class PartlyStored(Exception):
+    """The second statement of an accept (for lanes created after the first one's
+    snapshot) was refused by the database, an answer that says it stored nothing: `kept`
+    and `refused` are the first statement's, committed; `failed` were not stored. One
+    item's fault (an idempotency key another replica stored meanwhile) must not fail the
+    others: the caller writes `failed` again, on their own."""
+
+    def __init__(
+        self, cause: BaseException, kept: list[OutboxItem], refused: list[Any], failed: list[Any]
+    ) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.kept = kept
+        self.refused = refused
+        self.failed = failed
+
+
 class CommitUnknown(Exception):
     """A write's answer was lost in flight: it may or may not have been committed.
 
@@ -319,7 +336,9 @@ class AcceptStore:
                 except Exception as exc:
                     kept, refused = _outcome(batch, placed)
                     unknown = [batch[k] for k in missing if k not in placed]
-                    raise CommitUnknown(exc, kept, refused, unknown) from exc
+                    if dberrors.answer_lost(exc):
+                        raise CommitUnknown(exc, kept, refused, unknown) from exc
+                    raise PartlyStored(exc, kept, refused, unknown) from exc
         return _outcome(batch, placed)
 
     async def _place_missing(

@@ -30,7 +30,13 @@ from fairlane_server.core import dberrors, metrics, tracing
 from fairlane_server.core.breaker import CircuitBreaker, CircuitOpen
 from fairlane_server.core.logging import get_logger
 from fairlane_server.core.tasks import cancel_and_wait, fail_quietly
-from fairlane_server.queue.accept_store import AcceptStore, CommitUnknown, NewRequest, OutboxItem
+from fairlane_server.queue.accept_store import (
+    AcceptStore,
+    CommitUnknown,
+    NewRequest,
+    OutboxItem,
+    PartlyStored,
+)
 from fairlane_server.queue.fair_queue import FairQueue
 from fairlane_server.queue.relay import LaneRelay
 
@@ -294,6 +300,15 @@ class Intake:
         except CommitUnknown as exc:
             tracing.end(span, exc)
             await self._settle_unknown(subs, exc)
+            return
+        except PartlyStored as exc:
+            tracing.end(span, exc)
+            self._accepted(subs, exc.kept, exc.refused)
+            # Their lanes exist now: written again, in order, split down to the item at
+            # fault if the database refuses them again (a duplicate key is then answered
+            # as one).
+            ids = {p.request.id for p in exc.failed}
+            await self._store_batch([s for s in subs if s.request.id in ids])
             return
         except Exception as exc:
             tracing.end(span, exc)

@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fairlane.client import Client, Status
-from fairlane.client.errors import FairlaneError
+from fairlane.client.errors import FairlaneError, Unavailable
 from fairlane.client.retry import NO_RETRY
 from tests.e2e.suite import ROOT, wait_until
 from tests.ports import free_port
@@ -128,10 +128,16 @@ async def test_a_restart_loses_nothing_and_keeps_every_lane_in_order(
         await _serving(dev, proc)
 
         async def finished() -> bool:
-            for client, lane in zip(clients, lanes, strict=True):
-                for request_id in lane:
-                    if (await client.get(request_id)).status in (Status.QUEUED, Status.RUNNING):
-                        return False
+            try:
+                for client, lane in zip(clients, lanes, strict=True):
+                    for request_id in lane:
+                        state = (await client.get(request_id)).status
+                        if state in (Status.QUEUED, Status.RUNNING):
+                            return False
+            except Unavailable:
+                # The clients' channels failed to connect while the process was down and
+                # wait out gRPC's reconnect backoff (up to seconds) before they try again.
+                return False
             return True
 
         await wait_until(finished, timeout=60)

@@ -465,6 +465,9 @@ class _Relay:
     def hand(self, items: list[Any]) -> None:
         self.handed.extend(items)
 
+    def look(self, user_ids: list[Any]) -> None:
+        pass
+
 
 async def test_two_intakes_agree_on_a_key_sent_to_both(pg_schema: str) -> None:
     """Two queue replicas (two intakes, two engines) get the same idempotency key at once,

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
-from fairlane_server.queue.accept_store import CommitUnknown, NewRequest, OutboxItem
+from fairlane_server.queue.accept_store import CommitUnknown, NewRequest, OutboxItem, PartlyStored
 from fairlane_server.queue.intake import Admitted, Intake, Rejection, Submission
 
 
@@ -255,6 +255,49 @@ async def test_a_key_stored_meanwhile_by_another_replica_is_a_duplicate() -> Non
     assert (outcomes[0].request_id, outcomes[0].duplicate) == (original, True)
     assert isinstance(outcomes[1], Admitted)
     assert not outcomes[1].duplicate
+
+
+async def test_a_key_conflict_in_the_second_statement_fails_nobody_else() -> None:
+    """PostgreSQL accepts a batch in two statements when some lanes were created after the
+    first one's snapshot. A key another replica stored meanwhile made the second one fail,
+    which was taken for a lost answer: its other requests were refused "unavailable"."""
+    user, other_user = uuid.uuid4(), uuid.uuid4()
+    original = uuid.uuid4()
+    store = ScriptedStore()
+    first = True
+
+    def second_statement_refused(batch: list[Any]) -> BaseException | None:
+        nonlocal first
+        if first:
+            first = False
+            early, late = batch[:1], batch[1:]
+            for p in early:
+                store.rows[p.request.id] = p.request
+            store.keys[(user, "k")] = original  # the other replica committed first
+            return PartlyStored(
+                IntegrityError("INSERT ...", {}, Exception("duplicate key")),
+                [_item(p.request, 1) for p in early],
+                [],
+                late,
+            )
+        if any(p.request.idempotency_key == "k" for p in batch):
+            return IntegrityError("INSERT ...", {}, Exception("duplicate key"))
+        return None
+
+    store.fail = second_statement_refused
+    subs = [_sub(user=other_user), _sub(key="k", user=user), _sub(user=user)]
+    relay = Relay()
+    outcomes = await _run(_intake(store, relay), subs)
+    stored, duplicate, fresh = outcomes
+    assert isinstance(stored, Admitted), stored
+    assert isinstance(duplicate, Admitted), duplicate
+    assert isinstance(fresh, Admitted), fresh
+    assert (stored.request_id, stored.duplicate) == (subs[0].request.id, False)
+    assert (duplicate.request_id, duplicate.duplicate) == (original, True)
+    assert (fresh.request_id, fresh.duplicate) == (subs[2].request.id, False)
+    assert sorted(i.request_id for i in relay.handed) == sorted(
+        [subs[0].request.id, subs[2].request.id]
+    )
 
 
 async def test_the_relay_is_told_of_a_commit_before_it_and_settled_after_it() -> None:
