@@ -272,6 +272,16 @@ class Auth:
         if await self._store.revoke_family(family, user_id, datetime.now(UTC), "revoke"):
             audit.event(audit.TOKEN_REVOKED, user_id=str(user_id), family_id=str(family), peer=peer)
 
+    def _revoked_lifetime(self) -> timedelta:
+        """A family revoked longer ago than this has no access token left that is valid."""
+        return timedelta(seconds=self._p.access_ttl) + CLOCK_SKEW
+
+    async def prune(self) -> tuple[int, int]:
+        """Deletes refresh tokens past their expiry and revoked families nothing can use
+        any more (AuthStore.prune); returns how many of each."""
+        now = datetime.now(UTC)
+        return await self._store.prune(now, revoked_before=now - self._revoked_lifetime())
+
     async def revoked_families(self, page_token: str = "", page_size: int = 0) -> RevokedPage:
         """A page of the families whose access tokens may still be unexpired: the deny
         list, in commit order from where `page_token` left off ("" from the start).
@@ -279,8 +289,7 @@ class Auth:
         if page_size < 0:
             raise InvalidInput("page_size must not be negative")
         size = page_size if 0 < page_size <= MAX_REVOKED_PAGE else MAX_REVOKED_PAGE
-        # A family revoked longer ago than this has no access token left that is valid.
-        lifetime = timedelta(seconds=self._p.access_ttl) + CLOCK_SKEW
+        lifetime = self._revoked_lifetime()
         page = await self._store.revoked_page(
             _revoked_after(page_token), datetime.now(UTC) - lifetime, size
         )

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 from fairlane_server.auth import keys
-from fairlane_server.auth.domain import CLOCK_SKEW, Auth, Policy
+from fairlane_server.auth.domain import Auth, Policy
 from fairlane_server.auth.hashing import PasswordHashing
 from fairlane_server.auth.servicer import AuthServicer
 from fairlane_server.auth.store import AuthStore
@@ -135,20 +134,17 @@ class AuthService:
         await self.host.start()
         await self._monitor.check()
         self._monitor.start()
-        self._pruner = asyncio.create_task(self._prune(AuthStore(self.engine), s))
+        self._pruner = asyncio.create_task(self._prune(auth))
 
-    async def _prune(self, store: AuthStore, s: Settings) -> None:
+    async def _prune(self, auth: Auth) -> None:
         """Keeps the auth tables bounded: throttle counts that ran out, refresh tokens past
         their expiry, revoked families whose every token has expired. Every replica runs
         it; the deletes are idempotent and batched, so overlapping passes cost little."""
-        # A family revoked longer ago than this has no valid access token left.
-        lifetime = timedelta(seconds=s.access_token_ttl_seconds) + CLOCK_SKEW
         while True:
             await asyncio.sleep(PRUNE_EVERY_SECONDS)
             try:
                 await self.throttle.prune()
-                now = datetime.now(UTC)
-                tokens, families = await store.prune(now, revoked_before=now - lifetime)
+                tokens, families = await auth.prune()
                 if tokens or families:
                     log.info("auth_pruned", refresh_tokens=tokens, revoked_families=families)
             except Exception as exc:  # the next round tries again

@@ -34,7 +34,7 @@ from fairlane_server.core.db import create_engine
 from fairlane_server.core.models import requests
 from tests.conftest import DATABASE_URL, broker_url
 from tests.e2e.fuzz import Generator
-from tests.e2e.suite import SERVICE_SECRET, Suite, wait_until
+from tests.e2e.suite import SERVICE_SECRET, Suite, serving, wait_until
 from tests.e2e.users import admin_token, new_user
 
 pytestmark = pytest.mark.e2e
@@ -118,17 +118,8 @@ async def fuzz_suite(pg_schema: str, vhost: str, tmp_path: Path) -> AsyncIterato
     s = Suite(DATABASE_URL, pg_schema, broker_url(vhost), tmp_path)
     # Retries of `fail` requests end in moments, so nothing is left running at the end.
     s.extra_env.update(FAIRLANE_RETRY_BASE_SECONDS="0.01", FAIRLANE_RETRY_MAX_SECONDS="0.05")
-    try:
-        s.start("auth")
-        await s.wait_serving("auth")
-        s.start("queue")
-        s.start("worker")
-        await s.wait_serving("queue")
-        await s.wait_serving("worker")
+    async with serving(s):
         yield s
-    finally:
-        codes = s.stop_all()
-    assert codes == {"worker": 0, "queue": 0, "auth": 0}, {n: s.log(n) for n in codes}
 
 
 async def _service_token(auth_target: str) -> str:

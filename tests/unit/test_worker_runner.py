@@ -105,6 +105,20 @@ def handler(
     return Handler(name, fn, asyncio.iscoroutinefunction(fn), attempts, timeout, "")
 
 
+class FailsOnce:
+    """A handler whose first call fails, so that a retry follows, and the others succeed."""
+
+    def __init__(self, output: bytes = b"") -> None:
+        self.calls = 0
+        self.output = output
+
+    async def __call__(self, ctx: Any, payload: bytes) -> bytes:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("the first attempt fails")
+        return self.output
+
+
 class Counted:
     """A handler that only counts its calls (for tests where it must not run)."""
 
@@ -519,16 +533,7 @@ async def test_a_redelivered_request_is_marked_running_in_the_log_before_its_han
 
 
 async def test_retries_are_marked_running_in_the_log_before_they_run(user: str) -> None:
-    calls = 0
-
-    async def twice(ctx: Any, payload: bytes) -> bytes:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise ValueError("first")
-        return b"ok"
-
-    world = World({"twice": handler("twice", twice, attempts=3)})
+    world = World({"twice": Handler("twice", FailsOnce(b"ok"), True, 3, None, "")})
     await world.start(user)
     (rid,) = await world.publish(user, [b"x"], handler="twice")
     await world.until_finished(1)
@@ -586,17 +591,11 @@ def _queue_waits() -> float:
 async def test_queue_wait_is_observed_once_per_request_that_starts(user: str) -> None:
     """metrics.md: once per request, when its first attempt starts. Not for one that
     expires or is cancelled before it starts, nor again for a retry."""
-    calls = 0
-
-    async def flaky(ctx: Any, payload: bytes) -> bytes:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise RuntimeError("the first attempt fails")
-        return b""
-
+    flaky = FailsOnce()
     work = Counted()
-    world = World({"work": handler("work", work), "flaky": handler("flaky", flaky)})
+    world = World(
+        {"work": handler("work", work), "flaky": Handler("flaky", flaky, True, 3, None, "")}
+    )
     await world.start(user)
     before = _queue_waits()
     world.runner.pause()
@@ -616,7 +615,7 @@ async def test_queue_wait_is_observed_once_per_request_that_starts(user: str) ->
     await world.publish(user, [b""], handler="flaky")
     await world.until_finished(3)
     await world.stop()
-    assert (world.log.outcomes[-1].status, calls, work.calls) == ("SUCCEEDED", 2, 0)
+    assert (world.log.outcomes[-1].status, flaky.calls, work.calls) == ("SUCCEEDED", 2, 0)
     assert _queue_waits() == before + 1
 
 
