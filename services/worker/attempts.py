@@ -242,7 +242,10 @@ class Attempts:
             )
             try:
                 with tracing.current(attempt_span):
-                    output = await self._call(spec, ctx, item.payload, request_id, number)
+                    try:
+                        output = await self._call(spec, ctx, item.payload, request_id, number)
+                    finally:
+                        ctx.end()
             except RequestCancelled:
                 attempt.error = "cancelled by the client"
                 outcome = Outcome(

@@ -7,7 +7,9 @@ message through the worker, the broker and the queue, and a report never let the
 loop run anything else. So an attempt sends at most one report per PROGRESS_INTERVAL: one
 that comes sooner replaces the one waiting, which goes when the interval ends (the latest
 report always goes, unless the result overtakes it); each report lets the loop turn once;
-and a message is cut to MAX_PROGRESS_MESSAGE characters.
+and a message is cut to MAX_PROGRESS_MESSAGE characters. Once its attempt has ended, a
+context sends nothing: a task the handler left running would otherwise report progress
+after the result, or in the middle of the next attempt.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class AttemptContext:
     __slots__ = (
         "_attempt",
         "_deadline",
+        "_ended",
         "_last_sent",
         "_logger",
         "_request_id",
@@ -60,6 +63,12 @@ class AttemptContext:
         self._last_sent = float("-inf")  # loop time of the last report sent
         # The report waiting for the interval to end (its timer is running), if any.
         self._waiting: common_pb2.Progress | None = None
+        self._ended = False
+
+    def end(self) -> None:
+        """The attempt is over: reports from now on, and the one waiting, are dropped."""
+        self._ended = True
+        self._waiting = None
 
     @property
     def request_id(self) -> str:
@@ -87,6 +96,9 @@ class AttemptContext:
         return self._logger
 
     async def progress(self, done: int, total: int = 0, message: str = "") -> None:
+        if self._ended:
+            await asyncio.sleep(0)
+            return
         report = common_pb2.Progress(
             request_id=self.request_id,
             done=done,

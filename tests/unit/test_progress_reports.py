@@ -5,13 +5,16 @@ report's message is bounded."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import pytest
 
-from fairlane.common.v1 import common_pb2
+from fairlane.common.v1 import common_pb2, lane_pb2
 from fairlane_server.worker import context
+from fairlane_server.worker.attempts import Attempts
 from fairlane_server.worker.context import MAX_PROGRESS_MESSAGE, AttemptContext
+from fairlane_server.worker.registry import Handler
 
 
 class Writer:
@@ -89,3 +92,81 @@ async def test_a_long_message_is_cut() -> None:
     writer = Writer()
     await _context(writer).progress(1, 2, "x" * (MAX_PROGRESS_MESSAGE * 100))
     assert len(writer.sent[0].message) == MAX_PROGRESS_MESSAGE
+
+
+async def test_an_ended_attempt_reports_nothing_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(context, "PROGRESS_INTERVAL", 2.0)
+    writer = Writer()
+    ctx = _context(writer)
+    await ctx.progress(1)
+    await ctx.progress(2)  # waits for the interval to end
+    ctx.end()
+    ctx._send_waiting()  # what the interval's timer does when it fires
+    await ctx.progress(3)
+    assert [p.done for p in writer.sent] == [1]
+
+
+class RecordingWriter:
+    """What an attempt uses of the result writer, recording the progress it publishes."""
+
+    def __init__(self) -> None:
+        self.progress: list[int] = []
+
+    def running(self, *args: Any) -> None:
+        pass
+
+    def publish(self, event: Any, *, route: str) -> None:
+        self.progress.append(event.progress.done)
+
+
+class NoDeadLetters:
+    async def request(self, *args: Any) -> None:
+        raise AssertionError("nothing goes to dead letters here")
+
+
+async def test_a_task_the_handler_left_running_reports_nothing_after_the_attempt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A handler that returns while a task of its own goes on reporting: its reports after
+    # the result would reach the client's Session after the result, or in the middle of a
+    # retry's attempt. No interval, so that a report would go at once.
+    monkeypatch.setattr(context, "PROGRESS_INTERVAL", 0.0)
+    writer = RecordingWriter()
+    attempts = Attempts(
+        writer=writer,  # type: ignore[arg-type]
+        dead_letters=NoDeadLetters(),  # type: ignore[arg-type]
+        concurrency=2,
+        retry_base=0.1,
+        retry_max=1.0,
+    )
+    go_on = asyncio.Event()
+    left: list[asyncio.Task[None]] = []
+
+    async def later(ctx: Any) -> None:
+        await go_on.wait()
+        await ctx.progress(2)
+
+    async def handler(ctx: Any, payload: bytes) -> bytes:
+        await ctx.progress(1)
+        left.append(asyncio.create_task(later(ctx)))
+        return payload
+
+    rid = uuid.uuid4()
+    user = uuid.uuid4()
+    outcome = await attempts.run(
+        lane_pb2.LaneBatch(user_id=str(user), reply_route="r"),
+        lane_pb2.LaneItem(request_id=str(rid), payload=b"x"),
+        Handler("bg", handler, True, 1, None, ""),
+        0,
+        request_id=rid,
+        user=user,
+        gate=_open_gate,
+    )
+    assert outcome.status == "SUCCEEDED"
+    go_on.set()
+    await left[0]
+    assert writer.progress == [1]
+
+
+async def _open_gate() -> None:
+    pass
