@@ -221,6 +221,25 @@ async def wait_grpc(target: str, proc: subprocess.Popen[bytes], timeout: float =
                 await asyncio.sleep(0.2)
 
 
+async def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """Until 127.0.0.1:`port` accepts a TCP connection."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{proc.args!r} exited {proc.returncode}")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+        else:
+            writer.close()
+            await writer.wait_closed()
+            return
+
+
 def stop(proc: subprocess.Popen[bytes], timeout: float = 20, *, signalled: bool = False) -> None:
     """SIGTERM (unless already sent), then SIGKILL after `timeout` seconds."""
     if proc.poll() is None:

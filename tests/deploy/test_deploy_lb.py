@@ -9,13 +9,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.certs import Authority
 from tests.deploy.lb import (
     ENVOY_YAML,
     NGINX_CONF,
+    QUEUE_SERVICE,
     burst,
     envoy_config,
     envoy_validate,
@@ -27,6 +30,7 @@ from tests.deploy.lb import (
     run_nginx,
     start_fake_queue,
     wait_grpc,
+    wait_listening,
 )
 from tests.deploy.support import load_yaml, run, tool
 from tests.ports import free_ports
@@ -119,6 +123,26 @@ async def test_nginx_round_robin_and_rate_limit(replicas: list[int], tmp_path: P
         codes, errors = await burst(target, 10)
         assert codes == {"OK": 2, "RESOURCE_EXHAUSTED": 8}, codes
         assert errors[0].details() == "rate limited by nginx, retry later"
+
+
+async def test_nginx_without_a_live_replica_answers_unavailable(tmp_path: Path) -> None:
+    """Health checks too get nginx's gRPC answer, not its HTML 502 page (which gRPC
+    clients map to UNAVAILABLE with "Received http2 header with status: 502")."""
+    (listen, *dead) = free_ports(3)
+    conf = nginx_config(listen, dead, tmp_path / "nginx.pid", burst=50)
+    with run_nginx(conf, tmp_path) as proc:
+        target = f"127.0.0.1:{listen}"
+        await wait_listening(listen, proc)
+        async with grpc.aio.insecure_channel(target) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=QUEUE_SERVICE), timeout=10
+                )
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert failed.value.details() == "no queue replica available"
+        codes, errors = await burst(target, 3)
+        assert codes == {"OK": 0, "UNAVAILABLE": 3}, codes
+        assert errors[0].details() == "no queue replica available"
 
 
 # --- the TLS variants ---------------------------------------------------------------------

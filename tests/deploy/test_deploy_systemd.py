@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -13,6 +14,7 @@ import pytest
 
 from tests.deploy.support import (
     DEPLOY,
+    REPO,
     run,
     settings_defaults,
     tool,
@@ -141,6 +143,12 @@ def test_env_files_use_real_settings() -> None:
     nginx = (DEPLOY / "nginx" / "nginx.conf").read_text()
     assert f"server {queue2} " in nginx
     assert f"server {env_file('fairlane.env')['FAIRLANE_QUEUE_LISTEN']} " in nginx
+
+
+def test_env_files_name_files_that_exist() -> None:
+    for path in SYSTEMD.glob("*.env"):
+        for named in re.findall(r"\bdeploy/[\w./@-]*\w", path.read_text()):
+            assert (REPO / named).exists(), f"{path.name} names {named}"
 
 
 # --- supervisord ---------------------------------------------------------------------
