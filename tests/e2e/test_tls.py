@@ -138,6 +138,12 @@ async def test_only_clients_with_a_certificate_of_the_ca_get_in(
             "a client certificate of another CA": grpc.StatusCode.UNAVAILABLE,
             "a client that trusts another CA": grpc.StatusCode.UNAVAILABLE,
         }, name
+    # gRPC core logs a failed handshake as a plain line of its own unless told not to: each
+    # refused connection above would add one, outside the JSON lines.
+    for name in ("auth", "queue", "worker"):
+        lines = (tls_suite.log_dir / f"{name}.log").read_text().splitlines()
+        plain = [line for line in lines if not line.startswith("{")]
+        assert plain == [], name
 
 
 # -- configurations a service refuses to start with -----------------------------------------

@@ -5,6 +5,7 @@ bench through the `fairlane.cli` entry-point group."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,10 @@ def build_app() -> typer.Typer:
 
 
 def main() -> None:
+    # gRPC core logs each failed TLS handshake as an unstructured INFO line: any TCP
+    # client could grow a service's log without limit, outside its JSON lines. It reads
+    # the variable once, when grpc is first imported, which is below.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     # The imports happen here, not at the top of the module, so that a Ctrl-C during
     # them is caught (the console script imports this module before calling main).
     try:
