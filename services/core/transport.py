@@ -92,7 +92,9 @@ class Transport:
             server = grpc.ssl_server_credentials(
                 [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
             )
-        if s.tls_cert_file or s.tls_ca_file:
+        # A client certificate alone means dialing with TLS (the system's roots): it was
+        # dropped, and the process dialed in plaintext without a word.
+        if s.tls_cert_file or s.tls_ca_file or s.tls_client_cert_file or s.tls_client_key_file:
             cert_file = s.tls_client_cert_file or s.tls_cert_file
             key_file = s.tls_client_key_file or s.tls_key_file
             if bool(s.tls_client_cert_file) != bool(s.tls_client_key_file):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import structlog
 
 from fairlane_server.core.settings import Settings
 from fairlane_server.core.transport import Transport, TransportError, is_loopback
+from tests.certs import Authority
 
 
 @pytest.mark.parametrize(
@@ -61,8 +63,23 @@ async def test_plaintext_beyond_loopback_needs_the_insecure_setting() -> None:
             "FAIRLANE_TLS_CLIENT_CERT_FILE and FAIRLANE_TLS_CLIENT_KEY_FILE",
         ),
         ({"tls_ca_file": "/nonexistent/ca.pem"}, "cannot read CA '/nonexistent/ca.pem'"),
+        # A client certificate alone dials with TLS: it is read, not dropped.
+        ({"tls_client_cert_file": "c.pem"}, "FAIRLANE_TLS_CLIENT_CERT_FILE and"),
+        (
+            {"tls_client_cert_file": "/nonexistent/c.pem", "tls_client_key_file": "/nonexistent/k"},
+            "cannot read TLS key '/nonexistent/k'",
+        ),
     ],
 )
 def test_inconsistent_tls_settings(settings: dict[str, str], message: str) -> None:
     with pytest.raises(TransportError, match=re.escape(message)):
         Transport.from_settings(Settings(**settings))  # type: ignore[arg-type]
+
+
+def test_a_client_certificate_alone_dials_with_tls(tmp_path: Path) -> None:
+    leaf = Authority(tmp_path).issue("worker-1", server=False)
+    transport = Transport.from_settings(
+        Settings(tls_client_cert_file=str(leaf.cert), tls_client_key_file=str(leaf.key))
+    )
+    assert transport.server is None
+    assert transport.client is not None
