@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ from typer.testing import CliRunner
 from fairlane.cli import config
 from fairlane.cli.connection import Connection, connected
 from fairlane.cli.main import build_app
+from fairlane.client import Tokens
+from tests.certs import Authority
 from tests.unit.loopback_services import LoopbackServices
 
 app = build_app()
@@ -186,3 +189,46 @@ def test_requests_with_no_matches_print_the_count_alone(
         assert (done.exit_code, done.output) == (0, "0 requests\n")
         done = CliRunner().invoke(app, ["requests", "--json", *targets])
         assert (done.exit_code, done.output) == (0, "[]\n")
+
+
+def test_an_empty_fairlane_token_is_refused_not_read_as_the_login(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `export FAIRLANE_TOKEN=$(fairlane admin-token ...)` that failed leaves it empty; the
+    # command line reads an empty variable as unset, and would act as the cached login.
+    monkeypatch.setenv("FAIRLANE_CONFIG_DIR", str(tmp_path))
+    config.save(config.Credentials("bob", "bobs-token", "refresh", 2e9, 900, "a:1", "q:1", "w:1"))
+    done = CliRunner().invoke(app, ["whoami"], env={"FAIRLANE_TOKEN": ""})
+    assert done.exit_code == 1, done.output
+    assert "FAIRLANE_TOKEN is set but empty" in done.output
+    assert done.output.count("error: ") == 1, done.output
+
+
+def test_the_client_certificate_given_at_login_goes_on_being_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only the paths are kept: the next commands read the files again, as the CA file's.
+    monkeypatch.setenv("FAIRLANE_CONFIG_DIR", str(tmp_path / "config"))
+    leaf = Authority(tmp_path / "ca").issue("alice", server=False)
+    at_login = Connection.resolve(
+        auth_target=None,
+        queue_target=None,
+        worker_target=None,
+        tls=None,
+        ca_file=None,
+        timeout=1.0,
+        client_cert=leaf.cert,
+        client_key=leaf.key,
+    )
+    config.save(at_login.credentials_for(Tokens.issued("token", "refresh", 900)))
+    stored = json.loads(config.credentials_path().read_text())
+    assert (stored["client_cert_file"], stored["client_key_file"]) == (
+        str(leaf.cert),
+        str(leaf.key),
+    )
+    assert "PRIVATE KEY" not in config.credentials_path().read_text()
+    later = Connection.resolve(
+        auth_target=None, queue_target=None, worker_target=None, tls=None, ca_file=None, timeout=1.0
+    )
+    assert later.tls
+    assert (later.client_cert, later.client_key) == (leaf.cert.read_bytes(), leaf.key.read_bytes())

@@ -36,6 +36,9 @@ class Credentials:
     worker_target: str
     tls: bool = False
     ca_file: str = ""
+    # Paths only: the key stays where the user keeps it.
+    client_cert_file: str = ""
+    client_key_file: str = ""
 
     @property
     def tokens(self) -> Tokens:

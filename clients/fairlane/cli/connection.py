@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import functools
 import inspect
+import os
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -74,6 +75,8 @@ class Connection:
     client_cert: bytes | None = None
     client_key: bytes | None = None
     token: str = ""
+    client_cert_file: str = ""
+    client_key_file: str = ""
 
     @classmethod
     def resolve(
@@ -100,8 +103,19 @@ class Connection:
                 "--token is empty: give an access token, or leave --token (and "
                 "FAIRLANE_TOKEN) out to use the cached login"
             )
-        cert = _read(str(client_cert), "client certificate") if client_cert else None
-        key = _read(str(client_key), "client key") if client_key else None
+        if token is None and os.environ.get("FAIRLANE_TOKEN") is not None:
+            # The command line reads an empty variable as unset; an empty one is most often
+            # `export FAIRLANE_TOKEN=$(fairlane admin-token)` that failed, and the login is
+            # someone else.
+            raise FairlaneError(
+                "FAIRLANE_TOKEN is set but empty: give it an access token, or unset it to "
+                "use the cached login"
+            )
+        # The certificate given at login goes on being used, as the CA file does.
+        cert_file = str(client_cert) if client_cert else (cached.client_cert_file if cached else "")
+        key_file = str(client_key) if client_key else (cached.client_key_file if cached else "")
+        cert = _read(cert_file, "client certificate") if cert_file else None
+        key = _read(key_file, "client key") if key_file else None
         return cls(
             auth_target=auth_target or (cached.auth_target if cached else DEFAULT_AUTH_TARGET),
             queue_target=queue_target or (cached.queue_target if cached else DEFAULT_QUEUE_TARGET),
@@ -117,6 +131,8 @@ class Connection:
             client_cert=cert,
             client_key=key,
             token=token or "",
+            client_cert_file=cert_file,
+            client_key_file=key_file,
         )
 
     def credentials_for(self, tokens: Tokens) -> config.Credentials:
@@ -127,6 +143,8 @@ class Connection:
             worker_target=self.worker_target,
             tls=self.tls,
             ca_file=self.ca_file,
+            client_cert_file=self.client_cert_file,
+            client_key_file=self.client_key_file,
         )
 
     @asynccontextmanager
