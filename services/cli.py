@@ -9,7 +9,7 @@ from typing import NoReturn
 from fairlane_server.core import logging as fl_logging
 from fairlane_server.core import metrics, telemetry
 from fairlane_server.core.db import MigrationRefused, migrate
-from fairlane_server.core.runtime import Component, run, run_until_signalled
+from fairlane_server.core.runtime import Component, StartupFailed, run, run_until_signalled
 from fairlane_server.core.settings import Settings, service_secret_problem
 from fairlane_server.core.transport import TransportError
 from fairlane_server.worker.registry import HandlerError
@@ -21,6 +21,14 @@ def _refuse(reason: str) -> NoReturn:
     """Startup refused for a configuration the operator must fix: exit 2, not a crash."""
     log.error("startup_refused", reason=reason)
     raise SystemExit(2)
+
+
+def _failed(exc: StartupFailed) -> NoReturn:
+    """A dependency did not answer at start: exit 1 for the supervisor to try again."""
+    log.error(
+        "startup_failed", component=exc.component, dependency=exc.dependency, reason=exc.reason
+    )
+    raise SystemExit(1)
 
 
 def _build(service: str, settings: Settings) -> tuple[Component, int]:
@@ -62,6 +70,8 @@ def serve_one(service: str, handlers: list[str], hooks: list[str], *, json_logs:
         run(main())
     except (TransportError, HandlerError) as exc:
         _refuse(str(exc))
+    except StartupFailed as exc:
+        _failed(exc)
     finally:
         telemetry.shutdown()
 

@@ -11,16 +11,22 @@ import grpc
 
 from fairlane.auth.v1 import auth_pb2, auth_pb2_grpc
 from fairlane_server.core.grpc_host import channel
+from fairlane_server.core.logging import get_logger
 from fairlane_server.core.revocation import RevokedFamilies, RevokedPage
 from fairlane_server.core.settings import Settings
 from fairlane_server.core.tokens import TokenVerifier
 from fairlane_server.core.transport import Transport
+
+log = get_logger(__name__)
+
+WAIT_LOG_SECONDS = 10.0  # how often a start waiting for auth says so
 
 
 class AuthClient:
     def __init__(
         self, target: str, *, transport: Transport | None = None, timeout: float = 5.0
     ) -> None:
+        self.target = target
         self._channel = channel(target, transport)
         self._stub = auth_pb2_grpc.AuthServiceStub(self._channel)
         self._timeout = timeout
@@ -74,15 +80,28 @@ class AuthClient:
             return token
 
     async def wait_ready(self, timeout: float) -> None:
-        """Waits until the auth service answers, so services can start in any order."""
+        """Waits until the auth service answers, so services can start in any order. The
+        wait is said in the log, with why the last call failed (a TLS mismatch reads as
+        the auth being down, and was a silent minute)."""
         deadline = time.monotonic() + timeout
+        said = -math.inf
         while True:
             try:
                 await self.jwks()
                 return
-            except grpc.aio.AioRpcError:
-                if time.monotonic() > deadline:
+            except grpc.aio.AioRpcError as exc:
+                now = time.monotonic()
+                if now > deadline:
                     raise
+                if now - said >= WAIT_LOG_SECONDS:
+                    said = now
+                    log.warning(
+                        "waiting_for_auth",
+                        target=self.target,
+                        code=exc.code().name,
+                        error=(exc.details() or "")[:300],
+                        gives_up_in=round(deadline - now, 1),
+                    )
                 await asyncio.sleep(0.2)
 
     async def close(self) -> None:

@@ -10,10 +10,49 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
-from fairlane_server.core import metrics
+import grpc
+
+from fairlane_server.core import dberrors, metrics
+from fairlane_server.core.broker import BrokerError
 from fairlane_server.core.logging import get_logger
 
 log = get_logger(__name__)
+
+
+class StartupFailed(Exception):
+    """A dependency did not answer while a component started. Unlike a configuration
+    refused (exit 2), this may pass: the process exits 1 for its supervisor to start it
+    again, with one log line, not a traceback."""
+
+    def __init__(self, component: str, dependency: str, reason: str) -> None:
+        super().__init__(f"{component}: {dependency}: {reason}")
+        self.component = component
+        self.dependency = dependency
+        self.reason = reason
+
+
+def _startup_failure(component: str, exc: Exception) -> StartupFailed | None:
+    """What an exception from a component's start says about its dependencies, if anything."""
+    if isinstance(exc, BrokerError):
+        return StartupFailed(component, "broker", str(exc)[:500])
+    if isinstance(exc, grpc.aio.AioRpcError):
+        # The only calls made while starting are to the auth service.
+        reason = f"{exc.code().name}: {(exc.details() or '')[:300]}"
+        return StartupFailed(component, "auth", reason)
+    if dberrors.is_database_error(exc):
+        first_line = str(getattr(exc, "orig", None) or exc).splitlines()[0][:300]
+        if dberrors.sqlstate(exc) in _NOT_MIGRATED or "no such table" in first_line:
+            return StartupFailed(
+                component,
+                "database",
+                f"the schema is not migrated ({first_line}): run `fairlane migrate`",
+            )
+        return StartupFailed(component, "database", f"{type(exc).__name__}: {first_line}")
+    return None
+
+
+# PostgreSQL's undefined table, undefined column and invalid schema name.
+_NOT_MIGRATED = {"42P01", "42703", "3F000"}
 
 
 class Component(Protocol):
@@ -41,7 +80,14 @@ async def run_until_signalled(
     lag = asyncio.create_task(watch_loop_lag(), name="loop-lag")
     try:
         for component in components:
-            await component.start()
+            try:
+                await component.start()
+            except Exception as exc:
+                failed = _startup_failure(component.name, exc)
+                if failed is None:
+                    raise
+                # The components started so far stop in the finally below.
+                raise failed from exc
             started.append(component)
             log.info("service_started", component=component.name, address=component.address)
         if on_started is not None:
