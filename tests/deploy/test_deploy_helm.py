@@ -3,6 +3,10 @@ every rendered document validated by kubernetes-validate --strict."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +17,7 @@ import yaml
 
 from tests.deploy.support import (
     DEPLOY,
+    REPO,
     load_yaml,
     run,
     settings_defaults,
@@ -36,8 +41,25 @@ def values_of(name: str | None) -> dict[str, Any] | None:
     return None if name is None else dict(load_yaml(CHART / name))
 
 
-def render(values: dict[str, Any] | None, *, upgrade: bool = False) -> list[dict[str, Any]]:
-    with helm.Chart.load(CHART) as chart:
+LOOKUP = 'lookup "v1" "Secret" .Release.Namespace (include "fairlane.fullname" .)'
+
+
+def chart_in_cluster(tmp_path: Path, secret: dict[str, Any]) -> Path:
+    """A copy of the chart whose lookup of its own Secret finds `secret`, as on an
+    upgrade (offline, lookup finds nothing)."""
+    copy = tmp_path / "fairlane"
+    shutil.copytree(CHART, copy)
+    helpers = copy / "templates" / "_helpers.tpl"
+    text = helpers.read_text()
+    assert text.count(LOOKUP) == 1, "the chart looks its Secret up elsewhere too"
+    helpers.write_text(text.replace(LOOKUP, f"fromJson {json.dumps(json.dumps(secret))}"))
+    return copy
+
+
+def render(
+    values: dict[str, Any] | None, *, upgrade: bool = False, chart_dir: Path = CHART
+) -> list[dict[str, Any]]:
+    with helm.Chart.load(chart_dir) as chart:
         manifests = chart.render(
             values,
             name="fl",
@@ -147,7 +169,9 @@ def test_deployments_probes_ports_limits(values_file: str | None) -> None:
         assert sc["allowPrivilegeEscalation"] is False
         assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
         grace = int(pod["spec"]["terminationGracePeriodSeconds"])
-        assert grace > 20 + 5, "longer than FAIRLANE_GRACE_SECONDS plus the preStop sleep"
+        pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+        # The service gives up what still runs FAIRLANE_GRACE_SECONDS + 5 s after SIGTERM.
+        assert grace > pre_stop + 20 + 5, "SIGKILL before the graceful stop has ended"
         svc = services[f"fl-fairlane-{name}"]
         assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
         svc_ports = {p["name"]: (p["port"], p["targetPort"]) for p in svc["spec"]["ports"]}
@@ -250,6 +274,128 @@ def test_production_values_quorum_lanes_and_service_monitor() -> None:
         assert selector.items() <= svc["metadata"]["labels"].items()
     hpas = by_kind(docs, "HorizontalPodAutoscaler")
     assert hpas["fl-fairlane-worker"]["spec"]["minReplicas"] == 4
+
+
+def secret_checksums(docs: list[dict[str, Any]]) -> set[str]:
+    return {
+        d["spec"]["template"]["metadata"]["annotations"]["checksum/secret-values"]
+        for d in by_kind(docs, "Deployment").values()
+    }
+
+
+def test_pods_roll_with_the_secret_values_through_a_salted_hash(tmp_path: Path) -> None:
+    values = {"secret": {"serviceSecret": "s3cret-s3cret-s3cret"}}
+    installed = render(values)
+    (checksum,) = secret_checksums(installed)  # one salt for every Deployment
+    secret = by_kind(installed, "Secret")["fl-fairlane"]
+    salt = secret["metadata"]["annotations"]["fairlane/checksum-salt"]
+    assert len(salt) == 32
+    # Not a hash of the values alone, which anyone who may read pods could test guesses
+    # against (the old annotation hashed "existingSecret|databaseUrl|brokerUrl|secret").
+    s = values_of("values.yaml")["secret"]  # type: ignore[index]
+    plain = [s["databaseUrl"], s["brokerUrl"], "s3cret-s3cret-s3cret"]
+    for guess in ("|".join(["", *plain]), "|".join(plain), json.dumps(plain)):
+        assert checksum != hashlib.sha256(guess.encode()).hexdigest()
+    # Another release (or a re-install) gets another salt.
+    assert secret_checksums(render(values)) != {checksum}
+    # Upgrades, where lookup finds the Secret the install made: the same values keep the
+    # pods; a changed value rolls them.
+    in_cluster = chart_in_cluster(tmp_path, secret)
+    assert secret_checksums(render(values, upgrade=True, chart_dir=in_cluster)) == {checksum}
+    upgraded = render(values, upgrade=True, chart_dir=in_cluster)
+    assert by_kind(upgraded, "Secret")["fl-fairlane"]["metadata"] == secret["metadata"]
+    for changed in ("databaseUrl", "brokerUrl", "serviceSecret"):
+        other = {"secret": {**values["secret"], changed: "postgresql+asyncpg://x:y@z/w"}}
+        assert secret_checksums(render(other, upgrade=True, chart_dir=in_cluster)) != {checksum}
+
+
+def test_generated_service_secret_is_kept_on_upgrade(tmp_path: Path) -> None:
+    installed = by_kind(render(None), "Secret")["fl-fairlane"]
+    in_cluster = chart_in_cluster(tmp_path, installed)
+    upgraded = by_kind(render(None, upgrade=True, chart_dir=in_cluster), "Secret")["fl-fairlane"]
+    assert upgraded["data"] == installed["data"]
+
+
+def test_existing_secret_checksum_names_only_the_secret() -> None:
+    docs = render({"secret": {"existingSecret": "mine"}})
+    (checksum,) = secret_checksums(docs)
+    assert checksum == hashlib.sha256(b'["existingSecret","mine"]').hexdigest()
+
+
+def notes(values: dict[str, Any] | None) -> str:
+    with helm.Chart.load(CHART) as chart:
+        rendered = chart.render(values, name="fl", namespace="fairlane", is_install=True)
+    return rendered["fairlane/templates/NOTES.txt"]
+
+
+NOTES_CASES: dict[str, dict[str, Any]] = {
+    "plaintext": {},
+    "plaintext, reflection": {"reflection": True},
+    "tls": {"tls": {"enabled": True, "secretName": "t", "mutual": False}},
+    "tls, reflection": {
+        "reflection": True,
+        "tls": {"enabled": True, "secretName": "t", "mutual": False},
+    },
+    "mtls": {"tls": {"enabled": True, "secretName": "t"}},
+    "mtls, reflection": {"reflection": True, "tls": {"enabled": True, "secretName": "t"}},
+}
+
+
+@pytest.mark.parametrize("case", NOTES_CASES)
+def test_notes_grpcurl_command_works(case: str, tmp_path: Path) -> None:
+    """The grpcurl line NOTES.txt prints, run against a stand-in queue served the way
+    the values say (reflection, TLS, mTLS) behind the port-forward it names."""
+    values = NOTES_CASES[case]
+    text = notes(values)
+    (command,) = [line.strip() for line in text.splitlines() if line.strip().startswith("grpcurl ")]
+    asyncio.run(_run_notes_command(command, values, tmp_path))
+
+
+async def _run_notes_command(command: str, values: dict[str, Any], tmp_path: Path) -> None:
+    import shlex
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    from tests.certs import Authority
+    from tests.ports import free_ports
+
+    (port,) = free_ports(1)
+    tls = values.get("tls", {})
+    server = grpc.aio.server()
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    await servicer.set(SERVICES["queue"][2], health_pb2.HealthCheckResponse.SERVING)
+    if values.get("reflection"):
+        names = (SERVICES["queue"][2], "grpc.health.v1.Health", reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+    address = f"127.0.0.1:{port}"
+    if tls.get("enabled"):
+        ca = Authority(tmp_path / "pki")
+        # Only the Service's name: the port-forward's 127.0.0.1 is not in it.
+        leaf = ca.issue("tls", hosts=("fl-fairlane-queue",))
+        for name, src in (("ca.crt", ca.cert), ("tls.crt", leaf.cert), ("tls.key", leaf.key)):
+            (tmp_path / name).write_bytes(src.read_bytes())
+        creds = grpc.ssl_server_credentials(
+            [(leaf.key.read_bytes(), leaf.cert.read_bytes())],
+            root_certificates=ca.cert.read_bytes(),
+            require_client_auth=tls.get("mutual", True),
+        )
+        server.add_secure_port(address, creds)
+    else:
+        server.add_insecure_port(address)
+    (tmp_path / "protos").symlink_to(REPO / "protos")
+    await server.start()
+    try:
+        args = shlex.split(command.replace("127.0.0.1:50052", address))
+        out = await asyncio.to_thread(run, [tool("grpcurl"), *args[1:]], cwd=tmp_path, timeout=60)
+    finally:
+        await server.stop(None)
+    if values.get("reflection"):
+        assert SERVICES["queue"][2] in out.stdout.split()
+    else:
+        assert '"status": "SERVING"' in out.stdout
 
 
 def test_notes_name_the_endpoints() -> None:

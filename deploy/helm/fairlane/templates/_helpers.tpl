@@ -86,11 +86,16 @@ worker:
   grpcService: fairlane.worker.v1.WorkerService
 {{- end }}
 
-{{/* Secret data (the chart-managed Secret and the migration hook Secret share it). */}}
+{{/* The chart-managed Secret as the cluster has it (empty at install and offline). */}}
+{{- define "fairlane.existingChartSecret" -}}
+{{- lookup "v1" "Secret" .Release.Namespace (include "fairlane.fullname" .) | toJson -}}
+{{- end }}
+
+{{/* Secret data of the chart-managed Secret. */}}
 {{- define "fairlane.secretData" -}}
 {{- $serviceSecret := .Values.secret.serviceSecret -}}
 {{- if not $serviceSecret -}}
-{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "fairlane.fullname" .) -}}
+{{- $existing := include "fairlane.existingChartSecret" . | fromJson -}}
 {{- if and $existing $existing.data (hasKey $existing.data "FAIRLANE_SERVICE_SECRET") -}}
 {{- $serviceSecret = index $existing.data "FAIRLANE_SERVICE_SECRET" | b64dec -}}
 {{- else -}}
@@ -137,4 +142,29 @@ OTEL_EXPORTER_OTLP_INSECURE: {{ $.Values.otel.insecure | toString | quote }}
 {{- range $key, $value := .Values.settings.extra }}
 {{ $key }}: {{ $value | toString | quote }}
 {{- end }}
+{{- end }}
+
+{{/* The salt of the pods' checksum of the secret values: random per release, kept in an
+annotation of the chart-managed Secret and read back on upgrade. Pod annotations are
+readable by whoever may get pods; an unsalted hash of the values would let them test
+guessed passwords offline. Generated once per render (kept on .Values), so the Secret
+and every Deployment of one render agree. */}}
+{{- define "fairlane.secretSalt" -}}
+{{- if not (hasKey .Values "_secretChecksumSalt") -}}
+{{- $existing := include "fairlane.existingChartSecret" . | fromJson -}}
+{{- $annotations := dig "metadata" "annotations" (dict) $existing -}}
+{{- $salt := get $annotations "fairlane/checksum-salt" | default (randAlphaNum 32) -}}
+{{- $_ := set .Values "_secretChecksumSalt" $salt -}}
+{{- end -}}
+{{- .Values._secretChecksumSalt -}}
+{{- end }}
+
+{{/* What the pods' checksum/secret-values annotation hashes: the chart-managed values
+with the salt, or only the name of a Secret the chart does not manage. */}}
+{{- define "fairlane.secretChecksum" -}}
+{{- if .Values.secret.existingSecret -}}
+{{- list "existingSecret" .Values.secret.existingSecret | toJson | sha256sum -}}
+{{- else -}}
+{{- list (include "fairlane.secretSalt" .) .Values.secret.databaseUrl .Values.secret.brokerUrl .Values.secret.serviceSecret | toJson | sha256sum -}}
+{{- end -}}
 {{- end }}
