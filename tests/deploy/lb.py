@@ -42,16 +42,7 @@ def _rate_limit(cfg: dict[str, Any]) -> dict[str, Any]:
     return rl
 
 
-def envoy_config(
-    listen_port: int, admin_port: int, upstreams: Sequence[int], *, budget: int
-) -> dict[str, Any]:
-    """deploy/envoy/envoy.yaml on loopback ports, with a rate-limit budget of `budget`
-    calls that does not refill during a test."""
-    cfg: dict[str, Any] = copy.deepcopy(load_yaml(ENVOY_YAML))
-    cfg["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": admin_port}
-    listener = cfg["static_resources"]["listeners"][0]
-    listener["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": listen_port}
-    (cluster,) = cfg["static_resources"]["clusters"]
+def _static(cluster: dict[str, Any], ports: Sequence[int]) -> None:
     assert cluster["type"] == "STRICT_DNS"
     cluster["type"] = "STATIC"
     cluster["load_assignment"]["endpoints"] = [
@@ -62,10 +53,32 @@ def envoy_config(
                         "address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}
                     }
                 }
-                for p in upstreams
+                for p in ports
             ]
         }
     ]
+
+
+def envoy_config(
+    listen_port: int,
+    admin_port: int,
+    upstreams: Sequence[int],
+    *,
+    budget: int,
+    auth: int | None = None,
+    path: Path = ENVOY_YAML,
+) -> dict[str, Any]:
+    """deploy/envoy/envoy.yaml (or `path`) on loopback ports, with a rate-limit budget of
+    `budget` calls that does not refill during a test. Auth's cluster points at `auth`,
+    or at a port where nothing listens."""
+    cfg: dict[str, Any] = copy.deepcopy(load_yaml(path))
+    cfg["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": admin_port}
+    listener = cfg["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": listen_port}
+    clusters = {c["name"]: c for c in cfg["static_resources"]["clusters"]}
+    assert set(clusters) == {"fairlane_queue", "fairlane_auth"}
+    _static(clusters["fairlane_queue"], upstreams)
+    _static(clusters["fairlane_auth"], [auth if auth is not None else 1])
     bucket = _rate_limit(cfg)["token_bucket"]
     bucket.update(max_tokens=budget, tokens_per_fill=budget, fill_interval="3600s")
     return cfg
@@ -93,12 +106,12 @@ class Envoy:
         self.admin = f"http://127.0.0.1:{admin_port}"
         self.log = log
 
-    def host_stats(self) -> dict[str, dict[str, str]]:
+    def host_stats(self, cluster: str = "fairlane_queue") -> dict[str, dict[str, str]]:
         """upstream "ip:port" -> stat -> value, from the admin /clusters page."""
         out: dict[str, dict[str, str]] = {}
         for line in http_get(f"{self.admin}/clusters").splitlines():
             parts = line.split("::")
-            if len(parts) == 4 and parts[0] == "fairlane_queue":
+            if len(parts) == 4 and parts[0] == cluster:
                 out.setdefault(parts[1], {})[parts[2]] = parts[3]
         return out
 
@@ -109,7 +122,9 @@ class Envoy:
                 return int(value)
         return 0
 
-    async def wait_healthy(self, hosts: int, timeout: float = 60) -> None:
+    async def wait_healthy(
+        self, hosts: int, timeout: float = 60, cluster: str = "fairlane_queue"
+    ) -> None:
         """Until Envoy's active gRPC health checks pass on `hosts` upstreams (the event loop
         keeps running: the upstreams may live in this process)."""
         deadline = time.monotonic() + timeout
@@ -118,7 +133,7 @@ class Envoy:
             if self.proc.poll() is not None:
                 pytest.fail(f"envoy exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
             try:
-                stats = self.host_stats()
+                stats = self.host_stats(cluster)
                 last = stats
                 healthy = [h for h, s in stats.items() if s.get("health_flags") == "healthy"]
                 if len(healthy) == hosts:
@@ -156,23 +171,40 @@ def run_envoy(cfg: dict[str, Any], workdir: Path) -> Iterator[Envoy]:
         stop(proc)
 
 
-def nginx_config(listen_port: int, upstreams: Sequence[int], pid: Path, *, burst: int) -> str:
-    """deploy/nginx/nginx.conf on loopback ports; the budget is `burst` + 1 calls, refilled
-    at one per minute (slower than any test)."""
-    text = NGINX_CONF.read_text()
+def nginx_config(
+    listen_port: int,
+    upstreams: Sequence[int],
+    pid: Path,
+    *,
+    burst: int,
+    auth: int | None = None,
+    path: Path = NGINX_CONF,
+) -> str:
+    """deploy/nginx/nginx.conf (or `path`) on loopback ports; the budget is `burst` + 1
+    calls, refilled at one per minute (slower than any test). Auth's upstream is `auth`,
+    or a port where nothing listens."""
+    text = path.read_text()
     servers = "\n".join(
         f"        server 127.0.0.1:{p} max_fails=3 fail_timeout=10s;" for p in upstreams
     )
     replacements = [
         (r"^pid .*;$", f"pid {pid};"),
-        (r"listen 127\.0\.0\.1:8080 http2;", f"listen 127.0.0.1:{listen_port} http2;"),
-        (r"(?:^ *server 127\.0\.0\.1:\d+ [^\n]*\n)+", servers + "\n"),
+        (r"listen 127\.0\.0\.1:(8080|8443) ", f"listen 127.0.0.1:{listen_port} "),
+        (
+            r"(upstream fairlane_queue \{\n(?: *#[^\n]*\n)*)"
+            r"(?: *server 127\.0\.0\.1:\d+ [^\n]*\n)+",
+            rf"\g<1>{servers}\n",
+        ),
+        (
+            r"(upstream fairlane_auth \{\n *server 127\.0\.0\.1:)\d+",
+            rf"\g<1>{auth if auth is not None else 1}",
+        ),
         (r"rate=\d+r/s", "rate=1r/m"),
         (r"burst=\d+", f"burst={burst}"),
     ]
     for pattern, new in replacements:
         text, n = re.subn(pattern, new, text, count=1, flags=re.M)
-        assert n == 1, f"deploy/nginx/nginx.conf no longer has {pattern!r}"
+        assert n == 1, f"{path.name} no longer has {pattern!r}"
     return text
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -249,3 +251,37 @@ def test_tls_overlay(tmp_path: Path) -> None:
         assert mounts["/etc/fairlane/tls"]["read_only"] is True
     lb = {v["target"]: Path(v["source"]) for v in services["lb"]["volumes"]}
     assert lb["/etc/envoy/envoy.yaml"] == DEPLOY / "envoy" / "envoy-tls.yaml"
+    assert lb["/etc/fairlane/tls"] == tmp_path
+    # Clients without a certificate reach auth through Envoy, on auth's usual port; auth
+    # itself is not published (it requires a client certificate).
+    assert "ports" not in services["auth"]
+    published = {int(p["published"]): int(p["target"]) for p in services["lb"]["ports"]}
+    assert published == {50051: 8080, 50052: 8080}
+    assert all(p["host_ip"] == "127.0.0.1" for p in services["lb"]["ports"])
+    proxies = json.loads(services["auth"]["environment"]["FAIRLANE_TRUSTED_PROXIES"])
+    assert [str(ipaddress.ip_network(c)) for c in proxies] == proxies
+
+
+def _image_gid() -> str:
+    user = re.search(r"^USER (\d+):(\d+)$", (REPO / "Dockerfile").read_text(), re.M)
+    assert user, "the Dockerfile names no USER uid:gid"
+    return user.group(2)
+
+
+def test_tls_overlay_key_is_readable_by_every_container(tmp_path: Path) -> None:
+    """tls.key is shared by the Fairlane containers (USER 10001:10001) and Envoy, which
+    the envoy image runs as its own user, moved into ENVOY_GID's group by its entrypoint:
+    one group, 0640. The overlay, deploy.md and security.md's recipe say so."""
+    gid = _image_gid()
+    config = compose_json(DEPLOY / "compose.tls.yaml", FAIRLANE_TLS_DIR=str(tmp_path))
+    lb = config["services"]["lb"]
+    assert lb["image"].startswith("envoyproxy/envoy:")
+    assert lb["environment"]["ENVOY_GID"] == gid
+    assert "ENVOY_UID" not in lb["environment"], "0 would run Envoy as root"
+    step = f"chgrp {gid} tls.key && chmod 0640 tls.key"
+    assert step in (DEPLOY / "compose.tls.yaml").read_text()
+    security = (REPO / "docs" / "security.md").read_text()
+    recipe = security.split("\n## TLS and mTLS\n", 1)[1].split("Then on every service", 1)[0]
+    assert step in recipe
+    deploy_doc = (REPO / "docs" / "deploy.md").read_text()
+    assert step in deploy_doc.split("\n## Docker Compose\n", 1)[1].split("\n## ", 1)[0]
