@@ -130,6 +130,15 @@ def test_one_image_for_every_fairlane_service(config: dict[str, Any]) -> None:
         assert services[name]["command"] == ["serve", name]
 
 
+def test_stop_grace_outlasts_the_graceful_stop(config: dict[str, Any]) -> None:
+    """SIGKILL only after FAIRLANE_GRACE_SECONDS plus the 5 s after which a stopping
+    service gives up what still runs (no preStop delay here, unlike the Helm chart)."""
+    for name in SERVICES:
+        svc = config["services"][name]
+        grace = int(svc["environment"]["FAIRLANE_GRACE_SECONDS"])
+        assert int(svc["stop_grace_period"].removesuffix("s")) > grace + 5, name
+
+
 def test_health_checks_probe_grpc_health(config: dict[str, Any]) -> None:
     services = config["services"]
     for name, (grpc_port, _, grpc_service) in SERVICES.items():
