@@ -20,6 +20,17 @@ from fairlane_server.core.breaker import CircuitOpen
 # 08 connection, 40 transaction rollback (serialization, deadlock), 53 insufficient
 # resources, 57 operator intervention (statement timeout, shutdown), 58 system error.
 _TRANSIENT_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+# ...and states of other classes that say the same of the server, the session or the
+# operator, never of a value: a database in read-only mode (25006: a standby promoted the
+# wrong way, default_transaction_read_only), a session or transaction timeout, a lock not
+# had within lock_timeout (55P03) or an object in use, privileges revoked, the database or
+# schema gone. Taken for the data's fault, they split every batch down to single items
+# and failed each (an outside review: 10 s of read-only lost 24 finished results and
+# refused 6,115 enqueues as INVALID_ARGUMENT). Retried, a stage waits, and a long wait
+# shows as a stalled stage.
+_TRANSIENT_STATES = frozenset(
+    {"25006", "25P03", "25P04", "55P03", "55006", "42501", "3D000", "3F000"}
+)
 # ...except a protocol violation, which asyncpg reports for a value PostgreSQL cannot
 # take at all (a NUL character in text): that is the data's fault, whatever its class.
 _DETERMINISTIC_STATES = frozenset({"08P01"})
@@ -43,13 +54,16 @@ def is_transient(error: BaseException) -> bool:
             return True
         state = sqlstate(error)
         if state is not None:
+            if state in _TRANSIENT_STATES:
+                return True
             return state not in _DETERMINISTIC_STATES and state[:2] in _TRANSIENT_CLASSES
         orig = getattr(error, "orig", None)
         if isinstance(orig, sqlite3.OperationalError):
-            # SQLite: a busy or locked database is contention; other operational errors
-            # (no such table, disk I/O) will not pass by waiting a few milliseconds.
+            # SQLite: a busy or locked database is contention, and a read-only file the
+            # operator's to fix; other operational errors (no such table, disk I/O) will
+            # not pass by waiting a few milliseconds.
             text = str(orig).lower()
-            return "locked" in text or "busy" in text
+            return "locked" in text or "busy" in text or "readonly" in text
         cause = getattr(orig, "__cause__", None)
         # asyncpg connection errors carry no SQLSTATE: the connection itself is gone.
         return cause is not None and type(cause).__name__ in {

@@ -53,6 +53,17 @@ TRANSIENT_POSTGRES = [
     asyncpg.exceptions.TooManyConnectionsError("sorry, too many clients already"),
     asyncpg.exceptions.ConnectionFailureError("connection failure"),
     asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed mid-operation"),
+    # Of other classes, but about the server or the operator, never a value:
+    asyncpg.exceptions.ReadOnlySQLTransactionError(
+        "cannot execute UPDATE in a read-only transaction"
+    ),
+    asyncpg.exceptions.LockNotAvailableError("canceling statement due to lock timeout"),
+    asyncpg.exceptions.ObjectInUseError("database is being accessed by other users"),
+    asyncpg.exceptions.IdleInTransactionSessionTimeoutError("idle-in-transaction timeout"),
+    asyncpg.exceptions.TransactionTimeoutError("transaction timeout"),
+    asyncpg.exceptions.InsufficientPrivilegeError("permission denied for table requests"),
+    asyncpg.exceptions.InvalidSchemaNameError('schema "fairlane" does not exist'),
+    asyncpg.exceptions.InvalidCatalogNameError('database "fairlane" does not exist'),
 ]
 
 DETERMINISTIC_POSTGRES = [
@@ -108,7 +119,14 @@ def test_an_invalidated_connection_is_transient_whatever_the_error() -> None:
     assert is_transient(wrapped)
 
 
-@pytest.mark.parametrize("text", ["database is locked", "database table is locked: requests"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "database is locked",
+        "database table is locked: requests",
+        "attempt to write a readonly database",
+    ],
+)
 def test_sqlite_contention_is_transient(text: str) -> None:
     assert is_transient(over_sqlite(sqlite3.OperationalError(text)))
 
