@@ -19,6 +19,9 @@ from fairlane_server.core.tasks import cancel_and_wait
 log = get_logger(__name__)
 
 
+_READ_ONLY = sa.text("SELECT current_setting('transaction_read_only') = 'on'")
+
+
 class DependencyMonitor:
     def __init__(
         self,
@@ -51,7 +54,13 @@ class DependencyMonitor:
             try:
                 async with asyncio.timeout(self._interval):
                     async with self._engine.connect() as conn:
-                        await conn.execute(sa.text("SELECT 1"))
+                        if conn.dialect.name == "postgresql" and await conn.scalar(_READ_ONLY):
+                            # SELECT 1 answers on a database that refuses every write (read-
+                            # only, or a standby after a failover gone wrong): the replica
+                            # looked healthy while it refused every request.
+                            failed["database"] = "read-only"
+                        else:
+                            await conn.execute(sa.text("SELECT 1"))
             except TimeoutError:
                 failed["database"] = f"no answer within {self._interval:g} s"
             except Exception as exc:

@@ -136,6 +136,10 @@ class Intake:
         self._task: asyncio.Task[None] | None = None
         self._in_batch = 0
         self._last_progress = time.monotonic()
+        # Whether the last batch was refused by the database for a reason of its own (not
+        # the data's): such a batch is no progress, or a log that refuses every write (a
+        # read-only database, a lock held) looked healthy while refusing everyone.
+        self._refused_by_log = False
         # Exported at 0 from the start, so dashboards and alerts see the series before
         # the first event.
         metrics.BATCH_SPLITS.labels("intake")
@@ -152,7 +156,7 @@ class Intake:
 
     def submit(self, sub: Submission) -> asyncio.Future[Admitted]:
         pending = self._pending
-        if not self._in_batch and not len(pending):
+        if not self._in_batch and not len(pending) and not self._refused_by_log:
             # Idle until now: a stall counts from here, not from the last batch (the first
             # request after seven idle minutes read as a 412 s stall, and health flapped).
             self._last_progress = time.monotonic()
@@ -185,6 +189,7 @@ class Intake:
         while True:
             batch = await self._pending.next()
             self._in_batch = len(batch)
+            self._refused_by_log = False
             try:
                 await self._process(batch)
             except Exception:
@@ -198,7 +203,8 @@ class Intake:
                     _reject(sub, internal)
             finally:
                 self._in_batch = 0
-                self._last_progress = time.monotonic()
+                if not self._refused_by_log:
+                    self._last_progress = time.monotonic()
 
     async def _process(self, batch: list[Submission]) -> None:
         fresh = await self._dedupe(batch)
@@ -259,6 +265,7 @@ class Intake:
             if dberrors.is_transient(exc) or len(keys) == 1:
                 if dberrors.is_transient(exc):
                     rejection = self._db_rejection(exc)
+                    self._refused_by_log = True
                 else:
                     metrics.ITEM_FAILURES.labels("intake").inc()
                     log.warning("idempotency_key_refused", error=str(exc)[:200])
@@ -316,6 +323,7 @@ class Intake:
                 raise
             if dberrors.is_transient(exc):
                 rejection = self._db_rejection(exc)
+                self._refused_by_log = True
                 for sub in subs:
                     _reject(sub, rejection)
                 return

@@ -4,11 +4,15 @@ health flapped), while work left unfinished still is."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
 from unittest.mock import MagicMock
 
+import pytest
+
 from fairlane_server.core.memory_broker import MemoryBroker
+from fairlane_server.queue.intake import Admitted, Intake, Rejection
 from fairlane_server.worker.store import Outcome
 from fairlane_server.worker.writer import ResultWriter
 from tests.unit.test_intake import Relay, ScriptedStore, _intake, _sub
@@ -53,3 +57,32 @@ async def test_the_result_writer_counts_a_stall_from_its_first_outcome_after_idl
         Outcome(uuid.uuid4(), uuid.uuid4(), "SUCCEEDED"), route="r", client_ref="", handler="h"
     )
     assert writer.stalled_for() >= IDLE
+
+
+async def test_batches_the_log_refuses_for_its_own_reasons_are_no_progress() -> None:
+    # A read-only database or a lock held: every batch is answered "unavailable", and the
+    # stage looked healthy all along (it counted each refused batch as progress).
+    refusing = True
+    store = ScriptedStore(fail=lambda _: OSError("read-only") if refusing else None)
+    intake = Intake(
+        store,  # type: ignore[arg-type]
+        Relay(),  # type: ignore[arg-type]
+        batch_size=100,
+        linger_ms=0,
+        lane_limit=1000,
+        transient_patience=0.0,
+    )
+    intake.start()
+    try:
+        refused = intake.submit(_sub())
+        with pytest.raises(Rejection):
+            await refused
+        intake._last_progress -= IDLE  # long ago, and nothing written since
+        waiting = intake.submit(_sub())  # the next request does not restart the clock
+        assert intake.stalled_for() >= IDLE
+        refusing = False
+        assert isinstance(await intake.submit(_sub()), Admitted)
+        await asyncio.gather(waiting, return_exceptions=True)
+        assert intake.stalled_for() < 5.0
+    finally:
+        await intake.stop()
