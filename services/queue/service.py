@@ -90,10 +90,13 @@ class QueueService:
                 "database", threshold=s.breaker_threshold, reset_seconds=s.breaker_reset_seconds
             ),
         )
+        # Not the broker: while it is away the queue keeps accepting into the outbox, which
+        # is what the outbox is for, and a replica taken out of rotation at the first drop
+        # (every replica at once: they share the broker) could not. A relay with work and
+        # no publishes for stall_seconds still turns the replica NOT_SERVING.
         self._monitor = DependencyMonitor(
             self.host,
             engine=self.engine,
-            broker=self.broker,
             stalls={"intake": self.intake.stalled_for, "relay": self.relay.stalled_for},
             stall_seconds=s.stall_seconds,
         )

@@ -5,6 +5,7 @@ accepted = finished in the log = results received, and no duplicates."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import signal
 import uuid
@@ -23,6 +24,7 @@ from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from fairlane.worker.v1 import worker_pb2, worker_pb2_grpc
 from fairlane_server.core.db import create_engine
 from fairlane_server.core.models import outbox, request_events, requests
+from tests import polling
 from tests.conftest import DATABASE_URL, broker_url
 from tests.e2e.suite import Suite, wait_until
 from tests.e2e.users import admin_token, bearer, new_user
@@ -206,6 +208,53 @@ async def test_drill_2_queue_database_cut(base: Suite) -> None:
         )
     finally:
         await proxy.close()
+
+
+async def test_drill_2b_queue_broker_cut_accepts_into_the_outbox(base: Suite) -> None:
+    """While the broker is away the queue accepts into its outbox, and stays ready: its
+    health failed on the broker at the first drop (every replica at once, as they share
+    it), which took the replicas that would accept out of rotation. Only the relay's stall
+    (work and no publish for FAIRLANE_STALL_SECONDS, 1 s here) turns it NOT_SERVING."""
+    amqp = urlsplit(base.broker_url)
+    proxy = TcpProxy(amqp.hostname or "127.0.0.1", amqp.port or 5672)
+    await proxy.start()
+    try:
+        await start(
+            base,
+            "queue",
+            "queue",
+            FAIRLANE_BROKER_URL=via(base.broker_url, proxy),
+            FAIRLANE_STALL_SECONDS="1",
+        )
+        await start(base, "worker", "worker")
+        user_id, token = await new_user(base.target("auth"))
+        proxy.block()
+        proxy.cut()
+        await polling.until(lambda: "broker_connection_lost" in _log(base), timeout=30)
+        sent = [queue_pb2.EnqueueRequest(handler="echo", payload=b"%d" % n) for n in range(20)]
+        session = asyncio.create_task(stream(base.target("queue"), token, sent))
+        await polling.until(lambda: len(_health_changes(base)) > 0, timeout=30)
+        assert _health_changes(base)[0] == ["stage:relay"]
+        proxy.unblock()
+        accepted, results = await asyncio.wait_for(session, 120)
+        assert_complete(accepted, results, await log_rows(base, user_id))
+    finally:
+        await proxy.close()
+
+
+def _log(suite: Suite) -> str:
+    return (suite.log_dir / "queue.log").read_text(errors="replace")
+
+
+def _health_changes(suite: Suite) -> list[list[str]]:
+    """What the queue's health said failed, at each change to NOT_SERVING."""
+    return [
+        event["failed"]
+        for line in _log(suite).splitlines()
+        if line.startswith("{")
+        and (event := json.loads(line))["event"] == "health_changed"
+        and event.get("serving") is False
+    ]
 
 
 async def test_drill_3_queue_replica_killed_client_resumes_elsewhere(base: Suite) -> None:
