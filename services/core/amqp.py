@@ -52,6 +52,7 @@ from fairlane_server.core.broker import (
     ResultsUnroutable,
     lane_queue,
 )
+from fairlane_server.core.describe import describe_error
 from fairlane_server.core.logging import get_logger
 from fairlane_server.core.settings import Settings
 
@@ -100,6 +101,25 @@ _EXCHANGES = (
 )
 
 
+CONSUMER_TIMEOUT_FIX = (
+    "RabbitMQ closed the lane's channel: a lane message stayed unacked longer than its "
+    "consumer_timeout (default 30 min). Raise consumer_timeout in rabbitmq.conf (in ms) above "
+    "FAIRLANE_LANE_PREFETCH x requests per lane message (up to 256) x the longest time one "
+    "request takes with its retries; see docs/deploy.md, RabbitMQ"
+)
+
+
+def consumer_timed_out(exc: BaseException) -> bool:
+    """Whether the broker closed a channel for a delivery left unacked past RabbitMQ's
+    consumer_timeout: PRECONDITION_FAILED "delivery acknowledgement on channel N timed out"."""
+    text = str(exc).lower()
+    return (
+        isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed)
+        and "delivery acknowledgement" in text
+        and "timed out" in text
+    )
+
+
 class AmqpDelivery:
     """A lane message as aiormq delivers it (lane channels are aiormq's; see
     amqp_lanes.LaneChannels)."""
@@ -140,13 +160,31 @@ class AmqpLaneConsumer:
     messages while ours are still unacked, breaking the lane's order.
     """
 
-    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+    def __init__(self, channel: aiormq.abc.AbstractChannel, user_id: str = "") -> None:
         self._channel = channel
+        self.user_id = user_id
         self.cancelled_by_broker = False  # the lane queue was deleted under us
         self.last_delivery = 0.0
+        channel.closing.add_done_callback(self._on_channel_closed)
 
     def _on_broker_cancel(self, *_: Any) -> None:
         self.cancelled_by_broker = True
+
+    def _on_channel_closed(self, closing: asyncio.Future[Any]) -> None:
+        if closing.cancelled():
+            return
+        exc = closing.exception()
+        if exc is not None and consumer_timed_out(exc):
+            # The worker sees a dead consumer and consumes the lane again; the request it
+            # was running is cut short and counted as an attempt, and the message comes
+            # back from the start. Said loudly: only RabbitMQ's setting cures it.
+            log.error(
+                "broker_consumer_timeout",
+                lane=self.user_id,
+                channel=self.channel_number,
+                error=describe_error(exc),
+                fix=CONSUMER_TIMEOUT_FIX,
+            )
 
     def delivered(self) -> None:
         self.last_delivery = time.monotonic()
@@ -228,6 +266,17 @@ class AmqpBroker:
         return self._data.is_connected
 
     @property
+    def is_blocked(self) -> bool:
+        """RabbitMQ blocks a connection of this broker (memory or disk alarm): publishes
+        wait unanswered until the alarm clears, and time out meanwhile."""
+        return self.blocked_reason is not None
+
+    @property
+    def blocked_reason(self) -> str | None:
+        """RabbitMQ's reason for the block ("low on memory", "low on disk"), or None."""
+        return self._data.blocked_reason or self._admin.blocked_reason or self._lanes.blocked_reason
+
+    @property
     def lane_connections(self) -> int:
         """Connections that carry this process's lane consumers."""
         return self._lanes.connections
@@ -244,7 +293,7 @@ class AmqpBroker:
             await self._data.start()
         except BrokerUnreachable as exc:
             await self.close()
-            raise BrokerError(f"cannot connect to RabbitMQ: {exc}") from exc
+            raise BrokerError(f"cannot connect to RabbitMQ: {describe_error(exc)}") from exc
 
     def on_reconnect(self, listener: Callable[[], None]) -> None:
         """After the data connection or a lane connection came back (on any node)."""
@@ -344,7 +393,7 @@ class AmqpBroker:
         except Exception as exc:
             if not _broker_failure(exc):
                 raise
-            raise BrokerError(f"cannot declare lane {name}: {exc}") from exc
+            raise BrokerError(f"cannot declare lane {name}: {describe_error(exc)}") from exc
         self._declared.add(name)
 
     async def lane_stats(self, user_id: str) -> LaneStats | None:
@@ -358,7 +407,7 @@ class AmqpBroker:
         except Exception as exc:
             if not _broker_failure(exc):
                 raise
-            raise BrokerError(f"cannot read lane {user_id}: {exc}") from exc
+            raise BrokerError(f"cannot read lane {user_id}: {describe_error(exc)}") from exc
         return LaneStats(messages=int(ok.message_count or 0), consumers=int(ok.consumer_count or 0))
 
     async def delete_lane(self, user_id: str) -> bool:
@@ -386,7 +435,7 @@ class AmqpBroker:
         except Exception as exc:
             if not _broker_failure(exc):
                 raise
-            raise BrokerError(f"cannot delete lane {name}: {exc}") from exc
+            raise BrokerError(f"cannot delete lane {name}: {describe_error(exc)}") from exc
         else:
             if ok.message_count:
                 # Cannot happen while the caller fences publishes; say so loudly.
@@ -409,7 +458,7 @@ class AmqpBroker:
         except Exception as exc:
             if not _broker_failure(exc):
                 raise
-            raise BrokerError(f"publish to lane failed: {exc}") from exc
+            raise BrokerError(f"publish to lane failed: {describe_error(exc)}") from exc
         if not isinstance(result, aiormq.spec.Basic.Ack):
             # Returned unroutable: the lane queue is gone (deleted while idle). The caller
             # declares it again and retries; nothing was enqueued.
@@ -426,7 +475,7 @@ class AmqpBroker:
         except Exception as exc:
             if not _broker_failure(exc):
                 raise
-            raise BrokerError(f"publish to lane failed: {exc}") from exc
+            raise BrokerError(f"publish to lane failed: {describe_error(exc)}") from exc
         try:
             return await self._basic_publish(
                 channel, REQUESTS_EXCHANGE, user_id, body, headers, persistent=True, mandatory=True
@@ -436,7 +485,7 @@ class AmqpBroker:
         except Exception as exc:
             if not _broker_failure(exc):
                 raise
-            raise BrokerError(f"publish to lane failed: {exc}") from exc
+            raise BrokerError(f"publish to lane failed: {describe_error(exc)}") from exc
         finally:
             with contextlib.suppress(Exception):  # closing: whatever it raises, it is gone
                 await channel.close()
@@ -452,8 +501,8 @@ class AmqpBroker:
         except Exception as exc:
             if not _broker_failure(exc):
                 raise
-            raise BrokerError(f"cannot consume lane {user_id}: {exc}") from exc
-        consumer = AmqpLaneConsumer(channel)
+            raise BrokerError(f"cannot consume lane {user_id}: {describe_error(exc)}") from exc
+        consumer = AmqpLaneConsumer(channel, user_id)
         queue = lane_queue(user_id)
 
         async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
@@ -475,7 +524,7 @@ class AmqpBroker:
             if not _broker_failure(exc):
                 raise
             await _close_quietly(channel, self._timeout)
-            raise BrokerError(f"cannot consume lane {user_id}: {exc}") from exc
+            raise BrokerError(f"cannot consume lane {user_id}: {describe_error(exc)}") from exc
         return consumer
 
     # -- events -------------------------------------------------------------------------
@@ -572,11 +621,13 @@ class AmqpBroker:
                 RESULTS_EXCHANGE, route, body, persistent=False, mandatory=True
             )
         except aio_pika.exceptions.DeliveryError as exc:
-            raise BrokerError(f"results for {route} were not confirmed: {exc}") from exc
+            raise BrokerError(
+                f"results for {route} were not confirmed: {describe_error(exc)}"
+            ) from exc
         except Exception as exc:
             if not _broker_failure(exc):
                 raise
-            raise BrokerError(f"publish of results failed: {exc}") from exc
+            raise BrokerError(f"publish of results failed: {describe_error(exc)}") from exc
         if not isinstance(result, aiormq.spec.Basic.Ack):
             raise ResultsUnroutable(f"no queue replica is bound to results route {route}")
 
@@ -600,7 +651,7 @@ class AmqpBroker:
         except Exception as exc:
             if not _broker_failure(exc):
                 raise
-            raise BrokerError(f"cannot subscribe to {exchange}: {exc}") from exc
+            raise BrokerError(f"cannot subscribe to {exchange}: {describe_error(exc)}") from exc
         # Bound again on every reconnect (the queue is exclusive to the connection).
         self._subscriptions.append(sub)
 
@@ -613,7 +664,7 @@ class AmqpBroker:
         except Exception as exc:
             if not _broker_failure(exc):
                 raise
-            raise BrokerError(f"publish of control event failed: {exc}") from exc
+            raise BrokerError(f"publish of control event failed: {describe_error(exc)}") from exc
 
     async def consume_control(self, handler: BytesHandler) -> None:
         await self._subscribe(CONTROL_EXCHANGE, "", handler)
@@ -624,7 +675,7 @@ class AmqpBroker:
         except Exception as exc:
             if not _broker_failure(exc):
                 raise
-            raise BrokerError(f"publish to {DEAD_EXCHANGE} failed: {exc}") from exc
+            raise BrokerError(f"publish to {DEAD_EXCHANGE} failed: {describe_error(exc)}") from exc
 
 
 def _retrieved(task: asyncio.Future[Any]) -> None:

@@ -12,6 +12,10 @@ on purpose comes back on the next hiccup. So this module is hand-written and sma
   next node that answers (in turn, with jittered backoff once every node has failed), then
   runs the owner's `on_connected` set-up again: channels, consumers, whatever the owner
   wants back. Nothing is restored behind the owner's back.
+- A connection RabbitMQ blocks (a memory or disk alarm: Connection.Blocked, sent once the
+  connection publishes) is logged (`broker_blocked`, `broker_unblocked`), counted in the
+  `fairlane_broker_blocked` gauge and shown by `NodeConnection.is_blocked`. Its publishes
+  wait unanswered until the alarm clears; without this, nothing said so.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import asyncio
 import contextlib
 import random
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -27,10 +32,25 @@ from urllib.parse import urlsplit, urlunsplit
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractConnection
+from prometheus_client import Gauge
 
 from fairlane_server.core.logging import get_logger
 
 log = get_logger(__name__)
+
+BROKER_BLOCKED = Gauge(
+    "fairlane_broker_blocked",
+    "1 while RabbitMQ blocks a connection of this process (memory or disk alarm).",
+)
+# Every NodeConnection of the process that RabbitMQ blocks now (all brokers, all roles):
+# the gauge is 1 while any is.
+_BLOCKED_NOW: set[NodeConnection] = set()
+# aiormq 7.2 has no callback for Connection.Blocked and Connection.Unblocked: its reader
+# passes them to these two (name-mangled) methods of the connection, which only pause its
+# writer's start. They are wrapped on each connection object (tests/unit/test_amqp_blocked.py
+# fails if an aiormq upgrade renames them).
+_ON_BLOCKED = "_Connection__handle_connection_blocked"
+_ON_UNBLOCKED = "_Connection__handle_connection_unblocked"
 
 CONNECT_ERRORS = (
     aiormq.exceptions.AMQPError,
@@ -146,11 +166,21 @@ class NodeConnection:
         self._recover: asyncio.Task[None] | None = None
         self._reconnected: list[Callable[[], None]] = []
         self._wake = asyncio.Event()
+        # RabbitMQ's reason while it blocks the connection, and which connection it blocks
+        # (a late frame of one given up on must not mark its successor).
+        self.blocked_reason: str | None = None
+        self._blocked_by: object | None = None
+        self._blocked_at = 0.0
 
     @property
     def is_connected(self) -> bool:
         c = self.connection
         return self._up.is_set() and c is not None and c.connected.is_set()
+
+    @property
+    def is_blocked(self) -> bool:
+        """RabbitMQ blocks this connection (resource alarm): publishes on it wait."""
+        return self.blocked_reason is not None
 
     def on_reconnected(self, listener: Callable[[], None]) -> None:
         self._reconnected.append(listener)
@@ -210,9 +240,11 @@ class NodeConnection:
         self._next = (self._next + 1) % len(self._urls)
         self.node = node_name(url)
         connection = await aio_pika.connect(url, timeout=self._timeout)
+        self._watch_blocking(connection)
         try:
             await self._on_connected(connection)
         except BaseException:
+            self._mark_unblocked(connection, quiet=True)
             with contextlib.suppress(Exception):
                 await connection.close()
             raise
@@ -221,7 +253,54 @@ class NodeConnection:
         self._up.set()
         log.info("broker_connected", connection=self.name, node=self.node)
 
-    def _lost(self, _connection: Any, exc: BaseException | None = None) -> None:
+    def _watch_blocking(self, connection: AbstractConnection) -> None:
+        transport = connection.transport
+        underlay = transport.connection if transport is not None else None
+        on_blocked = getattr(underlay, _ON_BLOCKED, None)
+        on_unblocked = getattr(underlay, _ON_UNBLOCKED, None)
+        if on_blocked is None or on_unblocked is None:
+            log.warning("broker_blocking_not_watched", connection=self.name, node=self.node)
+            return
+
+        async def blocked(frame: aiormq.spec.Connection.Blocked) -> None:
+            await on_blocked(frame)
+            self._mark_blocked(connection, str(frame.reason or "") or "no reason given")
+
+        async def unblocked(frame: aiormq.spec.Connection.Unblocked) -> None:
+            await on_unblocked(frame)
+            self._mark_unblocked(connection)
+
+        setattr(underlay, _ON_BLOCKED, blocked)
+        setattr(underlay, _ON_UNBLOCKED, unblocked)
+
+    def _mark_blocked(self, connection: object, reason: str) -> None:
+        if self._closing:
+            return
+        self._blocked_by, self.blocked_reason = connection, reason
+        self._blocked_at = time.monotonic()
+        _BLOCKED_NOW.add(self)
+        BROKER_BLOCKED.set(1)
+        # RabbitMQ's reason names the alarm: "low on memory", "low on disk".
+        log.warning("broker_blocked", connection=self.name, node=self.node, reason=reason)
+
+    def _mark_unblocked(self, connection: object, *, quiet: bool = False) -> None:
+        """The alarm cleared (`quiet`: the connection is gone, and with it its block; a
+        new connection is blocked again at its first publish if the alarm holds)."""
+        if self._blocked_by is not connection or self.blocked_reason is None:
+            return
+        if not quiet:
+            log.info(
+                "broker_unblocked",
+                connection=self.name,
+                node=self.node,
+                blocked_seconds=round(time.monotonic() - self._blocked_at, 3),
+            )
+        self._blocked_by, self.blocked_reason = None, None
+        _BLOCKED_NOW.discard(self)
+        BROKER_BLOCKED.set(1 if _BLOCKED_NOW else 0)
+
+    def _lost(self, connection: Any, exc: BaseException | None = None) -> None:
+        self._mark_unblocked(connection, quiet=True)
         if self._closing:
             return
         self._up.clear()
@@ -267,6 +346,7 @@ class NodeConnection:
             self._recover.cancel()
             await asyncio.gather(self._recover, return_exceptions=True)
         connection, self.connection = self.connection, None
+        self._mark_unblocked(connection, quiet=True)
         if connection is not None:
             with contextlib.suppress(Exception):
                 await connection.close()

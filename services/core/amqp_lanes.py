@@ -78,6 +78,12 @@ class LaneChannels:
     def connections(self) -> int:
         return len(self._connections)
 
+    @property
+    def blocked_reason(self) -> str | None:
+        """RabbitMQ's reason if it blocks one of the lane connections. They only ack, and
+        RabbitMQ blocks connections that publish, so this is for completeness."""
+        return next((c.node.blocked_reason for c in self._connections if c.node.is_blocked), None)
+
     def on_reconnected(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
         for conn in self._connections:

@@ -37,6 +37,7 @@ from opentelemetry.trace import SpanKind
 from fairlane.common.v1 import lane_pb2
 from fairlane_server.core import dberrors, metrics, tracing
 from fairlane_server.core.broker import Broker, BrokerError, LaneMissing, lane_queue
+from fairlane_server.core.describe import describe_error
 from fairlane_server.core.logging import get_logger
 from fairlane_server.core.tasks import cancel_and_wait, wait_event
 from fairlane_server.queue.accept_store import OutboxItem
@@ -259,7 +260,7 @@ class LaneRelay:
                 # not overtake them). What they confirm is deleted by a later round.
                 self._store_failures += 1
                 if dberrors.is_database_error(exc):
-                    log.warning("relay_store_failed", error=str(exc)[:200])
+                    log.warning("relay_store_failed", error=describe_error(exc)[:200])
                 else:
                     log.exception("relay_round_failed")
                 self._halted = True  # lane tasks end after the publish they are in
@@ -355,7 +356,7 @@ class LaneRelay:
                 "lane_publish_failed",
                 lane=str(user),
                 error_type=type(error).__name__,
-                error=str(error)[:200],
+                error=describe_error(error)[:200],
             )
             if lane is not None:
                 lane.failures += 1
@@ -518,7 +519,7 @@ class LaneRelay:
                     lane=user_id,
                     failures=lane.failures,
                     waiting=len(lane.items),
-                    error=str(exc)[:200],
+                    error=describe_error(exc)[:200],
                 )
             lane.idle_since = time.monotonic()
             return False
@@ -576,7 +577,7 @@ class LaneRelay:
                 lane_pb2.ControlEvent(lane_created=str(user)).SerializeToString()
             )
         except BrokerError as exc:
-            log.warning("lane_announce_failed", lane=str(user), error=str(exc)[:200])
+            log.warning("lane_announce_failed", lane=str(user), error=describe_error(exc)[:200])
             return
         self._announced.add(user)
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fairlane_server.core import metrics
 from fairlane_server.core.broker import Broker, BrokerError, Delivery, LaneConsumer, LaneMissing
+from fairlane_server.core.describe import describe_error
 from fairlane_server.core.logging import get_logger
 
 log = get_logger(__name__)
@@ -238,7 +239,7 @@ class LaneSet:
             try:
                 await self.add(user_id)
             except BrokerError as exc:
-                log.warning("lane_rebuild_failed", lane=user_id, error=str(exc)[:200])
+                log.warning("lane_rebuild_failed", lane=user_id, error=describe_error(exc)[:200])
 
         task = asyncio.create_task(rebuild(), name=f"rebuild-{user_id}")
         self._rebuilds.add(task)
