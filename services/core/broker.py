@@ -88,6 +88,11 @@ class Broker(Protocol):
     @property
     def is_connected(self) -> bool: ...
 
+    @property
+    def blocked_reason(self) -> str | None:
+        """Why the broker holds this process's publishes (a RabbitMQ memory or disk
+        alarm), or None when it does not."""
+
     def on_reconnect(self, listener: Callable[[], None]) -> None:
         """Calls `listener` after the broker connection was re-established."""
 

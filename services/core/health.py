@@ -50,6 +50,10 @@ class DependencyMonitor:
         failed: dict[str, str] = {}
         if self._broker is not None and not self._broker.is_connected:
             failed["broker"] = "disconnected"
+        elif self._broker is not None and (blocked := self._broker.blocked_reason) is not None:
+            # Connected, but RabbitMQ holds every publish (a memory or disk alarm): a worker
+            # runs requests whose results it cannot send.
+            failed["broker"] = f"blocked: {blocked}"
         if self._engine is not None:
             try:
                 async with asyncio.timeout(self._interval):

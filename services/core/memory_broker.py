@@ -163,6 +163,10 @@ class MemoryBroker:
     def is_connected(self) -> bool:
         return self._connected
 
+    @property
+    def blocked_reason(self) -> str | None:
+        return None  # in process memory: nothing to block it
+
     async def connect(self) -> None:
         self._connected = True
 
