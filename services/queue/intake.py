@@ -28,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 
 from fairlane_server.core import dberrors, metrics, tracing
 from fairlane_server.core.breaker import CircuitBreaker, CircuitOpen
+from fairlane_server.core.describe import describe_error
 from fairlane_server.core.logging import get_logger
 from fairlane_server.core.tasks import cancel_and_wait, fail_quietly
 from fairlane_server.queue.accept_store import (
@@ -268,7 +269,7 @@ class Intake:
                     self._refused_by_log = True
                 else:
                     metrics.ITEM_FAILURES.labels("intake").inc()
-                    log.warning("idempotency_key_refused", error=str(exc)[:200])
+                    log.warning("idempotency_key_refused", error=describe_error(exc)[:200])
                     rejection = Rejection(
                         "refused", "the request log refused this idempotency key", 0
                     )
@@ -359,7 +360,7 @@ class Intake:
                     raise
                 if time.monotonic() + delay > deadline:
                     raise
-                log.info("intake_retry", error=str(exc)[:200], size=len(subs))
+                log.info("intake_retry", error=describe_error(exc)[:200], size=len(subs))
                 await asyncio.sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, 0.5)
 
@@ -386,7 +387,7 @@ class Intake:
         nothing stored. Until then nobody is answered: an answer that might be false
         ("rejected" for a stored request) is worse than a late one, and while the log is
         unreachable no other batch can be written anyway."""
-        log.warning("intake_commit_unknown", error=str(exc)[:200], size=len(subs))
+        log.warning("intake_commit_unknown", error=describe_error(exc)[:200], size=len(subs))
         ids = [s.request.id for s in subs]
         delay = 0.05
         attempts = 0
@@ -399,7 +400,7 @@ class Intake:
                     raise
                 attempts += 1
                 if attempts % 20 == 0:
-                    log.warning("intake_commit_still_unknown", error=str(err)[:200])
+                    log.warning("intake_commit_still_unknown", error=describe_error(err)[:200])
                 await asyncio.sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, 2.0)
         nothing = Rejection(

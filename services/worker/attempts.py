@@ -28,6 +28,7 @@ from opentelemetry.trace import Span
 from fairlane.common.v1 import lane_pb2
 from fairlane.handlers import Hooks, PermanentError, PlainContext
 from fairlane_server.core import metrics, status, tracing
+from fairlane_server.core.describe import describe_error
 from fairlane_server.core.logging import get_logger
 from fairlane_server.worker.context import AttemptContext
 from fairlane_server.worker.dead_letters import DeadLetters
@@ -527,7 +528,9 @@ class Attempts:
             await self._writer.running_written(request_id, attempt.number, attempt.started_at)
         except WriteFailed as exc:
             # Only a safeguard: the attempt runs unrecorded rather than not at all.
-            log.warning("running_mark_failed", request_id=str(request_id), error=str(exc)[:200])
+            log.warning(
+                "running_mark_failed", request_id=str(request_id), error=describe_error(exc)[:200]
+            )
 
     def _mark_running(self, request_id: uuid.UUID, number: int) -> None:
         self._writer.running(request_id, number, datetime.now(UTC))

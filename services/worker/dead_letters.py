@@ -8,6 +8,7 @@ import json
 from fairlane.common.v1 import lane_pb2
 from fairlane_server.core import metrics
 from fairlane_server.core.broker import Broker, BrokerError
+from fairlane_server.core.describe import describe_error
 from fairlane_server.core.logging import get_logger
 from fairlane_server.worker.store import Attempt
 
@@ -38,11 +39,15 @@ class DeadLetters:
             await self._broker.publish_dead(item.SerializeToString(), headers)
         except BrokerError as exc:
             # The request log keeps the same history; ListDeadRequests reads it from there.
-            log.warning("dead_letter_publish_failed", request_id=item.request_id, error=str(exc))
+            log.warning(
+                "dead_letter_publish_failed", request_id=item.request_id, error=describe_error(exc)
+            )
 
     async def unreadable(self, body: bytes, reason: str) -> None:
         """A lane message (or item) that cannot be decoded: kept for inspection, never run."""
         try:
             await self._broker.publish_dead(body, {"reason": reason})
         except BrokerError as exc:
-            log.warning("dead_letter_publish_failed", reason=reason, error=str(exc)[:200])
+            log.warning(
+                "dead_letter_publish_failed", reason=reason, error=describe_error(exc)[:200]
+            )

@@ -14,6 +14,7 @@ from fairlane.common.v1 import lane_pb2
 from fairlane.queue.v1 import queue_pb2, queue_pb2_grpc
 from fairlane_server.core.auth_client import AuthClient
 from fairlane_server.core.broker import Broker, BrokerError, LaneMissing
+from fairlane_server.core.describe import describe_error
 from fairlane_server.core.grpc_host import channel
 from fairlane_server.core.logging import get_logger
 from fairlane_server.core.tasks import cancel_and_wait, wait_event
@@ -80,7 +81,7 @@ class LaneDiscovery:
                     return
                 self._runner.heard_lane_pause(lane, kind == "lane_paused")
         except BrokerError as exc:
-            log.warning("lane_consume_failed", error=str(exc))
+            log.warning("lane_consume_failed", error=describe_error(exc))
 
     async def sync_once(self) -> int:
         token = await self._auth.service_token("worker", self._secret)
@@ -124,7 +125,7 @@ class LaneDiscovery:
                 await self.sync_once()
                 delay = self._interval
             except (grpc.aio.AioRpcError, BrokerError) as exc:
-                log.warning("lane_sync_failed", error=str(exc))
+                log.warning("lane_sync_failed", error=describe_error(exc))
                 delay = min(max(delay * 2, 0.2), self._interval)
             except Exception:
                 # This loop is what brings lanes back after a broker fault: if it ended,

@@ -38,6 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from fairlane_server.core import metrics
 from fairlane_server.core.broker import BrokerError
+from fairlane_server.core.describe import describe_error
 from fairlane_server.core.logging import get_logger
 from fairlane_server.core.tasks import cancel_and_wait
 from fairlane_server.worker.presence import PresenceStore
@@ -100,7 +101,7 @@ class Rebalancer:
             try:
                 await self.round()
             except (SQLAlchemyError, OSError) as exc:
-                log.warning("rebalance_failed", error=str(exc)[:200])
+                log.warning("rebalance_failed", error=describe_error(exc)[:200])
             except Exception:
                 # A loop that runs for the process's life: one bad round must not end it.
                 log.exception("rebalance_failed_unexpectedly")
@@ -180,5 +181,5 @@ class Rebalancer:
             await self._runner.add_lane(user_id)
         except BrokerError as exc:
             # Deleted meanwhile, or the broker is away: discovery brings it back.
-            log.warning("lane_rejoin_failed", lane=user_id, error=str(exc)[:200])
+            log.warning("lane_rejoin_failed", lane=user_id, error=describe_error(exc)[:200])
         return True

@@ -26,6 +26,7 @@ from fairlane.common.v1 import common_pb2, lane_pb2
 from fairlane.handlers import Hooks
 from fairlane_server.core import dberrors, metrics, status, tracing
 from fairlane_server.core.broker import Broker, Delivery, lane_queue
+from fairlane_server.core.describe import describe_error
 from fairlane_server.core.logging import get_logger
 from fairlane_server.core.tasks import cancel_and_wait
 from fairlane_server.worker.attempts import Attempts, Stats
@@ -213,7 +214,7 @@ class Runner:
             stored = await self._store.lane_paused(uuid.UUID(lane))
         except Exception as exc:
             # The announcement stands until the next lane listing corrects it.
-            log.warning("lane_pause_read_failed", lane=lane, error=str(exc)[:200])
+            log.warning("lane_pause_read_failed", lane=lane, error=describe_error(exc)[:200])
             stored = announced
         if self._pause_reads.get(lane) != number:
             return  # a newer read decides
@@ -306,7 +307,7 @@ class Runner:
             except Exception as exc:
                 if not dberrors.is_transient(exc):
                     raise
-                log.warning("state_read_failed", error=str(exc)[:200], retry_in=delay)
+                log.warning("state_read_failed", error=describe_error(exc)[:200], retry_in=delay)
                 await asyncio.sleep(random.uniform(0, delay))
                 delay = min(delay * 2, 5.0)
 
@@ -482,7 +483,7 @@ async def _settle(delivery: Delivery, *, requeue: bool | None) -> None:
         else:
             await delivery.reject(requeue=requeue)
     except Exception as exc:
-        log.warning("settle_failed", error=str(exc))
+        log.warning("settle_failed", error=describe_error(exc))
 
 
 def _forget(inflight: set[uuid.UUID], request_id: uuid.UUID, _: object) -> None:

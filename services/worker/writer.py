@@ -19,6 +19,7 @@ from opentelemetry.trace import SpanKind
 from fairlane.common.v1 import common_pb2, lane_pb2
 from fairlane_server.core import batching, dberrors, metrics, status, tracing
 from fairlane_server.core.broker import Broker, BrokerError, ResultsUnroutable
+from fairlane_server.core.describe import describe_error
 from fairlane_server.core.logging import get_logger
 from fairlane_server.core.tasks import cancel_and_wait
 from fairlane_server.worker.store import Attempt, Outcome, WorkerStore
@@ -153,7 +154,7 @@ class ResultWriter:
                     raise
                 if not dberrors.is_transient(exc):
                     return await self._split(outcomes, running, exc)
-                log.warning("result_write_failed", error=str(exc)[:300], retry_in=delay)
+                log.warning("result_write_failed", error=describe_error(exc)[:300], retry_in=delay)
                 await asyncio.sleep(random.uniform(0, delay))
                 delay = min(delay * 2, 5.0)
 
@@ -212,7 +213,9 @@ class ResultWriter:
         except Exception as err:
             if not dberrors.is_database_error(err):
                 raise
-            log.exception("outcome_lost", request_id=str(original.request_id), error=str(err)[:300])
+            log.exception(
+                "outcome_lost", request_id=str(original.request_id), error=describe_error(err)[:300]
+            )
             return []
         for o in written:
             # The caller matches written outcomes by identity: stand the fallback in.
@@ -240,7 +243,10 @@ class ResultWriter:
             except BrokerError as exc:
                 if time.monotonic() + delay > deadline:
                     log.warning(
-                        "result_publish_dropped", route=route, events=len(events), error=str(exc)
+                        "result_publish_dropped",
+                        route=route,
+                        events=len(events),
+                        error=describe_error(exc),
                     )
                     return
                 await asyncio.sleep(random.uniform(delay / 2, delay))

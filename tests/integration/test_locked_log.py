@@ -17,7 +17,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 from structlog.testing import capture_logs
 
-from fairlane_server.core.db import create_engine, migrate
+from fairlane_server.core.db import create_engine, drop_schema, migrate
 from fairlane_server.core.memory_broker import MemoryBroker
 from fairlane_server.core.models import requests
 from fairlane_server.queue.accept_store import AcceptStore
@@ -27,7 +27,7 @@ from fairlane_server.queue.relay import LaneRelay
 from fairlane_server.worker.store import Attempt, Outcome, WorkerStore
 from fairlane_server.worker.writer import ResultWriter
 from tests import polling
-from tests.conftest import DATABASE_URL, drop_schema, unique
+from tests.conftest import DATABASE_URL, unique
 from tests.integration.test_store_contract import _user, new_request, store_requests
 
 pytestmark = pytest.mark.integration
