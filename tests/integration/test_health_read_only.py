@@ -15,18 +15,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from fairlane_server.core.db import create_engine
 from fairlane_server.core.health import DependencyMonitor
 from tests.conftest import DATABASE_URL
+from tests.unit.test_health_monitor import Host
 
 pytestmark = pytest.mark.integration
-
-
-class Host:
-    """What the monitor uses of the gRPC host: the serving status it sets."""
-
-    def __init__(self) -> None:
-        self.serving: list[bool] = []
-
-    async def set_serving(self, serving: bool) -> None:
-        self.serving.append(serving)
 
 
 class ReadOnlySessions:

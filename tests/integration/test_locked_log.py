@@ -7,7 +7,6 @@ enqueues were refused with INVALID_ARGUMENT and no retry."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,7 +16,6 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 from structlog.testing import capture_logs
 
-from fairlane_server.core.db import create_engine, drop_schema, migrate
 from fairlane_server.core.memory_broker import MemoryBroker
 from fairlane_server.core.models import requests
 from fairlane_server.queue.accept_store import AcceptStore
@@ -27,7 +25,6 @@ from fairlane_server.queue.relay import LaneRelay
 from fairlane_server.worker.store import Attempt, Outcome, WorkerStore
 from fairlane_server.worker.writer import ResultWriter
 from tests import polling
-from tests.conftest import DATABASE_URL, unique
 from tests.integration.test_store_contract import _user, new_request, store_requests
 
 pytestmark = pytest.mark.integration
@@ -73,18 +70,11 @@ class Locked:
             await self._task
 
 
-@pytest.fixture
-async def engine() -> AsyncIterator[AsyncEngine]:
-    schema = unique()
-    await migrate(DATABASE_URL, schema=schema)
-    e = create_engine(DATABASE_URL, schema=schema, pool_size=4)
-    try:
-        yield e
-    finally:
-        await e.dispose()
-        await drop_schema(DATABASE_URL, schema)
+# Lock waits and lock_timeout are PostgreSQL's: SQLite has one writer and no such setting.
+on_postgresql = pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
 
 
+@on_postgresql
 async def test_the_result_writer_waits_for_a_locked_log_and_loses_nothing(
     engine: AsyncEngine,
 ) -> None:
@@ -132,6 +122,7 @@ async def test_the_result_writer_waits_for_a_locked_log_and_loses_nothing(
     assert [(r.status, r.lane_seq) for r in rows] == [("SUCCEEDED", n) for n in (1, 2, 3, 4)]
 
 
+@on_postgresql
 async def test_intake_answers_unavailable_with_a_retry_while_the_log_is_locked(
     engine: AsyncEngine,
 ) -> None:
