@@ -32,16 +32,12 @@ from urllib.parse import urlsplit, urlunsplit
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractConnection
-from prometheus_client import Gauge
 
 from fairlane_server.core.logging import get_logger
+from fairlane_server.core.metrics import BROKER_BLOCKED
 
 log = get_logger(__name__)
 
-BROKER_BLOCKED = Gauge(
-    "fairlane_broker_blocked",
-    "1 while RabbitMQ blocks a connection of this process (memory or disk alarm).",
-)
 # Every NodeConnection of the process that RabbitMQ blocks now (all brokers, all roles):
 # the gauge is 1 while any is.
 _BLOCKED_NOW: set[NodeConnection] = set()

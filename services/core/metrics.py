@@ -91,6 +91,10 @@ ITEM_FAILURES = Counter(
     "Single requests or outcomes the request log refused, by stage.",
     ["stage"],
 )
+BROKER_BLOCKED = Gauge(
+    "fairlane_broker_blocked",
+    "1 while RabbitMQ blocks a connection of this process (memory or disk alarm).",
+)
 STAGE_STALLED = Gauge(
     "fairlane_stage_stalled",
     "1 while a batch stage has work but made no progress for stall_seconds.",

@@ -15,7 +15,7 @@ from aiormq import spec
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
-from fairlane_server.core import amqp_connection
+from fairlane_server.core import amqp_connection, metrics
 from fairlane_server.core.amqp import AmqpBroker
 from fairlane_server.core.amqp_connection import NodeConnection
 
@@ -67,7 +67,7 @@ def gauge() -> float | None:
 async def no_block_left_over() -> AsyncIterator[None]:
     yield
     amqp_connection._BLOCKED_NOW.clear()
-    amqp_connection.BROKER_BLOCKED.set(0)
+    metrics.BROKER_BLOCKED.set(0)
 
 
 def test_aiormq_still_passes_the_frames_to_the_methods_wrapped() -> None:
