@@ -310,10 +310,32 @@ class AmqpBroker:
         exchanges = {}
         for name, kind in _EXCHANGES:
             exchanges[name] = await channel.declare_exchange(name, kind, durable=True)
-        dead = await channel.declare_queue(DEAD_QUEUE, durable=True)
-        await dead.bind(exchanges[DEAD_EXCHANGE])
+        channel = await self._declare_dead_queue(connection, channel, exchanges[DEAD_EXCHANGE])
         # The others belonged to the connection before this one: opened again when used.
         self._admin_channels = [channel] + [None] * (DECLARE_CHANNELS - 1)
+
+    async def _declare_dead_queue(
+        self, connection: AbstractConnection, channel: AbstractChannel, exchange: Any
+    ) -> AbstractChannel:
+        """Declares and binds the dead-letter queue; returns an open channel.
+
+        The queue is a copy of what the request log holds (ListDeadRequests reads the log),
+        so its declare never keeps the housekeeping connection down. On quorum lanes it is
+        a quorum queue too: a classic queue lives on one node, and while that node is down
+        its declare fails on every node ("home node ... is down"), which kept every process
+        from starting and every running one from getting housekeeping back (an outside
+        review of a 3-node cluster). One that exists with another type is kept: RabbitMQ
+        changes a queue's type only by deleting it (docs/deploy.md)."""
+        arguments: dict[str, Any] | None = {"x-queue-type": "quorum"} if self._quorum else None
+        try:
+            dead = await channel.declare_queue(DEAD_QUEUE, durable=True, arguments=arguments)
+            await dead.bind(exchange)
+        except aiormq.exceptions.ChannelClosed as exc:
+            # Refused for this queue alone (another type, its home node down): the channel
+            # is closed, the connection is fine.
+            log.warning("dead_queue_not_declared", queue=DEAD_QUEUE, error=describe_error(exc))
+            channel = await connection.channel(publisher_confirms=False)
+        return channel
 
     async def _setup_data(self, connection: AbstractConnection) -> None:
         pub = await connection.channel(publisher_confirms=True)
